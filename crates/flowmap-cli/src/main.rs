@@ -1,0 +1,565 @@
+//! The `flowmap` command-line tool: a thin layer over the `flowmap` library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, Parser, Subcommand};
+use flowmap::checkpoint::{Checkpoint, ModelKind};
+use flowmap::data::{self, DataSource, Toy};
+use flowmap::demo::{self, DemoConfig};
+use flowmap::flow_map::SolverMap;
+use flowmap::nn::MlpConfig;
+use flowmap::objective::{EpsSchedule, Method, TargetNet, TimeDistribution, Weighting};
+use flowmap::ode::{self, Solver};
+use flowmap::pipeline::{self, progress_bar, EvalSettings, OutDir, RunConfig, Teacher};
+use flowmap::sample::{self, TimeGrid};
+use flowmap::teacher::VelocityField;
+use flowmap::train::TrainConfig;
+use flowmap::{io, plot};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "flowmap", version, about = "Flow map learning: few-step generators distilled from flow-matching teachers")]
+struct Cli {
+    /// Worker threads for tensor kernels and metrics (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// Hide progress bars.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a velocity network (the teacher) by conditional flow matching.
+    Teacher(TeacherArgs),
+    /// Distil a flow map from a teacher checkpoint or an analytic `gmm:SPEC.json` teacher.
+    Distill(DistillArgs),
+    /// Generate samples from a flow map (k-step) or a teacher (ODE solver).
+    Sample(SampleArgs),
+    /// Evaluate f(x, t, s) on points: a flow map, or Φ_{t→s} of a teacher by an ODE solver.
+    Apply(ApplyArgs),
+    /// Score samples against held-out data at several NFE; writes metrics JSON, a Markdown table and plots.
+    Eval(EvalArgs),
+    /// The end-to-end demo on embedded data: teacher → EMD and LMD maps → report with figures.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Clone)]
+struct TrainFlags {
+    /// Optimisation steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Batch size.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Peak learning rate (AdamW, warm-up then cosine decay).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// EMA decay of the weights.
+    #[arg(long)]
+    ema: Option<f64>,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A TOML file with `[train]` (and for distill `[distill]`) tables; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TeacherArgs {
+    /// Data spec: checkerboard, moons, 8gaussians, spirals, rings, swissroll, gmm:SPEC.json, FILE.npy, FILE.csv, mnist.
+    #[arg(long)]
+    data: String,
+    /// Output checkpoint (.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    train: TrainFlags,
+    /// Hidden width.
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    /// Hidden layers.
+    #[arg(long, default_value_t = 3)]
+    depth: usize,
+}
+
+#[derive(Args)]
+struct DistillArgs {
+    /// Teacher checkpoint, or `gmm:SPEC.json` for the analytic mixture teacher.
+    #[arg(long)]
+    teacher: String,
+    /// Objective: emd or lmd.
+    #[arg(long)]
+    method: String,
+    /// Output checkpoint (.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Data for x_t (default: the teacher's own data).
+    #[arg(long)]
+    data: Option<String>,
+    #[command(flatten)]
+    train: TrainFlags,
+    /// Fixed teacher step fraction ε (default: annealed 0.5 → 0.05).
+    #[arg(long)]
+    eps: Option<f64>,
+    /// Fraction of each batch on the diagonal s = t.
+    #[arg(long)]
+    diagonal_fraction: Option<f64>,
+    /// Weighting: constant, normalized or adaptive.
+    #[arg(long)]
+    weighting: Option<String>,
+    /// Target network θ⁻: current or ema.
+    #[arg(long)]
+    target: Option<String>,
+    /// (t, s) distribution: uniform or logit-normal.
+    #[arg(long)]
+    times: Option<String>,
+    /// Hidden width of a fresh student (analytic teachers only; network teachers set the architecture).
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    /// Hidden layers of a fresh student.
+    #[arg(long, default_value_t = 3)]
+    depth: usize,
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// Flow-map or teacher checkpoint, or gmm:SPEC.json.
+    #[arg(long)]
+    model: String,
+    /// Network evaluations: steps of the flow map, or the teacher solver's evaluation budget.
+    #[arg(long, default_value_t = 1)]
+    nfe: usize,
+    /// Custom descending time grid from 1 to 0 for a flow map, e.g. 1,0.6,0 (overrides --nfe).
+    #[arg(long)]
+    grid: Option<String>,
+    /// Teacher solver: euler, heun, midpoint, rk4 or dopri5.
+    #[arg(long, default_value = "euler")]
+    solver: String,
+    /// Number of samples.
+    #[arg(long, default_value_t = 10_000)]
+    n: usize,
+    /// Output .npy (n × D, float32).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct ApplyArgs {
+    /// Flow-map or teacher checkpoint, or gmm:SPEC.json.
+    #[arg(long)]
+    model: String,
+    /// Start time t.
+    #[arg(long)]
+    t: f64,
+    /// End time s ≤ t.
+    #[arg(long)]
+    s: f64,
+    /// Input points (.npy or .csv, N × D).
+    #[arg(long)]
+    input: PathBuf,
+    /// Output .npy.
+    #[arg(long)]
+    out: PathBuf,
+    /// Solver for teachers: euler, heun, midpoint, rk4 or dopri5.
+    #[arg(long, default_value = "dopri5")]
+    solver: String,
+    /// Steps of a fixed-step solver.
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// Tolerance of dopri5.
+    #[arg(long, default_value_t = 1e-5)]
+    tol: f64,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Flow-map or teacher checkpoint.
+    #[arg(long)]
+    model: String,
+    /// Held-out data spec (default: the model's training data).
+    #[arg(long)]
+    data: Option<String>,
+    /// Comma-separated NFE values.
+    #[arg(long, default_value = "1,2,4,8")]
+    nfe: String,
+    /// Samples per row.
+    #[arg(long, default_value_t = 10_000)]
+    n: usize,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Output folder.
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    #[arg(long)]
+    teacher_steps: Option<usize>,
+    #[arg(long)]
+    distill_steps: Option<usize>,
+    #[arg(long)]
+    gmm_steps: Option<usize>,
+    #[arg(long)]
+    n_eval: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: clap's first line names the problem.
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: bad arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("error: {}", msg.lines().next().unwrap_or(""));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // candle's kernels read RAYON_NUM_THREADS; the global pool serves the metrics.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon_init(n);
+    }
+    let device = Device::Cpu;
+    let show = !cli.quiet;
+    match cli.command {
+        Command::Teacher(a) => teacher(a, &device, show),
+        Command::Distill(a) => distill(a, &device, show),
+        Command::Sample(a) => sample_cmd(a, &device),
+        Command::Apply(a) => apply(a, &device),
+        Command::Eval(a) => eval(a, &device),
+        Command::Demo(a) => demo_cmd(a, &device, show),
+    }
+}
+
+fn rayon_init(n: usize) {
+    let _ = flowmap::metrics::set_threads(n);
+}
+
+fn read_config(path: &Option<PathBuf>) -> Result<RunConfig> {
+    Ok(match path {
+        None => RunConfig::default(),
+        Some(p) => RunConfig::from_file(p)?,
+    })
+}
+
+fn train_config(f: &TrainFlags, base: Option<TrainConfig>) -> TrainConfig {
+    let mut c = base.unwrap_or_default();
+    if let Some(v) = f.steps {
+        c.steps = v;
+    }
+    if let Some(v) = f.batch {
+        c.batch_size = v;
+    }
+    if let Some(v) = f.lr {
+        c.lr = v;
+    }
+    if let Some(v) = f.ema {
+        c.ema_decay = v;
+    }
+    c.seed = f.seed;
+    c
+}
+
+fn check_output(path: &Path, ext: &str) -> Result<()> {
+    if path.extension().and_then(|e| e.to_str()) != Some(ext) {
+        bail!("output {} must end in .{ext}", path.display());
+    }
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!("output folder {} does not exist", dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn teacher(a: TeacherArgs, device: &Device, show: bool) -> Result<()> {
+    check_output(&a.out, "safetensors")?;
+    let file = read_config(&a.train.config)?;
+    let cfg = train_config(&a.train, file.train);
+    cfg.validate()?;
+    let data = DataSource::from_spec(&a.data)?;
+    let arch = MlpConfig { hidden: a.hidden, depth: a.depth, ..MlpConfig::new(data.dim()) };
+    let pb = progress_bar(cfg.steps as u64, "teacher", show);
+    let trained = pipeline::train_teacher(&data, &arch, &cfg, device, &pb)?;
+    pb.finish_and_clear();
+    trained.save(&a.out)?;
+    let (first, last) = trained.log.first_last();
+    eprintln!("teacher: {} steps in {:.1}s, loss {first:.4} → {last:.4}; wrote {}", cfg.steps, trained.log.seconds, a.out.display());
+    Ok(())
+}
+
+fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
+    let method: Method = a.method.parse()?;
+    check_output(&a.out, "safetensors")?;
+    let file = read_config(&a.train.config)?;
+    let cfg = train_config(&a.train, file.train);
+    cfg.validate()?;
+    let mut dcfg = file.distill.unwrap_or_default();
+    if let Some(e) = a.eps {
+        dcfg.eps = EpsSchedule::Fixed { eps: e };
+    }
+    if let Some(f) = a.diagonal_fraction {
+        dcfg.times.diagonal_fraction = f;
+    }
+    if let Some(w) = &a.weighting {
+        dcfg.weighting = match w.as_str() {
+            "constant" => Weighting::Constant,
+            "normalized" => Weighting::Normalized,
+            "adaptive" => Weighting::Adaptive { c: 1e-3, p: 0.5 },
+            other => bail!("unknown weighting '{other}' (expected constant, normalized or adaptive)"),
+        };
+    }
+    if let Some(t) = &a.target {
+        dcfg.target = match t.as_str() {
+            "current" => TargetNet::Current,
+            "ema" => TargetNet::Ema,
+            other => bail!("unknown target '{other}' (expected current or ema)"),
+        };
+    }
+    if let Some(t) = &a.times {
+        dcfg.times.distribution = match t.as_str() {
+            "uniform" => TimeDistribution::Uniform,
+            "logit-normal" => TimeDistribution::LogitNormal { mean: 0.0, std: 1.0 },
+            other => bail!("unknown time distribution '{other}' (expected uniform or logit-normal)"),
+        };
+    }
+    dcfg.validate()?;
+    let teacher = Teacher::load(&a.teacher, device)?;
+    let data = match &a.data {
+        Some(spec) => DataSource::from_spec(spec)?,
+        None => teacher.data()?,
+    };
+    let arch = MlpConfig { hidden: a.hidden, depth: a.depth, ..MlpConfig::new(teacher.dim()) };
+    let pb = progress_bar(cfg.steps as u64, method.name(), show);
+    let m = pipeline::distill(&teacher, &data, method, &dcfg, &cfg, &arch, device, &pb, None)?;
+    pb.finish_and_clear();
+    m.save(&a.out)?;
+    let (first, last) = m.log.first_last();
+    eprintln!("{method}: {} steps in {:.1}s, loss {first:.4} → {last:.4}; wrote {}", cfg.steps, m.log.seconds, a.out.display());
+    Ok(())
+}
+
+/// A model named on the command line: a flow map, or a teacher (network or analytic).
+enum Model {
+    Map(flowmap::flow_map::FlowMapNet, Checkpoint),
+    Teacher(Teacher),
+}
+
+fn load_model(spec: &str, device: &Device) -> Result<Model> {
+    if spec.starts_with("gmm:") {
+        return Ok(Model::Teacher(Teacher::load(spec, device)?));
+    }
+    let ck = Checkpoint::load(Path::new(spec))?;
+    Ok(match ck.meta.kind {
+        ModelKind::FlowMap => {
+            let (net, _) = ck.flow_map_net(device)?;
+            Model::Map(net, ck)
+        }
+        ModelKind::Teacher => {
+            let (net, vars) = ck.velocity_net(device)?;
+            Model::Teacher(Teacher::Net { net, vars, meta: ck.meta })
+        }
+    })
+}
+
+fn write_tensor(path: &Path, x: &Tensor) -> Result<()> {
+    let (n, d) = x.dims2()?;
+    let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    data::write_npy_f32(path, n, d, &v)?;
+    Ok(())
+}
+
+fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
+    check_output(&a.out, "npy")?;
+    if a.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    if a.nfe == 0 {
+        bail!("--nfe must be at least 1");
+    }
+    let model = load_model(&a.model, device)?;
+    let (x, nfe, what) = match &model {
+        Model::Map(net, _) => {
+            let grid = match &a.grid {
+                Some(g) => g.parse::<TimeGrid>()?,
+                None => TimeGrid::uniform(a.nfe)?,
+            };
+            let z = sample::noise(a.n, net.config().dim, a.seed, device)?;
+            let out = sample::sample_map(net, &z, &grid)?;
+            (out.x, out.nfe, format!("flow map on grid {grid}"))
+        }
+        Model::Teacher(t) => {
+            if a.grid.is_some() {
+                bail!("--grid applies to flow maps; teachers take --solver and --nfe");
+            }
+            let solver = teacher_solver(&a.solver, a.nfe)?;
+            let z = sample::noise(a.n, t.dim(), a.seed, device)?;
+            let out = sample::sample_ode(t, &z, solver)?;
+            (out.x, out.nfe, format!("teacher, {solver}"))
+        }
+    };
+    write_tensor(&a.out, &x)?;
+    eprintln!("{} samples ({what}), NFE {nfe}; wrote {}", a.n, a.out.display());
+    Ok(())
+}
+
+/// A solver within an NFE budget: as many steps as the budget buys.
+fn teacher_solver(name: &str, nfe: usize) -> Result<Solver> {
+    if name == "dopri5" {
+        return Ok(Solver::dopri5(1e-5));
+    }
+    let scheme: ode::Scheme = name.parse()?;
+    let steps = nfe / scheme.evals_per_step();
+    if steps == 0 {
+        bail!("{name} needs at least {} evaluations per step; --nfe {nfe} buys none", scheme.evals_per_step());
+    }
+    Ok(Solver::fixed(scheme, steps))
+}
+
+fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
+    check_output(&a.out, "npy")?;
+    for (name, v) in [("t", a.t), ("s", a.s)] {
+        if !(0.0..=1.0).contains(&v) {
+            bail!("--{name} {v} is outside [0, 1]");
+        }
+    }
+    if a.s > a.t {
+        bail!("--s {} is greater than --t {}: flow maps go down in time (0 ≤ s ≤ t ≤ 1)", a.s, a.t);
+    }
+    let model = load_model(&a.model, device)?;
+    let pts = data::read_points(&a.input)?;
+    let dim = match &model {
+        Model::Map(net, _) => net.config().dim,
+        Model::Teacher(t) => t.dim(),
+    };
+    if pts.cols != dim {
+        bail!("{} has dimension {}, but the model expects {dim}", a.input.display(), pts.cols);
+    }
+    let x = data::to_tensor(&pts.data, pts.rows, pts.cols, DType::F32, device)?;
+    let col = |v: f64| Tensor::full(v as f32, (pts.rows, 1), device);
+    let (t, s) = (col(a.t)?, col(a.s)?);
+    let y = match &model {
+        Model::Map(net, _) => flowmap::flow_map::FlowMap::map(net, &x, &t, &s)?,
+        Model::Teacher(tch) => {
+            let solver = ode::parse_solver(&a.solver, a.steps, a.tol)?;
+            flowmap::flow_map::FlowMap::map(&SolverMap::new(tch, solver), &x, &t, &s)?
+        }
+    };
+    write_tensor(&a.out, &y)?;
+    eprintln!("applied f(x, {}, {}) to {} points; wrote {}", a.t, a.s, pts.rows, a.out.display());
+    Ok(())
+}
+
+fn parse_nfes(s: &str) -> Result<Vec<usize>> {
+    let v = s
+        .split(',')
+        .map(|p| p.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("bad --nfe entry '{p}' (expected e.g. 1,2,4,8)")))
+        .collect::<Result<Vec<_>>>()?;
+    if v.iter().any(|&k| k == 0) {
+        bail!("--nfe values must be at least 1");
+    }
+    Ok(v)
+}
+
+fn eval(a: EvalArgs, device: &Device) -> Result<()> {
+    let nfes = parse_nfes(&a.nfe)?;
+    if a.n < 2 {
+        bail!("--n must be at least 2");
+    }
+    let model = load_model(&a.model, device)?;
+    let data = match (&a.data, &model) {
+        (Some(spec), _) => DataSource::from_spec(spec)?,
+        (None, Model::Map(_, ck)) => pipeline::data_of(&ck.meta)?,
+        (None, Model::Teacher(t)) => t.data()?,
+    };
+    let dim = match &model {
+        Model::Map(net, _) => net.config().dim,
+        Model::Teacher(t) => t.dim(),
+    };
+    if data.dim() != dim {
+        bail!("data '{}' has dimension {}, but the model expects {dim}", data.name(), data.dim());
+    }
+    let out = OutDir::create(&a.out)?;
+    let reference = data.heldout(a.n, a.seed);
+    let n_ref = reference.len() / dim;
+    let settings = EvalSettings { n: a.n, seed: a.seed, max_points: if dim <= 16 { 10_000 } else { 2000 } };
+    let checker = matches!(data, DataSource::Toy(Toy::Checkerboard));
+    let (rows, samples) = match &model {
+        Model::Map(net, _) => pipeline::eval_map("flow map", net, &nfes, &reference, checker, &settings, device)?,
+        Model::Teacher(t) => {
+            let solvers: Vec<Solver> = nfes.iter().map(|&k| Solver::fixed(ode::Scheme::Euler, k)).collect();
+            pipeline::eval_teacher("teacher", t, &solvers, &reference, checker, &settings, device)?
+        }
+    };
+    io::write_text(&out.file("metrics.json"), &serde_json::to_string_pretty(&rows)?)?;
+    let mut md = format!("# flowmap eval: {}\n\n{} samples per row against {n_ref} held-out points of '{}'.\n\n", a.model, a.n, data.name());
+    md += &pipeline::eval_table(&rows);
+    if dim >= 2 {
+        let mut panels = vec![plot::Panel { title: "data (held out)".into(), points: &reference, dim }];
+        for (r, s) in rows.iter().zip(&samples) {
+            panels.push(plot::Panel { title: format!("NFE {}", r.nfe), points: s, dim });
+        }
+        plot::scatter_panels(&out.file("samples.png"), &panels, 5, 3.0)?;
+        md += "\n![samples](samples.png)\n";
+    }
+    io::write_text(&out.file("metrics.md"), &md)?;
+    print!("{}", pipeline::eval_table(&rows));
+    Ok(())
+}
+
+fn demo_cmd(a: DemoArgs, device: &Device, show: bool) -> Result<()> {
+    let d = DemoConfig::default();
+    let cfg = DemoConfig {
+        teacher_steps: a.teacher_steps.unwrap_or(d.teacher_steps),
+        distill_steps: a.distill_steps.unwrap_or(d.distill_steps),
+        gmm_steps: a.gmm_steps.unwrap_or(d.gmm_steps),
+        n_eval: a.n_eval.unwrap_or(d.n_eval),
+        seed: a.seed,
+        ..d
+    };
+    if cfg.teacher_steps == 0 || cfg.distill_steps == 0 || cfg.gmm_steps == 0 || cfg.n_eval < 100 {
+        bail!("demo budgets must be positive (and --n-eval at least 100)");
+    }
+    let report = demo::run(&a.out, &cfg, device, show)?;
+    println!("{}", pipeline::eval_table(&report.rows));
+    for (name, ok) in &report.checks {
+        println!("[{}] {name}", if *ok { "pass" } else { "FAIL" });
+    }
+    println!("report: {}", a.out.join("report.md").display());
+    Ok(())
+}

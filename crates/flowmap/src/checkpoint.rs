@@ -1,0 +1,172 @@
+//! Checkpoints: safetensors files whose metadata holds everything needed to rebuild the model — its kind,
+//! architecture, probability path, data spec and training configuration — under `flowmap.*` keys (JSON
+//! values). `sample`, `apply` and `eval` need nothing else.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::data::GaussianMixture;
+use crate::flow_map::{vars_sorted, FlowMapNet};
+use crate::nn::MlpConfig;
+use crate::teacher::VelocityNet;
+use crate::{Error, Result};
+
+/// What a checkpoint holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// A velocity network `v_φ(x, t)`.
+    Teacher,
+    /// A flow map `f_θ(x, t, s)`.
+    FlowMap,
+}
+
+impl ModelKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ModelKind::Teacher => "a teacher (velocity field)",
+            ModelKind::FlowMap => "a flow map",
+        }
+    }
+}
+
+/// A checkpoint's metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub kind: ModelKind,
+    pub model: MlpConfig,
+    /// The probability path's name (`linear`).
+    pub path: String,
+    /// The data spec the model was trained on.
+    pub data: String,
+    /// The mixture itself when the data (or teacher) is a Gaussian mixture, so evaluation needs no file.
+    pub mixture: Option<GaussianMixture>,
+    /// The training configuration(s), as JSON.
+    pub training: serde_json::Value,
+    /// The flowmap version that wrote the file.
+    pub version: String,
+}
+
+const KEY: &str = "flowmap";
+
+/// Saves the parameters in `vars` with `meta`, atomically.
+pub fn save(path: &Path, vars: &VarMap, meta: &CheckpointMeta) -> Result<()> {
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = vars_sorted(vars)
+        .into_iter()
+        .map(|(name, var)| {
+            let t = var.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
+            let bytes: Vec<u8> = t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect();
+            Ok((name, var.dims().to_vec(), bytes))
+        })
+        .collect::<Result<_>>()?;
+    let views = owned
+        .iter()
+        .map(|(n, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::checkpoint(path, e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut md = HashMap::new();
+    md.insert(KEY.to_string(), serde_json::to_string(meta).expect("metadata serialises"));
+    let bytes = safetensors::serialize(views, Some(md)).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    crate::io::write_atomic(path, |w| w.write_all(&bytes))
+}
+
+/// A loaded checkpoint.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub meta: CheckpointMeta,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::checkpoint(path, format!("not a safetensors file ({e})")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::checkpoint(path, format!("not a safetensors file ({e})")))?;
+        let raw = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(KEY))
+            .ok_or_else(|| Error::checkpoint(path, "no flowmap metadata (not written by flowmap)"))?;
+        let meta: CheckpointMeta =
+            serde_json::from_str(raw).map_err(|e| Error::checkpoint(path, format!("bad flowmap metadata: {e}")))?;
+        let mut tensors = HashMap::new();
+        for (name, view) in st.tensors() {
+            if view.dtype() != Dtype::F32 {
+                return Err(Error::checkpoint(path, format!("tensor '{name}' is {:?}, expected F32", view.dtype())));
+            }
+            let data: Vec<f32> =
+                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            tensors.insert(name, Tensor::from_vec(data, view.shape(), &Device::Cpu)?);
+        }
+        Ok(Checkpoint { path: path.to_path_buf(), meta, tensors })
+    }
+
+    /// Errors unless the checkpoint holds `kind`.
+    pub fn expect_kind(&self, kind: ModelKind) -> Result<()> {
+        if self.meta.kind != kind {
+            return Err(Error::checkpoint(
+                &self.path,
+                format!("holds {}, but {} is needed here", self.meta.kind.describe(), kind.describe()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The parameters as trainable variables.
+    pub fn varmap(&self, device: &Device) -> Result<VarMap> {
+        let vm = VarMap::new();
+        {
+            let mut data = vm.data().lock().expect("vars");
+            for (name, t) in &self.tensors {
+                data.insert(name.clone(), Var::from_tensor(&t.to_device(device)?)?);
+            }
+        }
+        Ok(vm)
+    }
+
+    fn builder(&self, device: &Device) -> Result<(VarMap, VarBuilder<'static>)> {
+        let vm = self.varmap(device)?;
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
+        Ok((vm, vb))
+    }
+
+    fn check_all_used(&self, vm: &VarMap) -> Result<()> {
+        let n = vm.all_vars().len();
+        if n != self.tensors.len() {
+            return Err(Error::checkpoint(&self.path, "tensors do not match the recorded architecture"));
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the teacher network (with its parameters as variables).
+    pub fn velocity_net(&self, device: &Device) -> Result<(VelocityNet, VarMap)> {
+        self.expect_kind(ModelKind::Teacher)?;
+        let (vm, vb) = self.builder(device)?;
+        let net = VelocityNet::new(&self.meta.model, vb)
+            .map_err(|e| Error::checkpoint(&self.path, format!("does not match its architecture: {e}")))?;
+        self.check_all_used(&vm)?;
+        Ok((net, vm))
+    }
+
+    /// Rebuilds the flow-map network.
+    pub fn flow_map_net(&self, device: &Device) -> Result<(FlowMapNet, VarMap)> {
+        self.expect_kind(ModelKind::FlowMap)?;
+        let (vm, vb) = self.builder(device)?;
+        let net = FlowMapNet::new(&self.meta.model, vb)
+            .map_err(|e| Error::checkpoint(&self.path, format!("does not match its architecture: {e}")))?;
+        self.check_all_used(&vm)?;
+        Ok((net, vm))
+    }
+}
+

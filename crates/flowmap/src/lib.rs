@@ -1,0 +1,36 @@
+//! # flowmap
+//!
+//! Flow map learning: a network `f(x_t, t, s) ≈ Φ_{t→s}(x_t)`, the solution operator of the
+//! probability-flow ODE `dx/dτ = v(x, τ)`, turns a flow-matching teacher into a generator that needs one to
+//! four network evaluations.
+//!
+//! Conventions, everywhere: time runs from data (`t = 0`) to noise (`t = 1`); a map goes down,
+//! `0 ≤ s ≤ t ≤ 1`; the path is `x_t = (1 − t)·x0 + t·x1` with `x1 ~ N(0, I)`; and
+//! `Φ_{t→s}(x) = x + ∫_t^s v(x_τ, τ) dτ`. Flow maps are parameterised by their average velocity,
+//! `f(x, t, s) = x + (s − t)·F(x, t, s)`.
+//!
+//! Modules follow the mathematics: [`path`] (interpolants), [`ode`] (solvers), [`teacher`] (velocity
+//! fields), [`flow_map`] (maps, including Φ itself), [`objective`] (losses), [`train`] (the one training
+//! loop), [`sample`] (the one sampler), [`metrics`], [`data`], [`checkpoint`], [`plot`] and [`pipeline`]
+//! (the end-to-end jobs the CLI runs).
+
+pub mod checkpoint;
+pub mod data;
+mod error;
+pub mod flow_map;
+pub mod io;
+pub mod metrics;
+pub mod nn;
+pub mod objective;
+pub mod ode;
+pub mod path;
+pub mod demo;
+pub mod pipeline;
+pub mod plot;
+mod rng;
+pub mod sample;
+pub mod teacher;
+pub mod train;
+
+pub use error::{Error, Result};
+pub use rng::Rng;

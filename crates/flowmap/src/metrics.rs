@@ -1,0 +1,308 @@
+//! Metrics. Distribution distances between samples and held-out data (sliced Wasserstein-2, MMD² with a
+//! multi-bandwidth RBF kernel, energy distance, and the checkerboard's histogram KL), and errors against
+//! the exact solution operator Φ (the flow-map error over `(t, s)` pairs and the semigroup error).
+//!
+//! Sample sets are row-major `n × d` slices of f64.
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::data::Toy;
+use crate::flow_map::FlowMap;
+use crate::{Result, Rng};
+
+fn rows(x: &[f64], d: usize) -> impl Iterator<Item = &[f64]> + Clone {
+    x.chunks_exact(d)
+}
+
+fn dist(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(u, v)| (u - v) * (u - v)).sum::<f64>().sqrt()
+}
+
+fn mean_pair<F: Fn(&[f64], &[f64]) -> f64 + Sync>(x: &[f64], y: &[f64], d: usize, same: bool, f: F) -> f64 {
+    let ys: Vec<&[f64]> = rows(y, d).collect();
+    let total: f64 = x
+        .par_chunks_exact(d)
+        .enumerate()
+        .map(|(i, a)| {
+            ys.iter().enumerate().filter(|(j, _)| !same || *j != i).map(|(_, b)| f(a, b)).sum::<f64>()
+        })
+        .sum();
+    let (n, m) = (x.len() / d, ys.len());
+    let pairs = if same { n * (n - 1) } else { n * m };
+    total / pairs as f64
+}
+
+/// Energy distance `2E‖X − Y‖ − E‖X − X'‖ − E‖Y − Y'‖` (U-statistics within each set). Zero iff the laws agree.
+pub fn energy_distance(x: &[f64], y: &[f64], d: usize) -> f64 {
+    let xy = mean_pair(x, y, d, false, dist);
+    let xx = mean_pair(x, x, d, true, dist);
+    let yy = mean_pair(y, y, d, true, dist);
+    2.0 * xy - xx - yy
+}
+
+/// Unbiased MMD² with the kernel `Σ_b exp(−‖x − y‖² / (2 h_b²))` summed over `bandwidths`.
+pub fn mmd2_rbf(x: &[f64], y: &[f64], d: usize, bandwidths: &[f64]) -> f64 {
+    let k = |a: &[f64], b: &[f64]| {
+        let r2: f64 = a.iter().zip(b).map(|(u, v)| (u - v) * (u - v)).sum();
+        bandwidths.iter().map(|h| (-r2 / (2.0 * h * h)).exp()).sum::<f64>()
+    };
+    mean_pair(x, x, d, true, k) + mean_pair(y, y, d, true, k) - 2.0 * mean_pair(x, y, d, false, k)
+}
+
+/// The default MMD bandwidths for data of unit scale.
+pub const MMD_BANDWIDTHS: [f64; 5] = [0.05, 0.1, 0.2, 0.5, 1.0];
+
+/// Sliced Wasserstein-2: `sqrt(E_θ W2²(θ·X, θ·Y))` over `projections` random unit directions. Sets of
+/// unequal size are compared through their empirical quantile functions.
+pub fn sliced_w2(x: &[f64], y: &[f64], d: usize, projections: usize, seed: u64) -> f64 {
+    let mut rng = Rng::derive(seed, "sliced-w2");
+    let dirs: Vec<Vec<f64>> = (0..projections)
+        .map(|_| {
+            let v: Vec<f64> = (0..d).map(|_| rng.normal()).collect();
+            let n = v.iter().map(|a| a * a).sum::<f64>().sqrt().max(1e-300);
+            v.into_iter().map(|a| a / n).collect()
+        })
+        .collect();
+    let w2: f64 = dirs
+        .par_iter()
+        .map(|dir| {
+            let proj = |z: &[f64]| {
+                let mut p: Vec<f64> = rows(z, d).map(|r| r.iter().zip(dir).map(|(a, b)| a * b).sum()).collect();
+                p.sort_by(f64::total_cmp);
+                p
+            };
+            let (px, py) = (proj(x), proj(y));
+            let m = px.len().max(py.len());
+            let q = |p: &[f64], u: f64| p[((u * p.len() as f64) as usize).min(p.len() - 1)];
+            (0..m)
+                .map(|i| {
+                    let u = (i as f64 + 0.5) / m as f64;
+                    let diff = q(&px, u) - q(&py, u);
+                    diff * diff
+                })
+                .sum::<f64>()
+                / m as f64
+        })
+        .sum::<f64>()
+        / projections as f64;
+    w2.sqrt()
+}
+
+/// KL(p ‖ q) between the checkerboard's density `p` and a histogram `q` of 2-D samples on a `bins × bins`
+/// grid over [−2, 2]² (add-½ smoothing; samples outside the square count towards the normaliser only).
+pub fn checkerboard_kl(samples: &[f64], bins: usize) -> f64 {
+    let n = samples.len() / 2;
+    let mut counts = vec![0.0f64; bins * bins];
+    let w = 4.0 / bins as f64;
+    for p in samples.chunks_exact(2) {
+        let (i, j) = (((p[0] + 2.0) / w).floor(), ((p[1] + 2.0) / w).floor());
+        if i >= 0.0 && j >= 0.0 && (i as usize) < bins && (j as usize) < bins {
+            counts[i as usize * bins + j as usize] += 1.0;
+        }
+    }
+    let total = n as f64 + 0.5 * (bins * bins) as f64;
+    let mut kl = 0.0;
+    for i in 0..bins {
+        for j in 0..bins {
+            // p's mass in the cell, by the density at its centre (cells never straddle squares when 4 | bins).
+            let (cx, cy) = (-2.0 + (i as f64 + 0.5) * w, -2.0 + (j as f64 + 0.5) * w);
+            let p = Toy::checkerboard_density(cx, cy) * w * w;
+            if p > 0.0 {
+                let q = (counts[i * bins + j] + 0.5) / total;
+                kl += p * (p / q).ln();
+            }
+        }
+    }
+    kl
+}
+
+/// Distances of a sample set to reference data.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Distances {
+    pub energy: f64,
+    pub sliced_w2: f64,
+    pub mmd2: f64,
+    /// Only for checkerboard data.
+    pub kl: Option<f64>,
+}
+
+/// All distances between `samples` and `reference`, on at most `max_points` of each (for the O(n²) ones).
+pub fn distances(samples: &[f64], reference: &[f64], d: usize, checkerboard: bool, max_points: usize) -> Distances {
+    let cap = |z: &'_ [f64]| -> Vec<f64> { z[..(max_points * d).min(z.len())].to_vec() };
+    let (s, r) = (cap(samples), cap(reference));
+    let mmd_cap = 4000 * d;
+    Distances {
+        energy: energy_distance(&s, &r, d),
+        sliced_w2: sliced_w2(samples, reference, d, 128, 0),
+        mmd2: mmd2_rbf(&s[..mmd_cap.min(s.len())], &r[..mmd_cap.min(r.len())], d, &MMD_BANDWIDTHS),
+        kl: checkerboard.then(|| checkerboard_kl(samples, 32)),
+    }
+}
+
+/// The flow-map error at one `(t, s)` pair.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MapError {
+    pub t: f64,
+    pub s: f64,
+    /// `E‖f(x_t, t, s) − Φ_{t→s}(x_t)‖²`.
+    pub abs: f64,
+    /// `E‖f − Φ‖² / E‖Φ − x_t‖²`.
+    pub rel: f64,
+}
+
+fn sq_norm_mean(a: &Tensor) -> Result<f64> {
+    Ok(a.sqr()?.sum_keepdim(1)?.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// The pairs `t_i > s_j` of an `n`-point uniform grid on [0, 1] (`n ≥ 2`).
+pub fn triangle_grid(n: usize) -> Vec<(f64, f64)> {
+    let g: Vec<f64> = (0..n).map(|i| i as f64 / (n - 1) as f64).collect();
+    let mut out = vec![];
+    for &t in &g {
+        for &s in &g {
+            if s < t {
+                out.push((t, s));
+            }
+        }
+    }
+    out
+}
+
+/// The flow-map error of `map` against `exact` at each `(t, s)` pair, with `x_t = (1 − t)·x0 + t·x1` for the
+/// given data `x0` and noise `x1` (`B × D` tensors).
+pub fn flow_map_errors(
+    map: &dyn FlowMap,
+    exact: &dyn FlowMap,
+    x0: &Tensor,
+    x1: &Tensor,
+    pairs: &[(f64, f64)],
+) -> Result<Vec<MapError>> {
+    let b = x0.dim(0)?;
+    pairs
+        .iter()
+        .map(|&(t, s)| {
+            let tt = Tensor::full(t, (b, 1), x0.device())?.to_dtype(x0.dtype())?;
+            let ss = Tensor::full(s, (b, 1), x0.device())?.to_dtype(x0.dtype())?;
+            let xt = (x0 + (x1 - x0)?.broadcast_mul(&tt)?)?;
+            let phi = exact.map(&xt, &tt, &ss)?;
+            let f = map.map(&xt, &tt, &ss)?;
+            let abs = sq_norm_mean(&(f - &phi)?)?;
+            let scale = sq_norm_mean(&(phi - &xt)?)?;
+            Ok(MapError { t, s, abs, rel: abs / scale.max(1e-12) })
+        })
+        .collect()
+}
+
+/// Mean relative flow-map error over pairs.
+pub fn mean_relative(errors: &[MapError]) -> f64 {
+    errors.iter().map(|e| e.rel).sum::<f64>() / errors.len().max(1) as f64
+}
+
+/// The semigroup error `E‖f(f(x, t, u), u, s) − f(x, t, s)‖²` averaged over triples `(t, u, s)` of the
+/// `n`-point grid with `t > u > s`, with `x = x_t` on the path.
+pub fn semigroup_error(map: &dyn FlowMap, x0: &Tensor, x1: &Tensor, n: usize) -> Result<f64> {
+    let g: Vec<f64> = (0..n).map(|i| i as f64 / (n - 1) as f64).collect();
+    let b = x0.dim(0)?;
+    let col = |v: f64| -> Result<Tensor> { Ok(Tensor::full(v, (b, 1), x0.device())?.to_dtype(x0.dtype())?) };
+    let (mut total, mut count) = (0.0, 0);
+    for (i, &t) in g.iter().enumerate() {
+        for (j, &u) in g.iter().enumerate().take(i) {
+            for &s in g.iter().take(j) {
+                let (tt, uu, ss) = (col(t)?, col(u)?, col(s)?);
+                let xt = (x0 + (x1 - x0)?.broadcast_mul(&tt)?)?;
+                let two = map.map(&map.map(&xt, &tt, &uu)?, &uu, &ss)?;
+                let one = map.map(&xt, &tt, &ss)?;
+                total += sq_norm_mean(&(two - one)?)?;
+                count += 1;
+            }
+        }
+    }
+    Ok(total / count.max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gaussian(n: usize, d: usize, mean: f64, seed: u64) -> Vec<f64> {
+        let mut rng = Rng::new(seed);
+        (0..n * d).map(|i| rng.normal() + if i % d == 0 { mean } else { 0.0 }).collect()
+    }
+
+    fn phi(x: f64) -> f64 {
+        // Standard normal CDF via erfc (Abramowitz–Stegun 7.1.26 is not accurate enough; use a series).
+        0.5 * libm_erfc(-x / std::f64::consts::SQRT_2)
+    }
+
+    fn libm_erfc(x: f64) -> f64 {
+        // Numerical Recipes erfc (fractional error < 1.2e-7).
+        let z = x.abs();
+        let t = 1.0 / (1.0 + 0.5 * z);
+        let r = t * (-z * z - 1.26551223
+            + t * (1.00002368
+                + t * (0.37409196
+                    + t * (0.09678418
+                        + t * (-0.18628806
+                            + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
+            .exp();
+        if x >= 0.0 {
+            r
+        } else {
+            2.0 - r
+        }
+    }
+
+    #[test]
+    fn energy_distance_matches_closed_form_in_1d() {
+        // X ~ N(0, 1), Y ~ N(1, 1): X − Y ~ N(−1, 2). E|Z| for Z ~ N(μ, σ²) = σ√(2/π)e^{−μ²/2σ²} + μ(1 − 2Φ(−μ/σ)).
+        let (mu, sd) = (1.0f64, 2f64.sqrt());
+        let e_xy = sd * (2.0 / std::f64::consts::PI).sqrt() * (-mu * mu / (2.0 * sd * sd)).exp() + mu * (1.0 - 2.0 * phi(-mu / sd));
+        let e_xx = 2.0 / std::f64::consts::PI.sqrt();
+        let exact = 2.0 * e_xy - 2.0 * e_xx;
+        let est = energy_distance(&gaussian(3000, 1, 0.0, 1), &gaussian(3000, 1, 1.0, 2), 1);
+        assert!((est - exact).abs() < 0.03, "energy distance {est}, exact {exact}");
+        let same = energy_distance(&gaussian(3000, 2, 0.0, 3), &gaussian(3000, 2, 0.0, 4), 2);
+        assert!(same.abs() < 0.01, "same law gives {same}");
+    }
+
+    #[test]
+    fn mmd_matches_closed_form_for_gaussians() {
+        // For N(μ_x, I) and N(μ_y, I) in d dims and kernel exp(−r²/2h²):
+        // E k(X, Y) = (h²/(h² + 2))^{d/2} exp(−‖Δ‖²/(2(h² + 2))).
+        let (d, h) = (2usize, 1.0f64);
+        let ek = |delta2: f64| (h * h / (h * h + 2.0)).powf(d as f64 / 2.0) * (-delta2 / (2.0 * (h * h + 2.0))).exp();
+        let exact = 2.0 * ek(0.0) - 2.0 * ek(1.0);
+        let est = mmd2_rbf(&gaussian(3000, d, 0.0, 5), &gaussian(3000, d, 1.0, 6), d, &[h]);
+        assert!((est - exact).abs() < 0.01, "mmd² {est}, exact {exact}");
+        let same = mmd2_rbf(&gaussian(2000, d, 0.0, 7), &gaussian(2000, d, 0.0, 8), d, &MMD_BANDWIDTHS);
+        assert!(same.abs() < 5e-3, "same law gives {same}");
+    }
+
+    #[test]
+    fn sliced_w2_matches_mean_shift() {
+        // Shifting N(0, I) by Δ: W2²(θ·X, θ·Y) = (θ·Δ)², averaged over the sphere: ‖Δ‖²/d.
+        let d = 2;
+        let x = gaussian(20_000, d, 0.0, 9);
+        let y: Vec<f64> = x.iter().enumerate().map(|(i, v)| v + if i % d == 0 { 2.0 } else { 0.0 }).collect();
+        let est = sliced_w2(&x, &y, d, 512, 1);
+        let exact = (4.0f64 / d as f64).sqrt();
+        assert!((est - exact).abs() < 0.05, "sliced W2 {est}, exact {exact}");
+    }
+
+    #[test]
+    fn checkerboard_kl_is_small_on_the_board_and_large_off_it() {
+        let on = Toy::Checkerboard.sample(50_000, &mut Rng::new(1));
+        let kl_on = checkerboard_kl(&on, 32);
+        assert!(kl_on < 0.02, "KL of true samples {kl_on}");
+        let off = gaussian(50_000, 2, 0.0, 2);
+        let kl_off = checkerboard_kl(&off, 32);
+        assert!(kl_off > 0.3, "KL of a Gaussian {kl_off}");
+    }
+}
+
+/// Sizes the global thread pool used by the metrics (call once, before any metric runs).
+pub fn set_threads(n: usize) -> std::result::Result<(), rayon::ThreadPoolBuildError> {
+    rayon::ThreadPoolBuilder::new().num_threads(n).build_global()
+}

@@ -1,0 +1,108 @@
+//! Network building blocks: small plain structs built from a `VarBuilder`, implementing their forward pass
+//! from primitive candle ops only (every op here has a backward pass).
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+
+/// Sinusoidal features of a time column: `[sin(ω_k t), cos(ω_k t)]` for `K` frequencies `ω_k` spaced
+/// geometrically between 1 and `max_frequency`.
+#[derive(Clone, Debug)]
+pub struct SinusoidalEmbedding {
+    freqs: Tensor,
+}
+
+impl SinusoidalEmbedding {
+    pub fn new(features: usize, max_frequency: f64, vb: &VarBuilder) -> Result<Self> {
+        let k = features.max(1);
+        let freqs: Vec<f64> = (0..k)
+            .map(|i| {
+                let a = if k == 1 { 0.0 } else { i as f64 / (k - 1) as f64 };
+                max_frequency.powf(a)
+            })
+            .collect();
+        let freqs = Tensor::from_vec(freqs, (1, k), vb.device())?.to_dtype(vb.dtype())?;
+        Ok(SinusoidalEmbedding { freqs })
+    }
+
+    /// The embedding's width, `2K`.
+    pub fn width(&self) -> usize {
+        2 * self.freqs.dim(1).unwrap_or(0)
+    }
+
+    /// `t`: `B × 1`; returns `B × 2K`.
+    pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
+        let arg = t.broadcast_mul(&self.freqs)?;
+        Ok(Tensor::cat(&[arg.sin()?, arg.cos()?], 1)?)
+    }
+}
+
+/// Architecture of the time-conditioned MLP shared by teachers and flow maps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MlpConfig {
+    /// Data dimension `D`.
+    pub dim: usize,
+    /// Width of each hidden layer.
+    pub hidden: usize,
+    /// Number of hidden layers.
+    pub depth: usize,
+    /// Number of frequencies per time embedding (each gives a sine and a cosine feature).
+    pub time_features: usize,
+    /// Largest embedding frequency.
+    pub max_frequency: f64,
+}
+
+impl MlpConfig {
+    pub fn new(dim: usize) -> Self {
+        MlpConfig { dim, hidden: 256, depth: 3, time_features: 16, max_frequency: 64.0 }
+    }
+}
+
+/// An MLP on `[x, emb(t)]` (a velocity field) or `[x, emb(t), emb(t − s)]` (a flow map), SiLU activations.
+///
+/// The extra embedding comes last in the input, so a flow-map network extends a velocity network's first
+/// layer by extra columns: copying the teacher's weights and zeroing those columns makes the two agree.
+#[derive(Clone, Debug)]
+pub struct ConditionedMlp {
+    time: SinusoidalEmbedding,
+    layers: Vec<Linear>,
+    with_gap: bool,
+}
+
+impl ConditionedMlp {
+    pub fn new(cfg: &MlpConfig, with_gap: bool, vb: VarBuilder) -> Result<Self> {
+        let time = SinusoidalEmbedding::new(cfg.time_features, cfg.max_frequency, &vb)?;
+        let conds = if with_gap { 2 } else { 1 };
+        let mut in_dim = cfg.dim + conds * time.width();
+        let mut layers = Vec::with_capacity(cfg.depth + 1);
+        for i in 0..cfg.depth {
+            layers.push(candle_nn::linear(in_dim, cfg.hidden, vb.pp(format!("layer{i}")))?);
+            in_dim = cfg.hidden;
+        }
+        layers.push(candle_nn::linear(in_dim, cfg.dim, vb.pp(format!("layer{}", cfg.depth)))?);
+        Ok(ConditionedMlp { time, layers, with_gap })
+    }
+
+    /// `x`: `B × D`, `t` and `gap`: `B × 1`. `gap` is required exactly when the network was built with it.
+    pub fn forward(&self, x: &Tensor, t: &Tensor, gap: Option<&Tensor>) -> Result<Tensor> {
+        let mut parts = vec![x.clone(), self.time.forward(t)?];
+        match (gap, self.with_gap) {
+            (Some(g), true) => parts.push(self.time.forward(g)?),
+            (None, false) => {}
+            _ => {
+                return Err(crate::Error::arg("network conditioning does not match its inputs"));
+            }
+        }
+        let mut h = Tensor::cat(&parts, 1)?;
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h)?;
+            if i < last {
+                h = h.silu()?;
+            }
+        }
+        Ok(h)
+    }
+}

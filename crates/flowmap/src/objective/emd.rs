@@ -1,0 +1,64 @@
+use candle_core::Tensor;
+
+use super::{assemble_loss, combine, diagonal_loss, draw_pairs, DistillConfig, Objective, StepContext};
+use crate::flow_map::FlowMap;
+use crate::teacher::VelocityField;
+use crate::Result;
+
+/// Eulerian map distillation, discrete (Sabour et al. 2025, "Align Your Flow"; Boffi et al. 2025,
+/// "How to build a consistency model: learning flow maps via self-distillation").
+///
+/// The semigroup property `f(x_t, t, s) = f(Φ_{t→t'}(x_t), t', s)` with the start point moved one teacher
+/// Euler step towards `s`: `t' = t + ε(s − t)`, `x_{t'} = x_t + ε(s − t)·v_φ(x_t, t)`, and
+///
+/// `L(θ) = E w(t, s)·‖f_θ(x_t, t, s) − sg f_θ⁻(x_{t'}, t', s)‖²`,
+///
+/// plus, on a fraction of the batch with `s = t`, the flow-matching limit `‖F_θ(x_t, t, t) − v_φ(x_t, t)‖²`.
+/// In average-velocity form the residual is `(s − t)·(F_θ(x_t, t, s) − sg[ε v_φ(x_t, t) + (1 − ε) F_θ⁻(x_{t'}, t', s)])`.
+/// As `ε → 0` with `w = 1/(ε(t − s))²` this is the continuous Eulerian condition
+/// `∂_t f + ∇_x f · v_φ = 0`; the loss vanishes to `O(ε²)` at the exact flow map.
+pub struct Emd<'a> {
+    pub teacher: &'a dyn VelocityField,
+    pub cfg: DistillConfig,
+}
+
+impl<'a> Emd<'a> {
+    pub fn new(teacher: &'a dyn VelocityField, cfg: DistillConfig) -> Self {
+        Emd { teacher, cfg }
+    }
+}
+
+impl<'a> Objective for Emd<'a> {
+    type Model = dyn FlowMap + 'a;
+
+    fn name(&self) -> &'static str {
+        "emd"
+    }
+
+    fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
+        let (xt, t, s, n_diag) = draw_pairs(&self.cfg, cx)?;
+        let b = xt.dim(0)?;
+        let diag = if n_diag > 0 {
+            let x = xt.narrow(0, 0, n_diag)?;
+            Some(diagonal_loss(cx.model, self.teacher, &x, &t.narrow(0, 0, n_diag)?)?)
+        } else {
+            None
+        };
+        let n_off = b - n_diag;
+        let off = if n_off > 0 {
+            let eps = self.cfg.eps.at(cx.progress);
+            let (x, t, s) = (xt.narrow(0, n_diag, n_off)?, t.narrow(0, n_diag, n_off)?, s.narrow(0, n_diag, n_off)?);
+            let v = self.teacher.velocity(&x, &t)?.detach();
+            let step = ((&s - &t)? * eps)?; // t' − t = ε(s − t) ≤ 0
+            let t_mid = (&t + &step)?;
+            let x_mid = (&x + v.broadcast_mul(&step)?)?;
+            let f_target = cx.target.average_velocity(&x_mid, &t_mid, &s)?.detach();
+            let target = ((v * eps)? + (f_target * (1.0 - eps))?)?;
+            let f = cx.model.average_velocity(&x, &t, &s)?;
+            Some(assemble_loss(&self.cfg, eps, &f, &target, &t, &s)?)
+        } else {
+            None
+        };
+        combine(diag, n_diag, off, n_off)
+    }
+}

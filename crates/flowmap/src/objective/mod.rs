@@ -1,0 +1,124 @@
+//! Training objectives. One training loop ([`crate::train`]) drives every objective through [`Objective`]:
+//! the objective draws times, builds its targets and returns a scalar loss; the loop owns the optimiser,
+//! the EMA and the data.
+//!
+//! - [`FlowMatching`]: the teacher `v_φ` (and a flow map's diagonal, its `s → t` limit);
+//! - [`Emd`]: Eulerian map distillation, discrete;
+//! - [`Lmd`]: Lagrangian map distillation, discrete.
+//!
+//! The distillation residuals are written in the average-velocity space. With `f = x + (s − t)·F`, both
+//! discrete targets take the form `f(x_t, t, s) − ŷ = (s − t)·(F(x_t, t, s) − sg[ε·v + (1 − ε)·F⁻])`, so the
+//! normalised residual is computed without the cancellation of subtracting two nearby states.
+
+mod config;
+mod emd;
+mod fm;
+mod lmd;
+
+use candle_core::{DType, Tensor};
+
+pub use config::{DistillConfig, EpsSchedule, Method, TargetNet, TimeDistribution, TimeSampling, Weighting};
+pub use emd::Emd;
+pub use fm::FlowMatching;
+pub use lmd::Lmd;
+
+use crate::flow_map::FlowMap;
+use crate::teacher::VelocityField;
+use crate::{Result, Rng};
+
+/// What an objective sees at one training step.
+pub struct StepContext<'a, M: ?Sized> {
+    /// The model being trained, `θ`.
+    pub model: &'a M,
+    /// The target model `θ⁻`: the EMA of `θ`, or `θ` itself (objectives always stop its gradient).
+    pub target: &'a M,
+    /// Data points `x0`, `B × D`.
+    pub x0: &'a Tensor,
+    /// Noise `x1 ~ N(0, I)`, `B × D`.
+    pub x1: &'a Tensor,
+    /// Training progress in [0, 1] (for annealed schedules).
+    pub progress: f64,
+    /// The run's seeded random stream.
+    pub rng: &'a mut Rng,
+}
+
+/// A training objective for models of type `Model` (a velocity field or a flow map).
+pub trait Objective {
+    type Model: ?Sized;
+    /// The method's name, as on the command line.
+    fn name(&self) -> &'static str;
+    /// The scalar loss of one batch.
+    fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor>;
+}
+
+/// A `B × 1` column from a slice.
+pub(crate) fn column(v: &[f64], like: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::from_slice(v, (v.len(), 1), like.device())?.to_dtype(like.dtype())?)
+}
+
+/// Mean over the data dimension of the squared difference, per row: `B × 1`.
+pub(crate) fn row_mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok((a - b)?.sqr()?.mean_keepdim(1)?)
+}
+
+/// Draws `(t, s)` for a distillation batch and returns `x_t` on the path, the time columns and the
+/// number of leading diagonal rows (`s = t`).
+pub(crate) fn draw_pairs<M: ?Sized>(
+    cfg: &DistillConfig,
+    cx: &mut StepContext<'_, M>,
+) -> Result<(Tensor, Tensor, Tensor, usize)> {
+    let b = cx.x0.dim(0)?;
+    let (t, s, n_diag) = cfg.times.sample(b, cx.rng);
+    let t = column(&t, cx.x0)?;
+    let s = column(&s, cx.x0)?;
+    let xt = crate::path::ProbabilityPath::interpolate(&crate::path::LinearPath, cx.x0, cx.x1, &t)?;
+    Ok((xt, t, s, n_diag))
+}
+
+/// The shared discrete-distillation loss: diagonal rows regress `F(x, t, t)` on the teacher velocity,
+/// off-diagonal rows regress `F(x_t, t, s)` on `target_f` (already detached), weighted by `cfg.weighting`.
+pub(crate) fn assemble_loss(
+    cfg: &DistillConfig,
+    eps: f64,
+    model_f: &Tensor,
+    target_f: &Tensor,
+    t: &Tensor,
+    s: &Tensor,
+) -> Result<Tensor> {
+    // Normalised residual ‖F − F̂‖² (mean over D) equals ‖f − ŷ‖² / (t − s)².
+    let r = row_mse(model_f, target_f)?;
+    let gap2 = (t - s)?.sqr()?;
+    let w = match cfg.weighting {
+        Weighting::Constant => gap2,
+        Weighting::Normalized => (gap2.ones_like()? / (eps * eps))?,
+        Weighting::Adaptive { c, p } => {
+            let rn = (r.detach() / (eps * eps))?;
+            (rn.affine(1.0, c)?.powf(-p)? / (eps * eps))?
+        }
+    };
+    Ok((r * w)?.mean_all()?)
+}
+
+/// Mean of the diagonal loss `‖F(x, t, t) − v_φ(x, t)‖²` over `n` rows and the off-diagonal loss over the
+/// rest, weighted by their row counts.
+pub(crate) fn combine(diag: Option<Tensor>, n_diag: usize, off: Option<Tensor>, n_off: usize) -> Result<Tensor> {
+    let n = (n_diag + n_off) as f64;
+    Ok(match (diag, off) {
+        (Some(d), Some(o)) => ((d * (n_diag as f64 / n))? + (o * (n_off as f64 / n))?)?,
+        (Some(d), None) => d,
+        (None, Some(o)) => o,
+        (None, None) => unreachable!("a batch has rows"),
+    })
+}
+
+/// The flow-matching regression of the diagonal on a teacher: `mean ‖F(x, t, t) − v_φ(x, t)‖²`.
+pub(crate) fn diagonal_loss(model: &dyn FlowMap, teacher: &dyn VelocityField, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    let v = teacher.velocity(x, t)?.detach();
+    let f = model.average_velocity(x, t, t)?;
+    Ok(row_mse(&f, &v)?.mean_all()?)
+}
+
+#[allow(dead_code)]
+pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}

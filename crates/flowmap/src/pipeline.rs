@@ -1,0 +1,452 @@
+//! End-to-end jobs over the library: train a teacher, distill a flow map, evaluate, and the demo. The CLI
+//! is a thin layer over these functions.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, Checkpoint, CheckpointMeta, ModelKind};
+use crate::data::{self, DataSource, GaussianMixture};
+use crate::flow_map::{init_from_teacher, FlowMap, FlowMapNet, SolverMap};
+use crate::metrics::{self, Distances, MapError};
+use crate::nn::MlpConfig;
+use crate::objective::{DistillConfig, Emd, FlowMatching, Lmd, Method, Objective, TargetNet};
+use crate::ode::{Scheme, Solver};
+use crate::sample::{self, TimeGrid};
+use crate::teacher::{GmmVelocity, VelocityField, VelocityNet};
+use crate::train::{fit, TrainConfig, TrainLog, Trainable};
+use crate::{Error, Result};
+
+/// A progress bar for `n` steps (hidden when `show` is false or stderr is not a terminal).
+pub fn progress_bar(n: u64, label: &str, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(n);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(label.to_string());
+    pb
+}
+
+/// Dopri5 tolerance for the exact solution operator at a given precision.
+pub fn exact_solver(dtype: DType) -> Solver {
+    match dtype {
+        DType::F64 => Solver::exact(),
+        _ => Solver::dopri5(1e-5),
+    }
+}
+
+/// A teacher: a trained velocity network, or the analytic Gaussian-mixture velocity.
+pub enum Teacher {
+    Net { net: VelocityNet, vars: VarMap, meta: CheckpointMeta },
+    Gmm(GmmVelocity),
+}
+
+impl VelocityField for Teacher {
+    fn dim(&self) -> usize {
+        match self {
+            Teacher::Net { net, .. } => net.dim(),
+            Teacher::Gmm(g) => g.dim(),
+        }
+    }
+    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Teacher::Net { net, .. } => net.velocity(x, t),
+            Teacher::Gmm(g) => g.velocity(x, t),
+        }
+    }
+}
+
+impl Teacher {
+    /// `gmm:SPEC.json` (the analytic teacher) or a teacher checkpoint.
+    pub fn load(spec: &str, device: &Device) -> Result<Self> {
+        if let Some(path) = spec.strip_prefix("gmm:") {
+            return Ok(Teacher::Gmm(GmmVelocity::new(GaussianMixture::from_file(Path::new(path))?)));
+        }
+        let ck = Checkpoint::load(Path::new(spec))?;
+        let (net, vars) = ck.velocity_net(device)?;
+        Ok(Teacher::Net { net, vars, meta: ck.meta })
+    }
+
+    /// The data the teacher models: its training data, or the mixture itself.
+    pub fn data(&self) -> Result<DataSource> {
+        match self {
+            Teacher::Gmm(g) => Ok(DataSource::Mixture(g.mixture().clone())),
+            Teacher::Net { meta, .. } => data_of(meta),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Teacher::Gmm(_) => "analytic gaussian mixture".into(),
+            Teacher::Net { meta, .. } => format!("velocity network trained on {}", meta.data),
+        }
+    }
+}
+
+/// Rebuilds the data source recorded in a checkpoint.
+pub fn data_of(meta: &CheckpointMeta) -> Result<DataSource> {
+    match &meta.mixture {
+        Some(m) => Ok(DataSource::Mixture(m.clone())),
+        None => DataSource::from_spec(&meta.data),
+    }
+}
+
+fn mixture_of(data: &DataSource) -> Option<GaussianMixture> {
+    match data {
+        DataSource::Mixture(m) => Some(m.clone()),
+        _ => None,
+    }
+}
+
+/// A trained teacher: the EMA network (used for sampling and distillation) and its training log.
+pub struct TrainedTeacher {
+    pub net: VelocityNet,
+    pub vars: VarMap,
+    pub meta: CheckpointMeta,
+    pub log: TrainLog,
+}
+
+impl TrainedTeacher {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        checkpoint::save(path, &self.vars, &self.meta)
+    }
+    pub fn into_teacher(self) -> Teacher {
+        Teacher::Net { net: self.net, vars: self.vars, meta: self.meta }
+    }
+}
+
+/// Trains a velocity network on `data` by conditional flow matching.
+pub fn train_teacher(
+    data: &DataSource,
+    arch: &MlpConfig,
+    cfg: &TrainConfig,
+    device: &Device,
+    progress: &ProgressBar,
+) -> Result<TrainedTeacher> {
+    if arch.dim != data.dim() {
+        return Err(Error::arg(format!("model dimension {} does not match data dimension {}", arch.dim, data.dim())));
+    }
+    let (live, ema) = (VarMap::new(), VarMap::new());
+    let net = VelocityNet::new(arch, VarBuilder::from_varmap(&live, DType::F32, device))?;
+    let ema_net = VelocityNet::new(arch, VarBuilder::from_varmap(&ema, DType::F32, device))?;
+    seed_params(&live, cfg.seed)?;
+    let trainable = Trainable::<dyn VelocityField> { params: &live, model: &net, ema: Some((&ema, &ema_net)), ema_target: false };
+    let log = fit(&FlowMatching::new(), &trainable, data, cfg, device, progress)?;
+    let meta = CheckpointMeta {
+        kind: ModelKind::Teacher,
+        model: arch.clone(),
+        path: "linear".into(),
+        data: data.name(),
+        mixture: mixture_of(data),
+        training: serde_json::json!({ "objective": "fm", "train": cfg }),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    Ok(TrainedTeacher { net: ema_net, vars: ema, meta, log })
+}
+
+/// Re-initialises every parameter from the run's seed (candle's own initialisers draw from an unseeded
+/// generator), keeping candle's scale: uniform on ±1/√fan_in for weights and biases.
+pub fn seed_params(vars: &VarMap, seed: u64) -> Result<()> {
+    let mut rng = crate::Rng::derive(seed, "init");
+    for (name, var) in crate::flow_map::vars_sorted(vars) {
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let fan_in = if name.ends_with("bias") {
+            // candle's Linear bias init uses the layer's fan-in; recover it from the weight's shape.
+            let w = vars.data().lock().expect("vars").get(&name.replace("bias", "weight")).map(|w| w.dims()[1]);
+            w.unwrap_or(n)
+        } else {
+            *dims.last().unwrap_or(&1)
+        };
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let v: Vec<f32> = (0..n).map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32).collect();
+        var.set(&Tensor::from_vec(v, dims, var.device())?)?;
+    }
+    Ok(())
+}
+
+/// A distilled flow map: the EMA network and its training log.
+pub struct TrainedMap {
+    pub net: FlowMapNet,
+    pub vars: VarMap,
+    pub meta: CheckpointMeta,
+    pub log: TrainLog,
+}
+
+impl TrainedMap {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        checkpoint::save(path, &self.vars, &self.meta)
+    }
+}
+
+/// Distils a flow map from `teacher` with `method`. A network teacher seeds the student with its own
+/// weights (so the student starts as one teacher Euler step); the analytic teacher gets a fresh network
+/// of architecture `arch`. `monitor(step, ema_map)` is called every `monitor_every` steps.
+#[allow(clippy::too_many_arguments)]
+pub fn distill(
+    teacher: &Teacher,
+    data: &DataSource,
+    method: Method,
+    dcfg: &DistillConfig,
+    cfg: &TrainConfig,
+    arch: &MlpConfig,
+    device: &Device,
+    progress: &ProgressBar,
+    monitor: Option<(usize, &mut dyn FnMut(usize, &FlowMapNet) -> Result<()>)>,
+) -> Result<TrainedMap> {
+    dcfg.validate()?;
+    if teacher.dim() != data.dim() {
+        return Err(Error::arg(format!("teacher dimension {} does not match data dimension {}", teacher.dim(), data.dim())));
+    }
+    let arch = match teacher {
+        Teacher::Net { meta, .. } => meta.model.clone(),
+        Teacher::Gmm(_) => arch.clone(),
+    };
+    let (live, ema) = (VarMap::new(), VarMap::new());
+    let net = FlowMapNet::new(&arch, VarBuilder::from_varmap(&live, DType::F32, device))?;
+    let ema_net = FlowMapNet::new(&arch, VarBuilder::from_varmap(&ema, DType::F32, device))?;
+    match teacher {
+        Teacher::Net { vars, .. } => init_from_teacher(&live, vars)?,
+        Teacher::Gmm(_) => seed_params(&live, cfg.seed)?,
+    }
+    let trainable = Trainable::<dyn FlowMap> {
+        params: &live,
+        model: &net,
+        ema: Some((&ema, &ema_net)),
+        ema_target: dcfg.target == TargetNet::Ema,
+    };
+    let log = match method {
+        Method::Emd => fit_monitored(&Emd::new(teacher, *dcfg), &trainable, data, cfg, device, progress, monitor, &ema_net)?,
+        Method::Lmd => fit_monitored(&Lmd::new(teacher, *dcfg), &trainable, data, cfg, device, progress, monitor, &ema_net)?,
+    };
+    let meta = CheckpointMeta {
+        kind: ModelKind::FlowMap,
+        model: arch,
+        path: "linear".into(),
+        data: data.name(),
+        mixture: mixture_of(data),
+        training: serde_json::json!({
+            "objective": method.name(),
+            "teacher": teacher.describe(),
+            "distill": dcfg,
+            "train": cfg,
+        }),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    Ok(TrainedMap { net: ema_net, vars: ema, meta, log })
+}
+
+/// Runs `fit` in stages of `every` steps when a monitor is given, so the monitor sees the EMA model.
+#[allow(clippy::too_many_arguments)]
+fn fit_monitored<'m, O: Objective<Model = dyn FlowMap + 'm>>(
+    objective: &O,
+    trainable: &Trainable<'_, O::Model>,
+    data: &DataSource,
+    cfg: &TrainConfig,
+    device: &Device,
+    progress: &ProgressBar,
+    monitor: Option<(usize, &mut dyn FnMut(usize, &FlowMapNet) -> Result<()>)>,
+    ema_net: &FlowMapNet,
+) -> Result<TrainLog> {
+    match monitor {
+        None => fit(objective, trainable, data, cfg, device, progress),
+        Some((every, f)) => {
+            let mut hook = |step: usize| f(step, ema_net);
+            crate::train::fit_with_hook(objective, trainable, data, cfg, device, progress, every, &mut hook)
+        }
+    }
+}
+
+/// One row of an evaluation table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalRow {
+    pub model: String,
+    pub sampler: String,
+    pub nfe: usize,
+    #[serde(flatten)]
+    pub distances: Distances,
+    pub seconds: f64,
+}
+
+/// Settings shared by evaluations.
+#[derive(Clone, Debug)]
+pub struct EvalSettings {
+    /// Samples generated per row (and held-out points compared against).
+    pub n: usize,
+    pub seed: u64,
+    /// Cap on points for the O(n²) distances.
+    pub max_points: usize,
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        EvalSettings { n: 10_000, seed: 0, max_points: 10_000 }
+    }
+}
+
+fn tensor_to_vec(x: &Tensor) -> Result<Vec<f64>> {
+    Ok(x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+}
+
+/// Samples of a flow map at each NFE (uniform grids), scored against `reference`.
+pub fn eval_map(
+    name: &str,
+    map: &dyn FlowMap,
+    nfes: &[usize],
+    reference: &[f64],
+    checkerboard: bool,
+    s: &EvalSettings,
+    device: &Device,
+) -> Result<(Vec<EvalRow>, Vec<Vec<f64>>)> {
+    let d = map.dim();
+    let z = sample::noise(s.n, d, s.seed, device)?;
+    let mut rows = vec![];
+    let mut samples = vec![];
+    for &k in nfes {
+        let start = Instant::now();
+        let out = sample::sample_map(map, &z, &TimeGrid::uniform(k)?)?;
+        let seconds = start.elapsed().as_secs_f64();
+        let x = tensor_to_vec(&out.x)?;
+        rows.push(EvalRow {
+            model: name.into(),
+            sampler: format!("{k}-step map"),
+            nfe: out.nfe,
+            distances: metrics::distances(&x, reference, d, checkerboard, s.max_points),
+            seconds,
+        });
+        samples.push(x);
+    }
+    Ok((rows, samples))
+}
+
+/// Samples of the teacher's ODE sampler for each solver, scored against `reference`.
+pub fn eval_teacher(
+    name: &str,
+    field: &dyn VelocityField,
+    solvers: &[Solver],
+    reference: &[f64],
+    checkerboard: bool,
+    s: &EvalSettings,
+    device: &Device,
+) -> Result<(Vec<EvalRow>, Vec<Vec<f64>>)> {
+    let d = field.dim();
+    let z = sample::noise(s.n, d, s.seed, device)?;
+    let mut rows = vec![];
+    let mut samples = vec![];
+    for &solver in solvers {
+        let start = Instant::now();
+        let out = sample::sample_ode(field, &z, solver)?;
+        let seconds = start.elapsed().as_secs_f64();
+        let x = tensor_to_vec(&out.x)?;
+        rows.push(EvalRow {
+            model: name.into(),
+            sampler: solver.to_string(),
+            nfe: out.nfe,
+            distances: metrics::distances(&x, reference, d, checkerboard, s.max_points),
+            seconds,
+        });
+        samples.push(x);
+    }
+    Ok((rows, samples))
+}
+
+/// A Markdown table of evaluation rows.
+pub fn eval_table(rows: &[EvalRow]) -> String {
+    let kl = rows.iter().any(|r| r.distances.kl.is_some());
+    let mut s = String::from("| model | sampler | NFE | energy distance | sliced W2 | MMD² |");
+    s += if kl { " KL (histogram) |\n" } else { "\n" };
+    s += "|---|---|---:|---:|---:|---:|";
+    s += if kl { "---:|\n" } else { "\n" };
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {} | {:.5} | {:.4} | {:.5} |",
+            r.model, r.sampler, r.nfe, r.distances.energy, r.distances.sliced_w2, r.distances.mmd2
+        );
+        if kl {
+            s += &r.distances.kl.map(|v| format!(" {v:.4} |")).unwrap_or_else(|| " – |".into());
+        }
+        s += "\n";
+    }
+    s
+}
+
+/// Flow-map errors of `map` against the teacher's exact Φ on the pairs of an `n`-point grid.
+pub fn map_errors(
+    map: &dyn FlowMap,
+    teacher: &dyn VelocityField,
+    data: &DataSource,
+    n_grid: usize,
+    n_points: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Vec<MapError>> {
+    let x0 = data::to_tensor(&data.heldout(n_points, seed), n_points.min(points_available(data, n_points)), data.dim(), DType::F32, device)?;
+    let x1 = sample::noise(x0.dim(0)?, data.dim(), seed + 1, device)?;
+    let exact = SolverMap::new(teacher, exact_solver(DType::F32));
+    metrics::flow_map_errors(map, &exact, &x0, &x1, &metrics::triangle_grid(n_grid))
+}
+
+fn points_available(data: &DataSource, n: usize) -> usize {
+    match data {
+        DataSource::Points { heldout, .. } => heldout.rows.min(n),
+        _ => n,
+    }
+}
+
+/// The semigroup error of `map` on a 5-point grid of times, on held-out data.
+pub fn semigroup(map: &dyn FlowMap, data: &DataSource, n_points: usize, seed: u64, device: &Device) -> Result<f64> {
+    let n = points_available(data, n_points);
+    let x0 = data::to_tensor(&data.heldout(n, seed), n, data.dim(), DType::F32, device)?;
+    let x1 = sample::noise(n, data.dim(), seed + 1, device)?;
+    metrics::semigroup_error(map, &x0, &x1, 5)
+}
+
+/// The teacher solvers evaluated by the demo: Euler at 1 to 128 steps, and dopri5.
+pub fn teacher_solvers() -> Vec<Solver> {
+    let mut v: Vec<Solver> = [1, 2, 4, 8, 16, 32, 64, 128].into_iter().map(|k| Solver::fixed(Scheme::Euler, k)).collect();
+    v.push(Solver::dopri5(1e-5));
+    v
+}
+
+/// Output folder helper: creates it and returns file paths inside it.
+pub struct OutDir(pub PathBuf);
+
+impl OutDir {
+    pub fn create(path: &Path) -> Result<Self> {
+        crate::io::create_dir(path)?;
+        Ok(OutDir(path.to_path_buf()))
+    }
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+/// A TOML run configuration: optional `[train]` and `[distill]` tables (see [`TrainConfig`] and
+/// [`DistillConfig`] for the keys).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    #[serde(default)]
+    pub train: Option<TrainConfig>,
+    #[serde(default)]
+    pub distill: Option<DistillConfig>,
+}
+
+impl RunConfig {
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Config(e.message().to_string()))
+    }
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+}

@@ -1,0 +1,72 @@
+//! The exact velocity of a Gaussian-mixture data distribution under a Gaussian probability path.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::VelocityField;
+use crate::data::GaussianMixture;
+use crate::path::{LinearPath, ProbabilityPath};
+use crate::Result;
+
+/// `v(x, t) = E[α̇_t·x0 + σ̇_t·x1 | x_t = x]` for `x0 ~ Σ_k w_k N(μ_k, σ_k² I)` and `x1 ~ N(0, I)`, in closed form.
+///
+/// Given component `k`, `x_t ~ N(α_t μ_k, S_k I)` with `S_k = α_t² σ_k² + σ_t²`, and
+/// `E[x0 | x_t, k] = μ_k + α_t σ_k² / S_k · (x_t − α_t μ_k)`, `E[x1 | x_t, k] = σ_t / S_k · (x_t − α_t μ_k)`.
+/// The velocity averages the per-component velocities under the posterior `π_k(x) ∝ w_k N(x; α_t μ_k, S_k I)`.
+/// On the linear path this is `E[x1 − x0 | x_t = x]`.
+#[derive(Clone)]
+pub struct GmmVelocity {
+    mixture: GaussianMixture,
+    path: Arc<dyn ProbabilityPath>,
+}
+
+impl GmmVelocity {
+    pub fn new(mixture: GaussianMixture) -> Self {
+        GmmVelocity { mixture, path: Arc::new(LinearPath) }
+    }
+    pub fn with_path(mixture: GaussianMixture, path: Arc<dyn ProbabilityPath>) -> Self {
+        GmmVelocity { mixture, path }
+    }
+    pub fn mixture(&self) -> &GaussianMixture {
+        &self.mixture
+    }
+}
+
+impl VelocityField for GmmVelocity {
+    fn dim(&self) -> usize {
+        self.mixture.dim()
+    }
+
+    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let (dt, dev): (DType, &Device) = (x.dtype(), x.device());
+        let d = self.mixture.dim() as f64;
+        let c = self.path.coefficients(t)?;
+        let (a2, b2) = (c.alpha.sqr()?, c.sigma.sqr()?);
+        let mut logits = Vec::with_capacity(self.mixture.components());
+        let mut vels = Vec::with_capacity(self.mixture.components());
+        for ((mu, &std), &w) in self.mixture.means.iter().zip(&self.mixture.stds).zip(&self.mixture.weights) {
+            let mu = Tensor::from_slice(mu, (1, mu.len()), &Device::Cpu)?.to_dtype(dt)?.to_device(dev)?;
+            let var = std * std;
+            let s = (a2.affine(var, 0.0)? + &b2)?; // S_k, B × 1
+            let diff = (x - mu.broadcast_mul(&c.alpha)?)?; // x − α μ_k
+            let dist2 = diff.sqr()?.sum_keepdim(1)?;
+            // log w_k − D/2·log S_k − ‖x − α μ_k‖² / (2 S_k)   (the 2π factor is common to all k)
+            let logit = ((s.log()? * (-0.5 * d))? - (dist2 / s.affine(2.0, 0.0)?)?)?.affine(1.0, w.ln())?;
+            let scaled = diff.broadcast_div(&s)?;
+            let e_x0 = scaled.broadcast_mul(&c.alpha.affine(var, 0.0)?)?.broadcast_add(&mu)?;
+            let e_x1 = scaled.broadcast_mul(&c.sigma)?;
+            vels.push((e_x0.broadcast_mul(&c.d_alpha)? + e_x1.broadcast_mul(&c.d_sigma)?)?);
+            logits.push(logit);
+        }
+        let logits = Tensor::cat(&logits, 1)?; // B × K
+        let max = logits.max_keepdim(D::Minus1)?;
+        let p = logits.broadcast_sub(&max)?.exp()?;
+        let p = p.broadcast_div(&p.sum_keepdim(D::Minus1)?)?;
+        let mut v = vels[0].broadcast_mul(&p.narrow(1, 0, 1)?)?;
+        for (k, vk) in vels.iter().enumerate().skip(1) {
+            v = (v + vk.broadcast_mul(&p.narrow(1, k, 1)?)?)?;
+        }
+        Ok(v)
+    }
+}

@@ -1,0 +1,223 @@
+//! The one training loop. It owns the optimiser (AdamW with warm-up and cosine decay), the EMA of the
+//! weights and the data stream; an [`Objective`] supplies the loss.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use indicatif::ProgressBar;
+use serde::{Deserialize, Serialize};
+
+use crate::data::DataSource;
+use crate::flow_map::vars_sorted;
+use crate::objective::{Objective, StepContext};
+use crate::{Error, Result, Rng};
+
+/// Optimisation settings shared by every objective.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Linear learning-rate warm-up, in steps; then cosine decay to `lr_final_fraction·lr`.
+    pub warmup_steps: usize,
+    pub lr_final_fraction: f64,
+    /// Decay of the EMA of the weights (used for sampling and, if chosen, as the target `θ⁻`).
+    pub ema_decay: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 4000,
+            batch_size: 1024,
+            lr: 2e-3,
+            weight_decay: 0.0,
+            warmup_steps: 100,
+            lr_final_fraction: 0.05,
+            ema_decay: 0.999,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(Error::arg("--steps must be at least 1"));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::arg("--batch must be at least 1"));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::arg(format!("learning rate must be positive, got {}", self.lr)));
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return Err(Error::arg(format!("EMA decay must lie in [0, 1), got {}", self.ema_decay)));
+        }
+        Ok(())
+    }
+
+    /// The learning rate at a step.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let p = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        let floor = self.lr_final_fraction;
+        self.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
+    }
+}
+
+/// An exponential moving average of a parameter set, held in its own `VarMap` of identical layout.
+pub struct Ema {
+    pairs: Vec<(Var, Var)>,
+    decay: f64,
+}
+
+impl Ema {
+    /// `ema` must hold the same names and shapes as `live`; it is first set equal to `live`.
+    pub fn new(ema: &VarMap, live: &VarMap, decay: f64) -> Result<Self> {
+        let (e, l) = (vars_sorted(ema), vars_sorted(live));
+        if e.len() != l.len() || e.iter().zip(&l).any(|(a, b)| a.0 != b.0 || a.1.dims() != b.1.dims()) {
+            return Err(Error::arg("EMA and live parameters differ in layout"));
+        }
+        let pairs: Vec<(Var, Var)> = e.into_iter().zip(l).map(|(a, b)| (a.1, b.1)).collect();
+        for (a, b) in &pairs {
+            a.set(b.as_tensor())?;
+        }
+        Ok(Ema { pairs, decay })
+    }
+
+    /// `ema ← d·ema + (1 − d)·live`, with `d = min(decay, (1 + step)/(10 + step))` early on.
+    pub fn update(&self, step: usize) -> Result<()> {
+        let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64));
+        for (ema, live) in &self.pairs {
+            let next = ((ema.as_tensor() * d)? + (live.as_tensor() * (1.0 - d))?)?;
+            ema.set(&next)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrainLog {
+    /// `(step, loss)`, smoothed over the logging interval.
+    pub losses: Vec<(usize, f64)>,
+    pub steps: usize,
+    pub seconds: f64,
+}
+
+impl TrainLog {
+    /// Mean loss over the first and last tenth of the run.
+    pub fn first_last(&self) -> (f64, f64) {
+        let n = self.losses.len().max(1);
+        let k = (n / 10).max(1);
+        let mean = |v: &[(usize, f64)]| v.iter().map(|p| p.1).sum::<f64>() / v.len().max(1) as f64;
+        (mean(&self.losses[..k.min(self.losses.len())]), mean(&self.losses[n.saturating_sub(k).min(self.losses.len())..]))
+    }
+}
+
+/// The parameters a run optimises and the models that read them.
+pub struct Trainable<'a, M: ?Sized> {
+    /// The live parameters `θ`.
+    pub params: &'a VarMap,
+    /// The model reading `params`.
+    pub model: &'a M,
+    /// The EMA parameters and the model reading them.
+    pub ema: Option<(&'a VarMap, &'a M)>,
+    /// Use the EMA model as the target `θ⁻` (else the live model, under stop-gradient).
+    pub ema_target: bool,
+}
+
+/// Runs `cfg.steps` steps of `objective` on batches from `data`; the progress bar advances one per step.
+pub fn fit<O: Objective>(
+    objective: &O,
+    trainable: &Trainable<'_, O::Model>,
+    data: &DataSource,
+    cfg: &TrainConfig,
+    device: &Device,
+    progress: &ProgressBar,
+) -> Result<TrainLog> {
+    fit_with_hook(objective, trainable, data, cfg, device, progress, 0, &mut |_| Ok(()))
+}
+
+/// [`fit`], calling `hook(step)` before the first step and after every `every` steps (never if `every = 0`).
+#[allow(clippy::too_many_arguments)]
+pub fn fit_with_hook<O: Objective>(
+    objective: &O,
+    trainable: &Trainable<'_, O::Model>,
+    data: &DataSource,
+    cfg: &TrainConfig,
+    device: &Device,
+    progress: &ProgressBar,
+    every: usize,
+    hook: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<TrainLog> {
+    cfg.validate()?;
+    let vars = trainable.params.all_vars();
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW { lr: cfg.lr_at(0), beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay },
+    )?;
+    let ema = match trainable.ema {
+        Some((ema_vars, _)) => Some(Ema::new(ema_vars, trainable.params, cfg.ema_decay)?),
+        None => None,
+    };
+    let target = match (trainable.ema_target, trainable.ema) {
+        (true, Some((_, m))) => m,
+        (true, None) => return Err(Error::arg("an EMA target needs EMA parameters")),
+        (false, _) => trainable.model,
+    };
+    let mut rng = Rng::new(cfg.seed);
+    let mut log = TrainLog::default();
+    let log_every = (cfg.steps / 200).max(1);
+    let (mut acc, mut acc_n) = (0.0, 0usize);
+    let start = Instant::now();
+    let dim = data.dim();
+    if every > 0 {
+        hook(0)?;
+    }
+    for step in 0..cfg.steps {
+        opt.set_learning_rate(cfg.lr_at(step));
+        let x0 = data.sample_tensor(cfg.batch_size, &mut rng, DType::F32, device)?;
+        let x1 = rng.normal_tensor((cfg.batch_size, dim), DType::F32, device)?;
+        let mut cx = StepContext {
+            model: trainable.model,
+            target,
+            x0: &x0,
+            x1: &x1,
+            progress: step as f64 / cfg.steps as f64,
+            rng: &mut rng,
+        };
+        let loss = objective.loss(&mut cx)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            return Err(Error::Diverged { step, loss: value });
+        }
+        opt.backward_step(&loss)?;
+        if let Some(ema) = &ema {
+            ema.update(step)?;
+        }
+        acc += value;
+        acc_n += 1;
+        if (step + 1) % log_every == 0 || step + 1 == cfg.steps {
+            log.losses.push((step + 1, acc / acc_n as f64));
+            progress.set_message(format!("loss {:.4}", acc / acc_n as f64));
+            acc = 0.0;
+            acc_n = 0;
+        }
+        progress.inc(1);
+        if every > 0 && (step + 1) % every == 0 {
+            hook(step + 1)?;
+        }
+    }
+    log.steps = cfg.steps;
+    log.seconds = start.elapsed().as_secs_f64();
+    Ok(log)
+}
