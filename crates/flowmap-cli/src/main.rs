@@ -49,6 +49,31 @@ enum Command {
     Eval(EvalArgs),
     /// The end-to-end demo on embedded data: teacher → EMD and LMD maps → report with figures.
     Demo(DemoArgs),
+    /// Benchmarks that train for real and write JSON and Markdown.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Ablation of ε, the (t, s) law, the weighting and the target network on the analytic teacher.
+    Ablation(AblationArgs),
+}
+
+#[derive(Args)]
+struct AblationArgs {
+    /// Output folder.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+    /// Methods, comma-separated.
+    #[arg(long, default_value = "emd,lmd")]
+    methods: String,
+    #[arg(long, default_value_t = 1500)]
+    steps: usize,
+    #[arg(long, default_value_t = 512)]
+    batch: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args, Clone)]
@@ -89,6 +114,12 @@ struct TeacherArgs {
     /// Hidden layers.
     #[arg(long, default_value_t = 3)]
     depth: usize,
+    /// Frequencies of each sinusoidal time embedding.
+    #[arg(long, default_value_t = 16)]
+    time_features: usize,
+    /// Largest time-embedding frequency.
+    #[arg(long, default_value_t = 64.0)]
+    max_frequency: f64,
 }
 
 #[derive(Args)]
@@ -263,6 +294,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Apply(a) => apply(a, &device),
         Command::Eval(a) => eval(a, &device),
         Command::Demo(a) => demo_cmd(a, &device, show),
+        Command::Bench(BenchCommand::Ablation(a)) => {
+            let methods = a.methods.split(',').map(|m| m.trim().parse::<Method>()).collect::<flowmap::Result<Vec<_>>>()?;
+            let rows = flowmap::bench::ablation(&a.out, &methods, a.steps, a.batch, a.seed, &device, show)?;
+            for r in rows {
+                println!("{:4} {:34} rel {:.3e}  semigroup {:.3e}  {:.1}s", r.method, r.variant, r.relative_error, r.semigroup, r.seconds);
+            }
+            Ok(())
+        }
     }
 }
 
@@ -313,7 +352,7 @@ fn teacher(a: TeacherArgs, device: &Device, show: bool) -> Result<()> {
     let cfg = train_config(&a.train, file.train);
     cfg.validate()?;
     let data = DataSource::from_spec(&a.data)?;
-    let arch = MlpConfig { hidden: a.hidden, depth: a.depth, ..MlpConfig::new(data.dim()) };
+    let arch = MlpConfig { hidden: a.hidden, depth: a.depth, time_features: a.time_features, max_frequency: a.max_frequency, ..MlpConfig::new(data.dim()) };
     let pb = progress_bar(cfg.steps as u64, "teacher", show);
     let trained = pipeline::train_teacher(&data, &arch, &cfg, device, &pb)?;
     pb.finish_and_clear();

@@ -14,6 +14,7 @@
 //! loop), [`sample`] (the one sampler), [`metrics`], [`data`], [`checkpoint`], [`plot`] and [`pipeline`]
 //! (the end-to-end jobs the CLI runs).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 mod error;

@@ -1,0 +1,40 @@
+//! Shared fixtures: the analytic three-component mixture in f64.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use flowmap::data::{self, GaussianMixture};
+use flowmap::teacher::GmmVelocity;
+use flowmap::Rng;
+
+pub fn mixture() -> GaussianMixture {
+    GaussianMixture::three_widths()
+}
+
+pub fn teacher() -> GmmVelocity {
+    GmmVelocity::new(mixture())
+}
+
+pub fn col(v: f64, n: usize) -> Tensor {
+    Tensor::full(v, (n, 1), &Device::Cpu).unwrap()
+}
+
+/// `n` data points `x0` and noise `x1`, f64.
+pub fn pairs(n: usize, seed: u64) -> (Tensor, Tensor) {
+    let g = mixture();
+    let mut rng = Rng::new(seed);
+    let x0 = data::to_tensor(&g.sample(n, &mut rng), n, 2, DType::F64, &Device::Cpu).unwrap();
+    let x1 = rng.normal_tensor((n, 2), DType::F64, &Device::Cpu).unwrap();
+    (x0, x1)
+}
+
+pub fn max_abs(a: &Tensor) -> f64 {
+    a.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+pub fn mean_sq(a: &Tensor) -> f64 {
+    a.sqr().unwrap().mean_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+pub fn scalar(a: &Tensor) -> f64 {
+    a.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}

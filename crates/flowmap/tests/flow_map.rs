@@ -1,0 +1,110 @@
+//! The flow-map parameterisation, the student's initialisation, gradients, and the exact map Φ.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use common::*;
+use flowmap::flow_map::{init_from_teacher, Diagonal, FlowMap, FlowMapNet, SolverMap};
+use flowmap::nn::MlpConfig;
+use flowmap::objective::{DistillConfig, Emd, FlowMatching, Lmd, Objective, StepContext};
+use flowmap::pipeline::seed_params;
+use flowmap::teacher::{VelocityField, VelocityNet};
+use flowmap::Rng;
+
+fn small() -> MlpConfig {
+    MlpConfig { hidden: 32, depth: 2, ..MlpConfig::new(2) }
+}
+
+fn nets() -> (VelocityNet, VarMap, FlowMapNet, VarMap) {
+    let (tv, sv) = (VarMap::new(), VarMap::new());
+    let teacher = VelocityNet::new(&small(), VarBuilder::from_varmap(&tv, DType::F32, &Device::Cpu)).unwrap();
+    let student = FlowMapNet::new(&small(), VarBuilder::from_varmap(&sv, DType::F32, &Device::Cpu)).unwrap();
+    seed_params(&tv, 3).unwrap();
+    seed_params(&sv, 4).unwrap();
+    (teacher, tv, student, sv)
+}
+
+fn f32_pairs(n: usize) -> (Tensor, Tensor, Tensor) {
+    let mut rng = Rng::new(9);
+    let x = rng.normal_tensor((n, 2), DType::F32, &Device::Cpu).unwrap();
+    let mut t = rng.uniform_vec(n);
+    let mut s = rng.uniform_vec(n);
+    for i in 0..n {
+        if s[i] > t[i] {
+            std::mem::swap(&mut s[i], &mut t[i]);
+        }
+    }
+    let t = Tensor::from_vec(t, (n, 1), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    let s = Tensor::from_vec(s, (n, 1), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    (x, t, s)
+}
+
+#[test]
+fn map_is_identity_on_the_diagonal() {
+    let (_, _, student, _) = nets();
+    let (x, t, _) = f32_pairs(64);
+    let y = student.map(&x, &t, &t).unwrap();
+    // (s − t) = 0 exactly, so f(x, t, t) = x bit for bit.
+    assert_eq!(y.to_vec2::<f32>().unwrap(), x.to_vec2::<f32>().unwrap());
+}
+
+#[test]
+fn student_initialised_from_teacher_is_one_euler_step() {
+    let (teacher, tv, student, sv) = nets();
+    init_from_teacher(&sv, &tv).unwrap();
+    let (x, t, s) = f32_pairs(64);
+    let f = student.map(&x, &t, &s).unwrap();
+    let euler = (&x + teacher.velocity(&x, &t).unwrap().broadcast_mul(&(&s - &t).unwrap()).unwrap()).unwrap();
+    let err = max_abs(&(f - euler).unwrap());
+    assert!(err < 1e-6, "student at init differs from one teacher Euler step by {err}");
+    // Its diagonal is the teacher's velocity.
+    let diag = Diagonal(&student).velocity(&x, &t).unwrap();
+    assert!(max_abs(&(diag - teacher.velocity(&x, &t).unwrap()).unwrap()) < 1e-6);
+}
+
+fn assert_all_grads(vars: &VarMap, loss: &Tensor, what: &str) {
+    let grads = loss.backward().unwrap();
+    for (name, var) in flowmap::flow_map::vars_sorted(vars) {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{what}: no gradient reaches '{name}'"));
+        assert!(mean_sq(g) > 0.0, "{what}: gradient of '{name}' is zero");
+    }
+}
+
+#[test]
+fn gradients_reach_every_parameter() {
+    let (teacher, tv, student, sv) = nets();
+    let mut rng = Rng::new(1);
+    let x0 = rng.normal_tensor((128, 2), DType::F32, &Device::Cpu).unwrap();
+    let x1 = rng.normal_tensor((128, 2), DType::F32, &Device::Cpu).unwrap();
+    let mut cx = StepContext::<dyn VelocityField> { model: &teacher, target: &teacher, x0: &x0, x1: &x1, progress: 0.0, rng: &mut rng };
+    let loss = FlowMatching::new().loss(&mut cx).unwrap();
+    assert_all_grads(&tv, &loss, "flow matching");
+    for lmd in [false, true] {
+        let mut rng = Rng::new(2);
+        let mut cx = StepContext::<dyn FlowMap> { model: &student, target: &student, x0: &x0, x1: &x1, progress: 0.3, rng: &mut rng };
+        let loss = if lmd {
+            Lmd::new(&teacher, DistillConfig::default()).loss(&mut cx).unwrap()
+        } else {
+            Emd::new(&teacher, DistillConfig::default()).loss(&mut cx).unwrap()
+        };
+        assert_all_grads(&sv, &loss, if lmd { "lmd" } else { "emd" });
+        // The stop-gradient target and the teacher receive none.
+        assert!(loss.backward().unwrap().get(tv.all_vars()[0].as_tensor()).is_none());
+    }
+}
+
+#[test]
+fn exact_map_satisfies_the_semigroup_property_and_its_diagonal_is_v() {
+    let exact = SolverMap::new(teacher(), flowmap::ode::Solver::exact());
+    let (x0, x1) = pairs(128, 5);
+    let err = flowmap::metrics::semigroup_error(&exact, &x0, &x1, 4).unwrap();
+    assert!(err < 1e-10, "semigroup error of Φ: {err}");
+    let xt = (&x0 + (&x1 - &x0).unwrap().broadcast_mul(&col(0.6, 128)).unwrap()).unwrap();
+    let on_diag = exact.average_velocity(&xt, &col(0.6, 128), &col(0.6, 128)).unwrap();
+    assert!(max_abs(&(on_diag - teacher().velocity(&xt, &col(0.6, 128)).unwrap()).unwrap()) < 1e-12);
+    // Near the diagonal the average velocity tends to v: F(x, t, t − h) = v(x, t) + O(h).
+    let h = 1e-4;
+    let near = exact.average_velocity(&xt, &col(0.6, 128), &col(0.6 - h, 128)).unwrap();
+    assert!(max_abs(&(near - teacher().velocity(&xt, &col(0.6, 128)).unwrap()).unwrap()) < 1e-2);
+}

@@ -1,0 +1,109 @@
+//! Training: the loss falls, the same seed reproduces a run bit for bit, checkpoints round-trip exactly,
+//! and distilling from the analytic teacher brings the map towards Φ.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use flowmap::checkpoint::{Checkpoint, ModelKind};
+use flowmap::data::{DataSource, Toy};
+use flowmap::flow_map::{FlowMap, SolverMap};
+use flowmap::nn::MlpConfig;
+use flowmap::objective::{DistillConfig, Method};
+use flowmap::pipeline::{self, Teacher};
+use flowmap::teacher::VelocityField;
+use flowmap::train::TrainConfig;
+use flowmap::Rng;
+use indicatif::ProgressBar;
+
+fn small() -> MlpConfig {
+    MlpConfig { hidden: 64, depth: 2, ..MlpConfig::new(2) }
+}
+
+fn tc(steps: usize, seed: u64) -> TrainConfig {
+    TrainConfig { steps, batch_size: 256, seed, warmup_steps: 10, ..TrainConfig::default() }
+}
+
+fn probe() -> (Tensor, Tensor, Tensor) {
+    let mut rng = Rng::new(77);
+    let x = rng.normal_tensor((32, 2), DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::full(0.8f32, (32, 1), &Device::Cpu).unwrap();
+    let s = Tensor::full(0.3f32, (32, 1), &Device::Cpu).unwrap();
+    (x, t, s)
+}
+
+#[test]
+fn flow_matching_loss_falls() {
+    let data = DataSource::Toy(Toy::Moons);
+    let run = pipeline::train_teacher(&data, &small(), &tc(400, 0), &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    let (first, last) = run.log.first_last();
+    assert!(last < 0.8 * first, "flow-matching loss {first} → {last}");
+}
+
+#[test]
+fn same_seed_same_numbers_and_checkpoints_round_trip_bit_exactly() {
+    let data = DataSource::Toy(Toy::Checkerboard);
+    let a = pipeline::train_teacher(&data, &small(), &tc(30, 5), &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    let b = pipeline::train_teacher(&data, &small(), &tc(30, 5), &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    let c = pipeline::train_teacher(&data, &small(), &tc(30, 6), &Device::Cpu, &ProgressBar::hidden()).unwrap();
+    let (x, t, _) = probe();
+    let va = a.net.velocity(&x, &t).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(va, b.net.velocity(&x, &t).unwrap().to_vec2::<f32>().unwrap(), "same seed, different numbers");
+    assert_ne!(va, c.net.velocity(&x, &t).unwrap().to_vec2::<f32>().unwrap(), "different seeds, same numbers");
+    assert_eq!(a.log.losses, b.log.losses);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.safetensors");
+    a.save(&path).unwrap();
+    let ck = Checkpoint::load(&path).unwrap();
+    assert_eq!(ck.meta, a.meta);
+    let (net, _) = ck.velocity_net(&Device::Cpu).unwrap();
+    assert_eq!(va, net.velocity(&x, &t).unwrap().to_vec2::<f32>().unwrap(), "checkpoint changed the outputs");
+    assert!(ck.flow_map_net(&Device::Cpu).err().unwrap().to_string().contains("holds a teacher"));
+
+    // A distilled map round-trips too, and a second identical distillation is identical.
+    let teacher = Teacher::Net { net: a.net.clone(), vars: a.vars.clone(), meta: a.meta.clone() };
+    let d = |seed| {
+        pipeline::distill(&teacher, &data, Method::Emd, &DistillConfig::default(), &tc(20, seed), &small(), &Device::Cpu, &ProgressBar::hidden(), None)
+            .unwrap()
+    };
+    let (m1, m2) = (d(1), d(1));
+    let (x, t, s) = probe();
+    let y1 = m1.net.map(&x, &t, &s).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(y1, m2.net.map(&x, &t, &s).unwrap().to_vec2::<f32>().unwrap());
+    let mpath = dir.path().join("m.safetensors");
+    m1.save(&mpath).unwrap();
+    let ck = Checkpoint::load(&mpath).unwrap();
+    assert_eq!(ck.meta.kind, ModelKind::FlowMap);
+    let (net, _) = ck.flow_map_net(&Device::Cpu).unwrap();
+    assert_eq!(y1, net.map(&x, &t, &s).unwrap().to_vec2::<f32>().unwrap());
+}
+
+#[test]
+fn distilling_the_analytic_teacher_approaches_the_exact_map() {
+    let teacher = Teacher::Gmm(flowmap::teacher::GmmVelocity::new(mixture()));
+    let data = teacher.data().unwrap();
+    let exact = SolverMap::new(&teacher, flowmap::ode::Solver::dopri5(1e-6));
+    let (x0, x1) = pairs(512, 3);
+    let (x0, x1) = (x0.to_dtype(DType::F32).unwrap(), x1.to_dtype(DType::F32).unwrap());
+    let grid = flowmap::metrics::triangle_grid(5);
+    let mut errors = vec![];
+    let mut sg = vec![];
+    for method in [Method::Emd, Method::Lmd] {
+        let mut monitor = |step: usize, net: &flowmap::flow_map::FlowMapNet| -> flowmap::Result<()> {
+            let e = flowmap::metrics::flow_map_errors(net, &exact, &x0, &x1, &grid)?;
+            errors.push((method, step, flowmap::metrics::mean_relative(&e)));
+            sg.push((method, step, flowmap::metrics::semigroup_error(net, &x0, &x1, 4)?));
+            Ok(())
+        };
+        pipeline::distill(&teacher, &data, method, &DistillConfig::default(), &tc(300, 2), &small(), &Device::Cpu, &ProgressBar::hidden(), Some((300, &mut monitor)))
+            .unwrap();
+    }
+    for w in errors.chunks(2) {
+        let (method, start, end) = (w[0].0, w[0].2, w[1].2);
+        assert!(end < 0.2 * start && end < 0.1, "{method}: relative flow-map error {start} → {end}");
+    }
+    for w in sg.chunks(2) {
+        assert!(w[1].2 < w[0].2, "{}: semigroup error {} → {}", w[0].0, w[0].2, w[1].2);
+    }
+}
