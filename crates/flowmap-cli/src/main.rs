@@ -23,7 +23,11 @@ use flowmap::{io, plot};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "flowmap", version, about = "Flow map learning: few-step generators distilled from flow-matching teachers")]
+#[command(
+    name = "flowmap",
+    version,
+    about = "Flow map learning: few-step generators distilled from flow-matching teachers"
+)]
 struct Cli {
     /// Worker threads for tensor kernels and metrics (default: all cores).
     #[arg(long, global = true)]
@@ -159,6 +163,12 @@ struct DistillArgs {
     /// Hidden layers of a fresh student.
     #[arg(long, default_value_t = 3)]
     depth: usize,
+    /// Frequencies of each sinusoidal time embedding of a fresh student.
+    #[arg(long, default_value_t = 16)]
+    time_features: usize,
+    /// Largest time-embedding frequency of a fresh student.
+    #[arg(long, default_value_t = 64.0)]
+    max_frequency: f64,
 }
 
 #[derive(Args)]
@@ -256,7 +266,10 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind::*;
-            if matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
@@ -295,10 +308,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(a, &device),
         Command::Demo(a) => demo_cmd(a, &device, show),
         Command::Bench(BenchCommand::Ablation(a)) => {
-            let methods = a.methods.split(',').map(|m| m.trim().parse::<Method>()).collect::<flowmap::Result<Vec<_>>>()?;
+            let methods = a
+                .methods
+                .split(',')
+                .map(|m| m.trim().parse::<Method>())
+                .collect::<flowmap::Result<Vec<_>>>()?;
             let rows = flowmap::bench::ablation(&a.out, &methods, a.steps, a.batch, a.seed, &device, show)?;
             for r in rows {
-                println!("{:4} {:34} rel {:.3e}  semigroup {:.3e}  {:.1}s", r.method, r.variant, r.relative_error, r.semigroup, r.seconds);
+                println!(
+                    "{:4} {:34} rel {:.3e}  semigroup {:.3e}  {:.1}s",
+                    r.method, r.variant, r.relative_error, r.semigroup, r.seconds
+                );
             }
             Ok(())
         }
@@ -352,13 +372,24 @@ fn teacher(a: TeacherArgs, device: &Device, show: bool) -> Result<()> {
     let cfg = train_config(&a.train, file.train);
     cfg.validate()?;
     let data = DataSource::from_spec(&a.data)?;
-    let arch = MlpConfig { hidden: a.hidden, depth: a.depth, time_features: a.time_features, max_frequency: a.max_frequency, ..MlpConfig::new(data.dim()) };
+    let arch = MlpConfig {
+        hidden: a.hidden,
+        depth: a.depth,
+        time_features: a.time_features,
+        max_frequency: a.max_frequency,
+        ..MlpConfig::new(data.dim())
+    };
     let pb = progress_bar(cfg.steps as u64, "teacher", show);
     let trained = pipeline::train_teacher(&data, &arch, &cfg, device, &pb)?;
     pb.finish_and_clear();
     trained.save(&a.out)?;
     let (first, last) = trained.log.first_last();
-    eprintln!("teacher: {} steps in {:.1}s, loss {first:.4} → {last:.4}; wrote {}", cfg.steps, trained.log.seconds, a.out.display());
+    eprintln!(
+        "teacher: {} steps in {:.1}s, loss {first:.4} → {last:.4}; wrote {}",
+        cfg.steps,
+        trained.log.seconds,
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -403,13 +434,24 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
         Some(spec) => DataSource::from_spec(spec)?,
         None => teacher.data()?,
     };
-    let arch = MlpConfig { hidden: a.hidden, depth: a.depth, ..MlpConfig::new(teacher.dim()) };
+    let arch = MlpConfig {
+        hidden: a.hidden,
+        depth: a.depth,
+        time_features: a.time_features,
+        max_frequency: a.max_frequency,
+        ..MlpConfig::new(teacher.dim())
+    };
     let pb = progress_bar(cfg.steps as u64, method.name(), show);
     let m = pipeline::distill(&teacher, &data, method, &dcfg, &cfg, &arch, device, &pb, None)?;
     pb.finish_and_clear();
     m.save(&a.out)?;
     let (first, last) = m.log.first_last();
-    eprintln!("{method}: {} steps in {:.1}s, loss {first:.4} → {last:.4}; wrote {}", cfg.steps, m.log.seconds, a.out.display());
+    eprintln!(
+        "{method}: {} steps in {:.1}s, loss {first:.4} → {last:.4}; wrote {}",
+        cfg.steps,
+        m.log.seconds,
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -431,7 +473,11 @@ fn load_model(spec: &str, device: &Device) -> Result<Model> {
         }
         ModelKind::Teacher => {
             let (net, vars) = ck.velocity_net(device)?;
-            Model::Teacher(Teacher::Net { net, vars, meta: ck.meta })
+            Model::Teacher(Teacher::Net {
+                net,
+                vars,
+                meta: ck.meta,
+            })
         }
     })
 }
@@ -485,7 +531,10 @@ fn teacher_solver(name: &str, nfe: usize) -> Result<Solver> {
     let scheme: ode::Scheme = name.parse()?;
     let steps = nfe / scheme.evals_per_step();
     if steps == 0 {
-        bail!("{name} needs at least {} evaluations per step; --nfe {nfe} buys none", scheme.evals_per_step());
+        bail!(
+            "{name} needs at least {} evaluations per step; --nfe {nfe} buys none",
+            scheme.evals_per_step()
+        );
     }
     Ok(Solver::fixed(scheme, steps))
 }
@@ -498,7 +547,11 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
         }
     }
     if a.s > a.t {
-        bail!("--s {} is greater than --t {}: flow maps go down in time (0 ≤ s ≤ t ≤ 1)", a.s, a.t);
+        bail!(
+            "--s {} is greater than --t {}: flow maps go down in time (0 ≤ s ≤ t ≤ 1)",
+            a.s,
+            a.t
+        );
     }
     let model = load_model(&a.model, device)?;
     let pts = data::read_points(&a.input)?;
@@ -507,7 +560,11 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
         Model::Teacher(t) => t.dim(),
     };
     if pts.cols != dim {
-        bail!("{} has dimension {}, but the model expects {dim}", a.input.display(), pts.cols);
+        bail!(
+            "{} has dimension {}, but the model expects {dim}",
+            a.input.display(),
+            pts.cols
+        );
     }
     let x = data::to_tensor(&pts.data, pts.rows, pts.cols, DType::F32, device)?;
     let col = |v: f64| Tensor::full(v as f32, (pts.rows, 1), device);
@@ -520,14 +577,24 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
         }
     };
     write_tensor(&a.out, &y)?;
-    eprintln!("applied f(x, {}, {}) to {} points; wrote {}", a.t, a.s, pts.rows, a.out.display());
+    eprintln!(
+        "applied f(x, {}, {}) to {} points; wrote {}",
+        a.t,
+        a.s,
+        pts.rows,
+        a.out.display()
+    );
     Ok(())
 }
 
 fn parse_nfes(s: &str) -> Result<Vec<usize>> {
     let v = s
         .split(',')
-        .map(|p| p.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("bad --nfe entry '{p}' (expected e.g. 1,2,4,8)")))
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .map_err(|_| anyhow::anyhow!("bad --nfe entry '{p}' (expected e.g. 1,2,4,8)"))
+        })
         .collect::<Result<Vec<_>>>()?;
     if v.iter().any(|&k| k == 0) {
         bail!("--nfe values must be at least 1");
@@ -551,12 +618,20 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
         Model::Teacher(t) => t.dim(),
     };
     if data.dim() != dim {
-        bail!("data '{}' has dimension {}, but the model expects {dim}", data.name(), data.dim());
+        bail!(
+            "data '{}' has dimension {}, but the model expects {dim}",
+            data.name(),
+            data.dim()
+        );
     }
     let out = OutDir::create(&a.out)?;
     let reference = data.heldout(a.n, a.seed);
     let n_ref = reference.len() / dim;
-    let settings = EvalSettings { n: a.n, seed: a.seed, max_points: if dim <= 16 { 10_000 } else { 2000 } };
+    let settings = EvalSettings {
+        n: a.n,
+        seed: a.seed,
+        max_points: if dim <= 16 { 10_000 } else { 2000 },
+    };
     let checker = matches!(data, DataSource::Toy(Toy::Checkerboard));
     let (rows, samples) = match &model {
         Model::Map(net, _) => pipeline::eval_map("flow map", net, &nfes, &reference, checker, &settings, device)?,
@@ -565,13 +640,43 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
             pipeline::eval_teacher("teacher", t, &solvers, &reference, checker, &settings, device)?
         }
     };
-    io::write_text(&out.file("metrics.json"), &serde_json::to_string_pretty(&rows)?)?;
-    let mut md = format!("# flowmap eval: {}\n\n{} samples per row against {n_ref} held-out points of '{}'.\n\n", a.model, a.n, data.name());
+    let mut md = format!(
+        "# flowmap eval: {}\n\n{} samples per row against {n_ref} held-out points of '{}'.\n\n",
+        a.model,
+        a.n,
+        data.name()
+    );
     md += &pipeline::eval_table(&rows);
+    // Where the data is a Gaussian mixture its exact flow map is known: measure the map against it.
+    let exact_report = match (&model, &data) {
+        (Model::Map(net, _), DataSource::Mixture(mix)) => {
+            let r = pipeline::exact_map_report(net, mix, 2000, a.seed, device)?;
+            md += &format!(
+                "\nAgainst the mixture's exact flow map Φ: relative error E‖f − Φ‖²/E‖Φ − x‖² = {:.3e} with (t, s) uniform, {:.3e} averaged over an 11-point grid; semigroup error {:.3e}.\n",
+                r.relative_error_uniform, r.relative_error_grid, r.semigroup
+            );
+            eprintln!(
+                "exact-map relative error {:.3e} (uniform pairs), semigroup error {:.3e}",
+                r.relative_error_uniform, r.semigroup
+            );
+            Some(r)
+        }
+        _ => None,
+    };
+    let json = serde_json::json!({ "rows": rows, "exact_map": exact_report });
+    io::write_text(&out.file("metrics.json"), &serde_json::to_string_pretty(&json)?)?;
     if dim >= 2 {
-        let mut panels = vec![plot::Panel { title: "data (held out)".into(), points: &reference, dim }];
+        let mut panels = vec![plot::Panel {
+            title: "data (held out)".into(),
+            points: &reference,
+            dim,
+        }];
         for (r, s) in rows.iter().zip(&samples) {
-            panels.push(plot::Panel { title: format!("NFE {}", r.nfe), points: s, dim });
+            panels.push(plot::Panel {
+                title: format!("NFE {}", r.nfe),
+                points: s,
+                dim,
+            });
         }
         plot::scatter_panels(&out.file("samples.png"), &panels, 5, 3.0)?;
         md += "\n![samples](samples.png)\n";

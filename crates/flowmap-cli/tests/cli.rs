@@ -22,23 +22,49 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
-        ok(bin().args(["teacher", "--data", "checkerboard", "--steps", "20", "--batch", "64", "--hidden", "16", "--depth", "1"])
+        ok(bin()
+            .args([
+                "teacher",
+                "--data",
+                "checkerboard",
+                "--steps",
+                "20",
+                "--batch",
+                "64",
+                "--hidden",
+                "16",
+                "--depth",
+                "1",
+            ])
             .arg("--out")
             .arg(root.join("t.safetensors")));
-        ok(bin().args(["distill", "--method", "emd", "--steps", "10", "--batch", "64"])
+        ok(bin()
+            .args(["distill", "--method", "emd", "--steps", "10", "--batch", "64"])
             .arg("--teacher")
             .arg(root.join("t.safetensors"))
             .arg("--out")
             .arg(root.join("m.safetensors")));
-        std::fs::write(root.join("gmm.json"), r#"{"means": [[-1, 0], [1, 0.5]], "stds": [0.2, 0.4], "weights": [1, 2]}"#).unwrap();
-        std::fs::write(root.join("x.npy"), flowmap::data::npy::encode_npy_f32(3, 2, &[0.1, 0.2, -0.5, 1.0, 0.0, 0.0])).unwrap();
+        std::fs::write(
+            root.join("gmm.json"),
+            r#"{"means": [[-1, 0], [1, 0.5]], "stds": [0.2, 0.4], "weights": [1, 2]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("x.npy"),
+            flowmap::data::npy::encode_npy_f32(3, 2, &[0.1, 0.2, -0.5, 1.0, 0.0, 0.0]),
+        )
+        .unwrap();
         Fixture { _dir: dir, root }
     })
 }
 
 fn ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "command failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -48,8 +74,15 @@ fn fails(cmd: &mut Command, needle: &str, out: &Path) {
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success(), "expected failure for '{needle}'");
     assert_eq!(err.trim_end().lines().count(), 1, "error is not one line: {err}");
-    assert!(err.starts_with("error"), "error line does not start with 'error': {err}");
-    assert!(err.contains(needle), "error '{}' does not mention '{needle}'", err.trim_end());
+    assert!(
+        err.starts_with("error"),
+        "error line does not start with 'error': {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "error '{}' does not mention '{needle}'",
+        err.trim_end()
+    );
     assert!(!err.contains("panicked"), "panic: {err}");
     assert!(!out.exists(), "{} was written despite the error", out.display());
     let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
@@ -64,26 +97,82 @@ fn fails(cmd: &mut Command, needle: &str, out: &Path) {
 fn every_command_works_end_to_end() {
     let f = fixture();
     let r = &f.root;
-    ok(bin().args(["sample", "--nfe", "2", "--n", "100"]).arg("--model").arg(r.join("m.safetensors")).arg("--out").arg(r.join("s.npy")));
+    ok(bin()
+        .args(["sample", "--nfe", "2", "--n", "100"])
+        .arg("--model")
+        .arg(r.join("m.safetensors"))
+        .arg("--out")
+        .arg(r.join("s.npy")));
     let m = flowmap::data::read_npy(&r.join("s.npy")).unwrap();
     assert_eq!((m.rows, m.cols), (100, 2));
-    ok(bin().args(["sample", "--grid", "1,0.7,0", "--n", "10"]).arg("--model").arg(r.join("m.safetensors")).arg("--out").arg(r.join("g.npy")));
+    ok(bin()
+        .args(["sample", "--grid", "1,0.7,0", "--n", "10"])
+        .arg("--model")
+        .arg(r.join("m.safetensors"))
+        .arg("--out")
+        .arg(r.join("g.npy")));
     for solver in ["euler", "heun", "midpoint", "rk4", "dopri5"] {
-        ok(bin().args(["sample", "--nfe", "8", "--n", "50", "--solver", solver]).arg("--model").arg(r.join("t.safetensors")).arg("--out").arg(r.join("st.npy")));
+        ok(bin()
+            .args(["sample", "--nfe", "8", "--n", "50", "--solver", solver])
+            .arg("--model")
+            .arg(r.join("t.safetensors"))
+            .arg("--out")
+            .arg(r.join("st.npy")));
     }
-    ok(bin().args(["apply", "--t", "0.9", "--s", "0.2"]).arg("--model").arg(r.join("m.safetensors")).arg("--input").arg(r.join("x.npy")).arg("--out").arg(r.join("y.npy")));
+    ok(bin()
+        .args(["apply", "--t", "0.9", "--s", "0.2"])
+        .arg("--model")
+        .arg(r.join("m.safetensors"))
+        .arg("--input")
+        .arg(r.join("x.npy"))
+        .arg("--out")
+        .arg(r.join("y.npy")));
     // Φ of the analytic teacher by dopri5, and f(x, t, t) = x for a map.
     let gmm = format!("gmm:{}", r.join("gmm.json").display());
-    ok(bin().args(["apply", "--t", "1", "--s", "0", "--model", &gmm]).arg("--input").arg(r.join("x.npy")).arg("--out").arg(r.join("phi.npy")));
-    ok(bin().args(["apply", "--t", "0.5", "--s", "0.5"]).arg("--model").arg(r.join("m.safetensors")).arg("--input").arg(r.join("x.npy")).arg("--out").arg(r.join("id.npy")));
+    ok(bin()
+        .args(["apply", "--t", "1", "--s", "0", "--model", &gmm])
+        .arg("--input")
+        .arg(r.join("x.npy"))
+        .arg("--out")
+        .arg(r.join("phi.npy")));
+    ok(bin()
+        .args(["apply", "--t", "0.5", "--s", "0.5"])
+        .arg("--model")
+        .arg(r.join("m.safetensors"))
+        .arg("--input")
+        .arg(r.join("x.npy"))
+        .arg("--out")
+        .arg(r.join("id.npy")));
     let x = flowmap::data::read_npy(&r.join("x.npy")).unwrap();
     assert_eq!(flowmap::data::read_npy(&r.join("id.npy")).unwrap(), x);
-    let table = ok(bin().args(["eval", "--nfe", "1,2", "--n", "300"]).arg("--model").arg(r.join("m.safetensors")).arg("--out").arg(r.join("ev")));
+    let table = ok(bin()
+        .args(["eval", "--nfe", "1,2", "--n", "300"])
+        .arg("--model")
+        .arg(r.join("m.safetensors"))
+        .arg("--out")
+        .arg(r.join("ev")));
     assert!(table.contains("| flow map | 2-step map | 2 |"), "{table}");
     for file in ["metrics.json", "metrics.md", "samples.png"] {
         assert!(r.join("ev").join(file).exists(), "eval did not write {file}");
     }
-    ok(bin().args(["distill", "--method", "lmd", "--steps", "5", "--batch", "32", "--hidden", "16", "--depth", "1", "--teacher", &gmm]).arg("--out").arg(r.join("g.safetensors")));
+    ok(bin()
+        .args([
+            "distill",
+            "--method",
+            "lmd",
+            "--steps",
+            "5",
+            "--batch",
+            "32",
+            "--hidden",
+            "16",
+            "--depth",
+            "1",
+            "--teacher",
+            &gmm,
+        ])
+        .arg("--out")
+        .arg(r.join("g.safetensors")));
 }
 
 #[test]
@@ -98,42 +187,228 @@ fn bad_inputs_get_one_clear_line() {
 
     // Malformed and truncated .npy, NaN/Inf data, wrong dimension.
     std::fs::write(d.join("junk.npy"), b"this is not an npy file").unwrap();
-    fails(bin().args(["apply", "--t", "1", "--s", "0"]).arg("--model").arg(&m).arg("--input").arg(d.join("junk.npy")).arg("--out").arg(&out), "malformed .npy", &out);
+    fails(
+        bin()
+            .args(["apply", "--t", "1", "--s", "0"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--input")
+            .arg(d.join("junk.npy"))
+            .arg("--out")
+            .arg(&out),
+        "malformed .npy",
+        &out,
+    );
     let good = flowmap::data::npy::encode_npy_f32(3, 2, &[0.0; 6]);
     std::fs::write(d.join("trunc.npy"), &good[..good.len() - 5]).unwrap();
-    fails(bin().args(["apply", "--t", "1", "--s", "0"]).arg("--model").arg(&m).arg("--input").arg(d.join("trunc.npy")).arg("--out").arg(&out), "truncated data", &out);
-    std::fs::write(d.join("nan.npy"), flowmap::data::npy::encode_npy_f32(2, 2, &[0.0, f32::NAN, 1.0, 2.0])).unwrap();
-    fails(bin().args(["apply", "--t", "1", "--s", "0"]).arg("--model").arg(&m).arg("--input").arg(d.join("nan.npy")).arg("--out").arg(&out), "not finite", &out);
+    fails(
+        bin()
+            .args(["apply", "--t", "1", "--s", "0"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--input")
+            .arg(d.join("trunc.npy"))
+            .arg("--out")
+            .arg(&out),
+        "truncated data",
+        &out,
+    );
+    std::fs::write(
+        d.join("nan.npy"),
+        flowmap::data::npy::encode_npy_f32(2, 2, &[0.0, f32::NAN, 1.0, 2.0]),
+    )
+    .unwrap();
+    fails(
+        bin()
+            .args(["apply", "--t", "1", "--s", "0"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--input")
+            .arg(d.join("nan.npy"))
+            .arg("--out")
+            .arg(&out),
+        "not finite",
+        &out,
+    );
     std::fs::write(d.join("inf.csv"), "x,y\n1,2\n3,inf\n").unwrap();
-    fails(bin().args(["apply", "--t", "1", "--s", "0"]).arg("--model").arg(&m).arg("--input").arg(d.join("inf.csv")).arg("--out").arg(&out), "not finite", &out);
+    fails(
+        bin()
+            .args(["apply", "--t", "1", "--s", "0"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--input")
+            .arg(d.join("inf.csv"))
+            .arg("--out")
+            .arg(&out),
+        "not finite",
+        &out,
+    );
     std::fs::write(d.join("d3.npy"), flowmap::data::npy::encode_npy_f32(2, 3, &[0.0; 6])).unwrap();
-    fails(bin().args(["apply", "--t", "1", "--s", "0"]).arg("--model").arg(&m).arg("--input").arg(d.join("d3.npy")).arg("--out").arg(&out), "dimension 3", &out);
+    fails(
+        bin()
+            .args(["apply", "--t", "1", "--s", "0"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--input")
+            .arg(d.join("d3.npy"))
+            .arg("--out")
+            .arg(&out),
+        "dimension 3",
+        &out,
+    );
     let x = r.join("x.npy");
 
     // Times: s > t, outside [0, 1].
-    fails(bin().args(["apply", "--t", "0.2", "--s", "0.5"]).arg("--model").arg(&m).arg("--input").arg(&x).arg("--out").arg(&out), "greater than --t", &out);
-    fails(bin().args(["apply", "--t", "1.5", "--s", "0"]).arg("--model").arg(&m).arg("--input").arg(&x).arg("--out").arg(&out), "outside [0, 1]", &out);
-    fails(bin().args(["apply", "--t", "0.5", "--s=-0.1"]).arg("--model").arg(&m).arg("--input").arg(&x).arg("--out").arg(&out), "outside [0, 1]", &out);
+    fails(
+        bin()
+            .args(["apply", "--t", "0.2", "--s", "0.5"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--input")
+            .arg(&x)
+            .arg("--out")
+            .arg(&out),
+        "greater than --t",
+        &out,
+    );
+    fails(
+        bin()
+            .args(["apply", "--t", "1.5", "--s", "0"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--input")
+            .arg(&x)
+            .arg("--out")
+            .arg(&out),
+        "outside [0, 1]",
+        &out,
+    );
+    fails(
+        bin()
+            .args(["apply", "--t", "0.5", "--s=-0.1"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--input")
+            .arg(&x)
+            .arg("--out")
+            .arg(&out),
+        "outside [0, 1]",
+        &out,
+    );
 
     // NFE 0, bad grids, unknown method, unknown data, unknown solver.
     let s_out = d.join("s.npy");
-    fails(bin().args(["sample", "--nfe", "0"]).arg("--model").arg(&m).arg("--out").arg(&s_out), "--nfe must be at least 1", &s_out);
-    fails(bin().args(["sample", "--grid", "0,0.5,1"]).arg("--model").arg(&m).arg("--out").arg(&s_out), "strictly decrease", &s_out);
-    fails(bin().args(["eval", "--nfe", "0,2"]).arg("--model").arg(&m).arg("--out").arg(d.join("ev")), "at least 1", &d.join("ev"));
+    fails(
+        bin()
+            .args(["sample", "--nfe", "0"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--out")
+            .arg(&s_out),
+        "--nfe must be at least 1",
+        &s_out,
+    );
+    fails(
+        bin()
+            .args(["sample", "--grid", "0,0.5,1"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--out")
+            .arg(&s_out),
+        "strictly decrease",
+        &s_out,
+    );
+    fails(
+        bin()
+            .args(["eval", "--nfe", "0,2"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--out")
+            .arg(d.join("ev")),
+        "at least 1",
+        &d.join("ev"),
+    );
     let c_out = d.join("c.safetensors");
-    fails(bin().args(["distill", "--method", "xyz"]).arg("--teacher").arg(&t).arg("--out").arg(&c_out), "unknown method 'xyz'", &c_out);
-    fails(bin().args(["teacher", "--data", "checkers"]).arg("--out").arg(&c_out), "unknown data spec 'checkers'", &c_out);
-    fails(bin().args(["sample", "--solver", "rk5"]).arg("--model").arg(&t).arg("--out").arg(&s_out), "unknown solver 'rk5'", &s_out);
+    fails(
+        bin()
+            .args(["distill", "--method", "xyz"])
+            .arg("--teacher")
+            .arg(&t)
+            .arg("--out")
+            .arg(&c_out),
+        "unknown method 'xyz'",
+        &c_out,
+    );
+    fails(
+        bin().args(["teacher", "--data", "checkers"]).arg("--out").arg(&c_out),
+        "unknown data spec 'checkers'",
+        &c_out,
+    );
+    fails(
+        bin()
+            .args(["sample", "--solver", "rk5"])
+            .arg("--model")
+            .arg(&t)
+            .arg("--out")
+            .arg(&s_out),
+        "unknown solver 'rk5'",
+        &s_out,
+    );
 
     // Missing files, wrong kinds of checkpoint, a checkpoint that is not one.
-    fails(bin().args(["sample"]).arg("--model").arg(d.join("nope.safetensors")).arg("--out").arg(&s_out), "nope.safetensors", &s_out);
-    fails(bin().args(["distill", "--method", "emd"]).arg("--teacher").arg(&m).arg("--out").arg(&c_out), "holds a flow map", &c_out);
+    fails(
+        bin()
+            .args(["sample"])
+            .arg("--model")
+            .arg(d.join("nope.safetensors"))
+            .arg("--out")
+            .arg(&s_out),
+        "nope.safetensors",
+        &s_out,
+    );
+    fails(
+        bin()
+            .args(["distill", "--method", "emd"])
+            .arg("--teacher")
+            .arg(&m)
+            .arg("--out")
+            .arg(&c_out),
+        "holds a flow map",
+        &c_out,
+    );
     std::fs::write(d.join("fake.safetensors"), b"garbage").unwrap();
-    fails(bin().args(["sample"]).arg("--model").arg(d.join("fake.safetensors")).arg("--out").arg(&s_out), "not a safetensors file", &s_out);
-    fails(bin().args(["teacher", "--data", "checkerboard", "--steps", "0"]).arg("--out").arg(&c_out), "--steps must be at least 1", &c_out);
-    std::fs::write(d.join("bad.json"), r#"{"means": [[0, 0]], "stds": [0], "weights": [1]}"#).unwrap();
+    fails(
+        bin()
+            .args(["sample"])
+            .arg("--model")
+            .arg(d.join("fake.safetensors"))
+            .arg("--out")
+            .arg(&s_out),
+        "not a safetensors file",
+        &s_out,
+    );
+    fails(
+        bin()
+            .args(["teacher", "--data", "checkerboard", "--steps", "0"])
+            .arg("--out")
+            .arg(&c_out),
+        "--steps must be at least 1",
+        &c_out,
+    );
+    std::fs::write(
+        d.join("bad.json"),
+        r#"{"means": [[0, 0]], "stds": [0], "weights": [1]}"#,
+    )
+    .unwrap();
     let spec = format!("gmm:{}", d.join("bad.json").display());
-    fails(bin().args(["distill", "--method", "emd", "--teacher", &spec]).arg("--out").arg(&c_out), "std 0 must be positive", &c_out);
+    fails(
+        bin()
+            .args(["distill", "--method", "emd", "--teacher", &spec])
+            .arg("--out")
+            .arg(&c_out),
+        "std 0 must be positive",
+        &c_out,
+    );
     // Missing arguments are one line too.
     fails(bin().args(["sample"]).arg("--out").arg(&s_out), "--model", &s_out);
 }

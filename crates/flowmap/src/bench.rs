@@ -48,16 +48,28 @@ pub fn ablation_variants() -> Vec<(String, DistillConfig)> {
     push("eps fixed 0.2", &|c| c.eps = EpsSchedule::Fixed { eps: 0.2 });
     push("eps fixed 0.5", &|c| c.eps = EpsSchedule::Fixed { eps: 0.5 });
     push("weight constant", &|c| c.weighting = Weighting::Constant);
-    push("weight adaptive (c 1e-3, p 0.5)", &|c| c.weighting = Weighting::Adaptive { c: 1e-3, p: 0.5 });
+    push("weight adaptive (c 1e-3, p 0.5)", &|c| {
+        c.weighting = Weighting::Adaptive { c: 1e-3, p: 0.5 }
+    });
     push("diagonal 0", &|c| c.times.diagonal_fraction = 0.0);
     push("diagonal 0.5", &|c| c.times.diagonal_fraction = 0.5);
-    push("times logit-normal(0, 1)", &|c| c.times.distribution = TimeDistribution::LogitNormal { mean: 0.0, std: 1.0 });
+    push("times logit-normal(0, 1)", &|c| {
+        c.times.distribution = TimeDistribution::LogitNormal { mean: 0.0, std: 1.0 }
+    });
     push("target EMA", &|c| c.target = TargetNet::Ema);
     v
 }
 
 /// Runs the ablation for `methods` at `steps` steps each and writes `ablation.json` and `ablation.md`.
-pub fn ablation(out: &Path, methods: &[Method], steps: usize, batch: usize, seed: u64, device: &Device, show: bool) -> Result<Vec<AblationRow>> {
+pub fn ablation(
+    out: &Path,
+    methods: &[Method],
+    steps: usize,
+    batch: usize,
+    seed: u64,
+    device: &Device,
+    show: bool,
+) -> Result<Vec<AblationRow>> {
     let out = OutDir::create(out)?;
     let mixture = GaussianMixture::three_widths();
     let teacher = Teacher::Gmm(GmmVelocity::new(mixture.clone()));
@@ -69,10 +81,29 @@ pub fn ablation(out: &Path, methods: &[Method], steps: usize, batch: usize, seed
     let mut rows = vec![];
     for &method in methods {
         for (variant, cfg) in ablation_variants() {
-            let tc = TrainConfig { steps, batch_size: batch, seed, ..TrainConfig::default() };
-            let pb = progress_bar(steps as u64, &format!("{method} {}", &variant[..variant.len().min(10)]), show);
+            let tc = TrainConfig {
+                steps,
+                batch_size: batch,
+                seed,
+                ..TrainConfig::default()
+            };
+            let pb = progress_bar(
+                steps as u64,
+                &format!("{method} {}", &variant[..variant.len().min(10)]),
+                show,
+            );
             let start = Instant::now();
-            let m = pipeline::distill(&teacher, &data, method, &cfg, &tc, &MlpConfig::new(2), device, &pb, None)?;
+            let m = pipeline::distill(
+                &teacher,
+                &data,
+                method,
+                &cfg,
+                &tc,
+                &MlpConfig::new(2),
+                device,
+                &pb,
+                None,
+            )?;
             let seconds = start.elapsed().as_secs_f64();
             pb.finish_and_clear();
             rows.push(AblationRow {
@@ -89,9 +120,15 @@ pub fn ablation(out: &Path, methods: &[Method], steps: usize, batch: usize, seed
         "# Ablation of the discrete distillation objectives\n\nAnalytic three-component Gaussian-mixture teacher, MLP 256×3, {steps} steps at batch {batch}, seed {seed}. Relative flow-map error `E‖f − Φ‖² / E‖Φ − x‖²` with `(t, s)` uniform on the triangle, 2000 held-out points; semigroup error over the triples of a 5-point grid. Produced by `flowmap bench ablation`.\n\n| method | variant | relative error | semigroup error | seconds |\n|---|---|---:|---:|---:|\n"
     );
     for r in &rows {
-        md += &format!("| {} | {} | {:.3e} | {:.3e} | {:.1} |\n", r.method, r.variant, r.relative_error, r.semigroup, r.seconds);
+        md += &format!(
+            "| {} | {} | {:.3e} | {:.3e} | {:.1} |\n",
+            r.method, r.variant, r.relative_error, r.semigroup, r.seconds
+        );
     }
-    crate::io::write_text(&out.file("ablation.json"), &serde_json::to_string_pretty(&rows).expect("rows serialise"))?;
+    crate::io::write_text(
+        &out.file("ablation.json"),
+        &serde_json::to_string_pretty(&rows).expect("rows serialise"),
+    )?;
     crate::io::write_text(&out.file("ablation.md"), &md)?;
     Ok(rows)
 }

@@ -73,7 +73,10 @@ pub fn save(path: &Path, vars: &VarMap, meta: &CheckpointMeta) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut md = HashMap::new();
-    md.insert(KEY.to_string(), serde_json::to_string(meta).expect("metadata serialises"));
+    md.insert(
+        KEY.to_string(),
+        serde_json::to_string(meta).expect("metadata serialises"),
+    );
     let bytes = safetensors::serialize(views, Some(md)).map_err(|e| Error::checkpoint(path, e.to_string()))?;
     crate::io::write_atomic(path, |w| w.write_all(&bytes))
 }
@@ -103,13 +106,23 @@ impl Checkpoint {
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
             if view.dtype() != Dtype::F32 {
-                return Err(Error::checkpoint(path, format!("tensor '{name}' is {:?}, expected F32", view.dtype())));
+                return Err(Error::checkpoint(
+                    path,
+                    format!("tensor '{name}' is {:?}, expected F32", view.dtype()),
+                ));
             }
-            let data: Vec<f32> =
-                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let data: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             tensors.insert(name, Tensor::from_vec(data, view.shape(), &Device::Cpu)?);
         }
-        Ok(Checkpoint { path: path.to_path_buf(), meta, tensors })
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            meta,
+            tensors,
+        })
     }
 
     /// Errors unless the checkpoint holds `kind`.
@@ -117,7 +130,11 @@ impl Checkpoint {
         if self.meta.kind != kind {
             return Err(Error::checkpoint(
                 &self.path,
-                format!("holds {}, but {} is needed here", self.meta.kind.describe(), kind.describe()),
+                format!(
+                    "holds {}, but {} is needed here",
+                    self.meta.kind.describe(),
+                    kind.describe()
+                ),
             ));
         }
         Ok(())
@@ -144,7 +161,10 @@ impl Checkpoint {
     fn check_all_used(&self, vm: &VarMap) -> Result<()> {
         let n = vm.all_vars().len();
         if n != self.tensors.len() {
-            return Err(Error::checkpoint(&self.path, "tensors do not match the recorded architecture"));
+            return Err(Error::checkpoint(
+                &self.path,
+                "tensors do not match the recorded architecture",
+            ));
         }
         Ok(())
     }
@@ -169,4 +189,3 @@ impl Checkpoint {
         Ok((net, vm))
     }
 }
-

@@ -28,6 +28,10 @@ pub struct DemoConfig {
     pub distill_steps: usize,
     pub gmm_steps: usize,
     pub batch_size: usize,
+    /// Batch size of the distillation runs.
+    pub distill_batch_size: usize,
+    /// Hidden width of the student distilled from the analytic teacher.
+    pub gmm_hidden: usize,
     /// Samples per evaluation row (and held-out points).
     pub n_eval: usize,
     pub seed: u64,
@@ -35,7 +39,16 @@ pub struct DemoConfig {
 
 impl Default for DemoConfig {
     fn default() -> Self {
-        DemoConfig { teacher_steps: 6000, distill_steps: 4000, gmm_steps: 3000, batch_size: 1024, n_eval: 10_000, seed: 0 }
+        DemoConfig {
+            teacher_steps: 5000,
+            distill_steps: 2500,
+            gmm_steps: 6000,
+            batch_size: 1024,
+            distill_batch_size: 512,
+            gmm_hidden: 128,
+            n_eval: 10_000,
+            seed: 0,
+        }
     }
 }
 
@@ -68,13 +81,22 @@ pub struct DemoReport {
 pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -> Result<DemoReport> {
     let out = OutDir::create(out)?;
     let data = DataSource::Toy(Toy::Checkerboard);
-    let settings = EvalSettings { n: cfg.n_eval, seed: cfg.seed, max_points: cfg.n_eval };
+    let settings = EvalSettings {
+        n: cfg.n_eval,
+        seed: cfg.seed,
+        max_points: cfg.n_eval,
+    };
     let arch = MlpConfig::new(2);
-    let train = |steps: usize, salt: u64| TrainConfig { steps, batch_size: cfg.batch_size, seed: cfg.seed + salt, ..TrainConfig::default() };
+    let train = |steps: usize, batch_size: usize, salt: u64| TrainConfig {
+        steps,
+        batch_size,
+        seed: cfg.seed + salt,
+        ..TrainConfig::default()
+    };
 
     // 1. Teacher.
     let pb = progress_bar(cfg.teacher_steps as u64, "teacher", show_progress);
-    let trained = pipeline::train_teacher(&data, &arch, &train(cfg.teacher_steps, 0), device, &pb)?;
+    let trained = pipeline::train_teacher(&data, &arch, &train(cfg.teacher_steps, cfg.batch_size, 0), device, &pb)?;
     pb.finish_and_clear();
     trained.save(&out.file("teacher.safetensors"))?;
     let mut train_seconds = vec![("teacher (flow matching)".to_string(), trained.log.seconds)];
@@ -84,7 +106,17 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
     let mut maps: Vec<(String, FlowMapNet)> = vec![];
     for method in [Method::Emd, Method::Lmd] {
         let pb = progress_bar(cfg.distill_steps as u64, method.name(), show_progress);
-        let m = pipeline::distill(&teacher, &data, method, &DistillConfig::default(), &train(cfg.distill_steps, 1), &arch, device, &pb, None)?;
+        let m = pipeline::distill(
+            &teacher,
+            &data,
+            method,
+            &DistillConfig::default(),
+            &train(cfg.distill_steps, cfg.distill_batch_size, 1),
+            &arch,
+            device,
+            &pb,
+            None,
+        )?;
         pb.finish_and_clear();
         m.save(&out.file(&format!("{}.safetensors", method.name())))?;
         train_seconds.push((method.name().to_uppercase(), m.log.seconds));
@@ -94,8 +126,15 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
     // 3. Samples and distances.
     let reference = data.heldout(cfg.n_eval, cfg.seed);
     let nfes = [1, 2, 4, 8];
-    let (mut rows, teacher_samples) =
-        pipeline::eval_teacher("teacher", &teacher, &pipeline::teacher_solvers(), &reference, true, &settings, device)?;
+    let (mut rows, teacher_samples) = pipeline::eval_teacher(
+        "teacher",
+        &teacher,
+        &pipeline::teacher_solvers(),
+        &reference,
+        true,
+        &settings,
+        device,
+    )?;
     let mut map_samples = vec![];
     for (name, net) in &maps {
         let (r, s) = pipeline::eval_map(name, net, &nfes, &reference, true, &settings, device)?;
@@ -107,7 +146,10 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
     let mut map_error = vec![];
     let mut semigroup = vec![];
     for (name, net) in &maps {
-        map_error.push((name.clone(), pipeline::map_errors(net, &teacher, &data, 11, 2000, cfg.seed, device)?));
+        map_error.push((
+            name.clone(),
+            pipeline::map_errors(net, &teacher, &data, 11, 2000, cfg.seed, device)?,
+        ));
         semigroup.push((name.clone(), pipeline::semigroup(net, &data, 2000, cfg.seed, device)?));
     }
 
@@ -119,32 +161,68 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
 
     // 6. Figures.
     let find = |model: &str, nfe: usize| rows.iter().position(|r| r.model == model && r.nfe == nfe);
-    let dopri = rows.iter().position(|r| r.sampler.starts_with("dopri5")).expect("dopri5 row");
-    let mut panels = vec![Panel { title: "data (held out)".into(), points: &reference, dim: 2 }];
-    panels.push(Panel { title: format!("teacher dopri5, NFE {}", rows[dopri].nfe), points: &teacher_samples[dopri], dim: 2 });
+    let dopri = rows
+        .iter()
+        .position(|r| r.sampler.starts_with("dopri5"))
+        .expect("dopri5 row");
+    let mut panels = vec![Panel {
+        title: "data (held out)".into(),
+        points: &reference,
+        dim: 2,
+    }];
+    panels.push(Panel {
+        title: format!("teacher dopri5, NFE {}", rows[dopri].nfe),
+        points: &teacher_samples[dopri],
+        dim: 2,
+    });
     for k in [2, 8] {
         let i = find("teacher", k).expect("euler row");
-        panels.push(Panel { title: format!("teacher Euler, NFE {k}"), points: &teacher_samples[i], dim: 2 });
+        panels.push(Panel {
+            title: format!("teacher Euler, NFE {k}"),
+            points: &teacher_samples[i],
+            dim: 2,
+        });
     }
     for ((name, _), samples) in maps.iter().zip(&map_samples) {
         for (k, s) in nfes.iter().zip(samples) {
-            panels.push(Panel { title: format!("{name} map, NFE {k}"), points: s, dim: 2 });
+            panels.push(Panel {
+                title: format!("{name} map, NFE {k}"),
+                points: s,
+                dim: 2,
+            });
         }
     }
     plot::scatter_panels(&out.file("samples.png"), &panels, 4, 2.6)?;
 
     let mut series = vec![Series {
         name: "teacher, Euler".into(),
-        points: rows.iter().filter(|r| r.sampler.starts_with("euler")).map(|r| (r.nfe as f64, r.distances.energy)).collect(),
+        points: rows
+            .iter()
+            .filter(|r| r.sampler.starts_with("euler"))
+            .map(|r| (r.nfe as f64, r.distances.energy))
+            .collect(),
     }];
-    series.push(Series { name: "teacher, dopri5".into(), points: vec![(rows[dopri].nfe as f64, rows[dopri].distances.energy)] });
+    series.push(Series {
+        name: "teacher, dopri5".into(),
+        points: vec![(rows[dopri].nfe as f64, rows[dopri].distances.energy)],
+    });
     for (name, _) in &maps {
         series.push(Series {
             name: format!("{name} flow map"),
-            points: rows.iter().filter(|r| &r.model == name).map(|r| (r.nfe as f64, r.distances.energy)).collect(),
+            points: rows
+                .iter()
+                .filter(|r| &r.model == name)
+                .map(|r| (r.nfe as f64, r.distances.energy))
+                .collect(),
         });
     }
-    plot::loglog_lines(&out.file("quality_vs_nfe.png"), "checkerboard: energy distance to held-out data", "NFE", "energy distance", &series)?;
+    plot::loglog_lines(
+        &out.file("quality_vs_nfe.png"),
+        "checkerboard: energy distance to held-out data",
+        "NFE",
+        "energy distance",
+        &series,
+    )?;
     for (name, errs) in &map_error {
         let cells: Vec<(f64, f64, f64)> = errs.iter().map(|e| (e.t, e.s, e.rel)).collect();
         plot::triangle_heatmap(
@@ -159,8 +237,14 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
     let energy = |model: &str, nfe: usize| find(model, nfe).map(|i| rows[i].distances.energy).unwrap_or(f64::NAN);
     let d_dopri = rows[dopri].distances.energy;
     let checks = vec![
-        ("EMD at 1 NFE beats teacher Euler at 8 NFE (energy distance)".to_string(), energy("EMD", 1) < energy("teacher", 8)),
-        ("EMD at 2 NFE within 1.25× of teacher dopri5 (energy distance)".to_string(), energy("EMD", 2) <= 1.25 * d_dopri),
+        (
+            "EMD at 1 NFE beats teacher Euler at 8 NFE (energy distance)".to_string(),
+            energy("EMD", 1) < energy("teacher", 8),
+        ),
+        (
+            "EMD at 2 NFE within 1.25× of teacher dopri5 (energy distance)".to_string(),
+            energy("EMD", 2) <= 1.25 * d_dopri,
+        ),
         (
             "GMM EMD relative flow-map error below 1e-2 (uniform pairs)".to_string(),
             gmm.iter().any(|g| g.method == "EMD" && g.relative_error_uniform < 1e-2),
@@ -170,8 +254,19 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
             gmm.iter().any(|g| g.method == "EMD" && falls(&g.semigroup_curve)),
         ),
     ];
-    let report = DemoReport { config: cfg.clone(), rows, map_error, semigroup, gmm, train_seconds, checks };
-    crate::io::write_text(&out.file("report.json"), &serde_json::to_string_pretty(&report).expect("report serialises"))?;
+    let report = DemoReport {
+        config: cfg.clone(),
+        rows,
+        map_error,
+        semigroup,
+        gmm,
+        train_seconds,
+        checks,
+    };
+    crate::io::write_text(
+        &out.file("report.json"),
+        &serde_json::to_string_pretty(&report).expect("report serialises"),
+    )?;
     crate::io::write_text(&out.file("report.md"), &markdown(&report))?;
     Ok(report)
 }
@@ -196,11 +291,29 @@ pub fn gmm_study(method: Method, cfg: &DemoConfig, device: &Device, show_progres
         curve.push((step, metrics::semigroup_error(net, &x0, &x1, 5)?));
         Ok(())
     };
-    let tc = TrainConfig { steps: cfg.gmm_steps, batch_size: cfg.batch_size, seed: cfg.seed + 2, ..TrainConfig::default() };
+    let tc = TrainConfig {
+        steps: cfg.gmm_steps,
+        batch_size: cfg.distill_batch_size,
+        seed: cfg.seed + 2,
+        ..TrainConfig::default()
+    };
     let pb = progress_bar(cfg.gmm_steps as u64, &format!("gmm {}", method.name()), show_progress);
     let start = Instant::now();
     let every = (cfg.gmm_steps / 10).max(1);
-    let m = pipeline::distill(&teacher, &data, method, &DistillConfig::default(), &tc, &MlpConfig::new(2), device, &pb, Some((every, &mut monitor)))?;
+    let m = pipeline::distill(
+        &teacher,
+        &data,
+        method,
+        &DistillConfig::default(),
+        &tc,
+        &MlpConfig {
+            hidden: cfg.gmm_hidden,
+            ..MlpConfig::new(2)
+        },
+        device,
+        &pb,
+        Some((every, &mut monitor)),
+    )?;
     let seconds = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let exact = SolverMap::new(&teacher, Solver::dopri5(1e-6));
@@ -216,7 +329,13 @@ pub fn gmm_study(method: Method, cfg: &DemoConfig, device: &Device, show_progres
 }
 
 /// `E‖f − Φ‖² / E‖Φ − x‖²` with an independent `(t, s)` uniform on the triangle for each row.
-pub fn relative_error_uniform(map: &dyn FlowMap, exact: &dyn FlowMap, x0: &Tensor, x1: &Tensor, seed: u64) -> Result<f64> {
+pub fn relative_error_uniform(
+    map: &dyn FlowMap,
+    exact: &dyn FlowMap,
+    x0: &Tensor,
+    x1: &Tensor,
+    seed: u64,
+) -> Result<f64> {
     let n = x0.dim(0)?;
     let mut rng = Rng::derive(seed, "pairs");
     let (mut t, mut s) = (vec![], vec![]);
@@ -231,15 +350,25 @@ pub fn relative_error_uniform(map: &dyn FlowMap, exact: &dyn FlowMap, x0: &Tenso
     let phi = exact.map(&xt, &tt, &ss)?;
     let f = map.map(&xt, &tt, &ss)?;
     let num = (f - &phi)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    let den = (phi - &xt)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let den = (phi - &xt)?
+        .sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
     Ok(num / den.max(1e-30))
 }
 
 fn markdown(r: &DemoReport) -> String {
     let mut s = String::from("# flowmap demo report\n\n");
     s += &format!(
-        "Checkerboard, teacher {} steps, each flow map {} steps, batch {}; {} samples against {} held-out points; seed {}.\n\n",
-        r.config.teacher_steps, r.config.distill_steps, r.config.batch_size, r.config.n_eval, r.config.n_eval, r.config.seed
+        "Checkerboard: teacher {} steps at batch {}, each flow map {} steps at batch {}; {} samples against {} held-out points; seed {}. Produced by `flowmap demo`.\n\n",
+        r.config.teacher_steps,
+        r.config.batch_size,
+        r.config.distill_steps,
+        r.config.distill_batch_size,
+        r.config.n_eval,
+        r.config.n_eval,
+        r.config.seed
     );
     s += "## Checks\n\n";
     for (name, ok) in &r.checks {
@@ -257,8 +386,14 @@ fn markdown(r: &DemoReport) -> String {
     }
     s += "\n## Analytic Gaussian-mixture teacher\n\nThree isotropic components of stds 0.15, 0.4 and 0.25; the student is measured against the exact Φ of the mixture (dopri5 on the closed-form velocity, tolerance 1e-6).\n\n| method | relative error, uniform (t, s) | relative error, grid mean | semigroup error: start → end | seconds |\n|---|---:|---:|---:|---:|\n";
     for g in &r.gmm {
-        let (a, b) = (g.semigroup_curve.first().map(|p| p.1).unwrap_or(f64::NAN), g.semigroup_curve.last().map(|p| p.1).unwrap_or(f64::NAN));
-        s += &format!("| {} | {:.3e} | {:.3e} | {a:.3e} → {b:.3e} | {:.1} |\n", g.method, g.relative_error_uniform, g.relative_error_grid, g.seconds);
+        let (a, b) = (
+            g.semigroup_curve.first().map(|p| p.1).unwrap_or(f64::NAN),
+            g.semigroup_curve.last().map(|p| p.1).unwrap_or(f64::NAN),
+        );
+        s += &format!(
+            "| {} | {:.3e} | {:.3e} | {a:.3e} → {b:.3e} | {:.1} |\n",
+            g.method, g.relative_error_uniform, g.relative_error_grid, g.seconds
+        );
     }
     s += "\n## Training time\n\n| run | seconds |\n|---|---:|\n";
     for (name, secs) in &r.train_seconds {

@@ -45,7 +45,10 @@ impl From<candle_core::Error> for Error {
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub(crate) fn data(msg: impl Into<String>) -> Self {
         Error::Data(msg.into())
@@ -54,7 +57,10 @@ impl Error {
         Error::InvalidArgument(msg.into())
     }
     pub(crate) fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Checkpoint { path: path.into(), msg: msg.into() }
+        Error::Checkpoint {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 }
 

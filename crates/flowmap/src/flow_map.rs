@@ -53,7 +53,10 @@ pub struct FlowMapNet {
 
 impl FlowMapNet {
     pub fn new(cfg: &MlpConfig, vb: VarBuilder) -> Result<Self> {
-        Ok(FlowMapNet { cfg: cfg.clone(), net: ConditionedMlp::new(cfg, true, vb)? })
+        Ok(FlowMapNet {
+            cfg: cfg.clone(),
+            net: ConditionedMlp::new(cfg, true, vb)?,
+        })
     }
     pub fn config(&self) -> &MlpConfig {
         &self.cfg
@@ -87,7 +90,9 @@ pub fn init_from_teacher(student: &VarMap, teacher: &VarMap) -> Result<()> {
             let zeros = Tensor::zeros((ss[0], ss[1] - ts[1]), tv.dtype(), tv.device())?;
             Tensor::cat(&[tv.as_tensor(), &zeros], 1)?
         } else {
-            return Err(Error::arg(format!("parameter '{name}': teacher shape {ts:?} cannot seed student shape {ss:?}")));
+            return Err(Error::arg(format!(
+                "parameter '{name}': teacher shape {ts:?} cannot seed student shape {ss:?}"
+            )));
         };
         sv.set(&value)?;
     }
@@ -118,7 +123,10 @@ impl<V: VelocityField> SolverMap<V> {
     }
     /// The exact solution operator Φ (dopri5 at tolerance 1e-7).
     pub fn exact(field: V) -> Self {
-        SolverMap { field, solver: Solver::exact() }
+        SolverMap {
+            field,
+            solver: Solver::exact(),
+        }
     }
 }
 
@@ -149,7 +157,10 @@ pub struct CountedMap<M> {
 
 impl<M> CountedMap<M> {
     pub fn new(inner: M) -> Self {
-        CountedMap { inner, calls: Cell::new(0) }
+        CountedMap {
+            inner,
+            calls: Cell::new(0),
+        }
     }
     pub fn nfe(&self) -> usize {
         self.calls.get()

@@ -17,6 +17,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod demo;
 mod error;
 pub mod flow_map;
 pub mod io;
@@ -25,7 +26,6 @@ pub mod nn;
 pub mod objective;
 pub mod ode;
 pub mod path;
-pub mod demo;
 pub mod pipeline;
 pub mod plot;
 mod rng;

@@ -26,7 +26,11 @@ fn mean_pair<F: Fn(&[f64], &[f64]) -> f64 + Sync>(x: &[f64], y: &[f64], d: usize
         .par_chunks_exact(d)
         .enumerate()
         .map(|(i, a)| {
-            ys.iter().enumerate().filter(|(j, _)| !same || *j != i).map(|(_, b)| f(a, b)).sum::<f64>()
+            ys.iter()
+                .enumerate()
+                .filter(|(j, _)| !same || *j != i)
+                .map(|(_, b)| f(a, b))
+                .sum::<f64>()
         })
         .sum();
     let (n, m) = (x.len() / d, ys.len());
@@ -69,7 +73,9 @@ pub fn sliced_w2(x: &[f64], y: &[f64], d: usize, projections: usize, seed: u64) 
         .par_iter()
         .map(|dir| {
             let proj = |z: &[f64]| {
-                let mut p: Vec<f64> = rows(z, d).map(|r| r.iter().zip(dir).map(|(a, b)| a * b).sum()).collect();
+                let mut p: Vec<f64> = rows(z, d)
+                    .map(|r| r.iter().zip(dir).map(|(a, b)| a * b).sum())
+                    .collect();
                 p.sort_by(f64::total_cmp);
                 p
             };
@@ -136,7 +142,12 @@ pub fn distances(samples: &[f64], reference: &[f64], d: usize, checkerboard: boo
     Distances {
         energy: energy_distance(&s, &r, d),
         sliced_w2: sliced_w2(samples, reference, d, 128, 0),
-        mmd2: mmd2_rbf(&s[..mmd_cap.min(s.len())], &r[..mmd_cap.min(r.len())], d, &MMD_BANDWIDTHS),
+        mmd2: mmd2_rbf(
+            &s[..mmd_cap.min(s.len())],
+            &r[..mmd_cap.min(r.len())],
+            d,
+            &MMD_BANDWIDTHS,
+        ),
         kl: checkerboard.then(|| checkerboard_kl(samples, 32)),
     }
 }
@@ -153,7 +164,11 @@ pub struct MapError {
 }
 
 fn sq_norm_mean(a: &Tensor) -> Result<f64> {
-    Ok(a.sqr()?.sum_keepdim(1)?.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    Ok(a.sqr()?
+        .sum_keepdim(1)?
+        .mean_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 /// The pairs `t_i > s_j` of an `n`-point uniform grid on [0, 1] (`n ≥ 2`).
@@ -190,7 +205,12 @@ pub fn flow_map_errors(
             let f = map.map(&xt, &tt, &ss)?;
             let abs = sq_norm_mean(&(f - &phi)?)?;
             let scale = sq_norm_mean(&(phi - &xt)?)?;
-            Ok(MapError { t, s, abs, rel: abs / scale.max(1e-12) })
+            Ok(MapError {
+                t,
+                s,
+                abs,
+                rel: abs / scale.max(1e-12),
+            })
         })
         .collect()
 }
@@ -228,7 +248,9 @@ mod tests {
 
     fn gaussian(n: usize, d: usize, mean: f64, seed: u64) -> Vec<f64> {
         let mut rng = Rng::new(seed);
-        (0..n * d).map(|i| rng.normal() + if i % d == 0 { mean } else { 0.0 }).collect()
+        (0..n * d)
+            .map(|i| rng.normal() + if i % d == 0 { mean } else { 0.0 })
+            .collect()
     }
 
     fn phi(x: f64) -> f64 {
@@ -240,13 +262,15 @@ mod tests {
         // Numerical Recipes erfc (fractional error < 1.2e-7).
         let z = x.abs();
         let t = 1.0 / (1.0 + 0.5 * z);
-        let r = t * (-z * z - 1.26551223
-            + t * (1.00002368
-                + t * (0.37409196
-                    + t * (0.09678418
-                        + t * (-0.18628806
-                            + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
-            .exp();
+        let r = t
+            * (-z * z - 1.26551223
+                + t * (1.00002368
+                    + t * (0.37409196
+                        + t * (0.09678418
+                            + t * (-0.18628806
+                                + t * (0.27886807
+                                    + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
+                .exp();
         if x >= 0.0 {
             r
         } else {
@@ -258,7 +282,8 @@ mod tests {
     fn energy_distance_matches_closed_form_in_1d() {
         // X ~ N(0, 1), Y ~ N(1, 1): X − Y ~ N(−1, 2). E|Z| for Z ~ N(μ, σ²) = σ√(2/π)e^{−μ²/2σ²} + μ(1 − 2Φ(−μ/σ)).
         let (mu, sd) = (1.0f64, 2f64.sqrt());
-        let e_xy = sd * (2.0 / std::f64::consts::PI).sqrt() * (-mu * mu / (2.0 * sd * sd)).exp() + mu * (1.0 - 2.0 * phi(-mu / sd));
+        let e_xy = sd * (2.0 / std::f64::consts::PI).sqrt() * (-mu * mu / (2.0 * sd * sd)).exp()
+            + mu * (1.0 - 2.0 * phi(-mu / sd));
         let e_xx = 2.0 / std::f64::consts::PI.sqrt();
         let exact = 2.0 * e_xy - 2.0 * e_xx;
         let est = energy_distance(&gaussian(3000, 1, 0.0, 1), &gaussian(3000, 1, 1.0, 2), 1);
@@ -276,7 +301,12 @@ mod tests {
         let exact = 2.0 * ek(0.0) - 2.0 * ek(1.0);
         let est = mmd2_rbf(&gaussian(3000, d, 0.0, 5), &gaussian(3000, d, 1.0, 6), d, &[h]);
         assert!((est - exact).abs() < 0.01, "mmd² {est}, exact {exact}");
-        let same = mmd2_rbf(&gaussian(2000, d, 0.0, 7), &gaussian(2000, d, 0.0, 8), d, &MMD_BANDWIDTHS);
+        let same = mmd2_rbf(
+            &gaussian(2000, d, 0.0, 7),
+            &gaussian(2000, d, 0.0, 8),
+            d,
+            &MMD_BANDWIDTHS,
+        );
         assert!(same.abs() < 5e-3, "same law gives {same}");
     }
 
@@ -285,7 +315,11 @@ mod tests {
         // Shifting N(0, I) by Δ: W2²(θ·X, θ·Y) = (θ·Δ)², averaged over the sphere: ‖Δ‖²/d.
         let d = 2;
         let x = gaussian(20_000, d, 0.0, 9);
-        let y: Vec<f64> = x.iter().enumerate().map(|(i, v)| v + if i % d == 0 { 2.0 } else { 0.0 }).collect();
+        let y: Vec<f64> = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + if i % d == 0 { 2.0 } else { 0.0 })
+            .collect();
         let est = sliced_w2(&x, &y, d, 512, 1);
         let exact = (4.0f64 / d as f64).sqrt();
         assert!((est - exact).abs() < 0.05, "sliced W2 {est}, exact {exact}");

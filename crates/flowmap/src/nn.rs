@@ -56,7 +56,13 @@ pub struct MlpConfig {
 
 impl MlpConfig {
     pub fn new(dim: usize) -> Self {
-        MlpConfig { dim, hidden: 256, depth: 3, time_features: 16, max_frequency: 64.0 }
+        MlpConfig {
+            dim,
+            hidden: 256,
+            depth: 3,
+            time_features: 16,
+            max_frequency: 64.0,
+        }
     }
 }
 
@@ -81,7 +87,11 @@ impl ConditionedMlp {
             layers.push(candle_nn::linear(in_dim, cfg.hidden, vb.pp(format!("layer{i}")))?);
             in_dim = cfg.hidden;
         }
-        layers.push(candle_nn::linear(in_dim, cfg.dim, vb.pp(format!("layer{}", cfg.depth)))?);
+        layers.push(candle_nn::linear(
+            in_dim,
+            cfg.dim,
+            vb.pp(format!("layer{}", cfg.depth)),
+        )?);
         Ok(ConditionedMlp { time, layers, with_gap })
     }
 

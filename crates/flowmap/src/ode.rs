@@ -103,10 +103,11 @@ pub fn parse_solver(name: &str, steps: usize, tol: f64) -> Result<Solver> {
 impl FromStr for Scheme {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Scheme::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| Error::arg(format!("unknown solver '{s}' (expected euler, heun, midpoint, rk4 or dopri5)")))
+        Scheme::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            Error::arg(format!(
+                "unknown solver '{s}' (expected euler, heun, midpoint, rk4 or dopri5)"
+            ))
+        })
     }
 }
 
@@ -168,7 +169,9 @@ pub fn check_grid(grid: &[f64]) -> Result<()> {
         return Err(Error::arg(format!("time grid {grid:?} leaves [0, 1]")));
     }
     if grid.windows(2).any(|w| w[1] >= w[0]) {
-        return Err(Error::arg(format!("time grid {grid:?} must strictly decrease (maps go from t down to s)")));
+        return Err(Error::arg(format!(
+            "time grid {grid:?} must strictly decrease (maps go from t down to s)"
+        )));
     }
     Ok(())
 }
@@ -198,11 +201,31 @@ const A: [&[f64]; 7] = [
     &[3.0 / 40.0, 9.0 / 40.0],
     &[44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0],
     &[19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0],
-    &[9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0],
-    &[35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0],
+    &[
+        9017.0 / 3168.0,
+        -355.0 / 33.0,
+        46732.0 / 5247.0,
+        49.0 / 176.0,
+        -5103.0 / 18656.0,
+    ],
+    &[
+        35.0 / 384.0,
+        0.0,
+        500.0 / 1113.0,
+        125.0 / 192.0,
+        -2187.0 / 6784.0,
+        11.0 / 84.0,
+    ],
 ];
-const B4: [f64; 7] =
-    [5179.0 / 57600.0, 0.0, 7571.0 / 16695.0, 393.0 / 640.0, -92097.0 / 339200.0, 187.0 / 2100.0, 1.0 / 40.0];
+const B4: [f64; 7] = [
+    5179.0 / 57600.0,
+    0.0,
+    7571.0 / 16695.0,
+    393.0 / 640.0,
+    -92097.0 / 339200.0,
+    187.0 / 2100.0,
+    1.0 / 40.0,
+];
 
 /// The most steps dopri5 takes before it gives up.
 pub const DOPRI5_MAX_STEPS: usize = 100_000;
@@ -219,7 +242,12 @@ fn dopri5(field: &dyn VelocityField, x: &Tensor, t: &Tensor, s: &Tensor, rtol: f
     };
     let worst_rms = |e: &Tensor, x0: &Tensor, x1: &Tensor| -> Result<f64> {
         let scale = (x0.abs()?.maximum(&x1.abs()?)? * rtol)?.affine(1.0, atol)?;
-        let r = (e / scale)?.sqr()?.mean_keepdim(1)?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let r = (e / scale)?
+            .sqr()?
+            .mean_keepdim(1)?
+            .max_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
         Ok(r.sqrt())
     };
     let mut x = x.clone();
@@ -234,7 +262,9 @@ fn dopri5(field: &dyn VelocityField, x: &Tensor, t: &Tensor, s: &Tensor, rtol: f
     while lam < 1.0 {
         steps += 1;
         if steps > DOPRI5_MAX_STEPS {
-            return Err(Error::arg(format!("dopri5 took more than {DOPRI5_MAX_STEPS} steps (rtol {rtol}, atol {atol})")));
+            return Err(Error::arg(format!(
+                "dopri5 took more than {DOPRI5_MAX_STEPS} steps (rtol {rtol}, atol {atol})"
+            )));
         }
         h = h.min(1.0 - lam);
         let mut k = vec![k1.clone()];
@@ -271,7 +301,11 @@ fn dopri5(field: &dyn VelocityField, x: &Tensor, t: &Tensor, s: &Tensor, rtol: f
             x = x5;
             k1 = k.pop().expect("seven stages");
         }
-        let factor = if ratio == 0.0 { 5.0 } else { (0.9 * ratio.powf(-0.2)).clamp(0.2, 5.0) };
+        let factor = if ratio == 0.0 {
+            5.0
+        } else {
+            (0.9 * ratio.powf(-0.2)).clamp(0.2, 5.0)
+        };
         h *= factor;
         if 1.0 - lam < 1e-12 {
             break;

@@ -110,10 +110,24 @@ mod tests {
         let tm = (&t - e).unwrap();
         let (cp, cm) = (path.coefficients(&tp).unwrap(), path.coefficients(&tm).unwrap());
         let fd = ((cp.alpha - cm.alpha).unwrap() / (2.0 * e)).unwrap();
-        let err = (fd - &c.d_alpha).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let err = (fd - &c.d_alpha)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(err < 1e-6, "{}: dα error {err}", path.name());
         let fd = ((cp.sigma - cm.sigma).unwrap() / (2.0 * e)).unwrap();
-        let err = (fd - &c.d_sigma).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let err = (fd - &c.d_sigma)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(err < 1e-6, "{}: dσ error {err}", path.name());
         let _ = DType::F64;
     }

@@ -46,7 +46,11 @@ pub fn exact_solver(dtype: DType) -> Solver {
 
 /// A teacher: a trained velocity network, or the analytic Gaussian-mixture velocity.
 pub enum Teacher {
-    Net { net: VelocityNet, vars: VarMap, meta: CheckpointMeta },
+    Net {
+        net: VelocityNet,
+        vars: VarMap,
+        meta: CheckpointMeta,
+    },
     Gmm(GmmVelocity),
 }
 
@@ -69,11 +73,17 @@ impl Teacher {
     /// `gmm:SPEC.json` (the analytic teacher) or a teacher checkpoint.
     pub fn load(spec: &str, device: &Device) -> Result<Self> {
         if let Some(path) = spec.strip_prefix("gmm:") {
-            return Ok(Teacher::Gmm(GmmVelocity::new(GaussianMixture::from_file(Path::new(path))?)));
+            return Ok(Teacher::Gmm(GmmVelocity::new(GaussianMixture::from_file(Path::new(
+                path,
+            ))?)));
         }
         let ck = Checkpoint::load(Path::new(spec))?;
         let (net, vars) = ck.velocity_net(device)?;
-        Ok(Teacher::Net { net, vars, meta: ck.meta })
+        Ok(Teacher::Net {
+            net,
+            vars,
+            meta: ck.meta,
+        })
     }
 
     /// The data the teacher models: its training data, or the mixture itself.
@@ -120,7 +130,11 @@ impl TrainedTeacher {
         checkpoint::save(path, &self.vars, &self.meta)
     }
     pub fn into_teacher(self) -> Teacher {
-        Teacher::Net { net: self.net, vars: self.vars, meta: self.meta }
+        Teacher::Net {
+            net: self.net,
+            vars: self.vars,
+            meta: self.meta,
+        }
     }
 }
 
@@ -133,13 +147,22 @@ pub fn train_teacher(
     progress: &ProgressBar,
 ) -> Result<TrainedTeacher> {
     if arch.dim != data.dim() {
-        return Err(Error::arg(format!("model dimension {} does not match data dimension {}", arch.dim, data.dim())));
+        return Err(Error::arg(format!(
+            "model dimension {} does not match data dimension {}",
+            arch.dim,
+            data.dim()
+        )));
     }
     let (live, ema) = (VarMap::new(), VarMap::new());
     let net = VelocityNet::new(arch, VarBuilder::from_varmap(&live, DType::F32, device))?;
     let ema_net = VelocityNet::new(arch, VarBuilder::from_varmap(&ema, DType::F32, device))?;
     seed_params(&live, cfg.seed)?;
-    let trainable = Trainable::<dyn VelocityField> { params: &live, model: &net, ema: Some((&ema, &ema_net)), ema_target: false };
+    let trainable = Trainable::<dyn VelocityField> {
+        params: &live,
+        model: &net,
+        ema: Some((&ema, &ema_net)),
+        ema_target: false,
+    };
     let log = fit(&FlowMatching::new(), &trainable, data, cfg, device, progress)?;
     let meta = CheckpointMeta {
         kind: ModelKind::Teacher,
@@ -150,7 +173,12 @@ pub fn train_teacher(
         training: serde_json::json!({ "objective": "fm", "train": cfg }),
         version: env!("CARGO_PKG_VERSION").into(),
     };
-    Ok(TrainedTeacher { net: ema_net, vars: ema, meta, log })
+    Ok(TrainedTeacher {
+        net: ema_net,
+        vars: ema,
+        meta,
+        log,
+    })
 }
 
 /// Re-initialises every parameter from the run's seed (candle's own initialisers draw from an unseeded
@@ -162,7 +190,12 @@ pub fn seed_params(vars: &VarMap, seed: u64) -> Result<()> {
         let n: usize = dims.iter().product();
         let fan_in = if name.ends_with("bias") {
             // candle's Linear bias init uses the layer's fan-in; recover it from the weight's shape.
-            let w = vars.data().lock().expect("vars").get(&name.replace("bias", "weight")).map(|w| w.dims()[1]);
+            let w = vars
+                .data()
+                .lock()
+                .expect("vars")
+                .get(&name.replace("bias", "weight"))
+                .map(|w| w.dims()[1]);
             w.unwrap_or(n)
         } else {
             *dims.last().unwrap_or(&1)
@@ -205,7 +238,11 @@ pub fn distill(
 ) -> Result<TrainedMap> {
     dcfg.validate()?;
     if teacher.dim() != data.dim() {
-        return Err(Error::arg(format!("teacher dimension {} does not match data dimension {}", teacher.dim(), data.dim())));
+        return Err(Error::arg(format!(
+            "teacher dimension {} does not match data dimension {}",
+            teacher.dim(),
+            data.dim()
+        )));
     }
     let arch = match teacher {
         Teacher::Net { meta, .. } => meta.model.clone(),
@@ -225,8 +262,26 @@ pub fn distill(
         ema_target: dcfg.target == TargetNet::Ema,
     };
     let log = match method {
-        Method::Emd => fit_monitored(&Emd::new(teacher, *dcfg), &trainable, data, cfg, device, progress, monitor, &ema_net)?,
-        Method::Lmd => fit_monitored(&Lmd::new(teacher, *dcfg), &trainable, data, cfg, device, progress, monitor, &ema_net)?,
+        Method::Emd => fit_monitored(
+            &Emd::new(teacher, *dcfg),
+            &trainable,
+            data,
+            cfg,
+            device,
+            progress,
+            monitor,
+            &ema_net,
+        )?,
+        Method::Lmd => fit_monitored(
+            &Lmd::new(teacher, *dcfg),
+            &trainable,
+            data,
+            cfg,
+            device,
+            progress,
+            monitor,
+            &ema_net,
+        )?,
     };
     let meta = CheckpointMeta {
         kind: ModelKind::FlowMap,
@@ -242,7 +297,12 @@ pub fn distill(
         }),
         version: env!("CARGO_PKG_VERSION").into(),
     };
-    Ok(TrainedMap { net: ema_net, vars: ema, meta, log })
+    Ok(TrainedMap {
+        net: ema_net,
+        vars: ema,
+        meta,
+        log,
+    })
 }
 
 /// Runs `fit` in stages of `every` steps when a monitor is given, so the monitor sees the EMA model.
@@ -289,7 +349,11 @@ pub struct EvalSettings {
 
 impl Default for EvalSettings {
     fn default() -> Self {
-        EvalSettings { n: 10_000, seed: 0, max_points: 10_000 }
+        EvalSettings {
+            n: 10_000,
+            seed: 0,
+            max_points: 10_000,
+        }
     }
 }
 
@@ -372,7 +436,11 @@ pub fn eval_table(rows: &[EvalRow]) -> String {
             r.model, r.sampler, r.nfe, r.distances.energy, r.distances.sliced_w2, r.distances.mmd2
         );
         if kl {
-            s += &r.distances.kl.map(|v| format!(" {v:.4} |")).unwrap_or_else(|| " – |".into());
+            s += &r
+                .distances
+                .kl
+                .map(|v| format!(" {v:.4} |"))
+                .unwrap_or_else(|| " – |".into());
         }
         s += "\n";
     }
@@ -389,7 +457,13 @@ pub fn map_errors(
     seed: u64,
     device: &Device,
 ) -> Result<Vec<MapError>> {
-    let x0 = data::to_tensor(&data.heldout(n_points, seed), n_points.min(points_available(data, n_points)), data.dim(), DType::F32, device)?;
+    let x0 = data::to_tensor(
+        &data.heldout(n_points, seed),
+        n_points.min(points_available(data, n_points)),
+        data.dim(),
+        DType::F32,
+        device,
+    )?;
     let x1 = sample::noise(x0.dim(0)?, data.dim(), seed + 1, device)?;
     let exact = SolverMap::new(teacher, exact_solver(DType::F32));
     metrics::flow_map_errors(map, &exact, &x0, &x1, &metrics::triangle_grid(n_grid))
@@ -412,7 +486,10 @@ pub fn semigroup(map: &dyn FlowMap, data: &DataSource, n_points: usize, seed: u6
 
 /// The teacher solvers evaluated by the demo: Euler at 1 to 128 steps, and dopri5.
 pub fn teacher_solvers() -> Vec<Solver> {
-    let mut v: Vec<Solver> = [1, 2, 4, 8, 16, 32, 64, 128].into_iter().map(|k| Solver::fixed(Scheme::Euler, k)).collect();
+    let mut v: Vec<Solver> = [1, 2, 4, 8, 16, 32, 64, 128]
+        .into_iter()
+        .map(|k| Solver::fixed(Scheme::Euler, k))
+        .collect();
     v.push(Solver::dopri5(1e-5));
     v
 }
@@ -449,4 +526,37 @@ impl RunConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
+}
+
+/// A flow map measured against the exact flow map of a Gaussian mixture.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExactMapReport {
+    /// `E‖f − Φ‖² / E‖Φ − x‖²` with `(t, s)` uniform on the triangle, per row.
+    pub relative_error_uniform: f64,
+    /// Mean relative error over the pairs of an 11-point grid.
+    pub relative_error_grid: f64,
+    /// Semigroup error over the triples of a 5-point grid.
+    pub semigroup: f64,
+}
+
+/// Measures `map` against the exact Φ of `mixture` (dopri5 at 1e-6 on the closed-form velocity) on `n`
+/// held-out points.
+pub fn exact_map_report(
+    map: &dyn FlowMap,
+    mixture: &GaussianMixture,
+    n: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<ExactMapReport> {
+    let data = DataSource::Mixture(mixture.clone());
+    let teacher = GmmVelocity::new(mixture.clone());
+    let exact = SolverMap::new(&teacher, Solver::dopri5(1e-6));
+    let x0 = data::to_tensor(&data.heldout(n, seed), n, mixture.dim(), DType::F32, device)?;
+    let x1 = sample::noise(n, mixture.dim(), seed + 7, device)?;
+    let grid = metrics::flow_map_errors(map, &exact, &x0, &x1, &metrics::triangle_grid(11))?;
+    Ok(ExactMapReport {
+        relative_error_uniform: crate::demo::relative_error_uniform(map, &exact, &x0, &x1, seed)?,
+        relative_error_grid: metrics::mean_relative(&grid),
+        semigroup: metrics::semigroup_error(map, &x0, &x1, 5)?,
+    })
 }

@@ -20,14 +20,28 @@ fn init_font() {
 }
 
 fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Plot { path: path.to_path_buf(), msg: e.to_string() }
+    Error::Plot {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    }
 }
 
 /// Renders into a temporary PNG beside `path`, then renames it into place.
-fn render(path: &Path, size: (u32, u32), draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Result<()>) -> Result<()> {
+fn render(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Result<()>,
+) -> Result<()> {
     init_font();
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.{}.tmp.png", path.file_name().and_then(|n| n.to_str()).unwrap_or("plot"), std::process::id()));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp.png",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("plot"),
+        std::process::id()
+    ));
     let result = (|| {
         let root = BitMapBackend::new(&tmp, size).into_drawing_area();
         root.fill(&WHITE).map_err(|e| perr(path, e))?;
@@ -62,7 +76,13 @@ pub fn scatter_panels(path: &Path, panels: &[Panel<'_>], cols: usize, lim: f64) 
                 .margin(6)
                 .build_cartesian_2d(-lim..lim, -lim..lim)
                 .map_err(|e| perr(path, e))?;
-            chart.configure_mesh().disable_mesh().x_labels(0).y_labels(0).draw().map_err(|e| perr(path, e))?;
+            chart
+                .configure_mesh()
+                .disable_mesh()
+                .x_labels(0)
+                .y_labels(0)
+                .draw()
+                .map_err(|e| perr(path, e))?;
             let color = RGBColor(31, 90, 160).mix(0.35);
             chart
                 .draw_series(
@@ -86,12 +106,20 @@ pub struct Series {
 
 /// Curves on log–log axes (e.g. energy distance against NFE).
 pub fn loglog_lines(path: &Path, title: &str, xlabel: &str, ylabel: &str, series: &[Series]) -> Result<()> {
-    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| p.0 > 0.0 && p.1 > 0.0).collect();
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|p| p.0 > 0.0 && p.1 > 0.0)
+        .collect();
     if all.is_empty() {
         return Err(perr(path, "nothing to plot"));
     }
-    let (x0, x1) = all.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
-    let (y0, y1) = all.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
+    let (x0, x1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
+    let (y0, y1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
     let palette = [
         RGBColor(31, 119, 180),
         RGBColor(214, 39, 40),
@@ -129,7 +157,9 @@ pub fn loglog_lines(path: &Path, title: &str, xlabel: &str, ylabel: &str, series
                 .map_err(|e| perr(path, e))?
                 .label(s.name.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled()))).map_err(|e| perr(path, e))?;
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
+                .map_err(|e| perr(path, e))?;
         }
         chart
             .configure_series_labels()
@@ -190,7 +220,10 @@ pub fn triangle_heatmap(path: &Path, title: &str, cells: &[(f64, f64, f64)], n: 
         cb.draw_series((0..steps).map(|i| {
             let a = lo + span * i as f64 / steps as f64;
             let b = lo + span * (i + 1) as f64 / steps as f64;
-            Rectangle::new([(0.0, a), (1.0, b)], ViridisRGB::get_color_normalized(a, lo, lo + span).filled())
+            Rectangle::new(
+                [(0.0, a), (1.0, b)],
+                ViridisRGB::get_color_normalized(a, lo, lo + span).filled(),
+            )
         }))
         .map_err(|e| perr(path, e))?;
         Ok(())

@@ -40,7 +40,9 @@ impl Rng {
     pub fn normal_tensor(&mut self, shape: (usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
         let n = shape.0 * shape.1;
         let v: Vec<f64> = (0..n).map(|_| self.normal()).collect();
-        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
     }
     /// Uniform [0, 1) column of length `n`.
     pub fn uniform_vec(&mut self, n: usize) -> Vec<f64> {

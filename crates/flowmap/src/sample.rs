@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{Device, DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::flow_map::{CountedMap, FlowMap, SolverMap};
@@ -29,7 +29,9 @@ impl TimeGrid {
     pub fn custom(times: Vec<f64>) -> Result<Self> {
         ode::check_grid(&times)?;
         if times[0] != 1.0 || *times.last().expect("two times") != 0.0 {
-            return Err(Error::arg(format!("a sampling grid must run from 1 to 0, got {times:?}")));
+            return Err(Error::arg(format!(
+                "a sampling grid must run from 1 to 0, got {times:?}"
+            )));
         }
         Ok(TimeGrid(times))
     }
@@ -48,7 +50,11 @@ impl FromStr for TimeGrid {
     fn from_str(s: &str) -> Result<Self> {
         let times = s
             .split(',')
-            .map(|v| v.trim().parse::<f64>().map_err(|_| Error::arg(format!("bad time '{v}' in grid '{s}'"))))
+            .map(|v| {
+                v.trim()
+                    .parse::<f64>()
+                    .map_err(|_| Error::arg(format!("bad time '{v}' in grid '{s}'")))
+            })
             .collect::<Result<Vec<_>>>()?;
         TimeGrid::custom(times)
     }

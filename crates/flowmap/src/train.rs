@@ -56,7 +56,10 @@ impl TrainConfig {
             return Err(Error::arg(format!("learning rate must be positive, got {}", self.lr)));
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
-            return Err(Error::arg(format!("EMA decay must lie in [0, 1), got {}", self.ema_decay)));
+            return Err(Error::arg(format!(
+                "EMA decay must lie in [0, 1), got {}",
+                self.ema_decay
+            )));
         }
         Ok(())
     }
@@ -119,7 +122,10 @@ impl TrainLog {
         let n = self.losses.len().max(1);
         let k = (n / 10).max(1);
         let mean = |v: &[(usize, f64)]| v.iter().map(|p| p.1).sum::<f64>() / v.len().max(1) as f64;
-        (mean(&self.losses[..k.min(self.losses.len())]), mean(&self.losses[n.saturating_sub(k).min(self.losses.len())..]))
+        (
+            mean(&self.losses[..k.min(self.losses.len())]),
+            mean(&self.losses[n.saturating_sub(k).min(self.losses.len())..]),
+        )
     }
 }
 
@@ -163,7 +169,13 @@ pub fn fit_with_hook<O: Objective>(
     let vars = trainable.params.all_vars();
     let mut opt = AdamW::new(
         vars,
-        ParamsAdamW { lr: cfg.lr_at(0), beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay },
+        ParamsAdamW {
+            lr: cfg.lr_at(0),
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: cfg.weight_decay,
+        },
     )?;
     let ema = match trainable.ema {
         Some((ema_vars, _)) => Some(Ema::new(ema_vars, trainable.params, cfg.ema_decay)?),

@@ -28,11 +28,25 @@ pub fn pairs(n: usize, seed: u64) -> (Tensor, Tensor) {
 }
 
 pub fn max_abs(a: &Tensor) -> f64 {
-    a.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    a.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 pub fn mean_sq(a: &Tensor) -> f64 {
-    a.sqr().unwrap().mean_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    a.sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 pub fn scalar(a: &Tensor) -> f64 {

@@ -13,7 +13,11 @@ use flowmap::teacher::{VelocityField, VelocityNet};
 use flowmap::Rng;
 
 fn small() -> MlpConfig {
-    MlpConfig { hidden: 32, depth: 2, ..MlpConfig::new(2) }
+    MlpConfig {
+        hidden: 32,
+        depth: 2,
+        ..MlpConfig::new(2)
+    }
 }
 
 fn nets() -> (VelocityNet, VarMap, FlowMapNet, VarMap) {
@@ -35,8 +39,14 @@ fn f32_pairs(n: usize) -> (Tensor, Tensor, Tensor) {
             std::mem::swap(&mut s[i], &mut t[i]);
         }
     }
-    let t = Tensor::from_vec(t, (n, 1), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-    let s = Tensor::from_vec(s, (n, 1), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    let t = Tensor::from_vec(t, (n, 1), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let s = Tensor::from_vec(s, (n, 1), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     (x, t, s)
 }
 
@@ -55,9 +65,18 @@ fn student_initialised_from_teacher_is_one_euler_step() {
     init_from_teacher(&sv, &tv).unwrap();
     let (x, t, s) = f32_pairs(64);
     let f = student.map(&x, &t, &s).unwrap();
-    let euler = (&x + teacher.velocity(&x, &t).unwrap().broadcast_mul(&(&s - &t).unwrap()).unwrap()).unwrap();
+    let euler = (&x
+        + teacher
+            .velocity(&x, &t)
+            .unwrap()
+            .broadcast_mul(&(&s - &t).unwrap())
+            .unwrap())
+    .unwrap();
     let err = max_abs(&(f - euler).unwrap());
-    assert!(err < 1e-6, "student at init differs from one teacher Euler step by {err}");
+    assert!(
+        err < 1e-6,
+        "student at init differs from one teacher Euler step by {err}"
+    );
     // Its diagonal is the teacher's velocity.
     let diag = Diagonal(&student).velocity(&x, &t).unwrap();
     assert!(max_abs(&(diag - teacher.velocity(&x, &t).unwrap()).unwrap()) < 1e-6);
@@ -66,7 +85,9 @@ fn student_initialised_from_teacher_is_one_euler_step() {
 fn assert_all_grads(vars: &VarMap, loss: &Tensor, what: &str) {
     let grads = loss.backward().unwrap();
     for (name, var) in flowmap::flow_map::vars_sorted(vars) {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{what}: no gradient reaches '{name}'"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{what}: no gradient reaches '{name}'"));
         assert!(mean_sq(g) > 0.0, "{what}: gradient of '{name}' is zero");
     }
 }
@@ -77,12 +98,26 @@ fn gradients_reach_every_parameter() {
     let mut rng = Rng::new(1);
     let x0 = rng.normal_tensor((128, 2), DType::F32, &Device::Cpu).unwrap();
     let x1 = rng.normal_tensor((128, 2), DType::F32, &Device::Cpu).unwrap();
-    let mut cx = StepContext::<dyn VelocityField> { model: &teacher, target: &teacher, x0: &x0, x1: &x1, progress: 0.0, rng: &mut rng };
+    let mut cx = StepContext::<dyn VelocityField> {
+        model: &teacher,
+        target: &teacher,
+        x0: &x0,
+        x1: &x1,
+        progress: 0.0,
+        rng: &mut rng,
+    };
     let loss = FlowMatching::new().loss(&mut cx).unwrap();
     assert_all_grads(&tv, &loss, "flow matching");
     for lmd in [false, true] {
         let mut rng = Rng::new(2);
-        let mut cx = StepContext::<dyn FlowMap> { model: &student, target: &student, x0: &x0, x1: &x1, progress: 0.3, rng: &mut rng };
+        let mut cx = StepContext::<dyn FlowMap> {
+            model: &student,
+            target: &student,
+            x0: &x0,
+            x1: &x1,
+            progress: 0.3,
+            rng: &mut rng,
+        };
         let loss = if lmd {
             Lmd::new(&teacher, DistillConfig::default()).loss(&mut cx).unwrap()
         } else {

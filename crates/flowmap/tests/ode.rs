@@ -15,7 +15,14 @@ fn error(scheme: Scheme, steps: usize, x: &candle_core::Tensor, reference: &cand
 fn fixed_step_solvers_converge_at_their_order() {
     let (_, x) = pairs(64, 1);
     let n = x.dim(0).unwrap();
-    let reference = ode::solve(&teacher(), Solver::fixed(Scheme::Rk4, 4000), &x, &col(0.9, n), &col(0.1, n)).unwrap();
+    let reference = ode::solve(
+        &teacher(),
+        Solver::fixed(Scheme::Rk4, 4000),
+        &x,
+        &col(0.9, n),
+        &col(0.1, n),
+    )
+    .unwrap();
     for scheme in Scheme::ALL {
         let errs: Vec<f64> = [16, 32, 64].iter().map(|&k| error(scheme, k, &x, &reference)).collect();
         let orders: Vec<f64> = errs.windows(2).map(|w| (w[0] / w[1]).log2()).collect();
@@ -34,14 +41,38 @@ fn dopri5_agrees_with_fine_rk4() {
     let (_, x) = pairs(128, 2);
     let n = x.dim(0).unwrap();
     // Over the whole interval, down to the data.
-    let reference = ode::solve(&teacher(), Solver::fixed(Scheme::Rk4, 4000), &x, &col(1.0, n), &col(0.0, n)).unwrap();
-    let y = ode::solve(&teacher(), Solver::Dopri5 { rtol: 1e-6, atol: 1e-6 }, &x, &col(1.0, n), &col(0.0, n)).unwrap();
+    let reference = ode::solve(
+        &teacher(),
+        Solver::fixed(Scheme::Rk4, 4000),
+        &x,
+        &col(1.0, n),
+        &col(0.0, n),
+    )
+    .unwrap();
+    let y = ode::solve(
+        &teacher(),
+        Solver::Dopri5 { rtol: 1e-6, atol: 1e-6 },
+        &x,
+        &col(1.0, n),
+        &col(0.0, n),
+    )
+    .unwrap();
     let err = max_abs(&(y - &reference).unwrap());
     assert!(err < 1e-4, "dopri5 at rtol 1e-6 differs from RK4×4000 by {err}");
     // Tighter tolerance, tighter agreement.
-    let y = ode::solve(&teacher(), Solver::Dopri5 { rtol: 1e-9, atol: 1e-9 }, &x, &col(1.0, n), &col(0.0, n)).unwrap();
+    let y = ode::solve(
+        &teacher(),
+        Solver::Dopri5 { rtol: 1e-9, atol: 1e-9 },
+        &x,
+        &col(1.0, n),
+        &col(0.0, n),
+    )
+    .unwrap();
     let err_tight = max_abs(&(y - &reference).unwrap());
-    assert!(err_tight < err / 10.0 && err_tight < 1e-6, "dopri5 at 1e-9: {err_tight} (1e-6 gave {err})");
+    assert!(
+        err_tight < err / 10.0 && err_tight < 1e-6,
+        "dopri5 at 1e-9: {err_tight} (1e-6 gave {err})"
+    );
 }
 
 #[test]
@@ -52,7 +83,14 @@ fn per_row_intervals_and_grids_agree() {
     let s = candle_core::Tensor::new(&[[0.2f64], [0.5], [0.0]], &candle_core::Device::Cpu).unwrap();
     let solver = Solver::fixed(Scheme::Rk4, 50);
     let batch = ode::solve(&teacher(), solver, &x, &t, &s).unwrap();
-    let row0 = ode::solve(&teacher(), solver, &x.narrow(0, 0, 1).unwrap(), &col(0.9, 1), &col(0.2, 1)).unwrap();
+    let row0 = ode::solve(
+        &teacher(),
+        solver,
+        &x.narrow(0, 0, 1).unwrap(),
+        &col(0.9, 1),
+        &col(0.2, 1),
+    )
+    .unwrap();
     assert!(max_abs(&(batch.narrow(0, 0, 1).unwrap() - row0).unwrap()) < 1e-12);
     // s = t leaves the row unchanged.
     assert!(max_abs(&(batch.narrow(0, 1, 1).unwrap() - x.narrow(0, 1, 1).unwrap()).unwrap()) < 1e-15);
@@ -61,5 +99,8 @@ fn per_row_intervals_and_grids_agree() {
     let g = ode::solve_on_grid(&teacher(), Scheme::Rk4, &x, &grid).unwrap();
     let f = ode::solve(&teacher(), solver, &x, &col(1.0, 3), &col(0.0, 3)).unwrap();
     assert!(max_abs(&(g - f).unwrap()) < 1e-12);
-    assert!(ode::solve_on_grid(&teacher(), Scheme::Euler, &x, &[0.2, 0.5]).is_err(), "ascending grid accepted");
+    assert!(
+        ode::solve_on_grid(&teacher(), Scheme::Euler, &x, &[0.2, 0.5]).is_err(),
+        "ascending grid accepted"
+    );
 }

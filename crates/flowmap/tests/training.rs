@@ -17,11 +17,21 @@ use flowmap::Rng;
 use indicatif::ProgressBar;
 
 fn small() -> MlpConfig {
-    MlpConfig { hidden: 64, depth: 2, ..MlpConfig::new(2) }
+    MlpConfig {
+        hidden: 64,
+        depth: 2,
+        ..MlpConfig::new(2)
+    }
 }
 
 fn tc(steps: usize, seed: u64) -> TrainConfig {
-    TrainConfig { steps, batch_size: 256, seed, warmup_steps: 10, ..TrainConfig::default() }
+    TrainConfig {
+        steps,
+        batch_size: 256,
+        seed,
+        warmup_steps: 10,
+        ..TrainConfig::default()
+    }
 }
 
 fn probe() -> (Tensor, Tensor, Tensor) {
@@ -48,8 +58,16 @@ fn same_seed_same_numbers_and_checkpoints_round_trip_bit_exactly() {
     let c = pipeline::train_teacher(&data, &small(), &tc(30, 6), &Device::Cpu, &ProgressBar::hidden()).unwrap();
     let (x, t, _) = probe();
     let va = a.net.velocity(&x, &t).unwrap().to_vec2::<f32>().unwrap();
-    assert_eq!(va, b.net.velocity(&x, &t).unwrap().to_vec2::<f32>().unwrap(), "same seed, different numbers");
-    assert_ne!(va, c.net.velocity(&x, &t).unwrap().to_vec2::<f32>().unwrap(), "different seeds, same numbers");
+    assert_eq!(
+        va,
+        b.net.velocity(&x, &t).unwrap().to_vec2::<f32>().unwrap(),
+        "same seed, different numbers"
+    );
+    assert_ne!(
+        va,
+        c.net.velocity(&x, &t).unwrap().to_vec2::<f32>().unwrap(),
+        "different seeds, same numbers"
+    );
     assert_eq!(a.log.losses, b.log.losses);
 
     let dir = tempfile::tempdir().unwrap();
@@ -58,14 +76,37 @@ fn same_seed_same_numbers_and_checkpoints_round_trip_bit_exactly() {
     let ck = Checkpoint::load(&path).unwrap();
     assert_eq!(ck.meta, a.meta);
     let (net, _) = ck.velocity_net(&Device::Cpu).unwrap();
-    assert_eq!(va, net.velocity(&x, &t).unwrap().to_vec2::<f32>().unwrap(), "checkpoint changed the outputs");
-    assert!(ck.flow_map_net(&Device::Cpu).err().unwrap().to_string().contains("holds a teacher"));
+    assert_eq!(
+        va,
+        net.velocity(&x, &t).unwrap().to_vec2::<f32>().unwrap(),
+        "checkpoint changed the outputs"
+    );
+    assert!(ck
+        .flow_map_net(&Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("holds a teacher"));
 
     // A distilled map round-trips too, and a second identical distillation is identical.
-    let teacher = Teacher::Net { net: a.net.clone(), vars: a.vars.clone(), meta: a.meta.clone() };
+    let teacher = Teacher::Net {
+        net: a.net.clone(),
+        vars: a.vars.clone(),
+        meta: a.meta.clone(),
+    };
     let d = |seed| {
-        pipeline::distill(&teacher, &data, Method::Emd, &DistillConfig::default(), &tc(20, seed), &small(), &Device::Cpu, &ProgressBar::hidden(), None)
-            .unwrap()
+        pipeline::distill(
+            &teacher,
+            &data,
+            Method::Emd,
+            &DistillConfig::default(),
+            &tc(20, seed),
+            &small(),
+            &Device::Cpu,
+            &ProgressBar::hidden(),
+            None,
+        )
+        .unwrap()
     };
     let (m1, m2) = (d(1), d(1));
     let (x, t, s) = probe();
@@ -96,12 +137,25 @@ fn distilling_the_analytic_teacher_approaches_the_exact_map() {
             sg.push((method, step, flowmap::metrics::semigroup_error(net, &x0, &x1, 4)?));
             Ok(())
         };
-        pipeline::distill(&teacher, &data, method, &DistillConfig::default(), &tc(300, 2), &small(), &Device::Cpu, &ProgressBar::hidden(), Some((300, &mut monitor)))
-            .unwrap();
+        pipeline::distill(
+            &teacher,
+            &data,
+            method,
+            &DistillConfig::default(),
+            &tc(300, 2),
+            &small(),
+            &Device::Cpu,
+            &ProgressBar::hidden(),
+            Some((300, &mut monitor)),
+        )
+        .unwrap();
     }
     for w in errors.chunks(2) {
         let (method, start, end) = (w[0].0, w[0].2, w[1].2);
-        assert!(end < 0.2 * start && end < 0.1, "{method}: relative flow-map error {start} → {end}");
+        assert!(
+            end < 0.2 * start && end < 0.1,
+            "{method}: relative flow-map error {start} → {end}"
+        );
     }
     for w in sg.chunks(2) {
         assert!(w[1].2 < w[0].2, "{}: semigroup error {} → {}", w[0].0, w[0].2, w[1].2);

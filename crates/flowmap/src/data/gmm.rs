@@ -47,10 +47,14 @@ impl GaussianMixture {
             }
         }
         if let Some(i) = stds.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(Error::data(format!("gaussian mixture: std {i} must be positive and finite")));
+            return Err(Error::data(format!(
+                "gaussian mixture: std {i} must be positive and finite"
+            )));
         }
         if let Some(i) = weights.iter().position(|w| !(w.is_finite() && *w >= 0.0)) {
-            return Err(Error::data(format!("gaussian mixture: weight {i} must be non-negative and finite")));
+            return Err(Error::data(format!(
+                "gaussian mixture: weight {i} must be non-negative and finite"
+            )));
         }
         let total: f64 = weights.iter().sum();
         if total <= 0.0 {
@@ -61,8 +65,8 @@ impl GaussianMixture {
     }
 
     pub fn from_json(text: &str) -> Result<Self> {
-        let raw: GaussianMixture = serde_json::from_str(text)
-            .map_err(|e| Error::data(format!("gaussian mixture spec: {e}")))?;
+        let raw: GaussianMixture =
+            serde_json::from_str(text).map_err(|e| Error::data(format!("gaussian mixture spec: {e}")))?;
         GaussianMixture::new(raw.means, raw.stds, raw.weights)
     }
 

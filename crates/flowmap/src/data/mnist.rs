@@ -67,28 +67,44 @@ fn be_u32(b: &[u8], at: usize) -> Result<usize> {
 pub fn parse_images(b: &[u8]) -> Result<Mnist> {
     let magic = be_u32(b, 0)?;
     if magic != 2051 {
-        return Err(Error::data(format!("not an IDX image file (magic {magic}, expected 2051)")));
+        return Err(Error::data(format!(
+            "not an IDX image file (magic {magic}, expected 2051)"
+        )));
     }
     let (count, rows, cols) = (be_u32(b, 4)?, be_u32(b, 8)?, be_u32(b, 12)?);
-    let need = count.checked_mul(rows).and_then(|v| v.checked_mul(cols)).ok_or_else(|| Error::data("IDX shape overflows"))?;
+    let need = count
+        .checked_mul(rows)
+        .and_then(|v| v.checked_mul(cols))
+        .ok_or_else(|| Error::data("IDX shape overflows"))?;
     if b.len() != 16 + need {
         return Err(Error::data(format!(
             "IDX image file holds {} pixel bytes, header says {count}×{rows}×{cols} = {need}",
             b.len().saturating_sub(16)
         )));
     }
-    Ok(Mnist { count, rows, cols, pixels: b[16..].to_vec(), labels: None })
+    Ok(Mnist {
+        count,
+        rows,
+        cols,
+        pixels: b[16..].to_vec(),
+        labels: None,
+    })
 }
 
 /// Parses an IDX1 label file (magic 2049).
 pub fn parse_labels(b: &[u8]) -> Result<Vec<u8>> {
     let magic = be_u32(b, 0)?;
     if magic != 2049 {
-        return Err(Error::data(format!("not an IDX label file (magic {magic}, expected 2049)")));
+        return Err(Error::data(format!(
+            "not an IDX label file (magic {magic}, expected 2049)"
+        )));
     }
     let count = be_u32(b, 4)?;
     if b.len() != 8 + count {
-        return Err(Error::data(format!("IDX label file holds {} labels, header says {count}", b.len() - 8)));
+        return Err(Error::data(format!(
+            "IDX label file holds {} labels, header says {count}",
+            b.len() - 8
+        )));
     }
     Ok(b[8..].to_vec())
 }

@@ -28,7 +28,11 @@ pub enum DataSource {
     /// A Gaussian mixture, sampled afresh for every batch.
     Mixture(GaussianMixture),
     /// A finite set of points, split once (seeded) into training and held-out parts.
-    Points { name: String, train: Matrix, heldout: Matrix },
+    Points {
+        name: String,
+        train: Matrix,
+        heldout: Matrix,
+    },
 }
 
 /// Fraction of a finite point set kept out of training for evaluation.
@@ -68,7 +72,10 @@ impl DataSource {
     fn points(name: &str, m: Matrix) -> Result<Self> {
         check_finite(&m.data, name)?;
         if m.rows < 10 {
-            return Err(Error::data(format!("{name}: {} points is too few (need at least 10)", m.rows)));
+            return Err(Error::data(format!(
+                "{name}: {} points is too few (need at least 10)",
+                m.rows
+            )));
         }
         // A seeded shuffle, then the last 10% held out.
         let mut order: Vec<usize> = (0..m.rows).collect();
@@ -85,7 +92,11 @@ impl DataSource {
             Matrix::new(idx.len(), m.cols, d)
         };
         let (tr, he) = order.split_at(m.rows - n_held);
-        Ok(DataSource::Points { name: name.to_string(), train: take(tr), heldout: take(he) })
+        Ok(DataSource::Points {
+            name: name.to_string(),
+            train: take(tr),
+            heldout: take(he),
+        })
     }
 
     /// The spec string this source was made from (the name recorded in checkpoints and reports).
@@ -145,14 +156,19 @@ fn gather(m: &Matrix, n: usize, rng: &mut Rng) -> Vec<f64> {
 /// Errors when `data` holds NaN or ±Inf, naming the first offending entry.
 pub fn check_finite(data: &[f64], what: &str) -> Result<()> {
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-        return Err(Error::data(format!("{what}: value {} at flat index {i} is not finite", data[i])));
+        return Err(Error::data(format!(
+            "{what}: value {} at flat index {i} is not finite",
+            data[i]
+        )));
     }
     Ok(())
 }
 
 /// A row-major buffer as an `rows × cols` tensor.
 pub fn to_tensor(data: &[f64], rows: usize, cols: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_slice(data, (rows, cols), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+    Ok(Tensor::from_slice(data, (rows, cols), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
 }
 
 /// Reads `N × D` points from a `.npy` or `.csv` file and checks that they are finite.

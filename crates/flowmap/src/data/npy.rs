@@ -46,7 +46,10 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<Matrix, String> {
             if bytes.len() < 12 {
                 return Err("truncated header".into());
             }
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+            (
+                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                12,
+            )
         }
         v => return Err(format!("unsupported format version {v}")),
     };
@@ -75,7 +78,11 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<Matrix, String> {
         ">f4" => (false, 4),
         "<f8" | "=f8" => (true, 8),
         ">f8" => (false, 8),
-        other => return Err(format!("dtype '{other}' is not supported (expected float32 or float64)")),
+        other => {
+            return Err(format!(
+                "dtype '{other}' is not supported (expected float32 or float64)"
+            ))
+        }
     };
     let (rows, cols) = match shape.as_slice() {
         [n] => (*n, 1),
@@ -86,7 +93,10 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<Matrix, String> {
     let need = count.checked_mul(width).ok_or("shape overflows")?;
     let body = &bytes[end..];
     if body.len() < need {
-        return Err(format!("truncated data: shape {rows}×{cols} needs {need} bytes, file has {}", body.len()));
+        return Err(format!(
+            "truncated data: shape {rows}×{cols} needs {need} bytes, file has {}",
+            body.len()
+        ));
     }
     if body.len() > need {
         return Err(format!("{} trailing bytes after the data", body.len() - need));
@@ -116,7 +126,10 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<Matrix, String> {
 fn dict_value(header: &str, key: &str) -> Option<String> {
     let pat_a = format!("'{key}'");
     let pat_b = format!("\"{key}\"");
-    let at = header.find(&pat_a).map(|i| i + pat_a.len()).or_else(|| header.find(&pat_b).map(|i| i + pat_b.len()))?;
+    let at = header
+        .find(&pat_a)
+        .map(|i| i + pat_a.len())
+        .or_else(|| header.find(&pat_b).map(|i| i + pat_b.len()))?;
     let rest = header[at..].trim_start().strip_prefix(':')?.trim_start();
     if rest.starts_with('(') {
         let close = rest.find(')')?;
@@ -175,7 +188,9 @@ mod tests {
     #[test]
     fn rejects_bad_files() {
         let good = encode_npy_f32(4, 2, &[0.0; 8]);
-        assert!(parse_npy(&good[..good.len() - 3]).unwrap_err().contains("truncated data"));
+        assert!(parse_npy(&good[..good.len() - 3])
+            .unwrap_err()
+            .contains("truncated data"));
         assert!(parse_npy(&good[..20]).unwrap_err().contains("truncated header"));
         assert!(parse_npy(b"hello world, not npy").unwrap_err().contains("magic"));
         let huge = String::from_utf8_lossy(&good).replace("(4, 2)", "(9999999999999, 9)");

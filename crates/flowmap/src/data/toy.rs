@@ -23,8 +23,14 @@ pub enum Toy {
 }
 
 impl Toy {
-    pub const ALL: [Toy; 6] =
-        [Toy::Checkerboard, Toy::Moons, Toy::EightGaussians, Toy::Spirals, Toy::Rings, Toy::SwissRoll];
+    pub const ALL: [Toy; 6] = [
+        Toy::Checkerboard,
+        Toy::Moons,
+        Toy::EightGaussians,
+        Toy::Spirals,
+        Toy::Rings,
+        Toy::SwissRoll,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -44,7 +50,7 @@ impl Toy {
             Toy::Checkerboard => {
                 let x = 4.0 * rng.uniform() - 2.0;
                 let col = x.floor() as i64; // −2..=1
-                // rows r in −2..=1 with (col + r) even: two choices.
+                                            // rows r in −2..=1 with (col + r) even: two choices.
                 let first = if col.rem_euclid(2) == 0 { -2 } else { -1 };
                 let row = first + 2 * rng.below(2) as i64;
                 [x, row as f64 + rng.uniform()]
@@ -80,7 +86,10 @@ impl Toy {
             }
             Toy::SwissRoll => {
                 let t = 1.5 * PI * (1.0 + 2.0 * rng.uniform());
-                [t * t.cos() / 5.0 + 0.05 * rng.normal(), t * t.sin() / 5.0 + 0.05 * rng.normal()]
+                [
+                    t * t.cos() / 5.0 + 0.05 * rng.normal(),
+                    t * t.sin() / 5.0 + 0.05 * rng.normal(),
+                ]
             }
         }
     }

@@ -48,9 +48,14 @@ impl FromStr for Method {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum EpsSchedule {
-    Fixed { eps: f64 },
+    Fixed {
+        eps: f64,
+    },
     /// Geometric interpolation from `start` to `end` over training.
-    Annealed { start: f64, end: f64 },
+    Annealed {
+        start: f64,
+        end: f64,
+    },
 }
 
 impl EpsSchedule {
@@ -154,7 +159,10 @@ impl Default for DistillConfig {
     fn default() -> Self {
         DistillConfig {
             eps: EpsSchedule::Annealed { start: 0.5, end: 0.05 },
-            times: TimeSampling { distribution: TimeDistribution::Uniform, diagonal_fraction: 0.25 },
+            times: TimeSampling {
+                distribution: TimeDistribution::Uniform,
+                diagonal_fraction: 0.25,
+            },
             weighting: Weighting::Normalized,
             target: TargetNet::Current,
         }

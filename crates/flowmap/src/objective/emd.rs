@@ -47,7 +47,11 @@ impl<'a> Objective for Emd<'a> {
         let n_off = b - n_diag;
         let off = if n_off > 0 {
             let eps = self.cfg.eps.at(cx.progress);
-            let (x, t, s) = (xt.narrow(0, n_diag, n_off)?, t.narrow(0, n_diag, n_off)?, s.narrow(0, n_diag, n_off)?);
+            let (x, t, s) = (
+                xt.narrow(0, n_diag, n_off)?,
+                t.narrow(0, n_diag, n_off)?,
+                s.narrow(0, n_diag, n_off)?,
+            );
             let v = self.teacher.velocity(&x, &t)?.detach();
             let step = ((&s - &t)? * eps)?; // t' − t = ε(s − t) ≤ 0
             let t_mid = (&t + &step)?;

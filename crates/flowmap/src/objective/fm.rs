@@ -17,7 +17,9 @@ pub struct FlowMatching {
 
 impl FlowMatching {
     pub fn new() -> Self {
-        FlowMatching { path: Box::new(LinearPath) }
+        FlowMatching {
+            path: Box::new(LinearPath),
+        }
     }
     pub fn with_path(path: Box<dyn ProbabilityPath>) -> Self {
         FlowMatching { path }

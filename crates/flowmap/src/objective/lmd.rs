@@ -47,7 +47,11 @@ impl<'a> Objective for Lmd<'a> {
         let n_off = b - n_diag;
         let off = if n_off > 0 {
             let eps = self.cfg.eps.at(cx.progress);
-            let (x, t, s) = (xt.narrow(0, n_diag, n_off)?, t.narrow(0, n_diag, n_off)?, s.narrow(0, n_diag, n_off)?);
+            let (x, t, s) = (
+                xt.narrow(0, n_diag, n_off)?,
+                t.narrow(0, n_diag, n_off)?,
+                s.narrow(0, n_diag, n_off)?,
+            );
             let s_mid = (&s + ((&t - &s)? * eps)?)?; // s' = s + ε(t − s)
             let f_mid = cx.target.average_velocity(&x, &t, &s_mid)?.detach();
             let y_mid = (&x + f_mid.broadcast_mul(&(&s_mid - &t)?)?)?; // y' = f⁻(x_t, t, s')

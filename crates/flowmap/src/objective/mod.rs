@@ -112,7 +112,12 @@ pub(crate) fn combine(diag: Option<Tensor>, n_diag: usize, off: Option<Tensor>, 
 }
 
 /// The flow-matching regression of the diagonal on a teacher: `mean ‖F(x, t, t) − v_φ(x, t)‖²`.
-pub(crate) fn diagonal_loss(model: &dyn FlowMap, teacher: &dyn VelocityField, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+pub(crate) fn diagonal_loss(
+    model: &dyn FlowMap,
+    teacher: &dyn VelocityField,
+    x: &Tensor,
+    t: &Tensor,
+) -> Result<Tensor> {
     let v = teacher.velocity(x, t)?.detach();
     let f = model.average_velocity(x, t, t)?;
     Ok(row_mse(&f, &v)?.mean_all()?)

@@ -23,7 +23,10 @@ pub struct GmmVelocity {
 
 impl GmmVelocity {
     pub fn new(mixture: GaussianMixture) -> Self {
-        GmmVelocity { mixture, path: Arc::new(LinearPath) }
+        GmmVelocity {
+            mixture,
+            path: Arc::new(LinearPath),
+        }
     }
     pub fn with_path(mixture: GaussianMixture, path: Arc<dyn ProbabilityPath>) -> Self {
         GmmVelocity { mixture, path }
@@ -45,8 +48,16 @@ impl VelocityField for GmmVelocity {
         let (a2, b2) = (c.alpha.sqr()?, c.sigma.sqr()?);
         let mut logits = Vec::with_capacity(self.mixture.components());
         let mut vels = Vec::with_capacity(self.mixture.components());
-        for ((mu, &std), &w) in self.mixture.means.iter().zip(&self.mixture.stds).zip(&self.mixture.weights) {
-            let mu = Tensor::from_slice(mu, (1, mu.len()), &Device::Cpu)?.to_dtype(dt)?.to_device(dev)?;
+        for ((mu, &std), &w) in self
+            .mixture
+            .means
+            .iter()
+            .zip(&self.mixture.stds)
+            .zip(&self.mixture.weights)
+        {
+            let mu = Tensor::from_slice(mu, (1, mu.len()), &Device::Cpu)?
+                .to_dtype(dt)?
+                .to_device(dev)?;
             let var = std * std;
             let s = (a2.affine(var, 0.0)? + &b2)?; // S_k, B × 1
             let diff = (x - mu.broadcast_mul(&c.alpha)?)?; // x − α μ_k

@@ -41,7 +41,10 @@ pub struct Counted<V> {
 
 impl<V> Counted<V> {
     pub fn new(inner: V) -> Self {
-        Counted { inner, calls: Cell::new(0) }
+        Counted {
+            inner,
+            calls: Cell::new(0),
+        }
     }
     pub fn nfe(&self) -> usize {
         self.calls.get()

@@ -16,7 +16,10 @@ pub struct VelocityNet {
 
 impl VelocityNet {
     pub fn new(cfg: &MlpConfig, vb: VarBuilder) -> Result<Self> {
-        Ok(VelocityNet { cfg: cfg.clone(), net: ConditionedMlp::new(cfg, false, vb)? })
+        Ok(VelocityNet {
+            cfg: cfg.clone(),
+            net: ConditionedMlp::new(cfg, false, vb)?,
+        })
     }
     pub fn config(&self) -> &MlpConfig {
         &self.cfg
