@@ -72,6 +72,23 @@ impl FlowMap for FlowMapNet {
     }
 }
 
+impl crate::jvp::TangentMap for FlowMapNet {
+    /// One forward-mode pass; the gap `t − s` has tangent `ṫ − ṡ`.
+    fn average_velocity_jvp(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        s: &Tensor,
+        dx: &Tensor,
+        dt: &Tensor,
+        ds: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let gap = (t - s)?;
+        let dgap = (dt - ds)?;
+        self.net.forward_jvp((x, t, Some(&gap)), (dx, dt, Some(&dgap)))
+    }
+}
+
 /// Initialises a flow-map network's parameters from a velocity network's: tensors of equal shape are
 /// copied; a student tensor that extends the teacher's along its input (last) axis gets the teacher's
 /// values in the leading columns and zeros in the rest. With [`ConditionedMlp`]'s input layout

@@ -21,6 +21,7 @@ pub mod demo;
 mod error;
 pub mod flow_map;
 pub mod io;
+pub mod jvp;
 pub mod metrics;
 pub mod nn;
 pub mod objective;

@@ -116,3 +116,48 @@ impl ConditionedMlp {
         Ok(h)
     }
 }
+
+impl crate::jvp::Jvp for SinusoidalEmbedding {
+    /// `d/dt [sin ωt, cos ωt] = [ω cos ωt, −ω sin ωt]·ṫ`.
+    fn forward_jvp(&self, t: &Tensor, dt: &Tensor) -> Result<(Tensor, Tensor)> {
+        let arg = t.detach().broadcast_mul(&self.freqs)?;
+        let (sin, cos) = (arg.sin()?, arg.cos()?);
+        let rate = dt.detach().broadcast_mul(&self.freqs)?;
+        let y = Tensor::cat(&[&sin, &cos], 1)?;
+        let dy = Tensor::cat(&[(&cos * &rate)?, (sin.neg()? * &rate)?], 1)?;
+        Ok((y, dy))
+    }
+}
+
+impl ConditionedMlp {
+    /// The network and its tangent along `(ẋ, ṫ, ġap)` in one pass, on detached tensors.
+    pub fn forward_jvp(
+        &self,
+        (x, t, gap): (&Tensor, &Tensor, Option<&Tensor>),
+        (dx, dt, dgap): (&Tensor, &Tensor, Option<&Tensor>),
+    ) -> Result<(Tensor, Tensor)> {
+        use crate::jvp::Jvp;
+        let (et, det) = self.time.forward_jvp(t, dt)?;
+        let mut parts = vec![x.detach(), et];
+        let mut tangents = vec![dx.detach(), det];
+        match (gap, dgap, self.with_gap) {
+            (Some(g), Some(dg), true) => {
+                let (eg, deg) = self.time.forward_jvp(g, dg)?;
+                parts.push(eg);
+                tangents.push(deg);
+            }
+            (None, None, false) => {}
+            _ => return Err(crate::Error::arg("network conditioning does not match its inputs")),
+        }
+        let mut h = Tensor::cat(&parts, 1)?;
+        let mut dh = Tensor::cat(&tangents, 1)?;
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            (h, dh) = layer.forward_jvp(&h, &dh)?;
+            if i < last {
+                (h, dh) = crate::jvp::Silu.forward_jvp(&h, &dh)?;
+            }
+        }
+        Ok((h, dh))
+    }
+}

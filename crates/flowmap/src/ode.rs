@@ -141,10 +141,13 @@ pub fn step(field: &dyn VelocityField, scheme: Scheme, x: &Tensor, t0: &Tensor, 
 }
 
 /// Integrates along a sequence of time columns `grid[0] → grid[1] → …` with a fixed-step scheme.
+///
+/// Solutions are detached from the autograd graph after every step: a velocity network with trainable
+/// parameters would otherwise chain every step into one graph, and memory would grow with the step count.
 pub fn integrate_fixed(field: &dyn VelocityField, scheme: Scheme, x: &Tensor, grid: &[Tensor]) -> Result<Tensor> {
-    let mut x = x.clone();
+    let mut x = x.detach();
     for w in grid.windows(2) {
-        x = step(field, scheme, &x, &w[0], &w[1])?;
+        x = step(field, scheme, &x, &w[0], &w[1])?.detach();
     }
     Ok(x)
 }
@@ -176,7 +179,7 @@ pub fn check_grid(grid: &[f64]) -> Result<()> {
     Ok(())
 }
 
-/// `Φ_{t→s}(x)` for per-row times `t`, `s` (`B × 1`), by `solver`.
+/// `Φ_{t→s}(x)` for per-row times `t`, `s` (`B × 1`), by `solver`; the result is detached.
 pub fn solve(field: &dyn VelocityField, solver: Solver, x: &Tensor, t: &Tensor, s: &Tensor) -> Result<Tensor> {
     match solver {
         Solver::Fixed { scheme, steps } => {
@@ -250,9 +253,9 @@ fn dopri5(field: &dyn VelocityField, x: &Tensor, t: &Tensor, s: &Tensor, rtol: f
             .to_scalar::<f64>()?;
         Ok(r.sqrt())
     };
-    let mut x = x.clone();
+    let mut x = x.detach();
     let mut lam = 0.0f64;
-    let mut k1 = rhs(&x, 0.0)?;
+    let mut k1 = rhs(&x, 0.0)?.detach();
     // Initial step (Hairer, Nørsett & Wanner, II.4).
     let zeros = x.zeros_like()?;
     let d0 = worst_rms(&x, &zeros, &x)?.max(1e-12);
@@ -275,7 +278,7 @@ fn dopri5(field: &dyn VelocityField, x: &Tensor, t: &Tensor, s: &Tensor, rtol: f
                     xi = (xi + (&k[j] * (a * h))?)?;
                 }
             }
-            k.push(rhs(&xi, lam + C[i] * h)?);
+            k.push(rhs(&xi, lam + C[i] * h)?.detach());
         }
         // The stage-7 input is the 5th-order solution (FSAL).
         let mut x5 = x.clone();
@@ -298,7 +301,7 @@ fn dopri5(field: &dyn VelocityField, x: &Tensor, t: &Tensor, s: &Tensor, rtol: f
         }
         if ratio <= 1.0 {
             lam += h;
-            x = x5;
+            x = x5.detach();
             k1 = k.pop().expect("seven stages");
         }
         let factor = if ratio == 0.0 {

@@ -12,9 +12,10 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, ModelKind};
 use crate::data::{self, DataSource, GaussianMixture};
 use crate::flow_map::{init_from_teacher, FlowMap, FlowMapNet, SolverMap};
+use crate::jvp::TangentMap;
 use crate::metrics::{self, Distances, MapError};
 use crate::nn::MlpConfig;
-use crate::objective::{DistillConfig, Emd, FlowMatching, Lmd, Method, Objective, TargetNet};
+use crate::objective::{DistillConfig, FlowMatching, Method, TargetNet};
 use crate::ode::{Scheme, Solver};
 use crate::sample::{self, TimeGrid};
 use crate::teacher::{GmmVelocity, VelocityField, VelocityNet};
@@ -202,7 +203,7 @@ pub fn seed_params(vars: &VarMap, seed: u64) -> Result<()> {
         };
         let bound = 1.0 / (fan_in as f64).sqrt();
         let v: Vec<f32> = (0..n).map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32).collect();
-        var.set(&Tensor::from_vec(v, dims, var.device())?)?;
+        var.set(&Tensor::from_vec(v, dims, var.device())?.to_dtype(var.dtype())?)?;
     }
     Ok(())
 }
@@ -221,9 +222,10 @@ impl TrainedMap {
     }
 }
 
-/// Distils a flow map from `teacher` with `method`. A network teacher seeds the student with its own
-/// weights (so the student starts as one teacher Euler step); the analytic teacher gets a fresh network
-/// of architecture `arch`. `monitor(step, ema_map)` is called every `monitor_every` steps.
+/// Distils a flow map from `teacher` with a teacher-based `method` (see [`Method::needs_teacher`]). A
+/// network teacher seeds the student with its own weights (so the student starts as one teacher Euler
+/// step); the analytic teacher gets a fresh network of architecture `arch`. `monitor(step, ema_map)` is
+/// called every `n` steps when given.
 #[allow(clippy::too_many_arguments)]
 pub fn distill(
     teacher: &Teacher,
@@ -236,7 +238,9 @@ pub fn distill(
     progress: &ProgressBar,
     monitor: Option<(usize, &mut dyn FnMut(usize, &FlowMapNet) -> Result<()>)>,
 ) -> Result<TrainedMap> {
-    dcfg.validate()?;
+    if !method.needs_teacher() {
+        return Err(Error::arg(format!("'{method}' trains from data and takes no teacher")));
+    }
     if teacher.dim() != data.dim() {
         return Err(Error::arg(format!(
             "teacher dimension {} does not match data dimension {}",
@@ -244,44 +248,76 @@ pub fn distill(
             data.dim()
         )));
     }
+    train_flow_map(Some(teacher), data, method, dcfg, cfg, arch, device, progress, monitor)
+}
+
+/// Trains a flow map from data alone with a teacher-free `method` (MeanFlow, self-LMD, shortcut).
+#[allow(clippy::too_many_arguments)]
+pub fn train_map(
+    data: &DataSource,
+    method: Method,
+    dcfg: &DistillConfig,
+    cfg: &TrainConfig,
+    arch: &MlpConfig,
+    device: &Device,
+    progress: &ProgressBar,
+    monitor: Option<(usize, &mut dyn FnMut(usize, &FlowMapNet) -> Result<()>)>,
+) -> Result<TrainedMap> {
+    if method.needs_teacher() {
+        return Err(Error::arg(format!("'{method}' distils a teacher; use distill")));
+    }
+    if arch.dim != data.dim() {
+        return Err(Error::arg(format!(
+            "model dimension {} does not match data dimension {}",
+            arch.dim,
+            data.dim()
+        )));
+    }
+    train_flow_map(None, data, method, dcfg, cfg, arch, device, progress, monitor)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_flow_map(
+    teacher: Option<&Teacher>,
+    data: &DataSource,
+    method: Method,
+    dcfg: &DistillConfig,
+    cfg: &TrainConfig,
+    arch: &MlpConfig,
+    device: &Device,
+    progress: &ProgressBar,
+    monitor: Option<(usize, &mut dyn FnMut(usize, &FlowMapNet) -> Result<()>)>,
+) -> Result<TrainedMap> {
+    dcfg.validate()?;
     let arch = match teacher {
-        Teacher::Net { meta, .. } => meta.model.clone(),
-        Teacher::Gmm(_) => arch.clone(),
+        Some(Teacher::Net { meta, .. }) => meta.model.clone(),
+        _ => arch.clone(),
     };
     let (live, ema) = (VarMap::new(), VarMap::new());
     let net = FlowMapNet::new(&arch, VarBuilder::from_varmap(&live, DType::F32, device))?;
     let ema_net = FlowMapNet::new(&arch, VarBuilder::from_varmap(&ema, DType::F32, device))?;
     match teacher {
-        Teacher::Net { vars, .. } => init_from_teacher(&live, vars)?,
-        Teacher::Gmm(_) => seed_params(&live, cfg.seed)?,
+        Some(Teacher::Net { vars, .. }) => init_from_teacher(&live, vars)?,
+        _ => seed_params(&live, cfg.seed)?,
     }
-    let trainable = Trainable::<dyn FlowMap> {
+    let trainable = Trainable::<dyn TangentMap> {
         params: &live,
         model: &net,
         ema: Some((&ema, &ema_net)),
         ema_target: dcfg.target == TargetNet::Ema,
     };
-    let log = match method {
-        Method::Emd => fit_monitored(
-            &Emd::new(teacher, *dcfg),
-            &trainable,
-            data,
-            cfg,
-            device,
-            progress,
-            monitor,
-            &ema_net,
-        )?,
-        Method::Lmd => fit_monitored(
-            &Lmd::new(teacher, *dcfg),
-            &trainable,
-            data,
-            cfg,
-            device,
-            progress,
-            monitor,
-            &ema_net,
-        )?,
+    let objective = crate::objective::build(
+        method,
+        teacher.map(|t| t as &dyn VelocityField),
+        *dcfg,
+        Some((&live, &arch)),
+    )?;
+    let log = match monitor {
+        None => fit(&objective, &trainable, data, cfg, device, progress)?,
+        Some((every, f)) => {
+            let mut hook = |step: usize| f(step, &ema_net);
+            crate::train::fit_with_hook(&objective, &trainable, data, cfg, device, progress, every, &mut hook)?
+        }
     };
     let meta = CheckpointMeta {
         kind: ModelKind::FlowMap,
@@ -291,7 +327,7 @@ pub fn distill(
         mixture: mixture_of(data),
         training: serde_json::json!({
             "objective": method.name(),
-            "teacher": teacher.describe(),
+            "teacher": teacher.map(|t| t.describe()),
             "distill": dcfg,
             "train": cfg,
         }),
@@ -303,27 +339,6 @@ pub fn distill(
         meta,
         log,
     })
-}
-
-/// Runs `fit` in stages of `every` steps when a monitor is given, so the monitor sees the EMA model.
-#[allow(clippy::too_many_arguments)]
-fn fit_monitored<'m, O: Objective<Model = dyn FlowMap + 'm>>(
-    objective: &O,
-    trainable: &Trainable<'_, O::Model>,
-    data: &DataSource,
-    cfg: &TrainConfig,
-    device: &Device,
-    progress: &ProgressBar,
-    monitor: Option<(usize, &mut dyn FnMut(usize, &FlowMapNet) -> Result<()>)>,
-    ema_net: &FlowMapNet,
-) -> Result<TrainLog> {
-    match monitor {
-        None => fit(objective, trainable, data, cfg, device, progress),
-        Some((every, f)) => {
-            let mut hook = |step: usize| f(step, ema_net);
-            crate::train::fit_with_hook(objective, trainable, data, cfg, device, progress, every, &mut hook)
-        }
-    }
 }
 
 /// One row of an evaluation table.

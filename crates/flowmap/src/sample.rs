@@ -80,7 +80,8 @@ pub fn run_grid(map: &dyn FlowMap, noise: &Tensor, grid: &TimeGrid) -> Result<Te
     for w in grid.times().windows(2) {
         let t = Tensor::full(w[0], (b, 1), noise.device())?.to_dtype(noise.dtype())?;
         let s = Tensor::full(w[1], (b, 1), noise.device())?.to_dtype(noise.dtype())?;
-        x = map.map(&x, &t, &s)?;
+        // Detached: sampling never needs gradients, and a graph would grow with the number of steps.
+        x = map.map(&x, &t, &s)?.detach();
     }
     Ok(x)
 }
@@ -103,4 +104,67 @@ pub fn sample_ode(field: &dyn VelocityField, noise: &Tensor, solver: Solver) -> 
 /// Seeded `N(0, I)` noise, `n × dim`, f32.
 pub fn noise(n: usize, dim: usize, seed: u64, device: &Device) -> Result<Tensor> {
     Rng::derive(seed, "noise").normal_tensor((n, dim), DType::F32, device)
+}
+
+/// How a flow map walks the grid.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Sampler {
+    /// `x ← f(x, t_i, t_{i+1})`.
+    Deterministic,
+    /// Multistep consistency sampling (Song et al. 2023): jump to data, `x̂0 = f(x, t_i, 0)`, then re-noise
+    /// to the next time, `x = (1 − t_{i+1})·x̂0 + t_{i+1}·z`. The sampler for consistency models.
+    Consistency,
+    /// CTM's γ-sampling (Kim et al. 2024): jump to `ŝ = (1 − γ)·t_{i+1}`, then re-noise forward to `t_{i+1}`
+    /// along the path, `x = ((1 − t_{i+1})/(1 − ŝ))·x_ŝ + sqrt(t_{i+1}² − ((1 − t_{i+1}) ŝ/(1 − ŝ))²)·z`.
+    /// `γ = 0` is deterministic, `γ = 1` the consistency sampler.
+    Gamma { gamma: f64 },
+}
+
+impl Sampler {
+    /// Parses `deterministic`, `consistency` or `gamma:G`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "deterministic" => Ok(Sampler::Deterministic),
+            "consistency" => Ok(Sampler::Consistency),
+            _ => match s.strip_prefix("gamma:").map(str::parse::<f64>) {
+                Some(Ok(g)) if (0.0..=1.0).contains(&g) => Ok(Sampler::Gamma { gamma: g }),
+                _ => Err(Error::arg(format!(
+                    "unknown sampler '{s}' (expected deterministic, consistency or gamma:G with G in [0, 1])"
+                ))),
+            },
+        }
+    }
+
+    /// Whether the sampler only ever evaluates the map at `s = 0`.
+    pub fn boundary_only(self) -> bool {
+        matches!(self, Sampler::Consistency) || matches!(self, Sampler::Gamma { gamma } if gamma == 1.0)
+    }
+}
+
+/// The one sampler: walks `grid` from `noise` at `t = 1` with `map`, by `sampler`; `seed` drives the
+/// re-noising of the stochastic samplers. One NFE per grid step.
+pub fn sample_with(map: &dyn FlowMap, noise: &Tensor, grid: &TimeGrid, sampler: Sampler, seed: u64) -> Result<Sampled> {
+    let gamma = match sampler {
+        Sampler::Deterministic => return sample_map(map, noise, grid),
+        Sampler::Consistency => 1.0,
+        Sampler::Gamma { gamma } => gamma,
+    };
+    let counted = CountedMap::new(map);
+    let (b, d) = noise.dims2()?;
+    let mut rng = Rng::derive(seed, "renoise");
+    let col = |v: f64| -> Result<Tensor> { Ok(Tensor::full(v, (b, 1), noise.device())?.to_dtype(noise.dtype())?) };
+    let mut x = noise.clone();
+    for w in grid.times().windows(2) {
+        let (t, s) = (w[0], w[1]);
+        let s_hat = (1.0 - gamma) * s;
+        x = counted.map(&x, &col(t)?, &col(s_hat)?)?.detach();
+        if s > s_hat {
+            let z = rng.normal_tensor((b, d), noise.dtype(), noise.device())?;
+            let keep = (1.0 - s) / (1.0 - s_hat);
+            let sd = (s * s - (keep * s_hat).powi(2)).max(0.0).sqrt();
+            x = ((x * keep)? + (z * sd)?)?;
+        }
+    }
+    Ok(Sampled { x, nfe: counted.nfe() })
 }

@@ -205,6 +205,7 @@ pub fn fit_with_hook<O: Objective>(
             x0: &x0,
             x1: &x1,
             progress: step as f64 / cfg.steps as f64,
+            step,
             rng: &mut rng,
         };
         let loss = objective.loss(&mut cx)?;

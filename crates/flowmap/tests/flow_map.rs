@@ -6,8 +6,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::*;
 use flowmap::flow_map::{init_from_teacher, Diagonal, FlowMap, FlowMapNet, SolverMap};
+use flowmap::jvp::TangentMap;
 use flowmap::nn::MlpConfig;
-use flowmap::objective::{DistillConfig, Emd, FlowMatching, Lmd, Objective, StepContext};
+use flowmap::objective::{self, DistillConfig, FlowMatching, Method, Objective, StepContext};
 use flowmap::pipeline::seed_params;
 use flowmap::teacher::{VelocityField, VelocityNet};
 use flowmap::Rng;
@@ -104,26 +105,26 @@ fn gradients_reach_every_parameter() {
         x0: &x0,
         x1: &x1,
         progress: 0.0,
+        step: 0,
         rng: &mut rng,
     };
     let loss = FlowMatching::new().loss(&mut cx).unwrap();
     assert_all_grads(&tv, &loss, "flow matching");
-    for lmd in [false, true] {
+    for method in Method::ALL {
         let mut rng = Rng::new(2);
-        let mut cx = StepContext::<dyn FlowMap> {
+        let mut cx = StepContext::<dyn TangentMap> {
             model: &student,
             target: &student,
             x0: &x0,
             x1: &x1,
             progress: 0.3,
+            step: 0,
             rng: &mut rng,
         };
-        let loss = if lmd {
-            Lmd::new(&teacher, DistillConfig::default()).loss(&mut cx).unwrap()
-        } else {
-            Emd::new(&teacher, DistillConfig::default()).loss(&mut cx).unwrap()
-        };
-        assert_all_grads(&sv, &loss, if lmd { "lmd" } else { "emd" });
+        let t = method.needs_teacher().then_some(&teacher as &dyn VelocityField);
+        let objective = objective::build(method, t, DistillConfig::default(), Some((&sv, &small()))).unwrap();
+        let loss = objective.loss(&mut cx).unwrap();
+        assert_all_grads(&sv, &loss, method.name());
         // The stop-gradient target and the teacher receive none.
         assert!(loss.backward().unwrap().get(tv.all_vars()[0].as_tensor()).is_none());
     }

@@ -1,25 +1,28 @@
-//! Each distillation loss vanishes to O(ε²) at the exact flow map of the analytic teacher and stays
-//! positive for a perturbed map.
+//! Every flow-map objective vanishes (to its discretisation order) at the exact flow map of the analytic
+//! Gaussian-mixture teacher, and is clearly positive for a perturbed map.
 
 mod common;
 
 use candle_core::Tensor;
 use common::*;
+use flowmap::data::GaussianMixture;
 use flowmap::flow_map::{FlowMap, SolverMap};
+use flowmap::jvp::{FiniteDifference, TangentMap};
 use flowmap::objective::{
-    DistillConfig, Emd, EpsSchedule, Lmd, Objective, StepContext, TimeDistribution, TimeSampling, Weighting,
+    self, DistillConfig, EpsSchedule, Method, Objective, Progressive, StepContext, TimeDistribution, TimeSampling,
+    Weighting,
 };
 use flowmap::ode::Solver;
-use flowmap::teacher::GmmVelocity;
+use flowmap::teacher::{GmmVelocity, VelocityField};
 use flowmap::Rng;
 
-/// Φ plus `δ·sin(2x)` in the average velocity.
-struct Perturbed<'a> {
-    exact: &'a SolverMap<GmmVelocity>,
+/// Φ of a mixture, optionally plus `δ·sin(2x)` in the average velocity.
+struct Map {
+    exact: SolverMap<GmmVelocity>,
     delta: f64,
 }
 
-impl FlowMap for Perturbed<'_> {
+impl FlowMap for Map {
     fn dim(&self) -> usize {
         2
     }
@@ -29,69 +32,167 @@ impl FlowMap for Perturbed<'_> {
     }
 }
 
-fn cfg(eps: f64) -> DistillConfig {
-    DistillConfig {
-        eps: EpsSchedule::Fixed { eps },
-        times: TimeSampling {
-            distribution: TimeDistribution::Uniform,
-            diagonal_fraction: 0.0,
-        },
-        weighting: Weighting::Normalized,
-        ..DistillConfig::default()
-    }
-}
-
-fn loss(method: &str, map: &dyn FlowMap, eps: f64, diagonal_fraction: f64) -> f64 {
-    let teacher = teacher();
-    let (x0, x1) = pairs(256, 21);
-    let mut rng = Rng::new(4);
-    let mut cx = StepContext {
-        model: map,
-        target: map,
-        x0: &x0,
-        x1: &x1,
-        progress: 0.0,
-        rng: &mut rng,
-    };
-    let mut c = cfg(eps);
-    c.times.diagonal_fraction = diagonal_fraction;
-    let l = match method {
-        "emd" => Emd::new(&teacher, c).loss(&mut cx).unwrap(),
-        _ => Lmd::new(&teacher, c).loss(&mut cx).unwrap(),
-    };
-    scalar(&l)
-}
-
-#[test]
-fn discrete_losses_vanish_at_second_order_at_the_exact_map() {
+fn map(g: &GaussianMixture, delta: f64) -> FiniteDifference<Map> {
     let exact = SolverMap::new(
-        teacher(),
+        GmmVelocity::new(g.clone()),
         Solver::Dopri5 {
             rtol: 1e-10,
             atol: 1e-10,
         },
     );
-    let perturbed = Perturbed {
-        exact: &exact,
-        delta: 0.2,
+    FiniteDifference {
+        map: Map { exact, delta },
+        h: 1e-4,
+    }
+}
+
+fn cfg(eps: f64, diagonal_fraction: f64) -> DistillConfig {
+    let mut c = DistillConfig {
+        eps: EpsSchedule::Fixed { eps },
+        times: TimeSampling {
+            distribution: TimeDistribution::Uniform,
+            diagonal_fraction,
+        },
+        weighting: Weighting::Normalized,
+        ..DistillConfig::default()
     };
-    for method in ["emd", "lmd"] {
-        let (l1, l2) = (loss(method, &exact, 0.1, 0.0), loss(method, &exact, 0.05, 0.0));
-        let order = (l1 / l2).log2() / 2.0; // loss ~ ε^{2·order}
+    c.continuous.jvp = objective::JvpMode::FiniteDifference { h: 1e-4 };
+    c
+}
+
+fn loss_of(
+    objective: &dyn Objective<Model = dyn TangentMap>,
+    m: &(dyn TangentMap + 'static),
+    g: &GaussianMixture,
+) -> f64 {
+    let mut rng = Rng::new(21);
+    let n = 256;
+    let x0 = flowmap::data::to_tensor(
+        &g.sample(n, &mut rng),
+        n,
+        2,
+        candle_core::DType::F64,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let x1 = rng
+        .normal_tensor((n, 2), candle_core::DType::F64, &candle_core::Device::Cpu)
+        .unwrap();
+    let mut cx = StepContext {
+        model: m,
+        target: m,
+        x0: &x0,
+        x1: &x1,
+        progress: 1.0,
+        step: 0,
+        rng: &mut rng,
+    };
+    scalar(&objective.loss(&mut cx).unwrap())
+}
+
+fn loss(method: Method, g: &GaussianMixture, delta: f64, c: DistillConfig) -> f64 {
+    let teacher = GmmVelocity::new(g.clone());
+    let t = method.needs_teacher().then_some(&teacher as &dyn VelocityField);
+    let o = objective::build(method, t, c, None).unwrap();
+    loss_of(o.as_ref(), &map(g, delta), g)
+}
+
+/// The loss at Φ is tiny and the perturbed map's is far larger.
+fn check(method: Method, g: &GaussianMixture, c: DistillConfig, tiny: f64) -> (f64, f64) {
+    let (exact, perturbed) = (loss(method, g, 0.0, c), loss(method, g, 0.2, c));
+    assert!(
+        exact < tiny,
+        "{method}: loss at the exact map {exact:e} (expected below {tiny:e})"
+    );
+    assert!(
+        perturbed > 100.0 * exact.max(1e-12),
+        "{method}: perturbed {perturbed:e} vs exact {exact:e}"
+    );
+    (exact, perturbed)
+}
+
+#[test]
+fn discrete_emd_and_lmd_vanish_at_second_order() {
+    let g = mixture();
+    for method in [Method::Emd, Method::Lmd] {
+        let (l1, l2) = (
+            loss(method, &g, 0.0, cfg(0.1, 0.0)),
+            loss(method, &g, 0.0, cfg(0.05, 0.0)),
+        );
+        let order = (l1 / l2).log2() / 2.0; // normalised loss ~ ε^{2·order}
         assert!(
             (order - 1.0).abs() < 0.25,
             "{method}: L(0.1) = {l1:e}, L(0.05) = {l2:e}, residual order {order}"
         );
-        let p = loss(method, &perturbed, 0.05, 0.0);
-        assert!(
-            p > 20.0 * l2,
-            "{method}: perturbed map loss {p:e} is not clearly above the exact map's {l2:e}"
+        let p = loss(method, &g, 0.2, cfg(0.05, 0.0));
+        assert!(p > 20.0 * l2, "{method}: perturbed {p:e} vs exact {l2:e}");
+        // With the diagonal term: still vanishing at Φ (F(x, t, t) = v exactly), positive when perturbed.
+        let (d_exact, d_pert) = (
+            loss(method, &g, 0.0, cfg(0.05, 0.5)),
+            loss(method, &g, 0.2, cfg(0.05, 0.5)),
         );
-        // Including the diagonal term: zero at Φ (F(x, t, t) = v exactly), positive when perturbed.
-        let (d_exact, d_pert) = (loss(method, &exact, 0.05, 0.5), loss(method, &perturbed, 0.05, 0.5));
         assert!(
             d_exact < l2 && d_pert > 20.0 * d_exact,
             "{method} with diagonal: exact {d_exact:e}, perturbed {d_pert:e}"
         );
     }
+}
+
+#[test]
+fn continuous_time_objectives_vanish_at_the_exact_map() {
+    let g = mixture();
+    for method in [Method::EmdCont, Method::LmdCont] {
+        check(method, &g, cfg(0.1, 0.25), 1e-8);
+    }
+    // Direct regression: only the dopri5 tolerance of the target remains.
+    check(Method::Direct, &g, cfg(0.1, 0.25), 1e-6);
+}
+
+#[test]
+fn consistency_and_trajectory_objectives_vanish_at_their_order() {
+    let g = mixture();
+    // CM: one Heun step per interval, local error O(Δ³), normalised loss O(Δ⁴).
+    let cm = |n: usize| {
+        let mut c = cfg(0.1, 0.0);
+        c.continuous.cm_intervals = n;
+        check(Method::Cm, &g, c, 1e-3).0
+    };
+    let (a, b) = (cm(16), cm(32));
+    assert!(a / b > 8.0, "CM loss {a:e} at N = 16, {b:e} at N = 32: order too low");
+    // CTM: the teacher's Heun solve has global error O(h²).
+    let ctm = |k: usize| {
+        let mut c = cfg(0.1, 0.0);
+        c.continuous.ctm_steps_per_unit = k;
+        check(Method::Ctm, &g, c, 1e-3).0
+    };
+    let (a, b) = (ctm(8), ctm(16));
+    assert!(a / b > 8.0, "CTM loss {a:e} at 8 steps, {b:e} at 16: order too low");
+}
+
+#[test]
+fn progressive_matching_vanishes_when_the_frozen_map_is_exact() {
+    let g = mixture();
+    let teacher = GmmVelocity::new(g.clone());
+    let frozen = Box::new(map(&g, 0.0));
+    let o = Progressive::with_frozen(&teacher, cfg(0.1, 0.0), frozen);
+    let exact = loss_of(&o, &map(&g, 0.0), &g);
+    let perturbed = loss_of(&o, &map(&g, 0.2), &g);
+    assert!(
+        exact < 1e-12 && perturbed > 1e-3,
+        "progressive: exact {exact:e}, perturbed {perturbed:e}"
+    );
+}
+
+#[test]
+fn teacher_free_objectives_vanish_at_the_exact_map() {
+    // Off the diagonal, self-LMD and shortcut compare the map with itself: zero at Φ.
+    let g = mixture();
+    check(Method::SelfLmd, &g, cfg(0.1, 0.0), 1e-8);
+    check(Method::Shortcut, &g, cfg(0.1, 0.0), 1e-12);
+    // MeanFlow regresses on the conditional velocity x1 − x0, which equals the marginal one only when the
+    // data is a single point: there its loss vanishes at Φ (here a component of std 1e-3).
+    let point = GaussianMixture::new(vec![vec![0.5, -0.3]], vec![1e-3], vec![1.0]).unwrap();
+    let mut c = cfg(0.1, 0.25);
+    c.weighting = Weighting::Adaptive { c: 1e-3, p: 0.0 };
+    check(Method::Meanflow, &point, c, 1e-4);
 }

@@ -8,22 +8,105 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result, Rng};
 
-/// A distillation method.
+/// A flow-map training method: distillation from a teacher, or training from data alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Method {
-    /// Eulerian map distillation: move the start point along the teacher.
+    /// Eulerian map distillation, discrete: move the start point along the teacher.
     Emd,
-    /// Lagrangian map distillation: move the end point along the teacher.
+    /// Lagrangian map distillation, discrete: move the end point along the teacher.
     Lmd,
+    /// Eulerian map distillation in continuous time (a JVP along the teacher's flow).
+    EmdCont,
+    /// Lagrangian map distillation in continuous time (a JVP in `s`).
+    LmdCont,
+    /// Consistency distillation: the map restricted to `s = 0`.
+    Cm,
+    /// Consistency trajectory model: the teacher solved part of the way, then the target map.
+    Ctm,
+    /// Progressive flow-map matching: two half steps of a frozen map teach one full step.
+    Progressive,
+    /// Direct regression on the teacher's dopri5 solutions.
+    Direct,
+    /// MeanFlow, from data alone.
+    Meanflow,
+    /// Lagrangian self-distillation, from data alone.
+    SelfLmd,
+    /// Shortcut self-consistency, from data alone.
+    Shortcut,
 }
 
 impl Method {
+    pub const ALL: [Method; 11] = [
+        Method::Emd,
+        Method::Lmd,
+        Method::EmdCont,
+        Method::LmdCont,
+        Method::Cm,
+        Method::Ctm,
+        Method::Progressive,
+        Method::Direct,
+        Method::Meanflow,
+        Method::SelfLmd,
+        Method::Shortcut,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Method::Emd => "emd",
             Method::Lmd => "lmd",
+            Method::EmdCont => "emd-cont",
+            Method::LmdCont => "lmd-cont",
+            Method::Cm => "cm",
+            Method::Ctm => "ctm",
+            Method::Progressive => "progressive",
+            Method::Direct => "direct",
+            Method::Meanflow => "meanflow",
+            Method::SelfLmd => "self-lmd",
+            Method::Shortcut => "shortcut",
         }
+    }
+
+    /// Whether the method distils a teacher (`flowmap distill`) or trains from data (`flowmap train`).
+    pub fn needs_teacher(self) -> bool {
+        !matches!(self, Method::Meanflow | Method::SelfLmd | Method::Shortcut)
+    }
+
+    /// Whether the trained map is defined only for `s = 0` (a consistency model).
+    pub fn boundary_only(self) -> bool {
+        self == Method::Cm
+    }
+
+    fn list(teacher: bool) -> String {
+        Method::ALL
+            .iter()
+            .filter(|m| m.needs_teacher() == teacher)
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Parses a method for `flowmap distill` (teacher-based methods).
+    pub fn parse_distill(s: &str) -> Result<Self> {
+        let m: Method = s.parse()?;
+        if !m.needs_teacher() {
+            return Err(Error::arg(format!(
+                "'{s}' trains from data without a teacher: use `flowmap train --method {s} --data SPEC`"
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Parses a method for `flowmap train` (teacher-free methods).
+    pub fn parse_train(s: &str) -> Result<Self> {
+        let m: Method = s.parse()?;
+        if m.needs_teacher() {
+            return Err(Error::arg(format!(
+                "'{s}' distils a teacher: use `flowmap distill --teacher T --method {s}` (teacher-free methods: {})",
+                Method::list(false)
+            )));
+        }
+        Ok(m)
     }
 }
 
@@ -36,11 +119,13 @@ impl fmt::Display for Method {
 impl FromStr for Method {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "emd" => Ok(Method::Emd),
-            "lmd" => Ok(Method::Lmd),
-            _ => Err(Error::arg(format!("unknown method '{s}' (expected emd or lmd)"))),
-        }
+        Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            Error::arg(format!(
+                "unknown method '{s}' (distillation: {}; from data: {})",
+                Method::list(true),
+                Method::list(false)
+            ))
+        })
     }
 }
 
@@ -89,6 +174,9 @@ pub enum TimeDistribution {
     LogitNormal { mean: f64, std: f64 },
 }
 
+/// The smallest gap `t − s` of an off-diagonal pair.
+pub const MIN_GAP: f64 = 1e-3;
+
 /// How `(t, s)` pairs are drawn for a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TimeSampling {
@@ -115,8 +203,12 @@ impl TimeSampling {
                 s.push(a);
             } else {
                 let c = draw(rng);
-                t.push(a.max(c));
-                s.push(a.min(c));
+                // Off-diagonal pairs keep a gap of at least MIN_GAP, so targets divided by (t − s) stay
+                // well-conditioned in f32.
+                let hi = a.max(c).max(MIN_GAP);
+                let lo = a.min(c).min(hi - MIN_GAP).max(0.0);
+                t.push(hi);
+                s.push(lo);
             }
         }
         (t, s, n_diag)
@@ -145,13 +237,55 @@ pub enum TargetNet {
     Ema,
 }
 
-/// Configuration of the discrete distillation objectives (EMD and LMD).
+/// How the continuous-time objectives take the tangent of `F`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum JvpMode {
+    /// Exact forward-mode JVP through the network ([`crate::jvp`]).
+    Exact,
+    /// Central finite differences with step `h`.
+    FiniteDifference { h: f64 },
+}
+
+/// Settings of the continuous-time and multi-step objectives.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ContinuousConfig {
+    /// Fraction of training over which the tangent weight `r` ramps from 0 to 1.
+    pub warmup: f64,
+    /// `c` in the tangent normalisation `ĝ = g / (‖g‖ + c)`.
+    pub tangent_c: f64,
+    pub jvp: JvpMode,
+    /// Number of intervals of the consistency-distillation time grid.
+    pub cm_intervals: usize,
+    /// Heun steps per unit time of the teacher solve in CTM.
+    pub ctm_steps_per_unit: usize,
+    /// Steps per stage of progressive flow-map matching (the frozen map is refreshed after each).
+    pub progressive_stage_steps: usize,
+}
+
+impl Default for ContinuousConfig {
+    fn default() -> Self {
+        ContinuousConfig {
+            warmup: 0.1,
+            tangent_c: 0.1,
+            jvp: JvpMode::Exact,
+            cm_intervals: 64,
+            ctm_steps_per_unit: 8,
+            progressive_stage_steps: 500,
+        }
+    }
+}
+
+/// Configuration of the flow-map objectives.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DistillConfig {
     pub eps: EpsSchedule,
     pub times: TimeSampling,
     pub weighting: Weighting,
     pub target: TargetNet,
+    #[serde(default)]
+    pub continuous: ContinuousConfig,
 }
 
 impl Default for DistillConfig {
@@ -165,6 +299,7 @@ impl Default for DistillConfig {
             },
             weighting: Weighting::Normalized,
             target: TargetNet::Current,
+            continuous: ContinuousConfig::default(),
         }
     }
 }
@@ -178,6 +313,17 @@ impl DistillConfig {
         if let TimeDistribution::LogitNormal { std, .. } = self.times.distribution {
             if !(std > 0.0) {
                 return Err(Error::Config("logit-normal std must be positive".into()));
+            }
+        }
+        let c = &self.continuous;
+        if !(c.warmup >= 0.0 && c.tangent_c > 0.0 && c.cm_intervals > 0 && c.ctm_steps_per_unit > 0) {
+            return Err(Error::Config(
+                "continuous settings need warmup ≥ 0, tangent_c > 0 and positive step counts".into(),
+            ));
+        }
+        if let JvpMode::FiniteDifference { h } = c.jvp {
+            if !(h > 0.0) {
+                return Err(Error::Config("finite-difference step h must be positive".into()));
             }
         }
         if let Weighting::Adaptive { c, p } = self.weighting {

@@ -1,7 +1,7 @@
 use candle_core::Tensor;
 
 use super::{assemble_loss, combine, diagonal_loss, draw_pairs, DistillConfig, Objective, StepContext};
-use crate::flow_map::FlowMap;
+use crate::jvp::TangentMap;
 use crate::teacher::VelocityField;
 use crate::Result;
 
@@ -29,7 +29,7 @@ impl<'a> Lmd<'a> {
 }
 
 impl<'a> Objective for Lmd<'a> {
-    type Model = dyn FlowMap + 'a;
+    type Model = dyn TangentMap;
 
     fn name(&self) -> &'static str {
         "lmd"

@@ -11,16 +11,32 @@
 //! normalised residual is computed without the cancellation of subtracting two nearby states.
 
 mod config;
+mod consistency;
+mod continuous;
+mod ctm;
+mod direct;
 mod emd;
 mod fm;
 mod lmd;
+mod meanflow;
+mod progressive;
+mod self_distill;
 
 use candle_core::{DType, Tensor};
 
-pub use config::{DistillConfig, EpsSchedule, Method, TargetNet, TimeDistribution, TimeSampling, Weighting};
+pub use config::{
+    ContinuousConfig, DistillConfig, EpsSchedule, JvpMode, Method, TargetNet, TimeDistribution, TimeSampling, Weighting,
+};
+pub use consistency::ConsistencyDistillation;
+pub use continuous::{EmdContinuous, LmdContinuous};
+pub use ctm::ConsistencyTrajectory;
+pub use direct::DirectRegression;
 pub use emd::Emd;
 pub use fm::FlowMatching;
 pub use lmd::Lmd;
+pub use meanflow::MeanFlow;
+pub use progressive::Progressive;
+pub use self_distill::{SelfLmd, Shortcut};
 
 use crate::flow_map::FlowMap;
 use crate::teacher::VelocityField;
@@ -38,6 +54,8 @@ pub struct StepContext<'a, M: ?Sized> {
     pub x1: &'a Tensor,
     /// Training progress in [0, 1] (for annealed schedules).
     pub progress: f64,
+    /// The step number.
+    pub step: usize,
     /// The run's seeded random stream.
     pub rng: &'a mut Rng,
 }
@@ -126,4 +144,124 @@ pub(crate) fn diagonal_loss(
 #[allow(dead_code)]
 pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Rows `0..n` and `n..` of each tensor.
+pub(crate) fn split_rows(n: usize, ts: &[&Tensor]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let b = ts[0].dim(0)?;
+    let head = ts
+        .iter()
+        .map(|t| t.narrow(0, 0, n))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let tail = ts
+        .iter()
+        .map(|t| t.narrow(0, n, b - n))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok((head, tail))
+}
+
+/// `g / (‖g‖ + c)` per row: the tangent normalisation of Align Your Flow.
+pub(crate) fn normalize_tangent(g: &Tensor, c: f64) -> Result<Tensor> {
+    let norm = g.sqr()?.sum_keepdim(1)?.sqrt()?.affine(1.0, c)?;
+    Ok(g.broadcast_div(&norm)?)
+}
+
+/// The JVP of `F` at `(x, t, s)` along `(ẋ, ṫ, ṡ)`, exact or by finite differences.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tangent(
+    map: &dyn crate::jvp::TangentMap,
+    mode: JvpMode,
+    x: &Tensor,
+    t: &Tensor,
+    s: &Tensor,
+    dx: &Tensor,
+    dt: &Tensor,
+    ds: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    match mode {
+        JvpMode::Exact => map.average_velocity_jvp(x, t, s, dx, dt, ds),
+        JvpMode::FiniteDifference { h } => {
+            crate::jvp::TangentMap::average_velocity_jvp(&crate::jvp::FiniteDifference { map, h }, x, t, s, dx, dt, ds)
+        }
+    }
+}
+
+/// The flow-matching regression of the diagonal on data: `mean ‖F(x_t, t, t) − (x1 − x0)‖²`.
+pub(crate) fn diagonal_data_loss(
+    model: &(impl FlowMap + ?Sized),
+    x: &Tensor,
+    t: &Tensor,
+    x0: &Tensor,
+    x1: &Tensor,
+) -> Result<Tensor> {
+    let f = model.average_velocity(x, t, t)?;
+    Ok(row_mse(&f, &(x1 - x0)?)?.mean_all()?)
+}
+
+/// A column of ones (or zeros) like the time column `t`.
+pub(crate) fn ones(t: &Tensor) -> Result<Tensor> {
+    Ok(t.ones_like()?)
+}
+
+/// Builds the objective of any flow-map `method`. Teacher-based methods need `teacher`; progressive
+/// flow-map matching also needs the student's live parameters and architecture (it snapshots them).
+pub fn build<'a>(
+    method: Method,
+    teacher: Option<&'a dyn VelocityField>,
+    cfg: DistillConfig,
+    student: Option<(&candle_nn::VarMap, &crate::nn::MlpConfig)>,
+) -> Result<Box<dyn Objective<Model = dyn crate::jvp::TangentMap> + 'a>> {
+    use crate::Error;
+    cfg.validate()?;
+    let need = |t: Option<&'a dyn VelocityField>| {
+        t.ok_or_else(|| Error::arg(format!("'{method}' distils a teacher, and none was given")))
+    };
+    if !method.needs_teacher() && teacher.is_some() {
+        return Err(Error::arg(format!(
+            "'{method}' trains from data alone and takes no teacher"
+        )));
+    }
+    Ok(match method {
+        Method::Emd => Box::new(Emd::new(need(teacher)?, cfg)),
+        Method::Lmd => Box::new(Lmd::new(need(teacher)?, cfg)),
+        Method::EmdCont => Box::new(EmdContinuous {
+            teacher: need(teacher)?,
+            cfg,
+        }),
+        Method::LmdCont => Box::new(LmdContinuous {
+            teacher: need(teacher)?,
+            cfg,
+        }),
+        Method::Cm => Box::new(ConsistencyDistillation {
+            teacher: need(teacher)?,
+            cfg,
+        }),
+        Method::Ctm => Box::new(ConsistencyTrajectory {
+            teacher: need(teacher)?,
+            cfg,
+        }),
+        Method::Direct => Box::new(DirectRegression {
+            teacher: need(teacher)?,
+            cfg,
+            tol: 1e-4,
+        }),
+        Method::Progressive => {
+            let (live, arch) =
+                student.ok_or_else(|| Error::arg("progressive flow-map matching needs the student's parameters"))?;
+            Box::new(Progressive::new(need(teacher)?, cfg, live, arch)?)
+        }
+        Method::Meanflow => Box::new(MeanFlow { cfg }),
+        Method::SelfLmd => Box::new(SelfLmd { cfg }),
+        Method::Shortcut => Box::new(Shortcut { cfg }),
+    })
+}
+
+impl<M: ?Sized, O: Objective<Model = M> + ?Sized> Objective for Box<O> {
+    type Model = M;
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn loss(&self, cx: &mut StepContext<'_, M>) -> Result<Tensor> {
+        (**self).loss(cx)
+    }
 }

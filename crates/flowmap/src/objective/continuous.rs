@@ -1,0 +1,143 @@
+use candle_core::Tensor;
+
+use super::{combine, diagonal_loss, draw_pairs, normalize_tangent, ones, row_mse, split_rows, tangent};
+use super::{DistillConfig, Objective, StepContext};
+use crate::jvp::TangentMap;
+use crate::teacher::VelocityField;
+use crate::Result;
+
+fn ramp(cfg: &DistillConfig, progress: f64) -> f64 {
+    if cfg.continuous.warmup <= 0.0 {
+        1.0
+    } else {
+        (progress / cfg.continuous.warmup).min(1.0)
+    }
+}
+
+/// Eulerian map distillation in continuous time (Sabour et al. 2025, "Align Your Flow", AYF-EMD).
+///
+/// The map is constant along the teacher's flow, `d/dt f(x_t, t, s) = 0` with `dx_t/dt = v_φ`, which for
+/// `f = x + (s − t)·F` reads `F = v_φ − (t − s)·dF/dt`. One JVP of `F_θ⁻` along `(ẋ, ṫ, ṡ) = (v_φ, 1, 0)`
+/// gives `dF/dt`; with the tangent `g = (v_φ − F⁻) − r·(t − s)·dF/dt` (`r` ramps 0 → 1 over the warm-up)
+/// normalised as `ĝ = g / (‖g‖ + c)`,
+///
+/// `L(θ) = E ‖F_θ(x_t, t, s) − sg(F_θ⁻ + ĝ)‖²`,
+///
+/// plus the diagonal flow-matching term. Its gradient is `−2 ĝ·∂_θ F`: a normalised step along the
+/// residual of the Eulerian equation, which vanishes exactly at the teacher's flow map.
+pub struct EmdContinuous<'a> {
+    pub teacher: &'a dyn VelocityField,
+    pub cfg: DistillConfig,
+}
+
+impl<'a> Objective for EmdContinuous<'a> {
+    type Model = dyn TangentMap;
+
+    fn name(&self) -> &'static str {
+        "emd-cont"
+    }
+
+    fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
+        let (xt, t, s, n_diag) = draw_pairs(&self.cfg, cx)?;
+        let (d, o) = split_rows(n_diag, &[&xt, &t, &s])?;
+        let diag = if n_diag > 0 {
+            Some(diagonal_loss(cx.model, self.teacher, &d[0], &d[1])?)
+        } else {
+            None
+        };
+        let n_off = xt.dim(0)? - n_diag;
+        let off = if n_off > 0 {
+            let (x, t, s) = (&o[0], &o[1], &o[2]);
+            let v = self.teacher.velocity(x, t)?.detach();
+            let (f_minus, df_dt) = tangent(
+                cx.target,
+                self.cfg.continuous.jvp,
+                x,
+                t,
+                s,
+                &v,
+                &ones(t)?,
+                &t.zeros_like()?,
+            )?;
+            let r = ramp(&self.cfg, cx.progress);
+            let g = ((&v - &f_minus)? - df_dt.broadcast_mul(&((t - s)? * r)?)?)?;
+            let target = (f_minus + normalize_tangent(&g, self.cfg.continuous.tangent_c)?)?.detach();
+            let f = cx.model.average_velocity(x, t, s)?;
+            Some(row_mse(&f, &target)?.mean_all()?)
+        } else {
+            None
+        };
+        combine(diag, n_diag, off, n_off)
+    }
+}
+
+/// Lagrangian map distillation in continuous time (Boffi et al. 2025, "How to build a consistency model";
+/// Sabour et al. 2025, "Align Your Flow").
+///
+/// The end point follows the teacher, `∂_s f(x, t, s) = v_φ(f(x, t, s), s)`, which for `f = x + (s − t)·F`
+/// reads `F = v_φ(f, s) + (t − s)·∂_s F`. One JVP of `F_θ⁻` along `(0, 0, 1)` gives `∂_s F`; with
+/// `g = v_φ(sg f⁻, s) + r·(t − s)·∂_s F⁻ − F⁻` and `ĝ = g / (‖g‖ + c)`,
+///
+/// `L(θ) = E ‖F_θ(x_t, t, s) − sg(F_θ⁻ + ĝ)‖²`,
+///
+/// plus the diagonal flow-matching term.
+pub struct LmdContinuous<'a> {
+    pub teacher: &'a dyn VelocityField,
+    pub cfg: DistillConfig,
+}
+
+impl<'a> Objective for LmdContinuous<'a> {
+    type Model = dyn TangentMap;
+
+    fn name(&self) -> &'static str {
+        "lmd-cont"
+    }
+
+    fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
+        let (xt, t, s, n_diag) = draw_pairs(&self.cfg, cx)?;
+        let (d, o) = split_rows(n_diag, &[&xt, &t, &s])?;
+        let diag = if n_diag > 0 {
+            Some(diagonal_loss(cx.model, self.teacher, &d[0], &d[1])?)
+        } else {
+            None
+        };
+        let n_off = xt.dim(0)? - n_diag;
+        let off = if n_off > 0 {
+            let (x, t, s) = (&o[0], &o[1], &o[2]);
+            let r = ramp(&self.cfg, cx.progress);
+            let (g, f_minus) = lagrangian_tangent(cx.target, self.teacher, &self.cfg, x, t, s, r)?;
+            let target = (f_minus + normalize_tangent(&g, self.cfg.continuous.tangent_c)?)?.detach();
+            let f = cx.model.average_velocity(x, t, s)?;
+            Some(row_mse(&f, &target)?.mean_all()?)
+        } else {
+            None
+        };
+        combine(diag, n_diag, off, n_off)
+    }
+}
+
+/// The Lagrangian residual `g = v(f⁻, s) + r·(t − s)·∂_s F⁻ − F⁻` and `F⁻`, for velocity `v`.
+pub(crate) fn lagrangian_tangent(
+    target: &dyn TangentMap,
+    v: &dyn VelocityField,
+    cfg: &DistillConfig,
+    x: &Tensor,
+    t: &Tensor,
+    s: &Tensor,
+    r: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (f_minus, df_ds) = tangent(
+        target,
+        cfg.continuous.jvp,
+        x,
+        t,
+        s,
+        &x.zeros_like()?,
+        &t.zeros_like()?,
+        &ones(s)?,
+    )?;
+    let y = (x + f_minus.broadcast_mul(&(s - t)?)?)?; // f⁻(x, t, s)
+    let vy = v.velocity(&y, s)?.detach();
+    let g = ((vy + df_ds.broadcast_mul(&((t - s)? * r)?)?)? - &f_minus)?;
+    Ok((g, f_minus))
+}

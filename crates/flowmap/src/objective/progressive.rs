@@ -1,0 +1,123 @@
+use std::cell::Cell;
+
+use candle_core::Tensor;
+use candle_nn::{VarBuilder, VarMap};
+
+use super::{combine, diagonal_loss, draw_pairs, row_mse, split_rows, DistillConfig, Objective, StepContext};
+use crate::flow_map::{vars_sorted, FlowMap, FlowMapNet, SolverMap};
+use crate::jvp::TangentMap;
+use crate::nn::MlpConfig;
+use crate::ode::{Scheme, Solver};
+use crate::teacher::VelocityField;
+use crate::Result;
+
+/// Progressive flow-map matching (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of
+/// Diffusion Models", in the flow-map form of Boffi et al. 2025): two half steps of a frozen map teach
+/// one full step. With `m = (t + s)/2` and `x_m = f_fr(x_t, t, m)`,
+///
+/// `L(θ) = E ‖F_θ(x_t, t, s) − ½(F_fr(x_t, t, m) + F_fr(x_m, m, s))‖²` (i.e. `‖f_θ − f_fr∘f_fr‖² / (t − s)²`),
+///
+/// plus the diagonal flow-matching term. The frozen map starts as one teacher Euler step and is replaced by
+/// a snapshot of the student every `progressive_stage_steps` steps, so stage `k` matches `2^k` Euler steps.
+pub struct Progressive<'a> {
+    pub teacher: &'a dyn VelocityField,
+    pub cfg: DistillConfig,
+    frozen: Frozen<'a>,
+    stage: Cell<usize>,
+}
+
+enum Frozen<'a> {
+    /// Snapshots of the student's live parameters.
+    Snapshot {
+        live: VarMap,
+        vars: VarMap,
+        net: FlowMapNet,
+    },
+    /// A fixed map (for tests and for distilling a given map).
+    Fixed(Box<dyn FlowMap + 'a>),
+}
+
+impl<'a> Progressive<'a> {
+    /// `live` holds the student's parameters (snapshotted into the frozen map at each stage).
+    pub fn new(teacher: &'a dyn VelocityField, cfg: DistillConfig, live: &VarMap, arch: &MlpConfig) -> Result<Self> {
+        let frozen_vars = VarMap::new();
+        let any = vars_sorted(live).into_iter().next().map(|(_, v)| v);
+        let (dtype, device) = match &any {
+            Some(v) => (v.dtype(), v.device().clone()),
+            None => (candle_core::DType::F32, candle_core::Device::Cpu),
+        };
+        let net = FlowMapNet::new(arch, VarBuilder::from_varmap(&frozen_vars, dtype, &device))?;
+        let frozen = Frozen::Snapshot {
+            live: live.clone(),
+            vars: frozen_vars,
+            net,
+        };
+        Ok(Progressive {
+            teacher,
+            cfg,
+            frozen,
+            stage: Cell::new(0),
+        })
+    }
+
+    /// Matching two half steps of a fixed map, never refreshed.
+    pub fn with_frozen(teacher: &'a dyn VelocityField, cfg: DistillConfig, frozen: Box<dyn FlowMap + 'a>) -> Self {
+        Progressive {
+            teacher,
+            cfg,
+            frozen: Frozen::Fixed(frozen),
+            stage: Cell::new(0),
+        }
+    }
+
+    fn frozen_average_velocity(&self, x: &Tensor, t: &Tensor, s: &Tensor) -> Result<Tensor> {
+        match &self.frozen {
+            Frozen::Fixed(m) => m.average_velocity(x, t, s),
+            Frozen::Snapshot { .. } if self.stage.get() == 0 => {
+                SolverMap::new(self.teacher, Solver::fixed(Scheme::Euler, 1)).average_velocity(x, t, s)
+            }
+            Frozen::Snapshot { net, .. } => net.average_velocity(x, t, s),
+        }
+    }
+}
+
+impl<'a> Objective for Progressive<'a> {
+    type Model = dyn TangentMap;
+
+    fn name(&self) -> &'static str {
+        "progressive"
+    }
+
+    fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
+        if let Frozen::Snapshot { live, vars, .. } = &self.frozen {
+            let stage = cx.step / self.cfg.continuous.progressive_stage_steps.max(1);
+            if stage != self.stage.get() {
+                for ((_, f), (_, l)) in vars_sorted(vars).iter().zip(vars_sorted(live).iter()) {
+                    f.set(l.as_tensor())?;
+                }
+                self.stage.set(stage);
+            }
+        }
+        let (xt, t, s, n_diag) = draw_pairs(&self.cfg, cx)?;
+        let (d, o) = split_rows(n_diag, &[&xt, &t, &s])?;
+        let diag = if n_diag > 0 {
+            Some(diagonal_loss(cx.model, self.teacher, &d[0], &d[1])?)
+        } else {
+            None
+        };
+        let n_off = xt.dim(0)? - n_diag;
+        let off = if n_off > 0 {
+            let (x, t, s) = (&o[0], &o[1], &o[2]);
+            let m = ((t + s)? * 0.5)?;
+            let f1 = self.frozen_average_velocity(x, t, &m)?;
+            let xm = (x + f1.broadcast_mul(&(&m - t)?)?)?;
+            let f2 = self.frozen_average_velocity(&xm, &m, s)?;
+            let target = ((f1 + f2)? * 0.5)?.detach();
+            let f = cx.model.average_velocity(x, t, s)?;
+            Some(row_mse(&f, &target)?.mean_all()?)
+        } else {
+            None
+        };
+        combine(diag, n_diag, off, n_off)
+    }
+}
