@@ -11,10 +11,10 @@ use flowmap::data::{self, DataSource, Toy};
 use flowmap::demo::{self, DemoConfig};
 use flowmap::flow_map::SolverMap;
 use flowmap::nn::MlpConfig;
-use flowmap::objective::{EpsSchedule, Method, TargetNet, TimeDistribution, Weighting};
+use flowmap::objective::{DistillConfig, EpsSchedule, JvpMode, Method, TargetNet, TimeDistribution, Weighting};
 use flowmap::ode::{self, Solver};
 use flowmap::pipeline::{self, progress_bar, EvalSettings, OutDir, RunConfig, Teacher};
-use flowmap::sample::{self, TimeGrid};
+use flowmap::sample::{self, Sampler, TimeGrid};
 use flowmap::teacher::VelocityField;
 use flowmap::train::TrainConfig;
 use flowmap::{io, plot};
@@ -45,6 +45,8 @@ enum Command {
     Teacher(TeacherArgs),
     /// Distil a flow map from a teacher checkpoint or an analytic `gmm:SPEC.json` teacher.
     Distill(DistillArgs),
+    /// Train a flow map from data alone (MeanFlow, Lagrangian self-distillation, shortcut).
+    Train(TrainArgs),
     /// Generate samples from a flow map (k-step) or a teacher (ODE solver).
     Sample(SampleArgs),
     /// Evaluate f(x, t, s) on points: a flow map, or Φ_{t→s} of a teacher by an ODE solver.
@@ -62,6 +64,29 @@ enum Command {
 enum BenchCommand {
     /// Ablation of ε, the (t, s) law, the weighting and the target network on the analytic teacher.
     Ablation(AblationArgs),
+    /// Every method at an equal wall-clock budget, on checkerboard and on the analytic mixture teacher.
+    Compare(CompareArgs),
+    /// The cost of the exact forward-mode JVP against a forward pass and finite differences.
+    Jvp(JvpArgs),
+}
+
+#[derive(Args)]
+struct JvpArgs {
+    /// Output folder.
+    #[arg(long, default_value = "bench-out/jvp")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// Output folder.
+    #[arg(long, default_value = "bench-out/compare")]
+    out: PathBuf,
+    /// Training seconds per method.
+    #[arg(long, default_value_t = 30.0)]
+    budget_seconds: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -131,7 +156,7 @@ struct DistillArgs {
     /// Teacher checkpoint, or `gmm:SPEC.json` for the analytic mixture teacher.
     #[arg(long)]
     teacher: String,
-    /// Objective: emd or lmd.
+    /// Objective: emd, lmd, emd-cont, lmd-cont, cm, ctm, progressive or direct.
     #[arg(long)]
     method: String,
     /// Output checkpoint (.safetensors).
@@ -142,7 +167,31 @@ struct DistillArgs {
     data: Option<String>,
     #[command(flatten)]
     train: TrainFlags,
-    /// Fixed teacher step fraction ε (default: annealed 0.5 → 0.05).
+    #[command(flatten)]
+    map: MapFlags,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Teacher-free objective: meanflow, self-lmd or shortcut.
+    #[arg(long)]
+    method: String,
+    /// Data spec (as for `teacher`).
+    #[arg(long)]
+    data: String,
+    /// Output checkpoint (.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    train: TrainFlags,
+    #[command(flatten)]
+    map: MapFlags,
+}
+
+/// Settings of the flow-map objectives and of a fresh student network.
+#[derive(Args)]
+struct MapFlags {
+    /// Fixed teacher step fraction ε of the discrete objectives (default: annealed 0.5 → 0.05).
     #[arg(long)]
     eps: Option<f64>,
     /// Fraction of each batch on the diagonal s = t.
@@ -157,18 +206,74 @@ struct DistillArgs {
     /// (t, s) distribution: uniform or logit-normal.
     #[arg(long)]
     times: Option<String>,
-    /// Hidden width of a fresh student (analytic teachers only; network teachers set the architecture).
+    /// Tangents of the continuous-time objectives: exact (forward-mode JVP) or fd (finite differences).
+    #[arg(long)]
+    jvp: Option<String>,
+    /// Hidden width of a fresh student (network teachers set the architecture themselves).
     #[arg(long, default_value_t = 256)]
     hidden: usize,
     /// Hidden layers of a fresh student.
     #[arg(long, default_value_t = 3)]
     depth: usize,
     /// Frequencies of each sinusoidal time embedding of a fresh student.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     time_features: usize,
     /// Largest time-embedding frequency of a fresh student.
-    #[arg(long, default_value_t = 64.0)]
+    #[arg(long, default_value_t = 4.0)]
     max_frequency: f64,
+}
+
+impl MapFlags {
+    fn objective(&self, base: Option<DistillConfig>) -> Result<DistillConfig> {
+        let mut dcfg = base.unwrap_or_default();
+        if let Some(e) = self.eps {
+            dcfg.eps = EpsSchedule::Fixed { eps: e };
+        }
+        if let Some(f) = self.diagonal_fraction {
+            dcfg.times.diagonal_fraction = f;
+        }
+        if let Some(w) = &self.weighting {
+            dcfg.weighting = match w.as_str() {
+                "constant" => Weighting::Constant,
+                "normalized" => Weighting::Normalized,
+                "adaptive" => Weighting::Adaptive { c: 1e-3, p: 1.0 },
+                other => bail!("unknown weighting '{other}' (expected constant, normalized or adaptive)"),
+            };
+        }
+        if let Some(t) = &self.target {
+            dcfg.target = match t.as_str() {
+                "current" => TargetNet::Current,
+                "ema" => TargetNet::Ema,
+                other => bail!("unknown target '{other}' (expected current or ema)"),
+            };
+        }
+        if let Some(t) = &self.times {
+            dcfg.times.distribution = match t.as_str() {
+                "uniform" => TimeDistribution::Uniform,
+                "logit-normal" => TimeDistribution::LogitNormal { mean: 0.0, std: 1.0 },
+                other => bail!("unknown time distribution '{other}' (expected uniform or logit-normal)"),
+            };
+        }
+        if let Some(j) = &self.jvp {
+            dcfg.continuous.jvp = match j.as_str() {
+                "exact" => JvpMode::Exact,
+                "fd" => JvpMode::FiniteDifference { h: 1e-3 },
+                other => bail!("unknown JVP mode '{other}' (expected exact or fd)"),
+            };
+        }
+        dcfg.validate()?;
+        Ok(dcfg)
+    }
+
+    fn arch(&self, dim: usize) -> MlpConfig {
+        MlpConfig {
+            hidden: self.hidden,
+            depth: self.depth,
+            time_features: self.time_features,
+            max_frequency: self.max_frequency,
+            ..MlpConfig::new(dim)
+        }
+    }
 }
 
 #[derive(Args)]
@@ -185,6 +290,10 @@ struct SampleArgs {
     /// Teacher solver: euler, heun, midpoint, rk4 or dopri5.
     #[arg(long, default_value = "euler")]
     solver: String,
+    /// Flow-map sampler: deterministic, consistency or gamma:G (default: deterministic; consistency for a
+    /// consistency model).
+    #[arg(long)]
+    sampler: Option<String>,
     /// Number of samples.
     #[arg(long, default_value_t = 10_000)]
     n: usize,
@@ -273,9 +382,15 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // One line: clap's first line names the problem.
+            // One line: clap's first line names the problem; a list that follows a colon is folded in.
             let text = e.render().to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("error: bad arguments"));
+            let mut lines = text.lines();
+            let mut line = lines.next().unwrap_or("error: bad arguments").to_string();
+            if line.ends_with(':') {
+                let items: Vec<&str> = lines.map(str::trim).take_while(|l| !l.is_empty()).collect();
+                line = format!("{} {}", line, items.join(", "));
+            }
+            eprintln!("{line}");
             return ExitCode::from(2);
         }
     };
@@ -294,19 +409,39 @@ fn run(cli: Cli) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        // candle's kernels read RAYON_NUM_THREADS; the global pool serves the metrics.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        flowmap::set_compute_threads(n);
         rayon_init(n);
+    } else if matches!(cli.command, Command::Demo(_)) {
+        // The demo trains its EMD and LMD maps side by side, one compute thread each.
+        flowmap::set_compute_threads(1);
     }
     let device = Device::Cpu;
     let show = !cli.quiet;
     match cli.command {
         Command::Teacher(a) => teacher(a, &device, show),
         Command::Distill(a) => distill(a, &device, show),
+        Command::Train(a) => train_cmd(a, &device, show),
         Command::Sample(a) => sample_cmd(a, &device),
         Command::Apply(a) => apply(a, &device),
         Command::Eval(a) => eval(a, &device),
         Command::Demo(a) => demo_cmd(a, &device, show),
+        Command::Bench(BenchCommand::Compare(a)) => {
+            if !(a.budget_seconds > 0.0) {
+                bail!("--budget-seconds must be positive");
+            }
+            let rows = flowmap::bench::compare(&a.out, a.budget_seconds, a.seed, &device, show)?;
+            println!("{} rows; wrote {}", rows.len(), a.out.join("compare.md").display());
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Jvp(a)) => {
+            for r in flowmap::bench::jvp(&a.out, &device)? {
+                println!(
+                    "batch {:5} hidden {:4}: forward {:.3} ms, JVP {:.3} ms ({:.2}×), FD {:.3} ms ({:.2}×)",
+                    r.batch, r.hidden, r.forward_ms, r.jvp_ms, r.jvp_ratio, r.fd_jvp_ms, r.fd_ratio
+                );
+            }
+            Ok(())
+        }
         Command::Bench(BenchCommand::Ablation(a)) => {
             let methods = a
                 .methods
@@ -394,63 +529,55 @@ fn teacher(a: TeacherArgs, device: &Device, show: bool) -> Result<()> {
 }
 
 fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
-    let method: Method = a.method.parse()?;
+    let method = Method::parse_distill(&a.method)?;
     check_output(&a.out, "safetensors")?;
     let file = read_config(&a.train.config)?;
     let cfg = train_config(&a.train, file.train);
     cfg.validate()?;
-    let mut dcfg = file.distill.unwrap_or_default();
-    if let Some(e) = a.eps {
-        dcfg.eps = EpsSchedule::Fixed { eps: e };
-    }
-    if let Some(f) = a.diagonal_fraction {
-        dcfg.times.diagonal_fraction = f;
-    }
-    if let Some(w) = &a.weighting {
-        dcfg.weighting = match w.as_str() {
-            "constant" => Weighting::Constant,
-            "normalized" => Weighting::Normalized,
-            "adaptive" => Weighting::Adaptive { c: 1e-3, p: 0.5 },
-            other => bail!("unknown weighting '{other}' (expected constant, normalized or adaptive)"),
-        };
-    }
-    if let Some(t) = &a.target {
-        dcfg.target = match t.as_str() {
-            "current" => TargetNet::Current,
-            "ema" => TargetNet::Ema,
-            other => bail!("unknown target '{other}' (expected current or ema)"),
-        };
-    }
-    if let Some(t) = &a.times {
-        dcfg.times.distribution = match t.as_str() {
-            "uniform" => TimeDistribution::Uniform,
-            "logit-normal" => TimeDistribution::LogitNormal { mean: 0.0, std: 1.0 },
-            other => bail!("unknown time distribution '{other}' (expected uniform or logit-normal)"),
-        };
-    }
-    dcfg.validate()?;
+    let dcfg = a.map.objective(file.distill)?;
     let teacher = Teacher::load(&a.teacher, device)?;
     let data = match &a.data {
         Some(spec) => DataSource::from_spec(spec)?,
         None => teacher.data()?,
     };
-    let arch = MlpConfig {
-        hidden: a.hidden,
-        depth: a.depth,
-        time_features: a.time_features,
-        max_frequency: a.max_frequency,
-        ..MlpConfig::new(teacher.dim())
-    };
     let pb = progress_bar(cfg.steps as u64, method.name(), show);
-    let m = pipeline::distill(&teacher, &data, method, &dcfg, &cfg, &arch, device, &pb, None)?;
+    let m = pipeline::distill(
+        &teacher,
+        &data,
+        method,
+        &dcfg,
+        &cfg,
+        &a.map.arch(teacher.dim()),
+        device,
+        &pb,
+        None,
+    )?;
     pb.finish_and_clear();
-    m.save(&a.out)?;
+    finish_map(&m, &a.out, method, &cfg)
+}
+
+fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
+    let method = Method::parse_train(&a.method)?;
+    check_output(&a.out, "safetensors")?;
+    let file = read_config(&a.train.config)?;
+    let cfg = train_config(&a.train, file.train);
+    cfg.validate()?;
+    let dcfg = a.map.objective(file.distill)?;
+    let data = DataSource::from_spec(&a.data)?;
+    let pb = progress_bar(cfg.steps as u64, method.name(), show);
+    let m = pipeline::train_map(&data, method, &dcfg, &cfg, &a.map.arch(data.dim()), device, &pb, None)?;
+    pb.finish_and_clear();
+    finish_map(&m, &a.out, method, &cfg)
+}
+
+fn finish_map(m: &pipeline::TrainedMap, out: &Path, method: Method, cfg: &TrainConfig) -> Result<()> {
+    m.save(out)?;
     let (first, last) = m.log.first_last();
     eprintln!(
         "{method}: {} steps in {:.1}s, loss {first:.4} → {last:.4}; wrote {}",
         cfg.steps,
         m.log.seconds,
-        a.out.display()
+        out.display()
     );
     Ok(())
 }
@@ -499,14 +626,23 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
     }
     let model = load_model(&a.model, device)?;
     let (x, nfe, what) = match &model {
-        Model::Map(net, _) => {
+        Model::Map(net, ck) => {
             let grid = match &a.grid {
                 Some(g) => g.parse::<TimeGrid>()?,
                 None => TimeGrid::uniform(a.nfe)?,
             };
+            let boundary = boundary_only(ck);
+            let sampler = match (&a.sampler, boundary) {
+                (Some(name), _) => Sampler::parse(name)?,
+                (None, true) => Sampler::Consistency,
+                (None, false) => Sampler::Deterministic,
+            };
+            if boundary && !sampler.boundary_only() && grid.steps() > 1 {
+                bail!("a consistency model maps only to s = 0: sample it with --sampler consistency (or gamma:1), or with --nfe 1");
+            }
             let z = sample::noise(a.n, net.config().dim, a.seed, device)?;
-            let out = sample::sample_map(net, &z, &grid)?;
-            (out.x, out.nfe, format!("flow map on grid {grid}"))
+            let out = sample::sample_with(net, &z, &grid, sampler, a.seed)?;
+            (out.x, out.nfe, format!("flow map on grid {grid}, {sampler:?} sampler"))
         }
         Model::Teacher(t) => {
             if a.grid.is_some() {
@@ -521,6 +657,16 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
     write_tensor(&a.out, &x)?;
     eprintln!("{} samples ({what}), NFE {nfe}; wrote {}", a.n, a.out.display());
     Ok(())
+}
+
+/// Whether the checkpoint holds a map trained only for `s = 0` (a consistency model).
+fn boundary_only(ck: &Checkpoint) -> bool {
+    ck.meta
+        .training
+        .get("objective")
+        .and_then(|o| o.as_str())
+        .and_then(|m| m.parse::<Method>().ok())
+        .is_some_and(Method::boundary_only)
 }
 
 /// A solver within an NFE budget: as many steps as the budget buys.
@@ -570,7 +716,15 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
     let col = |v: f64| Tensor::full(v as f32, (pts.rows, 1), device);
     let (t, s) = (col(a.t)?, col(a.s)?);
     let y = match &model {
-        Model::Map(net, _) => flowmap::flow_map::FlowMap::map(net, &x, &t, &s)?,
+        Model::Map(net, ck) => {
+            if boundary_only(ck) && a.s != 0.0 {
+                bail!(
+                    "a consistency model maps only to s = 0 (got --s {}): it was trained on the boundary",
+                    a.s
+                );
+            }
+            flowmap::flow_map::FlowMap::map(net, &x, &t, &s)?
+        }
         Model::Teacher(tch) => {
             let solver = ode::parse_solver(&a.solver, a.steps, a.tol)?;
             flowmap::flow_map::FlowMap::map(&SolverMap::new(tch, solver), &x, &t, &s)?

@@ -412,3 +412,134 @@ fn bad_inputs_get_one_clear_line() {
     // Missing arguments are one line too.
     fails(bin().args(["sample"]).arg("--out").arg(&s_out), "--model", &s_out);
 }
+
+#[test]
+fn every_method_trains_and_samples_through_the_cli() {
+    let f = fixture();
+    let r = &f.root;
+    let t = r.join("t.safetensors");
+    for method in ["emd-cont", "lmd-cont", "cm", "ctm", "progressive", "direct"] {
+        let out = r.join(format!("{method}.safetensors"));
+        ok(bin()
+            .args(["distill", "--steps", "4", "--batch", "32", "--method", method])
+            .arg("--teacher")
+            .arg(&t)
+            .arg("--out")
+            .arg(&out));
+        ok(bin()
+            .args(["sample", "--nfe", "2", "--n", "20"])
+            .arg("--model")
+            .arg(&out)
+            .arg("--out")
+            .arg(r.join(format!("{method}.npy"))));
+    }
+    for method in ["meanflow", "self-lmd", "shortcut"] {
+        let out = r.join(format!("{method}.safetensors"));
+        ok(bin()
+            .args([
+                "train", "--data", "moons", "--steps", "4", "--batch", "32", "--hidden", "16", "--depth", "1",
+                "--method", method,
+            ])
+            .arg("--out")
+            .arg(&out));
+        ok(bin()
+            .args(["sample", "--nfe", "2", "--n", "20", "--sampler", "gamma:0.5"])
+            .arg("--model")
+            .arg(&out)
+            .arg("--out")
+            .arg(r.join(format!("{method}.npy"))));
+    }
+    // The finite-difference tangent is selectable.
+    ok(bin()
+        .args([
+            "distill", "--steps", "3", "--batch", "32", "--method", "emd-cont", "--jvp", "fd",
+        ])
+        .arg("--teacher")
+        .arg(&t)
+        .arg("--out")
+        .arg(r.join("fd.safetensors")));
+}
+
+#[test]
+fn inapplicable_method_combinations_are_clear_errors() {
+    let f = fixture();
+    let r = &f.root;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.safetensors");
+    fails(
+        bin()
+            .args(["distill", "--method", "meanflow"])
+            .arg("--teacher")
+            .arg(r.join("t.safetensors"))
+            .arg("--out")
+            .arg(&out),
+        "trains from data without a teacher",
+        &out,
+    );
+    fails(
+        bin()
+            .args(["train", "--method", "emd", "--data", "moons"])
+            .arg("--out")
+            .arg(&out),
+        "distils a teacher",
+        &out,
+    );
+    fails(
+        bin()
+            .args(["train", "--method", "flow", "--data", "moons"])
+            .arg("--out")
+            .arg(&out),
+        "unknown method 'flow'",
+        &out,
+    );
+    // A consistency model maps only to s = 0.
+    let cm = dir.path().join("cm.safetensors");
+    ok(bin()
+        .args(["distill", "--steps", "3", "--batch", "32", "--method", "cm"])
+        .arg("--teacher")
+        .arg(r.join("t.safetensors"))
+        .arg("--out")
+        .arg(&cm));
+    let y = dir.path().join("y.npy");
+    fails(
+        bin()
+            .args(["apply", "--t", "0.9", "--s", "0.3"])
+            .arg("--model")
+            .arg(&cm)
+            .arg("--input")
+            .arg(r.join("x.npy"))
+            .arg("--out")
+            .arg(&y),
+        "maps only to s = 0",
+        &y,
+    );
+    ok(bin()
+        .args(["apply", "--t", "0.9", "--s", "0"])
+        .arg("--model")
+        .arg(&cm)
+        .arg("--input")
+        .arg(r.join("x.npy"))
+        .arg("--out")
+        .arg(&y));
+    let s = dir.path().join("s.npy");
+    fails(
+        bin()
+            .args(["sample", "--nfe", "4", "--sampler", "deterministic"])
+            .arg("--model")
+            .arg(&cm)
+            .arg("--out")
+            .arg(&s),
+        "maps only to s = 0",
+        &s,
+    );
+    fails(
+        bin()
+            .args(["sample", "--sampler", "gamma:2"])
+            .arg("--model")
+            .arg(r.join("m.safetensors"))
+            .arg("--out")
+            .arg(&s),
+        "unknown sampler",
+        &s,
+    );
+}

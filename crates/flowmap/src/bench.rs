@@ -19,6 +19,7 @@ use crate::nn::MlpConfig;
 use crate::objective::{DistillConfig, EpsSchedule, Method, TargetNet, TimeDistribution, Weighting};
 use crate::ode::Solver;
 use crate::pipeline::{self, progress_bar, OutDir, Teacher};
+use crate::plot;
 use crate::teacher::GmmVelocity;
 use crate::train::TrainConfig;
 use crate::Result;
@@ -130,5 +131,300 @@ pub fn ablation(
         &serde_json::to_string_pretty(&rows).expect("rows serialise"),
     )?;
     crate::io::write_text(&out.file("ablation.md"), &md)?;
+    Ok(rows)
+}
+
+/// One method's results in the side-by-side comparison.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CompareRow {
+    pub setting: String,
+    pub method: String,
+    pub sampler: String,
+    pub nfe: usize,
+    pub energy: f64,
+    pub sliced_w2: f64,
+    /// Relative flow-map error against Φ (analytic teacher only).
+    pub map_error: Option<f64>,
+    pub semigroup: Option<f64>,
+    pub train_seconds: f64,
+    pub train_steps: usize,
+}
+
+/// `flowmap bench compare`: every method at an equal wall-clock budget on checkerboard (learned teacher)
+/// and on the analytic Gaussian-mixture teacher.
+pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show: bool) -> Result<Vec<CompareRow>> {
+    use crate::data::Toy;
+    use crate::pipeline::{eval_teacher, EvalSettings};
+    use crate::sample::{self, Sampler, TimeGrid};
+
+    let out = OutDir::create(out)?;
+    let mut rows: Vec<CompareRow> = vec![];
+    let nfes = [1usize, 2, 4, 8];
+    let n_eval = 5000;
+    let settings = EvalSettings {
+        n: n_eval,
+        seed,
+        max_points: n_eval,
+    };
+    let budget = |secs: f64, batch: usize, salt: u64| TrainConfig {
+        steps: usize::MAX / 2,
+        batch_size: batch,
+        seed: seed + salt,
+        max_seconds: Some(secs),
+        ..TrainConfig::default()
+    };
+    let mut curves: Vec<plot::Series> = vec![];
+
+    for setting in ["checkerboard", "gmm"] {
+        let (data, teacher, teacher_seconds, arch) = if setting == "checkerboard" {
+            let data = DataSource::Toy(Toy::Checkerboard);
+            let pb = progress_bar(0, "teacher", show);
+            let t = pipeline::train_teacher(
+                &data,
+                &MlpConfig::new(2),
+                &budget(2.0 * budget_seconds, 1024, 0),
+                device,
+                &pb,
+            )?;
+            pb.finish_and_clear();
+            let secs = t.log.seconds;
+            (data, t.into_teacher(), secs, MlpConfig::new(2))
+        } else {
+            let m = GaussianMixture::three_widths();
+            (
+                DataSource::Mixture(m.clone()),
+                Teacher::Gmm(GmmVelocity::new(m)),
+                0.0,
+                MlpConfig {
+                    hidden: 128,
+                    ..MlpConfig::new(2)
+                },
+            )
+        };
+        let reference = data.heldout(n_eval, seed);
+        let checker = setting == "checkerboard";
+        // The teacher's own samplers.
+        let mut solvers: Vec<Solver> = nfes
+            .iter()
+            .map(|&k| Solver::fixed(crate::ode::Scheme::Euler, k))
+            .collect();
+        solvers.push(Solver::dopri5(1e-5));
+        let (trows, _) = eval_teacher("teacher", &teacher, &solvers, &reference, checker, &settings, device)?;
+        for r in &trows {
+            rows.push(CompareRow {
+                setting: setting.into(),
+                method: "teacher".into(),
+                sampler: r.sampler.clone(),
+                nfe: r.nfe,
+                energy: r.distances.energy,
+                sliced_w2: r.distances.sliced_w2,
+                map_error: None,
+                semigroup: None,
+                train_seconds: teacher_seconds,
+                train_steps: 0,
+            });
+        }
+        if checker {
+            curves.push(plot::Series {
+                name: "teacher, Euler".into(),
+                points: trows
+                    .iter()
+                    .filter(|r| r.sampler.starts_with("euler"))
+                    .map(|r| (r.nfe as f64, r.distances.energy))
+                    .collect(),
+            });
+        }
+        for method in Method::ALL {
+            let pb = progress_bar(0, method.name(), show);
+            // Teacher-free methods get the teacher's training time on top of the distillation budget.
+            let secs = if method.needs_teacher() {
+                budget_seconds
+            } else {
+                budget_seconds + teacher_seconds
+            };
+            let tc = budget(secs, 512, 1);
+            let trained = if method.needs_teacher() {
+                pipeline::distill(
+                    &teacher,
+                    &data,
+                    method,
+                    &DistillConfig::default(),
+                    &tc,
+                    &arch,
+                    device,
+                    &pb,
+                    None,
+                )?
+            } else {
+                pipeline::train_map(&data, method, &DistillConfig::default(), &tc, &arch, device, &pb, None)?
+            };
+            pb.finish_and_clear();
+            let sampler = if method.boundary_only() {
+                Sampler::Consistency
+            } else {
+                Sampler::Deterministic
+            };
+            let (map_error, semigroup) = match &data {
+                DataSource::Mixture(m) if !method.boundary_only() => {
+                    let r = pipeline::exact_map_report(&trained.net, m, 2000, seed, device)?;
+                    (Some(r.relative_error_uniform), Some(r.semigroup))
+                }
+                _ if !method.boundary_only() => (
+                    None,
+                    Some(pipeline::semigroup(&trained.net, &data, 2000, seed, device)?),
+                ),
+                _ => (None, None),
+            };
+            let z = sample::noise(n_eval, 2, seed, device)?;
+            let mut pts = vec![];
+            for &k in &nfes {
+                let s = sample::sample_with(&trained.net, &z, &TimeGrid::uniform(k)?, sampler, seed)?;
+                let x = s.x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                let d = metrics::distances(&x, &reference, 2, checker, n_eval);
+                pts.push((k as f64, d.energy));
+                rows.push(CompareRow {
+                    setting: setting.into(),
+                    method: method.name().into(),
+                    sampler: format!("{sampler:?}").to_lowercase(),
+                    nfe: s.nfe,
+                    energy: d.energy,
+                    sliced_w2: d.sliced_w2,
+                    map_error,
+                    semigroup,
+                    train_seconds: trained.log.seconds,
+                    train_steps: trained.log.steps,
+                });
+            }
+            if checker {
+                curves.push(plot::Series {
+                    name: method.name().into(),
+                    points: pts,
+                });
+            }
+        }
+    }
+    let _ = &curves;
+    plot::loglog_lines(
+        &out.file("compare_quality_vs_nfe.png"),
+        "checkerboard: energy distance vs NFE, equal budget",
+        "NFE",
+        "energy distance",
+        &curves,
+    )?;
+    crate::io::write_text(
+        &out.file("compare.json"),
+        &serde_json::to_string_pretty(&rows).expect("rows serialise"),
+    )?;
+    crate::io::write_text(&out.file("compare.md"), &compare_markdown(&rows, budget_seconds, seed))?;
+    Ok(rows)
+}
+
+fn compare_markdown(rows: &[CompareRow], budget: f64, seed: u64) -> String {
+    let mut md = format!(
+        "# Every flow-map method at an equal budget\n\nProduced by `flowmap bench compare --budget-seconds {budget}` (seed {seed}). Each teacher-based method distils for {budget} s of wall clock; the teacher-free methods (meanflow, self-lmd, shortcut) get the teacher's training time on top. Energy distance and sliced W2 against 5,000 held-out points; on the analytic mixture, the relative flow-map error `E‖f − Φ‖²/E‖Φ − x‖²` with `(t, s)` uniform; the semigroup error over a 5-point grid. `cm` is sampled with the multistep consistency sampler.\n"
+    );
+    for setting in ["checkerboard", "gmm"] {
+        md += &format!("\n## {setting}\n\n| method | sampler | NFE | energy distance | sliced W2 | map error | semigroup | train s | steps |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        for r in rows.iter().filter(|r| r.setting == setting) {
+            let opt = |v: Option<f64>| v.map(|v| format!("{v:.2e}")).unwrap_or_else(|| "–".into());
+            md += &format!(
+                "| {} | {} | {} | {:.5} | {:.4} | {} | {} | {:.1} | {} |\n",
+                r.method,
+                r.sampler,
+                r.nfe,
+                r.energy,
+                r.sliced_w2,
+                opt(r.map_error),
+                opt(r.semigroup),
+                r.train_seconds,
+                r.train_steps
+            );
+        }
+    }
+    md += "\n![quality versus NFE](compare_quality_vs_nfe.png)\n";
+    md
+}
+
+/// Timing of one pass of a flow-map network: forward, exact JVP, finite-difference JVP.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JvpTiming {
+    pub batch: usize,
+    pub hidden: usize,
+    pub forward_ms: f64,
+    pub jvp_ms: f64,
+    pub fd_jvp_ms: f64,
+    /// `jvp_ms / forward_ms` (PyTorch's `torch.func.jvp` costs about 2.8× a forward on this kind of MLP).
+    pub jvp_ratio: f64,
+    pub fd_ratio: f64,
+}
+
+fn median_ms(mut f: impl FnMut() -> Result<()>, reps: usize) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[reps / 2])
+}
+
+/// `flowmap bench jvp`: the cost of the exact forward-mode JVP against a plain forward pass.
+pub fn jvp(out: &Path, device: &Device) -> Result<Vec<JvpTiming>> {
+    use crate::flow_map::{FlowMap, FlowMapNet};
+    use crate::jvp::{FiniteDifference, TangentMap};
+    use candle_nn::{VarBuilder, VarMap};
+
+    let out = OutDir::create(out)?;
+    let mut rows = vec![];
+    for (batch, hidden) in [(256, 256), (1024, 256), (4096, 256), (1024, 512)] {
+        let vm = VarMap::new();
+        let cfg = MlpConfig {
+            hidden,
+            ..MlpConfig::new(2)
+        };
+        let net = FlowMapNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, device))?;
+        pipeline::seed_params(&vm, 0)?;
+        let mut rng = crate::Rng::new(1);
+        let x = rng.normal_tensor((batch, 2), DType::F32, device)?;
+        let dx = rng.normal_tensor((batch, 2), DType::F32, device)?;
+        let t = crate::data::to_tensor(&rng.uniform_vec(batch), batch, 1, DType::F32, device)?;
+        let s = (&t * 0.5)?;
+        let (ones, zeros) = (t.ones_like()?, t.zeros_like()?);
+        let forward_ms = median_ms(|| net.average_velocity(&x.detach(), &t, &s).map(|_| ()), 30)?;
+        let jvp_ms = median_ms(
+            || net.average_velocity_jvp(&x, &t, &s, &dx, &ones, &zeros).map(|_| ()),
+            30,
+        )?;
+        let fd = FiniteDifference { map: &net, h: 1e-3 };
+        let fd_jvp_ms = median_ms(
+            || fd.average_velocity_jvp(&x, &t, &s, &dx, &ones, &zeros).map(|_| ()),
+            30,
+        )?;
+        rows.push(JvpTiming {
+            batch,
+            hidden,
+            forward_ms,
+            jvp_ms,
+            fd_jvp_ms,
+            jvp_ratio: jvp_ms / forward_ms,
+            fd_ratio: fd_jvp_ms / forward_ms,
+        });
+    }
+    let mut md = String::from("# Forward-mode JVP cost\n\nFlow-map MLP (dimension 2, 3 hidden layers, SiLU), f32 on the CPU; median of 30 passes. Produced by `flowmap bench jvp`.\n\n| batch | hidden | forward ms | exact JVP ms | JVP / forward | finite-difference JVP ms | FD / forward |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in &rows {
+        md += &format!(
+            "| {} | {} | {:.3} | {:.3} | {:.2} | {:.3} | {:.2} |\n",
+            r.batch, r.hidden, r.forward_ms, r.jvp_ms, r.jvp_ratio, r.fd_jvp_ms, r.fd_ratio
+        );
+    }
+    crate::io::write_text(
+        &out.file("jvp.json"),
+        &serde_json::to_string_pretty(&rows).expect("rows serialise"),
+    )?;
+    crate::io::write_text(&out.file("jvp.md"), &md)?;
     Ok(rows)
 }

@@ -41,8 +41,8 @@ impl Default for DemoConfig {
     fn default() -> Self {
         DemoConfig {
             teacher_steps: 5000,
-            distill_steps: 2500,
-            gmm_steps: 6000,
+            distill_steps: 5000,
+            gmm_steps: 12000,
             batch_size: 1024,
             distill_batch_size: 512,
             gmm_hidden: 128,
@@ -77,6 +77,20 @@ pub struct DemoReport {
     pub checks: Vec<(String, bool)>,
 }
 
+const METHODS: [Method; 2] = [Method::Emd, Method::Lmd];
+
+/// Runs independent jobs on their own threads (candle's kernels gain little from a second thread at these
+/// sizes, so two single-threaded runs side by side nearly double the throughput on two cores).
+fn parallel<T: Send, F: FnOnce() -> T + Send>(jobs: [F; 2]) -> Vec<T> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs.into_iter().map(|job| scope.spawn(job)).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a demo job panicked"))
+            .collect()
+    })
+}
+
 /// Runs the demo into `out`.
 pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -> Result<DemoReport> {
     let out = OutDir::create(out)?;
@@ -102,22 +116,31 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
     let mut train_seconds = vec![("teacher (flow matching)".to_string(), trained.log.seconds)];
     let teacher = trained.into_teacher();
 
-    // 2. Flow maps.
+    // 2. Flow maps: EMD and LMD train side by side, one compute thread each.
+    let multi = indicatif::MultiProgress::new();
+    let results = parallel(METHODS.map(|method| {
+        let pb = multi.add(progress_bar(cfg.distill_steps as u64, method.name(), show_progress));
+        let (teacher, data, arch) = (&teacher, &data, &arch);
+        let tc = train(cfg.distill_steps, cfg.distill_batch_size, 1);
+        move || {
+            let m = pipeline::distill(
+                teacher,
+                data,
+                method,
+                &DistillConfig::default(),
+                &tc,
+                arch,
+                device,
+                &pb,
+                None,
+            );
+            pb.finish_and_clear();
+            m
+        }
+    }));
     let mut maps: Vec<(String, FlowMapNet)> = vec![];
-    for method in [Method::Emd, Method::Lmd] {
-        let pb = progress_bar(cfg.distill_steps as u64, method.name(), show_progress);
-        let m = pipeline::distill(
-            &teacher,
-            &data,
-            method,
-            &DistillConfig::default(),
-            &train(cfg.distill_steps, cfg.distill_batch_size, 1),
-            &arch,
-            device,
-            &pb,
-            None,
-        )?;
-        pb.finish_and_clear();
+    for (method, m) in METHODS.into_iter().zip(results) {
+        let m = m?;
         m.save(&out.file(&format!("{}.safetensors", method.name())))?;
         train_seconds.push((method.name().to_uppercase(), m.log.seconds));
         maps.push((method.name().to_uppercase(), m.net));
@@ -142,22 +165,28 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
         map_samples.push(s);
     }
 
-    // 4. Errors against the teacher's exact flow map, and the semigroup error.
+    // 4. Errors against the teacher's exact flow map, and the semigroup error (both maps side by side).
+    let measured = parallel([0, 1].map(|i| {
+        let (net, teacher, data) = (&maps[i].1, &teacher, &data);
+        move || -> Result<(Vec<MapError>, f64)> {
+            Ok((
+                pipeline::map_errors(net, teacher, data, 11, 2000, cfg.seed, device)?,
+                pipeline::semigroup(net, data, 2000, cfg.seed, device)?,
+            ))
+        }
+    }));
     let mut map_error = vec![];
     let mut semigroup = vec![];
-    for (name, net) in &maps {
-        map_error.push((
-            name.clone(),
-            pipeline::map_errors(net, &teacher, &data, 11, 2000, cfg.seed, device)?,
-        ));
-        semigroup.push((name.clone(), pipeline::semigroup(net, &data, 2000, cfg.seed, device)?));
+    for ((name, _), m) in maps.iter().zip(measured) {
+        let (errors, sg) = m?;
+        map_error.push((name.clone(), errors));
+        semigroup.push((name.clone(), sg));
     }
 
-    // 5. The analytic teacher.
-    let mut gmm = vec![];
-    for method in [Method::Emd, Method::Lmd] {
-        gmm.push(gmm_study(method, cfg, device, show_progress)?);
-    }
+    // 5. The analytic teacher, again both methods side by side.
+    let gmm = parallel(METHODS.map(|method| move || gmm_study(method, cfg, device, show_progress)))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
 
     // 6. Figures.
     let find = |model: &str, nfe: usize| rows.iter().position(|r| r.model == model && r.nfe == nfe);
@@ -250,7 +279,7 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
             gmm.iter().any(|g| g.method == "EMD" && g.relative_error_uniform < 1e-2),
         ),
         (
-            "GMM EMD semigroup error falls during training".to_string(),
+            "GMM EMD semigroup error falls during training (end below 0.7× its peak)".to_string(),
             gmm.iter().any(|g| g.method == "EMD" && falls(&g.semigroup_curve)),
         ),
     ];
@@ -271,11 +300,11 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
     Ok(report)
 }
 
+/// Whether the semigroup error ends well below its peak. A fresh network starts near a constant map, which
+/// is trivially consistent, so the error first rises as the map moves, then falls as it learns.
 fn falls(curve: &[(usize, f64)]) -> bool {
-    match (curve.first(), curve.last()) {
-        (Some(a), Some(b)) => b.1 < a.1,
-        _ => false,
-    }
+    let peak = curve.iter().map(|p| p.1).fold(0.0, f64::max);
+    curve.last().is_some_and(|l| l.1 < 0.7 * peak)
 }
 
 /// Distils from the analytic teacher of [`GaussianMixture::three_widths`] and measures against its exact Φ.
@@ -384,12 +413,10 @@ fn markdown(r: &DemoReport) -> String {
     for (name, _) in &r.map_error {
         s += &format!("\n![{name} error](map_error_{}.png)\n", name.to_lowercase());
     }
-    s += "\n## Analytic Gaussian-mixture teacher\n\nThree isotropic components of stds 0.15, 0.4 and 0.25; the student is measured against the exact Φ of the mixture (dopri5 on the closed-form velocity, tolerance 1e-6).\n\n| method | relative error, uniform (t, s) | relative error, grid mean | semigroup error: start → end | seconds |\n|---|---:|---:|---:|---:|\n";
+    s += "\n## Analytic Gaussian-mixture teacher\n\nThree isotropic components of stds 0.15, 0.4 and 0.25; the student is measured against the exact Φ of the mixture (dopri5 on the closed-form velocity, tolerance 1e-6).\n\n| method | relative error, uniform (t, s) | relative error, grid mean | semigroup error: peak → end | seconds |\n|---|---:|---:|---:|---:|\n";
     for g in &r.gmm {
-        let (a, b) = (
-            g.semigroup_curve.first().map(|p| p.1).unwrap_or(f64::NAN),
-            g.semigroup_curve.last().map(|p| p.1).unwrap_or(f64::NAN),
-        );
+        let a = g.semigroup_curve.iter().map(|p| p.1).fold(0.0, f64::max);
+        let b = g.semigroup_curve.last().map(|p| p.1).unwrap_or(f64::NAN);
         s += &format!(
             "| {} | {:.3e} | {:.3e} | {a:.3e} → {b:.3e} | {:.1} |\n",
             g.method, g.relative_error_uniform, g.relative_error_grid, g.seconds

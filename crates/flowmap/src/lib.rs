@@ -36,3 +36,10 @@ pub mod train;
 
 pub use error::{Error, Result};
 pub use rng::Rng;
+
+/// Sets how many threads candle's CPU kernels use, for the ops that follow (candle reads
+/// `RAYON_NUM_THREADS` when it launches a kernel). Call it before starting other threads.
+pub fn set_compute_threads(n: usize) {
+    // SAFETY (edition 2021: safe fn): called from the main thread before worker threads start.
+    std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+}

@@ -27,6 +27,16 @@ pub fn progress_bar(n: u64, label: &str, show: bool) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
+    if n == 0 {
+        // A run bounded by time, not steps.
+        let pb = ProgressBar::new_spinner();
+        pb.set_style(
+            ProgressStyle::with_template("{prefix:>12} {spinner} {pos} steps {elapsed_precise} {msg}")
+                .expect("valid template"),
+        );
+        pb.set_prefix(label.to_string());
+        return pb;
+    }
     let pb = ProgressBar::new(n);
     pb.set_style(
         ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}")

@@ -27,6 +27,9 @@ pub struct TrainConfig {
     /// Decay of the EMA of the weights (used for sampling and, if chosen, as the target `θ⁻`).
     pub ema_decay: f64,
     pub seed: u64,
+    /// A wall-clock budget: when set, training stops after this many seconds (or `steps`, whichever comes
+    /// first) and schedules follow the elapsed fraction of the budget.
+    pub max_seconds: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -40,6 +43,7 @@ impl Default for TrainConfig {
             lr_final_fraction: 0.05,
             ema_decay: 0.999,
             seed: 0,
+            max_seconds: None,
         }
     }
 }
@@ -64,15 +68,23 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The learning rate at a step.
-    pub fn lr_at(&self, step: usize) -> f64 {
+    /// The learning rate at a step and training progress `p ∈ [0, 1]`: linear warm-up over the first
+    /// `warmup_steps`, then cosine decay in `p` to `lr_final_fraction·lr`.
+    pub fn lr_at(&self, step: usize, p: f64) -> f64 {
         if step < self.warmup_steps {
             return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
         }
-        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
-        let p = ((step - self.warmup_steps) as f64 / span).min(1.0);
         let floor = self.lr_final_fraction;
-        self.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
+        self.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * p.clamp(0.0, 1.0)).cos()))
+    }
+
+    /// Training progress after `step` steps and `elapsed` seconds.
+    pub fn progress(&self, step: usize, elapsed: f64) -> f64 {
+        let by_steps = step as f64 / self.steps as f64;
+        match self.max_seconds {
+            Some(budget) => by_steps.max(elapsed / budget).min(1.0),
+            None => by_steps,
+        }
     }
 }
 
@@ -170,7 +182,7 @@ pub fn fit_with_hook<O: Objective>(
     let mut opt = AdamW::new(
         vars,
         ParamsAdamW {
-            lr: cfg.lr_at(0),
+            lr: cfg.lr_at(0, 0.0),
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
@@ -188,15 +200,24 @@ pub fn fit_with_hook<O: Objective>(
     };
     let mut rng = Rng::new(cfg.seed);
     let mut log = TrainLog::default();
-    let log_every = (cfg.steps / 200).max(1);
+    let log_every = if cfg.max_seconds.is_some() {
+        50
+    } else {
+        (cfg.steps / 200).max(1)
+    };
     let (mut acc, mut acc_n) = (0.0, 0usize);
     let start = Instant::now();
     let dim = data.dim();
     if every > 0 {
         hook(0)?;
     }
+    let mut steps_done = 0;
     for step in 0..cfg.steps {
-        opt.set_learning_rate(cfg.lr_at(step));
+        let frac = cfg.progress(step, start.elapsed().as_secs_f64());
+        if cfg.max_seconds.is_some() && frac >= 1.0 {
+            break;
+        }
+        opt.set_learning_rate(cfg.lr_at(step, frac));
         let x0 = data.sample_tensor(cfg.batch_size, &mut rng, DType::F32, device)?;
         let x1 = rng.normal_tensor((cfg.batch_size, dim), DType::F32, device)?;
         let mut cx = StepContext {
@@ -204,7 +225,7 @@ pub fn fit_with_hook<O: Objective>(
             target,
             x0: &x0,
             x1: &x1,
-            progress: step as f64 / cfg.steps as f64,
+            progress: frac,
             step,
             rng: &mut rng,
         };
@@ -219,7 +240,7 @@ pub fn fit_with_hook<O: Objective>(
         }
         acc += value;
         acc_n += 1;
-        if (step + 1) % log_every == 0 || step + 1 == cfg.steps {
+        if (step + 1) % log_every == 0 {
             log.losses.push((step + 1, acc / acc_n as f64));
             progress.set_message(format!("loss {:.4}", acc / acc_n as f64));
             acc = 0.0;
@@ -229,8 +250,12 @@ pub fn fit_with_hook<O: Objective>(
         if every > 0 && (step + 1) % every == 0 {
             hook(step + 1)?;
         }
+        steps_done = step + 1;
     }
-    log.steps = cfg.steps;
+    if acc_n > 0 {
+        log.losses.push((steps_done, acc / acc_n as f64));
+    }
+    log.steps = steps_done;
     log.seconds = start.elapsed().as_secs_f64();
     Ok(log)
 }

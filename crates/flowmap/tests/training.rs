@@ -146,15 +146,21 @@ fn distilling_the_analytic_teacher_approaches_the_exact_map() {
             &small(),
             &Device::Cpu,
             &ProgressBar::hidden(),
-            Some((1000, &mut monitor)),
+            Some((250, &mut monitor)),
         )
         .unwrap();
     }
-    for w in errors.chunks(2) {
-        let (method, start, end) = (w[0].0, w[0].2, w[1].2);
+    for method in [Method::Emd, Method::Lmd] {
+        let e: Vec<f64> = errors.iter().filter(|r| r.0 == method).map(|r| r.2).collect();
+        let (start, end) = (e[0], *e.last().unwrap());
         assert!(end < 0.25 * start, "{method}: relative flow-map error {start} → {end}");
-    }
-    for w in sg.chunks(2) {
-        assert!(w[1].2 < w[0].2, "{}: semigroup error {} → {}", w[0].0, w[0].2, w[1].2);
+        // A fresh network starts as a near-constant map, trivially consistent; once it moves, the
+        // semigroup error must come down.
+        let g: Vec<f64> = sg.iter().filter(|r| r.0 == method).map(|r| r.2).collect();
+        let peak = g.iter().cloned().fold(0.0, f64::max);
+        assert!(
+            *g.last().unwrap() < 0.7 * peak,
+            "{method}: semigroup error over training {g:?}"
+        );
     }
 }

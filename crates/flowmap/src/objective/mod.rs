@@ -22,7 +22,7 @@ mod meanflow;
 mod progressive;
 mod self_distill;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 pub use config::{
     ContinuousConfig, DistillConfig, EpsSchedule, JvpMode, Method, TargetNet, TimeDistribution, TimeSampling, Weighting,
@@ -139,11 +139,6 @@ pub(crate) fn diagonal_loss(
     let v = teacher.velocity(x, t)?.detach();
     let f = model.average_velocity(x, t, t)?;
     Ok(row_mse(&f, &v)?.mean_all()?)
-}
-
-#[allow(dead_code)]
-pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 /// Rows `0..n` and `n..` of each tensor.
