@@ -191,7 +191,7 @@ struct TrainArgs {
 /// Settings of the flow-map objectives and of a fresh student network.
 #[derive(Args)]
 struct MapFlags {
-    /// Fixed teacher step fraction ε of the discrete objectives (default: annealed 0.5 → 0.05).
+    /// Fixed teacher step fraction ε of the discrete objectives (default: annealed 0.5 → 0.02).
     #[arg(long)]
     eps: Option<f64>,
     /// Fraction of each batch on the diagonal s = t.

@@ -45,6 +45,9 @@ pub fn ablation_variants() -> Vec<(String, DistillConfig)> {
         f(&mut c);
         v.push((name.to_string(), c));
     };
+    push("eps annealed 0.5 → 0.05", &|c| {
+        c.eps = EpsSchedule::Annealed { start: 0.5, end: 0.05 }
+    });
     push("eps fixed 0.05", &|c| c.eps = EpsSchedule::Fixed { eps: 0.05 });
     push("eps fixed 0.2", &|c| c.eps = EpsSchedule::Fixed { eps: 0.2 });
     push("eps fixed 0.5", &|c| c.eps = EpsSchedule::Fixed { eps: 0.5 });

@@ -292,7 +292,7 @@ impl Default for DistillConfig {
     /// Defaults chosen by `flowmap bench ablation` (see `bench/ablation.md`).
     fn default() -> Self {
         DistillConfig {
-            eps: EpsSchedule::Annealed { start: 0.5, end: 0.05 },
+            eps: EpsSchedule::Annealed { start: 0.5, end: 0.02 },
             times: TimeSampling {
                 distribution: TimeDistribution::Uniform,
                 diagonal_fraction: 0.25,

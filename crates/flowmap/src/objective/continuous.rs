@@ -1,12 +1,27 @@
 use candle_core::Tensor;
 
-use super::{combine, diagonal_loss, draw_pairs, normalize_tangent, ones, row_mse, split_rows, tangent};
-use super::{DistillConfig, Objective, StepContext};
+use super::{ones, pair_loss, row_mse, tangent, DiagonalTarget, DistillConfig, Objective, StepContext};
 use crate::jvp::TangentMap;
 use crate::teacher::VelocityField;
 use crate::Result;
 
-fn ramp(cfg: &DistillConfig, progress: f64) -> f64 {
+/// `‖F_θ − sg(F⁻ + g/(‖g‖ + c))‖²`: one normalised step along the residual `g`.
+pub(crate) fn normalized_step_loss(
+    model: &dyn TangentMap,
+    x: &Tensor,
+    t: &Tensor,
+    s: &Tensor,
+    f_minus: &Tensor,
+    g: &Tensor,
+    c: f64,
+) -> Result<Tensor> {
+    let target = (f_minus + super::normalize_tangent(g, c)?)?.detach();
+    let f = model.average_velocity(x, t, s)?;
+    Ok(row_mse(&f, &target)?.mean_all()?)
+}
+
+/// The warm-up weight `r ∈ [0, 1]` of the tangent's time-derivative term.
+pub(crate) fn ramp(cfg: &DistillConfig, progress: f64) -> f64 {
     if cfg.continuous.warmup <= 0.0 {
         1.0
     } else {
@@ -38,16 +53,9 @@ impl<'a> Objective for EmdContinuous<'a> {
     }
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
-        let (xt, t, s, n_diag) = draw_pairs(&self.cfg, cx)?;
-        let (d, o) = split_rows(n_diag, &[&xt, &t, &s])?;
-        let diag = if n_diag > 0 {
-            Some(diagonal_loss(cx.model, self.teacher, &d[0], &d[1])?)
-        } else {
-            None
-        };
-        let n_off = xt.dim(0)? - n_diag;
-        let off = if n_off > 0 {
-            let (x, t, s) = (&o[0], &o[1], &o[2]);
+        let r = ramp(&self.cfg, cx.progress);
+        pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, rows| {
+            let (x, t, s) = (&rows.x, &rows.t, &rows.s);
             let v = self.teacher.velocity(x, t)?.detach();
             let (f_minus, df_dt) = tangent(
                 cx.target,
@@ -59,15 +67,9 @@ impl<'a> Objective for EmdContinuous<'a> {
                 &ones(t)?,
                 &t.zeros_like()?,
             )?;
-            let r = ramp(&self.cfg, cx.progress);
             let g = ((&v - &f_minus)? - df_dt.broadcast_mul(&((t - s)? * r)?)?)?;
-            let target = (f_minus + normalize_tangent(&g, self.cfg.continuous.tangent_c)?)?.detach();
-            let f = cx.model.average_velocity(x, t, s)?;
-            Some(row_mse(&f, &target)?.mean_all()?)
-        } else {
-            None
-        };
-        combine(diag, n_diag, off, n_off)
+            normalized_step_loss(cx.model, x, t, s, &f_minus, &g, self.cfg.continuous.tangent_c)
+        })
     }
 }
 
@@ -94,25 +96,12 @@ impl<'a> Objective for LmdContinuous<'a> {
     }
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
-        let (xt, t, s, n_diag) = draw_pairs(&self.cfg, cx)?;
-        let (d, o) = split_rows(n_diag, &[&xt, &t, &s])?;
-        let diag = if n_diag > 0 {
-            Some(diagonal_loss(cx.model, self.teacher, &d[0], &d[1])?)
-        } else {
-            None
-        };
-        let n_off = xt.dim(0)? - n_diag;
-        let off = if n_off > 0 {
-            let (x, t, s) = (&o[0], &o[1], &o[2]);
-            let r = ramp(&self.cfg, cx.progress);
+        let r = ramp(&self.cfg, cx.progress);
+        pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, rows| {
+            let (x, t, s) = (&rows.x, &rows.t, &rows.s);
             let (g, f_minus) = lagrangian_tangent(cx.target, self.teacher, &self.cfg, x, t, s, r)?;
-            let target = (f_minus + normalize_tangent(&g, self.cfg.continuous.tangent_c)?)?.detach();
-            let f = cx.model.average_velocity(x, t, s)?;
-            Some(row_mse(&f, &target)?.mean_all()?)
-        } else {
-            None
-        };
-        combine(diag, n_diag, off, n_off)
+            normalized_step_loss(cx.model, x, t, s, &f_minus, &g, self.cfg.continuous.tangent_c)
+        })
     }
 }
 

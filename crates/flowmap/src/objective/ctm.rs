@@ -1,6 +1,6 @@
 use candle_core::Tensor;
 
-use super::{combine, diagonal_loss, draw_pairs, row_mse, split_rows, DistillConfig, Objective, StepContext};
+use super::{pair_loss, row_mse, DiagonalTarget, DistillConfig, Objective, StepContext};
 use crate::jvp::TangentMap;
 use crate::ode::{self, Scheme, Solver};
 use crate::teacher::VelocityField;
@@ -27,33 +27,20 @@ impl<'a> Objective for ConsistencyTrajectory<'a> {
     }
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
-        let (xt, t, s, n_diag) = draw_pairs(&self.cfg, cx)?;
-        let (d, o) = split_rows(n_diag, &[&xt, &t, &s])?;
-        let diag = if n_diag > 0 {
-            Some(diagonal_loss(cx.model, self.teacher, &d[0], &d[1])?)
-        } else {
-            None
-        };
-        let n_off = xt.dim(0)? - n_diag;
-        let off = if n_off > 0 {
-            let (x, t, s) = (&o[0], &o[1], &o[2]);
-            let lam: Vec<f64> = (0..n_off).map(|_| 1.0 - cx.rng.uniform()).collect();
-            let lam = super::column(&lam, x)?;
-            let u = (t - (t - s)?.broadcast_mul(&lam)?)?;
+        pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, rows| {
+            let (x, t, s) = (&rows.x, &rows.t, &rows.s);
+            let lam: Vec<f64> = (0..x.dim(0)?).map(|_| 1.0 - cx.rng.uniform()).collect();
+            let u = (t - (t - s)?.broadcast_mul(&super::column(&lam, x)?)?)?;
             let longest = (t - &u)?
                 .max_all()?
                 .to_dtype(candle_core::DType::F64)?
                 .to_scalar::<f64>()?;
             let steps = ((longest * self.cfg.continuous.ctm_steps_per_unit as f64).ceil() as usize).max(1);
-            let xu = ode::solve(self.teacher, Solver::fixed(Scheme::Heun, steps), x, t, &u)?.detach();
+            let xu = ode::solve(self.teacher, Solver::fixed(Scheme::Heun, steps), x, t, &u)?;
             let y = cx.target.map(&xu, &u, s)?.detach();
             // In average-velocity form: F(x_t, t, s) against (y − x_t)/(s − t).
             let target = (y - x)?.broadcast_div(&(s - t)?)?;
-            let f = cx.model.average_velocity(x, t, s)?;
-            Some(row_mse(&f, &target)?.mean_all()?)
-        } else {
-            None
-        };
-        combine(diag, n_diag, off, n_off)
+            Ok(row_mse(&cx.model.average_velocity(x, t, s)?, &target)?.mean_all()?)
+        })
     }
 }

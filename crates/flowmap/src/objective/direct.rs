@@ -1,6 +1,6 @@
 use candle_core::Tensor;
 
-use super::{combine, diagonal_loss, draw_pairs, row_mse, split_rows, DistillConfig, Objective, StepContext};
+use super::{pair_loss, row_mse, DiagonalTarget, DistillConfig, Objective, StepContext};
 use crate::jvp::TangentMap;
 use crate::ode::{self, Solver};
 use crate::teacher::VelocityField;
@@ -26,23 +26,11 @@ impl<'a> Objective for DirectRegression<'a> {
     }
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
-        let (xt, t, s, n_diag) = draw_pairs(&self.cfg, cx)?;
-        let (d, o) = split_rows(n_diag, &[&xt, &t, &s])?;
-        let diag = if n_diag > 0 {
-            Some(diagonal_loss(cx.model, self.teacher, &d[0], &d[1])?)
-        } else {
-            None
-        };
-        let n_off = xt.dim(0)? - n_diag;
-        let off = if n_off > 0 {
-            let (x, t, s) = (&o[0], &o[1], &o[2]);
-            let phi = ode::solve(self.teacher, Solver::dopri5(self.tol), x, t, s)?.detach();
+        pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, rows| {
+            let (x, t, s) = (&rows.x, &rows.t, &rows.s);
+            let phi = ode::solve(self.teacher, Solver::dopri5(self.tol), x, t, s)?;
             let target = (phi - x)?.broadcast_div(&(s - t)?)?;
-            let f = cx.model.average_velocity(x, t, s)?;
-            Some(row_mse(&f, &target)?.mean_all()?)
-        } else {
-            None
-        };
-        combine(diag, n_diag, off, n_off)
+            Ok(row_mse(&cx.model.average_velocity(x, t, s)?, &target)?.mean_all()?)
+        })
     }
 }

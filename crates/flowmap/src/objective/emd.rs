@@ -1,6 +1,6 @@
 use candle_core::Tensor;
 
-use super::{assemble_loss, combine, diagonal_loss, draw_pairs, DistillConfig, Objective, StepContext};
+use super::{assemble_loss, pair_loss, DiagonalTarget, DistillConfig, Objective, StepContext};
 use crate::jvp::TangentMap;
 use crate::teacher::VelocityField;
 use crate::Result;
@@ -36,33 +36,16 @@ impl<'a> Objective for Emd<'a> {
     }
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
-        let (xt, t, s, n_diag) = draw_pairs(&self.cfg, cx)?;
-        let b = xt.dim(0)?;
-        let diag = if n_diag > 0 {
-            let x = xt.narrow(0, 0, n_diag)?;
-            Some(diagonal_loss(cx.model, self.teacher, &x, &t.narrow(0, 0, n_diag)?)?)
-        } else {
-            None
-        };
-        let n_off = b - n_diag;
-        let off = if n_off > 0 {
-            let eps = self.cfg.eps.at(cx.progress);
-            let (x, t, s) = (
-                xt.narrow(0, n_diag, n_off)?,
-                t.narrow(0, n_diag, n_off)?,
-                s.narrow(0, n_diag, n_off)?,
-            );
-            let v = self.teacher.velocity(&x, &t)?.detach();
-            let step = ((&s - &t)? * eps)?; // t' − t = ε(s − t) ≤ 0
-            let t_mid = (&t + &step)?;
-            let x_mid = (&x + v.broadcast_mul(&step)?)?;
-            let f_target = cx.target.average_velocity(&x_mid, &t_mid, &s)?.detach();
+        let eps = self.cfg.eps.at(cx.progress);
+        pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, r| {
+            let v = self.teacher.velocity(&r.x, &r.t)?.detach();
+            let step = ((&r.s - &r.t)? * eps)?; // t' − t = ε(s − t) ≤ 0
+            let t_mid = (&r.t + &step)?;
+            let x_mid = (&r.x + v.broadcast_mul(&step)?)?;
+            let f_target = cx.target.average_velocity(&x_mid, &t_mid, &r.s)?.detach();
             let target = ((v * eps)? + (f_target * (1.0 - eps))?)?;
-            let f = cx.model.average_velocity(&x, &t, &s)?;
-            Some(assemble_loss(&self.cfg, eps, &f, &target, &t, &s)?)
-        } else {
-            None
-        };
-        combine(diag, n_diag, off, n_off)
+            let f = cx.model.average_velocity(&r.x, &r.t, &r.s)?;
+            assemble_loss(&self.cfg, eps, &f, &target, &r.t, &r.s)
+        })
     }
 }

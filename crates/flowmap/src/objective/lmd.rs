@@ -1,6 +1,6 @@
 use candle_core::Tensor;
 
-use super::{assemble_loss, combine, diagonal_loss, draw_pairs, DistillConfig, Objective, StepContext};
+use super::{assemble_loss, pair_loss, DiagonalTarget, DistillConfig, Objective, Rows, StepContext};
 use crate::jvp::TangentMap;
 use crate::teacher::VelocityField;
 use crate::Result;
@@ -36,32 +36,27 @@ impl<'a> Objective for Lmd<'a> {
     }
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
-        let (xt, t, s, n_diag) = draw_pairs(&self.cfg, cx)?;
-        let b = xt.dim(0)?;
-        let diag = if n_diag > 0 {
-            let x = xt.narrow(0, 0, n_diag)?;
-            Some(diagonal_loss(cx.model, self.teacher, &x, &t.narrow(0, 0, n_diag)?)?)
-        } else {
-            None
-        };
-        let n_off = b - n_diag;
-        let off = if n_off > 0 {
-            let eps = self.cfg.eps.at(cx.progress);
-            let (x, t, s) = (
-                xt.narrow(0, n_diag, n_off)?,
-                t.narrow(0, n_diag, n_off)?,
-                s.narrow(0, n_diag, n_off)?,
-            );
-            let s_mid = (&s + ((&t - &s)? * eps)?)?; // s' = s + ε(t − s)
-            let f_mid = cx.target.average_velocity(&x, &t, &s_mid)?.detach();
-            let y_mid = (&x + f_mid.broadcast_mul(&(&s_mid - &t)?)?)?; // y' = f⁻(x_t, t, s')
-            let v = self.teacher.velocity(&y_mid, &s_mid)?.detach();
-            let target = ((v * eps)? + (f_mid * (1.0 - eps))?)?;
-            let f = cx.model.average_velocity(&x, &t, &s)?;
-            Some(assemble_loss(&self.cfg, eps, &f, &target, &t, &s)?)
-        } else {
-            None
-        };
-        combine(diag, n_diag, off, n_off)
+        let eps = self.cfg.eps.at(cx.progress);
+        pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, r| {
+            lagrangian_step_loss(&self.cfg, eps, self.teacher, cx.model, cx.target, r)
+        })
     }
+}
+
+/// The discrete Lagrangian residual for the off-diagonal rows `r`, with velocity `v` for the end step.
+pub(crate) fn lagrangian_step_loss(
+    cfg: &DistillConfig,
+    eps: f64,
+    v: &dyn VelocityField,
+    model: &dyn TangentMap,
+    target: &dyn TangentMap,
+    r: &Rows,
+) -> Result<Tensor> {
+    let s_mid = (&r.s + ((&r.t - &r.s)? * eps)?)?; // s' = s + ε(t − s)
+    let f_mid = target.average_velocity(&r.x, &r.t, &s_mid)?.detach();
+    let y_mid = (&r.x + f_mid.broadcast_mul(&(&s_mid - &r.t)?)?)?; // y' = f⁻(x_t, t, s')
+    let v = v.velocity(&y_mid, &s_mid)?.detach();
+    let target = ((v * eps)? + (f_mid * (1.0 - eps))?)?;
+    let f = model.average_velocity(&r.x, &r.t, &r.s)?;
+    assemble_loss(cfg, eps, &f, &target, &r.t, &r.s)
 }

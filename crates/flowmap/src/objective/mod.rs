@@ -117,12 +117,49 @@ pub(crate) fn assemble_loss(
     Ok((r * w)?.mean_all()?)
 }
 
-/// Mean of the diagonal loss `‖F(x, t, t) − v_φ(x, t)‖²` over `n` rows and the off-diagonal loss over the
-/// rest, weighted by their row counts.
-pub(crate) fn combine(diag: Option<Tensor>, n_diag: usize, off: Option<Tensor>, n_off: usize) -> Result<Tensor> {
-    let n = (n_diag + n_off) as f64;
+/// What the diagonal rows `s = t` of a batch regress `F(x_t, t, t)` on.
+#[derive(Clone, Copy)]
+pub(crate) enum DiagonalTarget<'a> {
+    /// The teacher velocity `v_φ(x_t, t)`.
+    Teacher(&'a dyn VelocityField),
+    /// The conditional velocity `x1 − x0` (flow matching on data).
+    Data,
+}
+
+/// The off-diagonal rows of a batch: `x_t` and its times.
+pub(crate) struct Rows {
+    pub x: Tensor,
+    pub t: Tensor,
+    pub s: Tensor,
+}
+
+/// The shape shared by the pair objectives: draw `(t, s)` with the configured diagonal fraction; the
+/// diagonal rows regress `F(x_t, t, t)` on `diagonal`; the others get the objective's own loss `off`; the
+/// two means are combined in proportion to their row counts.
+pub(crate) fn pair_loss<M: FlowMap + ?Sized>(
+    cfg: &DistillConfig,
+    cx: &mut StepContext<'_, M>,
+    diagonal: DiagonalTarget<'_>,
+    off: impl FnOnce(&mut StepContext<'_, M>, &Rows) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (xt, t, s, n_diag) = draw_pairs(cfg, cx)?;
+    let (d, o) = split_rows(n_diag, &[&xt, &t, &s, cx.x0, cx.x1])?;
+    let n = xt.dim(0)?;
+    let n_off = n - n_diag;
+    let diag = match (n_diag, diagonal) {
+        (0, _) => None,
+        (_, DiagonalTarget::Teacher(v)) => Some(diagonal_loss(cx.model, v, &d[0], &d[1])?),
+        (_, DiagonalTarget::Data) => Some(diagonal_data_loss(cx.model, &d[0], &d[1], &d[3], &d[4])?),
+    };
+    let off = if n_off > 0 {
+        let [x, t, s, ..]: [Tensor; 5] = o.try_into().expect("five tensors");
+        Some(off(cx, &Rows { x, t, s })?)
+    } else {
+        None
+    };
+    let w = |k: usize| k as f64 / n as f64;
     Ok(match (diag, off) {
-        (Some(d), Some(o)) => ((d * (n_diag as f64 / n))? + (o * (n_off as f64 / n))?)?,
+        (Some(d), Some(o)) => ((d * w(n_diag))? + (o * w(n_off))?)?,
         (Some(d), None) => d,
         (None, Some(o)) => o,
         (None, None) => unreachable!("a batch has rows"),
@@ -131,7 +168,7 @@ pub(crate) fn combine(diag: Option<Tensor>, n_diag: usize, off: Option<Tensor>, 
 
 /// The flow-matching regression of the diagonal on a teacher: `mean ‖F(x, t, t) − v_φ(x, t)‖²`.
 pub(crate) fn diagonal_loss(
-    model: &dyn FlowMap,
+    model: &(impl FlowMap + ?Sized),
     teacher: &dyn VelocityField,
     x: &Tensor,
     t: &Tensor,

@@ -3,7 +3,7 @@ use std::cell::Cell;
 use candle_core::Tensor;
 use candle_nn::{VarBuilder, VarMap};
 
-use super::{combine, diagonal_loss, draw_pairs, row_mse, split_rows, DistillConfig, Objective, StepContext};
+use super::{pair_loss, row_mse, DiagonalTarget, DistillConfig, Objective, Rows, StepContext};
 use crate::flow_map::{vars_sorted, FlowMap, FlowMapNet, SolverMap};
 use crate::jvp::TangentMap;
 use crate::nn::MlpConfig;
@@ -98,26 +98,19 @@ impl<'a> Objective for Progressive<'a> {
                 self.stage.set(stage);
             }
         }
-        let (xt, t, s, n_diag) = draw_pairs(&self.cfg, cx)?;
-        let (d, o) = split_rows(n_diag, &[&xt, &t, &s])?;
-        let diag = if n_diag > 0 {
-            Some(diagonal_loss(cx.model, self.teacher, &d[0], &d[1])?)
-        } else {
-            None
-        };
-        let n_off = xt.dim(0)? - n_diag;
-        let off = if n_off > 0 {
-            let (x, t, s) = (&o[0], &o[1], &o[2]);
-            let m = ((t + s)? * 0.5)?;
-            let f1 = self.frozen_average_velocity(x, t, &m)?;
-            let xm = (x + f1.broadcast_mul(&(&m - t)?)?)?;
-            let f2 = self.frozen_average_velocity(&xm, &m, s)?;
-            let target = ((f1 + f2)? * 0.5)?.detach();
-            let f = cx.model.average_velocity(x, t, s)?;
-            Some(row_mse(&f, &target)?.mean_all()?)
-        } else {
-            None
-        };
-        combine(diag, n_diag, off, n_off)
+        pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, rows| {
+            let target = two_half_steps(|x, t, s| self.frozen_average_velocity(x, t, s), rows)?;
+            Ok(row_mse(&cx.model.average_velocity(&rows.x, &rows.t, &rows.s)?, &target)?.mean_all()?)
+        })
     }
+}
+
+/// `½(F(x_t, t, m) + F(x_m, m, s))` with `m = (t + s)/2` and `x_m = x_t + (m − t)·F(x_t, t, m)`: the average
+/// velocity of two half steps of the map `F`, detached.
+pub(crate) fn two_half_steps(f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>, r: &Rows) -> Result<Tensor> {
+    let m = ((&r.t + &r.s)? * 0.5)?;
+    let f1 = f(&r.x, &r.t, &m)?;
+    let xm = (&r.x + f1.broadcast_mul(&(&m - &r.t)?)?)?;
+    let f2 = f(&xm, &m, &r.s)?;
+    Ok(((f1 + f2)? * 0.5)?.detach())
 }
