@@ -298,7 +298,8 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
                     train_steps: trained.log.steps,
                 });
             }
-            if checker {
+            // A diverged run (energy distance beyond any sensible scale) is reported in the table, not drawn.
+            if checker && pts.iter().all(|p| p.1.is_finite() && p.1 < 10.0) {
                 curves.push(plot::Series {
                     name: method.name().into(),
                     points: pts,
@@ -306,7 +307,6 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
             }
         }
     }
-    let _ = &curves;
     plot::loglog_lines(
         &out.file("compare_quality_vs_nfe.png"),
         "checkerboard: energy distance vs NFE, equal budget",

@@ -131,6 +131,8 @@ pub fn loglog_lines(path: &Path, title: &str, xlabel: &str, ylabel: &str, series
         RGBColor(127, 127, 127),
         RGBColor(188, 189, 34),
         RGBColor(23, 190, 207),
+        RGBColor(0, 0, 0),
+        RGBColor(174, 199, 232),
     ];
     render(path, (820, 560), |root| {
         let mut chart = ChartBuilder::on(root)
