@@ -397,7 +397,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let msg = format!("{e:#}");
+            // The library's messages already name their cause; the chain would repeat it.
+            let msg = e.to_string();
             eprintln!("error: {}", msg.lines().next().unwrap_or(""));
             ExitCode::FAILURE
         }
