@@ -12,7 +12,6 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, DataSource, GaussianMixture};
-use crate::demo::relative_error_uniform;
 use crate::flow_map::SolverMap;
 use crate::metrics;
 use crate::nn::MlpConfig;
@@ -114,7 +113,7 @@ pub fn ablation(
                 method: method.name().into(),
                 variant,
                 config: cfg,
-                relative_error: relative_error_uniform(&m.net, &exact, &x0, &x1, seed)?,
+                relative_error: metrics::relative_error_uniform(&m.net, &exact, &x0, &x1, seed)?,
                 semigroup: metrics::semigroup_error(&m.net, &x0, &x1, 5)?,
                 seconds,
             });

@@ -6,20 +6,19 @@
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, DataSource, GaussianMixture, Toy};
-use crate::flow_map::{FlowMap, FlowMapNet, SolverMap};
+use crate::flow_map::FlowMapNet;
 use crate::metrics::{self, MapError};
 use crate::nn::MlpConfig;
 use crate::objective::{DistillConfig, Method};
-use crate::ode::Solver;
 use crate::pipeline::{self, progress_bar, EvalRow, EvalSettings, OutDir, Teacher};
 use crate::plot::{self, Panel, Series};
 use crate::teacher::GmmVelocity;
 use crate::train::TrainConfig;
-use crate::{Result, Rng};
+use crate::Result;
 
 /// The demo's budget.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -310,7 +309,8 @@ fn falls(curve: &[(usize, f64)]) -> bool {
 /// Distils from the analytic teacher of [`GaussianMixture::three_widths`] and measures against its exact Φ.
 pub fn gmm_study(method: Method, cfg: &DemoConfig, device: &Device, show_progress: bool) -> Result<GmmStudy> {
     let mixture = GaussianMixture::three_widths();
-    let teacher = Teacher::Gmm(GmmVelocity::new(mixture.clone()));
+    let velocity = GmmVelocity::new(mixture.clone());
+    let teacher = Teacher::Gmm(velocity.clone());
     let data = DataSource::Mixture(mixture);
     let n = 2000;
     let x0 = data::to_tensor(&data.heldout(n, cfg.seed), n, 2, DType::F32, device)?;
@@ -345,46 +345,14 @@ pub fn gmm_study(method: Method, cfg: &DemoConfig, device: &Device, show_progres
     )?;
     let seconds = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
-    let exact = SolverMap::new(&teacher, Solver::dopri5(1e-6));
-    let rel_uniform = relative_error_uniform(&m.net, &exact, &x0, &x1, cfg.seed)?;
-    let grid = metrics::flow_map_errors(&m.net, &exact, &x0, &x1, &metrics::triangle_grid(11))?;
+    let report = pipeline::exact_map_report(&m.net, velocity.mixture(), n, cfg.seed, device)?;
     Ok(GmmStudy {
         method: method.name().to_uppercase(),
-        relative_error_uniform: rel_uniform,
-        relative_error_grid: metrics::mean_relative(&grid),
+        relative_error_uniform: report.relative_error_uniform,
+        relative_error_grid: report.relative_error_grid,
         semigroup_curve: curve,
         seconds,
     })
-}
-
-/// `E‖f − Φ‖² / E‖Φ − x‖²` with an independent `(t, s)` uniform on the triangle for each row.
-pub fn relative_error_uniform(
-    map: &dyn FlowMap,
-    exact: &dyn FlowMap,
-    x0: &Tensor,
-    x1: &Tensor,
-    seed: u64,
-) -> Result<f64> {
-    let n = x0.dim(0)?;
-    let mut rng = Rng::derive(seed, "pairs");
-    let (mut t, mut s) = (vec![], vec![]);
-    for _ in 0..n {
-        let (a, b) = (rng.uniform(), rng.uniform());
-        t.push(a.max(b));
-        s.push(a.min(b));
-    }
-    let tt = data::to_tensor(&t, n, 1, x0.dtype(), x0.device())?;
-    let ss = data::to_tensor(&s, n, 1, x0.dtype(), x0.device())?;
-    let xt = (x0 + (x1 - x0)?.broadcast_mul(&tt)?)?;
-    let phi = exact.map(&xt, &tt, &ss)?;
-    let f = map.map(&xt, &tt, &ss)?;
-    let num = (f - &phi)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    let den = (phi - &xt)?
-        .sqr()?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?;
-    Ok(num / den.max(1e-30))
 }
 
 fn markdown(r: &DemoReport) -> String {

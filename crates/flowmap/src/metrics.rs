@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Toy;
 use crate::flow_map::FlowMap;
+use crate::path::{LinearPath, ProbabilityPath};
 use crate::{Result, Rng};
 
 fn rows(x: &[f64], d: usize) -> impl Iterator<Item = &[f64]> + Clone {
@@ -200,7 +201,7 @@ pub fn flow_map_errors(
         .map(|&(t, s)| {
             let tt = Tensor::full(t, (b, 1), x0.device())?.to_dtype(x0.dtype())?;
             let ss = Tensor::full(s, (b, 1), x0.device())?.to_dtype(x0.dtype())?;
-            let xt = (x0 + (x1 - x0)?.broadcast_mul(&tt)?)?;
+            let xt = LinearPath.interpolate(x0, x1, &tt)?;
             let phi = exact.map(&xt, &tt, &ss)?;
             let f = map.map(&xt, &tt, &ss)?;
             let abs = sq_norm_mean(&(f - &phi)?)?;
@@ -231,7 +232,7 @@ pub fn semigroup_error(map: &dyn FlowMap, x0: &Tensor, x1: &Tensor, n: usize) ->
         for (j, &u) in g.iter().enumerate().take(i) {
             for &s in g.iter().take(j) {
                 let (tt, uu, ss) = (col(t)?, col(u)?, col(s)?);
-                let xt = (x0 + (x1 - x0)?.broadcast_mul(&tt)?)?;
+                let xt = LinearPath.interpolate(x0, x1, &tt)?;
                 let two = map.map(&map.map(&xt, &tt, &uu)?, &uu, &ss)?;
                 let one = map.map(&xt, &tt, &ss)?;
                 total += sq_norm_mean(&(two - one)?)?;
@@ -240,6 +241,36 @@ pub fn semigroup_error(map: &dyn FlowMap, x0: &Tensor, x1: &Tensor, n: usize) ->
         }
     }
     Ok(total / count.max(1) as f64)
+}
+
+/// `E‖f − Φ‖² / E‖Φ − x‖²` with an independent `(t, s)` uniform on the triangle for each row.
+pub fn relative_error_uniform(
+    map: &dyn FlowMap,
+    exact: &dyn FlowMap,
+    x0: &Tensor,
+    x1: &Tensor,
+    seed: u64,
+) -> Result<f64> {
+    let n = x0.dim(0)?;
+    let mut rng = Rng::derive(seed, "pairs");
+    let (mut t, mut s) = (vec![], vec![]);
+    for _ in 0..n {
+        let (a, b) = (rng.uniform(), rng.uniform());
+        t.push(a.max(b));
+        s.push(a.min(b));
+    }
+    let tt = crate::data::to_tensor(&t, n, 1, x0.dtype(), x0.device())?;
+    let ss = crate::data::to_tensor(&s, n, 1, x0.dtype(), x0.device())?;
+    let xt = LinearPath.interpolate(x0, x1, &tt)?;
+    let phi = exact.map(&xt, &tt, &ss)?;
+    let f = map.map(&xt, &tt, &ss)?;
+    let num = (f - &phi)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let den = (phi - &xt)?
+        .sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok(num / den.max(1e-30))
 }
 
 #[cfg(test)]

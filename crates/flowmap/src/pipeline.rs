@@ -580,7 +580,7 @@ pub fn exact_map_report(
     let x1 = sample::noise(n, mixture.dim(), seed + 7, device)?;
     let grid = metrics::flow_map_errors(map, &exact, &x0, &x1, &metrics::triangle_grid(11))?;
     Ok(ExactMapReport {
-        relative_error_uniform: crate::demo::relative_error_uniform(map, &exact, &x0, &x1, seed)?,
+        relative_error_uniform: metrics::relative_error_uniform(map, &exact, &x0, &x1, seed)?,
         relative_error_grid: metrics::mean_relative(&grid),
         semigroup: metrics::semigroup_error(map, &x0, &x1, 5)?,
     })

@@ -33,9 +33,6 @@ impl Rng {
     pub fn below(&mut self, n: usize) -> usize {
         self.0.gen_range(0..n)
     }
-    pub fn inner(&mut self) -> &mut rand_chacha::ChaCha8Rng {
-        &mut self.0
-    }
     /// Standard normal tensor of the given shape.
     pub fn normal_tensor(&mut self, shape: (usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
         let n = shape.0 * shape.1;
