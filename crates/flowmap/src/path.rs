@@ -109,26 +109,22 @@ mod tests {
         let tp = (&t + e).unwrap();
         let tm = (&t - e).unwrap();
         let (cp, cm) = (path.coefficients(&tp).unwrap(), path.coefficients(&tm).unwrap());
-        let fd = ((cp.alpha - cm.alpha).unwrap() / (2.0 * e)).unwrap();
-        let err = (fd - &c.d_alpha)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        assert!(err < 1e-6, "{}: dα error {err}", path.name());
-        let fd = ((cp.sigma - cm.sigma).unwrap() / (2.0 * e)).unwrap();
-        let err = (fd - &c.d_sigma)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        assert!(err < 1e-6, "{}: dσ error {err}", path.name());
+        let pairs = [
+            ("α", &cp.alpha, &cm.alpha, &c.d_alpha),
+            ("σ", &cp.sigma, &cm.sigma, &c.d_sigma),
+        ];
+        for (name, plus, minus, exact) in pairs {
+            let fd = ((plus - minus).unwrap() / (2.0 * e)).unwrap();
+            let err = (fd - exact)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(err < 1e-6, "{}: d{name} error {err}", path.name());
+        }
     }
 
     #[test]
