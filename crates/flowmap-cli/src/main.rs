@@ -68,6 +68,32 @@ enum BenchCommand {
     Compare(CompareArgs),
     /// The cost of the exact forward-mode JVP against a forward pass and finite differences.
     Jvp(JvpArgs),
+    /// Training and sampling throughput, latency, GFLOP/s against the sgemm peak; `--peer` runs PyTorch too.
+    Speed(SpeedArgs),
+}
+
+#[derive(Args)]
+struct SpeedArgs {
+    /// Output folder.
+    #[arg(long, default_value = "bench-out/speed")]
+    out: PathBuf,
+    /// Hidden widths, comma-separated.
+    #[arg(long, default_value = "256,512")]
+    widths: String,
+    /// Batch sizes, comma-separated.
+    #[arg(long, default_value = "256,1024,4096")]
+    batches: String,
+    /// Minimum timed seconds per row.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Also run the PyTorch peer (bench/peer/torch_peer.py; needs `pip install torch numpy`).
+    #[arg(long)]
+    peer: bool,
+    /// Python interpreter for the peer.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -415,6 +441,9 @@ fn run(cli: Cli) -> Result<()> {
     } else if matches!(cli.command, Command::Demo(_)) {
         // The demo trains its EMD and LMD maps side by side, one compute thread each.
         flowmap::set_compute_threads(1);
+    } else {
+        // Pin the count once: left unset, candle re-counts the cores (parsing /proc/cpuinfo) at every kernel.
+        flowmap::set_compute_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
     }
     let device = Device::Cpu;
     let show = !cli.quiet;
@@ -432,6 +461,36 @@ fn run(cli: Cli) -> Result<()> {
             }
             let rows = flowmap::bench::compare(&a.out, a.budget_seconds, a.seed, &device, show)?;
             println!("{} rows; wrote {}", rows.len(), a.out.join("compare.md").display());
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Speed(a)) => {
+            if !(a.seconds > 0.0 && a.seconds.is_finite()) {
+                bail!("--seconds must be positive");
+            }
+            let opts = flowmap::bench::SpeedOptions {
+                widths: parse_sizes(&a.widths, "--widths")?,
+                batches: parse_sizes(&a.batches, "--batches")?,
+                seconds: a.seconds,
+                peer: a.peer,
+                python: a.python,
+                seed: a.seed,
+            };
+            let report = flowmap::bench::speed(&a.out, &opts, &device, show)?;
+            for r in &report.rows {
+                let peer = match (r.peer, r.ratio) {
+                    (Some(p), Some(x)) => format!("  PyTorch {p:10.1}  ratio {x:5.2}"),
+                    _ => String::new(),
+                };
+                println!(
+                    "{:15} width {:4} batch {:5}: {:10.1} {}{peer}",
+                    r.workload, r.width, r.batch, r.value, r.unit
+                );
+            }
+            println!(
+                "peer: {}; wrote {}",
+                report.peer_status,
+                a.out.join("speed.md").display()
+            );
             Ok(())
         }
         Command::Bench(BenchCommand::Jvp(a)) => {
@@ -459,6 +518,16 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A comma-separated list of positive sizes.
+fn parse_sizes(s: &str, flag: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .map(|x| match x.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("{flag}: '{}' is not a positive integer", x.trim()),
+        })
+        .collect()
 }
 
 fn rayon_init(n: usize) {

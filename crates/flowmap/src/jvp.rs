@@ -11,7 +11,6 @@
 //! analytic tangent (such as an ODE solver).
 
 use candle_core::{Module, Tensor};
-use candle_nn::Linear;
 
 use crate::flow_map::FlowMap;
 use crate::Result;
@@ -20,20 +19,6 @@ use crate::Result;
 pub trait Jvp {
     /// `(f(x), Df(x)·ẋ)`, computed on detached tensors.
     fn forward_jvp(&self, x: &Tensor, dx: &Tensor) -> Result<(Tensor, Tensor)>;
-}
-
-impl Jvp for Linear {
-    fn forward_jvp(&self, x: &Tensor, dx: &Tensor) -> Result<(Tensor, Tensor)> {
-        let w = self.weight().detach();
-        let b = x.dim(0)?;
-        // One GEMM for both: [x; ẋ]·Wᵀ, then the bias on the primal half only.
-        let both = Tensor::cat(&[&x.detach(), &dx.detach()], 0)?.matmul(&w.t()?)?;
-        let mut y = both.narrow(0, 0, b)?;
-        if let Some(bias) = self.bias() {
-            y = y.broadcast_add(&bias.detach())?;
-        }
-        Ok((y, both.narrow(0, b, b)?))
-    }
 }
 
 /// The SiLU activation `x·σ(x)`.

@@ -22,10 +22,12 @@ mod error;
 pub mod flow_map;
 pub mod io;
 pub mod jvp;
+pub mod kernels;
 pub mod metrics;
 pub mod nn;
 pub mod objective;
 pub mod ode;
+pub mod optim;
 pub mod path;
 pub mod pipeline;
 pub mod plot;
@@ -38,7 +40,9 @@ pub use error::{Error, Result};
 pub use rng::Rng;
 
 /// Sets how many threads candle's CPU kernels use, for the ops that follow (candle reads
-/// `RAYON_NUM_THREADS` when it launches a kernel). Call it before starting other threads.
+/// `RAYON_NUM_THREADS` when it launches a kernel). Call it before starting other threads. Set it even to the
+/// default: when the variable is unset, candle counts the physical cores anew (by parsing `/proc/cpuinfo`)
+/// at every matrix product.
 pub fn set_compute_threads(n: usize) {
     // SAFETY (edition 2021: safe fn): called from the main thread before worker threads start.
     std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());

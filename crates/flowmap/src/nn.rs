@@ -2,10 +2,60 @@
 //! from primitive candle ops only (every op here has a backward pass).
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::{self, Activation};
 use crate::Result;
+
+/// A dense layer `act(x·Wᵀ + b)` with candle-nn's `Linear` parameter names, shapes and initialisation
+/// (`weight`: `out × in`, `bias`: `out`), so checkpoints are plain safetensors of a standard MLP. Its forward
+/// pass is [`kernels::dense`]: one fused node on the CPU, candle's ops elsewhere.
+#[derive(Clone, Debug)]
+pub struct Dense {
+    weight: Tensor,
+    bias: Tensor,
+    act: Activation,
+}
+
+impl Dense {
+    pub fn new(in_dim: usize, out_dim: usize, act: Activation, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let bias = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
+        Ok(Dense { weight, bias, act })
+    }
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+    pub fn activation(&self) -> Activation {
+        self.act
+    }
+}
+
+impl Module for Dense {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        kernels::dense(x, &self.weight, &self.bias, self.act).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+impl crate::jvp::Jvp for Dense {
+    /// `ẏ = act'(z) ⊙ (ẋ Wᵀ)` with `z = x·Wᵀ + b`; one GEMM computes `[x; ẋ]·Wᵀ`.
+    fn forward_jvp(&self, x: &Tensor, dx: &Tensor) -> Result<(Tensor, Tensor)> {
+        let w = self.weight.detach();
+        let b = x.dim(0)?;
+        let both = Tensor::cat(&[&x.detach(), &dx.detach()], 0)?.matmul(&w.t()?)?;
+        let z = both.narrow(0, 0, b)?.broadcast_add(&self.bias.detach())?;
+        let dz = both.narrow(0, b, b)?;
+        match self.act {
+            Activation::Identity => Ok((z, dz)),
+            Activation::Silu => crate::jvp::Silu.forward_jvp(&z, &dz),
+        }
+    }
+}
 
 /// Sinusoidal features of a time column: `[sin(ω_k t), cos(ω_k t)]` for `K` frequencies `ω_k` spaced
 /// geometrically between 1 and `max_frequency`.
@@ -73,7 +123,7 @@ impl MlpConfig {
 #[derive(Clone, Debug)]
 pub struct ConditionedMlp {
     time: SinusoidalEmbedding,
-    layers: Vec<Linear>,
+    layers: Vec<Dense>,
     with_gap: bool,
 }
 
@@ -84,12 +134,18 @@ impl ConditionedMlp {
         let mut in_dim = cfg.dim + conds * time.width();
         let mut layers = Vec::with_capacity(cfg.depth + 1);
         for i in 0..cfg.depth {
-            layers.push(candle_nn::linear(in_dim, cfg.hidden, vb.pp(format!("layer{i}")))?);
+            layers.push(Dense::new(
+                in_dim,
+                cfg.hidden,
+                Activation::Silu,
+                vb.pp(format!("layer{i}")),
+            )?);
             in_dim = cfg.hidden;
         }
-        layers.push(candle_nn::linear(
+        layers.push(Dense::new(
             in_dim,
             cfg.dim,
+            Activation::Identity,
             vb.pp(format!("layer{}", cfg.depth)),
         )?);
         Ok(ConditionedMlp { time, layers, with_gap })
@@ -106,12 +162,8 @@ impl ConditionedMlp {
             }
         }
         let mut h = Tensor::cat(&parts, 1)?;
-        let last = self.layers.len() - 1;
-        for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h)?;
-            if i < last {
-                h = h.silu()?;
-            }
+        for layer in &self.layers {
+            h = kernels::dense(&h, &layer.weight, &layer.bias, layer.act)?;
         }
         Ok(h)
     }
@@ -151,12 +203,8 @@ impl ConditionedMlp {
         }
         let mut h = Tensor::cat(&parts, 1)?;
         let mut dh = Tensor::cat(&tangents, 1)?;
-        let last = self.layers.len() - 1;
-        for (i, layer) in self.layers.iter().enumerate() {
+        for layer in &self.layers {
             (h, dh) = layer.forward_jvp(&h, &dh)?;
-            if i < last {
-                (h, dh) = crate::jvp::Silu.forward_jvp(&h, &dh)?;
-            }
         }
         Ok((h, dh))
     }

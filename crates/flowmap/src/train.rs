@@ -3,14 +3,15 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use candle_core::{DType, Device};
+use candle_nn::{ParamsAdamW, VarMap};
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
 use crate::data::DataSource;
-use crate::flow_map::vars_sorted;
 use crate::objective::{Objective, StepContext};
+use crate::optim::AdamW;
+use crate::optim::Ema;
 use crate::{Error, Result, Rng};
 
 /// Optimisation settings shared by every objective.
@@ -85,37 +86,6 @@ impl TrainConfig {
             Some(budget) => by_steps.max(elapsed / budget).min(1.0),
             None => by_steps,
         }
-    }
-}
-
-/// An exponential moving average of a parameter set, held in its own `VarMap` of identical layout.
-pub struct Ema {
-    pairs: Vec<(Var, Var)>,
-    decay: f64,
-}
-
-impl Ema {
-    /// `ema` must hold the same names and shapes as `live`; it is first set equal to `live`.
-    pub fn new(ema: &VarMap, live: &VarMap, decay: f64) -> Result<Self> {
-        let (e, l) = (vars_sorted(ema), vars_sorted(live));
-        if e.len() != l.len() || e.iter().zip(&l).any(|(a, b)| a.0 != b.0 || a.1.dims() != b.1.dims()) {
-            return Err(Error::arg("EMA and live parameters differ in layout"));
-        }
-        let pairs: Vec<(Var, Var)> = e.into_iter().zip(l).map(|(a, b)| (a.1, b.1)).collect();
-        for (a, b) in &pairs {
-            a.set(b.as_tensor())?;
-        }
-        Ok(Ema { pairs, decay })
-    }
-
-    /// `ema ← d·ema + (1 − d)·live`, with `d = min(decay, (1 + step)/(10 + step))` early on.
-    pub fn update(&self, step: usize) -> Result<()> {
-        let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64));
-        for (ema, live) in &self.pairs {
-            let next = ((ema.as_tensor() * d)? + (live.as_tensor() * (1.0 - d))?)?;
-            ema.set(&next)?;
-        }
-        Ok(())
     }
 }
 

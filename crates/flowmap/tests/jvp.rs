@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use flowmap::flow_map::FlowMapNet;
 use flowmap::jvp::{FiniteDifference, Jvp, Silu, TangentMap};
-use flowmap::nn::{MlpConfig, SinusoidalEmbedding};
+use flowmap::kernels::Activation;
+use flowmap::nn::{Dense, MlpConfig, SinusoidalEmbedding};
 use flowmap::pipeline::seed_params;
 use flowmap::Rng;
 
@@ -50,10 +51,12 @@ fn check_layer(name: &str, layer: &(impl Jvp + ?Sized), forward: impl Fn(&Tensor
 fn each_layer_matches_finite_differences() {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
-    let lin = candle_nn::linear(7, 5, vb.pp("lin")).unwrap();
+    let lin = Dense::new(7, 5, Activation::Identity, vb.pp("lin")).unwrap();
+    let dense_silu = Dense::new(7, 5, Activation::Silu, vb.pp("dense")).unwrap();
     seed_params(&vm, 1).unwrap();
     let (x, dx) = (randn((16, 7), 2), randn((16, 7), 3));
     check_layer("linear", &lin, |z| lin.forward(z).unwrap(), &x, &dx);
+    check_layer("dense + silu", &dense_silu, |z| dense_silu.forward(z).unwrap(), &x, &dx);
     check_layer("silu", &Silu, |z| z.silu().unwrap(), &x, &dx);
     let emb = SinusoidalEmbedding::new(8, 4.0, &vb).unwrap();
     let (t, dt) = (randn((16, 1), 4), randn((16, 1), 5));

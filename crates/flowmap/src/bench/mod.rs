@@ -5,6 +5,10 @@
 //! by distilling the analytic Gaussian-mixture teacher at a fixed budget and scoring the result against
 //! its exact flow map.
 
+mod speed;
+
+pub use speed::{speed, SpeedOptions, SpeedReport, SpeedRow, TORCH_PEER, WORKLOADS};
+
 use std::path::Path;
 use std::time::Instant;
 

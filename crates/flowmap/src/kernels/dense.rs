@@ -1,0 +1,339 @@
+//! `act(x·Wᵀ + b)` as one graph node on the CPU, plain candle ops elsewhere.
+
+use std::mem::MaybeUninit;
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::simd;
+use crate::Result;
+
+/// The activation applied after a dense layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// `silu(z) = z·σ(z)`.
+    Silu,
+}
+
+/// `act(x·Wᵀ + b)` for `x`: `B × in`, `W`: `out × in`, `b`: `out`. Gradients flow to all three.
+///
+/// On the CPU in f32 this is one fused graph node (see [`crate::kernels`]); otherwise it is candle's
+/// `matmul`, `broadcast_add` and `silu`, which it agrees with to f32 rounding.
+pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
+    if super::applies(x.device(), x.dtype()) && x.rank() == 2 && w.rank() == 2 && b.rank() == 1 {
+        let x = x.contiguous()?;
+        let tracked = x.track_op() || w.track_op() || b.track_op();
+        let op = DenseOp {
+            act,
+            saved: Mutex::new(None),
+            save: tracked,
+        };
+        return Ok(if tracked {
+            x.apply_op3(w, b, op)?
+        } else {
+            x.apply_op3_no_bwd(w, b, &op)?
+        });
+    }
+    plain(x, w, b, act)
+}
+
+/// `act(x·Wᵀ + b)` by candle's own ops: the reference the fused node is tested against, and the path every
+/// non-CPU or non-f32 tensor takes.
+pub fn plain(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
+    let z = x.matmul(&w.t()?)?.broadcast_add(b)?;
+    Ok(match act {
+        Activation::Identity => z,
+        Activation::Silu => z.silu()?,
+    })
+}
+
+struct DenseOp {
+    act: Activation,
+    /// The pre-activation `z = x·Wᵀ + b`, kept by the forward pass for the backward pass of a SiLU layer.
+    saved: Mutex<Option<Vec<f32>>>,
+    save: bool,
+}
+
+/// Layers with at most this many outputs (a flow map's read-out to a 2-D state) skip the GEMM kernels,
+/// which idle on them, for dot products and row updates.
+const SKINNY: usize = 8;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("dense: {what} must be contiguous f32"),
+    }
+}
+
+/// Views a block of spare capacity as initialised once a kernel has written all of it.
+///
+/// # Safety
+/// Every element of `v` must have been written.
+unsafe fn assume_init(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    &mut *(v as *mut [MaybeUninit<f32>] as *mut [f32])
+}
+
+/// `z = x·Wᵀ` for one block of rows (`x`: `m × in`, `W`: `out × in`), written into `z`.
+fn block_product<'z>(x: &[f32], w: &[f32], n_in: usize, n_out: usize, z: &'z mut [MaybeUninit<f32>]) -> &'z mut [f32] {
+    let m = x.len() / n_in.max(1);
+    if n_in == 0 {
+        z.iter_mut().for_each(|v| {
+            v.write(0.0);
+        });
+    } else {
+        // SAFETY: x is m × in (strides in, 1), W read as Wᵀ (in × out, strides 1, in), z is m × out; the GEMM
+        // overwrites all of z (read_dst = false, k = in ≥ 1).
+        unsafe {
+            super::gemm(
+                m,
+                n_out,
+                n_in,
+                z.as_mut_ptr().cast(),
+                false,
+                (x.as_ptr(), n_in as isize, 1),
+                (w.as_ptr(), 1, n_in as isize),
+            )
+        };
+    }
+    // SAFETY: written in full just above.
+    unsafe { assume_init(z) }
+}
+
+/// Writes one block of `x·Wᵀ` (or, for a skinny layer, `x·Wᵀ + b`) into `zc`, all of it.
+fn project_block(xc: &[f32], w: &[f32], bias: &[f32], n_in: usize, zc: &mut [MaybeUninit<f32>], skinny: bool) {
+    if skinny {
+        zc.iter_mut().for_each(|v| {
+            v.write(0.0);
+        });
+        // SAFETY: zeroed just above.
+        simd::skinny_forward(xc, w, bias, unsafe { assume_init(zc) });
+    } else {
+        block_product(xc, w, n_in, bias.len(), zc);
+    }
+}
+
+/// `z = x·Wᵀ + b` and, for SiLU, `y = silu(z)`: per block of rows, the product, then the bias and the
+/// activation while the block is in cache. Returns `(z, y)`; `y` is `None` for the identity.
+fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Vec<f32>, Option<Vec<f32>>) {
+    let (n_out, n_in) = (bias.len(), w.len() / bias.len());
+    let n = b * n_out;
+    let rows = super::block_rows(b);
+    let mut z: Vec<f32> = Vec::with_capacity(n);
+    let mut y: Vec<f32> = Vec::with_capacity(if act == Activation::Silu { n } else { 0 });
+    {
+        let zs = z.spare_capacity_mut()[..n].par_chunks_mut(rows * n_out);
+        let xs = x.par_chunks(rows * n_in.max(1));
+        let skinny = n_out <= SKINNY;
+        let project = |xc: &[f32], zc: &mut [MaybeUninit<f32>]| project_block(xc, w, bias, n_in, zc, skinny);
+        match act {
+            Activation::Identity => zs.zip(xs).for_each(|(zc, xc)| {
+                project(xc, zc);
+                if !skinny {
+                    // SAFETY: project_block wrote all of zc.
+                    simd::add_bias(unsafe { assume_init(zc) }, bias);
+                }
+            }),
+            Activation::Silu => {
+                let zero = vec![0.0f32; n_out];
+                let bias_here = if skinny { &zero[..] } else { bias };
+                let ys = y.spare_capacity_mut()[..n].par_chunks_mut(rows * n_out);
+                zs.zip(ys).zip(xs).for_each(|((zc, yc), xc)| {
+                    project(xc, zc);
+                    // SAFETY: project_block wrote all of zc.
+                    simd::add_bias_silu(unsafe { assume_init(zc) }, yc, bias_here);
+                });
+            }
+        }
+    }
+    // SAFETY: every block of z (and of y for SiLU) was written in full above.
+    unsafe {
+        z.set_len(n);
+        if act == Activation::Silu {
+            y.set_len(n);
+        }
+    }
+    (z, (act == Activation::Silu).then_some(y))
+}
+
+/// One block of rows of the backward pass.
+struct BackBlock<'a> {
+    x: &'a [f32],
+    g: &'a [f32],
+    /// The pre-activation on entry (SiLU), overwritten with `dz`; empty for the identity.
+    z: &'a mut [f32],
+    dx: Option<&'a mut [MaybeUninit<f32>]>,
+}
+
+/// Per block of rows: `dz = g ⊙ act'(z)`, `db += Σ_rows dz`, `dx = dz·W`, `dW += dzᵀ·x`; the per-thread sums
+/// of `db` and `dW` are added at the end. Returns `(dx, dW, db)`.
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    z: Option<Vec<f32>>,
+    b: usize,
+    n_in: usize,
+    n_out: usize,
+    need_dx: bool,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let rows = super::block_rows(b);
+    let mut dx: Vec<f32> = Vec::with_capacity(if need_dx { b * n_in } else { 0 });
+    let mut z = z.unwrap_or_default();
+    let silu = !z.is_empty();
+    let mut blocks: Vec<BackBlock<'_>> = Vec::with_capacity(b.div_ceil(rows));
+    {
+        let mut dx_chunks =
+            dx.spare_capacity_mut()[..if need_dx { b * n_in } else { 0 }].chunks_mut(rows * n_in.max(1));
+        let mut z_chunks = z.chunks_mut(rows * n_out);
+        for (i, gc) in g.chunks(rows * n_out).enumerate() {
+            let r0 = i * rows;
+            let r1 = r0 + gc.len() / n_out;
+            blocks.push(BackBlock {
+                x: &x[r0 * n_in..r1 * n_in],
+                g: gc,
+                z: if silu {
+                    z_chunks.next().expect("z has every block")
+                } else {
+                    &mut []
+                },
+                dx: if need_dx && n_in > 0 { dx_chunks.next() } else { None },
+            });
+        }
+    }
+    let skinny = n_out <= SKINNY;
+    let zero = || (vec![0.0f32; n_out], vec![0.0f32; n_out * n_in]);
+    let (db, dw) = blocks
+        .into_par_iter()
+        .fold(zero, |(mut db, mut dw), blk| {
+            let m = blk.g.len() / n_out;
+            let dz: &[f32] = if silu {
+                simd::silu_backward(blk.z, blk.g, &mut db);
+                blk.z
+            } else {
+                simd::column_sum(blk.g, &mut db);
+                blk.g
+            };
+            if skinny {
+                simd::skinny_backward(dz, w, blk.x, n_in, blk.dx, &mut dw);
+            } else if n_in > 0 {
+                // SAFETY: dz is m × out (strides out, 1); W is out × in (strides in, 1); x is m × in; dx is
+                // m × in and fully overwritten (read_dst = false, k = out ≥ 1); dW (out × in) accumulates
+                // dzᵀ·x, reading dz with strides (1, out).
+                unsafe {
+                    if let Some(dxc) = blk.dx {
+                        super::gemm(
+                            m,
+                            n_in,
+                            n_out,
+                            dxc.as_mut_ptr().cast(),
+                            false,
+                            (dz.as_ptr(), n_out as isize, 1),
+                            (w.as_ptr(), n_in as isize, 1),
+                        );
+                    }
+                    super::gemm(
+                        n_out,
+                        n_in,
+                        m,
+                        dw.as_mut_ptr(),
+                        true,
+                        (dz.as_ptr(), 1, n_out as isize),
+                        (blk.x.as_ptr(), n_in as isize, 1),
+                    );
+                }
+            }
+            (db, dw)
+        })
+        .reduce(zero, |(a, b), (c, d)| (add_into(a, c), add_into(b, d)));
+    if need_dx {
+        // SAFETY: every block of dx was written in full above (by the GEMM or the skinny kernel).
+        unsafe { dx.set_len(b * n_in) };
+    }
+    (need_dx.then_some(dx), dw, db)
+}
+
+fn add_into(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
+    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+    a
+}
+
+impl CustomOp3 for DenseOp {
+    fn name(&self) -> &'static str {
+        "flowmap-dense"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, bias) = (slice(s1, l1, "x")?, slice(s2, l2, "W")?, slice(s3, l3, "b")?);
+        let (b, n_in) = l1.shape().dims2()?;
+        let (n_out, w_in) = l2.shape().dims2()?;
+        if w_in != n_in || bias.len() != n_out || n_out == 0 {
+            candle_core::bail!(
+                "dense: x is {b}×{n_in}, W is {n_out}×{w_in}, b has {} entries",
+                bias.len()
+            );
+        }
+        let (z, y) = forward(x, w, bias, b, self.act);
+        let out = match y {
+            Some(y) => {
+                if self.save {
+                    *self.saved.lock().expect("dense: saved activations") = Some(z);
+                }
+                y
+            }
+            None => z,
+        };
+        Ok((CpuStorage::F32(out), Shape::from((b, n_out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (b, n_in) = x.dims2()?;
+        let n_out = w.dim(0)?;
+        let dev = x.device();
+        let missing = || candle_core::Error::Msg("dense backward: inputs are not contiguous f32 on the CPU".into());
+        let (need_dx, need_dw) = (x.track_op(), w.track_op());
+        let out = super::with_slice(x, |xs| {
+            super::with_slice(w, |ws| {
+                super::with_slice(bias, |bs| {
+                    super::with_slice(&grad, |g| {
+                        let z = match self.act {
+                            Activation::Identity => None,
+                            // A second backward through the same graph recomputes z.
+                            Activation::Silu => Some(
+                                self.saved
+                                    .lock()
+                                    .expect("dense: saved activations")
+                                    .take()
+                                    .unwrap_or_else(|| forward(xs, ws, bs, b, Activation::Identity).0),
+                            ),
+                        };
+                        backward(xs, ws, g, z, b, n_in, n_out, need_dx)
+                    })
+                })
+            })
+        });
+        let (dx, dw, db) = out.flatten().flatten().flatten().ok_or_else(missing)?;
+        let dx = dx.map(|v| Tensor::from_vec(v, (b, n_in), dev)).transpose()?;
+        let dw = need_dw.then(|| Tensor::from_vec(dw, (n_out, n_in), dev)).transpose()?;
+        let db = Tensor::from_vec(db, n_out, dev)?;
+        Ok((dx, dw, Some(db)))
+    }
+}

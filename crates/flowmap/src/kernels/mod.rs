@@ -1,0 +1,102 @@
+//! The CPU fast path: fused f32 kernels behind the same layer and optimiser API.
+//!
+//! candle's CPU backend runs every elementwise op as its own single-threaded pass into a fresh buffer, its
+//! SiLU backward as eight such passes, and its `AdamW` as a dozen tensor ops per parameter. On the CPU, in
+//! f32, flowmap runs instead:
+//!
+//! - [`dense`]: `act(x·Wᵀ + b)` as one graph node. The GEMM writes `x·Wᵀ`; one parallel pass adds the bias
+//!   and applies the activation, keeping the pre-activation for the backward pass, which computes
+//!   `dz = g ⊙ act'(z)` and `db = Σ_rows dz` in one pass, then `dx = dz·W` and `dW = dzᵀ·x` by GEMM;
+//! - [`AdamW`](crate::optim::AdamW) and the weight EMA as one in-place pass per parameter
+//!   ([`crate::optim`]).
+//!
+//! GEMMs go through the `gemm` crate with its AVX-512 kernels (the same crate candle's CPU matmul uses).
+//! Elementwise kernels are compiled for AVX-512 and AVX2 and picked at run time, with a polynomial `exp`
+//! (Cephes' `expf`, ≤ 2 ulp) that vectorises.
+//!
+//! Anything else — a CUDA device, f64 tensors, or the fast path switched off with [`set_enabled`] — takes
+//! candle's own ops, unchanged. Tests check that the two paths agree to f32 rounding, in values and in
+//! gradients.
+
+mod dense;
+mod simd;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+
+pub use dense::{dense, plain as dense_plain, Activation};
+pub(crate) use simd::{adamw_update, ema_update, AdamScalars};
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Switches the CPU fast path on (the default) or off (every op then runs as plain candle ops).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::SeqCst);
+}
+
+/// Whether the fast path is switched on.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::SeqCst)
+}
+
+/// Whether tensors of this device and dtype take the fast path.
+pub(crate) fn applies(device: &Device, dtype: DType) -> bool {
+    enabled() && device.is_cpu() && dtype == DType::F32
+}
+
+/// The number of threads candle's CPU kernels use: `RAYON_NUM_THREADS` (set by
+/// [`crate::set_compute_threads`]), else every core.
+pub(crate) fn threads() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    match std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+    {
+        Some(n) if n > 0 => n,
+        _ => *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
+}
+
+/// Rows per block when a `b`-row batch is split across threads: two blocks per thread (for balance), each
+/// small enough that its activations stay in a core's L2 cache while they are used.
+pub(crate) fn block_rows(b: usize) -> usize {
+    let t = threads();
+    if t <= 1 || b < 64 {
+        return b.max(1);
+    }
+    b.div_ceil(2 * t).clamp(32, 1024)
+}
+
+/// `dst += lhs·rhs` (`read_dst`) or `dst = lhs·rhs` on the calling thread, row-major `dst` (`m × n`, row
+/// stride `n`); `lhs` is `m × k` and `rhs` `k × n`, each given by a pointer and its (row, column) strides.
+/// Callers parallelise over blocks of rows themselves, so that each block's elementwise work runs right
+/// after its product, on the same core, while the block is in cache.
+///
+/// # Safety
+/// Each pointer must address a buffer that holds every element its strides reach.
+pub(crate) unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    read_dst: bool,
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+) {
+    let par = gemm::Parallelism::None;
+    gemm::gemm(
+        m, n, k, dst, 1, n as isize, read_dst, lhs.0, lhs.2, lhs.1, rhs.0, rhs.2, rhs.1, 1.0, 1.0, false, false, false,
+        par,
+    );
+}
+
+/// The contiguous f32 data of a CPU tensor, or `None` (then the caller falls back to candle's ops).
+pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (a, b) = layout.contiguous_offsets()?;
+    match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => Some(f(&v[a..b])),
+        _ => None,
+    }
+}

@@ -1,0 +1,160 @@
+//! The CPU fast path against candle's own ops: values and gradients agree to f32 rounding, for the dense
+//! layer alone, for whole networks, and for the optimiser and the weight average.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use flowmap::flow_map::{FlowMap, FlowMapNet};
+use flowmap::kernels::{self, dense, dense_plain, Activation};
+use flowmap::nn::MlpConfig;
+use flowmap::optim::{AdamW, Ema};
+use flowmap::pipeline::seed_params;
+use flowmap::Rng;
+
+/// Tests that switch the fast path off hold this lock, so they never overlap.
+static SWITCH: Mutex<()> = Mutex::new(());
+
+fn randn(shape: (usize, usize), seed: u64) -> Tensor {
+    Rng::new(seed).normal_tensor(shape, DType::F32, &Device::Cpu).unwrap()
+}
+
+/// `max |a − b| / max(1, max |b|)`.
+fn rel(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let m = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    d / m.max(1.0)
+}
+
+#[test]
+fn dense_matches_candle_in_values_and_gradients() {
+    // (batch, in, out): skinny read-outs, a first layer, square hidden layers, one row, ragged blocks.
+    for (b, n_in, n_out) in [
+        (7, 5, 3),
+        (300, 34, 256),
+        (1, 256, 2),
+        (129, 256, 256),
+        (4096, 64, 96),
+        (513, 256, 2),
+    ] {
+        for act in [Activation::Identity, Activation::Silu] {
+            let x = Var::from_tensor(&randn((b, n_in), 1)).unwrap();
+            let w = Var::from_tensor(&(randn((n_out, n_in), 2) * 0.2).unwrap()).unwrap();
+            let bias = Var::from_tensor(&randn((1, n_out), 3).squeeze(0).unwrap()).unwrap();
+            let g = randn((b, n_out), 4);
+            let fast = dense(&x, &w, &bias, act).unwrap();
+            let plain = dense_plain(&x, &w, &bias, act).unwrap();
+            let what = format!("{b}×{n_in}→{n_out} {act:?}");
+            assert!(
+                rel(&fast, &plain) < 1e-5,
+                "{what}: outputs differ by {}",
+                rel(&fast, &plain)
+            );
+            let gf = (&fast * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gp = (&plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("W", &w), ("b", &bias)] {
+                let (a, c) = (gf.get(v).unwrap(), gp.get(v).unwrap());
+                assert!(rel(a, c) < 1e-5, "{what}: d{name} differs by {}", rel(a, c));
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_skips_gradients_nobody_asked_for_and_survives_a_second_backward() {
+    let x = randn((64, 16), 5); // a plain tensor: no gradient wanted
+    let w = Var::from_tensor(&randn((32, 16), 6)).unwrap();
+    let bias = Var::zeros(32, DType::F32, &Device::Cpu).unwrap();
+    let y = dense(&x, &w, &bias, Activation::Silu).unwrap();
+    let loss = y.sqr().unwrap().sum_all().unwrap();
+    let g1 = loss.backward().unwrap();
+    assert!(g1.get(&x).is_none());
+    // The second pass recomputes the pre-activation the first one consumed.
+    let g2 = loss.backward().unwrap();
+    assert!(rel(g1.get(&w).unwrap(), g2.get(&w).unwrap()) < 1e-6);
+}
+
+#[test]
+fn whole_network_gradients_match_with_the_fast_path_off() {
+    let _lock = SWITCH.lock().unwrap();
+    let vm = VarMap::new();
+    let cfg = MlpConfig {
+        hidden: 64,
+        ..MlpConfig::new(2)
+    };
+    let net = FlowMapNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    seed_params(&vm, 3).unwrap();
+    let x = randn((200, 2), 7);
+    let t = Tensor::rand(0.5f32, 1.0, (200, 1), &Device::Cpu).unwrap();
+    let s = (&t * 0.3).unwrap();
+    let run = || {
+        let f = net.map(&x, &t, &s).unwrap();
+        let g = f.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+        (f, g)
+    };
+    let (f_fast, g_fast) = run();
+    kernels::set_enabled(false);
+    let (f_plain, g_plain) = run();
+    kernels::set_enabled(true);
+    assert!(rel(&f_fast, &f_plain) < 1e-5);
+    for (name, v) in flowmap::flow_map::vars_sorted(&vm) {
+        let (a, b) = (g_fast.get(&v).unwrap(), g_plain.get(&v).unwrap());
+        assert!(rel(a, b) < 1e-5, "gradient of {name} differs by {}", rel(a, b));
+    }
+}
+
+#[test]
+fn fused_adamw_and_ema_match_candle() {
+    let params = ParamsAdamW {
+        lr: 1e-2,
+        weight_decay: 0.1,
+        ..ParamsAdamW::default()
+    };
+    let init = randn((37, 19), 8);
+    let (a, b) = (Var::from_tensor(&init).unwrap(), Var::from_tensor(&init).unwrap());
+    let mut fused = AdamW::new(vec![a.clone()], params.clone()).unwrap();
+    let mut reference = candle_nn::AdamW::new(vec![b.clone()], params).unwrap();
+    for k in 0..6u64 {
+        let target = randn((37, 19), 20 + k);
+        fused
+            .backward_step(&(a.as_tensor() - &target).unwrap().sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+        reference
+            .backward_step(&(b.as_tensor() - &target).unwrap().sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+    }
+    assert!(
+        rel(a.as_tensor(), b.as_tensor()) < 1e-6,
+        "AdamW differs by {}",
+        rel(a.as_tensor(), b.as_tensor())
+    );
+    assert!(rel(a.as_tensor(), &init) > 1e-3, "the parameters moved");
+
+    let (live, avg) = (VarMap::new(), VarMap::new());
+    let lv = live
+        .get((5, 3), "p", candle_nn::Init::Const(1.0), DType::F32, &Device::Cpu)
+        .unwrap();
+    let ev = avg
+        .get((5, 3), "p", candle_nn::Init::Const(0.0), DType::F32, &Device::Cpu)
+        .unwrap();
+    let ema = Ema::new(&avg, &live, 0.9).unwrap();
+    let mut expect = lv.copy().unwrap();
+    for step in 0..4 {
+        let next = randn((5, 3), 40 + step as u64);
+        live.data().lock().unwrap().get("p").unwrap().set(&next).unwrap();
+        ema.update(step).unwrap();
+        let d = ema.decay_at(step);
+        expect = ((expect * d).unwrap() + (next * (1.0 - d)).unwrap()).unwrap();
+    }
+    let got = avg.data().lock().unwrap().get("p").unwrap().as_tensor().clone();
+    assert!(rel(&got, &expect) < 1e-6, "EMA {} vs {}", got, expect);
+    let _ = ev;
+}
