@@ -62,6 +62,7 @@ impl crate::jvp::Jvp for Dense {
 #[derive(Clone, Debug)]
 pub struct SinusoidalEmbedding {
     freqs: Tensor,
+    freqs_f32: Vec<f32>,
 }
 
 impl SinusoidalEmbedding {
@@ -73,8 +74,9 @@ impl SinusoidalEmbedding {
                 max_frequency.powf(a)
             })
             .collect();
+        let freqs_f32 = freqs.iter().map(|&w| w as f32).collect();
         let freqs = Tensor::from_vec(freqs, (1, k), vb.device())?.to_dtype(vb.dtype())?;
-        Ok(SinusoidalEmbedding { freqs })
+        Ok(SinusoidalEmbedding { freqs, freqs_f32 })
     }
 
     /// The embedding's width, `2K`.
@@ -153,15 +155,22 @@ impl ConditionedMlp {
 
     /// `x`: `B × D`, `t` and `gap`: `B × 1`. `gap` is required exactly when the network was built with it.
     pub fn forward(&self, x: &Tensor, t: &Tensor, gap: Option<&Tensor>) -> Result<Tensor> {
-        let mut parts = vec![x.clone(), self.time.forward(t)?];
-        match (gap, self.with_gap) {
-            (Some(g), true) => parts.push(self.time.forward(g)?),
-            (None, false) => {}
-            _ => {
-                return Err(crate::Error::arg("network conditioning does not match its inputs"));
-            }
+        if gap.is_some() != self.with_gap {
+            return Err(crate::Error::arg("network conditioning does not match its inputs"));
         }
-        let mut h = Tensor::cat(&parts, 1)?;
+        let mut h = if kernels::applies(x.device(), x.dtype()) {
+            let tg = match gap {
+                Some(g) => Tensor::cat(&[t, g], 1)?,
+                None => t.clone(),
+            };
+            kernels::conditioning(x, &tg, &self.time.freqs_f32)?
+        } else {
+            let mut parts = vec![x.clone(), self.time.forward(t)?];
+            if let Some(g) = gap {
+                parts.push(self.time.forward(g)?);
+            }
+            Tensor::cat(&parts, 1)?
+        };
         for layer in &self.layers {
             h = kernels::dense(&h, &layer.weight, &layer.bias, layer.act)?;
         }

@@ -158,3 +158,28 @@ fn fused_adamw_and_ema_match_candle() {
     assert!(rel(&got, &expect) < 1e-6, "EMA {} vs {}", got, expect);
     let _ = ev;
 }
+
+#[test]
+fn conditioning_matches_the_embedding_and_its_gradients() {
+    let emb_freqs: Vec<f32> = (0..16).map(|i| 64f32.powf(i as f32 / 15.0)).collect();
+    let freqs = Tensor::from_slice(&emb_freqs, (1, 16), &Device::Cpu).unwrap();
+    let x = Var::from_tensor(&randn((50, 3), 9)).unwrap();
+    let tg = Var::from_tensor(&Tensor::rand(0f32, 1.0, (50, 2), &Device::Cpu).unwrap()).unwrap();
+    let fast = kernels::conditioning(&x, &tg, &emb_freqs).unwrap();
+    let emb = |c: usize| {
+        let arg = tg.narrow(1, c, 1).unwrap().broadcast_mul(&freqs).unwrap();
+        vec![arg.sin().unwrap(), arg.cos().unwrap()]
+    };
+    let mut parts = vec![x.as_tensor().clone()];
+    parts.extend(emb(0));
+    parts.extend(emb(1));
+    let plain = Tensor::cat(&parts, 1).unwrap();
+    assert!(rel(&fast, &plain) < 2e-6, "values differ by {}", rel(&fast, &plain));
+    let g = randn((50, 3 + 64), 10);
+    let gf = (&fast * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let gp = (&plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in [("x", &x), ("(t, gap)", &tg)] {
+        let (a, b) = (gf.get(v).unwrap(), gp.get(v).unwrap());
+        assert!(rel(a, b) < 1e-5, "gradient of {name} differs by {}", rel(a, b));
+    }
+}

@@ -19,6 +19,7 @@
 //! gradients.
 
 mod dense;
+mod embed;
 mod simd;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Device, Tensor};
 
 pub use dense::{dense, plain as dense_plain, Activation};
+pub use embed::conditioning;
 pub(crate) use simd::{adamw_update, ema_update, AdamScalars};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -65,7 +67,7 @@ pub(crate) fn block_rows(b: usize) -> usize {
     if t <= 1 || b < 64 {
         return b.max(1);
     }
-    b.div_ceil(2 * t).clamp(32, 1024)
+    b.div_ceil(2 * t).clamp(32, 256)
 }
 
 /// `dst += lhs·rhs` (`read_dst`) or `dst = lhs·rhs` on the calling thread, row-major `dst` (`m × n`, row
