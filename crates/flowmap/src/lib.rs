@@ -39,11 +39,14 @@ pub mod train;
 pub use error::{Error, Result};
 pub use rng::Rng;
 
-/// Sets how many threads candle's CPU kernels use, for the ops that follow (candle reads
-/// `RAYON_NUM_THREADS` when it launches a kernel). Call it before starting other threads. Set it even to the
-/// default: when the variable is unset, candle counts the physical cores anew (by parsing `/proc/cpuinfo`)
-/// at every matrix product.
+/// Sets how many threads the CPU kernels use, for the ops that follow: flowmap's fused kernels and candle's
+/// matrix products run on rayon's pool of `n` threads (candle reads `RAYON_NUM_THREADS` when it launches a
+/// kernel), and candle's separate pool for elementwise ops is switched off (`CANDLE_NUM_THREADS=1`): its
+/// workers spin beside rayon's and, on a 2-core machine, take the cores the GEMMs need. Call it before
+/// starting other threads. Call it even for the default: with the variable unset, candle counts the cores
+/// anew (parsing `/proc/cpuinfo`) at every matrix product.
 pub fn set_compute_threads(n: usize) {
     // SAFETY (edition 2021: safe fn): called from the main thread before worker threads start.
     std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
 }

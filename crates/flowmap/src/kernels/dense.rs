@@ -51,7 +51,7 @@ pub fn plain(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Result<Tens
 
 struct DenseOp {
     act: Activation,
-    /// The pre-activation `z = x·Wᵀ + b`, kept by the forward pass for the backward pass of a SiLU layer.
+    /// `σ(x·Wᵀ + b)`, kept by the forward pass of a SiLU layer for its backward pass.
     saved: Mutex<Option<Vec<f32>>>,
     save: bool,
 }
@@ -59,6 +59,12 @@ struct DenseOp {
 /// Layers with at most this many outputs (a flow map's read-out to a 2-D state) skip the GEMM kernels,
 /// which idle on them, for dot products and row updates.
 const SKINNY: usize = 8;
+
+/// Whether a `b`-row product with `n_out` outputs takes the dot-product kernels: few outputs, or so few rows
+/// (single-sample generation) that packing `W` for a GEMM would cost more than reading it once.
+fn use_dots(b: usize, n_out: usize) -> bool {
+    n_out <= SKINNY || b <= SKINNY
+}
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
@@ -114,8 +120,9 @@ fn project_block(xc: &[f32], w: &[f32], bias: &[f32], n_in: usize, zc: &mut [May
     }
 }
 
-/// `z = x·Wᵀ + b` and, for SiLU, `y = silu(z)`: per block of rows, the product, then the bias and the
-/// activation while the block is in cache. Returns `(z, y)`; `y` is `None` for the identity.
+/// `z = x·Wᵀ + b`, or for SiLU `y = silu(z)` and `σ(z)`: per block of rows, the product, then the bias
+/// and the activation while the block is in cache. Returns `(z, None)` for the identity and `(σ(z), Some(y))`
+/// for SiLU.
 fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Vec<f32>, Option<Vec<f32>>) {
     let (n_out, n_in) = (bias.len(), w.len() / bias.len());
     let n = b * n_out;
@@ -125,7 +132,7 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Ve
     {
         let zs = z.spare_capacity_mut()[..n].par_chunks_mut(rows * n_out);
         let xs = x.par_chunks(rows * n_in.max(1));
-        let skinny = n_out <= SKINNY;
+        let skinny = use_dots(b, n_out);
         let project = |xc: &[f32], zc: &mut [MaybeUninit<f32>]| project_block(xc, w, bias, n_in, zc, skinny);
         match act {
             Activation::Identity => zs.zip(xs).for_each(|(zc, xc)| {
@@ -161,7 +168,9 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Ve
 struct BackBlock<'a> {
     x: &'a [f32],
     g: &'a [f32],
-    /// The pre-activation on entry (SiLU), overwritten with `dz`; empty for the identity.
+    /// The layer's output `y` (SiLU; empty for the identity).
+    y: &'a [f32],
+    /// `σ(z)` on entry (SiLU), overwritten with `dz`; empty for the identity.
     z: &'a mut [f32],
     dx: Option<&'a mut [MaybeUninit<f32>]>,
 }
@@ -173,6 +182,7 @@ fn backward(
     x: &[f32],
     w: &[f32],
     g: &[f32],
+    y: &[f32],
     z: Option<Vec<f32>>,
     b: usize,
     n_in: usize,
@@ -194,6 +204,7 @@ fn backward(
             blocks.push(BackBlock {
                 x: &x[r0 * n_in..r1 * n_in],
                 g: gc,
+                y: if silu { &y[r0 * n_out..r1 * n_out] } else { &[] },
                 z: if silu {
                     z_chunks.next().expect("z has every block")
                 } else {
@@ -203,14 +214,14 @@ fn backward(
             });
         }
     }
-    let skinny = n_out <= SKINNY;
+    let skinny = use_dots(b, n_out);
     let zero = || (vec![0.0f32; n_out], vec![0.0f32; n_out * n_in]);
     let (db, dw) = blocks
         .into_par_iter()
         .fold(zero, |(mut db, mut dw), blk| {
             let m = blk.g.len() / n_out;
             let dz: &[f32] = if silu {
-                simd::silu_backward(blk.z, blk.g, &mut db);
+                simd::silu_backward(blk.z, blk.y, blk.g, &mut db);
                 blk.z
             } else {
                 simd::column_sum(blk.g, &mut db);
@@ -301,7 +312,7 @@ impl CustomOp3 for DenseOp {
         x: &Tensor,
         w: &Tensor,
         bias: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
@@ -310,27 +321,30 @@ impl CustomOp3 for DenseOp {
         let dev = x.device();
         let missing = || candle_core::Error::Msg("dense backward: inputs are not contiguous f32 on the CPU".into());
         let (need_dx, need_dw) = (x.track_op(), w.track_op());
+        let res = res.contiguous()?;
         let out = super::with_slice(x, |xs| {
             super::with_slice(w, |ws| {
                 super::with_slice(bias, |bs| {
                     super::with_slice(&grad, |g| {
-                        let z = match self.act {
-                            Activation::Identity => None,
-                            // A second backward through the same graph recomputes z.
-                            Activation::Silu => Some(
-                                self.saved
-                                    .lock()
-                                    .expect("dense: saved activations")
-                                    .take()
-                                    .unwrap_or_else(|| forward(xs, ws, bs, b, Activation::Identity).0),
-                            ),
-                        };
-                        backward(xs, ws, g, z, b, n_in, n_out, need_dx)
+                        super::with_slice(&res, |y| {
+                            let s = match self.act {
+                                Activation::Identity => None,
+                                // A second backward through the same graph recomputes σ(z).
+                                Activation::Silu => Some(
+                                    self.saved
+                                        .lock()
+                                        .expect("dense: saved activations")
+                                        .take()
+                                        .unwrap_or_else(|| forward(xs, ws, bs, b, Activation::Silu).0),
+                                ),
+                            };
+                            backward(xs, ws, g, y, s, b, n_in, n_out, need_dx)
+                        })
                     })
                 })
             })
         });
-        let (dx, dw, db) = out.flatten().flatten().flatten().ok_or_else(missing)?;
+        let (dx, dw, db) = out.flatten().flatten().flatten().flatten().ok_or_else(missing)?;
         let dx = dx.map(|v| Tensor::from_vec(v, (b, n_in), dev)).transpose()?;
         let dw = need_dw.then(|| Tensor::from_vec(dw, (n_out, n_in), dev)).transpose()?;
         let db = Tensor::from_vec(db, n_out, dev)?;

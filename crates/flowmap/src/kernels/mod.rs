@@ -60,14 +60,18 @@ pub(crate) fn threads() -> usize {
     }
 }
 
+/// The smallest batch split across threads.
+pub(crate) const PARALLEL_ROWS: usize = 512;
+
 /// Rows per block when a `b`-row batch is split across threads: two blocks per thread (for balance), each
 /// small enough that its activations stay in a core's L2 cache while they are used.
 pub(crate) fn block_rows(b: usize) -> usize {
     let t = threads();
-    if t <= 1 || b < 64 {
+    // Below ~512 rows (at width 256) a hand-off to other threads costs more than it saves.
+    if t <= 1 || b < PARALLEL_ROWS {
         return b.max(1);
     }
-    b.div_ceil(2 * t).clamp(32, 256)
+    b.div_ceil(2 * t).clamp(32, 512)
 }
 
 /// `dst += lhs·rhs` (`read_dst`) or `dst = lhs·rhs` on the calling thread, row-major `dst` (`m × n`, row

@@ -103,13 +103,15 @@ multiversion! {
 }
 
 multiversion! {
-    /// Per row: `z += bias`, then `y = silu(z) = z·σ(z)`; writes every element of `y`.
+    /// Per row, with `a = z + bias`: `y = silu(a) = a·σ(a)` (every element written) and `z ← σ(a)`, which is
+    /// all the backward pass needs besides `y`.
     pub(crate) fn add_bias_silu(z: &mut [f32], y: &mut [MaybeUninit<f32>], bias: &[f32]) {
         for (zr, yr) in z.chunks_exact_mut(bias.len()).zip(y.chunks_exact_mut(bias.len())) {
             for ((v, o), b) in zr.iter_mut().zip(yr.iter_mut()).zip(bias) {
                 let a = *v + *b;
-                *v = a;
-                o.write(a * sigmoid(a));
+                let s = sigmoid(a);
+                *v = s;
+                o.write(a * s);
             }
         }
     }
@@ -190,15 +192,14 @@ multiversion! {
 }
 
 multiversion! {
-    /// In place over the pre-activation `z`: `z ← g ⊙ silu'(z)` with `silu'(z) = σ(z)·(1 + z·(1 − σ(z)))`,
-    /// and `colsum += Σ_rows` of the result.
-    pub(crate) fn silu_backward(z: &mut [f32], g: &[f32], colsum: &mut [f32]) {
+    /// In place over `s = σ(a)`: `s ← g ⊙ silu'(a)` with `silu'(a) = σ(a) + y·(1 − σ(a))`, `y = silu(a)` (no
+    /// exponential needed), and `colsum += Σ_rows` of the result.
+    pub(crate) fn silu_backward(s: &mut [f32], y: &[f32], g: &[f32], colsum: &mut [f32]) {
         let w = colsum.len();
-        for (zr, gr) in z.chunks_exact_mut(w).zip(g.chunks_exact(w)) {
-            for ((v, gv), c) in zr.iter_mut().zip(gr).zip(colsum.iter_mut()) {
-                let s = sigmoid(*v);
-                let d = *gv * s * (1.0 + *v * (1.0 - s));
-                *v = d;
+        for ((sr, yr), gr) in s.chunks_exact_mut(w).zip(y.chunks_exact(w)).zip(g.chunks_exact(w)) {
+            for (((sv, yv), gv), c) in sr.iter_mut().zip(yr).zip(gr).zip(colsum.iter_mut()) {
+                let d = *gv * (*sv + *yv * (1.0 - *sv));
+                *sv = d;
                 *c += d;
             }
         }
@@ -287,23 +288,26 @@ mod tests {
 
     #[test]
     fn silu_backward_matches_the_derivative() {
-        let z0: Vec<f32> = (0..64).map(|i| (i as f32 - 32.0) * 0.37).collect();
+        let a: Vec<f32> = (0..64).map(|i| (i as f32 - 32.0) * 0.37).collect();
         let g: Vec<f32> = (0..64).map(|i| 1.0 + 0.01 * i as f32).collect();
-        let mut z = z0.clone();
+        let (mut s, mut y) = (a.clone(), vec![MaybeUninit::uninit(); 64]);
+        add_bias_silu(&mut s, &mut y, &[0.0; 8]);
+        let y: Vec<f32> = y.iter().map(|v| unsafe { v.assume_init() }).collect();
         let mut cs = vec![0.0f32; 8];
-        silu_backward(&mut z, &g, &mut cs);
+        silu_backward(&mut s, &y, &g, &mut cs);
+        let silu = |x: f64| x / (1.0 + (-x).exp());
         for i in 0..64 {
-            let x = z0[i] as f64;
-            let silu = |x: f64| x / (1.0 + (-x).exp());
+            let x = a[i] as f64;
+            assert!((y[i] as f64 - silu(x)).abs() < 1e-6 * (1.0 + x.abs()));
             let h = 1e-5;
             let fd = (silu(x + h) - silu(x - h)) / (2.0 * h) * g[i] as f64;
             assert!(
-                (z[i] as f64 - fd).abs() < 1e-5 * (1.0 + fd.abs()),
+                (s[i] as f64 - fd).abs() < 1e-5 * (1.0 + fd.abs()),
                 "at {x}: {} vs {fd}",
-                z[i]
+                s[i]
             );
         }
-        let expect: f32 = (0..8).map(|r| z[r * 8 + 3]).sum();
+        let expect: f32 = (0..8).map(|r| s[r * 8 + 3]).sum();
         assert!((cs[3] - expect).abs() < 1e-5);
     }
 }
