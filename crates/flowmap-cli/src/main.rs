@@ -89,6 +89,9 @@ struct SpeedArgs {
     /// Also run the PyTorch peer (bench/peer/torch_peer.py; needs `pip install torch numpy`).
     #[arg(long)]
     peer: bool,
+    /// Rounds (peer, then flowmap, in each); every figure is the best of its rounds.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
     /// Python interpreter for the peer.
     #[arg(long, default_value = "python3")]
     python: String,
@@ -467,11 +470,15 @@ fn run(cli: Cli) -> Result<()> {
             if !(a.seconds > 0.0 && a.seconds.is_finite()) {
                 bail!("--seconds must be positive");
             }
+            if a.rounds == 0 {
+                bail!("--rounds must be at least 1");
+            }
             let opts = flowmap::bench::SpeedOptions {
                 widths: parse_sizes(&a.widths, "--widths")?,
                 batches: parse_sizes(&a.batches, "--batches")?,
                 seconds: a.seconds,
                 peer: a.peer,
+                rounds: a.rounds,
                 python: a.python,
                 seed: a.seed,
             };
