@@ -17,7 +17,7 @@ with g = t - s for the flow map), frequencies w geometric from 1 to `max_frequen
 layers of width `width` with SiLU; a Linear read-out to the data dimension.
 
 Usage: python3 bench/peer/torch_peer.py --threads 2 --widths 256,512 --batches 256,1024,4096
-Prints one JSON document on stdout. Dependencies: `pip install torch numpy` (nothing else).
+Prints one JSON document on stdout. Dependency: `pip install torch` (nothing else).
 """
 
 import argparse

@@ -86,7 +86,7 @@ struct SpeedArgs {
     /// Minimum timed seconds per row.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
-    /// Also run the PyTorch peer (bench/peer/torch_peer.py; needs `pip install torch numpy`).
+    /// Also run the PyTorch peer (bench/peer/torch_peer.py; needs `pip install torch`).
     #[arg(long)]
     peer: bool,
     /// Rounds (peer, then flowmap, in each); every figure is the best of its rounds.
@@ -253,8 +253,8 @@ struct MapFlags {
 }
 
 impl MapFlags {
-    fn objective(&self, base: Option<DistillConfig>) -> Result<DistillConfig> {
-        let mut dcfg = base.unwrap_or_default();
+    fn objective(&self, base: Option<DistillConfig>, method: Method) -> Result<DistillConfig> {
+        let mut dcfg = base.unwrap_or_else(|| DistillConfig::for_method(method));
         if let Some(e) = self.eps {
             dcfg.eps = EpsSchedule::Fixed { eps: e };
         }
@@ -611,7 +611,7 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
     let file = read_config(&a.train.config)?;
     let cfg = train_config(&a.train, file.train);
     cfg.validate()?;
-    let dcfg = a.map.objective(file.distill)?;
+    let dcfg = a.map.objective(file.distill, method)?;
     let teacher = Teacher::load(&a.teacher, device)?;
     let data = match &a.data {
         Some(spec) => DataSource::from_spec(spec)?,
@@ -639,7 +639,7 @@ fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
     let file = read_config(&a.train.config)?;
     let cfg = train_config(&a.train, file.train);
     cfg.validate()?;
-    let dcfg = a.map.objective(file.distill)?;
+    let dcfg = a.map.objective(file.distill, method)?;
     let data = DataSource::from_spec(&a.data)?;
     let pb = progress_bar(cfg.steps as u64, method.name(), show);
     let m = pipeline::train_map(&data, method, &dcfg, &cfg, &a.map.arch(data.dim()), device, &pb, None)?;

@@ -45,6 +45,9 @@ impl Module for Dense {
 impl crate::jvp::Jvp for Dense {
     /// `ẏ = act'(z) ⊙ (ẋ Wᵀ)` with `z = x·Wᵀ + b`; one GEMM computes `[x; ẋ]·Wᵀ`.
     fn forward_jvp(&self, x: &Tensor, dx: &Tensor) -> Result<(Tensor, Tensor)> {
+        if let Some(out) = kernels::dense_jvp(x, dx, &self.weight, &self.bias, self.act)? {
+            return Ok(out);
+        }
         let w = self.weight.detach();
         let b = x.dim(0)?;
         let both = Tensor::cat(&[&x.detach(), &dx.detach()], 0)?.matmul(&w.t()?)?;

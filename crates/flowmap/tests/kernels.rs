@@ -183,3 +183,31 @@ fn conditioning_matches_the_embedding_and_its_gradients() {
         assert!(rel(a, b) < 1e-5, "gradient of {name} differs by {}", rel(a, b));
     }
 }
+
+#[test]
+fn network_jvp_matches_with_the_fast_path_off() {
+    use flowmap::jvp::TangentMap;
+    let _lock = SWITCH.lock().unwrap();
+    let vm = VarMap::new();
+    let net = FlowMapNet::new(
+        &MlpConfig {
+            hidden: 48,
+            ..MlpConfig::new(2)
+        },
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    seed_params(&vm, 4).unwrap();
+    for b in [1, 5, 700] {
+        let (x, dx) = (randn((b, 2), 11), randn((b, 2), 12));
+        let t = Tensor::rand(0.5f32, 1.0, (b, 1), &Device::Cpu).unwrap();
+        let s = (&t * 0.5).unwrap();
+        let (ones, zeros) = (t.ones_like().unwrap(), t.zeros_like().unwrap());
+        let (f1, d1) = net.average_velocity_jvp(&x, &t, &s, &dx, &ones, &zeros).unwrap();
+        kernels::set_enabled(false);
+        let (f2, d2) = net.average_velocity_jvp(&x, &t, &s, &dx, &ones, &zeros).unwrap();
+        kernels::set_enabled(true);
+        assert!(rel(&f1, &f2) < 1e-5, "batch {b}: values differ by {}", rel(&f1, &f2));
+        assert!(rel(&d1, &d2) < 1e-5, "batch {b}: tangents differ by {}", rel(&d1, &d2));
+    }
+}

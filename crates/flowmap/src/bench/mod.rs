@@ -254,7 +254,7 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
                     &teacher,
                     &data,
                     method,
-                    &DistillConfig::default(),
+                    &DistillConfig::for_method(method),
                     &tc,
                     &arch,
                     device,
@@ -262,7 +262,16 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
                     None,
                 )?
             } else {
-                pipeline::train_map(&data, method, &DistillConfig::default(), &tc, &arch, device, &pb, None)?
+                pipeline::train_map(
+                    &data,
+                    method,
+                    &DistillConfig::for_method(method),
+                    &tc,
+                    &arch,
+                    device,
+                    &pb,
+                    None,
+                )?
             };
             pb.finish_and_clear();
             let sampler = if method.boundary_only() {

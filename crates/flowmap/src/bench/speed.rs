@@ -454,7 +454,7 @@ fn run_peer(opts: &SpeedOptions, threads: usize) -> std::result::Result<PeerRepo
         Err(e) => return Err(format!("cannot start '{}': {e}", opts.python)),
         Ok(o) if !o.status.success() => {
             return Err(format!(
-                "'{}' cannot import torch (install the peer's dependencies with `pip install torch numpy`)",
+                "'{}' cannot import torch (install the peer's dependency with `pip install torch`)",
                 opts.python
             ))
         }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
-pub use dense::{dense, plain as dense_plain, Activation};
+pub use dense::{dense, dense_jvp, plain as dense_plain, Activation};
 pub use embed::conditioning;
 pub(crate) use simd::{adamw_update, ema_update, AdamScalars};
 

@@ -117,6 +117,22 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// Forward mode through bias and SiLU, in place: with `a = z + bias`, `z ← silu(a)` and
+    /// `dz ← dz ⊙ silu'(a)`, `silu'(a) = σ(a) + silu(a)·(1 − σ(a))`.
+    pub(crate) fn silu_jvp(z: &mut [f32], dz: &mut [f32], bias: &[f32]) {
+        for (zr, dr) in z.chunks_exact_mut(bias.len()).zip(dz.chunks_exact_mut(bias.len())) {
+            for ((v, d), b) in zr.iter_mut().zip(dr.iter_mut()).zip(bias) {
+                let a = *v + *b;
+                let s = sigmoid(a);
+                let y = a * s;
+                *v = y;
+                *d *= s + y * (1.0 - s);
+            }
+        }
+    }
+}
+
 /// Lanes of the partial sums in [`skinny_forward`]: one AVX-512 register.
 const LANES: usize = 16;
 

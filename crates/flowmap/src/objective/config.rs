@@ -309,6 +309,21 @@ impl Default for DistillConfig {
 }
 
 impl DistillConfig {
+    /// The defaults for `method`: [`DistillConfig::default`], except where the method's paper prescribes
+    /// otherwise. MeanFlow (Geng et al. 2025, their ablation of the (t, r) sampler) draws times logit-normal
+    /// with mean −0.4 and std 1 and keeps `s = t` on 75% of the batch (25% of pairs with `s ≠ t`).
+    pub fn for_method(method: Method) -> Self {
+        let mut c = DistillConfig::default();
+        if method == Method::Meanflow {
+            c.times = TimeSampling {
+                distribution: TimeDistribution::LogitNormal { mean: -0.4, std: 1.0 },
+                diagonal_fraction: 0.75,
+            };
+            c.weighting = Weighting::Adaptive { c: 1e-3, p: 1.0 };
+        }
+        c
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.eps.validate()?;
         if !(0.0..1.0).contains(&self.times.diagonal_fraction) {
