@@ -435,19 +435,19 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if let Some(n) = cli.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        flowmap::set_compute_threads(n);
-        rayon_init(n);
-    } else if matches!(cli.command, Command::Demo(_)) {
-        // The demo trains its EMD and LMD maps side by side, one compute thread each.
-        flowmap::set_compute_threads(1);
-    } else {
-        // Pin the count once: left unset, candle re-counts the cores (parsing /proc/cpuinfo) at every kernel.
-        flowmap::set_compute_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
-    }
+    let n = match cli.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    flowmap::set_compute_threads(n);
+    // Everything runs on one rayon pool of n workers, the caller included: the fused kernels' parallel
+    // regions then start on a worker that is already awake instead of waking the pool from outside.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build()?;
+    pool.install(|| run_command(cli))
+}
+
+fn run_command(cli: Cli) -> Result<()> {
     let device = Device::Cpu;
     let show = !cli.quiet;
     match cli.command {
@@ -535,10 +535,6 @@ fn parse_sizes(s: &str, flag: &str) -> Result<Vec<usize>> {
             _ => bail!("{flag}: '{}' is not a positive integer", x.trim()),
         })
         .collect()
-}
-
-fn rayon_init(n: usize) {
-    let _ = flowmap::metrics::set_threads(n);
 }
 
 fn read_config(path: &Option<PathBuf>) -> Result<RunConfig> {

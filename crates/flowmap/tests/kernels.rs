@@ -211,3 +211,34 @@ fn network_jvp_matches_with_the_fast_path_off() {
         assert!(rel(&d1, &d2) < 1e-5, "batch {b}: tangents differ by {}", rel(&d1, &d2));
     }
 }
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let vm = VarMap::new();
+    let net = FlowMapNet::new(
+        &MlpConfig::new(2),
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    seed_params(&vm, 5).unwrap();
+    let b = 1300; // several blocks, the last one ragged
+    let x = randn((b, 2), 13);
+    let t = Tensor::rand(0.5f32, 1.0, (b, 1), &Device::Cpu).unwrap();
+    let s = (&t * 0.25).unwrap();
+    let run = |n: usize| {
+        kernels::with_threads(n, || {
+            let f = net.map(&x, &t, &s).unwrap();
+            let g = f.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+            let grads: Vec<Vec<f32>> = flowmap::flow_map::vars_sorted(&vm)
+                .iter()
+                .map(|(_, v)| g.get(v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect();
+            (f.flatten_all().unwrap().to_vec1::<f32>().unwrap(), grads)
+        })
+    };
+    assert_eq!(
+        run(1),
+        run(2),
+        "one and two threads must give bit-identical values and gradients"
+    );
+}

@@ -4,7 +4,6 @@ use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::simd;
 use crate::Result;
@@ -130,29 +129,26 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Ve
     let mut z: Vec<f32> = Vec::with_capacity(n);
     let mut y: Vec<f32> = Vec::with_capacity(if act == Activation::Silu { n } else { 0 });
     {
-        let zs = z.spare_capacity_mut()[..n].par_chunks_mut(rows * n_out);
-        let xs = x.par_chunks(rows * n_in.max(1));
         let skinny = use_dots(b, n_out);
-        let project = |xc: &[f32], zc: &mut [MaybeUninit<f32>]| project_block(xc, w, bias, n_in, zc, skinny);
-        match act {
-            Activation::Identity => zs.zip(xs).for_each(|(zc, xc)| {
-                project(xc, zc);
-                if !skinny {
-                    // SAFETY: project_block wrote all of zc.
-                    simd::add_bias(unsafe { assume_init(zc) }, bias);
-                }
-            }),
-            Activation::Silu => {
-                let zero = vec![0.0f32; n_out];
-                let bias_here = if skinny { &zero[..] } else { bias };
-                let ys = y.spare_capacity_mut()[..n].par_chunks_mut(rows * n_out);
-                zs.zip(ys).zip(xs).for_each(|((zc, yc), xc)| {
-                    project(xc, zc);
-                    // SAFETY: project_block wrote all of zc.
-                    simd::add_bias_silu(unsafe { assume_init(zc) }, yc, bias_here);
-                });
+        let zero = vec![0.0f32; n_out];
+        // The skinny kernel adds the bias in the product; otherwise it goes in with the activation.
+        let bias_here = if skinny { &zero[..] } else { bias };
+        let silu = act == Activation::Silu;
+        let zs = z.spare_capacity_mut()[..n].chunks_mut(rows * n_out);
+        let mut ys = y.spare_capacity_mut()[..if silu { n } else { 0 }].chunks_mut(rows * n_out);
+        let blocks: Vec<_> = zs
+            .zip(x.chunks(rows * n_in.max(1)).chain(std::iter::repeat(&[][..])))
+            .map(|(zc, xc)| (zc, xc, if silu { ys.next() } else { None }))
+            .collect();
+        super::map_blocks(blocks, |(zc, xc, yc)| {
+            project_block(xc, w, bias, n_in, zc, skinny);
+            // SAFETY: project_block wrote all of zc.
+            let zc = unsafe { assume_init(zc) };
+            match yc {
+                Some(yc) => simd::add_bias_silu(zc, yc, bias_here),
+                None => simd::add_bias(zc, bias_here),
             }
-        }
+        });
     }
     // SAFETY: every block of z (and of y for SiLU) was written in full above.
     unsafe {
@@ -215,50 +211,57 @@ fn backward(
         }
     }
     let skinny = use_dots(b, n_out);
-    let zero = || (vec![0.0f32; n_out], vec![0.0f32; n_out * n_in]);
-    let (db, dw) = blocks
-        .into_par_iter()
-        .fold(zero, |(mut db, mut dw), blk| {
-            let m = blk.g.len() / n_out;
-            let dz: &[f32] = if silu {
-                simd::silu_backward(blk.z, blk.y, blk.g, &mut db);
-                blk.z
-            } else {
-                simd::column_sum(blk.g, &mut db);
-                blk.g
-            };
-            if skinny {
-                simd::skinny_backward(dz, w, blk.x, n_in, blk.dx, &mut dw);
-            } else if n_in > 0 {
-                // SAFETY: dz is m × out (strides out, 1); W is out × in (strides in, 1); x is m × in; dx is
-                // m × in and fully overwritten (read_dst = false, k = out ≥ 1); dW (out × in) accumulates
-                // dzᵀ·x, reading dz with strides (1, out).
-                unsafe {
-                    if let Some(dxc) = blk.dx {
-                        super::gemm(
-                            m,
-                            n_in,
-                            n_out,
-                            dxc.as_mut_ptr().cast(),
-                            false,
-                            (dz.as_ptr(), n_out as isize, 1),
-                            (w.as_ptr(), n_in as isize, 1),
-                        );
-                    }
+    // Each block's sums go to its own buffers, added in block order afterwards: the result does not depend
+    // on which thread ran which block (nor, since blocks depend only on the batch, on the thread count).
+    let partials = super::map_blocks(blocks, |blk| {
+        let (mut db, mut dw) = (vec![0.0f32; n_out], vec![0.0f32; n_out * n_in]);
+        let m = blk.g.len() / n_out;
+        let dz: &[f32] = if silu {
+            simd::silu_backward(blk.z, blk.y, blk.g, &mut db);
+            blk.z
+        } else {
+            simd::column_sum(blk.g, &mut db);
+            blk.g
+        };
+        if skinny {
+            simd::skinny_backward(dz, w, blk.x, n_in, blk.dx, &mut dw);
+        } else if n_in > 0 {
+            // SAFETY: dz is m × out (strides out, 1); W is out × in (strides in, 1); x is m × in; dx is
+            // m × in and fully overwritten (read_dst = false, k = out ≥ 1); dW (out × in) accumulates
+            // dzᵀ·x, reading dz with strides (1, out).
+            unsafe {
+                if let Some(dxc) = blk.dx {
                     super::gemm(
-                        n_out,
-                        n_in,
                         m,
-                        dw.as_mut_ptr(),
-                        true,
-                        (dz.as_ptr(), 1, n_out as isize),
-                        (blk.x.as_ptr(), n_in as isize, 1),
+                        n_in,
+                        n_out,
+                        dxc.as_mut_ptr().cast(),
+                        false,
+                        (dz.as_ptr(), n_out as isize, 1),
+                        (w.as_ptr(), n_in as isize, 1),
                     );
                 }
+                super::gemm(
+                    n_out,
+                    n_in,
+                    m,
+                    dw.as_mut_ptr(),
+                    true,
+                    (dz.as_ptr(), 1, n_out as isize),
+                    (blk.x.as_ptr(), n_in as isize, 1),
+                );
             }
-            (db, dw)
-        })
-        .reduce(zero, |(a, b), (c, d)| (add_into(a, c), add_into(b, d)));
+        }
+        (db, dw)
+    });
+    let mut partials = partials.into_iter();
+    let (mut db, mut dw) = partials
+        .next()
+        .unwrap_or_else(|| (vec![0.0f32; n_out], vec![0.0f32; n_out * n_in]));
+    for (pdb, pdw) in partials {
+        db = add_into(db, pdb);
+        dw = add_into(dw, pdw);
+    }
     if need_dx {
         // SAFETY: every block of dx was written in full above (by the GEMM or the skinny kernel).
         unsafe { dx.set_len(b * n_in) };
@@ -390,22 +393,27 @@ fn jvp_slices(x: &[f32], dx: &[f32], w: &[f32], bias: &[f32], b: usize, act: Act
     let zero = vec![0.0f32; n_out];
     let mut y: Vec<f32> = Vec::with_capacity(n);
     let mut dy: Vec<f32> = Vec::with_capacity(n);
-    y.spare_capacity_mut()[..n]
-        .par_chunks_mut(rows * n_out)
-        .zip(dy.spare_capacity_mut()[..n].par_chunks_mut(rows * n_out))
-        .zip(x.par_chunks(rows * n_in.max(1)).zip(dx.par_chunks(rows * n_in.max(1))))
-        .for_each(|((yc, dyc), (xc, dxc))| {
-            // Without the bias for the tangent; for the skinny kernel the primal's bias is added in the product.
-            project_block(xc, w, bias, n_in, yc, skinny);
-            project_block(dxc, w, &zero, n_in, dyc, skinny);
-            // SAFETY: project_block wrote all of both blocks.
-            let (yc, dyc) = unsafe { (assume_init(yc), assume_init(dyc)) };
-            let b_here = if skinny { &zero[..] } else { bias };
-            match act {
-                Activation::Identity => simd::add_bias(yc, b_here),
-                Activation::Silu => simd::silu_jvp(yc, dyc, b_here),
-            }
-        });
+    let blocks: Vec<_> = y.spare_capacity_mut()[..n]
+        .chunks_mut(rows * n_out)
+        .zip(dy.spare_capacity_mut()[..n].chunks_mut(rows * n_out))
+        .zip(
+            x.chunks(rows * n_in.max(1))
+                .zip(dx.chunks(rows * n_in.max(1)))
+                .chain(std::iter::repeat((&[][..], &[][..]))),
+        )
+        .collect();
+    super::map_blocks(blocks, |((yc, dyc), (xc, dxc))| {
+        // Without the bias for the tangent; for the skinny kernel the primal's bias is added in the product.
+        project_block(xc, w, bias, n_in, yc, skinny);
+        project_block(dxc, w, &zero, n_in, dyc, skinny);
+        // SAFETY: project_block wrote all of both blocks.
+        let (yc, dyc) = unsafe { (assume_init(yc), assume_init(dyc)) };
+        let b_here = if skinny { &zero[..] } else { bias };
+        match act {
+            Activation::Identity => simd::add_bias(yc, b_here),
+            Activation::Silu => simd::silu_jvp(yc, dyc, b_here),
+        }
+    });
     // SAFETY: every block of both was written above.
     unsafe {
         y.set_len(n);

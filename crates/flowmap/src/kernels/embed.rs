@@ -1,7 +1,6 @@
 //! The first layer's input `[x, sin ωt, cos ωt, (sin ωg, cos ωg)]` in one pass on the CPU.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::simd;
 use crate::Result;
@@ -52,7 +51,8 @@ impl CustomOp2 for Conditioning {
         let width = dim + 2 * k * cols;
         let mut out = vec![0.0f32; n * width];
         let rows = super::block_rows(n).max(1);
-        out.par_chunks_mut(rows * width).enumerate().for_each(|(i, block)| {
+        let blocks: Vec<_> = out.chunks_mut(rows * width).enumerate().collect();
+        super::map_blocks(blocks, |(i, block)| {
             let r0 = i * rows;
             for (j, row) in block.chunks_exact_mut(width).enumerate() {
                 let r = r0 + j;

@@ -47,10 +47,26 @@ pub(crate) fn applies(device: &Device, dtype: DType) -> bool {
     enabled() && device.is_cpu() && dtype == DType::F32
 }
 
-/// The number of threads candle's CPU kernels use: `RAYON_NUM_THREADS` (set by
-/// [`crate::set_compute_threads`]), else every core.
+thread_local! {
+    static THREADS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the fast path's kernels limited to `n` threads on this thread (for jobs that run side by
+/// side, each on its own core).
+pub fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> R {
+    let before = THREADS.with(|c| c.replace(Some(n.max(1))));
+    let out = f();
+    THREADS.with(|c| c.set(before));
+    out
+}
+
+/// The number of threads the fast path splits work across: this thread's [`with_threads`] limit, else
+/// `RAYON_NUM_THREADS` (set by [`crate::set_compute_threads`]), else every core.
 pub(crate) fn threads() -> usize {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if let Some(n) = THREADS.with(|c| c.get()) {
+        return n;
+    }
     match std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
@@ -64,15 +80,27 @@ pub(crate) fn threads() -> usize {
 /// saves (measured on 2 cores: batch 256 trains faster on one thread at widths 256 and 512).
 pub(crate) const PARALLEL_ROWS: usize = 512;
 
-/// Rows per block when a `b`-row batch is split across threads: two blocks per thread (for balance), each
-/// small enough that its activations stay in a core's L2 cache. Small batches stay in one block, on the
-/// calling thread.
+/// Rows per block of a `b`-row batch. Blocks depend on the batch alone, never on the thread count, so a
+/// run gives the same numbers on any number of threads: batches below [`PARALLEL_ROWS`] are one block,
+/// larger ones blocks of 256 rows (small enough that a block's activations stay in a core's L2 cache while
+/// its product, bias and activation run).
 pub(crate) fn block_rows(b: usize) -> usize {
-    let t = threads();
-    if t <= 1 || b < PARALLEL_ROWS {
-        return b.max(1);
+    if b < PARALLEL_ROWS {
+        b.max(1)
+    } else {
+        256
     }
-    b.div_ceil(2 * t).clamp(32, 512)
+}
+
+/// Runs `f` on every block, across threads when there are several blocks and threads, and returns the
+/// results in block order.
+pub(crate) fn map_blocks<T: Send, R: Send>(blocks: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
+    use rayon::prelude::*;
+    if blocks.len() <= 1 || threads() <= 1 {
+        blocks.into_iter().map(f).collect()
+    } else {
+        blocks.into_par_iter().map(f).collect()
+    }
 }
 
 /// `dst += lhs·rhs` (`read_dst`) or `dst = lhs·rhs` on the calling thread, row-major `dst` (`m × n`, row

@@ -14,7 +14,10 @@ use crate::Result;
 ///
 /// `L(θ) = E ‖f_θ(x_{t_k}, t_k, 0) − sg f_θ⁻(x_{t_{k−1}}, t_{k−1}, 0)‖² / Δt²`, `Δt = 1/N`.
 ///
-/// It is the Eulerian objective at `s = 0` with the step `ε = Δt / t_k`. The trained map is valid only
+/// It is the Eulerian objective at `s = 0` with the step `ε = Δt / t_k`. `N` follows the curriculum of
+/// Song & Dhariwal 2023 ("Improved Techniques for Training Consistency Models"): coarse grids first, whose
+/// long steps propagate the boundary condition quickly, then finer ones, whose short steps are accurate;
+/// here `N` grows geometrically from 4 to `cm_intervals` over training. The trained map is valid only
 /// for `s = 0`: sample it with the multistep consistency sampler.
 pub struct ConsistencyDistillation<'a> {
     pub teacher: &'a dyn VelocityField,
@@ -30,7 +33,7 @@ impl<'a> Objective for ConsistencyDistillation<'a> {
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let b = cx.x0.dim(0)?;
-        let n = self.cfg.continuous.cm_intervals;
+        let n = intervals(self.cfg.continuous.cm_intervals, cx.progress);
         let k: Vec<f64> = (0..b).map(|_| (1 + cx.rng.below(n)) as f64).collect();
         let t = column(&k.iter().map(|k| k / n as f64).collect::<Vec<_>>(), cx.x0)?;
         let t_prev = column(&k.iter().map(|k| (k - 1.0) / n as f64).collect::<Vec<_>>(), cx.x0)?;
@@ -40,5 +43,23 @@ impl<'a> Objective for ConsistencyDistillation<'a> {
         let target = cx.target.map(&x_prev, &t_prev, &zero)?.detach();
         let f = cx.model.map(&xt, &t, &zero)?;
         Ok(((f - target)?.sqr()?.mean_keepdim(1)?.mean_all()? * (n * n) as f64)?)
+    }
+}
+
+/// The curriculum's grid size at training progress `p ∈ [0, 1]`: `4·(N/4)^p`, rounded, in `[min(4, N), N]`.
+pub(crate) fn intervals(n_final: usize, p: f64) -> usize {
+    let start = 4.min(n_final) as f64;
+    let n = start * (n_final as f64 / start).powf(p.clamp(0.0, 1.0));
+    (n.round() as usize).clamp(start as usize, n_final.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn curriculum_runs_from_four_to_the_final_grid() {
+        assert_eq!(super::intervals(64, 0.0), 4);
+        assert_eq!(super::intervals(64, 0.5), 16);
+        assert_eq!(super::intervals(64, 1.0), 64);
+        assert_eq!(super::intervals(2, 0.3), 2);
     }
 }
