@@ -400,6 +400,13 @@ struct DemoArgs {
 }
 
 fn main() -> ExitCode {
+    // Output piped into a reader that stops early (`| head`) ends the program quietly, as in any Unix tool,
+    // instead of a panic on the failed write.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of SIGPIPE before any other thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
