@@ -65,13 +65,6 @@ fn use_dots(b: usize, n_out: usize) -> bool {
     n_out <= SKINNY || b <= SKINNY
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("dense: {what} must be contiguous f32"),
-    }
-}
-
 /// Views a block of spare capacity as initialised once a kernel has written all of it.
 ///
 /// # Safety
@@ -288,7 +281,11 @@ impl CustomOp3 for DenseOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, bias) = (slice(s1, l1, "x")?, slice(s2, l2, "W")?, slice(s3, l3, "b")?);
+        let (x, w, bias) = (
+            super::cpu_slice(s1, l1, "dense: x")?,
+            super::cpu_slice(s2, l2, "dense: W")?,
+            super::cpu_slice(s3, l3, "dense: b")?,
+        );
         let (b, n_in) = l1.shape().dims2()?;
         let (n_out, w_in) = l2.shape().dims2()?;
         if w_in != n_in || bias.len() != n_out || n_out == 0 {

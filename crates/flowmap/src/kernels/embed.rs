@@ -36,12 +36,8 @@ impl CustomOp2 for Conditioning {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(xs), Some((a, b)), CpuStorage::F32(ts), Some((c, d))) =
-            (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets())
-        else {
-            candle_core::bail!("conditioning: inputs must be contiguous f32")
-        };
-        let (x, tg) = (&xs[a..b], &ts[c..d]);
+        let x = super::cpu_slice(s1, l1, "conditioning: x")?;
+        let tg = super::cpu_slice(s2, l2, "conditioning: times")?;
         let (n, dim) = l1.shape().dims2()?;
         let (n2, cols) = l2.shape().dims2()?;
         if n != n2 {

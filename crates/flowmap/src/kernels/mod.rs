@@ -126,6 +126,18 @@ pub(crate) unsafe fn gemm(
     );
 }
 
+/// The contiguous f32 data of a CPU storage under `layout`, or an error naming `what`.
+pub(crate) fn cpu_slice<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what} must be contiguous f32"),
+    }
+}
+
 /// The contiguous f32 data of a CPU tensor, or `None` (then the caller falls back to candle's ops).
 pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     let (storage, layout) = t.storage_and_layout();
