@@ -92,14 +92,12 @@ impl AdamW {
                 for (var, (m, v)) in vars.iter().zip(moments.iter_mut()) {
                     let Some(g) = grads.get(var) else { continue };
                     let g = g.contiguous()?;
-                    let done = kernels::with_slice(&g, |g| {
-                        var.as_tensor().inplace_op1(&AdamStep {
-                            g,
-                            moments: Mutex::new((m, v)),
-                            a,
-                        })
-                    });
-                    done.ok_or_else(|| Error::arg("AdamW: gradient is not f32 on the CPU"))??;
+                    let g = kernels::read(&g).ok_or_else(|| Error::arg("AdamW: gradient is not f32 on the CPU"))?;
+                    var.as_tensor().inplace_op1(&AdamStep {
+                        g: g.slice(),
+                        moments: Mutex::new((m, v)),
+                        a,
+                    })?;
                 }
                 Ok(())
             }

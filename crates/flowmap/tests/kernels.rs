@@ -142,8 +142,7 @@ fn fused_adamw_and_ema_match_candle() {
     let lv = live
         .get((5, 3), "p", candle_nn::Init::Const(1.0), DType::F32, &Device::Cpu)
         .unwrap();
-    let ev = avg
-        .get((5, 3), "p", candle_nn::Init::Const(0.0), DType::F32, &Device::Cpu)
+    avg.get((5, 3), "p", candle_nn::Init::Const(0.0), DType::F32, &Device::Cpu)
         .unwrap();
     let ema = Ema::new(&avg, &live, 0.9).unwrap();
     let mut expect = lv.copy().unwrap();
@@ -156,7 +155,6 @@ fn fused_adamw_and_ema_match_candle() {
     }
     let got = avg.data().lock().unwrap().get("p").unwrap().as_tensor().clone();
     assert!(rel(&got, &expect) < 1e-6, "EMA {} vs {}", got, expect);
-    let _ = ev;
 }
 
 #[test]

@@ -322,29 +322,26 @@ impl CustomOp3 for DenseOp {
         let missing = || candle_core::Error::Msg("dense backward: inputs are not contiguous f32 on the CPU".into());
         let (need_dx, need_dw) = (x.track_op(), w.track_op());
         let res = res.contiguous()?;
-        let out = super::with_slice(x, |xs| {
-            super::with_slice(w, |ws| {
-                super::with_slice(bias, |bs| {
-                    super::with_slice(&grad, |g| {
-                        super::with_slice(&res, |y| {
-                            let s = match self.act {
-                                Activation::Identity => None,
-                                // A second backward through the same graph recomputes σ(z).
-                                Activation::Silu => Some(
-                                    self.saved
-                                        .lock()
-                                        .expect("dense: saved activations")
-                                        .take()
-                                        .unwrap_or_else(|| forward(xs, ws, bs, b, Activation::Silu).0),
-                                ),
-                            };
-                            backward(xs, ws, g, y, s, b, n_in, n_out, need_dx)
-                        })
-                    })
-                })
-            })
-        });
-        let (dx, dw, db) = out.flatten().flatten().flatten().flatten().ok_or_else(missing)?;
+        let (xr, wr, br, gr, yr) = (
+            super::read(x).ok_or_else(missing)?,
+            super::read(w).ok_or_else(missing)?,
+            super::read(bias).ok_or_else(missing)?,
+            super::read(&grad).ok_or_else(missing)?,
+            super::read(&res).ok_or_else(missing)?,
+        );
+        let (xs, ws) = (xr.slice(), wr.slice());
+        let s = match self.act {
+            Activation::Identity => None,
+            // A second backward through the same graph recomputes σ(z).
+            Activation::Silu => Some(
+                self.saved
+                    .lock()
+                    .expect("dense: saved activations")
+                    .take()
+                    .unwrap_or_else(|| forward(xs, ws, br.slice(), b, Activation::Silu).0),
+            ),
+        };
+        let (dx, dw, db) = backward(xs, ws, gr.slice(), yr.slice(), s, b, n_in, n_out, need_dx);
         let dx = dx.map(|v| Tensor::from_vec(v, (b, n_in), dev)).transpose()?;
         let dw = need_dw.then(|| Tensor::from_vec(dw, (n_out, n_in), dev)).transpose()?;
         let db = Tensor::from_vec(db, n_out, dev)?;
@@ -365,16 +362,11 @@ pub fn dense_jvp(x: &Tensor, dx: &Tensor, w: &Tensor, b: &Tensor, act: Activatio
     if dx.dims() != x.dims() || w.dim(1)? != n_in || b.dim(0)? != n_out {
         return Err(crate::Error::arg("dense JVP: shapes of x, ẋ, W and b do not agree"));
     }
-    let out = super::with_slice(&x, |xs| {
-        super::with_slice(&dx, |dxs| {
-            super::with_slice(w, |ws| {
-                super::with_slice(b, |bs| jvp_slices(xs, dxs, ws, bs, rows_b, act))
-            })
-        })
-    });
-    let Some(Some(Some(Some((y, dy))))) = out else {
+    let (Some(xr), Some(dxr), Some(wr), Some(br)) = (super::read(&x), super::read(&dx), super::read(w), super::read(b))
+    else {
         return Ok(None);
     };
+    let (y, dy) = jvp_slices(xr.slice(), dxr.slice(), wr.slice(), br.slice(), rows_b, act);
     let dev = x.device();
     Ok(Some((
         Tensor::from_vec(y, (rows_b, n_out), dev)?,

@@ -138,12 +138,26 @@ pub(crate) fn cpu_slice<'a>(
     }
 }
 
-/// The contiguous f32 data of a CPU tensor, or `None` (then the caller falls back to candle's ops).
-pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let (a, b) = layout.contiguous_offsets()?;
-    match &*storage {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => Some(f(&v[a..b])),
-        _ => None,
+/// A read lock on a tensor's contiguous f32 CPU data; several can be held at once (one per operand).
+pub(crate) struct CpuRead<'a> {
+    guard: candle_core::StorageRef<'a>,
+    range: std::ops::Range<usize>,
+}
+
+impl CpuRead<'_> {
+    pub(crate) fn slice(&self) -> &[f32] {
+        match &*self.guard {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => &v[self.range.clone()],
+            _ => unreachable!("checked by `read`"),
+        }
     }
+}
+
+/// Read access to the contiguous f32 data of a CPU tensor, or `None` (then the caller falls back to
+/// candle's ops).
+pub(crate) fn read(t: &Tensor) -> Option<CpuRead<'_>> {
+    let (guard, layout) = t.storage_and_layout();
+    let (a, b) = layout.contiguous_offsets()?;
+    matches!(&*guard, candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_)))
+        .then_some(CpuRead { guard, range: a..b })
 }
