@@ -65,8 +65,19 @@ fn loss_of(
     m: &(dyn TangentMap + 'static),
     g: &GaussianMixture,
 ) -> f64 {
-    let mut rng = Rng::new(21);
-    let n = 256;
+    scalar(&loss_tensor(objective, m, m, g, 256, 21))
+}
+
+/// The objective's loss on `n` mixture points and noise drawn with `seed`, `model` trained against `target`.
+fn loss_tensor(
+    objective: &dyn Objective<Model = dyn TangentMap>,
+    model: &(dyn TangentMap + 'static),
+    target: &(dyn TangentMap + 'static),
+    g: &GaussianMixture,
+    n: usize,
+    seed: u64,
+) -> Tensor {
+    let mut rng = Rng::new(seed);
     let x0 = flowmap::data::to_tensor(
         &g.sample(n, &mut rng),
         n,
@@ -79,15 +90,15 @@ fn loss_of(
         .normal_tensor((n, 2), candle_core::DType::F64, &candle_core::Device::Cpu)
         .unwrap();
     let mut cx = StepContext {
-        model: m,
-        target: m,
+        model,
+        target,
         x0: &x0,
         x1: &x1,
         progress: 1.0,
         step: 0,
         rng: &mut rng,
     };
-    scalar(&objective.loss(&mut cx).unwrap())
+    objective.loss(&mut cx).unwrap()
 }
 
 fn loss(method: Method, g: &GaussianMixture, delta: f64, c: DistillConfig) -> f64 {
@@ -263,28 +274,7 @@ fn meanflow_loss_is_stationary_at_the_exact_map_and_its_adaptive_weight_is_not()
             delta: delta.clone(),
         };
         let target = map(&g, 0.0);
-        let mut rng = Rng::new(5);
-        let x0 = flowmap::data::to_tensor(
-            &g.sample(n, &mut rng),
-            n,
-            2,
-            candle_core::DType::F64,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
-        let x1 = rng
-            .normal_tensor((n, 2), candle_core::DType::F64, &candle_core::Device::Cpu)
-            .unwrap();
-        let mut cx = StepContext {
-            model: &model as &dyn TangentMap,
-            target: &target as &dyn TangentMap,
-            x0: &x0,
-            x1: &x1,
-            progress: 1.0,
-            step: 0,
-            rng: &mut rng,
-        };
-        let loss = o.loss(&mut cx).unwrap();
+        let loss = loss_tensor(o.as_ref(), &model, &target, &g, n, 5);
         scalar(
             &loss
                 .backward()
