@@ -16,10 +16,11 @@ use flowmap::ode::Solver;
 use flowmap::teacher::{GmmVelocity, VelocityField};
 use flowmap::Rng;
 
-/// Φ of a mixture, optionally plus `δ·sin(2x)` in the average velocity.
+/// Φ of a mixture, optionally plus `δ·sin(2x)` in the average velocity (`δ` a 1 × 1 tensor, so that a
+/// test can take the loss's gradient in it).
 struct Map {
     exact: SolverMap<GmmVelocity>,
-    delta: f64,
+    delta: Tensor,
 }
 
 impl FlowMap for Map {
@@ -28,11 +29,15 @@ impl FlowMap for Map {
     }
     fn average_velocity(&self, x: &Tensor, t: &Tensor, s: &Tensor) -> flowmap::Result<Tensor> {
         let f = self.exact.average_velocity(x, t, s)?;
-        Ok((f + ((x * 2.0)?.sin()? * self.delta)?)?)
+        Ok((f + (x * 2.0)?.sin()?.broadcast_mul(&self.delta)?)?)
     }
 }
 
 fn map(g: &GaussianMixture, delta: f64) -> FiniteDifference<Map> {
+    tilted_map(g, Tensor::full(delta, (1, 1), &candle_core::Device::Cpu).unwrap())
+}
+
+fn tilted_map(g: &GaussianMixture, delta: Tensor) -> FiniteDifference<Map> {
     let exact = SolverMap::new(
         GmmVelocity::new(g.clone()),
         Solver::Dopri5 {
@@ -224,37 +229,6 @@ fn teacher_free_objectives_vanish_at_the_exact_map() {
     check(Method::Meanflow, &point, c, 1e-4);
 }
 
-/// Φ plus `δ·sin(2x)` in the average velocity, `δ` a trainable scalar at 0: the loss's gradient in `δ` is
-/// the objective's expected update at the exact map, projected on one direction.
-struct Tilted {
-    exact: FiniteDifference<Map>,
-    delta: candle_core::Var,
-}
-
-impl FlowMap for Tilted {
-    fn dim(&self) -> usize {
-        2
-    }
-    fn average_velocity(&self, x: &Tensor, t: &Tensor, s: &Tensor) -> flowmap::Result<Tensor> {
-        let f = self.exact.average_velocity(x, t, s)?;
-        Ok((f + (x * 2.0)?.sin()?.broadcast_mul(self.delta.as_tensor())?)?)
-    }
-}
-
-impl TangentMap for Tilted {
-    fn average_velocity_jvp(
-        &self,
-        x: &Tensor,
-        t: &Tensor,
-        s: &Tensor,
-        dx: &Tensor,
-        dt: &Tensor,
-        ds: &Tensor,
-    ) -> flowmap::Result<(Tensor, Tensor)> {
-        self.exact.average_velocity_jvp(x, t, s, dx, dt, ds)
-    }
-}
-
 #[test]
 fn meanflow_loss_is_stationary_at_the_exact_map_and_its_adaptive_weight_is_not() {
     // MeanFlow's target is linear in the conditional velocity x1 − x0, so at Φ the expected gradient of the
@@ -269,10 +243,9 @@ fn meanflow_loss_is_stationary_at_the_exact_map_and_its_adaptive_weight_is_not()
         let o = objective::build(Method::Meanflow, None, c, None).unwrap();
         let delta =
             candle_core::Var::from_tensor(&Tensor::full(delta0, (1, 1), &candle_core::Device::Cpu).unwrap()).unwrap();
-        let model = Tilted {
-            exact: map(&g, 0.0),
-            delta: delta.clone(),
-        };
+        // Φ plus δ·sin(2x), δ trainable: the loss's gradient in δ is the objective's expected update at
+        // the exact map, projected on one direction.
+        let model = tilted_map(&g, delta.as_tensor().clone());
         let target = map(&g, 0.0);
         let loss = loss_tensor(o.as_ref(), &model, &target, &g, n, 5);
         scalar(

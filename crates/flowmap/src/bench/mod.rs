@@ -252,8 +252,9 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
             };
             let tc = budget(secs, 512, 1);
             // A fresh student trained from data gets the CLI's smooth time embedding (8 frequencies up to 4);
-            // the teacher's 16 up to 64 make the JVP-based MeanFlow target noisy (2-NFE energy distance
-            // 0.048 against 0.019 in one measurement).
+            // the teacher's 16 up to 64 make the JVP-based MeanFlow target noisy (`flowmap train --method
+            // meanflow --data checkerboard --steps 8000 --batch 512`: 2-NFE energy distance 0.0012, with
+            // `--time-features 16 --max-frequency 64` 0.028).
             let fresh = MlpConfig {
                 time_features: 8,
                 max_frequency: 4.0,

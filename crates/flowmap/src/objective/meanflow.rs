@@ -18,8 +18,9 @@ use crate::Result;
 /// minimised by the true average velocity. The adaptive weight is not: its stationary point is the
 /// `1/(‖Δ‖² + c)^p`-weighted mean of the noisy targets, which leans towards the targets that happen to lie
 /// close to the current prediction. With thousands of dimensions `‖Δ‖²` barely varies between rows and the
-/// bias is small; in two it dominates — on the analytic three-Gaussian mixture `p = 1` drove the relative
-/// flow-map error back up to 0.84 after 4,000 steps, `p = 0` brought it to 0.035 (`examples/meanflow_bias.rs`).
+/// bias is small; in two it dominates — on the analytic three-Gaussian mixture the relative flow-map error
+/// after 4,000 steps is 1.04 with `p = 1` (0.83 with the paper's time sampling as well) and 0.040 with the
+/// plain loss (`cargo run --release --example meanflow_bias -- adaptive|paper|plain`).
 /// The rows with `s = t` (the diagonal fraction) reduce to conditional flow matching.
 pub struct MeanFlow {
     pub cfg: DistillConfig,
