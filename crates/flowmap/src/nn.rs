@@ -161,7 +161,7 @@ impl ConditionedMlp {
         if gap.is_some() != self.with_gap {
             return Err(crate::Error::arg("network conditioning does not match its inputs"));
         }
-        let mut h = if kernels::applies(x.device(), x.dtype()) {
+        let h = if kernels::applies(x.device(), x.dtype()) {
             let tg = match gap {
                 Some(g) => Tensor::cat(&[t, g], 1)?,
                 None => t.clone(),
@@ -174,10 +174,8 @@ impl ConditionedMlp {
             }
             Tensor::cat(&parts, 1)?
         };
-        for layer in &self.layers {
-            h = kernels::dense(&h, &layer.weight, &layer.bias, layer.act)?;
-        }
-        Ok(h)
+        let layers: Vec<kernels::Layer<'_>> = self.layers.iter().map(|l| (&l.weight, &l.bias, l.act)).collect();
+        kernels::mlp(&h, &layers)
     }
 }
 

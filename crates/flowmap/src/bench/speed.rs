@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
@@ -87,7 +87,8 @@ pub struct SpeedReport {
     pub cpu: String,
     pub threads: usize,
     pub options: SpeedOptions,
-    /// sgemm GFLOP/s by shape `MxKxN`, flowmap's GEMM (the `gemm` crate, AVX-512 kernels where available).
+    /// sgemm GFLOP/s by shape `MxKxN`, as flowmap's layers run it: an identity dense layer `x·Wᵀ + 0` on
+    /// the CPU fast path (its GEMM, by blocks of rows across threads, plus one bias pass).
     pub sgemm_gflops: BTreeMap<String, f64>,
     pub sgemm_peak: f64,
     pub rows: Vec<SpeedRow>,
@@ -148,13 +149,15 @@ fn rate(seconds: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-/// sgemm GFLOP/s for `m × k` times `k × n`, row-major, through flowmap's GEMM.
+/// sgemm GFLOP/s for `m × k` times `k × n` as flowmap's layers run it: an identity [`crate::kernels::dense`]
+/// layer with a zero bias (on the CPU, the fast path's GEMM by blocks of rows plus one bias pass).
 fn sgemm(m: usize, k: usize, n: usize, seconds: f64, device: &Device) -> Result<f64> {
     let mut rng = crate::Rng::new(0);
     let a = rng.normal_tensor((m, k), DType::F32, device)?;
-    let b = rng.normal_tensor((k, n), DType::F32, device)?;
+    let w = rng.normal_tensor((n, k), DType::F32, device)?;
+    let zero = Tensor::zeros(n, DType::F32, device)?;
     let per_s = rate(seconds, || {
-        a.matmul(&b)?;
+        crate::kernels::dense(&a, &w, &zero, crate::kernels::Activation::Identity)?;
         Ok(())
     })?;
     Ok(2.0 * (m * k * n) as f64 * per_s / 1e9)

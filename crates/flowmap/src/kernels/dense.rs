@@ -61,7 +61,7 @@ const SKINNY: usize = 8;
 
 /// Whether a `b`-row product with `n_out` outputs takes the dot-product kernels: few outputs, or so few rows
 /// (single-sample generation) that packing `W` for a GEMM would cost more than reading it once.
-fn use_dots(b: usize, n_out: usize) -> bool {
+pub(super) fn use_dots(b: usize, n_out: usize) -> bool {
     n_out <= SKINNY || b <= SKINNY
 }
 
@@ -69,46 +69,42 @@ fn use_dots(b: usize, n_out: usize) -> bool {
 ///
 /// # Safety
 /// Every element of `v` must have been written.
-unsafe fn assume_init(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+pub(super) unsafe fn assume_init(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     &mut *(v as *mut [MaybeUninit<f32>] as *mut [f32])
 }
 
-/// `z = x·Wᵀ` for one block of rows (`x`: `m × in`, `W`: `out × in`), written into `z`.
-fn block_product<'z>(x: &[f32], w: &[f32], n_in: usize, n_out: usize, z: &'z mut [MaybeUninit<f32>]) -> &'z mut [f32] {
-    let m = x.len() / n_in.max(1);
-    if n_in == 0 {
-        z.iter_mut().for_each(|v| {
-            v.write(0.0);
-        });
-    } else {
-        // SAFETY: x is m × in (strides in, 1), W read as Wᵀ (in × out, strides 1, in), z is m × out; the GEMM
-        // overwrites all of z (read_dst = false, k = in ≥ 1).
-        unsafe {
-            super::gemm(
-                m,
-                n_out,
-                n_in,
-                z.as_mut_ptr().cast(),
-                false,
-                (x.as_ptr(), n_in as isize, 1),
-                (w.as_ptr(), 1, n_in as isize),
-            )
-        };
-    }
-    // SAFETY: written in full just above.
-    unsafe { assume_init(z) }
+/// `Wᵀ` (`in × out`) prepared for the products of a layer's forward pass, or `None` for a layer that takes
+/// the dot-product kernels at this batch.
+pub(super) fn forward_rhs(w: &[f32], n_in: usize, n_out: usize, b: usize) -> Option<super::Rhs> {
+    // SAFETY: W is out × in row-major, read as Wᵀ (in × out, strides 1, in), and outlives the result's use.
+    (!use_dots(b, n_out)).then(|| unsafe { super::Rhs::new(n_in, n_out, w.as_ptr(), 1, n_in as isize, b) })
 }
 
-/// Writes one block of `x·Wᵀ` (or, for a skinny layer, `x·Wᵀ + b`) into `zc`, all of it.
-fn project_block(xc: &[f32], w: &[f32], bias: &[f32], n_in: usize, zc: &mut [MaybeUninit<f32>], skinny: bool) {
-    if skinny {
-        zc.iter_mut().for_each(|v| {
+/// Writes one block of `x·Wᵀ` (or, for a skinny layer — `wt` is `None` — `x·Wᵀ + b`) into `zc`, all of it.
+/// `split` shares the product's columns between two threads (for a lone block).
+pub(super) fn project_block(
+    xc: &[f32],
+    wt: Option<&super::Rhs>,
+    w: &[f32],
+    bias: &[f32],
+    n_in: usize,
+    zc: &mut [MaybeUninit<f32>],
+    split: bool,
+) {
+    let m = xc.len() / n_in.max(1);
+    match wt {
+        Some(_) if n_in == 0 => zc.iter_mut().for_each(|v| {
             v.write(0.0);
-        });
-        // SAFETY: zeroed just above.
-        simd::skinny_forward(xc, w, bias, unsafe { assume_init(zc) });
-    } else {
-        block_product(xc, w, n_in, bias.len(), zc);
+        }),
+        // SAFETY: x is m × in (strides in, 1) and z is m × out, overwritten in full (read_dst = false).
+        Some(wt) => unsafe { wt.product(m, zc.as_mut_ptr().cast(), false, (xc.as_ptr(), n_in as isize, 1), split) },
+        None => {
+            zc.iter_mut().for_each(|v| {
+                v.write(0.0);
+            });
+            // SAFETY: zeroed just above.
+            simd::skinny_forward(xc, w, bias, unsafe { assume_init(zc) });
+        }
     }
 }
 
@@ -122,7 +118,9 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Ve
     let mut z: Vec<f32> = Vec::with_capacity(n);
     let mut y: Vec<f32> = Vec::with_capacity(if act == Activation::Silu { n } else { 0 });
     {
-        let skinny = use_dots(b, n_out);
+        let wt = forward_rhs(w, n_in, n_out, b);
+        let skinny = wt.is_none();
+        let lone = b <= rows;
         let zero = vec![0.0f32; n_out];
         // The skinny kernel adds the bias in the product; otherwise it goes in with the activation.
         let bias_here = if skinny { &zero[..] } else { bias };
@@ -134,7 +132,7 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Ve
             .map(|(zc, xc)| (zc, xc, if silu { ys.next() } else { None }))
             .collect();
         super::map_blocks(blocks, |(zc, xc, yc)| {
-            project_block(xc, w, bias, n_in, zc, skinny);
+            project_block(xc, wt.as_ref(), w, bias, n_in, zc, lone);
             // SAFETY: project_block wrote all of zc.
             let zc = unsafe { assume_init(zc) };
             match yc {
@@ -204,6 +202,10 @@ fn backward(
         }
     }
     let skinny = use_dots(b, n_out);
+    let lone = b <= rows;
+    // SAFETY: W is out × in row-major and outlives the products below.
+    let w_rhs = (!skinny && need_dx && n_in > 0)
+        .then(|| unsafe { super::Rhs::new(n_out, n_in, w.as_ptr(), n_in as isize, 1, b) });
     // Each block's sums go to its own buffers, added in block order afterwards: the result does not depend
     // on which thread ran which block (nor, since blocks depend only on the batch, on the thread count).
     let partials = super::map_blocks(blocks, |blk| {
@@ -219,30 +221,21 @@ fn backward(
         if skinny {
             simd::skinny_backward(dz, w, blk.x, n_in, blk.dx, &mut dw);
         } else if n_in > 0 {
-            // SAFETY: dz is m × out (strides out, 1); W is out × in (strides in, 1); x is m × in; dx is
-            // m × in and fully overwritten (read_dst = false, k = out ≥ 1); dW (out × in) accumulates
-            // dzᵀ·x, reading dz with strides (1, out).
+            // SAFETY: dz is m × out (strides out, 1); x is m × in; dx is m × in and fully overwritten
+            // (read_dst = false, k = out ≥ 1); dW (out × in) accumulates dzᵀ·x, reading dz with strides
+            // (1, out); the block's x outlives its packed copy.
             unsafe {
-                if let Some(dxc) = blk.dx {
-                    super::gemm(
+                if let (Some(dxc), Some(w_rhs)) = (blk.dx, w_rhs.as_ref()) {
+                    w_rhs.product(
                         m,
-                        n_in,
-                        n_out,
                         dxc.as_mut_ptr().cast(),
                         false,
                         (dz.as_ptr(), n_out as isize, 1),
-                        (w.as_ptr(), n_in as isize, 1),
+                        lone,
                     );
                 }
-                super::gemm(
-                    n_out,
-                    n_in,
-                    m,
-                    dw.as_mut_ptr(),
-                    true,
-                    (dz.as_ptr(), 1, n_out as isize),
-                    (blk.x.as_ptr(), n_in as isize, 1),
-                );
+                let x_rhs = super::Rhs::new(m, n_in, blk.x.as_ptr(), n_in as isize, 1, b);
+                x_rhs.product(n_out, dw.as_mut_ptr(), true, (dz.as_ptr(), 1, n_out as isize), lone);
             }
         }
         (db, dw)
@@ -378,7 +371,9 @@ fn jvp_slices(x: &[f32], dx: &[f32], w: &[f32], bias: &[f32], b: usize, act: Act
     let (n_out, n_in) = (bias.len(), w.len() / bias.len());
     let n = b * n_out;
     let rows = super::block_rows(b);
-    let skinny = use_dots(b, n_out);
+    let wt = forward_rhs(w, n_in, n_out, b);
+    let skinny = wt.is_none();
+    let lone = b <= rows;
     let zero = vec![0.0f32; n_out];
     let mut y: Vec<f32> = Vec::with_capacity(n);
     let mut dy: Vec<f32> = Vec::with_capacity(n);
@@ -393,8 +388,8 @@ fn jvp_slices(x: &[f32], dx: &[f32], w: &[f32], bias: &[f32], b: usize, act: Act
         .collect();
     super::map_blocks(blocks, |((yc, dyc), (xc, dxc))| {
         // Without the bias for the tangent; for the skinny kernel the primal's bias is added in the product.
-        project_block(xc, w, bias, n_in, yc, skinny);
-        project_block(dxc, w, &zero, n_in, dyc, skinny);
+        project_block(xc, wt.as_ref(), w, bias, n_in, yc, lone);
+        project_block(dxc, wt.as_ref(), w, &zero, n_in, dyc, lone);
         // SAFETY: project_block wrote all of both blocks.
         let (yc, dyc) = unsafe { (assume_init(yc), assume_init(dyc)) };
         let b_here = if skinny { &zero[..] } else { bias };

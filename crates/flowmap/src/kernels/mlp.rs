@@ -1,0 +1,394 @@
+//! A whole MLP (`h ← act(h·Wᵀ + b)` layer after layer) as one graph node for training on the CPU.
+//!
+//! Layer by layer, candle's autograd gives every hidden activation's gradient a zero-filled buffer and an
+//! addition pass (`or_insert` then `add`), every layer its own parallel region, and every intermediate a
+//! fresh tensor. As one node:
+//!
+//! - each block of rows goes through *all* layers on one core, forward and then backward, while its
+//!   activations sit in that core's L2 cache; the forward pass and the backward pass are one parallel
+//!   region each;
+//! - hidden gradients live in two per-block scratch buffers; only the input's gradient (when asked) and
+//!   the parameters' gradient leave the node;
+//! - a batch of 128 to 511 rows runs as two blocks, so both cores work on it (a single `dense` layer at
+//!   that size is not worth splitting).
+//!
+//! The parameters enter as one flat tensor, `cat([W₀, b₀, W₁, b₁, …])` of the layers' own variables, so
+//! gradients reach each variable through `cat`'s backward pass. Per-block partial sums of `dW` and `db`
+//! are added in block order, and blocks depend on the batch alone: the same numbers on any thread count.
+
+use std::mem::MaybeUninit;
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+
+use super::dense::{assume_init, forward_rhs, project_block, use_dots, Activation};
+use super::simd;
+use crate::Result;
+
+/// One layer of an [`mlp`]: weight (`out × in`), bias (`out`), activation.
+pub type Layer<'a> = (&'a Tensor, &'a Tensor, Activation);
+
+/// `h ← act(h·Wᵀ + b)` through every layer. Gradients reach `h` and every `W` and `b`.
+///
+/// When gradients are tracked on the CPU in f32 this is one fused node (see the module's doc); otherwise
+/// (inference, where the flat copy of the parameters would cost more than it saves, or another device or
+/// dtype) it is [`super::dense`] layer by layer, which it agrees with to f32 rounding.
+pub fn mlp(h: &Tensor, layers: &[Layer<'_>]) -> Result<Tensor> {
+    let tracked = h.track_op() || layers.iter().any(|(w, b, _)| w.track_op() || b.track_op());
+    let fits = super::applies(h.device(), h.dtype())
+        && h.rank() == 2
+        && !layers.is_empty()
+        && layers
+            .iter()
+            .all(|(w, b, _)| w.rank() == 2 && b.rank() == 1 && w.dtype() == h.dtype() && b.dtype() == h.dtype());
+    if !(tracked && fits) {
+        return layers
+            .iter()
+            .try_fold(h.clone(), |h, (w, b, act)| super::dense(&h, w, b, *act));
+    }
+    let mut shapes = Vec::with_capacity(layers.len());
+    let mut n_in = h.dim(1)?;
+    let mut offset = 0;
+    for (w, b, act) in layers {
+        let (n_out, w_in) = w.dims2()?;
+        if w_in != n_in || b.dim(0)? != n_out || n_out == 0 {
+            return Err(crate::Error::arg(format!(
+                "mlp: a layer's weight is {n_out}×{w_in} and bias has {} entries after {n_in} features",
+                b.dim(0)?
+            )));
+        }
+        shapes.push(Shape_ {
+            n_in,
+            n_out,
+            act: *act,
+            offset,
+        });
+        offset += n_out * n_in + n_out;
+        n_in = n_out;
+    }
+    let mut parts = Vec::with_capacity(2 * layers.len());
+    for (w, b, _) in layers {
+        parts.push(w.flatten_all()?);
+        parts.push((*b).clone());
+    }
+    let flat = Tensor::cat(&parts, 0)?;
+    let op = MlpOp {
+        layers: shapes,
+        saved: Mutex::new(None),
+    };
+    Ok(h.contiguous()?.apply_op2(&flat, op)?)
+}
+
+/// A layer's shape and where its `W` (then `b`) starts in the flat parameters.
+#[derive(Clone, Copy, Debug)]
+struct Shape_ {
+    n_in: usize,
+    n_out: usize,
+    act: Activation,
+    offset: usize,
+}
+
+impl Shape_ {
+    fn w<'p>(&self, flat: &'p [f32]) -> &'p [f32] {
+        &flat[self.offset..self.offset + self.n_out * self.n_in]
+    }
+    fn b<'p>(&self, flat: &'p [f32]) -> &'p [f32] {
+        let at = self.offset + self.n_out * self.n_in;
+        &flat[at..at + self.n_out]
+    }
+}
+
+/// One block's chunks of every layer's buffer.
+type Chunks<'a, T> = Vec<&'a mut [T]>;
+
+/// A block of rows in the forward pass: its index, and its chunk of each layer's `y` and `σ(z)`.
+type ForwardBlock<'a> = (usize, Chunks<'a, MaybeUninit<f32>>, Chunks<'a, MaybeUninit<f32>>);
+
+/// A block of rows in the backward pass: its index, its chunk of each layer's `σ(z)` (overwritten with
+/// `dz`), and its chunk of the input's gradient when asked.
+type BackwardBlock<'a> = (usize, Chunks<'a, f32>, Option<&'a mut [MaybeUninit<f32>]>);
+
+/// What the forward pass keeps for the backward pass, per layer: its output `y` and, for SiLU, `σ(z)`.
+struct Saved {
+    y: Vec<Vec<f32>>,
+    s: Vec<Vec<f32>>,
+}
+
+struct MlpOp {
+    layers: Vec<Shape_>,
+    saved: Mutex<Option<Saved>>,
+}
+
+/// Rows per block of a fused MLP: as [`super::block_rows`], except that 128 to 511 rows make two blocks.
+fn block_rows(b: usize) -> usize {
+    if (128..super::PARALLEL_ROWS).contains(&b) {
+        b.div_ceil(2)
+    } else {
+        super::block_rows(b)
+    }
+}
+
+/// Splits `v` (`b` rows of `width`) into the blocks of [`block_rows`].
+fn row_chunks<T>(v: &mut [T], b: usize, width: usize) -> std::slice::ChunksMut<'_, T> {
+    v.chunks_mut((block_rows(b) * width).max(1))
+}
+
+impl MlpOp {
+    /// Every layer's output `y` and (SiLU) `σ(z)`, block by block.
+    fn forward(&self, h0: &[f32], flat: &[f32], b: usize) -> Saved {
+        let mut y: Vec<Vec<f32>> = self.layers.iter().map(|l| Vec::with_capacity(b * l.n_out)).collect();
+        let mut s: Vec<Vec<f32>> = self
+            .layers
+            .iter()
+            .map(|l| Vec::with_capacity(if l.act == Activation::Silu { b * l.n_out } else { 0 }))
+            .collect();
+        {
+            // Per block: every layer's output chunk and σ chunk.
+            let nblocks = b.div_ceil(block_rows(b)).max(1);
+            let mut blocks: Vec<ForwardBlock<'_>> = (0..nblocks).map(|i| (i, Vec::new(), Vec::new())).collect();
+            for (l, (yl, sl)) in self.layers.iter().zip(y.iter_mut().zip(s.iter_mut())) {
+                let silu = l.act == Activation::Silu;
+                let ys = row_chunks(&mut yl.spare_capacity_mut()[..b * l.n_out], b, l.n_out);
+                let mut ss = row_chunks(
+                    &mut sl.spare_capacity_mut()[..if silu { b * l.n_out } else { 0 }],
+                    b,
+                    l.n_out,
+                );
+                for (blk, yc) in blocks.iter_mut().zip(ys) {
+                    blk.1.push(yc);
+                    blk.2.push(if silu {
+                        ss.next().expect("σ has every block")
+                    } else {
+                        &mut []
+                    });
+                }
+            }
+            let rows = block_rows(b);
+            let lone = b <= rows;
+            let zero = vec![0.0f32; self.layers.iter().map(|l| l.n_out).max().unwrap_or(0)];
+            // Each layer's Wᵀ packed once for every block.
+            let wts: Vec<Option<super::Rhs>> = self
+                .layers
+                .iter()
+                .map(|l| forward_rhs(l.w(flat), l.n_in, l.n_out, b))
+                .collect();
+            super::map_blocks(blocks, |(i, mut ys, mut ss)| {
+                let r0 = i * rows;
+                let m = rows.min(b - r0);
+                for (li, l) in self.layers.iter().enumerate() {
+                    let (w, bias) = (l.w(flat), l.b(flat));
+                    let wt = wts[li].as_ref();
+                    let skinny = wt.is_none();
+                    let (done, rest) = ys.split_at_mut(li);
+                    let input: &[f32] = if li == 0 {
+                        &h0[r0 * l.n_in..(r0 + m) * l.n_in]
+                    } else {
+                        // SAFETY: the previous layer's chunk was written in full in the previous iteration.
+                        unsafe { assume_init(&mut *done[li - 1]) }
+                    };
+                    let bias_here = if skinny { &zero[..l.n_out] } else { bias };
+                    match l.act {
+                        Activation::Silu => {
+                            project_block(input, wt, w, bias, l.n_in, &mut *ss[li], lone);
+                            // SAFETY: project_block wrote all of the σ chunk (as z, overwritten with σ(z)).
+                            simd::add_bias_silu(unsafe { assume_init(&mut *ss[li]) }, &mut *rest[0], bias_here);
+                        }
+                        Activation::Identity => {
+                            project_block(input, wt, w, bias, l.n_in, &mut *rest[0], lone);
+                            // SAFETY: written in full just above.
+                            simd::add_bias(unsafe { assume_init(&mut *rest[0]) }, bias_here);
+                        }
+                    }
+                }
+            });
+        }
+        // SAFETY: every block of every layer's y (and σ for SiLU) was written in full above.
+        unsafe {
+            for (l, (yl, sl)) in self.layers.iter().zip(y.iter_mut().zip(s.iter_mut())) {
+                yl.set_len(b * l.n_out);
+                if l.act == Activation::Silu {
+                    sl.set_len(b * l.n_out);
+                }
+            }
+        }
+        Saved { y, s }
+    }
+
+    /// Per block, from the last layer down: `dz = g ⊙ act'(z)`, `db += Σ_rows dz`, `dW += dzᵀ·input`, and
+    /// `g ← dz·W` for the layer below (for the first layer only when `need_dx`). Returns `(dx, dflat)`.
+    fn backward(
+        &self,
+        h0: &[f32],
+        flat: &[f32],
+        g: &[f32],
+        mut saved: Saved,
+        b: usize,
+        need_dx: bool,
+    ) -> (Option<Vec<f32>>, Vec<f32>) {
+        let rows = block_rows(b);
+        let first_in = self.layers[0].n_in;
+        let widest = self.layers.iter().map(|l| l.n_in.max(l.n_out)).max().unwrap_or(0);
+        let mut dx: Vec<f32> = Vec::with_capacity(if need_dx { b * first_in } else { 0 });
+        let nblocks = b.div_ceil(rows).max(1);
+        let partials = {
+            let mut blocks: Vec<BackwardBlock<'_>> = (0..nblocks).map(|i| (i, Vec::new(), None)).collect();
+            for (l, sl) in self.layers.iter().zip(saved.s.iter_mut()) {
+                if l.act == Activation::Silu {
+                    for (blk, sc) in blocks.iter_mut().zip(row_chunks(sl, b, l.n_out)) {
+                        blk.1.push(sc);
+                    }
+                } else {
+                    blocks.iter_mut().for_each(|blk| blk.1.push(&mut []));
+                }
+            }
+            if need_dx {
+                for (blk, dc) in
+                    blocks
+                        .iter_mut()
+                        .zip(row_chunks(&mut dx.spare_capacity_mut()[..b * first_in], b, first_in))
+                {
+                    blk.2 = Some(dc);
+                }
+            }
+            let ys = &saved.y;
+            let total = flat.len();
+            let lone = b <= rows;
+            // Each layer's W packed once for every block's `dz·W` (not needed below the first layer
+            // unless the input's gradient is).
+            let w_rhs: Vec<Option<super::Rhs>> = self
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(li, l)| {
+                    let wanted = (li > 0 || need_dx) && !use_dots(b, l.n_out) && l.n_in > 0;
+                    // SAFETY: W is out × in row-major inside `flat`, which outlives the products.
+                    wanted
+                        .then(|| unsafe { super::Rhs::new(l.n_out, l.n_in, l.w(flat).as_ptr(), l.n_in as isize, 1, b) })
+                })
+                .collect();
+            super::map_blocks(blocks, |(i, mut ss, mut dxc)| {
+                let r0 = i * rows;
+                let m = rows.min(b - r0);
+                let mut part = vec![0.0f32; total];
+                let (mut cur, mut next) = (vec![0.0f32; m * widest], vec![0.0f32; m * widest]);
+                let last = self.layers.len() - 1;
+                cur[..m * self.layers[last].n_out]
+                    .copy_from_slice(&g[r0 * self.layers[last].n_out..][..m * self.layers[last].n_out]);
+                for (li, l) in self.layers.iter().enumerate().rev() {
+                    let (n_in, n_out) = (l.n_in, l.n_out);
+                    let grad = &cur[..m * n_out];
+                    let (dw, db) = part[l.offset..l.offset + n_out * n_in + n_out].split_at_mut(n_out * n_in);
+                    let dz: &[f32] = match l.act {
+                        Activation::Silu => {
+                            let sc = &mut *ss[li];
+                            simd::silu_backward(sc, &ys[li][r0 * n_out..(r0 + m) * n_out], grad, db);
+                            sc
+                        }
+                        Activation::Identity => {
+                            simd::column_sum(grad, db);
+                            grad
+                        }
+                    };
+                    let input: &[f32] = if li == 0 {
+                        &h0[r0 * n_in..(r0 + m) * n_in]
+                    } else {
+                        &ys[li - 1][r0 * n_in..(r0 + m) * n_in]
+                    };
+                    let w = l.w(flat);
+                    // Where dz·W goes: the next (lower) layer's gradient, or the input's.
+                    let out: Option<&mut [MaybeUninit<f32>]> = if li > 0 {
+                        // SAFETY: f32 and MaybeUninit<f32> share their layout; the buffer is initialised.
+                        Some(unsafe { &mut *(&mut next[..m * n_in] as *mut [f32] as *mut [MaybeUninit<f32>]) })
+                    } else {
+                        dxc.take()
+                    };
+                    if use_dots(m, n_out) {
+                        simd::skinny_backward(dz, w, input, n_in, out, dw);
+                    } else if n_in > 0 {
+                        // SAFETY: dz is m × out (strides out, 1); input is m × in; out is m × in and fully
+                        // overwritten (read_dst = false, k = out ≥ 1); dW (out × in) accumulates dzᵀ·input,
+                        // reading dz with strides (1, out); the block's input outlives its packed copy.
+                        unsafe {
+                            if let Some(o) = out {
+                                let w_rhs = w_rhs[li].as_ref().expect("W is packed wherever dz·W is wanted");
+                                w_rhs.product(m, o.as_mut_ptr().cast(), false, (dz.as_ptr(), n_out as isize, 1), lone);
+                            }
+                            let x_rhs = super::Rhs::new(m, n_in, input.as_ptr(), n_in as isize, 1, b);
+                            x_rhs.product(n_out, dw.as_mut_ptr(), true, (dz.as_ptr(), 1, n_out as isize), lone);
+                        }
+                    }
+                    std::mem::swap(&mut cur, &mut next);
+                }
+                part
+            })
+        };
+        let mut partials = partials.into_iter();
+        let mut dflat = partials.next().unwrap_or_else(|| vec![0.0f32; flat.len()]);
+        for p in partials {
+            dflat.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+        }
+        if need_dx {
+            // SAFETY: every block of dx was written in full by the first layer's backward step.
+            unsafe { dx.set_len(b * first_in) };
+        }
+        (need_dx.then_some(dx), dflat)
+    }
+}
+
+impl CustomOp2 for MlpOp {
+    fn name(&self) -> &'static str {
+        "flowmap-mlp"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let h0 = super::cpu_slice(s1, l1, "mlp: input")?;
+        let flat = super::cpu_slice(s2, l2, "mlp: parameters")?;
+        let (b, n_in) = l1.shape().dims2()?;
+        let last = *self.layers.last().expect("an mlp has layers");
+        if n_in != self.layers[0].n_in || flat.len() != last.offset + last.n_out * last.n_in + last.n_out {
+            candle_core::bail!(
+                "mlp: input has {n_in} features and {} parameters do not fit the layers",
+                flat.len()
+            );
+        }
+        let saved = self.forward(h0, flat, b);
+        let out = saved.y.last().expect("an mlp has layers").clone();
+        *self.saved.lock().expect("mlp: saved activations") = Some(saved);
+        Ok((CpuStorage::F32(out), Shape::from((b, last.n_out))))
+    }
+
+    fn bwd(
+        &self,
+        h0: &Tensor,
+        flat: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (b, n_in) = h0.dims2()?;
+        let missing = || candle_core::Error::Msg("mlp backward: inputs are not contiguous f32 on the CPU".into());
+        let (hr, fr, gr) = (
+            super::read(h0).ok_or_else(missing)?,
+            super::read(flat).ok_or_else(missing)?,
+            super::read(&grad).ok_or_else(missing)?,
+        );
+        // A second backward through the same graph recomputes the forward pass.
+        let saved = self
+            .saved
+            .lock()
+            .expect("mlp: saved activations")
+            .take()
+            .unwrap_or_else(|| self.forward(hr.slice(), fr.slice(), b));
+        let (dx, dflat) = self.backward(hr.slice(), fr.slice(), gr.slice(), saved, b, h0.track_op());
+        let dev = h0.device();
+        let dx = dx.map(|v| Tensor::from_vec(v, (b, n_in), dev)).transpose()?;
+        let dflat = Tensor::from_vec(dflat, flat.dims1()?, dev)?;
+        Ok((dx, flat.track_op().then_some(dflat)))
+    }
+}
