@@ -87,7 +87,7 @@ fn fused_mlp_matches_candle_layer_by_layer_in_values_and_gradients() {
     // Batches of one block, of two half blocks (128..511 rows), of several full blocks and a ragged one;
     // an input too narrow for the GEMM blocks and a skinny read-out.
     for (b, widths) in [
-        (7, &[5, 16, 3][..]),
+        (129, &[5, 16, 3][..]),
         (200, &[34, 64, 64, 2][..]),
         (300, &[34, 96, 2][..]),
         (1100, &[18, 48, 48, 48, 2][..]),
