@@ -11,7 +11,9 @@ use flowmap::data::{self, DataSource, Toy};
 use flowmap::demo::{self, DemoConfig};
 use flowmap::flow_map::SolverMap;
 use flowmap::nn::MlpConfig;
-use flowmap::objective::{DistillConfig, EpsSchedule, JvpMode, Method, TargetNet, TimeDistribution, Weighting};
+use flowmap::objective::{
+    DistillConfig, EpsSchedule, JvpMode, MeanFlowTangent, Method, TargetNet, TimeDistribution, Weighting,
+};
 use flowmap::ode::{self, Solver};
 use flowmap::pipeline::{self, progress_bar, EvalSettings, OutDir, RunConfig, Teacher};
 use flowmap::sample::{self, Sampler, TimeGrid};
@@ -238,6 +240,9 @@ struct MapFlags {
     /// Tangents of the continuous-time objectives: exact (forward-mode JVP) or fd (finite differences).
     #[arg(long)]
     jvp: Option<String>,
+    /// MeanFlow's JVP tangent in x: conditional (x1 − x0, the default) or model (the network's own diagonal).
+    #[arg(long)]
+    meanflow_tangent: Option<String>,
     /// Hidden width of a fresh student (network teachers set the architecture themselves).
     #[arg(long, default_value_t = 256)]
     hidden: usize,
@@ -288,6 +293,16 @@ impl MapFlags {
                 "exact" => JvpMode::Exact,
                 "fd" => JvpMode::FiniteDifference { h: 1e-3 },
                 other => bail!("unknown JVP mode '{other}' (expected exact or fd)"),
+            };
+        }
+        if let Some(m) = &self.meanflow_tangent {
+            if method != Method::Meanflow {
+                bail!("--meanflow-tangent applies to --method meanflow only");
+            }
+            dcfg.continuous.meanflow_tangent = match m.as_str() {
+                "conditional" => MeanFlowTangent::Conditional,
+                "model" => MeanFlowTangent::Model,
+                other => bail!("unknown MeanFlow tangent '{other}' (expected conditional or model)"),
             };
         }
         dcfg.validate()?;

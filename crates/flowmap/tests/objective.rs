@@ -9,8 +9,8 @@ use flowmap::data::GaussianMixture;
 use flowmap::flow_map::{FlowMap, SolverMap};
 use flowmap::jvp::{FiniteDifference, TangentMap};
 use flowmap::objective::{
-    self, DistillConfig, EpsSchedule, Method, Objective, Progressive, StepContext, TimeDistribution, TimeSampling,
-    Weighting,
+    self, DistillConfig, EpsSchedule, MeanFlowTangent, Method, Objective, Progressive, StepContext, TimeDistribution,
+    TimeSampling, Weighting,
 };
 use flowmap::ode::Solver;
 use flowmap::teacher::{GmmVelocity, VelocityField};
@@ -237,9 +237,10 @@ fn meanflow_loss_is_stationary_at_the_exact_map_and_its_adaptive_weight_is_not()
     // wreck training: see examples/meanflow_bias.rs).
     let g = mixture();
     let n = 8192;
-    let grad = |weighting: Weighting, delta0: f64| -> f64 {
+    let grad_along = |weighting: Weighting, along: MeanFlowTangent, delta0: f64| -> f64 {
         let mut c = cfg(0.1, 0.25);
         c.weighting = weighting;
+        c.continuous.meanflow_tangent = along;
         let o = objective::build(Method::Meanflow, None, c, None).unwrap();
         let delta =
             candle_core::Var::from_tensor(&Tensor::full(delta0, (1, 1), &candle_core::Device::Cpu).unwrap()).unwrap();
@@ -260,16 +261,24 @@ fn meanflow_loss_is_stationary_at_the_exact_map_and_its_adaptive_weight_is_not()
                 .unwrap(),
         )
     };
+    let grad = |weighting: Weighting, delta0: f64| grad_along(weighting, MeanFlowTangent::Conditional, delta0);
     // The scale: the same gradient for a map 0.2 off along the direction.
     let restoring = grad(Weighting::Constant, 0.2);
     let plain = grad(Weighting::Constant, 0.0);
     let adaptive = grad(Weighting::Adaptive { c: 1e-3, p: 1.0 }, 0.0);
-    eprintln!("restoring {restoring:e}, plain at Φ {plain:e}, adaptive at Φ {adaptive:e}");
+    // With the JVP along the target network's own diagonal (exact here), the target's mean is exact too.
+    let model = grad_along(Weighting::Constant, MeanFlowTangent::Model, 0.0);
+    eprintln!("restoring {restoring:e}, plain at Φ {plain:e}, adaptive at Φ {adaptive:e}, model tangent {model:e}");
     assert!(restoring > 0.05, "restoring gradient {restoring:e}");
-    // Measured: restoring 0.17, plain −0.024 (the batch's sampling noise, about 0.02), adaptive 0.26.
+    // Measured: restoring 0.17, plain −0.024 (the batch's sampling noise, about 0.02), adaptive 0.26, model
+    // tangent −0.005 (its target carries less noise).
     assert!(
         plain.abs() < 0.25 * restoring,
         "plain MeanFlow gradient at Φ {plain:e} (restoring {restoring:e})"
+    );
+    assert!(
+        model.abs() < 0.25 * restoring,
+        "MeanFlow gradient at Φ with the model's tangent {model:e} (restoring {restoring:e})"
     );
     assert!(
         adaptive.abs() > 0.75 * restoring,

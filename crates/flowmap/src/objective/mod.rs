@@ -25,7 +25,8 @@ mod self_distill;
 use candle_core::Tensor;
 
 pub use config::{
-    ContinuousConfig, DistillConfig, EpsSchedule, JvpMode, Method, TargetNet, TimeDistribution, TimeSampling, Weighting,
+    ContinuousConfig, DistillConfig, EpsSchedule, JvpMode, MeanFlowTangent, Method, TargetNet, TimeDistribution,
+    TimeSampling, Weighting,
 };
 pub use consistency::ConsistencyDistillation;
 pub use continuous::{EmdContinuous, LmdContinuous};
