@@ -64,7 +64,7 @@ pub fn mlp(h: &Tensor, layers: &[Layer<'_>]) -> Result<Tensor> {
                 b.dim(0)?
             )));
         }
-        shapes.push(Shape_ {
+        shapes.push(LayerShape {
             n_in,
             n_out,
             act: *act,
@@ -88,14 +88,14 @@ pub fn mlp(h: &Tensor, layers: &[Layer<'_>]) -> Result<Tensor> {
 
 /// A layer's shape and where its `W` (then `b`) starts in the flat parameters.
 #[derive(Clone, Copy, Debug)]
-struct Shape_ {
+struct LayerShape {
     n_in: usize,
     n_out: usize,
     act: Activation,
     offset: usize,
 }
 
-impl Shape_ {
+impl LayerShape {
     fn w<'p>(&self, flat: &'p [f32]) -> &'p [f32] {
         &flat[self.offset..self.offset + self.n_out * self.n_in]
     }
@@ -122,7 +122,7 @@ struct Saved {
 }
 
 struct MlpOp {
-    layers: Vec<Shape_>,
+    layers: Vec<LayerShape>,
     saved: Mutex<Option<Saved>>,
 }
 

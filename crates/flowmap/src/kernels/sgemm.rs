@@ -11,7 +11,7 @@
 //!   per step. Only a ragged last panel (fewer than 6 rows) is copied, into a zero-padded panel.
 //! - The micro-kernel holds a `6 × 64` tile of `C` in 24 of the 32 `zmm` registers and, per step of the
 //!   depth, loads four vectors of `B` and broadcasts six scalars of `A` for 24 fused multiply-adds, the
-//!   depth loop unrolled by four. Depth is blocked by [`KC`] = 256.
+//!   depth loop unrolled by four. Depth is blocked by [`KC`] = 128.
 //! - Edges (columns beyond a multiple of 64) use masked loads and stores.
 //!
 //! Each element of `C` is summed in the same order (depth blocks in order, sequentially within a block)
@@ -65,7 +65,7 @@ impl View {
     }
 }
 
-/// `B` (`k × n`) packed into `⌈n / 32⌉` strips, strip `s` holding columns `32s..32s + 32` as `k` rows of 32
+/// `B` (`k × n`) packed into `⌈n / 64⌉` strips, strip `s` holding columns `64s..64s + 64` as `k` rows of 64
 /// (zero beyond column `n`).
 pub(crate) struct PackedB {
     k: usize,
@@ -337,7 +337,7 @@ mod tests {
             return;
         }
         let mut rng = crate::Rng::new(3);
-        // Shapes with partial panels (m mod 12), partial strips (n mod 32), depth beyond one block (k > 256),
+        // Shapes with partial panels (m mod 6), partial strips (n mod 64), depth beyond one block (k > 128),
         // and A read both row-major and transposed.
         for &(m, k, n) in &[
             (1, 1, 1),
