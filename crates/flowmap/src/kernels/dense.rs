@@ -218,26 +218,8 @@ fn backward(
             simd::column_sum(blk.g, &mut db);
             blk.g
         };
-        if skinny {
-            simd::skinny_backward(dz, w, blk.x, n_in, blk.dx, &mut dw);
-        } else if n_in > 0 {
-            // SAFETY: dz is m × out (strides out, 1); x is m × in; dx is m × in and fully overwritten
-            // (read_dst = false, k = out ≥ 1); dW (out × in) accumulates dzᵀ·x, reading dz with strides
-            // (1, out); the block's x outlives its packed copy.
-            unsafe {
-                if let (Some(dxc), Some(w_rhs)) = (blk.dx, w_rhs.as_ref()) {
-                    w_rhs.product(
-                        m,
-                        dxc.as_mut_ptr().cast(),
-                        false,
-                        (dz.as_ptr(), n_out as isize, 1),
-                        lone,
-                    );
-                }
-                let x_rhs = super::Rhs::new(m, n_in, blk.x.as_ptr(), n_in as isize, 1, b);
-                x_rhs.product(n_out, dw.as_mut_ptr(), true, (dz.as_ptr(), 1, n_out as isize), lone);
-            }
-        }
+        let skinny = skinny || use_dots(m, n_out);
+        weight_grads(dz, w, w_rhs.as_ref(), blk.x, n_in, blk.dx, &mut dw, skinny, b, lone);
         (db, dw)
     });
     let mut partials = partials.into_iter();
@@ -253,6 +235,42 @@ fn backward(
         unsafe { dx.set_len(b * n_in) };
     }
     (need_dx.then_some(dx), dw, db)
+}
+
+/// For one block of `m` rows of a layer's backward pass (`dz`: `m × out`, its input `x`: `m × in`):
+/// `dx = dz·W` when `dx` is given (every element written; `w_rhs` is `W` prepared for it) and
+/// `dW += dzᵀ·x`, by the dot-product kernels when `skinny`, by GEMM otherwise. `batch` is the whole
+/// batch's size (it picks the GEMM kernel) and `lone` says this is its only block.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn weight_grads(
+    dz: &[f32],
+    w: &[f32],
+    w_rhs: Option<&super::Rhs>,
+    x: &[f32],
+    n_in: usize,
+    dx: Option<&mut [MaybeUninit<f32>]>,
+    dw: &mut [f32],
+    skinny: bool,
+    batch: usize,
+    lone: bool,
+) {
+    let n_out = dw.len() / n_in.max(1);
+    let m = dz.len() / n_out.max(1);
+    if skinny {
+        simd::skinny_backward(dz, w, x, n_in, dx, dw);
+    } else if n_in > 0 {
+        // SAFETY: dz is m × out (strides out, 1); x is m × in; dx is m × in and fully overwritten
+        // (read_dst = false, k = out ≥ 1); dW (out × in) accumulates dzᵀ·x, reading dz with strides
+        // (1, out); the block's x outlives its packed copy.
+        unsafe {
+            if let Some(dx) = dx {
+                let w_rhs = w_rhs.expect("W is prepared wherever dz·W is wanted");
+                w_rhs.product(m, dx.as_mut_ptr().cast(), false, (dz.as_ptr(), n_out as isize, 1), lone);
+            }
+            let x_rhs = super::Rhs::new(m, n_in, x.as_ptr(), n_in as isize, 1, batch);
+            x_rhs.product(n_out, dw.as_mut_ptr(), true, (dz.as_ptr(), 1, n_out as isize), lone);
+        }
+    }
 }
 
 fn add_into(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {

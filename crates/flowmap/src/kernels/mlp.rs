@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use super::dense::{assume_init, forward_rhs, project_block, use_dots, Activation};
+use super::dense::{assume_init, forward_rhs, project_block, use_dots, weight_grads, Activation};
 use super::simd;
 use crate::Result;
 
@@ -309,21 +309,8 @@ impl MlpOp {
                     } else {
                         dxc.take()
                     };
-                    if use_dots(m, n_out) {
-                        simd::skinny_backward(dz, w, input, n_in, out, dw);
-                    } else if n_in > 0 {
-                        // SAFETY: dz is m × out (strides out, 1); input is m × in; out is m × in and fully
-                        // overwritten (read_dst = false, k = out ≥ 1); dW (out × in) accumulates dzᵀ·input,
-                        // reading dz with strides (1, out); the block's input outlives its packed copy.
-                        unsafe {
-                            if let Some(o) = out {
-                                let w_rhs = w_rhs[li].as_ref().expect("W is packed wherever dz·W is wanted");
-                                w_rhs.product(m, o.as_mut_ptr().cast(), false, (dz.as_ptr(), n_out as isize, 1), lone);
-                            }
-                            let x_rhs = super::Rhs::new(m, n_in, input.as_ptr(), n_in as isize, 1, b);
-                            x_rhs.product(n_out, dw.as_mut_ptr(), true, (dz.as_ptr(), 1, n_out as isize), lone);
-                        }
-                    }
+                    let skinny = use_dots(m, n_out);
+                    weight_grads(dz, w, w_rhs[li].as_ref(), input, n_in, out, dw, skinny, b, lone);
                     std::mem::swap(&mut cur, &mut next);
                 }
                 part
