@@ -73,38 +73,40 @@ pub(super) unsafe fn assume_init(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     &mut *(v as *mut [MaybeUninit<f32>] as *mut [f32])
 }
 
-/// `Wᵀ` (`in × out`) prepared for the products of a layer's forward pass, or `None` for a layer that takes
-/// the dot-product kernels at this batch.
-pub(super) fn forward_rhs(w: &[f32], n_in: usize, n_out: usize, b: usize) -> Option<super::Rhs> {
-    // SAFETY: W is out × in row-major, read as Wᵀ (in × out, strides 1, in), and outlives the result's use.
-    (!use_dots(b, n_out)).then(|| unsafe { super::Rhs::new(n_in, n_out, w.as_ptr(), 1, n_in as isize, b) })
-}
-
-/// Writes one block of `x·Wᵀ` (or, for a skinny layer — `wt` is `None` — `x·Wᵀ + b`) into `zc`, all of it.
-/// `split` shares the product's columns between two threads (for a lone block).
+/// Writes one block of `x·Wᵀ` (or, for a `skinny` layer, `x·Wᵀ + b`) into `zc`, all of it.
 pub(super) fn project_block(
     xc: &[f32],
-    wt: Option<&super::Rhs>,
     w: &[f32],
     bias: &[f32],
     n_in: usize,
     zc: &mut [MaybeUninit<f32>],
-    split: bool,
+    skinny: bool,
 ) {
     let m = xc.len() / n_in.max(1);
-    match wt {
-        Some(_) if n_in == 0 => zc.iter_mut().for_each(|v| {
+    if skinny {
+        zc.iter_mut().for_each(|v| {
             v.write(0.0);
-        }),
-        // SAFETY: x is m × in (strides in, 1) and z is m × out, overwritten in full (read_dst = false).
-        Some(wt) => unsafe { wt.product(m, zc.as_mut_ptr().cast(), false, (xc.as_ptr(), n_in as isize, 1), split) },
-        None => {
-            zc.iter_mut().for_each(|v| {
-                v.write(0.0);
-            });
-            // SAFETY: zeroed just above.
-            simd::skinny_forward(xc, w, bias, unsafe { assume_init(zc) });
-        }
+        });
+        // SAFETY: zeroed just above.
+        simd::skinny_forward(xc, w, bias, unsafe { assume_init(zc) });
+    } else if n_in == 0 {
+        zc.iter_mut().for_each(|v| {
+            v.write(0.0);
+        });
+    } else {
+        // SAFETY: x is m × in (strides in, 1), W read as Wᵀ (in × out, strides 1, in), z is m × out; the GEMM
+        // overwrites all of z (read_dst = false, k = in ≥ 1).
+        unsafe {
+            super::gemm(
+                m,
+                bias.len(),
+                n_in,
+                zc.as_mut_ptr().cast(),
+                false,
+                (xc.as_ptr(), n_in as isize, 1),
+                (w.as_ptr(), 1, n_in as isize),
+            )
+        };
     }
 }
 
@@ -118,9 +120,7 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Ve
     let mut z: Vec<f32> = Vec::with_capacity(n);
     let mut y: Vec<f32> = Vec::with_capacity(if act == Activation::Silu { n } else { 0 });
     {
-        let wt = forward_rhs(w, n_in, n_out, b);
-        let skinny = wt.is_none();
-        let lone = b <= rows;
+        let skinny = use_dots(b, n_out);
         let zero = vec![0.0f32; n_out];
         // The skinny kernel adds the bias in the product; otherwise it goes in with the activation.
         let bias_here = if skinny { &zero[..] } else { bias };
@@ -132,7 +132,7 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Ve
             .map(|(zc, xc)| (zc, xc, if silu { ys.next() } else { None }))
             .collect();
         super::map_blocks(blocks, |(zc, xc, yc)| {
-            project_block(xc, wt.as_ref(), w, bias, n_in, zc, lone);
+            project_block(xc, w, bias, n_in, zc, skinny);
             // SAFETY: project_block wrote all of zc.
             let zc = unsafe { assume_init(zc) };
             match yc {
@@ -202,10 +202,6 @@ fn backward(
         }
     }
     let skinny = use_dots(b, n_out);
-    let lone = b <= rows;
-    // SAFETY: W is out × in row-major and outlives the products below.
-    let w_rhs = (!skinny && need_dx && n_in > 0)
-        .then(|| unsafe { super::Rhs::new(n_out, n_in, w.as_ptr(), n_in as isize, 1, b) });
     // Each block's sums go to its own buffers, added in block order afterwards: the result does not depend
     // on which thread ran which block (nor, since blocks depend only on the batch, on the thread count).
     let partials = super::map_blocks(blocks, |blk| {
@@ -219,7 +215,7 @@ fn backward(
             blk.g
         };
         let skinny = skinny || use_dots(m, n_out);
-        weight_grads(dz, w, w_rhs.as_ref(), blk.x, n_in, blk.dx, &mut dw, skinny, b, lone);
+        weight_grads(dz, w, blk.x, n_in, blk.dx, &mut dw, skinny);
         (db, dw)
     });
     let mut partials = partials.into_iter();
@@ -238,37 +234,45 @@ fn backward(
 }
 
 /// For one block of `m` rows of a layer's backward pass (`dz`: `m × out`, its input `x`: `m × in`):
-/// `dx = dz·W` when `dx` is given (every element written; `w_rhs` is `W` prepared for it) and
-/// `dW += dzᵀ·x`, by the dot-product kernels when `skinny`, by GEMM otherwise. `batch` is the whole
-/// batch's size (it picks the GEMM kernel) and `lone` says this is its only block.
-#[allow(clippy::too_many_arguments)]
+/// `dx = dz·W` when `dx` is given (every element written) and `dW += dzᵀ·x`, by the dot-product kernels
+/// when `skinny`, by GEMM otherwise.
 pub(super) fn weight_grads(
     dz: &[f32],
     w: &[f32],
-    w_rhs: Option<&super::Rhs>,
     x: &[f32],
     n_in: usize,
     dx: Option<&mut [MaybeUninit<f32>]>,
     dw: &mut [f32],
     skinny: bool,
-    batch: usize,
-    lone: bool,
 ) {
-    let n_out = dw.len() / n_in.max(1);
-    let m = dz.len() / n_out.max(1);
     if skinny {
         simd::skinny_backward(dz, w, x, n_in, dx, dw);
-    } else if n_in > 0 {
-        // SAFETY: dz is m × out (strides out, 1); x is m × in; dx is m × in and fully overwritten
-        // (read_dst = false, k = out ≥ 1); dW (out × in) accumulates dzᵀ·x, reading dz with strides
-        // (1, out); the block's x outlives its packed copy.
+    } else if let Some(n_out) = dw.len().checked_div(n_in) {
+        let m = dz.len() / n_out;
+        // SAFETY: dz is m × out (strides out, 1); W is out × in (strides in, 1); x is m × in; dx is m × in
+        // and fully overwritten (read_dst = false, k = out ≥ 1); dW (out × in) accumulates dzᵀ·x, reading
+        // dz with strides (1, out).
         unsafe {
             if let Some(dx) = dx {
-                let w_rhs = w_rhs.expect("W is prepared wherever dz·W is wanted");
-                w_rhs.product(m, dx.as_mut_ptr().cast(), false, (dz.as_ptr(), n_out as isize, 1), lone);
+                super::gemm(
+                    m,
+                    n_in,
+                    n_out,
+                    dx.as_mut_ptr().cast(),
+                    false,
+                    (dz.as_ptr(), n_out as isize, 1),
+                    (w.as_ptr(), n_in as isize, 1),
+                );
             }
-            let x_rhs = super::Rhs::new(m, n_in, x.as_ptr(), n_in as isize, 1, batch);
-            x_rhs.product(n_out, dw.as_mut_ptr(), true, (dz.as_ptr(), 1, n_out as isize), lone);
+            super::gemm(
+                n_out,
+                n_in,
+                m,
+                dw.as_mut_ptr(),
+                true,
+                (dz.as_ptr(), 1, n_out as isize),
+                (x.as_ptr(), n_in as isize, 1),
+            );
         }
     }
 }
@@ -389,9 +393,7 @@ fn jvp_slices(x: &[f32], dx: &[f32], w: &[f32], bias: &[f32], b: usize, act: Act
     let (n_out, n_in) = (bias.len(), w.len() / bias.len());
     let n = b * n_out;
     let rows = super::block_rows(b);
-    let wt = forward_rhs(w, n_in, n_out, b);
-    let skinny = wt.is_none();
-    let lone = b <= rows;
+    let skinny = use_dots(b, n_out);
     let zero = vec![0.0f32; n_out];
     let mut y: Vec<f32> = Vec::with_capacity(n);
     let mut dy: Vec<f32> = Vec::with_capacity(n);
@@ -406,8 +408,8 @@ fn jvp_slices(x: &[f32], dx: &[f32], w: &[f32], bias: &[f32], b: usize, act: Act
         .collect();
     super::map_blocks(blocks, |((yc, dyc), (xc, dxc))| {
         // Without the bias for the tangent; for the skinny kernel the primal's bias is added in the product.
-        project_block(xc, wt.as_ref(), w, bias, n_in, yc, lone);
-        project_block(dxc, wt.as_ref(), w, &zero, n_in, dyc, lone);
+        project_block(xc, w, bias, n_in, yc, skinny);
+        project_block(dxc, w, &zero, n_in, dyc, skinny);
         // SAFETY: project_block wrote all of both blocks.
         let (yc, dyc) = unsafe { (assume_init(yc), assume_init(dyc)) };
         let b_here = if skinny { &zero[..] } else { bias };

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use super::dense::{assume_init, forward_rhs, project_block, use_dots, weight_grads, Activation};
+use super::dense::{assume_init, project_block, use_dots, weight_grads, Activation};
 use super::simd;
 use crate::Result;
 
@@ -171,21 +171,13 @@ impl MlpOp {
                 }
             }
             let rows = block_rows(b);
-            let lone = b <= rows;
             let zero = vec![0.0f32; self.layers.iter().map(|l| l.n_out).max().unwrap_or(0)];
-            // Each layer's Wᵀ packed once for every block.
-            let wts: Vec<Option<super::Rhs>> = self
-                .layers
-                .iter()
-                .map(|l| forward_rhs(l.w(flat), l.n_in, l.n_out, b))
-                .collect();
             super::map_blocks(blocks, |(i, mut ys, mut ss)| {
                 let r0 = i * rows;
                 let m = rows.min(b - r0);
                 for (li, l) in self.layers.iter().enumerate() {
                     let (w, bias) = (l.w(flat), l.b(flat));
-                    let wt = wts[li].as_ref();
-                    let skinny = wt.is_none();
+                    let skinny = use_dots(b, l.n_out);
                     let (done, rest) = ys.split_at_mut(li);
                     let input: &[f32] = if li == 0 {
                         &h0[r0 * l.n_in..(r0 + m) * l.n_in]
@@ -196,12 +188,12 @@ impl MlpOp {
                     let bias_here = if skinny { &zero[..l.n_out] } else { bias };
                     match l.act {
                         Activation::Silu => {
-                            project_block(input, wt, w, bias, l.n_in, &mut *ss[li], lone);
+                            project_block(input, w, bias, l.n_in, &mut *ss[li], skinny);
                             // SAFETY: project_block wrote all of the σ chunk (as z, overwritten with σ(z)).
                             simd::add_bias_silu(unsafe { assume_init(&mut *ss[li]) }, &mut *rest[0], bias_here);
                         }
                         Activation::Identity => {
-                            project_block(input, wt, w, bias, l.n_in, &mut *rest[0], lone);
+                            project_block(input, w, bias, l.n_in, &mut *rest[0], skinny);
                             // SAFETY: written in full just above.
                             simd::add_bias(unsafe { assume_init(&mut *rest[0]) }, bias_here);
                         }
@@ -259,20 +251,6 @@ impl MlpOp {
             }
             let ys = &saved.y;
             let total = flat.len();
-            let lone = b <= rows;
-            // Each layer's W packed once for every block's `dz·W` (not needed below the first layer
-            // unless the input's gradient is).
-            let w_rhs: Vec<Option<super::Rhs>> = self
-                .layers
-                .iter()
-                .enumerate()
-                .map(|(li, l)| {
-                    let wanted = (li > 0 || need_dx) && !use_dots(b, l.n_out) && l.n_in > 0;
-                    // SAFETY: W is out × in row-major inside `flat`, which outlives the products.
-                    wanted
-                        .then(|| unsafe { super::Rhs::new(l.n_out, l.n_in, l.w(flat).as_ptr(), l.n_in as isize, 1, b) })
-                })
-                .collect();
             super::map_blocks(blocks, |(i, mut ss, mut dxc)| {
                 let r0 = i * rows;
                 let m = rows.min(b - r0);
@@ -310,7 +288,7 @@ impl MlpOp {
                         dxc.take()
                     };
                     let skinny = use_dots(m, n_out);
-                    weight_grads(dz, w, w_rhs[li].as_ref(), input, n_in, out, dw, skinny, b, lone);
+                    weight_grads(dz, w, input, n_in, out, dw, skinny);
                     std::mem::swap(&mut cur, &mut next);
                 }
                 part

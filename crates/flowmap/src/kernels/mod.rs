@@ -12,9 +12,7 @@
 //! - [`AdamW`](crate::optim::AdamW) and the weight EMA as one in-place pass per parameter
 //!   ([`crate::optim`]).
 //!
-//! GEMMs run on flowmap's AVX-512 kernel ([`sgemm`], each weight packed once per call) for batches of full
-//! 256-row blocks, and on the `gemm` crate's AVX-512 kernels (the crate candle's CPU matmul uses) otherwise
-//! (see [`Rhs`]).
+//! GEMMs go through the `gemm` crate with its AVX-512 kernels (the same crate candle's CPU matmul uses).
 //! Elementwise kernels are compiled for AVX-512 and AVX2 and picked at run time, with a polynomial `exp`
 //! (Cephes' `expf`, ≤ 2 ulp) that vectorises.
 //!
@@ -25,7 +23,6 @@
 mod dense;
 mod embed;
 mod mlp;
-mod sgemm;
 mod simd;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -110,74 +107,6 @@ pub(crate) fn map_blocks<T: Send, R: Send>(blocks: Vec<T>, f: impl Fn(T) -> R + 
     }
 }
 
-/// The right operand of products `dst (+)= lhs·rhs`, prepared once and used for every block of rows: packed
-/// for flowmap's AVX-512 kernel ([`sgemm`]), or kept as a strided view for the `gemm` crate.
-///
-/// The packed kernel runs batches of full 256-row blocks (from [`PARALLEL_ROWS`] up), where packing a
-/// weight once instead of once per block pays; smaller batches take the `gemm` crate, whose kernel is
-/// faster on blocks of 128 rows. Measured on the teacher's training step (2-core Xeon, AVX-512,
-/// `flowmap bench speed`): width 256, batch 4,096: 57 against 52 steps/s; width 512, batch 4,096: 13.5
-/// against 12.9; width 256, batch 256: 480 against 550 (hence the switch).
-pub(crate) enum Rhs {
-    Packed(sgemm::PackedB),
-    Strided {
-        k: usize,
-        n: usize,
-        view: (*const f32, isize, isize),
-    },
-}
-
-// SAFETY: a strided right operand is only read, and its creator vouches that it outlives every product.
-unsafe impl Send for Rhs {}
-unsafe impl Sync for Rhs {}
-
-impl Rhs {
-    /// The `k × n` matrix at `ptr` with (row, column) strides `(rs, cs)`, for the products of a layer run
-    /// on a batch of `batch` rows.
-    ///
-    /// # Safety
-    /// Every element must be readable, and (for the strided form) stay so while the result is used.
-    pub(crate) unsafe fn new(k: usize, n: usize, ptr: *const f32, rs: isize, cs: isize, batch: usize) -> Self {
-        if sgemm::available() && batch >= PARALLEL_ROWS {
-            Rhs::Packed(sgemm::PackedB::new(k, n, sgemm::View { ptr, rs, cs }))
-        } else {
-            Rhs::Strided {
-                k,
-                n,
-                view: (ptr, rs, cs),
-            }
-        }
-    }
-
-    /// `dst = lhs·rhs`, or `dst += lhs·rhs` with `read_dst`, for `lhs`: `m × k` given by its pointer and
-    /// (row, column) strides, `dst`: `m × n` row-major. With `split` the columns are shared between two
-    /// threads (same result); callers split only a lone block of rows, and parallelise over blocks
-    /// otherwise, so that each block's elementwise work runs right after its product, on the same core.
-    ///
-    /// # Safety
-    /// `lhs` must address an `m × k` matrix and `dst` an `m × n` one, not overlapping `lhs`.
-    pub(crate) unsafe fn product(
-        &self,
-        m: usize,
-        dst: *mut f32,
-        read_dst: bool,
-        lhs: (*const f32, isize, isize),
-        split: bool,
-    ) {
-        match self {
-            Rhs::Packed(b) => {
-                let a = sgemm::View {
-                    ptr: lhs.0,
-                    rs: lhs.1,
-                    cs: lhs.2,
-                };
-                sgemm::gemm_packed(m, dst, b.n(), read_dst, a, b, split)
-            }
-            Rhs::Strided { k, n, view } => gemm(m, *n, *k, dst, read_dst, lhs, *view),
-        }
-    }
-}
-
 /// `dst += lhs·rhs` (`read_dst`) or `dst = lhs·rhs` on the calling thread, row-major `dst` (`m × n`, row
 /// stride `n`); `lhs` is `m × k` and `rhs` `k × n`, each given by a pointer and its (row, column) strides.
 /// Callers parallelise over blocks of rows themselves, so that each block's elementwise work runs right
@@ -185,7 +114,7 @@ impl Rhs {
 ///
 /// # Safety
 /// Each pointer must address a buffer that holds every element its strides reach.
-unsafe fn gemm(
+pub(crate) unsafe fn gemm(
     m: usize,
     n: usize,
     k: usize,
