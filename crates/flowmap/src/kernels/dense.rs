@@ -74,14 +74,7 @@ pub(super) unsafe fn assume_init(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 }
 
 /// Writes one block of `x·Wᵀ` (or, for a `skinny` layer, `x·Wᵀ + b`) into `zc`, all of it.
-pub(super) fn project_block(
-    xc: &[f32],
-    w: &[f32],
-    bias: &[f32],
-    n_in: usize,
-    zc: &mut [MaybeUninit<f32>],
-    skinny: bool,
-) {
+fn project_block(xc: &[f32], w: &[f32], bias: &[f32], n_in: usize, zc: &mut [MaybeUninit<f32>], skinny: bool) {
     let m = xc.len() / n_in.max(1);
     if skinny {
         zc.iter_mut().for_each(|v| {
@@ -110,6 +103,29 @@ pub(super) fn project_block(
     }
 }
 
+/// One block of rows of a layer's forward pass, while the block is in cache: `z = x·Wᵀ + b` into `zc`, then,
+/// for SiLU (`yc` given), `y = silu(z)` into `yc` and `zc ← σ(z)`. Writes all of `zc` (and `yc`).
+pub(super) fn forward_block(
+    xc: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    n_in: usize,
+    zc: &mut [MaybeUninit<f32>],
+    yc: Option<&mut [MaybeUninit<f32>]>,
+    skinny: bool,
+) {
+    project_block(xc, w, bias, n_in, zc, skinny);
+    // SAFETY: project_block wrote all of zc.
+    let zc = unsafe { assume_init(zc) };
+    // The skinny kernel adds the bias in the product; otherwise it goes in with the activation.
+    match (yc, skinny) {
+        (Some(yc), false) => simd::add_bias_silu(zc, yc, bias),
+        (Some(yc), true) => simd::add_bias_silu(zc, yc, &vec![0.0f32; bias.len()]),
+        (None, false) => simd::add_bias(zc, bias),
+        (None, true) => {}
+    }
+}
+
 /// `z = x·Wᵀ + b`, or for SiLU `y = silu(z)` and `σ(z)`: per block of rows, the product, then the bias
 /// and the activation while the block is in cache. Returns `(z, None)` for the identity and `(σ(z), Some(y))`
 /// for SiLU.
@@ -121,9 +137,6 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Ve
     let mut y: Vec<f32> = Vec::with_capacity(if act == Activation::Silu { n } else { 0 });
     {
         let skinny = use_dots(b, n_out);
-        let zero = vec![0.0f32; n_out];
-        // The skinny kernel adds the bias in the product; otherwise it goes in with the activation.
-        let bias_here = if skinny { &zero[..] } else { bias };
         let silu = act == Activation::Silu;
         let zs = z.spare_capacity_mut()[..n].chunks_mut(rows * n_out);
         let mut ys = y.spare_capacity_mut()[..if silu { n } else { 0 }].chunks_mut(rows * n_out);
@@ -131,15 +144,7 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Ve
             .zip(x.chunks(rows * n_in.max(1)).chain(std::iter::repeat(&[][..])))
             .map(|(zc, xc)| (zc, xc, if silu { ys.next() } else { None }))
             .collect();
-        super::map_blocks(blocks, |(zc, xc, yc)| {
-            project_block(xc, w, bias, n_in, zc, skinny);
-            // SAFETY: project_block wrote all of zc.
-            let zc = unsafe { assume_init(zc) };
-            match yc {
-                Some(yc) => simd::add_bias_silu(zc, yc, bias_here),
-                None => simd::add_bias(zc, bias_here),
-            }
-        });
+        super::map_blocks(blocks, |(zc, xc, yc)| forward_block(xc, w, bias, n_in, zc, yc, skinny));
     }
     // SAFETY: every block of z (and of y for SiLU) was written in full above.
     unsafe {

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use super::dense::{assume_init, project_block, use_dots, weight_grads, Activation};
+use super::dense::{assume_init, forward_block, use_dots, weight_grads, Activation};
 use super::simd;
 use crate::Result;
 
@@ -171,13 +171,10 @@ impl MlpOp {
                 }
             }
             let rows = block_rows(b);
-            let zero = vec![0.0f32; self.layers.iter().map(|l| l.n_out).max().unwrap_or(0)];
             super::map_blocks(blocks, |(i, mut ys, mut ss)| {
                 let r0 = i * rows;
                 let m = rows.min(b - r0);
                 for (li, l) in self.layers.iter().enumerate() {
-                    let (w, bias) = (l.w(flat), l.b(flat));
-                    let skinny = use_dots(b, l.n_out);
                     let (done, rest) = ys.split_at_mut(li);
                     let input: &[f32] = if li == 0 {
                         &h0[r0 * l.n_in..(r0 + m) * l.n_in]
@@ -185,19 +182,13 @@ impl MlpOp {
                         // SAFETY: the previous layer's chunk was written in full in the previous iteration.
                         unsafe { assume_init(&mut *done[li - 1]) }
                     };
-                    let bias_here = if skinny { &zero[..l.n_out] } else { bias };
-                    match l.act {
-                        Activation::Silu => {
-                            project_block(input, w, bias, l.n_in, &mut *ss[li], skinny);
-                            // SAFETY: project_block wrote all of the σ chunk (as z, overwritten with σ(z)).
-                            simd::add_bias_silu(unsafe { assume_init(&mut *ss[li]) }, &mut *rest[0], bias_here);
-                        }
-                        Activation::Identity => {
-                            project_block(input, w, bias, l.n_in, &mut *rest[0], skinny);
-                            // SAFETY: written in full just above.
-                            simd::add_bias(unsafe { assume_init(&mut *rest[0]) }, bias_here);
-                        }
-                    }
+                    let (w, bias, skinny) = (l.w(flat), l.b(flat), use_dots(b, l.n_out));
+                    // SiLU computes z into the σ chunk and writes y; the identity writes z as y.
+                    let (zc, yc) = match l.act {
+                        Activation::Silu => (&mut *ss[li], Some(&mut *rest[0])),
+                        Activation::Identity => (&mut *rest[0], None),
+                    };
+                    forward_block(input, w, bias, l.n_in, zc, yc, skinny);
                 }
             });
         }
