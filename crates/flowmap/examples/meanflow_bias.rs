@@ -37,6 +37,8 @@ fn main() -> flowmap::Result<()> {
             dcfg.times = TimeSampling {
                 distribution: TimeDistribution::LogitNormal { mean: -0.4, std: 1.0 },
                 diagonal_fraction: 0.75,
+                grid_fraction: 0.0,
+                grid_steps: 8,
             };
         }
         other => {

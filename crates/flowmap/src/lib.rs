@@ -37,6 +37,7 @@ pub mod teacher;
 pub mod train;
 
 pub use error::{Error, Result};
+pub use kernels::no_grad;
 pub use rng::Rng;
 
 /// Sets how many threads the CPU kernels use, for the ops that follow: flowmap's fused kernels and candle's

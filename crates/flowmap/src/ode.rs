@@ -6,6 +6,7 @@
 //! `τ = t + λ (s − t)`, `dx/dλ = (s − t)·v(x, τ)`, with one adaptive step size for the batch, controlled by
 //! the worst row's error.
 
+use crate::kernels::no_grad;
 use std::fmt;
 use std::str::FromStr;
 
@@ -142,14 +143,16 @@ pub fn step(field: &dyn VelocityField, scheme: Scheme, x: &Tensor, t0: &Tensor, 
 
 /// Integrates along a sequence of time columns `grid[0] → grid[1] → …` with a fixed-step scheme.
 ///
-/// Solutions are detached from the autograd graph after every step: a velocity network with trainable
-/// parameters would otherwise chain every step into one graph, and memory would grow with the step count.
+/// Runs under [`no_grad`]: a velocity network with trainable parameters would otherwise chain every step
+/// into one graph, and memory would grow with the step count. The solution is detached.
 pub fn integrate_fixed(field: &dyn VelocityField, scheme: Scheme, x: &Tensor, grid: &[Tensor]) -> Result<Tensor> {
-    let mut x = x.detach();
-    for w in grid.windows(2) {
-        x = step(field, scheme, &x, &w[0], &w[1])?.detach();
-    }
-    Ok(x)
+    no_grad(|| {
+        let mut x = x.detach();
+        for w in grid.windows(2) {
+            x = step(field, scheme, &x, &w[0], &w[1])?;
+        }
+        Ok(x)
+    })
 }
 
 /// Integrates on a descending grid of scalar times `1 ≥ grid[0] > grid[1] > … ≥ 0`, any spacing.
@@ -181,7 +184,7 @@ pub fn check_grid(grid: &[f64]) -> Result<()> {
 
 /// `Φ_{t→s}(x)` for per-row times `t`, `s` (`B × 1`), by `solver`; the result is detached.
 pub fn solve(field: &dyn VelocityField, solver: Solver, x: &Tensor, t: &Tensor, s: &Tensor) -> Result<Tensor> {
-    match solver {
+    no_grad(|| match solver {
         Solver::Fixed { scheme, steps } => {
             if steps == 0 {
                 return Err(Error::arg("the number of solver steps must be at least 1"));
@@ -193,7 +196,7 @@ pub fn solve(field: &dyn VelocityField, solver: Solver, x: &Tensor, t: &Tensor, 
             integrate_fixed(field, scheme, x, &grid)
         }
         Solver::Dopri5 { rtol, atol } => dopri5(field, x, t, s, rtol, atol),
-    }
+    })
 }
 
 // Dormand–Prince 5(4) tableau.

@@ -368,7 +368,7 @@ pub struct EvalSettings {
     /// Samples generated per row (and held-out points compared against).
     pub n: usize,
     pub seed: u64,
-    /// Cap on points for the O(n²) distances.
+    /// Cap on points for the O(n²) distances (MMD², and the energy distance above two dimensions).
     pub max_points: usize,
 }
 

@@ -2,6 +2,7 @@
 //! `1 = t_0 > t_1 > … > t_k = 0`. A learned map costs one network evaluation (NFE) per step; the teacher's
 //! ODE sampler is the same loop over [`SolverMap`], whose NFE is the solver's velocity evaluations.
 
+use crate::kernels::no_grad;
 use std::fmt;
 use std::str::FromStr;
 
@@ -80,8 +81,8 @@ pub fn run_grid(map: &dyn FlowMap, noise: &Tensor, grid: &TimeGrid) -> Result<Te
     for w in grid.times().windows(2) {
         let t = Tensor::full(w[0], (b, 1), noise.device())?.to_dtype(noise.dtype())?;
         let s = Tensor::full(w[1], (b, 1), noise.device())?.to_dtype(noise.dtype())?;
-        // Detached: sampling never needs gradients, and a graph would grow with the number of steps.
-        x = map.map(&x, &t, &s)?.detach();
+        // No graph: sampling never needs gradients, and one would grow with the number of steps.
+        x = no_grad(|| map.map(&x, &t, &s))?;
     }
     Ok(x)
 }
@@ -158,7 +159,7 @@ pub fn sample_with(map: &dyn FlowMap, noise: &Tensor, grid: &TimeGrid, sampler: 
     for w in grid.times().windows(2) {
         let (t, s) = (w[0], w[1]);
         let s_hat = (1.0 - gamma) * s;
-        x = counted.map(&x, &col(t)?, &col(s_hat)?)?.detach();
+        x = no_grad(|| counted.map(&x, &col(t)?, &col(s_hat)?))?;
         if s > s_hat {
             let z = rng.normal_tensor((b, d), noise.dtype(), noise.device())?;
             let keep = (1.0 - s) / (1.0 - s_hat);

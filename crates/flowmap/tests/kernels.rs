@@ -148,6 +148,41 @@ fn fused_mlp_matches_candle_layer_by_layer_in_values_and_gradients() {
 }
 
 #[test]
+fn no_grad_gives_the_training_forward_bit_for_bit_and_records_nothing() {
+    // One row (dot products), a few rows, one block, two half blocks, several blocks with a ragged end.
+    let vm = VarMap::new();
+    let cfg = MlpConfig {
+        hidden: 96,
+        ..MlpConfig::new(2)
+    };
+    let net = FlowMapNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    seed_params(&vm, 4).unwrap();
+    for b in [1, 5, 100, 300, 1100] {
+        let x = randn((b, 2), 7);
+        let t = (randn((b, 1), 8).abs().unwrap() * 0.3).unwrap();
+        let s = (&t * 0.5).unwrap();
+        let tracked = net.average_velocity(&x, &t, &s).unwrap();
+        let free = flowmap::no_grad(|| net.average_velocity(&x, &t, &s)).unwrap();
+        let (a, c) = (
+            tracked.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            free.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(a, c, "batch {b}: inference differs from the training forward");
+        // Nothing was recorded: a loss through the no-grad result reaches no parameter.
+        let grads = free.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(
+            vm.all_vars().iter().all(|v| grads.get(v).is_none()),
+            "batch {b}: gradients leaked"
+        );
+        let grads = tracked.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(
+            vm.all_vars().iter().all(|v| grads.get(v).is_some()),
+            "batch {b}: a parameter got no gradient"
+        );
+    }
+}
+
+#[test]
 fn whole_network_gradients_match_with_the_fast_path_off() {
     let _lock = SWITCH.lock().unwrap();
     let vm = VarMap::new();

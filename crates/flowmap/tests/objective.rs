@@ -57,6 +57,8 @@ fn cfg(eps: f64, diagonal_fraction: f64) -> DistillConfig {
         times: TimeSampling {
             distribution: TimeDistribution::Uniform,
             diagonal_fraction,
+            grid_fraction: 0.0,
+            grid_steps: 8,
         },
         weighting: Weighting::Normalized,
         ..DistillConfig::default()

@@ -23,7 +23,7 @@ pub enum Activation {
 pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
     if super::applies(x.device(), x.dtype()) && x.rank() == 2 && w.rank() == 2 && b.rank() == 1 {
         let x = x.contiguous()?;
-        let tracked = x.track_op() || w.track_op() || b.track_op();
+        let tracked = super::grad_enabled() && (x.track_op() || w.track_op() || b.track_op());
         let op = DenseOp {
             act,
             saved: Mutex::new(None),

@@ -13,7 +13,7 @@ use crate::Result;
 pub fn conditioning(x: &Tensor, tg: &Tensor, freqs: &[f32]) -> Result<Tensor> {
     let (x, tg) = (x.contiguous()?, tg.contiguous()?);
     let op = Conditioning { freqs: freqs.to_vec() };
-    Ok(if x.track_op() || tg.track_op() {
+    Ok(if super::grad_enabled() && (x.track_op() || tg.track_op()) {
         x.apply_op2(&tg, op)?
     } else {
         x.apply_op2_no_bwd(&tg, &op)?

@@ -29,6 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::Result;
+
 pub use dense::{dense, dense_jvp, plain as dense_plain, Activation};
 pub use embed::conditioning;
 pub use mlp::{mlp, Layer};
@@ -53,6 +55,46 @@ pub(crate) fn applies(device: &Device, dtype: DType) -> bool {
 
 thread_local! {
     static THREADS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Evaluates `f` without recording a backward pass and detaches its result: the stop-gradient `sg(·)` of
+/// the objectives, and inference (PyTorch's `torch.no_grad()`).
+///
+/// candle counts every variable as tracked, so a frozen teacher or a stop-gradient target would otherwise
+/// run as training graph nodes that keep every layer's activations for a backward pass that never comes.
+/// Inside `f`, the fast path's layers keep nothing and the whole MLP runs block by block through
+/// per-block scratch buffers. The numbers are the same either way (tested).
+pub fn no_grad<T>(f: impl FnOnce() -> Result<T>) -> Result<T>
+where
+    T: Detach,
+{
+    let before = NO_GRAD.with(|c| c.replace(true));
+    let out = f();
+    NO_GRAD.with(|c| c.set(before));
+    Ok(out?.detach_all())
+}
+
+/// Whether the ops on this thread record their backward pass (false inside [`no_grad`]).
+pub(crate) fn grad_enabled() -> bool {
+    !NO_GRAD.with(|c| c.get())
+}
+
+/// What [`no_grad`] can return: tensors, detached on the way out.
+pub trait Detach {
+    fn detach_all(self) -> Self;
+}
+
+impl Detach for Tensor {
+    fn detach_all(self) -> Self {
+        self.detach()
+    }
+}
+
+impl<A: Detach, B: Detach> Detach for (A, B) {
+    fn detach_all(self) -> Self {
+        (self.0.detach_all(), self.1.detach_all())
+    }
 }
 
 /// Runs `f` with the fast path's kernels limited to `n` threads on this thread (for jobs that run side by

@@ -183,6 +183,19 @@ pub struct TimeSampling {
     pub distribution: TimeDistribution,
     /// Fraction of each batch on the diagonal `s = t` (trained by flow matching on the teacher).
     pub diagonal_fraction: f64,
+    /// Fraction of the off-diagonal rows on the jumps of uniform few-step grids: `K` uniform on
+    /// `{1, 2, 4, …, grid_steps}`, `k` uniform on `{1, …, K}`, `(t, s) = (k/K, (k − 1)/K)`. These are the
+    /// dyadic step sizes of shortcut models (Frans et al. 2025), and exactly the pairs a `K`-step sampler
+    /// evaluates; the other rows keep `distribution`, so the map stays trained everywhere.
+    #[serde(default)]
+    pub grid_fraction: f64,
+    /// The finest grid of the grid rows (a power of two).
+    #[serde(default = "default_grid_steps")]
+    pub grid_steps: usize,
+}
+
+fn default_grid_steps() -> usize {
+    8
 }
 
 impl TimeSampling {
@@ -196,7 +209,18 @@ impl TimeSampling {
             TimeDistribution::Uniform => rng.uniform(),
             TimeDistribution::LogitNormal { mean, std } => 1.0 / (1.0 + (-(mean + std * rng.normal())).exp()),
         };
+        // Grid rows last; none drawn (and the random stream untouched) when the fraction is 0.
+        let n_grid = (((b - n_diag) as f64) * self.grid_fraction).round() as usize;
+        let n_grid = n_grid.min(b - n_diag);
+        let levels = self.grid_steps.max(1).ilog2() as usize + 1;
         for i in 0..b {
+            if i >= b - n_grid {
+                let k_steps = 1usize << rng.below(levels);
+                let k = 1 + rng.below(k_steps);
+                t.push(k as f64 / k_steps as f64);
+                s.push((k - 1) as f64 / k_steps as f64);
+                continue;
+            }
             let a = draw(rng);
             if i < n_diag {
                 t.push(a);
@@ -319,6 +343,8 @@ impl Default for DistillConfig {
             times: TimeSampling {
                 distribution: TimeDistribution::Uniform,
                 diagonal_fraction: 0.25,
+                grid_fraction: 0.0,
+                grid_steps: 8,
             },
             weighting: Weighting::Normalized,
             target: TargetNet::Current,
@@ -353,6 +379,13 @@ impl DistillConfig {
         if !(0.0..1.0).contains(&self.times.diagonal_fraction) {
             return Err(Error::Config("diagonal_fraction must lie in [0, 1)".into()));
         }
+        let grid = &self.times;
+        if !(0.0..=1.0).contains(&grid.grid_fraction) || !grid.grid_steps.is_power_of_two() {
+            return Err(Error::Config(format!(
+                "grid pairs need grid_fraction in [0, 1] and grid_steps a power of two, got {} and {}",
+                grid.grid_fraction, grid.grid_steps
+            )));
+        }
         if let TimeDistribution::LogitNormal { std, .. } = self.times.distribution {
             if !(std > 0.0) {
                 return Err(Error::Config("logit-normal std must be positive".into()));
@@ -375,5 +408,46 @@ impl DistillConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_pairs_are_the_jumps_of_dyadic_grids_and_the_other_rows_are_unchanged() {
+        let plain = DistillConfig::default().times;
+        let grid = TimeSampling {
+            grid_fraction: 0.5,
+            grid_steps: 4,
+            ..plain
+        };
+        let (b, n_off) = (400, 300);
+        let (t, s, n_diag) = grid.sample(b, &mut Rng::new(3));
+        assert_eq!(n_diag, 100);
+        let mut seen = std::collections::BTreeSet::new();
+        for (&t, &s) in t[b - n_off / 2..].iter().zip(&s[b - n_off / 2..]) {
+            let k_steps = (1.0 / (t - s)).round();
+            assert!([1.0, 2.0, 4.0].contains(&k_steps), "gap {}", t - s);
+            assert!(
+                (t * k_steps - (t * k_steps).round()).abs() < 1e-12,
+                "t = {t} is off the grid"
+            );
+            seen.insert(((t * 4.0).round() as u32, (s * 4.0).round() as u32));
+        }
+        // Every jump of the 1-, 2- and 4-step grids (1 + 2 + 4 of them) shows up among 150 rows.
+        assert_eq!(seen.len(), 7);
+        // The diagonal and the first off-diagonal rows follow the plain law; with no grid rows the
+        // random stream is the one a configuration without the field draws.
+        let (t0, s0, _) = plain.sample(b, &mut Rng::new(3));
+        assert_eq!(t[..n_diag], t0[..n_diag]);
+        assert_eq!(s[..n_diag], s0[..n_diag]);
+        assert!(s[n_diag..b - n_off / 2].iter().zip(&t[n_diag..]).all(|(s, t)| s < t));
+        let bad = DistillConfig {
+            times: TimeSampling { grid_steps: 6, ..grid },
+            ..DistillConfig::default()
+        };
+        assert!(bad.validate().is_err());
     }
 }

@@ -2,6 +2,7 @@ use candle_core::Tensor;
 
 use super::{column, DistillConfig, Objective, StepContext};
 use crate::jvp::TangentMap;
+use crate::kernels::no_grad;
 use crate::ode::{self, Scheme};
 use crate::path::{LinearPath, ProbabilityPath};
 use crate::teacher::VelocityField;
@@ -39,8 +40,8 @@ impl<'a> Objective for ConsistencyDistillation<'a> {
         let t_prev = column(&k.iter().map(|k| (k - 1.0) / n as f64).collect::<Vec<_>>(), cx.x0)?;
         let zero = t.zeros_like()?;
         let xt = LinearPath.interpolate(cx.x0, cx.x1, &t)?;
-        let x_prev = ode::step(self.teacher, Scheme::Heun, &xt, &t, &t_prev)?.detach();
-        let target = cx.target.map(&x_prev, &t_prev, &zero)?.detach();
+        let x_prev = no_grad(|| ode::step(self.teacher, Scheme::Heun, &xt, &t, &t_prev))?;
+        let target = no_grad(|| cx.target.map(&x_prev, &t_prev, &zero))?;
         let f = cx.model.map(&xt, &t, &zero)?;
         Ok(((f - target)?.sqr()?.mean_keepdim(1)?.mean_all()? * (n * n) as f64)?)
     }

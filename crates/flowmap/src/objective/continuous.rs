@@ -2,6 +2,7 @@ use candle_core::Tensor;
 
 use super::{ones, pair_loss, row_mse, tangent, DiagonalTarget, DistillConfig, Objective, StepContext};
 use crate::jvp::TangentMap;
+use crate::kernels::no_grad;
 use crate::teacher::VelocityField;
 use crate::Result;
 
@@ -56,7 +57,7 @@ impl<'a> Objective for EmdContinuous<'a> {
         let r = ramp(&self.cfg, cx.progress);
         pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, rows| {
             let (x, t, s) = (&rows.x, &rows.t, &rows.s);
-            let v = self.teacher.velocity(x, t)?.detach();
+            let v = no_grad(|| self.teacher.velocity(x, t))?;
             let (f_minus, df_dt) = tangent(
                 cx.target,
                 self.cfg.continuous.jvp,
@@ -126,7 +127,7 @@ pub(crate) fn lagrangian_tangent(
         &ones(s)?,
     )?;
     let y = (x + f_minus.broadcast_mul(&(s - t)?)?)?; // f⁻(x, t, s)
-    let vy = v.velocity(&y, s)?.detach();
+    let vy = no_grad(|| v.velocity(&y, s))?;
     let g = ((vy + df_ds.broadcast_mul(&((t - s)? * r)?)?)? - &f_minus)?;
     Ok((g, f_minus))
 }

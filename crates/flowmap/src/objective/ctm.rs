@@ -2,6 +2,7 @@ use candle_core::Tensor;
 
 use super::{pair_loss, row_mse, DiagonalTarget, DistillConfig, Objective, StepContext};
 use crate::jvp::TangentMap;
+use crate::kernels::no_grad;
 use crate::ode::{self, Scheme, Solver};
 use crate::teacher::VelocityField;
 use crate::Result;
@@ -37,7 +38,7 @@ impl<'a> Objective for ConsistencyTrajectory<'a> {
                 .to_scalar::<f64>()?;
             let steps = ((longest * self.cfg.continuous.ctm_steps_per_unit as f64).ceil() as usize).max(1);
             let xu = ode::solve(self.teacher, Solver::fixed(Scheme::Heun, steps), x, t, &u)?;
-            let y = cx.target.map(&xu, &u, s)?.detach();
+            let y = no_grad(|| cx.target.map(&xu, &u, s))?;
             // In average-velocity form: F(x_t, t, s) against (y − x_t)/(s − t).
             let target = (y - x)?.broadcast_div(&(s - t)?)?;
             Ok(row_mse(&cx.model.average_velocity(x, t, s)?, &target)?.mean_all()?)

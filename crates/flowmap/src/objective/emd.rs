@@ -2,6 +2,7 @@ use candle_core::Tensor;
 
 use super::{assemble_loss, pair_loss, DiagonalTarget, DistillConfig, Objective, StepContext};
 use crate::jvp::TangentMap;
+use crate::kernels::no_grad;
 use crate::teacher::VelocityField;
 use crate::Result;
 
@@ -38,11 +39,11 @@ impl<'a> Objective for Emd<'a> {
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let eps = self.cfg.eps.at(cx.progress);
         pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, r| {
-            let v = self.teacher.velocity(&r.x, &r.t)?.detach();
+            let v = no_grad(|| self.teacher.velocity(&r.x, &r.t))?;
             let step = ((&r.s - &r.t)? * eps)?; // t' − t = ε(s − t) ≤ 0
             let t_mid = (&r.t + &step)?;
             let x_mid = (&r.x + v.broadcast_mul(&step)?)?;
-            let f_target = cx.target.average_velocity(&x_mid, &t_mid, &r.s)?.detach();
+            let f_target = no_grad(|| cx.target.average_velocity(&x_mid, &t_mid, &r.s))?;
             let target = ((v * eps)? + (f_target * (1.0 - eps))?)?;
             let f = cx.model.average_velocity(&r.x, &r.t, &r.s)?;
             assemble_loss(&self.cfg, eps, &f, &target, &r.t, &r.s)

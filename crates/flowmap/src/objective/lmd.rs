@@ -2,6 +2,7 @@ use candle_core::Tensor;
 
 use super::{assemble_loss, pair_loss, DiagonalTarget, DistillConfig, Objective, Rows, StepContext};
 use crate::jvp::TangentMap;
+use crate::kernels::no_grad;
 use crate::teacher::VelocityField;
 use crate::Result;
 
@@ -53,9 +54,9 @@ pub(crate) fn lagrangian_step_loss(
     r: &Rows,
 ) -> Result<Tensor> {
     let s_mid = (&r.s + ((&r.t - &r.s)? * eps)?)?; // s' = s + ε(t − s)
-    let f_mid = target.average_velocity(&r.x, &r.t, &s_mid)?.detach();
+    let f_mid = no_grad(|| target.average_velocity(&r.x, &r.t, &s_mid))?;
     let y_mid = (&r.x + f_mid.broadcast_mul(&(&s_mid - &r.t)?)?)?; // y' = f⁻(x_t, t, s')
-    let v = v.velocity(&y_mid, &s_mid)?.detach();
+    let v = no_grad(|| v.velocity(&y_mid, &s_mid))?;
     let target = ((v * eps)? + (f_mid * (1.0 - eps))?)?;
     let f = model.average_velocity(&r.x, &r.t, &r.s)?;
     assemble_loss(cfg, eps, &f, &target, &r.t, &r.s)

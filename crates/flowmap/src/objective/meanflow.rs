@@ -2,6 +2,7 @@ use candle_core::Tensor;
 
 use super::{draw_pairs, ones, row_mse, tangent, DistillConfig, MeanFlowTangent, Objective, StepContext, Weighting};
 use crate::jvp::TangentMap;
+use crate::kernels::no_grad;
 use crate::Result;
 
 /// MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"), trained from data with no
@@ -41,7 +42,7 @@ impl Objective for MeanFlow {
         let vc = (cx.x1 - cx.x0)?;
         let along = match self.cfg.continuous.meanflow_tangent {
             MeanFlowTangent::Conditional => vc.clone(),
-            MeanFlowTangent::Model => cx.target.average_velocity(&x, &t, &t)?.detach(),
+            MeanFlowTangent::Model => no_grad(|| cx.target.average_velocity(&x, &t, &t))?,
         };
         let (_, df_dt) = tangent(
             cx.target,

@@ -22,6 +22,7 @@ mod meanflow;
 mod progressive;
 mod self_distill;
 
+use crate::kernels::no_grad;
 use candle_core::Tensor;
 
 pub use config::{
@@ -174,7 +175,7 @@ pub(crate) fn diagonal_loss(
     x: &Tensor,
     t: &Tensor,
 ) -> Result<Tensor> {
-    let v = teacher.velocity(x, t)?.detach();
+    let v = no_grad(|| teacher.velocity(x, t))?;
     let f = model.average_velocity(x, t, t)?;
     Ok(row_mse(&f, &v)?.mean_all()?)
 }

@@ -1,5 +1,6 @@
 use std::cell::Cell;
 
+use crate::kernels::no_grad;
 use candle_core::Tensor;
 use candle_nn::{VarBuilder, VarMap};
 
@@ -108,9 +109,11 @@ impl<'a> Objective for Progressive<'a> {
 /// `½(F(x_t, t, m) + F(x_m, m, s))` with `m = (t + s)/2` and `x_m = x_t + (m − t)·F(x_t, t, m)`: the average
 /// velocity of two half steps of the map `F`, detached.
 pub(crate) fn two_half_steps(f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>, r: &Rows) -> Result<Tensor> {
-    let m = ((&r.t + &r.s)? * 0.5)?;
-    let f1 = f(&r.x, &r.t, &m)?;
-    let xm = (&r.x + f1.broadcast_mul(&(&m - &r.t)?)?)?;
-    let f2 = f(&xm, &m, &r.s)?;
-    Ok(((f1 + f2)? * 0.5)?.detach())
+    no_grad(|| {
+        let m = ((&r.t + &r.s)? * 0.5)?;
+        let f1 = f(&r.x, &r.t, &m)?;
+        let xm = (&r.x + f1.broadcast_mul(&(&m - &r.t)?)?)?;
+        let f2 = f(&xm, &m, &r.s)?;
+        Ok(((f1 + f2)? * 0.5)?)
+    })
 }
