@@ -228,6 +228,9 @@ struct MapFlags {
     /// Fraction of each batch on the diagonal s = t.
     #[arg(long)]
     diagonal_fraction: Option<f64>,
+    /// Fraction of the off-diagonal pairs on the jumps of 1-, 2-, 4- and 8-step uniform grids.
+    #[arg(long)]
+    grid_fraction: Option<f64>,
     /// Weighting: constant, normalized or adaptive.
     #[arg(long)]
     weighting: Option<String>,
@@ -265,6 +268,9 @@ impl MapFlags {
         }
         if let Some(f) = self.diagonal_fraction {
             dcfg.times.diagonal_fraction = f;
+        }
+        if let Some(f) = self.grid_fraction {
+            dcfg.times.grid_fraction = f;
         }
         if let Some(w) = &self.weighting {
             dcfg.weighting = match w.as_str() {
