@@ -158,7 +158,16 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
     )?;
     let mut map_samples = vec![];
     for (name, net) in &maps {
-        let (r, s) = pipeline::eval_map(name, net, &nfes, &reference, true, &settings, device)?;
+        let (r, s) = pipeline::eval_map(
+            name,
+            net,
+            &nfes,
+            crate::sample::Sampler::Deterministic,
+            &reference,
+            true,
+            &settings,
+            device,
+        )?;
         rows.extend(r);
         map_samples.push(s);
     }

@@ -17,7 +17,7 @@ use crate::metrics::{self, Distances, MapError};
 use crate::nn::MlpConfig;
 use crate::objective::{DistillConfig, FlowMatching, Method, TargetNet};
 use crate::ode::{Scheme, Solver};
-use crate::sample::{self, TimeGrid};
+use crate::sample::{self, Sampler, TimeGrid};
 use crate::teacher::{GmmVelocity, VelocityField, VelocityNet};
 use crate::train::{fit, TrainConfig, TrainLog, Trainable};
 use crate::{Error, Result};
@@ -386,11 +386,13 @@ fn tensor_to_vec(x: &Tensor) -> Result<Vec<f64>> {
     Ok(x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
 }
 
-/// Samples of a flow map at each NFE (uniform grids), scored against `reference`.
+/// Samples of a flow map at each NFE (uniform grids, walked by `sampler`), scored against `reference`.
+#[allow(clippy::too_many_arguments)]
 pub fn eval_map(
     name: &str,
     map: &dyn FlowMap,
     nfes: &[usize],
+    sampler: Sampler,
     reference: &[f64],
     checkerboard: bool,
     s: &EvalSettings,
@@ -402,12 +404,16 @@ pub fn eval_map(
     let mut samples = vec![];
     for &k in nfes {
         let start = Instant::now();
-        let out = sample::sample_map(map, &z, &TimeGrid::uniform(k)?)?;
+        let out = sample::sample_with(map, &z, &TimeGrid::uniform(k)?, sampler, s.seed)?;
         let seconds = start.elapsed().as_secs_f64();
         let x = tensor_to_vec(&out.x)?;
         rows.push(EvalRow {
             model: name.into(),
-            sampler: format!("{k}-step map"),
+            sampler: match sampler {
+                Sampler::Deterministic => format!("{k}-step map"),
+                Sampler::Consistency => format!("{k}-step consistency"),
+                Sampler::Gamma { gamma } => format!("{k}-step γ={gamma}"),
+            },
             nfe: out.nfe,
             distances: metrics::distances(&x, reference, d, checkerboard, s.max_points),
             seconds,

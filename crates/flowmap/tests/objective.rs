@@ -186,14 +186,21 @@ fn continuous_time_objectives_vanish_at_the_exact_map() {
 #[test]
 fn consistency_and_trajectory_objectives_vanish_at_their_order() {
     let g = mixture();
-    // CM: one Heun step per interval, local error O(Δ³), normalised loss O(Δ⁴).
-    let cm = |n: usize| {
+    // CM: one Heun step per interval, local error O(Δ³), normalised loss O(Δ⁴), on the uniform grid and on
+    // the default grid t_k = (k/N)⁴ alike (its intervals are ρ(k/N)^{ρ−1}/N).
+    let cm = |n: usize, rho: f64| {
         let mut c = cfg(0.1, 0.0);
         c.continuous.cm_intervals = n;
+        c.continuous.cm_time_power = rho;
         check(Method::Cm, &g, c, 1e-3).0
     };
-    let (a, b) = (cm(16), cm(32));
+    let (a, b) = (cm(16, 1.0), cm(32, 1.0));
     assert!(a / b > 8.0, "CM loss {a:e} at N = 16, {b:e} at N = 32: order too low");
+    let (a, b) = (cm(32, 4.0), cm(64, 4.0));
+    assert!(
+        a / b > 8.0,
+        "CM loss (ρ = 4) {a:e} at N = 32, {b:e} at N = 64: order too low"
+    );
     // CTM: the teacher's Heun solve has global error O(h²).
     let ctm = |k: usize| {
         let mut c = cfg(0.1, 0.0);

@@ -194,6 +194,11 @@ pub struct TimeSampling {
     pub grid_steps: usize,
 }
 
+/// The grid of configurations saved before the field existed: uniform.
+fn uniform_cm_grid() -> f64 {
+    1.0
+}
+
 fn default_grid_steps() -> usize {
     8
 }
@@ -298,6 +303,15 @@ pub struct ContinuousConfig {
     pub jvp: JvpMode,
     /// Number of intervals of the consistency-distillation time grid.
     pub cm_intervals: usize,
+    /// The grid's spacing: `t_k = (k/N)^ρ`. `ρ = 1` is uniform; larger `ρ` puts more of the grid near
+    /// the data, where the flow turns fastest (the role of ρ in Karras et al.'s σ schedule). On
+    /// checkerboard (4,300 steps at batch 512, 200,000-point energy distance, `flowmap distill --method cm
+    /// --cm-time-power ρ` then `flowmap eval`), the uniform grid's consistency model gets worse with every
+    /// sampling step (1, 2, 4, 8 NFE: 0.0083, 0.017, 0.027, 0.043; its error against Φ_{t→0} is 12-16%
+    /// relative at t ≤ 0.125, where four Heun steps of 1/64 cover the fastest part of the flow); ρ = 2 gives
+    /// 0.00046 to 0.00072, and ρ = 3, 4, 5, 7 all give 0.00029 ± 0.00002 at 1 NFE and 0.00022 at 8.
+    #[serde(default = "uniform_cm_grid")]
+    pub cm_time_power: f64,
     /// Heun steps per unit time of the teacher solve in CTM.
     pub ctm_steps_per_unit: usize,
     /// Steps per stage of progressive flow-map matching (the frozen map is refreshed after each).
@@ -313,6 +327,7 @@ impl Default for ContinuousConfig {
             tangent_c: 0.1,
             jvp: JvpMode::Exact,
             cm_intervals: 64,
+            cm_time_power: 4.0,
             ctm_steps_per_unit: 8,
             progressive_stage_steps: 500,
             meanflow_tangent: MeanFlowTangent::Conditional,
@@ -396,6 +411,12 @@ impl DistillConfig {
             return Err(Error::Config(
                 "continuous settings need warmup ≥ 0, tangent_c > 0 and positive step counts".into(),
             ));
+        }
+        if !(c.cm_time_power >= 1.0 && c.cm_time_power.is_finite()) {
+            return Err(Error::Config(format!(
+                "cm_time_power must be at least 1, got {}",
+                c.cm_time_power
+            )));
         }
         if let JvpMode::FiniteDifference { h } = c.jvp {
             if !(h > 0.0) {

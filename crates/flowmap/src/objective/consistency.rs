@@ -11,11 +11,13 @@ use crate::Result;
 /// Consistency distillation (Song et al. 2023, "Consistency Models"): the flow map restricted to the
 /// boundary `s = 0`, `f(x, t, 0)`, anchored by `f(x, 0, 0) = x`.
 ///
-/// On the grid `t_k = k/N`, `k ~ U{1, …, N}`: `x_{t_{k−1}}` is one teacher Heun step from `x_{t_k}`, and
+/// On the grid `t_k = (k/N)^ρ`, `k ~ U{1, …, N}`: `x_{t_{k−1}}` is one teacher Heun step from `x_{t_k}`, and
 ///
-/// `L(θ) = E ‖f_θ(x_{t_k}, t_k, 0) − sg f_θ⁻(x_{t_{k−1}}, t_{k−1}, 0)‖² / Δt²`, `Δt = 1/N`.
+/// `L(θ) = E ‖f_θ(x_{t_k}, t_k, 0) − sg f_θ⁻(x_{t_{k−1}}, t_{k−1}, 0)‖² / (t_k − t_{k−1})²`.
 ///
-/// It is the Eulerian objective at `s = 0` with the step `ε = Δt / t_k`. `N` follows the curriculum of
+/// It is the Eulerian objective at `s = 0` with the step `ε = (t_k − t_{k−1}) / t_k`. `ρ > 1`
+/// (`cm_time_power`) refines the grid near the data, where the flow turns fastest and a uniform grid's
+/// teacher steps are least accurate, as the ρ of Karras et al. 2022's σ schedule does. `N` follows the curriculum of
 /// Song & Dhariwal 2023 ("Improved Techniques for Training Consistency Models"): coarse grids first, whose
 /// long steps propagate the boundary condition quickly, then finer ones, whose short steps are accurate;
 /// here `N` grows geometrically from 4 to `cm_intervals` over training. The trained map is valid only
@@ -35,15 +37,24 @@ impl<'a> Objective for ConsistencyDistillation<'a> {
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let b = cx.x0.dim(0)?;
         let n = intervals(self.cfg.continuous.cm_intervals, cx.progress);
+        let rho = self.cfg.continuous.cm_time_power;
         let k: Vec<f64> = (0..b).map(|_| (1 + cx.rng.below(n)) as f64).collect();
-        let t = column(&k.iter().map(|k| k / n as f64).collect::<Vec<_>>(), cx.x0)?;
-        let t_prev = column(&k.iter().map(|k| (k - 1.0) / n as f64).collect::<Vec<_>>(), cx.x0)?;
+        let time = |k: f64| (k / n as f64).powf(rho);
+        let t_host: Vec<f64> = k.iter().map(|&k| time(k)).collect();
+        let t_prev_host: Vec<f64> = k.iter().map(|&k| time(k - 1.0)).collect();
+        let inv_dt2: Vec<f64> = t_host
+            .iter()
+            .zip(&t_prev_host)
+            .map(|(t, p)| 1.0 / (t - p).powi(2))
+            .collect();
+        let (t, t_prev) = (column(&t_host, cx.x0)?, column(&t_prev_host, cx.x0)?);
         let zero = t.zeros_like()?;
         let xt = LinearPath.interpolate(cx.x0, cx.x1, &t)?;
         let x_prev = no_grad(|| ode::step(self.teacher, Scheme::Heun, &xt, &t, &t_prev))?;
         let target = no_grad(|| cx.target.map(&x_prev, &t_prev, &zero))?;
         let f = cx.model.map(&xt, &t, &zero)?;
-        Ok(((f - target)?.sqr()?.mean_keepdim(1)?.mean_all()? * (n * n) as f64)?)
+        let r = (f - target)?.sqr()?.mean_keepdim(1)?;
+        Ok((r * column(&inv_dt2, cx.x0)?)?.mean_all()?)
     }
 }
 
