@@ -405,6 +405,10 @@ struct EvalArgs {
     /// Samples per row.
     #[arg(long, default_value_t = 10_000)]
     n: usize,
+    /// How a flow map walks its grid: deterministic, consistency or gamma:G (default: consistency for a
+    /// consistency model, deterministic otherwise).
+    #[arg(long)]
+    sampler: Option<String>,
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
@@ -741,15 +745,7 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
                 Some(g) => g.parse::<TimeGrid>()?,
                 None => TimeGrid::uniform(a.nfe)?,
             };
-            let boundary = boundary_only(ck);
-            let sampler = match (&a.sampler, boundary) {
-                (Some(name), _) => Sampler::parse(name)?,
-                (None, true) => Sampler::Consistency,
-                (None, false) => Sampler::Deterministic,
-            };
-            if boundary && !sampler.boundary_only() && grid.steps() > 1 {
-                bail!("a consistency model maps only to s = 0: sample it with --sampler consistency (or gamma:1), or with --nfe 1");
-            }
+            let sampler = map_sampler(a.sampler.as_deref(), ck, grid.steps() > 1)?;
             let z = sample::noise(a.n, net.config().dim, a.seed, device)?;
             let out = sample::sample_with(net, &z, &grid, sampler, a.seed)?;
             (out.x, out.nfe, format!("flow map on grid {grid}, {sampler:?} sampler"))
@@ -770,6 +766,22 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
 }
 
 /// Whether the checkpoint holds a map trained only for `s = 0` (a consistency model).
+/// The sampler named on the command line, or the map's own: a consistency model is defined at `s = 0` only,
+/// so its multi-step samples re-noise between jumps (and a sampler that would evaluate it at `s > 0` is an
+/// error); every other map walks its grid deterministically.
+fn map_sampler(name: Option<&str>, ck: &Checkpoint, multi_step: bool) -> Result<Sampler> {
+    let boundary = boundary_only(ck);
+    let sampler = match (name, boundary) {
+        (Some(name), _) => Sampler::parse(name)?,
+        (None, true) => Sampler::Consistency,
+        (None, false) => Sampler::Deterministic,
+    };
+    if boundary && !sampler.boundary_only() && multi_step {
+        bail!("a consistency model maps only to s = 0: sample it with --sampler consistency (or gamma:1), or with --nfe 1");
+    }
+    Ok(sampler)
+}
+
 fn boundary_only(ck: &Checkpoint) -> bool {
     ck.meta
         .training
@@ -899,13 +911,11 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
     let checker = matches!(data, DataSource::Toy(Toy::Checkerboard));
     let (rows, samples) = match &model {
         Model::Map(net, ck) => {
-            // A consistency model is defined at s = 0 only: its k-step samples re-noise between jumps.
-            let sampler = if boundary_only(ck) {
-                Sampler::Consistency
-            } else {
-                Sampler::Deterministic
-            };
+            let sampler = map_sampler(a.sampler.as_deref(), ck, nfes.iter().any(|&k| k > 1))?;
             pipeline::eval_map("flow map", net, &nfes, sampler, &reference, checker, &settings, device)?
+        }
+        Model::Teacher(_) if a.sampler.is_some() => {
+            bail!("--sampler applies to flow maps; a teacher is scored with Euler and dopri5")
         }
         Model::Teacher(t) => {
             // Euler at each NFE, then the adaptive solver: the teacher's own best.

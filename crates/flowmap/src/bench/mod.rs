@@ -364,20 +364,35 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
     Ok(rows)
 }
 
-fn compare_markdown(rows: &[CompareRow], budget: f64, seed: u64, n_eval: usize) -> String {
+/// The teacher's dopri5 energy distance in `setting`, the reference of the comparison's ratios.
+fn dopri5_energy(rows: &[CompareRow], setting: &str) -> Option<f64> {
+    rows.iter()
+        .find(|r| r.setting == setting && r.method == "teacher" && r.sampler.starts_with("dopri5"))
+        .map(|r| r.energy)
+}
+
+/// The comparison as Markdown: one table per setting, each energy distance also as a multiple of the
+/// teacher's dopri5, then the acceptance checks evaluated on these rows.
+pub fn compare_markdown(rows: &[CompareRow], budget: f64, seed: u64, n_eval: usize) -> String {
     let mut md = format!(
-        "# Every flow-map method at an equal budget\n\nProduced by `flowmap bench compare --budget-seconds {budget}` (seed {seed}). Each teacher-based method distils for {budget} s of wall clock; the teacher-free methods (meanflow, self-lmd, shortcut) get the teacher's training time on top. Energy distance and sliced W2 against {n_eval} held-out points (the `held-out` row scores a second, independent draw of the data: the metrics' floor at this size); on the analytic mixture, the relative flow-map error `E‖f − Φ‖²/E‖Φ − x‖²` with `(t, s)` uniform; the semigroup error over a 5-point grid. `cm` is sampled with the multistep consistency sampler.\n"
+        "# Every flow-map method at an equal budget\n\nProduced by `flowmap bench compare --budget-seconds {budget}` (seed {seed}). Each teacher-based method distils for {budget} s of wall clock; the teacher-free methods (meanflow, self-lmd, shortcut) get the teacher's training time on top. Energy distance and sliced W2 against {n_eval} held-out points (the `held-out` row scores a second, independent draw of the data: the metrics' floor at this size), and the energy distance as a multiple of the teacher's dopri5; on the analytic mixture, the relative flow-map error `E‖f − Φ‖²/E‖Φ − x‖²` with `(t, s)` uniform; the semigroup error over a 5-point grid. `cm` is sampled with the multistep consistency sampler.\n"
     );
     for setting in ["checkerboard", "gmm"] {
-        md += &format!("\n## {setting}\n\n| method | sampler | NFE | energy distance | sliced W2 | map error | semigroup | train s | steps |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        let reference = dopri5_energy(rows, setting);
+        md += &format!("\n## {setting}\n\n| method | sampler | NFE | energy distance | × dopri5 | sliced W2 | map error | semigroup | train s | steps |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in rows.iter().filter(|r| r.setting == setting) {
             let opt = |v: Option<f64>| v.map(|v| format!("{v:.2e}")).unwrap_or_else(|| "–".into());
+            let ratio = match reference {
+                Some(d) if d > 0.0 && r.method != "held-out" => format!("{:.2}", r.energy / d),
+                _ => "–".into(),
+            };
             md += &format!(
-                "| {} | {} | {} | {:.5} | {:.4} | {} | {} | {:.1} | {} |\n",
+                "| {} | {} | {} | {:.6} | {} | {:.4} | {} | {} | {:.1} | {} |\n",
                 r.method,
                 r.sampler,
                 r.nfe,
                 r.energy,
+                ratio,
                 r.sliced_w2,
                 opt(r.map_error),
                 opt(r.semigroup),
@@ -387,6 +402,70 @@ fn compare_markdown(rows: &[CompareRow], budget: f64, seed: u64, n_eval: usize) 
         }
     }
     md += "\n![quality versus NFE](compare_quality_vs_nfe.png)\n";
+    md += &compare_checks(rows);
+    md
+}
+
+/// The acceptance checks of the comparison, on checkerboard unless stated.
+fn compare_checks(rows: &[CompareRow]) -> String {
+    let board = |m: &str, nfe: usize| {
+        rows.iter()
+            .find(|r| r.setting == "checkerboard" && r.method == m && r.nfe == nfe)
+            .map(|r| r.energy)
+    };
+    let methods: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.setting == "checkerboard" && r.method != "teacher" && r.method != "held-out")
+        .map(|r| r.method.as_str())
+        .fold(vec![], |mut v, m| {
+            if !v.contains(&m) {
+                v.push(m);
+            }
+            v
+        });
+    let euler = |nfe: usize| {
+        rows.iter()
+            .find(|r| r.setting == "checkerboard" && r.method == "teacher" && r.sampler == format!("euler×{nfe}"))
+            .map(|r| r.energy)
+    };
+    let beats_euler = methods.iter().all(|m| {
+        [1, 2]
+            .iter()
+            .all(|&k| matches!((board(m, k), euler(k)), (Some(a), Some(b)) if a < b))
+    });
+    let dopri = dopri5_energy(rows, "checkerboard").unwrap_or(f64::NAN);
+    let (best, best_ed) = methods
+        .iter()
+        .filter_map(|m| board(m, 2).map(|e| (*m, e)))
+        .fold(("–", f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a });
+    let map_error = |m: &str| {
+        rows.iter()
+            .find(|r| r.setting == "gmm" && r.method == m)
+            .and_then(|r| r.map_error)
+    };
+    let meanflow = board("meanflow", 2).unwrap_or(f64::NAN);
+    let mark = |ok: bool| if ok { "pass" } else { "fail" };
+    let mut md = String::from("\n## Checks\n\n| check | measured | result |\n|---|---|---|\n");
+    md += &format!(
+        "| every method beats the teacher's Euler sampler at 1 and 2 NFE | – | {} |\n",
+        mark(beats_euler)
+    );
+    md += &format!(
+        "| best 2-NFE energy distance within 1.2× the teacher's dopri5 | {best} {best_ed:.6} = {:.2}× | {} |\n",
+        best_ed / dopri,
+        mark(best_ed <= 1.2 * dopri)
+    );
+    if let (Some(cont), Some(disc)) = (map_error("emd-cont"), map_error("emd")) {
+        md += &format!(
+            "| mixture: continuous EMD at least as accurate as discrete EMD (map error) | {cont:.2e} vs {disc:.2e} | {} |\n",
+            mark(cont <= disc)
+        );
+    }
+    md += &format!(
+        "| MeanFlow (no teacher) 2-NFE energy distance within 2× the teacher's dopri5 | {meanflow:.6} = {:.2}× | {} |\n",
+        meanflow / dopri,
+        mark(meanflow <= 2.0 * dopri)
+    );
     md
 }
 
