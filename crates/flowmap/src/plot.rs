@@ -106,11 +106,29 @@ pub struct Series {
 
 /// Curves on log–log axes (e.g. energy distance against NFE).
 pub fn loglog_lines(path: &Path, title: &str, xlabel: &str, ylabel: &str, series: &[Series]) -> Result<()> {
+    loglog_lines_with_levels(path, title, xlabel, ylabel, series, &[])
+}
+
+/// [`loglog_lines`] with named reference levels drawn as dashed horizontal lines across the plot (black,
+/// then grey), e.g. the teacher's best sampler and the metric's floor. Levels at or below zero are left out.
+pub fn loglog_lines_with_levels(
+    path: &Path,
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[Series],
+    levels: &[(String, f64)],
+) -> Result<()> {
+    let levels: Vec<&(String, f64)> = levels.iter().filter(|l| l.1 > 0.0 && l.1.is_finite()).collect();
     let all: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter().copied())
         .filter(|p| p.0 > 0.0 && p.1 > 0.0)
         .collect();
+    let all: Vec<(f64, f64)> = match all.first() {
+        Some(&(x, _)) => all.iter().copied().chain(levels.iter().map(|l| (x, l.1))).collect(),
+        None => all,
+    };
     if all.is_empty() {
         return Err(perr(path, "nothing to plot"));
     }
@@ -131,7 +149,7 @@ pub fn loglog_lines(path: &Path, title: &str, xlabel: &str, ylabel: &str, series
         RGBColor(127, 127, 127),
         RGBColor(188, 189, 34),
         RGBColor(23, 190, 207),
-        RGBColor(0, 0, 0),
+        RGBColor(20, 40, 110),
         RGBColor(174, 199, 232),
     ];
     render(path, (820, 560), |root| {
@@ -162,6 +180,19 @@ pub fn loglog_lines(path: &Path, title: &str, xlabel: &str, ylabel: &str, series
             chart
                 .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
                 .map_err(|e| perr(path, e))?;
+        }
+        for (i, (name, v)) in levels.iter().map(|l| (&l.0, l.1)).enumerate() {
+            let c = if i == 0 { BLACK } else { RGBColor(150, 150, 150) };
+            chart
+                .draw_series(DashedLineSeries::new(
+                    vec![(x0 / 1.3, v), (x1 * 1.3, v)],
+                    8,
+                    5,
+                    c.stroke_width(2),
+                ))
+                .map_err(|e| perr(path, e))?
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
         }
         chart
             .configure_series_labels()

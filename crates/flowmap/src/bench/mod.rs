@@ -183,7 +183,6 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
         max_seconds: Some(secs),
         ..TrainConfig::default()
     };
-    let mut curves: Vec<plot::Series> = vec![];
 
     for setting in ["checkerboard", "gmm"] {
         let (data, teacher, teacher_seconds, arch) = if setting == "checkerboard" {
@@ -246,16 +245,6 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
                 semigroup: None,
                 train_seconds: teacher_seconds,
                 train_steps: 0,
-            });
-        }
-        if checker {
-            curves.push(plot::Series {
-                name: "teacher, Euler".into(),
-                points: trows
-                    .iter()
-                    .filter(|r| r.sampler.starts_with("euler"))
-                    .map(|r| (r.nfe as f64, r.distances.energy))
-                    .collect(),
             });
         }
         for method in Method::ALL {
@@ -337,22 +326,9 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
                     train_steps: trained.log.steps,
                 });
             }
-            // A diverged run (energy distance beyond any sensible scale) is reported in the table, not drawn.
-            if checker && pts.iter().all(|p| p.1.is_finite() && p.1 < 10.0) {
-                curves.push(plot::Series {
-                    name: method.name().into(),
-                    points: pts,
-                });
-            }
         }
     }
-    plot::loglog_lines(
-        &out.file("compare_quality_vs_nfe.png"),
-        "checkerboard: energy distance vs NFE, equal budget",
-        "NFE",
-        "energy distance",
-        &curves,
-    )?;
+    compare_figure(&rows, &out.file("compare_quality_vs_nfe.png"))?;
     crate::io::write_text(
         &out.file("compare.json"),
         &serde_json::to_string_pretty(&rows).expect("rows serialise"),
@@ -362,6 +338,52 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
         &compare_markdown(&rows, budget_seconds, seed, n_eval),
     )?;
     Ok(rows)
+}
+
+/// Checkerboard's energy distance against NFE for the teacher's Euler sampler and every method, with the
+/// teacher's dopri5 and the metric's floor (a second draw of the data) as dashed levels. A diverged run
+/// (energy distance beyond any sensible scale) is reported in the table, not drawn.
+pub fn compare_figure(rows: &[CompareRow], path: &Path) -> Result<()> {
+    let board: Vec<&CompareRow> = rows.iter().filter(|r| r.setting == "checkerboard").collect();
+    let mut curves = vec![];
+    let mut methods: Vec<&str> = vec![];
+    for r in &board {
+        if !methods.contains(&r.method.as_str()) {
+            methods.push(&r.method);
+        }
+    }
+    for m in methods {
+        let label = if m == "teacher" { "teacher, Euler" } else { m };
+        let pts: Vec<(f64, f64)> = board
+            .iter()
+            .filter(|r| r.method == m && (m != "teacher" || r.sampler.starts_with("euler")))
+            .map(|r| (r.nfe as f64, r.energy))
+            .collect();
+        if m != "held-out" && !pts.is_empty() && pts.iter().all(|p| p.1.is_finite() && p.1 > 0.0 && p.1 < 10.0) {
+            curves.push(plot::Series {
+                name: label.into(),
+                points: pts,
+            });
+        }
+    }
+    let mut levels = vec![];
+    if let Some(r) = board
+        .iter()
+        .find(|r| r.method == "teacher" && r.sampler.starts_with("dopri5"))
+    {
+        levels.push((format!("teacher dopri5 ({} NFE)", r.nfe), r.energy));
+    }
+    if let Some(r) = board.iter().find(|r| r.method == "held-out") {
+        levels.push(("held-out data (floor)".to_string(), r.energy));
+    }
+    plot::loglog_lines_with_levels(
+        path,
+        "checkerboard: energy distance vs NFE, equal budget",
+        "NFE",
+        "energy distance",
+        &curves,
+        &levels,
+    )
 }
 
 /// The teacher's dopri5 energy distance in `setting`, the reference of the comparison's ratios.
