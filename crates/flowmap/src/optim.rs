@@ -89,11 +89,8 @@ impl AdamW {
                     scale_m: (1.0 / (1.0 - p.beta1.powi(*step as i32))) as f32,
                     scale_v: (1.0 / (1.0 - p.beta2.powi(*step as i32))) as f32,
                 };
-                // Parameters update independently, so they are spread over the threads (the two hidden
-                // layers' weights hold most of them); each update is elementwise, so the numbers do not
-                // depend on which thread ran it.
-                let update = |(var, (m, v)): (&Var, &mut (Vec<f32>, Vec<f32>))| -> Result<()> {
-                    let Some(g) = grads.get(var) else { return Ok(()) };
+                for (var, (m, v)) in vars.iter().zip(moments.iter_mut()) {
+                    let Some(g) = grads.get(var) else { continue };
                     let g = g.contiguous()?;
                     let g = kernels::read(&g).ok_or_else(|| Error::arg("AdamW: gradient is not f32 on the CPU"))?;
                     var.as_tensor().inplace_op1(&AdamStep {
@@ -101,9 +98,8 @@ impl AdamW {
                         moments: Mutex::new((m, v)),
                         a,
                     })?;
-                    Ok(())
-                };
-                kernels::for_each_param(vars.iter().zip(moments.iter_mut()).collect(), true, update)
+                }
+                Ok(())
             }
         }
     }
@@ -167,20 +163,17 @@ impl Ema {
     /// `ema ← d·ema + (1 − d)·live` with `d = decay_at(step)`.
     pub fn update(&self, step: usize) -> Result<()> {
         let d = self.decay_at(step);
-        let fused = |ema: &Var, live: &Var| {
-            kernels::applies(ema.device(), ema.dtype()) && ema.is_contiguous() && live.is_contiguous()
-        };
-        let all_fused = self.pairs.iter().all(|(e, l)| fused(e, l));
-        kernels::for_each_param(self.pairs.iter().collect(), all_fused, |(ema, live)| {
-            if fused(ema, live) {
+        for (ema, live) in &self.pairs {
+            let fused = kernels::applies(ema.device(), ema.dtype()) && ema.is_contiguous() && live.is_contiguous();
+            if fused {
                 ema.as_tensor()
                     .inplace_op2(live.as_tensor(), &EmaStep { d: d as f32 })?;
             } else {
                 let next = ((ema.as_tensor() * d)? + (live.as_tensor() * (1.0 - d))?)?;
                 ema.set(&next)?;
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 }
 

@@ -149,21 +149,6 @@ pub(crate) fn map_blocks<T: Send, R: Send>(blocks: Vec<T>, f: impl Fn(T) -> R + 
     }
 }
 
-/// Runs the fast path's update `f` on every parameter, across threads when there are several: updates of
-/// different parameters touch disjoint memory and each is elementwise, so the order does not matter
-/// (`parallel` false, for tensors off the fast path, runs them in turn). The first error is returned.
-pub(crate) fn for_each_param<T: Send>(
-    items: Vec<T>,
-    parallel: bool,
-    f: impl Fn(T) -> Result<()> + Sync + Send,
-) -> Result<()> {
-    use rayon::prelude::*;
-    if !parallel || threads() <= 1 || items.len() <= 1 {
-        return items.into_iter().try_for_each(f);
-    }
-    items.into_par_iter().with_max_len(1).try_for_each(f)
-}
-
 /// `dst += lhs·rhs` (`read_dst`) or `dst = lhs·rhs` on the calling thread, row-major `dst` (`m × n`, row
 /// stride `n`); `lhs` is `m × k` and `rhs` `k × n`, each given by a pointer and its (row, column) strides.
 /// Callers parallelise over blocks of rows themselves, so that each block's elementwise work runs right
