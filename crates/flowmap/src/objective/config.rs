@@ -186,7 +186,10 @@ pub struct TimeSampling {
     /// Fraction of the off-diagonal rows on the jumps of uniform few-step grids: `K` uniform on
     /// `{1, 2, 4, …, grid_steps}`, `k` uniform on `{1, …, K}`, `(t, s) = (k/K, (k − 1)/K)`. These are the
     /// dyadic step sizes of shortcut models (Frans et al. 2025), and exactly the pairs a `K`-step sampler
-    /// evaluates; the other rows keep `distribution`, so the map stays trained everywhere.
+    /// evaluates; the other rows keep `distribution`, so the map stays trained everywhere. Off by default:
+    /// on checkerboard it did not help the 2-NFE energy distance (LMD, 5,000 steps, 20,000 points: 0.00044
+    /// at 0 and at 0.25, 0.00100 at 0.5; MeanFlow, 16,000 steps, 200,000 points: 0.00056 at 0, 0.00057 at
+    /// 0.25).
     #[serde(default)]
     pub grid_fraction: f64,
     /// The finest grid of the grid rows (a power of two).
