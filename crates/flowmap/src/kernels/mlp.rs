@@ -1,4 +1,5 @@
-//! A whole MLP (`h ← act(h·Wᵀ + b)` layer after layer) as one graph node for training on the CPU.
+//! A whole MLP (`h ← act(h·Wᵀ + b)` layer after layer) as one graph node for training on the CPU, and as
+//! one pass without a node for inference.
 //!
 //! Layer by layer, candle's autograd gives every hidden activation's gradient a zero-filled buffer and an
 //! addition pass (`or_insert` then `add`), every layer its own parallel region, and every intermediate a
@@ -15,6 +16,10 @@
 //! The parameters enter as one flat tensor, `cat([W₀, b₀, W₁, b₁, …])` of the layers' own variables, so
 //! gradients reach each variable through `cat`'s backward pass. Per-block partial sums of `dW` and `db`
 //! are added in block order, and blocks depend on the batch alone: the same numbers on any thread count.
+//!
+//! Under [`no_grad`](super::no_grad) (inference, stop-gradient targets) there is no graph node: the same
+//! blocks go through the same per-block steps in two scratch buffers, reading the parameters in place, and
+//! only the output is kept.
 
 use std::mem::MaybeUninit;
 use std::sync::Mutex;

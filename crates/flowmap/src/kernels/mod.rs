@@ -8,7 +8,8 @@
 //!   and applies the activation, keeping the pre-activation for the backward pass, which computes
 //!   `dz = g ⊙ act'(z)` and `db = Σ_rows dz` in one pass, then `dx = dz·W` and `dW = dzᵀ·x` by GEMM;
 //! - [`mlp`]: a whole MLP as one graph node when training, each block of rows going through every layer,
-//!   forward then backward, on one core (hidden gradients never become candle tensors);
+//!   forward then backward, on one core (hidden gradients never become candle tensors), and under
+//!   [`no_grad`] the same blocks without a node or kept activations;
 //! - [`AdamW`](crate::optim::AdamW) and the weight EMA as one in-place pass per parameter
 //!   ([`crate::optim`]).
 //!
