@@ -166,10 +166,10 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
     let out = OutDir::create(out)?;
     let mut rows: Vec<CompareRow> = vec![];
     let nfes = [1usize, 2, 4, 8];
-    // The energy distance between two samples of one law has a spread of about 1/n: at 20,000 points
-    // (the previous setting) ±5e-5, as large as the teacher's dopri5 error on checkerboard, so that ratios
-    // to it were noise. Sorted projections (`metrics::energy_distance_sorted`) make 200,000 points cheap
-    // (~1 s per distance): ±5e-6, measured by the `held-out` row (two independent draws of the data).
+    // The energy distance between two samples of one law spreads as 1/n: over independent checkerboard
+    // draws its standard deviation is 8e-5 at 20,000 points (the previous setting; as large as the teacher's
+    // dopri5 distance, so ratios to it were noise) and 5e-6 at 200,000, which sorted projections
+    // (`metrics::energy_distance_sorted`, ~1 s per distance) make affordable. The `held-out` row shows it.
     let n_eval = 200_000;
     let settings = EvalSettings {
         n: n_eval,
