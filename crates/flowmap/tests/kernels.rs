@@ -15,6 +15,18 @@ use flowmap::Rng;
 /// Tests that switch the fast path off hold this lock, so they never overlap.
 static SWITCH: Mutex<()> = Mutex::new(());
 
+/// A 2-D flow-map network of the given width, its parameters seeded.
+fn flow_map_net(hidden: usize, seed: u64) -> (VarMap, FlowMapNet) {
+    let vm = VarMap::new();
+    let cfg = MlpConfig {
+        hidden,
+        ..MlpConfig::new(2)
+    };
+    let net = FlowMapNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    seed_params(&vm, seed).unwrap();
+    (vm, net)
+}
+
 fn randn(shape: (usize, usize), seed: u64) -> Tensor {
     Rng::new(seed).normal_tensor(shape, DType::F32, &Device::Cpu).unwrap()
 }
@@ -150,13 +162,9 @@ fn fused_mlp_matches_candle_layer_by_layer_in_values_and_gradients() {
 #[test]
 fn no_grad_gives_the_training_forward_bit_for_bit_and_records_nothing() {
     // One row (dot products), a few rows, one block, two half blocks, several blocks with a ragged end.
-    let vm = VarMap::new();
-    let cfg = MlpConfig {
-        hidden: 96,
-        ..MlpConfig::new(2)
-    };
-    let net = FlowMapNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    seed_params(&vm, 4).unwrap();
+    // Bit-for-bit needs the fast path on for both passes: hold the switch.
+    let _lock = SWITCH.lock().unwrap();
+    let (vm, net) = flow_map_net(96, 4);
     for b in [1, 5, 100, 300, 1100] {
         let x = randn((b, 2), 7);
         let t = (randn((b, 1), 8).abs().unwrap() * 0.3).unwrap();
@@ -185,13 +193,7 @@ fn no_grad_gives_the_training_forward_bit_for_bit_and_records_nothing() {
 #[test]
 fn whole_network_gradients_match_with_the_fast_path_off() {
     let _lock = SWITCH.lock().unwrap();
-    let vm = VarMap::new();
-    let cfg = MlpConfig {
-        hidden: 64,
-        ..MlpConfig::new(2)
-    };
-    let net = FlowMapNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    seed_params(&vm, 3).unwrap();
+    let (vm, net) = flow_map_net(64, 3);
     let x = randn((200, 2), 7);
     let t = Tensor::rand(0.5f32, 1.0, (200, 1), &Device::Cpu).unwrap();
     let s = (&t * 0.3).unwrap();
@@ -286,16 +288,7 @@ fn conditioning_matches_the_embedding_and_its_gradients() {
 fn network_jvp_matches_with_the_fast_path_off() {
     use flowmap::jvp::TangentMap;
     let _lock = SWITCH.lock().unwrap();
-    let vm = VarMap::new();
-    let net = FlowMapNet::new(
-        &MlpConfig {
-            hidden: 48,
-            ..MlpConfig::new(2)
-        },
-        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
-    seed_params(&vm, 4).unwrap();
+    let (_vm, net) = flow_map_net(48, 4);
     for b in [1, 5, 700] {
         let (x, dx) = (randn((b, 2), 11), randn((b, 2), 12));
         let t = Tensor::rand(0.5f32, 1.0, (b, 1), &Device::Cpu).unwrap();
@@ -312,13 +305,9 @@ fn network_jvp_matches_with_the_fast_path_off() {
 
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
-    let vm = VarMap::new();
-    let net = FlowMapNet::new(
-        &MlpConfig::new(2),
-        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
-    seed_params(&vm, 5).unwrap();
+    // Bit-for-bit needs the fast path on for both runs: hold the switch.
+    let _lock = SWITCH.lock().unwrap();
+    let (vm, net) = flow_map_net(MlpConfig::new(2).hidden, 5);
     let b = 1300; // several blocks, the last one ragged
     let x = randn((b, 2), 13);
     let t = Tensor::rand(0.5f32, 1.0, (b, 1), &Device::Cpu).unwrap();
