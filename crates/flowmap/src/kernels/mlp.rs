@@ -18,7 +18,7 @@
 //! are added in block order, and blocks depend on the batch alone: the same numbers on any thread count.
 //!
 //! Under [`no_grad`](super::no_grad) (inference, stop-gradient targets) there is no graph node: the same
-//! blocks go through the same per-block steps in two scratch buffers, reading the parameters in place, and
+//! blocks go through the same per-block steps in scratch buffers, reading the parameters in place, and
 //! only the output is kept.
 
 use std::mem::MaybeUninit;
@@ -38,10 +38,11 @@ pub type Layer<'a> = (&'a Tensor, &'a Tensor, Activation);
 
 /// `h ← act(h·Wᵀ + b)` through every layer. Gradients reach `h` and every `W` and `b`.
 ///
-/// When gradients are tracked on the CPU in f32, for batches of 128 rows or more, this is one fused node
-/// (see the module's doc); otherwise (inference on detached parameters, small batches, where the flat
-/// copy of the parameters would cost more than it saves, another device or dtype) it is [`super::dense`]
-/// layer by layer, which it agrees with to f32 rounding.
+/// On the CPU in f32: with nothing tracked (under [`no_grad`](super::no_grad), or on detached tensors) one
+/// pass without a graph node, bit-identical to the training forward; when tracked, for batches of 128 rows
+/// or more, one fused node (see the module's doc); for smaller tracked batches, where the flat copy of the
+/// parameters would cost more than it saves, and on another device or dtype, [`super::dense`] layer by
+/// layer, which it agrees with to f32 rounding.
 pub fn mlp(h: &Tensor, layers: &[Layer<'_>]) -> Result<Tensor> {
     let tracked =
         super::grad_enabled() && (h.track_op() || layers.iter().any(|(w, b, _)| w.track_op() || b.track_op()));
@@ -103,8 +104,9 @@ fn layer_shapes(h: &Tensor, layers: &[Layer<'_>]) -> Result<Vec<LayerShape>> {
     Ok(shapes)
 }
 
-/// Inference (nothing tracked): every block of rows through every layer in two per-block scratch buffers,
-/// reading the parameters in place, with no graph node and nothing kept. The same blocks and per-block
+/// Inference (nothing tracked): every block of rows through every layer in per-block scratch buffers (two
+/// for the activations in turn, one for σ(z)), reading the parameters in place, with no graph node and
+/// nothing kept. The same blocks and per-block
 /// steps as the training node, so the same numbers. `None` when a tensor is not contiguous f32 on the CPU.
 fn infer(h: &Tensor, layers: &[Layer<'_>]) -> Result<Option<Tensor>> {
     let shapes = layer_shapes(h, layers)?;
