@@ -63,7 +63,10 @@ pub struct Panel<'a> {
     pub dim: usize,
 }
 
-/// A grid of scatter panels over the square `[-lim, lim]²`.
+/// Points drawn per scatter panel.
+pub const SCATTER_POINTS: usize = 10_000;
+
+/// A grid of scatter panels over the square `[-lim, lim]²`, each showing at most [`SCATTER_POINTS`] points.
 pub fn scatter_panels(path: &Path, panels: &[Panel<'_>], cols: usize, lim: f64) -> Result<()> {
     let cols = cols.max(1).min(panels.len().max(1));
     let rows_n = panels.len().div_ceil(cols);
@@ -84,11 +87,14 @@ pub fn scatter_panels(path: &Path, panels: &[Panel<'_>], cols: usize, lim: f64) 
                 .draw()
                 .map_err(|e| perr(path, e))?;
             let color = RGBColor(31, 90, 160).mix(0.35);
+            // Beyond a few thousand points a scatter saturates: the few stray samples fill the gaps and every
+            // panel looks alike. The first SCATTER_POINTS are drawn (samples are i.i.d., so any prefix is a sample).
             chart
                 .draw_series(
                     panel
                         .points
                         .chunks_exact(panel.dim)
+                        .take(SCATTER_POINTS)
                         .filter(|p| p[0].abs() < lim && p[1].abs() < lim)
                         .map(|p| Circle::new((p[0], p[1]), 1, color.filled())),
                 )
