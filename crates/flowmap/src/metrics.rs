@@ -46,7 +46,7 @@ fn mean_pair<F: Fn(&[f64], &[f64]) -> f64 + Sync>(x: &[f64], y: &[f64], d: usize
 /// [`energy_distance_sorted`]), so that it can resolve the small distances of a good sampler on hundreds of
 /// thousands of points; in more dimensions it sums over all pairs.
 pub fn energy_distance(x: &[f64], y: &[f64], d: usize) -> f64 {
-    if d <= 2 && x.len() >= 2 * d && y.len() >= 2 * d {
+    if d <= SORTED_ENERGY_DIMS && x.len() >= 2 * d && y.len() >= 2 * d {
         return energy_distance_sorted(x, y, d, ENERGY_DIRECTIONS);
     }
     energy_distance_pairs(x, y, d)
@@ -83,6 +83,9 @@ fn map_with_buffers<B, T: Send>(
         .flatten()
         .collect()
 }
+
+/// The dimensions up to which [`energy_distance`] sorts projections instead of summing over pairs.
+pub const SORTED_ENERGY_DIMS: usize = 2;
 
 /// Directions of the quadrature in [`energy_distance_sorted`].
 pub const ENERGY_DIRECTIONS: usize = 180;
@@ -126,8 +129,8 @@ fn mean_distances_1d(a: &mut [f64], b: &mut [f64], u: &mut Vec<f64>) -> (f64, f6
 /// mean distance is `π/2` times the average over directions of the projections' 1-D mean distance; the
 /// average is the midpoint rule over `directions` equally spaced angles. The rule's error for one pair
 /// oscillates with the pair's direction (period `π/directions`) and averages out over the pairs: against
-/// the `O(n²)` sum it agrees to ~3e-8 with 180 directions (1.6e-7 with 90), far below the statistic's own sampling noise at any size it is used for
-/// (tested).
+/// the `O(n²)` sum it agrees to ~3e-8 with 180 directions (1.6e-7 with 90), far below the statistic's own
+/// sampling noise at any size it is used for (tested).
 ///
 /// # Panics
 /// If `d` is neither 1 nor 2 ([`energy_distance`] takes any dimension).
@@ -264,7 +267,7 @@ pub fn distances(samples: &[f64], reference: &[f64], d: usize, checkerboard: boo
     let mmd_cap = 4000 * d;
     Distances {
         // Sorting makes the energy distance cheap in one and two dimensions: there it takes every point.
-        energy: if d <= 2 {
+        energy: if d <= SORTED_ENERGY_DIMS {
             energy_distance(samples, reference, d)
         } else {
             energy_distance(&s, &r, d)

@@ -346,13 +346,7 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
 pub fn compare_figure(rows: &[CompareRow], path: &Path) -> Result<()> {
     let board: Vec<&CompareRow> = rows.iter().filter(|r| r.setting == "checkerboard").collect();
     let mut curves = vec![];
-    let mut methods: Vec<&str> = vec![];
-    for r in &board {
-        if !methods.contains(&r.method.as_str()) {
-            methods.push(&r.method);
-        }
-    }
-    for m in methods {
+    for m in methods_in(rows, "checkerboard") {
         let label = if m == "teacher" { "teacher, Euler" } else { m };
         let pts: Vec<(f64, f64)> = board
             .iter()
@@ -367,10 +361,7 @@ pub fn compare_figure(rows: &[CompareRow], path: &Path) -> Result<()> {
         }
     }
     let mut levels = vec![];
-    if let Some(r) = board
-        .iter()
-        .find(|r| r.method == "teacher" && r.sampler.starts_with("dopri5"))
-    {
+    if let Some(r) = dopri5_row(rows, "checkerboard") {
         levels.push((format!("teacher dopri5 ({} NFE)", r.nfe), r.energy));
     }
     if let Some(r) = board.iter().find(|r| r.method == "held-out") {
@@ -386,11 +377,26 @@ pub fn compare_figure(rows: &[CompareRow], path: &Path) -> Result<()> {
     )
 }
 
-/// The teacher's dopri5 energy distance in `setting`, the reference of the comparison's ratios.
-fn dopri5_energy(rows: &[CompareRow], setting: &str) -> Option<f64> {
+/// The rows' methods in `setting`, each once, in order of appearance.
+fn methods_in<'a>(rows: &'a [CompareRow], setting: &str) -> Vec<&'a str> {
+    let mut methods: Vec<&str> = vec![];
+    for r in rows.iter().filter(|r| r.setting == setting) {
+        if !methods.contains(&r.method.as_str()) {
+            methods.push(&r.method);
+        }
+    }
+    methods
+}
+
+/// The teacher's dopri5 row in `setting`.
+fn dopri5_row<'a>(rows: &'a [CompareRow], setting: &str) -> Option<&'a CompareRow> {
     rows.iter()
         .find(|r| r.setting == setting && r.method == "teacher" && r.sampler.starts_with("dopri5"))
-        .map(|r| r.energy)
+}
+
+/// The teacher's dopri5 energy distance in `setting`, the reference of the comparison's ratios.
+fn dopri5_energy(rows: &[CompareRow], setting: &str) -> Option<f64> {
+    dopri5_row(rows, setting).map(|r| r.energy)
 }
 
 /// The comparison as Markdown: one table per setting, each energy distance also as a multiple of the
@@ -435,16 +441,10 @@ fn compare_checks(rows: &[CompareRow]) -> String {
             .find(|r| r.setting == "checkerboard" && r.method == m && r.nfe == nfe)
             .map(|r| r.energy)
     };
-    let methods: Vec<&str> = rows
-        .iter()
-        .filter(|r| r.setting == "checkerboard" && r.method != "teacher" && r.method != "held-out")
-        .map(|r| r.method.as_str())
-        .fold(vec![], |mut v, m| {
-            if !v.contains(&m) {
-                v.push(m);
-            }
-            v
-        });
+    let methods: Vec<&str> = methods_in(rows, "checkerboard")
+        .into_iter()
+        .filter(|m| *m != "teacher" && *m != "held-out")
+        .collect();
     let euler = |nfe: usize| {
         rows.iter()
             .find(|r| r.setting == "checkerboard" && r.method == "teacher" && r.sampler == format!("euler×{nfe}"))

@@ -66,36 +66,16 @@ thread_local! {
 /// run as training graph nodes that keep every layer's activations for a backward pass that never comes.
 /// Inside `f`, the fast path's layers keep nothing and the whole MLP runs block by block through
 /// per-block scratch buffers. The numbers are the same either way (tested).
-pub fn no_grad<T>(f: impl FnOnce() -> Result<T>) -> Result<T>
-where
-    T: Detach,
-{
+pub fn no_grad(f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
     let before = NO_GRAD.with(|c| c.replace(true));
     let out = f();
     NO_GRAD.with(|c| c.set(before));
-    Ok(out?.detach_all())
+    Ok(out?.detach())
 }
 
 /// Whether the ops on this thread record their backward pass (false inside [`no_grad`]).
 pub(crate) fn grad_enabled() -> bool {
     !NO_GRAD.with(|c| c.get())
-}
-
-/// What [`no_grad`] can return: tensors, detached on the way out.
-pub trait Detach {
-    fn detach_all(self) -> Self;
-}
-
-impl Detach for Tensor {
-    fn detach_all(self) -> Self {
-        self.detach()
-    }
-}
-
-impl<A: Detach, B: Detach> Detach for (A, B) {
-    fn detach_all(self) -> Self {
-        (self.0.detach_all(), self.1.detach_all())
-    }
 }
 
 /// Runs `f` with the fast path's kernels limited to `n` threads on this thread (for jobs that run side by

@@ -197,11 +197,6 @@ pub struct TimeSampling {
     pub grid_steps: usize,
 }
 
-/// The grid of configurations saved before the field existed: uniform.
-fn uniform_cm_grid() -> f64 {
-    1.0
-}
-
 fn default_grid_steps() -> usize {
     8
 }
@@ -293,6 +288,11 @@ pub enum MeanFlowTangent {
     /// 4,000 steps and 0.044 against 0.018 after 12,000 (`cargo run --release --example meanflow_bias --
     /// model-tangent|plain [STEPS]`), so the conditional velocity stays the default.
     Model,
+}
+
+/// `cm_time_power` of configurations saved before the field existed: the uniform grid.
+fn uniform_cm_grid() -> f64 {
+    1.0
 }
 
 /// Settings of the continuous-time and multi-step objectives.

@@ -1,6 +1,6 @@
 use candle_core::Tensor;
 
-use super::{column, DistillConfig, Objective, StepContext};
+use super::{column, row_mse, DistillConfig, Objective, StepContext};
 use crate::jvp::TangentMap;
 use crate::kernels::no_grad;
 use crate::ode::{self, Scheme};
@@ -53,8 +53,7 @@ impl<'a> Objective for ConsistencyDistillation<'a> {
         let x_prev = no_grad(|| ode::step(self.teacher, Scheme::Heun, &xt, &t, &t_prev))?;
         let target = no_grad(|| cx.target.map(&x_prev, &t_prev, &zero))?;
         let f = cx.model.map(&xt, &t, &zero)?;
-        let r = (f - target)?.sqr()?.mean_keepdim(1)?;
-        Ok((r * column(&inv_dt2, cx.x0)?)?.mean_all()?)
+        Ok((row_mse(&f, &target)? * column(&inv_dt2, cx.x0)?)?.mean_all()?)
     }
 }
 
