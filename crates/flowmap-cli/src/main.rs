@@ -264,8 +264,8 @@ struct MapFlags {
 }
 
 impl MapFlags {
-    fn objective(&self, base: Option<DistillConfig>, method: Method) -> Result<DistillConfig> {
-        let mut dcfg = base.unwrap_or_else(|| DistillConfig::for_method(method));
+    fn objective(&self, base: DistillConfig, method: Method) -> Result<DistillConfig> {
+        let mut dcfg = base;
         if let Some(e) = self.eps {
             dcfg.eps = EpsSchedule::Fixed { eps: e };
         }
@@ -618,7 +618,7 @@ fn check_output(path: &Path, ext: &str) -> Result<()> {
 fn teacher(a: TeacherArgs, device: &Device, show: bool) -> Result<()> {
     check_output(&a.out, "safetensors")?;
     let file = read_config(&a.train.config)?;
-    let cfg = train_config(&a.train, file.train);
+    let cfg = train_config(&a.train, file.train.clone());
     cfg.validate()?;
     let data = DataSource::from_spec(&a.data)?;
     let arch = MlpConfig {
@@ -646,9 +646,9 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
     let method = Method::parse_distill(&a.method)?;
     check_output(&a.out, "safetensors")?;
     let file = read_config(&a.train.config)?;
-    let cfg = train_config(&a.train, file.train);
+    let cfg = train_config(&a.train, file.train.clone());
     cfg.validate()?;
-    let dcfg = a.map.objective(file.distill, method)?;
+    let dcfg = a.map.objective(file.distill_config(method)?, method)?;
     let teacher = Teacher::load(&a.teacher, device)?;
     let data = match &a.data {
         Some(spec) => DataSource::from_spec(spec)?,
@@ -674,9 +674,9 @@ fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
     let method = Method::parse_train(&a.method)?;
     check_output(&a.out, "safetensors")?;
     let file = read_config(&a.train.config)?;
-    let cfg = train_config(&a.train, file.train);
+    let cfg = train_config(&a.train, file.train.clone());
     cfg.validate()?;
-    let dcfg = a.map.objective(file.distill, method)?;
+    let dcfg = a.map.objective(file.distill_config(method)?, method)?;
     let data = DataSource::from_spec(&a.data)?;
     let pb = progress_bar(cfg.steps as u64, method.name(), show);
     let m = pipeline::train_map(&data, method, &dcfg, &cfg, &a.map.arch(data.dim()), device, &pb, None)?;

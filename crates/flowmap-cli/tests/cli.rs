@@ -409,6 +409,19 @@ fn bad_inputs_get_one_clear_line() {
         "std 0 must be positive",
         &c_out,
     );
+    // A misspelt key in a config file is named, not ignored.
+    std::fs::write(d.join("typo.toml"), "[distill.continuous]\ncm_interval = 128\n").unwrap();
+    fails(
+        bin()
+            .args(["distill", "--method", "cm", "--teacher"])
+            .arg(&t)
+            .arg("--config")
+            .arg(d.join("typo.toml"))
+            .arg("--out")
+            .arg(&c_out),
+        "unknown field `cm_interval`",
+        &c_out,
+    );
     // Missing arguments are one line too.
     fails(bin().args(["sample"]).arg("--out").arg(&s_out), "--model", &s_out);
 }

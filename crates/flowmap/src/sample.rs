@@ -36,6 +36,15 @@ impl TimeGrid {
         }
         Ok(TimeGrid(times))
     }
+    /// `k` steps at `t_i = (1 − i/k)^ρ`: `ρ = 1` is uniform, `ρ > 1` spends the steps near the data,
+    /// `ρ < 1` near the noise (the ρ of Karras et al. 2022's σ schedule, applied to time).
+    pub fn power(k: usize, rho: f64) -> Result<Self> {
+        if !(rho > 0.0 && rho.is_finite()) {
+            return Err(Error::arg(format!("a grid's power ρ must be positive, got {rho}")));
+        }
+        let uniform = TimeGrid::uniform(k)?;
+        TimeGrid::custom(uniform.0.iter().map(|t| t.powf(rho)).collect())
+    }
     pub fn times(&self) -> &[f64] {
         &self.0
     }
@@ -168,4 +177,69 @@ pub fn sample_with(map: &dyn FlowMap, noise: &Tensor, grid: &TimeGrid, sampler: 
         }
     }
     Ok(Sampled { x, nfe: counted.nfe() })
+}
+
+/// The grid powers [`select_grid`] tries by default: from `t_1 = 0.79` to `t_1 = 0.125` at two steps.
+pub const GRID_POWERS: [f64; 7] = [
+    1.0 / 3.0,
+    0.5,
+    std::f64::consts::FRAC_1_SQRT_2,
+    1.0,
+    std::f64::consts::SQRT_2,
+    2.0,
+    3.0,
+];
+
+/// The outcome of [`select_grid`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GridChoice {
+    /// The winning power ρ and its grid ([`TimeGrid::power`]).
+    pub rho: f64,
+    pub grid: TimeGrid,
+    /// `(ρ, validation energy distance)` for every candidate, in the order tried.
+    pub scores: Vec<(f64, f64)>,
+}
+
+/// Chooses the `k`-step schedule of `map` like any other hyperparameter: samples `n` points with each
+/// power grid `TimeGrid::power(k, ρ)`, `ρ ∈ powers`, walked by `sampler`, and keeps the one whose energy
+/// distance to `validation` (`n_v × d`, row-major) is smallest (the first on ties).
+///
+/// A learned map is exact on no grid, and which grid hides its errors best differs between maps: on
+/// checkerboard a MeanFlow map's 2-step energy distance is 0.00056 through `t = 0.5` and 0.00022 through
+/// `t = 0.25`, an LMD map's 0.00051 and 0.00032 through `t = 0.7`. `validation` must be independent of the
+/// data the choice is finally scored on (another draw), or the score is biased in the grid's favour.
+/// The validation noise is derived from `seed` apart from [`noise`]'s. Deterministic for a given seed.
+#[allow(clippy::too_many_arguments)]
+pub fn select_grid(
+    map: &dyn FlowMap,
+    k: usize,
+    sampler: Sampler,
+    powers: &[f64],
+    validation: &[f64],
+    n: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<GridChoice> {
+    let d = map.dim();
+    if powers.is_empty() || validation.is_empty() || validation.len() % d != 0 {
+        return Err(Error::arg(format!(
+            "grid selection needs candidate powers and validation data of dimension {d}"
+        )));
+    }
+    let z = Rng::derive(seed, "grid-validation").normal_tensor((n, d), DType::F32, device)?;
+    let mut scores = Vec::with_capacity(powers.len());
+    let mut best: Option<(f64, f64, TimeGrid)> = None;
+    for &rho in powers {
+        let grid = TimeGrid::power(k, rho)?;
+        let x = sample_with(map, &z, &grid, sampler, seed)?.x;
+        let x = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let e = crate::metrics::energy_distance(&x, validation, d);
+        scores.push((rho, e));
+        // NaN never wins: a diverged grid is skipped.
+        if best.as_ref().map_or(e.is_finite(), |b| e < b.1) {
+            best = Some((rho, e, grid));
+        }
+    }
+    let (rho, _, grid) = best.ok_or_else(|| Error::arg("every candidate grid gave a non-finite energy distance"))?;
+    Ok(GridChoice { rho, grid, scores })
 }

@@ -16,7 +16,7 @@ use crate::{Error, Result, Rng};
 
 /// Optimisation settings shared by every objective.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub steps: usize,
     pub batch_size: usize,

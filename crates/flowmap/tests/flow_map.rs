@@ -144,3 +144,66 @@ fn exact_map_satisfies_the_semigroup_property_and_its_diagonal_is_v() {
     let near = exact.average_velocity(&xt, &col(0.6, 128), &col(0.6 - h, 128)).unwrap();
     assert!(max_abs(&(near - teacher().velocity(&xt, &col(0.6, 128)).unwrap()).unwrap()) < 1e-2);
 }
+
+#[test]
+fn power_grids_run_from_one_to_zero_and_rho_one_is_uniform() {
+    use flowmap::sample::TimeGrid;
+    assert_eq!(TimeGrid::power(2, 2.0).unwrap().times(), &[1.0, 0.25, 0.0]);
+    assert_eq!(TimeGrid::power(4, 1.0).unwrap(), TimeGrid::uniform(4).unwrap());
+    assert_eq!(TimeGrid::power(1, 3.0).unwrap().times(), &[1.0, 0.0]);
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        assert!(TimeGrid::power(2, bad).is_err(), "ρ = {bad} accepted");
+    }
+}
+
+#[test]
+fn grid_selection_keeps_the_grid_with_the_least_validation_distance() {
+    use flowmap::data::DataSource;
+    use flowmap::sample::{select_grid, Sampler, TimeGrid, GRID_POWERS};
+    // One teacher Euler step per map application: a map whose samples depend strongly on the grid.
+    let euler = SolverMap::new(teacher(), flowmap::ode::Solver::fixed(flowmap::ode::Scheme::Euler, 1));
+    let validation = DataSource::Mixture(mixture()).heldout(2000, 3);
+    let dev = Device::Cpu;
+    let choice = select_grid(
+        &euler,
+        2,
+        Sampler::Deterministic,
+        &GRID_POWERS,
+        &validation,
+        2000,
+        7,
+        &dev,
+    )
+    .unwrap();
+    assert_eq!(choice.scores.len(), GRID_POWERS.len());
+    let best = choice.scores.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
+    assert_eq!(choice.scores.iter().find(|s| s.1 == best).unwrap().0, choice.rho);
+    assert_eq!(choice.grid, TimeGrid::power(2, choice.rho).unwrap());
+    // The candidates really differ (else the choice would mean nothing), and the choice is seeded.
+    let worst = choice.scores.iter().map(|s| s.1).fold(0.0, f64::max);
+    assert!(worst > 2.0 * best, "scores {:?}", choice.scores);
+    let again = select_grid(
+        &euler,
+        2,
+        Sampler::Deterministic,
+        &GRID_POWERS,
+        &validation,
+        2000,
+        7,
+        &dev,
+    )
+    .unwrap();
+    assert_eq!(again.scores, choice.scores);
+    assert!(select_grid(&euler, 2, Sampler::Deterministic, &[], &validation, 2000, 7, &dev).is_err());
+    assert!(select_grid(
+        &euler,
+        2,
+        Sampler::Deterministic,
+        &GRID_POWERS,
+        &validation[..3],
+        2000,
+        7,
+        &dev
+    )
+    .is_err());
+}

@@ -147,7 +147,14 @@ pub struct CompareRow {
     pub method: String,
     pub sampler: String,
     pub nfe: usize,
+    /// The sampling grid's power ρ (`TimeGrid::power`), chosen on a validation draw; `None` for the
+    /// teacher's solvers and the data row.
+    #[serde(default)]
+    pub grid_power: Option<f64>,
     pub energy: f64,
+    /// The energy distance on the uniform grid (ρ = 1), for comparison with the chosen grid's.
+    #[serde(default)]
+    pub energy_uniform: Option<f64>,
     pub sliced_w2: f64,
     /// Relative flow-map error against Φ (analytic teacher only).
     pub map_error: Option<f64>,
@@ -171,6 +178,9 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
     // dopri5 distance, so ratios to it were noise) and 5e-6 at 200,000, which sorted projections
     // (`metrics::energy_distance_sorted`, ~1 s per distance) make affordable. The `held-out` row shows it.
     let n_eval = 200_000;
+    // Grid selection compares candidates whose distances differ by 1e-4 and more; at 50,000 points the
+    // statistic's spread is a few 1e-5, and seven candidates at three NFE cost ~10 s per method.
+    let n_validation = 50_000;
     let settings = EvalSettings {
         n: n_eval,
         seed,
@@ -211,6 +221,8 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
             )
         };
         let reference = data.heldout(n_eval, seed);
+        // A third independent draw, on which each map's sampling grid is chosen.
+        let validation = data.heldout(n_validation, seed + 2);
         let checker = setting == "checkerboard";
         // The metric's floor: a second independent draw of the data against the reference.
         let floor = metrics::distances(&data.heldout(n_eval, seed + 1), &reference, 2, checker, n_eval);
@@ -219,7 +231,9 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
             method: "held-out".into(),
             sampler: "data".into(),
             nfe: 0,
+            grid_power: None,
             energy: floor.energy,
+            energy_uniform: None,
             sliced_w2: floor.sliced_w2,
             map_error: None,
             semigroup: None,
@@ -239,7 +253,9 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
                 method: "teacher".into(),
                 sampler: r.sampler.clone(),
                 nfe: r.nfe,
+                grid_power: None,
                 energy: r.distances.energy,
+                energy_uniform: None,
                 sliced_w2: r.distances.sliced_w2,
                 map_error: None,
                 semigroup: None,
@@ -307,18 +323,38 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
                 _ => (None, None),
             };
             let z = sample::noise(n_eval, 2, seed, device)?;
-            let mut pts = vec![];
-            for &k in &nfes {
-                let s = sample::sample_with(&trained.net, &z, &TimeGrid::uniform(k)?, sampler, seed)?;
+            let score = |grid: &TimeGrid| -> Result<(usize, metrics::Distances)> {
+                let s = sample::sample_with(&trained.net, &z, grid, sampler, seed)?;
                 let x = s.x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-                let d = metrics::distances(&x, &reference, 2, checker, n_eval);
-                pts.push((k as f64, d.energy));
+                Ok((s.nfe, metrics::distances(&x, &reference, 2, checker, n_eval)))
+            };
+            for &k in &nfes {
+                // The grid is a hyperparameter like any other: chosen on the validation draw, then scored
+                // once on the held-out reference.
+                let choice = sample::select_grid(
+                    &trained.net,
+                    k,
+                    sampler,
+                    if k == 1 { &[1.0] } else { &sample::GRID_POWERS },
+                    &validation,
+                    n_validation,
+                    seed,
+                    device,
+                )?;
+                let (nfe, d) = score(&choice.grid)?;
+                let uniform = if choice.rho == 1.0 {
+                    d.energy
+                } else {
+                    score(&TimeGrid::uniform(k)?)?.1.energy
+                };
                 rows.push(CompareRow {
                     setting: setting.into(),
                     method: method.name().into(),
                     sampler: format!("{sampler:?}").to_lowercase(),
-                    nfe: s.nfe,
+                    nfe,
+                    grid_power: Some(choice.rho),
                     energy: d.energy,
+                    energy_uniform: Some(uniform),
                     sliced_w2: d.sliced_w2,
                     map_error,
                     semigroup,
@@ -403,19 +439,24 @@ fn dopri5_energy(rows: &[CompareRow], setting: &str) -> Option<f64> {
 /// teacher's dopri5, then the acceptance checks evaluated on these rows.
 pub fn compare_markdown(rows: &[CompareRow], budget: f64, seed: u64, n_eval: usize) -> String {
     let mut md = format!(
-        "# Every flow-map method at an equal budget\n\nProduced by `flowmap bench compare --budget-seconds {budget}` (seed {seed}). Each teacher-based method distils for {budget} s of wall clock; the teacher-free methods (meanflow, self-lmd, shortcut) get the teacher's training time on top. Energy distance and sliced W2 against {n_eval} held-out points (the `held-out` row scores a second, independent draw of the data: the metrics' floor at this size), and the energy distance as a multiple of the teacher's dopri5; on the analytic mixture, the relative flow-map error `E‖f − Φ‖²/E‖Φ − x‖²` with `(t, s)` uniform; the semigroup error over a 5-point grid. `cm` is sampled with the multistep consistency sampler.\n"
+        "# Every flow-map method at an equal budget\n\nProduced by `flowmap bench compare --budget-seconds {budget}` (seed {seed}). Each teacher-based method distils for {budget} s of wall clock; the teacher-free methods (meanflow, self-lmd, shortcut) get the teacher's training time on top. Energy distance and sliced W2 against {n_eval} held-out points (the `held-out` row scores a second, independent draw of the data: the metrics' floor at this size), and the energy distance as a multiple of the teacher's dopri5; on the analytic mixture, the relative flow-map error `E‖f − Φ‖²/E‖Φ − x‖²` with `(t, s)` uniform; the semigroup error over a 5-point grid. `cm` is sampled with the multistep consistency sampler. Every flow map walks the grid `t_i = (1 − i/k)^ρ` whose power ρ ∈ {{1/3, 1/2, 1/√2, 1, √2, 2, 3}} gave the least energy distance on a separate validation draw of 50000 points (`sample::select_grid`); the `uniform` column is the same map on the uniform grid (ρ = 1). The teacher's Euler rows stay uniform.\n"
     );
     for setting in ["checkerboard", "gmm"] {
         let reference = dopri5_energy(rows, setting);
-        md += &format!("\n## {setting}\n\n| method | sampler | NFE | energy distance | × dopri5 | sliced W2 | map error | semigroup | train s | steps |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        md += &format!("\n## {setting}\n\n| method | sampler | NFE | grid ρ | energy distance | × dopri5 | uniform | sliced W2 | map error | semigroup | train s | steps |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in rows.iter().filter(|r| r.setting == setting) {
             let opt = |v: Option<f64>| v.map(|v| format!("{v:.2e}")).unwrap_or_else(|| "–".into());
             let ratio = match reference {
                 Some(d) if d > 0.0 && r.method != "held-out" => format!("{:.2}", r.energy / d),
                 _ => "–".into(),
             };
+            let rho = r.grid_power.map(|p| format!("{p:.2}")).unwrap_or_else(|| "–".into());
+            let uniform = r
+                .energy_uniform
+                .map(|e| format!("{e:.6}"))
+                .unwrap_or_else(|| "–".into());
             md += &format!(
-                "| {} | {} | {} | {:.6} | {} | {:.4} | {} | {} | {:.1} | {} |\n",
+                "| {} | {} | {} | {rho} | {:.6} | {} | {uniform} | {:.4} | {} | {} | {:.1} | {} |\n",
                 r.method,
                 r.sampler,
                 r.nfe,

@@ -1,6 +1,6 @@
 use candle_core::Tensor;
 
-use super::{column, row_mse, DistillConfig, Objective, StepContext};
+use super::{column, row_mse, DistillConfig, Objective, StepContext, Weighting};
 use crate::jvp::TangentMap;
 use crate::kernels::no_grad;
 use crate::ode::{self, Scheme};
@@ -53,7 +53,14 @@ impl<'a> Objective for ConsistencyDistillation<'a> {
         let x_prev = no_grad(|| ode::step(self.teacher, Scheme::Heun, &xt, &t, &t_prev))?;
         let target = no_grad(|| cx.target.map(&x_prev, &t_prev, &zero))?;
         let f = cx.model.map(&xt, &t, &zero)?;
-        Ok((row_mse(&f, &target)? * column(&inv_dt2, cx.x0)?)?.mean_all()?)
+        let r = row_mse(&f, &target)?;
+        let inv_dt2 = column(&inv_dt2, cx.x0)?;
+        let w = match self.cfg.weighting {
+            Weighting::Constant => inv_dt2.ones_like()?,
+            Weighting::Normalized => inv_dt2,
+            Weighting::Adaptive { c, p } => ((r.detach() * &inv_dt2)?.affine(1.0, c)?.powf(-p)? * inv_dt2)?,
+        };
+        Ok((r * w)?.mean_all()?)
     }
 }
 
