@@ -344,8 +344,11 @@ struct SampleArgs {
     #[arg(long, default_value_t = 1)]
     nfe: usize,
     /// Custom descending time grid from 1 to 0 for a flow map, e.g. 1,0.6,0 (overrides --nfe).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "grid_power")]
     grid: Option<String>,
+    /// A flow map's --nfe steps on the grid t_i = (1 − i/k)^ρ: 1 is uniform, larger ρ steps finer near the data.
+    #[arg(long, default_value_t = 1.0)]
+    grid_power: f64,
     /// Teacher solver: euler, heun, midpoint, rk4 or dopri5.
     #[arg(long, default_value = "euler")]
     solver: String,
@@ -409,6 +412,9 @@ struct EvalArgs {
     /// consistency model, deterministic otherwise).
     #[arg(long)]
     sampler: Option<String>,
+    /// A flow map's k-step grid t_i = (1 − i/k)^ρ: 1 is uniform, larger ρ steps finer near the data.
+    #[arg(long, default_value_t = 1.0)]
+    grid_power: f64,
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
@@ -743,7 +749,7 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
         Model::Map(net, ck) => {
             let grid = match &a.grid {
                 Some(g) => g.parse::<TimeGrid>()?,
-                None => TimeGrid::uniform(a.nfe)?,
+                None => TimeGrid::power(a.nfe, a.grid_power)?,
             };
             let sampler = map_sampler(a.sampler.as_deref(), ck, grid.steps() > 1)?;
             let z = sample::noise(a.n, net.config().dim, a.seed, device)?;
@@ -751,8 +757,8 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
             (out.x, out.nfe, format!("flow map on grid {grid}, {sampler:?} sampler"))
         }
         Model::Teacher(t) => {
-            if a.grid.is_some() {
-                bail!("--grid applies to flow maps; teachers take --solver and --nfe");
+            if a.grid.is_some() || a.grid_power != 1.0 {
+                bail!("--grid and --grid-power apply to flow maps; teachers take --solver and --nfe");
             }
             let solver = teacher_solver(&a.solver, a.nfe)?;
             let z = sample::noise(a.n, t.dim(), a.seed, device)?;
@@ -900,6 +906,10 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
             data.dim()
         );
     }
+    TimeGrid::power(1, a.grid_power)?;
+    if a.grid_power != 1.0 && matches!(model, Model::Teacher(_)) {
+        bail!("--grid-power applies to flow maps; a teacher is scored with Euler and dopri5");
+    }
     let out = OutDir::create(&a.out)?;
     let reference = data.heldout(a.n, a.seed);
     let n_ref = reference.len() / dim;
@@ -907,6 +917,7 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
         n: a.n,
         seed: a.seed,
         max_points: if dim <= 16 { 10_000 } else { 2000 },
+        grid_power: a.grid_power,
     };
     let checker = matches!(data, DataSource::Toy(Toy::Checkerboard));
     let (rows, samples) = match &model {

@@ -409,6 +409,28 @@ fn bad_inputs_get_one_clear_line() {
         "std 0 must be positive",
         &c_out,
     );
+    // A grid's power must be positive, and teachers take solvers, not grids.
+    fails(
+        bin()
+            .args(["sample", "--nfe", "2", "--grid-power", "0"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--out")
+            .arg(&out),
+        "power ρ must be positive",
+        &out,
+    );
+    let ev_out = d.join("ev");
+    fails(
+        bin()
+            .args(["eval", "--grid-power", "2"])
+            .arg("--model")
+            .arg(&t)
+            .arg("--out")
+            .arg(&ev_out),
+        "--grid-power applies to flow maps",
+        &ev_out,
+    );
     // A misspelt key in a config file is named, not ignored.
     std::fs::write(d.join("typo.toml"), "[distill.continuous]\ncm_interval = 128\n").unwrap();
     fails(

@@ -97,6 +97,7 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
         n: cfg.n_eval,
         seed: cfg.seed,
         max_points: cfg.n_eval,
+        ..EvalSettings::default()
     };
     let arch = MlpConfig::new(2);
     let train = |steps: usize, batch_size: usize, salt: u64| TrainConfig {

@@ -370,6 +370,8 @@ pub struct EvalSettings {
     pub seed: u64,
     /// Cap on points for the O(n²) distances (MMD², and the energy distance above two dimensions).
     pub max_points: usize,
+    /// A flow map's k-step grid is `TimeGrid::power(k, grid_power)`; 1 is uniform.
+    pub grid_power: f64,
 }
 
 impl Default for EvalSettings {
@@ -378,6 +380,7 @@ impl Default for EvalSettings {
             n: 10_000,
             seed: 0,
             max_points: 10_000,
+            grid_power: 1.0,
         }
     }
 }
@@ -386,7 +389,8 @@ fn tensor_to_vec(x: &Tensor) -> Result<Vec<f64>> {
     Ok(x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
 }
 
-/// Samples of a flow map at each NFE (uniform grids, walked by `sampler`), scored against `reference`.
+/// Samples of a flow map at each NFE (grids `TimeGrid::power(k, s.grid_power)`, walked by `sampler`),
+/// scored against `reference`.
 #[allow(clippy::too_many_arguments)]
 pub fn eval_map(
     name: &str,
@@ -404,7 +408,7 @@ pub fn eval_map(
     let mut samples = vec![];
     for &k in nfes {
         let start = Instant::now();
-        let out = sample::sample_with(map, &z, &TimeGrid::uniform(k)?, sampler, s.seed)?;
+        let out = sample::sample_with(map, &z, &TimeGrid::power(k, s.grid_power)?, sampler, s.seed)?;
         let seconds = start.elapsed().as_secs_f64();
         let x = tensor_to_vec(&out.x)?;
         rows.push(EvalRow {
@@ -413,6 +417,10 @@ pub fn eval_map(
                 Sampler::Deterministic => format!("{k}-step map"),
                 Sampler::Consistency => format!("{k}-step consistency"),
                 Sampler::Gamma { gamma } => format!("{k}-step γ={gamma}"),
+            } + &if s.grid_power == 1.0 || k == 1 {
+                String::new()
+            } else {
+                format!(", ρ={}", s.grid_power)
             },
             nfe: out.nfe,
             distances: metrics::distances(&x, reference, d, checkerboard, s.max_points),

@@ -185,6 +185,7 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
         n: n_eval,
         seed,
         max_points: n_eval,
+        ..EvalSettings::default()
     };
     let budget = |secs: f64, batch: usize, salt: u64| TrainConfig {
         steps: usize::MAX / 2,
