@@ -164,17 +164,10 @@ fn grid_selection_keeps_the_grid_with_the_least_validation_distance() {
     let euler = SolverMap::new(teacher(), flowmap::ode::Solver::fixed(flowmap::ode::Scheme::Euler, 1));
     let validation = DataSource::Mixture(mixture()).heldout(2000, 3);
     let dev = Device::Cpu;
-    let choice = select_grid(
-        &euler,
-        2,
-        Sampler::Deterministic,
-        &GRID_POWERS,
-        &validation,
-        2000,
-        7,
-        &dev,
-    )
-    .unwrap();
+    let choose = |powers: &[f64], validation: &[f64]| {
+        select_grid(&euler, 2, Sampler::Deterministic, powers, validation, 2000, 7, &dev)
+    };
+    let choice = choose(&GRID_POWERS, &validation).unwrap();
     assert_eq!(choice.scores.len(), GRID_POWERS.len());
     let best = choice.scores.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
     assert_eq!(choice.scores.iter().find(|s| s.1 == best).unwrap().0, choice.rho);
@@ -182,28 +175,7 @@ fn grid_selection_keeps_the_grid_with_the_least_validation_distance() {
     // The candidates really differ (else the choice would mean nothing), and the choice is seeded.
     let worst = choice.scores.iter().map(|s| s.1).fold(0.0, f64::max);
     assert!(worst > 2.0 * best, "scores {:?}", choice.scores);
-    let again = select_grid(
-        &euler,
-        2,
-        Sampler::Deterministic,
-        &GRID_POWERS,
-        &validation,
-        2000,
-        7,
-        &dev,
-    )
-    .unwrap();
-    assert_eq!(again.scores, choice.scores);
-    assert!(select_grid(&euler, 2, Sampler::Deterministic, &[], &validation, 2000, 7, &dev).is_err());
-    assert!(select_grid(
-        &euler,
-        2,
-        Sampler::Deterministic,
-        &GRID_POWERS,
-        &validation[..3],
-        2000,
-        7,
-        &dev
-    )
-    .is_err());
+    assert_eq!(choose(&GRID_POWERS, &validation).unwrap().scores, choice.scores);
+    assert!(choose(&[], &validation).is_err());
+    assert!(choose(&GRID_POWERS, &validation[..3]).is_err());
 }
