@@ -906,10 +906,19 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
             data.dim()
         );
     }
+    // Every flag is checked before the output folder exists: a flow map's sampler and grid, and that a
+    // teacher was given neither.
     TimeGrid::power(1, a.grid_power)?;
-    if a.grid_power != 1.0 && matches!(model, Model::Teacher(_)) {
-        bail!("--grid-power applies to flow maps; a teacher is scored with Euler and dopri5");
-    }
+    let sampler = match &model {
+        Model::Map(_, ck) => Some(map_sampler(a.sampler.as_deref(), ck, nfes.iter().any(|&k| k > 1))?),
+        Model::Teacher(_) if a.sampler.is_some() => {
+            bail!("--sampler applies to flow maps; a teacher is scored with Euler and dopri5")
+        }
+        Model::Teacher(_) if a.grid_power != 1.0 => {
+            bail!("--grid-power applies to flow maps; a teacher is scored with Euler and dopri5")
+        }
+        Model::Teacher(_) => None,
+    };
     let out = OutDir::create(&a.out)?;
     let reference = data.heldout(a.n, a.seed);
     let n_ref = reference.len() / dim;
@@ -920,15 +929,12 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
         grid_power: a.grid_power,
     };
     let checker = matches!(data, DataSource::Toy(Toy::Checkerboard));
-    let (rows, samples) = match &model {
-        Model::Map(net, ck) => {
-            let sampler = map_sampler(a.sampler.as_deref(), ck, nfes.iter().any(|&k| k > 1))?;
+    let (rows, samples) = match (&model, sampler) {
+        (Model::Map(net, _), Some(sampler)) => {
             pipeline::eval_map("flow map", net, &nfes, sampler, &reference, checker, &settings, device)?
         }
-        Model::Teacher(_) if a.sampler.is_some() => {
-            bail!("--sampler applies to flow maps; a teacher is scored with Euler and dopri5")
-        }
-        Model::Teacher(t) => {
+        (Model::Map(..), None) => unreachable!("a flow map's sampler is resolved above"),
+        (Model::Teacher(t), _) => {
             // Euler at each NFE, then the adaptive solver: the teacher's own best.
             let mut solvers: Vec<Solver> = nfes.iter().map(|&k| Solver::fixed(ode::Scheme::Euler, k)).collect();
             solvers.push(Solver::dopri5(1e-5));

@@ -431,6 +431,16 @@ fn bad_inputs_get_one_clear_line() {
         "--grid-power applies to flow maps",
         &ev_out,
     );
+    fails(
+        bin()
+            .args(["eval", "--sampler", "bogus"])
+            .arg("--model")
+            .arg(&m)
+            .arg("--out")
+            .arg(&ev_out),
+        "unknown sampler 'bogus'",
+        &ev_out,
+    );
     // A misspelt key in a config file is named, not ignored.
     std::fs::write(d.join("typo.toml"), "[distill.continuous]\ncm_interval = 128\n").unwrap();
     fails(

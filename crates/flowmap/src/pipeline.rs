@@ -411,17 +411,19 @@ pub fn eval_map(
         let out = sample::sample_with(map, &z, &TimeGrid::power(k, s.grid_power)?, sampler, s.seed)?;
         let seconds = start.elapsed().as_secs_f64();
         let x = tensor_to_vec(&out.x)?;
+        let walk = match sampler {
+            Sampler::Deterministic => "map".to_string(),
+            Sampler::Consistency => "consistency".to_string(),
+            Sampler::Gamma { gamma } => format!("γ={gamma}"),
+        };
+        let grid = if s.grid_power == 1.0 || k == 1 {
+            String::new()
+        } else {
+            format!(", ρ={}", s.grid_power)
+        };
         rows.push(EvalRow {
             model: name.into(),
-            sampler: match sampler {
-                Sampler::Deterministic => format!("{k}-step map"),
-                Sampler::Consistency => format!("{k}-step consistency"),
-                Sampler::Gamma { gamma } => format!("{k}-step γ={gamma}"),
-            } + &if s.grid_power == 1.0 || k == 1 {
-                String::new()
-            } else {
-                format!(", ρ={}", s.grid_power)
-            },
+            sampler: format!("{k}-step {walk}{grid}"),
             nfe: out.nfe,
             distances: metrics::distances(&x, reference, d, checkerboard, s.max_points),
             seconds,
