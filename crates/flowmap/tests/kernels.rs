@@ -48,7 +48,8 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn dense_matches_candle_in_values_and_gradients() {
-    // (batch, in, out): skinny read-outs, a first layer, square hidden layers, one row, ragged blocks.
+    // (batch, in, out): skinny read-outs, a first layer, square hidden layers, one row, ragged blocks, and
+    // a weight transposed for several blocks whose sides are not multiples of the transpose's 8×8 tiles.
     for (b, n_in, n_out) in [
         (7, 5, 3),
         (300, 34, 256),
@@ -56,6 +57,7 @@ fn dense_matches_candle_in_values_and_gradients() {
         (129, 256, 256),
         (4096, 64, 96),
         (513, 256, 2),
+        (600, 37, 83),
     ] {
         for act in [Activation::Identity, Activation::Silu] {
             let x = Var::from_tensor(&randn((b, n_in), 1)).unwrap();

@@ -73,8 +73,29 @@ pub(super) unsafe fn assume_init(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     &mut *(v as *mut [MaybeUninit<f32>] as *mut [f32])
 }
 
-/// Writes one block of `x·Wᵀ` (or, for a `skinny` layer, `x·Wᵀ + b`) into `zc`, all of it.
-fn project_block(xc: &[f32], w: &[f32], bias: &[f32], n_in: usize, zc: &mut [MaybeUninit<f32>], skinny: bool) {
+/// `Wᵀ` (`in × out`, row-major) for a forward product that runs as `blocks` blocks of rows, or `None` where
+/// they read `W`.
+///
+/// The GEMM vectorises along a layer's outputs, so it wants `W` with its output index contiguous; read in
+/// place, `W` (`out × in`, row-major) gets repacked by every block's product. Transposed once per pass, the
+/// blocks read it directly: a 128-row block of a 256 → 256 layer takes 93 µs instead of 151 µs, a 256-row
+/// block of a 512 → 512 layer 875 µs instead of 1,201 µs, and the transpose 23 µs and 150 µs (one core).
+/// A single block packs `W` once either way, and skinny layers have no GEMM: both keep `W`.
+pub(super) fn forward_weight(w: &[f32], n_out: usize, blocks: usize, skinny: bool) -> Option<Vec<f32>> {
+    (!skinny && blocks >= 2 && n_out > 0 && !w.is_empty()).then(|| simd::transpose(w, n_out, w.len() / n_out))
+}
+
+/// Writes one block of `x·Wᵀ` (or, for a `skinny` layer, `x·Wᵀ + b`) into `zc`, all of it. `wt`, when
+/// given, is `Wᵀ` ([`forward_weight`]) and the product reads it instead of `w`.
+fn project_block(
+    xc: &[f32],
+    w: &[f32],
+    wt: Option<&[f32]>,
+    bias: &[f32],
+    n_in: usize,
+    zc: &mut [MaybeUninit<f32>],
+    skinny: bool,
+) {
     let m = xc.len() / n_in.max(1);
     if skinny {
         zc.iter_mut().for_each(|v| {
@@ -87,17 +108,23 @@ fn project_block(xc: &[f32], w: &[f32], bias: &[f32], n_in: usize, zc: &mut [May
             v.write(0.0);
         });
     } else {
-        // SAFETY: x is m × in (strides in, 1), W read as Wᵀ (in × out, strides 1, in), z is m × out; the GEMM
+        let n_out = bias.len();
+        // W read as Wᵀ (in × out): strides (1, in) in place, (out, 1) when transposed.
+        let rhs = match wt {
+            Some(wt) => (wt.as_ptr(), n_out as isize, 1),
+            None => (w.as_ptr(), 1, n_in as isize),
+        };
+        // SAFETY: x is m × in (strides in, 1), rhs is in × out by the strides above, z is m × out; the GEMM
         // overwrites all of z (read_dst = false, k = in ≥ 1).
         unsafe {
             super::gemm(
                 m,
-                bias.len(),
+                n_out,
                 n_in,
                 zc.as_mut_ptr().cast(),
                 false,
                 (xc.as_ptr(), n_in as isize, 1),
-                (w.as_ptr(), 1, n_in as isize),
+                rhs,
             )
         };
     }
@@ -108,13 +135,14 @@ fn project_block(xc: &[f32], w: &[f32], bias: &[f32], n_in: usize, zc: &mut [May
 pub(super) fn forward_block(
     xc: &[f32],
     w: &[f32],
+    wt: Option<&[f32]>,
     bias: &[f32],
     n_in: usize,
     zc: &mut [MaybeUninit<f32>],
     yc: Option<&mut [MaybeUninit<f32>]>,
     skinny: bool,
 ) {
-    project_block(xc, w, bias, n_in, zc, skinny);
+    project_block(xc, w, wt, bias, n_in, zc, skinny);
     // SAFETY: project_block wrote all of zc.
     let zc = unsafe { assume_init(zc) };
     // The skinny kernel adds the bias in the product; otherwise it goes in with the activation.
@@ -137,6 +165,7 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Ve
     let mut y: Vec<f32> = Vec::with_capacity(if act == Activation::Silu { n } else { 0 });
     {
         let skinny = use_dots(b, n_out);
+        let wt = forward_weight(w, n_out, b.div_ceil(rows), skinny);
         let silu = act == Activation::Silu;
         let zs = z.spare_capacity_mut()[..n].chunks_mut(rows * n_out);
         let mut ys = y.spare_capacity_mut()[..if silu { n } else { 0 }].chunks_mut(rows * n_out);
@@ -144,7 +173,9 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Ve
             .zip(x.chunks(rows * n_in.max(1)).chain(std::iter::repeat(&[][..])))
             .map(|(zc, xc)| (zc, xc, if silu { ys.next() } else { None }))
             .collect();
-        super::map_blocks(blocks, |(zc, xc, yc)| forward_block(xc, w, bias, n_in, zc, yc, skinny));
+        super::map_blocks(blocks, |(zc, xc, yc)| {
+            forward_block(xc, w, wt.as_deref(), bias, n_in, zc, yc, skinny)
+        });
     }
     // SAFETY: every block of z (and of y for SiLU) was written in full above.
     unsafe {
@@ -399,6 +430,7 @@ fn jvp_slices(x: &[f32], dx: &[f32], w: &[f32], bias: &[f32], b: usize, act: Act
     let n = b * n_out;
     let rows = super::block_rows(b);
     let skinny = use_dots(b, n_out);
+    let wt = forward_weight(w, n_out, b.div_ceil(rows), skinny);
     let zero = vec![0.0f32; n_out];
     let mut y: Vec<f32> = Vec::with_capacity(n);
     let mut dy: Vec<f32> = Vec::with_capacity(n);
@@ -413,8 +445,8 @@ fn jvp_slices(x: &[f32], dx: &[f32], w: &[f32], bias: &[f32], b: usize, act: Act
         .collect();
     super::map_blocks(blocks, |((yc, dyc), (xc, dxc))| {
         // Without the bias for the tangent; for the skinny kernel the primal's bias is added in the product.
-        project_block(xc, w, bias, n_in, yc, skinny);
-        project_block(dxc, w, &zero, n_in, dyc, skinny);
+        project_block(xc, w, wt.as_deref(), bias, n_in, yc, skinny);
+        project_block(dxc, w, wt.as_deref(), &zero, n_in, dyc, skinny);
         // SAFETY: project_block wrote all of both blocks.
         let (yc, dyc) = unsafe { (assume_init(yc), assume_init(dyc)) };
         let b_here = if skinny { &zero[..] } else { bias };

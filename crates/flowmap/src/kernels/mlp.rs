@@ -26,7 +26,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use super::dense::{assume_init, forward_block, use_dots, weight_grads, Activation};
+use super::dense::{assume_init, forward_block, forward_weight, use_dots, weight_grads, Activation};
 use super::simd;
 use crate::Result;
 
@@ -126,6 +126,12 @@ fn infer(h: &Tensor, layers: &[Layer<'_>]) -> Result<Option<Tensor>> {
     let widest = shapes.iter().map(|l| l.n_out).max().unwrap_or(0);
     let rows = block_rows(b);
     let mut out: Vec<f32> = Vec::with_capacity(b * n_last);
+    // Each weight transposed once for all blocks (see `forward_weight`).
+    let wts: Vec<Option<Vec<f32>>> = shapes
+        .iter()
+        .zip(&params)
+        .map(|(l, (w, _))| forward_weight(w.slice(), l.n_out, b.div_ceil(rows), use_dots(b, l.n_out)))
+        .collect();
     {
         let blocks: Vec<_> = row_chunks(&mut out.spare_capacity_mut()[..b * n_last], b, n_last)
             .enumerate()
@@ -151,18 +157,21 @@ fn infer(h: &Tensor, layers: &[Layer<'_>]) -> Result<Option<Tensor>> {
                 } else {
                     uninit(&mut next[..m * l.n_out])
                 };
-                let skinny = use_dots(b, l.n_out);
+                let (skinny, wt) = (use_dots(b, l.n_out), wts[li].as_deref());
                 match l.act {
                     Activation::Silu => forward_block(
                         input,
                         w.slice(),
+                        wt,
                         bias.slice(),
                         l.n_in,
                         uninit(&mut sig[..m * l.n_out]),
                         Some(dst),
                         skinny,
                     ),
-                    Activation::Identity => forward_block(input, w.slice(), bias.slice(), l.n_in, dst, None, skinny),
+                    Activation::Identity => {
+                        forward_block(input, w.slice(), wt, bias.slice(), l.n_in, dst, None, skinny)
+                    }
                 }
                 std::mem::swap(&mut a, &mut next);
             }
@@ -264,6 +273,11 @@ impl MlpOp {
                 }
             }
             let rows = block_rows(b);
+            let wts: Vec<Option<Vec<f32>>> = self
+                .layers
+                .iter()
+                .map(|l| forward_weight(l.w(flat), l.n_out, b.div_ceil(rows), use_dots(b, l.n_out)))
+                .collect();
             super::map_blocks(blocks, |(i, mut ys, mut ss)| {
                 let r0 = i * rows;
                 let m = rows.min(b - r0);
@@ -281,7 +295,7 @@ impl MlpOp {
                         Activation::Silu => (&mut *ss[li], Some(&mut *rest[0])),
                         Activation::Identity => (&mut *rest[0], None),
                     };
-                    forward_block(input, w, bias, l.n_in, zc, yc, skinny);
+                    forward_block(input, w, wts[li].as_deref(), bias, l.n_in, zc, yc, skinny);
                 }
             });
         }

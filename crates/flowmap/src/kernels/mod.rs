@@ -14,6 +14,9 @@
 //!   ([`crate::optim`]).
 //!
 //! GEMMs go through the `gemm` crate with its AVX-512 kernels (the same crate candle's CPU matmul uses).
+//! A forward pass that runs as several blocks of rows transposes each weight once and lets every block's
+//! product read `Wᵀ` directly, instead of each product repacking `W` (the batch-256 profile spent 17% of
+//! an EMD step packing weights).
 //! Elementwise kernels are compiled for AVX-512 and AVX2 and picked at run time, with a polynomial `exp`
 //! (Cephes' `expf`, ≤ 2 ulp) that vectorises.
 //!

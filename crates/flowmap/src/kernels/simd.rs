@@ -272,9 +272,106 @@ multiversion! {
     }
 }
 
+/// `a` (`rows × cols`, row-major) transposed into `cols × rows`: 8×8 tiles through AVX registers where the
+/// CPU has AVX, the ragged edges (and every element elsewhere) one by one. A pure permutation: bit-exact.
+pub(crate) fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(
+        a.len(),
+        rows * cols,
+        "transpose: {} elements for {rows}×{cols}",
+        a.len()
+    );
+    let mut t: Vec<f32> = Vec::with_capacity(a.len());
+    let out = &mut t.spare_capacity_mut()[..a.len()];
+    let (tiled_rows, tiled_cols) = {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx") {
+                // SAFETY: the CPU has AVX; `transpose_tiles_avx` stays inside both buffers' `rows × cols`.
+                unsafe { transpose_tiles_avx(a, rows, cols, out) };
+                (rows / 8 * 8, cols / 8 * 8)
+            } else {
+                (0, 0)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            (0, 0)
+        }
+    };
+    // The ragged edges: the columns right of the tiles in the tiled rows, then every column of the rest.
+    for r in 0..rows {
+        let from = if r < tiled_rows { tiled_cols } else { 0 };
+        for c in from..cols {
+            out[c * rows + r].write(a[r * cols + c]);
+        }
+    }
+    // SAFETY: the tiles and the loop above wrote every element once.
+    unsafe { t.set_len(a.len()) };
+    t
+}
+
+/// The whole 8×8 tiles of [`transpose`]: eight row loads, the standard unpack/shuffle/permute network,
+/// eight row stores.
+///
+/// # Safety
+/// The CPU must have AVX; `a` and `out` must hold `rows × cols` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_tiles_avx(a: &[f32], rows: usize, cols: usize, out: &mut [MaybeUninit<f32>]) {
+    use std::arch::x86_64::*;
+    let (src, dst) = (a.as_ptr(), out.as_mut_ptr().cast::<f32>());
+    for r0 in (0..rows / 8 * 8).step_by(8) {
+        for c0 in (0..cols / 8 * 8).step_by(8) {
+            let s = src.add(r0 * cols + c0);
+            let r: [__m256; 8] = std::array::from_fn(|k| _mm256_loadu_ps(s.add(k * cols)));
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u = [
+                _mm256_shuffle_ps::<0x44>(t0, t2),
+                _mm256_shuffle_ps::<0xEE>(t0, t2),
+                _mm256_shuffle_ps::<0x44>(t1, t3),
+                _mm256_shuffle_ps::<0xEE>(t1, t3),
+                _mm256_shuffle_ps::<0x44>(t4, t6),
+                _mm256_shuffle_ps::<0xEE>(t4, t6),
+                _mm256_shuffle_ps::<0x44>(t5, t7),
+                _mm256_shuffle_ps::<0xEE>(t5, t7),
+            ];
+            let d = dst.add(c0 * rows + r0);
+            for k in 0..4 {
+                _mm256_storeu_ps(d.add(k * rows), _mm256_permute2f128_ps::<0x20>(u[k], u[k + 4]));
+                _mm256_storeu_ps(d.add((k + 4) * rows), _mm256_permute2f128_ps::<0x31>(u[k], u[k + 4]));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transpose_is_the_transpose_on_tiled_and_ragged_shapes() {
+        for (rows, cols) in [(1, 1), (8, 8), (3, 17), (16, 24), (13, 21), (256, 66), (66, 256)] {
+            let a: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let t = transpose(&a, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        t[c * rows + r].to_bits(),
+                        a[r * cols + c].to_bits(),
+                        "{rows}×{cols} at ({r}, {c})"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn exp_is_within_two_ulp_of_libm_on_the_range_silu_uses() {
