@@ -241,7 +241,7 @@ fn backward(
     // Each block's sums go to its own buffers, added in block order afterwards: the result does not depend
     // on which thread ran which block (nor, since blocks depend only on the batch, on the thread count).
     let partials = super::map_blocks(blocks, |blk| {
-        let (mut db, mut dw) = (vec![0.0f32; n_out], vec![0.0f32; n_out * n_in]);
+        let (mut db, mut dw) = (vec![0.0f32; n_out], Vec::with_capacity(n_out * n_in));
         let m = blk.g.len() / n_out;
         let dz: &[f32] = if silu {
             simd::silu_backward(blk.z, blk.y, blk.g, &mut db);
@@ -251,17 +251,22 @@ fn backward(
             blk.g
         };
         let skinny = skinny || use_dots(m, n_out);
-        weight_grads(dz, w, blk.x, n_in, blk.dx, &mut dw, skinny);
+        weight_grads(
+            dz,
+            w,
+            blk.x,
+            n_in,
+            blk.dx,
+            &mut dw.spare_capacity_mut()[..n_out * n_in],
+            skinny,
+        );
+        // SAFETY: weight_grads wrote all of dW.
+        unsafe { dw.set_len(n_out * n_in) };
         (db, dw)
     });
-    let mut partials = partials.into_iter();
-    let (mut db, mut dw) = partials
-        .next()
-        .unwrap_or_else(|| (vec![0.0f32; n_out], vec![0.0f32; n_out * n_in]));
-    for (pdb, pdw) in partials {
-        db = add_into(db, pdb);
-        dw = add_into(dw, pdw);
-    }
+    let (dbs, dws): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+    let db = super::sum_in_order(dbs).unwrap_or_else(|| vec![0.0f32; n_out]);
+    let dw = super::sum_in_order(dws).unwrap_or_else(|| vec![0.0f32; n_out * n_in]);
     if need_dx {
         // SAFETY: every block of dx was written in full above (by the GEMM or the skinny kernel).
         unsafe { dx.set_len(b * n_in) };
@@ -270,24 +275,29 @@ fn backward(
 }
 
 /// For one block of `m` rows of a layer's backward pass (`dz`: `m × out`, its input `x`: `m × in`):
-/// `dx = dz·W` when `dx` is given (every element written) and `dW += dzᵀ·x`, by the dot-product kernels
-/// when `skinny`, by GEMM otherwise.
+/// `dx = dz·W` when `dx` is given and `dW = dzᵀ·x`, every element of both written, by the dot-product
+/// kernels when `skinny`, by GEMM otherwise.
 pub(super) fn weight_grads(
     dz: &[f32],
     w: &[f32],
     x: &[f32],
     n_in: usize,
     dx: Option<&mut [MaybeUninit<f32>]>,
-    dw: &mut [f32],
+    dw: &mut [MaybeUninit<f32>],
     skinny: bool,
 ) {
-    if skinny {
-        simd::skinny_backward(dz, w, x, n_in, dx, dw);
+    // An empty block (k = 0 for dW's product) goes through the zeroing dot-product path as well.
+    if skinny || dz.is_empty() {
+        dw.iter_mut().for_each(|v| {
+            v.write(0.0);
+        });
+        // SAFETY: zeroed just above.
+        simd::skinny_backward(dz, w, x, n_in, dx, unsafe { assume_init(dw) });
     } else if let Some(n_out) = dw.len().checked_div(n_in) {
         let m = dz.len() / n_out;
         // SAFETY: dz is m × out (strides out, 1); W is out × in (strides in, 1); x is m × in; dx is m × in
-        // and fully overwritten (read_dst = false, k = out ≥ 1); dW (out × in) accumulates dzᵀ·x, reading
-        // dz with strides (1, out).
+        // and dW is out × in, both fully overwritten (read_dst = false; k = out ≥ 1 and k = m ≥ 1), dW
+        // reading dz with strides (1, out).
         unsafe {
             if let Some(dx) = dx {
                 super::gemm(
@@ -304,18 +314,13 @@ pub(super) fn weight_grads(
                 n_out,
                 n_in,
                 m,
-                dw.as_mut_ptr(),
-                true,
+                dw.as_mut_ptr().cast(),
+                false,
                 (dz.as_ptr(), 1, n_out as isize),
                 (x.as_ptr(), n_in as isize, 1),
             );
         }
     }
-}
-
-fn add_into(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
-    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-    a
 }
 
 impl CustomOp3 for DenseOp {

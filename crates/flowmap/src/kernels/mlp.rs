@@ -352,7 +352,8 @@ impl MlpOp {
             super::map_blocks(blocks, |(i, mut ss, mut dxc)| {
                 let r0 = i * rows;
                 let m = rows.min(b - r0);
-                let mut part = vec![0.0f32; total];
+                // Every element is written below: each layer's dW by its product, its db zeroed then summed.
+                let mut part: Vec<f32> = Vec::with_capacity(total);
                 let (mut cur, mut next) = (vec![0.0f32; m * widest], vec![0.0f32; m * widest]);
                 let last = self.layers.len() - 1;
                 cur[..m * self.layers[last].n_out]
@@ -360,7 +361,13 @@ impl MlpOp {
                 for (li, l) in self.layers.iter().enumerate().rev() {
                     let (n_in, n_out) = (l.n_in, l.n_out);
                     let grad = &cur[..m * n_out];
-                    let (dw, db) = part[l.offset..l.offset + n_out * n_in + n_out].split_at_mut(n_out * n_in);
+                    let (dw, db) =
+                        part.spare_capacity_mut()[l.offset..l.offset + n_out * n_in + n_out].split_at_mut(n_out * n_in);
+                    db.iter_mut().for_each(|v| {
+                        v.write(0.0);
+                    });
+                    // SAFETY: zeroed just above.
+                    let db = unsafe { assume_init(db) };
                     let dz: &[f32] = match l.act {
                         Activation::Silu => {
                             let sc = &mut *ss[li];
@@ -389,14 +396,12 @@ impl MlpOp {
                     weight_grads(dz, w, input, n_in, out, dw, skinny);
                     std::mem::swap(&mut cur, &mut next);
                 }
+                // SAFETY: the layers' dW and db tile the flat parameters, and each was written above.
+                unsafe { part.set_len(total) };
                 part
             })
         };
-        let mut partials = partials.into_iter();
-        let mut dflat = partials.next().unwrap_or_else(|| vec![0.0f32; flat.len()]);
-        for p in partials {
-            dflat.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
-        }
+        let dflat = super::sum_in_order(partials).unwrap_or_else(|| vec![0.0f32; flat.len()]);
         if need_dx {
             // SAFETY: every block of dx was written in full by the first layer's backward step.
             unsafe { dx.set_len(b * first_in) };

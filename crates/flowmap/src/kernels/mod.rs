@@ -133,6 +133,24 @@ pub(crate) fn map_blocks<T: Send, R: Send>(blocks: Vec<T>, f: impl Fn(T) -> R + 
     }
 }
 
+/// The element-wise sum of per-block partial sums, added in block order (so the same bits on any thread
+/// count), in parallel over ranges of elements. `None` when there are no parts.
+pub(crate) fn sum_in_order(parts: Vec<Vec<f32>>) -> Option<Vec<f32>> {
+    const CHUNK: usize = 1 << 14;
+    let mut parts = parts.into_iter();
+    let mut acc = parts.next()?;
+    let rest: Vec<Vec<f32>> = parts.collect();
+    if !rest.is_empty() {
+        let chunks: Vec<(usize, &mut [f32])> = acc.chunks_mut(CHUNK).enumerate().collect();
+        map_blocks(chunks, |(i, c)| {
+            for p in &rest {
+                simd::add_assign(c, &p[i * CHUNK..]);
+            }
+        });
+    }
+    Some(acc)
+}
+
 /// `dst += lhs·rhs` (`read_dst`) or `dst = lhs·rhs` on the calling thread, row-major `dst` (`m × n`, row
 /// stride `n`); `lhs` is `m × k` and `rhs` `k × n`, each given by a pointer and its (row, column) strides.
 /// Callers parallelise over blocks of rows themselves, so that each block's elementwise work runs right

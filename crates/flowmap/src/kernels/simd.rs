@@ -75,6 +75,15 @@ pub(crate) fn sin_cos(x: f32) -> (f32, f32) {
 }
 
 multiversion! {
+    /// `acc += x`, element by element.
+    pub(crate) fn add_assign(acc: &mut [f32], x: &[f32]) {
+        for (a, v) in acc.iter_mut().zip(x) {
+            *a += *v;
+        }
+    }
+}
+
+multiversion! {
     /// `sin[k] = sin(ω_k t)`, `cos[k] = cos(ω_k t)`.
     pub(crate) fn sin_cos_scaled(t: f32, freqs: &[f32], sin: &mut [f32], cos: &mut [f32]) {
         for ((w, s), c) in freqs.iter().zip(sin.iter_mut()).zip(cos.iter_mut()) {
