@@ -73,6 +73,14 @@ pub(super) unsafe fn assume_init(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     &mut *(v as *mut [MaybeUninit<f32>] as *mut [f32])
 }
 
+/// A layer's weight `W` (`out × in`, row-major) as a forward product reads it: in place, or through its
+/// transpose when one was made for the pass ([`forward_weight`]).
+#[derive(Clone, Copy)]
+pub(super) struct Weight<'a> {
+    pub w: &'a [f32],
+    pub wt: Option<&'a [f32]>,
+}
+
 /// `Wᵀ` (`in × out`, row-major) for a forward product that runs as `blocks` blocks of rows, or `None` where
 /// they read `W`.
 ///
@@ -85,12 +93,10 @@ pub(super) fn forward_weight(w: &[f32], n_out: usize, blocks: usize, skinny: boo
     (!skinny && blocks >= 2 && n_out > 0 && !w.is_empty()).then(|| simd::transpose(w, n_out, w.len() / n_out))
 }
 
-/// Writes one block of `x·Wᵀ` (or, for a `skinny` layer, `x·Wᵀ + b`) into `zc`, all of it. `wt`, when
-/// given, is `Wᵀ` ([`forward_weight`]) and the product reads it instead of `w`.
+/// Writes one block of `x·Wᵀ` (or, for a `skinny` layer, `x·Wᵀ + b`) into `zc`, all of it.
 fn project_block(
     xc: &[f32],
-    w: &[f32],
-    wt: Option<&[f32]>,
+    Weight { w, wt }: Weight<'_>,
     bias: &[f32],
     n_in: usize,
     zc: &mut [MaybeUninit<f32>],
@@ -134,15 +140,14 @@ fn project_block(
 /// for SiLU (`yc` given), `y = silu(z)` into `yc` and `zc ← σ(z)`. Writes all of `zc` (and `yc`).
 pub(super) fn forward_block(
     xc: &[f32],
-    w: &[f32],
-    wt: Option<&[f32]>,
+    weight: Weight<'_>,
     bias: &[f32],
     n_in: usize,
     zc: &mut [MaybeUninit<f32>],
     yc: Option<&mut [MaybeUninit<f32>]>,
     skinny: bool,
 ) {
-    project_block(xc, w, wt, bias, n_in, zc, skinny);
+    project_block(xc, weight, bias, n_in, zc, skinny);
     // SAFETY: project_block wrote all of zc.
     let zc = unsafe { assume_init(zc) };
     // The skinny kernel adds the bias in the product; otherwise it goes in with the activation.
@@ -174,7 +179,7 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Ve
             .map(|(zc, xc)| (zc, xc, if silu { ys.next() } else { None }))
             .collect();
         super::map_blocks(blocks, |(zc, xc, yc)| {
-            forward_block(xc, w, wt.as_deref(), bias, n_in, zc, yc, skinny)
+            forward_block(xc, Weight { w, wt: wt.as_deref() }, bias, n_in, zc, yc, skinny)
         });
     }
     // SAFETY: every block of z (and of y for SiLU) was written in full above.
@@ -450,8 +455,9 @@ fn jvp_slices(x: &[f32], dx: &[f32], w: &[f32], bias: &[f32], b: usize, act: Act
         .collect();
     super::map_blocks(blocks, |((yc, dyc), (xc, dxc))| {
         // Without the bias for the tangent; for the skinny kernel the primal's bias is added in the product.
-        project_block(xc, w, wt.as_deref(), bias, n_in, yc, skinny);
-        project_block(dxc, w, wt.as_deref(), &zero, n_in, dyc, skinny);
+        let weight = Weight { w, wt: wt.as_deref() };
+        project_block(xc, weight, bias, n_in, yc, skinny);
+        project_block(dxc, weight, &zero, n_in, dyc, skinny);
         // SAFETY: project_block wrote all of both blocks.
         let (yc, dyc) = unsafe { (assume_init(yc), assume_init(dyc)) };
         let b_here = if skinny { &zero[..] } else { bias };

@@ -26,7 +26,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use super::dense::{assume_init, forward_block, forward_weight, use_dots, weight_grads, Activation};
+use super::dense::{assume_init, forward_block, forward_weight, use_dots, weight_grads, Activation, Weight};
 use super::simd;
 use crate::Result;
 
@@ -157,21 +157,22 @@ fn infer(h: &Tensor, layers: &[Layer<'_>]) -> Result<Option<Tensor>> {
                 } else {
                     uninit(&mut next[..m * l.n_out])
                 };
-                let (skinny, wt) = (use_dots(b, l.n_out), wts[li].as_deref());
+                let skinny = use_dots(b, l.n_out);
+                let weight = Weight {
+                    w: w.slice(),
+                    wt: wts[li].as_deref(),
+                };
                 match l.act {
                     Activation::Silu => forward_block(
                         input,
-                        w.slice(),
-                        wt,
+                        weight,
                         bias.slice(),
                         l.n_in,
                         uninit(&mut sig[..m * l.n_out]),
                         Some(dst),
                         skinny,
                     ),
-                    Activation::Identity => {
-                        forward_block(input, w.slice(), wt, bias.slice(), l.n_in, dst, None, skinny)
-                    }
+                    Activation::Identity => forward_block(input, weight, bias.slice(), l.n_in, dst, None, skinny),
                 }
                 std::mem::swap(&mut a, &mut next);
             }
@@ -295,7 +296,18 @@ impl MlpOp {
                         Activation::Silu => (&mut *ss[li], Some(&mut *rest[0])),
                         Activation::Identity => (&mut *rest[0], None),
                     };
-                    forward_block(input, w, wts[li].as_deref(), bias, l.n_in, zc, yc, skinny);
+                    forward_block(
+                        input,
+                        Weight {
+                            w,
+                            wt: wts[li].as_deref(),
+                        },
+                        bias,
+                        l.n_in,
+                        zc,
+                        yc,
+                        skinny,
+                    );
                 }
             });
         }
