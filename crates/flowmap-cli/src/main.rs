@@ -12,7 +12,8 @@ use flowmap::demo::{self, DemoConfig};
 use flowmap::flow_map::SolverMap;
 use flowmap::nn::MlpConfig;
 use flowmap::objective::{
-    DistillConfig, EpsSchedule, JvpMode, MeanFlowTangent, Method, TargetNet, TimeDistribution, Weighting,
+    DistillConfig, EpsSchedule, JvpMode, MeanFlowTangent, MeanFlowVelocity, Method, TargetNet, TimeDistribution,
+    Weighting,
 };
 use flowmap::ode::{self, Solver};
 use flowmap::pipeline::{self, progress_bar, EvalSettings, OutDir, RunConfig, Teacher};
@@ -249,6 +250,10 @@ struct MapFlags {
     /// MeanFlow's JVP tangent in x: conditional (x1 − x0, the default) or model (the network's own diagonal).
     #[arg(long)]
     meanflow_tangent: Option<String>,
+    /// The velocity MeanFlow's target is built from: conditional (x1 − x0, the default) or batch (the batch's
+    /// estimate of the marginal velocity).
+    #[arg(long)]
+    meanflow_velocity: Option<String>,
     /// Hidden width of a fresh student (network teachers set the architecture themselves).
     #[arg(long, default_value_t = 256)]
     hidden: usize,
@@ -318,6 +323,16 @@ impl MapFlags {
                 "conditional" => MeanFlowTangent::Conditional,
                 "model" => MeanFlowTangent::Model,
                 other => bail!("unknown MeanFlow tangent '{other}' (expected conditional or model)"),
+            };
+        }
+        if let Some(m) = &self.meanflow_velocity {
+            if method != Method::Meanflow {
+                bail!("--meanflow-velocity applies to --method meanflow only");
+            }
+            dcfg.continuous.meanflow_velocity = match m.as_str() {
+                "conditional" => MeanFlowVelocity::Conditional,
+                "batch" => MeanFlowVelocity::Batch,
+                other => bail!("unknown MeanFlow velocity '{other}' (expected conditional or batch)"),
             };
         }
         dcfg.validate()?;

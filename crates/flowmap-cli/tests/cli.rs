@@ -537,6 +537,38 @@ fn inapplicable_method_combinations_are_clear_errors() {
         "unknown method 'flow'",
         &out,
     );
+    fails(
+        bin()
+            .args([
+                "train",
+                "--method",
+                "meanflow",
+                "--data",
+                "moons",
+                "--meanflow-velocity",
+                "marginal",
+            ])
+            .arg("--out")
+            .arg(&out),
+        "unknown MeanFlow velocity 'marginal'",
+        &out,
+    );
+    fails(
+        bin()
+            .args([
+                "train",
+                "--method",
+                "shortcut",
+                "--data",
+                "moons",
+                "--meanflow-velocity",
+                "batch",
+            ])
+            .arg("--out")
+            .arg(&out),
+        "--meanflow-velocity applies to --method meanflow only",
+        &out,
+    );
     // A consistency model maps only to s = 0.
     let cm = dir.path().join("cm.safetensors");
     ok(bin()

@@ -306,6 +306,26 @@ fn network_jvp_matches_with_the_fast_path_off() {
 }
 
 #[test]
+fn batch_velocity_matches_with_the_fast_path_off() {
+    // MeanFlow's batch estimate of the marginal velocity: the fused per-row pass against candle's ops, over
+    // times from near the data (peaked weights) to the noise (flat ones), at several batch sizes.
+    let _lock = SWITCH.lock().unwrap();
+    for (b, n) in [(1, 1), (7, 5), (300, 256), (700, 512)] {
+        let (xt, x0) = (randn((b, 2), 21), randn((n, 2), 22));
+        let t = Tensor::rand(0.02f32, 1.0, (b, 1), &Device::Cpu).unwrap();
+        let v1 = flowmap::objective::batch_velocity(&xt, &t, &x0).unwrap();
+        kernels::set_enabled(false);
+        let v2 = flowmap::objective::batch_velocity(&xt, &t, &x0).unwrap();
+        kernels::set_enabled(true);
+        assert!(
+            rel(&v1, &v2) < 1e-4,
+            "batch {b} × {n}: velocities differ by {}",
+            rel(&v1, &v2)
+        );
+    }
+}
+
+#[test]
 fn results_do_not_depend_on_the_thread_count() {
     // Bit-for-bit needs the fast path on for both runs: hold the switch.
     let _lock = SWITCH.lock().unwrap();

@@ -9,8 +9,8 @@ use flowmap::data::GaussianMixture;
 use flowmap::flow_map::{FlowMap, SolverMap};
 use flowmap::jvp::{FiniteDifference, TangentMap};
 use flowmap::objective::{
-    self, DistillConfig, EpsSchedule, MeanFlowTangent, Method, Objective, Progressive, StepContext, TimeDistribution,
-    TimeSampling, Weighting,
+    self, DistillConfig, EpsSchedule, MeanFlowTangent, MeanFlowVelocity, Method, Objective, Progressive, StepContext,
+    TimeDistribution, TimeSampling, Weighting,
 };
 use flowmap::ode::Solver;
 use flowmap::teacher::{GmmVelocity, VelocityField};
@@ -236,6 +236,9 @@ fn teacher_free_objectives_vanish_at_the_exact_map() {
     let mut c = cfg(0.1, 0.25);
     c.weighting = Weighting::Adaptive { c: 1e-3, p: 0.0 };
     check(Method::Meanflow, &point, c, 1e-4);
+    // So does its batch estimate of the marginal velocity, which for one point is x1 − x0 again.
+    c.continuous.meanflow_velocity = MeanFlowVelocity::Batch;
+    check(Method::Meanflow, &point, c, 1e-4);
 }
 
 #[test]
@@ -293,4 +296,38 @@ fn meanflow_loss_is_stationary_at_the_exact_map_and_its_adaptive_weight_is_not()
         adaptive.abs() > 0.75 * restoring,
         "adaptive MeanFlow gradient at Φ {adaptive:e} (restoring {restoring:e})"
     );
+}
+
+#[test]
+fn batch_velocity_is_the_posterior_mean_velocity_of_the_batch() {
+    // With the data points ±1 (1-D) as the data law, x_t = (1 − t)·x0 + t·x1 has E[x0 | x_t] =
+    // tanh((1 − t)·x_t / t²), so the marginal velocity is (x_t − tanh((1 − t)·x_t / t²)) / t.
+    let dev = candle_core::Device::Cpu;
+    let x0 = Tensor::new(&[[-1.0f64], [1.0]], &dev).unwrap();
+    let single = Tensor::new(&[[0.4f64]], &dev).unwrap();
+    for &t in &[0.05f64, 0.3, 0.7, 1.0] {
+        for &x in &[-1.5f64, -0.2, 0.0, 0.3, 0.9, 2.0] {
+            let xt = Tensor::new(&[[x]], &dev).unwrap();
+            let tt = Tensor::new(&[[t]], &dev).unwrap();
+            let v = objective::batch_velocity(&xt, &tt, &x0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()[0];
+            let exact = (x - ((1.0 - t) * x / (t * t)).tanh()) / t;
+            assert!(
+                (v - exact).abs() < 1e-9 * (1.0 + exact.abs()),
+                "t = {t}, x = {x}: {v} vs {exact}"
+            );
+            // One data point: the conditional velocity (x_t − x0) / t itself.
+            let v1 = objective::batch_velocity(&xt, &tt, &single)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()[0];
+            assert!((v1 - (x - 0.4) / t).abs() < 1e-9 * (1.0 + v1.abs()));
+        }
+    }
 }

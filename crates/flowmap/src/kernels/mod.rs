@@ -133,6 +133,37 @@ pub(crate) fn map_blocks<T: Send, R: Send>(blocks: Vec<T>, f: impl Fn(T) -> R + 
     }
 }
 
+/// The posterior mean of the data points `x0` (`n × d`) given each row of `xt` (`b × d`) on the linear
+/// path at its time `t` (`b`): `Σ_j w_j·x0_j` with `w_j = softmax_j(−‖x_t − (1 − t)·x0_j‖² / 2t²)`, one fused
+/// pass per row, rows spread over the threads. `None` when a tensor is not contiguous f32 on the CPU (or the
+/// fast path is off); the caller then takes candle's ops.
+pub(crate) fn posterior_mean(xt: &Tensor, t: &Tensor, x0: &Tensor) -> Result<Option<Tensor>> {
+    if !applies(xt.device(), xt.dtype()) || x0.dtype() != DType::F32 || t.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (b, d) = xt.dims2()?;
+    let n = x0.dim(0)?;
+    let x0t = x0.t()?.contiguous()?;
+    let (xt, t) = (xt.contiguous()?, t.flatten_all()?.contiguous()?);
+    let (Some(xr), Some(tr), Some(zr)) = (read(&xt), read(&t), read(&x0t)) else {
+        return Ok(None);
+    };
+    let (xs, ts, zs) = (xr.slice(), tr.slice(), zr.slice());
+    let mut out = vec![0.0f32; b * d];
+    let rows = block_rows(b);
+    let blocks: Vec<(usize, &mut [f32])> = out.chunks_mut((rows * d).max(1)).enumerate().collect();
+    map_blocks(blocks, |(i, oc)| {
+        let mut buf = vec![0.0f32; n];
+        for (r, o) in oc.chunks_exact_mut(d).enumerate() {
+            let row = i * rows + r;
+            let tv = ts[row];
+            let inv = 1.0 / (2.0 * tv * tv);
+            simd::posterior_mean_row(&xs[row * d..(row + 1) * d], 1.0 - tv, inv, zs, &mut buf, o);
+        }
+    });
+    Ok(Some(Tensor::from_vec(out, (b, d), xt.device())?))
+}
+
 /// The element-wise sum of per-block partial sums, added in block order (so the same bits on any thread
 /// count), in parallel over ranges of elements. `None` when there are no parts.
 pub(crate) fn sum_in_order(parts: Vec<Vec<f32>>) -> Option<Vec<f32>> {

@@ -75,6 +75,49 @@ pub(crate) fn sin_cos(x: f32) -> (f32, f32) {
 }
 
 multiversion! {
+    /// One row of the posterior mean of the data points given `x` on the linear path: with `x0t` the
+    /// points by feature (`d` runs of `n`), `out = Σ_j w_j·x0_j`, `w_j ∝ exp(−‖x − a·x0_j‖² · inv)`
+    /// (`a = 1 − t`, `inv = 1/2t²`). `buf` (`n`) is scratch.
+    pub(crate) fn posterior_mean_row(x: &[f32], a: f32, inv: f32, x0t: &[f32], buf: &mut [f32], out: &mut [f32]) {
+        let n = buf.len();
+        buf.iter_mut().for_each(|b| *b = 0.0);
+        for (c, col) in x.iter().zip(x0t.chunks_exact(n)) {
+            for (b, z) in buf.iter_mut().zip(col) {
+                let r = c - a * z;
+                *b += r * r;
+            }
+        }
+        let nearest = lanes(buf, f32::INFINITY, |m, &b, _| m.min(b), f32::min);
+        for b in buf.iter_mut() {
+            *b = exp((nearest - *b) * inv);
+        }
+        let total = lanes(buf, 0.0, |s, &b, _| s + b, |a, b| a + b);
+        for (o, col) in out.iter_mut().zip(x0t.chunks_exact(n)) {
+            *o = lanes(buf, 0.0, |s, &b, j| s + b * col[j], |a, b| a + b) / total;
+        }
+    }
+}
+
+/// Folds `v` in 16 interleaved lanes (`step(lane, &v[j], j)`), then the lanes with `join`: independent
+/// chains that vectorise, where one running fold would be a chain of dependent additions.
+#[inline(always)]
+fn lanes(v: &[f32], init: f32, step: impl Fn(f32, &f32, usize) -> f32, join: impl Fn(f32, f32) -> f32) -> f32 {
+    const L: usize = 16;
+    let mut acc = [init; L];
+    let whole = v.len() / L * L;
+    for (c, chunk) in v[..whole].chunks_exact(L).enumerate() {
+        for (k, (a, x)) in acc.iter_mut().zip(chunk).enumerate() {
+            *a = step(*a, x, c * L + k);
+        }
+    }
+    let mut r = acc.into_iter().fold(init, &join);
+    for (j, x) in v.iter().enumerate().skip(whole) {
+        r = join(r, step(init, x, j));
+    }
+    r
+}
+
+multiversion! {
     /// `acc += x`, element by element.
     pub(crate) fn add_assign(acc: &mut [f32], x: &[f32]) {
         for (a, v) in acc.iter_mut().zip(x) {

@@ -291,6 +291,24 @@ pub enum MeanFlowTangent {
     Model,
 }
 
+/// The velocity MeanFlow's target is built from (and, with [`MeanFlowTangent::Conditional`], its JVP
+/// tangent).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MeanFlowVelocity {
+    /// The pair's conditional velocity `v_c = x1 − x0` (Geng et al. 2025).
+    #[default]
+    Conditional,
+    /// The batch's estimate of the marginal velocity: the posterior mean of `x1 − x0` given `x_t` when the
+    /// batch's data points are the data law, `v̂(x_t, t) = Σ_j w_j·(x_t − x0_j)/t` with
+    /// `w_j ∝ exp(−‖x_t − (1 − t)·x0_j‖² / 2t²)`, the row's own `x0` among the `x0_j` (the stable target
+    /// field of Xu et al. 2023, "Stable Target Field for Reduced Variance Score Estimation in Diffusion
+    /// Models"). It averages out the noise of `v_c` where many data points could have produced `x_t` (large
+    /// `t`) and reduces to `v_c` where one could (small `t`); it is biased by treating a batch as the
+    /// data law, less so the larger the batch.
+    Batch,
+}
+
 /// `cm_time_power` of configurations saved before the field existed: the uniform grid.
 fn uniform_cm_grid() -> f64 {
     1.0
@@ -322,6 +340,8 @@ pub struct ContinuousConfig {
     pub progressive_stage_steps: usize,
     /// MeanFlow's JVP tangent in `x`.
     pub meanflow_tangent: MeanFlowTangent,
+    /// The velocity MeanFlow's target is built from.
+    pub meanflow_velocity: MeanFlowVelocity,
 }
 
 impl Default for ContinuousConfig {
@@ -335,6 +355,7 @@ impl Default for ContinuousConfig {
             ctm_steps_per_unit: 8,
             progressive_stage_steps: 500,
             meanflow_tangent: MeanFlowTangent::Conditional,
+            meanflow_velocity: MeanFlowVelocity::Conditional,
         }
     }
 }
@@ -381,6 +402,11 @@ impl DistillConfig {
     /// energy distance 0.0012, against 0.0035 with logit-normal(0, 1) times and 75% on the diagonal
     /// (`--times logit-normal --diagonal-fraction 0.75`, close to the paper's logit-normal(−0.4, 1)) and
     /// 0.0014 with uniform times and 75%.
+    /// Its target starts from the batch's estimate of the marginal velocity ([`MeanFlowVelocity::Batch`])
+    /// rather than `x1 − x0`: `flowmap train --method meanflow --data checkerboard --steps 8000 --batch 512
+    /// --seed 1 [--meanflow-velocity conditional]`, 200,000-point energy distance at 1, 2 and 4 NFE on the
+    /// grid `ρ = 2` (`flowmap eval --grid-power 2`): 0.00049, 0.00015, 0.00013 against 0.00111, 0.00049,
+    /// 0.00040 with `x1 − x0`, for 17% more time per step.
     /// The consistency model takes its targets from the EMA of the weights, as in Song et al. 2023's
     /// consistency distillation: on checkerboard (4,300 steps at batch 512, 200,000-point energy distance,
     /// `flowmap distill --method cm [--target ema]`) 1-NFE 0.00026 and 0.00025 over two seeds against 0.00029
@@ -392,7 +418,10 @@ impl DistillConfig {
     pub fn for_method(method: Method) -> Self {
         let mut c = DistillConfig::default();
         match method {
-            Method::Meanflow => c.weighting = Weighting::Constant,
+            Method::Meanflow => {
+                c.weighting = Weighting::Constant;
+                c.continuous.meanflow_velocity = MeanFlowVelocity::Batch;
+            }
             Method::SelfLmd | Method::Cm => c.target = TargetNet::Ema,
             _ => {}
         }

@@ -1,6 +1,9 @@
 use candle_core::Tensor;
 
-use super::{draw_pairs, ones, row_mse, tangent, DistillConfig, MeanFlowTangent, Objective, StepContext, Weighting};
+use super::{
+    draw_pairs, ones, row_mse, tangent, DistillConfig, MeanFlowTangent, MeanFlowVelocity, Objective, StepContext,
+    Weighting,
+};
 use crate::jvp::TangentMap;
 use crate::kernels::no_grad;
 use crate::Result;
@@ -25,7 +28,8 @@ use crate::Result;
 /// The rows with `s = t` (the diagonal fraction) reduce to conditional flow matching. With
 /// [`MeanFlowTangent::Model`](super::MeanFlowTangent) the JVP moves `x` along the target network's own
 /// diagonal `F_θ⁻(x_t, t, t)` instead of `v_c` (same loss, lower-variance but, until the diagonal is learned,
-/// biased target).
+/// biased target). With [`MeanFlowVelocity::Batch`](super::MeanFlowVelocity) the batch's estimate of the
+/// marginal velocity ([`batch_velocity`]) replaces `v_c`, in the target and in the tangent.
 pub struct MeanFlow {
     pub cfg: DistillConfig,
 }
@@ -39,7 +43,10 @@ impl Objective for MeanFlow {
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let (x, t, s, _) = draw_pairs(&self.cfg, cx)?;
-        let vc = (cx.x1 - cx.x0)?;
+        let vc = match self.cfg.continuous.meanflow_velocity {
+            MeanFlowVelocity::Conditional => (cx.x1 - cx.x0)?,
+            MeanFlowVelocity::Batch => batch_velocity(&x, &t, cx.x0)?,
+        };
         let along = match self.cfg.continuous.meanflow_tangent {
             MeanFlowTangent::Conditional => vc.clone(),
             MeanFlowTangent::Model => no_grad(|| cx.target.average_velocity(&x, &t, &t))?,
@@ -65,4 +72,30 @@ impl Objective for MeanFlow {
             Weighting::Constant | Weighting::Normalized => Ok(r.mean_all()?),
         }
     }
+}
+
+/// The batch estimate of the marginal velocity at `x_t` (`b × d`, at times `t`, `b × 1`) with the data
+/// points `x0` (`n × d`) as the data law: `v̂ = (x_t − Σ_j w_j·x0_j) / t`, where
+/// `w_j = softmax_j(−‖x_t − (1 − t)·x0_j‖² / 2t²)` is the posterior of `x0_j` given `x_t` on the linear
+/// path. Detached; `t` is floored at 1e-4. On the CPU in f32 one fused pass per row
+/// (`kernels::posterior_mean`), elsewhere candle's ops (the two agree to f32 rounding; tested).
+pub fn batch_velocity(xt: &Tensor, t: &Tensor, x0: &Tensor) -> Result<Tensor> {
+    let t = t.clamp(1e-4, 1.0)?.detach();
+    let (xt, x0) = (xt.detach(), x0.detach());
+    if let Some(mean) = crate::kernels::posterior_mean(&xt, &t, &x0)? {
+        return Ok((xt - mean)?.broadcast_div(&t)?);
+    }
+    let a = t.affine(-1.0, 1.0)?; // 1 − t
+    let xx = xt.sqr()?.sum_keepdim(1)?; // b × 1
+    let zz = x0.sqr()?.sum_keepdim(1)?.t()?; // 1 × n
+    let cross = xt.matmul(&x0.t()?)?; // b × n
+                                      // ‖x_t − a·x0_j‖² = ‖x_t‖² − 2a·x_t·x0_j + a²‖x0_j‖²
+    let sq = xx
+        .broadcast_sub(&cross.broadcast_mul(&(&a * 2.0)?)?)?
+        .broadcast_add(&zz.broadcast_mul(&a.sqr()?)?)?;
+    let logits = sq.broadcast_div(&(t.sqr()? * -2.0)?)?;
+    // Softmax over the data points from primitive ops.
+    let e = logits.broadcast_sub(&logits.max_keepdim(1)?)?.exp()?;
+    let w = e.broadcast_div(&e.sum_keepdim(1)?)?;
+    Ok((xt - w.matmul(&x0)?)?.broadcast_div(&t)?)
 }

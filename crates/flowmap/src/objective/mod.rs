@@ -26,8 +26,8 @@ use crate::kernels::no_grad;
 use candle_core::Tensor;
 
 pub use config::{
-    ContinuousConfig, DistillConfig, EpsSchedule, JvpMode, MeanFlowTangent, Method, TargetNet, TimeDistribution,
-    TimeSampling, Weighting,
+    ContinuousConfig, DistillConfig, EpsSchedule, JvpMode, MeanFlowTangent, MeanFlowVelocity, Method, TargetNet,
+    TimeDistribution, TimeSampling, Weighting,
 };
 pub use consistency::ConsistencyDistillation;
 pub use continuous::{EmdContinuous, LmdContinuous};
@@ -36,7 +36,7 @@ pub use direct::DirectRegression;
 pub use emd::Emd;
 pub use fm::FlowMatching;
 pub use lmd::Lmd;
-pub use meanflow::MeanFlow;
+pub use meanflow::{batch_velocity, MeanFlow};
 pub use progressive::Progressive;
 pub use self_distill::{SelfLmd, Shortcut};
 
