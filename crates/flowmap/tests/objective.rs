@@ -330,4 +330,10 @@ fn batch_velocity_is_the_posterior_mean_velocity_of_the_batch() {
             assert!((v1 - (x - 0.4) / t).abs() < 1e-9 * (1.0 + v1.abs()));
         }
     }
+    // Data points of another dimension, or one time too few, are errors that say so.
+    let xt = Tensor::new(&[[0.1f64, 0.2], [0.3, 0.4]], &dev).unwrap();
+    let t2 = Tensor::new(&[[0.5f64], [0.5]], &dev).unwrap();
+    let err = objective::batch_velocity(&xt, &t2, &x0).unwrap_err().to_string();
+    assert!(err.contains("batch velocity"), "{err}");
+    assert!(objective::batch_velocity(&xt, &t2.narrow(0, 0, 1).unwrap(), &xt).is_err());
 }

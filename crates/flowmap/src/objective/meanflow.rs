@@ -28,8 +28,10 @@ use crate::Result;
 /// The rows with `s = t` (the diagonal fraction) reduce to conditional flow matching. With
 /// [`MeanFlowTangent::Model`](super::MeanFlowTangent) the JVP moves `x` along the target network's own
 /// diagonal `F_θ⁻(x_t, t, t)` instead of `v_c` (same loss, lower-variance but, until the diagonal is learned,
-/// biased target). With [`MeanFlowVelocity::Batch`](super::MeanFlowVelocity) the batch's estimate of the
-/// marginal velocity ([`batch_velocity`]) replaces `v_c`, in the target and in the tangent.
+/// biased target). With [`MeanFlowVelocity::Batch`](super::MeanFlowVelocity), the default of
+/// [`DistillConfig::for_method`], the batch's estimate of the marginal velocity ([`batch_velocity`]) replaces
+/// `v_c`, in the target and in the tangent: a lower-variance target, biased only by treating the batch as the
+/// data law (on checkerboard it cut the 2-NFE energy distance threefold; see the config's doc).
 pub struct MeanFlow {
     pub cfg: DistillConfig,
 }
@@ -80,16 +82,24 @@ impl Objective for MeanFlow {
 /// path. Detached; `t` is floored at 1e-4. On the CPU in f32 one fused pass per row
 /// (`kernels::posterior_mean`), elsewhere candle's ops (the two agree to f32 rounding; tested).
 pub fn batch_velocity(xt: &Tensor, t: &Tensor, x0: &Tensor) -> Result<Tensor> {
-    let t = t.clamp(1e-4, 1.0)?.detach();
+    let (b, d) = xt.dims2()?;
+    if x0.rank() != 2 || x0.dim(1)? != d || t.elem_count() != b {
+        return Err(crate::Error::arg(format!(
+            "batch velocity: x_t is {b}×{d}, data points {:?}, times {:?}",
+            x0.dims(),
+            t.dims()
+        )));
+    }
+    let t = t.reshape((b, 1))?.clamp(1e-4, 1.0)?.detach();
     let (xt, x0) = (xt.detach(), x0.detach());
     if let Some(mean) = crate::kernels::posterior_mean(&xt, &t, &x0)? {
         return Ok((xt - mean)?.broadcast_div(&t)?);
     }
-    let a = t.affine(-1.0, 1.0)?; // 1 − t
-    let xx = xt.sqr()?.sum_keepdim(1)?; // b × 1
-    let zz = x0.sqr()?.sum_keepdim(1)?.t()?; // 1 × n
-    let cross = xt.matmul(&x0.t()?)?; // b × n
-                                      // ‖x_t − a·x0_j‖² = ‖x_t‖² − 2a·x_t·x0_j + a²‖x0_j‖²
+    // ‖x_t − a·x0_j‖² = ‖x_t‖² − 2a·x_t·x0_j + a²‖x0_j‖² with a = 1 − t: (b × 1), (b × n), (1 × n) terms.
+    let a = t.affine(-1.0, 1.0)?;
+    let xx = xt.sqr()?.sum_keepdim(1)?;
+    let zz = x0.sqr()?.sum_keepdim(1)?.t()?;
+    let cross = xt.matmul(&x0.t()?)?;
     let sq = xx
         .broadcast_sub(&cross.broadcast_mul(&(&a * 2.0)?)?)?
         .broadcast_add(&zz.broadcast_mul(&a.sqr()?)?)?;
