@@ -316,24 +316,26 @@ impl MapFlags {
             };
         }
         if let Some(m) = &self.meanflow_tangent {
-            if method != Method::Meanflow {
-                bail!("--meanflow-tangent applies to --method meanflow only");
-            }
-            dcfg.continuous.meanflow_tangent = match m.as_str() {
-                "conditional" => MeanFlowTangent::Conditional,
-                "model" => MeanFlowTangent::Model,
-                other => bail!("unknown MeanFlow tangent '{other}' (expected conditional or model)"),
-            };
+            dcfg.continuous.meanflow_tangent = meanflow_choice(
+                method,
+                "tangent",
+                m,
+                &[
+                    ("conditional", MeanFlowTangent::Conditional),
+                    ("model", MeanFlowTangent::Model),
+                ],
+            )?;
         }
         if let Some(m) = &self.meanflow_velocity {
-            if method != Method::Meanflow {
-                bail!("--meanflow-velocity applies to --method meanflow only");
-            }
-            dcfg.continuous.meanflow_velocity = match m.as_str() {
-                "conditional" => MeanFlowVelocity::Conditional,
-                "batch" => MeanFlowVelocity::Batch,
-                other => bail!("unknown MeanFlow velocity '{other}' (expected conditional or batch)"),
-            };
+            dcfg.continuous.meanflow_velocity = meanflow_choice(
+                method,
+                "velocity",
+                m,
+                &[
+                    ("conditional", MeanFlowVelocity::Conditional),
+                    ("batch", MeanFlowVelocity::Batch),
+                ],
+            )?;
         }
         dcfg.validate()?;
         Ok(dcfg)
@@ -721,6 +723,20 @@ fn finish_map(m: &pipeline::TrainedMap, out: &Path, method: Method, cfg: &TrainC
 enum Model {
     Map(flowmap::flow_map::FlowMapNet, Checkpoint),
     Teacher(Teacher),
+}
+
+/// The value of `--meanflow-<what>` among `options`: an error for any method but meanflow, or an unknown name.
+fn meanflow_choice<T: Copy>(method: Method, what: &str, name: &str, options: &[(&str, T)]) -> Result<T> {
+    if method != Method::Meanflow {
+        bail!("--meanflow-{what} applies to --method meanflow only");
+    }
+    match options.iter().find(|(n, _)| *n == name) {
+        Some(&(_, v)) => Ok(v),
+        None => {
+            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+            bail!("unknown MeanFlow {what} '{name}' (expected {})", names.join(" or "))
+        }
+    }
 }
 
 fn load_model(spec: &str, device: &Device) -> Result<Model> {

@@ -309,24 +309,18 @@ fn batch_velocity_is_the_posterior_mean_velocity_of_the_batch() {
         for &x in &[-1.5f64, -0.2, 0.0, 0.3, 0.9, 2.0] {
             let xt = Tensor::new(&[[x]], &dev).unwrap();
             let tt = Tensor::new(&[[t]], &dev).unwrap();
-            let v = objective::batch_velocity(&xt, &tt, &x0)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()[0];
+            let velocity = |data: &Tensor| -> f64 {
+                let v = objective::batch_velocity(&xt, &tt, data).unwrap();
+                v.flatten_all().unwrap().to_vec1::<f64>().unwrap()[0]
+            };
+            let v = velocity(&x0);
             let exact = (x - ((1.0 - t) * x / (t * t)).tanh()) / t;
             assert!(
                 (v - exact).abs() < 1e-9 * (1.0 + exact.abs()),
                 "t = {t}, x = {x}: {v} vs {exact}"
             );
             // One data point: the conditional velocity (x_t − x0) / t itself.
-            let v1 = objective::batch_velocity(&xt, &tt, &single)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()[0];
+            let v1 = velocity(&single);
             assert!((v1 - (x - 0.4) / t).abs() < 1e-9 * (1.0 + v1.abs()));
         }
     }
