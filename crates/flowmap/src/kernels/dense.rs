@@ -81,16 +81,18 @@ pub(super) struct Weight<'a> {
     pub wt: Option<&'a [f32]>,
 }
 
-/// `Wᵀ` (`in × out`, row-major) for a forward product that runs as `blocks` blocks of rows, or `None` where
-/// they read `W`.
+/// `Wᵀ` (`in × out`, row-major) for the forward product of a `b`-row batch in blocks of `rows`, or `None`
+/// where the blocks read `W`.
 ///
 /// The GEMM vectorises along a layer's outputs, so it wants `W` with its output index contiguous; read in
 /// place, `W` (`out × in`, row-major) gets repacked by every block's product. Transposed once per pass, the
 /// blocks read it directly: a 128-row block of a 256 → 256 layer takes 93 µs instead of 151 µs, a 256-row
 /// block of a 512 → 512 layer 875 µs instead of 1,201 µs, and the transpose 23 µs and 150 µs (one core).
 /// A single block packs `W` once either way, and skinny layers have no GEMM: both keep `W`.
-pub(super) fn forward_weight(w: &[f32], n_out: usize, blocks: usize, skinny: bool) -> Option<Vec<f32>> {
-    (!skinny && blocks >= 2 && n_out > 0 && !w.is_empty()).then(|| simd::transpose(w, n_out, w.len() / n_out))
+pub(super) fn forward_weight(w: &[f32], n_out: usize, b: usize, rows: usize) -> Option<Vec<f32>> {
+    let several_blocks = b.div_ceil(rows.max(1)) >= 2;
+    (several_blocks && !use_dots(b, n_out) && n_out > 0 && !w.is_empty())
+        .then(|| simd::transpose(w, n_out, w.len() / n_out))
 }
 
 /// Writes one block of `x·Wᵀ` (or, for a `skinny` layer, `x·Wᵀ + b`) into `zc`, all of it.
@@ -170,7 +172,7 @@ fn forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, act: Activation) -> (Ve
     let mut y: Vec<f32> = Vec::with_capacity(if act == Activation::Silu { n } else { 0 });
     {
         let skinny = use_dots(b, n_out);
-        let wt = forward_weight(w, n_out, b.div_ceil(rows), skinny);
+        let wt = forward_weight(w, n_out, b, rows);
         let silu = act == Activation::Silu;
         let zs = z.spare_capacity_mut()[..n].chunks_mut(rows * n_out);
         let mut ys = y.spare_capacity_mut()[..if silu { n } else { 0 }].chunks_mut(rows * n_out);
@@ -440,7 +442,7 @@ fn jvp_slices(x: &[f32], dx: &[f32], w: &[f32], bias: &[f32], b: usize, act: Act
     let n = b * n_out;
     let rows = super::block_rows(b);
     let skinny = use_dots(b, n_out);
-    let wt = forward_weight(w, n_out, b.div_ceil(rows), skinny);
+    let wt = forward_weight(w, n_out, b, rows);
     let zero = vec![0.0f32; n_out];
     let mut y: Vec<f32> = Vec::with_capacity(n);
     let mut dy: Vec<f32> = Vec::with_capacity(n);

@@ -126,12 +126,7 @@ fn infer(h: &Tensor, layers: &[Layer<'_>]) -> Result<Option<Tensor>> {
     let widest = shapes.iter().map(|l| l.n_out).max().unwrap_or(0);
     let rows = block_rows(b);
     let mut out: Vec<f32> = Vec::with_capacity(b * n_last);
-    // Each weight transposed once for all blocks (see `forward_weight`).
-    let wts: Vec<Option<Vec<f32>>> = shapes
-        .iter()
-        .zip(&params)
-        .map(|(l, (w, _))| forward_weight(w.slice(), l.n_out, b.div_ceil(rows), use_dots(b, l.n_out)))
-        .collect();
+    let wts = transposed_weights(&shapes, params.iter().map(|(w, _)| w.slice()), b);
     {
         let blocks: Vec<_> = row_chunks(&mut out.spare_capacity_mut()[..b * n_last], b, n_last)
             .enumerate()
@@ -238,6 +233,20 @@ fn block_rows(b: usize) -> usize {
     }
 }
 
+/// Each layer's weight transposed once for all the blocks of a `b`-row forward pass, where that pays
+/// ([`forward_weight`]).
+fn transposed_weights<'a>(
+    layers: &[LayerShape],
+    weights: impl Iterator<Item = &'a [f32]>,
+    b: usize,
+) -> Vec<Option<Vec<f32>>> {
+    layers
+        .iter()
+        .zip(weights)
+        .map(|(l, w)| forward_weight(w, l.n_out, b, block_rows(b)))
+        .collect()
+}
+
 /// Splits `v` (`b` rows of `width`) into the blocks of [`block_rows`].
 fn row_chunks<T>(v: &mut [T], b: usize, width: usize) -> std::slice::ChunksMut<'_, T> {
     v.chunks_mut((block_rows(b) * width).max(1))
@@ -274,11 +283,7 @@ impl MlpOp {
                 }
             }
             let rows = block_rows(b);
-            let wts: Vec<Option<Vec<f32>>> = self
-                .layers
-                .iter()
-                .map(|l| forward_weight(l.w(flat), l.n_out, b.div_ceil(rows), use_dots(b, l.n_out)))
-                .collect();
+            let wts = transposed_weights(&self.layers, self.layers.iter().map(|l| l.w(flat)), b);
             super::map_blocks(blocks, |(i, mut ys, mut ss)| {
                 let r0 = i * rows;
                 let m = rows.min(b - r0);
