@@ -162,6 +162,60 @@ fn fused_mlp_matches_candle_layer_by_layer_in_values_and_gradients() {
 }
 
 #[test]
+fn fused_mlp_sums_gradients_over_passes_and_skips_frozen_layers() {
+    // Two fused passes through the same parameters in one loss (each pass hands its gradients to candle
+    // through its own links), one layer frozen (a detached weight: no link, no gradient), and a plain
+    // input: candle's layer-by-layer graph gives the same gradients.
+    let widths = [6, 32, 32, 3];
+    let params: Vec<(Var, Var)> = widths
+        .windows(2)
+        .enumerate()
+        .map(|(i, io)| {
+            let w = (randn((io[1], io[0]), 60 + i as u64) * (1.0 / (io[0] as f64).sqrt())).unwrap();
+            let bias = randn((1, io[1]), 70 + i as u64).squeeze(0).unwrap();
+            (Var::from_tensor(&w).unwrap(), Var::from_tensor(&bias).unwrap())
+        })
+        .collect();
+    let frozen = params[1].0.as_tensor().detach();
+    let layers: Vec<kernels::Layer<'_>> = params
+        .iter()
+        .enumerate()
+        .map(|(i, (w, b))| {
+            let w = if i == 1 { &frozen } else { w.as_tensor() };
+            let act = if i + 1 == params.len() {
+                Activation::Identity
+            } else {
+                Activation::Silu
+            };
+            (w, b.as_tensor(), act)
+        })
+        .collect();
+    let (h1, h2) = (randn((300, 6), 81), randn((140, 6), 82));
+    let loss = |f: &dyn Fn(&Tensor) -> Tensor| {
+        let a = f(&h1).sqr().unwrap().sum_all().unwrap();
+        let b = (f(&h2) * 0.5).unwrap().sum_all().unwrap();
+        (a + b).unwrap().backward().unwrap()
+    };
+    let gf = loss(&|h| kernels::mlp(h, &layers).unwrap());
+    let gp = loss(&|h| {
+        layers
+            .iter()
+            .try_fold(h.clone(), |x, (w, b, act)| dense_plain(&x, w, b, *act))
+            .unwrap()
+    });
+    assert!(gf.get(&frozen).is_none() && gf.get(params[1].0.as_tensor()).is_none());
+    for (i, (w, bias)) in params.iter().enumerate() {
+        for (name, v) in [("W", w), ("b", bias)] {
+            if i == 1 && name == "W" {
+                continue;
+            }
+            let (a, c) = (gf.get(v).unwrap(), gp.get(v).unwrap());
+            assert!(rel(a, c) < 1e-5, "d{name}{i} differs by {}", rel(a, c));
+        }
+    }
+}
+
+#[test]
 fn no_grad_gives_the_training_forward_bit_for_bit_and_records_nothing() {
     // One row (dot products), a few rows, one block, two half blocks, several blocks with a ragged end.
     // Bit-for-bit needs the fast path on for both passes: hold the switch.

@@ -38,7 +38,7 @@ use crate::Result;
 pub use dense::{dense, dense_jvp, plain as dense_plain, Activation};
 pub use embed::conditioning;
 pub use mlp::{mlp, Layer};
-pub(crate) use simd::{adamw_update, ema_update, AdamScalars};
+pub(crate) use simd::AdamScalars;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -167,7 +167,7 @@ pub(crate) fn posterior_mean(xt: &Tensor, t: &Tensor, x0: &Tensor) -> Result<Opt
 /// The element-wise sum of per-block partial sums, added in block order (so the same bits on any thread
 /// count), in parallel over ranges of elements. `None` when there are no parts.
 pub(crate) fn sum_in_order(parts: Vec<Vec<f32>>) -> Option<Vec<f32>> {
-    const CHUNK: usize = 1 << 14;
+    const CHUNK: usize = PARAM_CHUNK;
     let mut parts = parts.into_iter();
     let mut acc = parts.next()?;
     let rest: Vec<Vec<f32>> = parts.collect();
@@ -180,6 +180,27 @@ pub(crate) fn sum_in_order(parts: Vec<Vec<f32>>) -> Option<Vec<f32>> {
         });
     }
     Some(acc)
+}
+
+/// Elements per piece of a parallel elementwise pass over parameters.
+const PARAM_CHUNK: usize = 1 << 14;
+
+/// One AdamW step over a parameter in place, its moments `m`, `v` and gradient `g` alongside; large
+/// parameters in pieces across the threads (elementwise, so the same bits on any thread count).
+pub(crate) fn adamw_update(theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], a: AdamScalars) {
+    let pieces: Vec<_> = theta
+        .chunks_mut(PARAM_CHUNK)
+        .zip(m.chunks_mut(PARAM_CHUNK))
+        .zip(v.chunks_mut(PARAM_CHUNK))
+        .zip(g.chunks(PARAM_CHUNK))
+        .collect();
+    map_blocks(pieces, |(((p, m), v), g)| simd::adamw_update(p, m, v, g, a));
+}
+
+/// `ema ← d·ema + (1 − d)·live` in place; large parameters in pieces across the threads.
+pub(crate) fn ema_update(ema: &mut [f32], live: &[f32], d: f32) {
+    let pieces: Vec<_> = ema.chunks_mut(PARAM_CHUNK).zip(live.chunks(PARAM_CHUNK)).collect();
+    map_blocks(pieces, |(e, l)| simd::ema_update(e, l, d));
 }
 
 /// `dst += lhs·rhs` (`read_dst`) or `dst = lhs·rhs` on the calling thread, row-major `dst` (`m × n`, row
