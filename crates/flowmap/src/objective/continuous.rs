@@ -7,18 +7,9 @@ use crate::teacher::VelocityField;
 use crate::Result;
 
 /// `‖F_θ − sg(F⁻ + g/(‖g‖ + c))‖²`: one normalised step along the residual `g`.
-pub(crate) fn normalized_step_loss(
-    model: &dyn TangentMap,
-    x: &Tensor,
-    t: &Tensor,
-    s: &Tensor,
-    f_minus: &Tensor,
-    g: &Tensor,
-    c: f64,
-) -> Result<Tensor> {
+pub(crate) fn normalized_step_loss(f: &Tensor, f_minus: &Tensor, g: &Tensor, c: f64) -> Result<Tensor> {
     let target = (f_minus + super::normalize_tangent(g, c)?)?.detach();
-    let f = model.average_velocity(x, t, s)?;
-    Ok(row_mse(&f, &target)?.mean_all()?)
+    Ok(row_mse(f, &target)?.mean_all()?)
 }
 
 /// The warm-up weight `r ∈ [0, 1]` of the tangent's time-derivative term.
@@ -69,7 +60,7 @@ impl<'a> Objective for EmdContinuous<'a> {
                 &t.zeros_like()?,
             )?;
             let g = ((&v - &f_minus)? - df_dt.broadcast_mul(&((t - s)? * r)?)?)?;
-            normalized_step_loss(cx.model, x, t, s, &f_minus, &g, self.cfg.continuous.tangent_c)
+            normalized_step_loss(&rows.f, &f_minus, &g, self.cfg.continuous.tangent_c)
         })
     }
 }
@@ -101,7 +92,7 @@ impl<'a> Objective for LmdContinuous<'a> {
         pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, rows| {
             let (x, t, s) = (&rows.x, &rows.t, &rows.s);
             let (g, f_minus) = lagrangian_tangent(cx.target, self.teacher, &self.cfg, x, t, s, r)?;
-            normalized_step_loss(cx.model, x, t, s, &f_minus, &g, self.cfg.continuous.tangent_c)
+            normalized_step_loss(&rows.f, &f_minus, &g, self.cfg.continuous.tangent_c)
         })
     }
 }

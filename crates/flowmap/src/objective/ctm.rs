@@ -41,7 +41,7 @@ impl<'a> Objective for ConsistencyTrajectory<'a> {
             let y = no_grad(|| cx.target.map(&xu, &u, s))?;
             // In average-velocity form: F(x_t, t, s) against (y − x_t)/(s − t).
             let target = (y - x)?.broadcast_div(&(s - t)?)?;
-            Ok(row_mse(&cx.model.average_velocity(x, t, s)?, &target)?.mean_all()?)
+            Ok(row_mse(&rows.f, &target)?.mean_all()?)
         })
     }
 }

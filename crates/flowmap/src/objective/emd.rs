@@ -45,8 +45,7 @@ impl<'a> Objective for Emd<'a> {
             let x_mid = (&r.x + v.broadcast_mul(&step)?)?;
             let f_target = no_grad(|| cx.target.average_velocity(&x_mid, &t_mid, &r.s))?;
             let target = ((v * eps)? + (f_target * (1.0 - eps))?)?;
-            let f = cx.model.average_velocity(&r.x, &r.t, &r.s)?;
-            assemble_loss(&self.cfg, eps, &f, &target, &r.t, &r.s)
+            assemble_loss(&self.cfg, eps, &r.f, &target, &r.t, &r.s)
         })
     }
 }

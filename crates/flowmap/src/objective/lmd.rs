@@ -39,7 +39,7 @@ impl<'a> Objective for Lmd<'a> {
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let eps = self.cfg.eps.at(cx.progress);
         pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, r| {
-            lagrangian_step_loss(&self.cfg, eps, self.teacher, cx.model, cx.target, r)
+            lagrangian_step_loss(&self.cfg, eps, self.teacher, cx.target, r)
         })
     }
 }
@@ -49,7 +49,6 @@ pub(crate) fn lagrangian_step_loss(
     cfg: &DistillConfig,
     eps: f64,
     v: &dyn VelocityField,
-    model: &dyn TangentMap,
     target: &dyn TangentMap,
     r: &Rows,
 ) -> Result<Tensor> {
@@ -58,6 +57,5 @@ pub(crate) fn lagrangian_step_loss(
     let y_mid = (&r.x + f_mid.broadcast_mul(&(&s_mid - &r.t)?)?)?; // y' = f⁻(x_t, t, s')
     let v = no_grad(|| v.velocity(&y_mid, &s_mid))?;
     let target = ((v * eps)? + (f_mid * (1.0 - eps))?)?;
-    let f = model.average_velocity(&r.x, &r.t, &r.s)?;
-    assemble_loss(cfg, eps, &f, &target, &r.t, &r.s)
+    assemble_loss(cfg, eps, &r.f, &target, &r.t, &r.s)
 }

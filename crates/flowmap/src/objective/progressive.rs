@@ -99,9 +99,9 @@ impl<'a> Objective for Progressive<'a> {
                 self.stage.set(stage);
             }
         }
-        pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, rows| {
+        pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |_, rows| {
             let target = two_half_steps(|x, t, s| self.frozen_average_velocity(x, t, s), rows)?;
-            Ok(row_mse(&cx.model.average_velocity(&rows.x, &rows.t, &rows.s)?, &target)?.mean_all()?)
+            Ok(row_mse(&rows.f, &target)?.mean_all()?)
         })
     }
 }

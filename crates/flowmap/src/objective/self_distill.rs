@@ -31,7 +31,7 @@ impl Objective for SelfLmd {
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let eps = self.cfg.eps.at(cx.progress);
         pair_loss(&self.cfg, cx, DiagonalTarget::Data, |cx, r| {
-            lagrangian_step_loss(&self.cfg, eps, &Diagonal(cx.target), cx.model, cx.target, r)
+            lagrangian_step_loss(&self.cfg, eps, &Diagonal(cx.target), cx.target, r)
         })
     }
 }
@@ -55,7 +55,7 @@ impl Objective for Shortcut {
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         pair_loss(&self.cfg, cx, DiagonalTarget::Data, |cx, rows| {
             let target = two_half_steps(|x, t, s| cx.target.average_velocity(x, t, s), rows)?;
-            Ok(row_mse(&cx.model.average_velocity(&rows.x, &rows.t, &rows.s)?, &target)?.mean_all()?)
+            Ok(row_mse(&rows.f, &target)?.mean_all()?)
         })
     }
 }
