@@ -46,22 +46,27 @@ impl<'a> Objective for EmdContinuous<'a> {
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let r = ramp(&self.cfg, cx.progress);
-        pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, rows| {
-            let (x, t, s) = (&rows.x, &rows.t, &rows.s);
-            let v = no_grad(|| self.teacher.velocity(x, t))?;
-            let (f_minus, df_dt) = tangent(
-                cx.target,
-                self.cfg.continuous.jvp,
-                x,
-                t,
-                s,
-                &v,
-                &ones(t)?,
-                &t.zeros_like()?,
-            )?;
-            let g = ((&v - &f_minus)? - df_dt.broadcast_mul(&((t - s)? * r)?)?)?;
-            normalized_step_loss(&rows.f, &f_minus, &g, self.cfg.continuous.tangent_c)
-        })
+        pair_loss(
+            &self.cfg,
+            cx,
+            DiagonalTarget::TeacherEverywhere(self.teacher),
+            |cx, rows| {
+                let (x, t, s) = (&rows.x, &rows.t, &rows.s);
+                let v = rows.v.clone().expect("the teacher's velocity on every row");
+                let (f_minus, df_dt) = tangent(
+                    cx.target,
+                    self.cfg.continuous.jvp,
+                    x,
+                    t,
+                    s,
+                    &v,
+                    &ones(t)?,
+                    &t.zeros_like()?,
+                )?;
+                let g = ((&v - &f_minus)? - df_dt.broadcast_mul(&((t - s)? * r)?)?)?;
+                normalized_step_loss(&rows.f, &f_minus, &g, self.cfg.continuous.tangent_c)
+            },
+        )
     }
 }
 

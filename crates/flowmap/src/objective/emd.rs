@@ -38,14 +38,19 @@ impl<'a> Objective for Emd<'a> {
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let eps = self.cfg.eps.at(cx.progress);
-        pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, r| {
-            let v = no_grad(|| self.teacher.velocity(&r.x, &r.t))?;
-            let step = ((&r.s - &r.t)? * eps)?; // t' − t = ε(s − t) ≤ 0
-            let t_mid = (&r.t + &step)?;
-            let x_mid = (&r.x + v.broadcast_mul(&step)?)?;
-            let f_target = no_grad(|| cx.target.average_velocity(&x_mid, &t_mid, &r.s))?;
-            let target = ((v * eps)? + (f_target * (1.0 - eps))?)?;
-            assemble_loss(&self.cfg, eps, &r.f, &target, &r.t, &r.s)
-        })
+        pair_loss(
+            &self.cfg,
+            cx,
+            DiagonalTarget::TeacherEverywhere(self.teacher),
+            |cx, r| {
+                let v = r.v.clone().expect("the teacher's velocity on every row");
+                let step = ((&r.s - &r.t)? * eps)?; // t' − t = ε(s − t) ≤ 0
+                let t_mid = (&r.t + &step)?;
+                let x_mid = (&r.x + v.broadcast_mul(&step)?)?;
+                let f_target = no_grad(|| cx.target.average_velocity(&x_mid, &t_mid, &r.s))?;
+                let target = ((v * eps)? + (f_target * (1.0 - eps))?)?;
+                assemble_loss(&self.cfg, eps, &r.f, &target, &r.t, &r.s)
+            },
+        )
     }
 }

@@ -124,6 +124,9 @@ pub(crate) fn assemble_loss(
 pub(crate) enum DiagonalTarget<'a> {
     /// The teacher velocity `v_φ(x_t, t)`.
     Teacher(&'a dyn VelocityField),
+    /// The teacher velocity, evaluated over the whole batch in one pass, for an objective whose
+    /// off-diagonal rows need it too ([`Rows::v`]).
+    TeacherEverywhere(&'a dyn VelocityField),
     /// The conditional velocity `x1 − x0` (flow matching on data).
     Data,
 }
@@ -134,15 +137,18 @@ pub(crate) struct Rows {
     pub t: Tensor,
     pub s: Tensor,
     pub f: Tensor,
+    /// The teacher velocity `v_φ(x_t, t)` on these rows, for [`DiagonalTarget::TeacherEverywhere`].
+    pub v: Option<Tensor>,
 }
 
 /// The shape shared by the pair objectives: draw `(t, s)` with the configured diagonal fraction; the
 /// diagonal rows regress `F(x_t, t, t)` on `diagonal`; the others get the objective's own loss `off`; the
 /// two means are combined in proportion to their row counts.
 ///
-/// The model runs once over the whole batch (the diagonal rows carry `s = t`), so a step trains one
-/// graph of `B` rows rather than two smaller ones: on the CPU, a diagonal quarter of a 256-row batch is
-/// too small to split across cores, and ran on one while the other waited.
+/// The model runs once over the whole batch (the diagonal rows carry `s = t`), and so does the teacher
+/// for [`DiagonalTarget::TeacherEverywhere`]: one pass of `B` rows rather than two smaller ones. On the
+/// CPU a diagonal quarter of a 256-row batch is too small to split across cores, and ran on one while the
+/// other waited.
 pub(crate) fn pair_loss<M: FlowMap + ?Sized>(
     cfg: &DistillConfig,
     cx: &mut StepContext<'_, M>,
@@ -151,7 +157,13 @@ pub(crate) fn pair_loss<M: FlowMap + ?Sized>(
 ) -> Result<Tensor> {
     let (xt, t, s, n_diag) = draw_pairs(cfg, cx)?;
     let f = cx.model.average_velocity(&xt, &t, &s)?;
-    let (d, o) = split_rows(n_diag, &[&xt, &t, &s, cx.x0, cx.x1, &f])?;
+    let v = match diagonal {
+        DiagonalTarget::TeacherEverywhere(v) => Some(no_grad(|| v.velocity(&xt, &t))?),
+        _ => None,
+    };
+    let mut columns = vec![&xt, &t, &s, cx.x0, cx.x1, &f];
+    columns.extend(&v);
+    let (d, o) = split_rows(n_diag, &columns)?;
     let n = xt.dim(0)?;
     let n_off = n - n_diag;
     // The flow-matching limit on the diagonal: `mean ‖F(x_t, t, t) − target‖²`.
@@ -161,11 +173,15 @@ pub(crate) fn pair_loss<M: FlowMap + ?Sized>(
             let target = no_grad(|| v.velocity(&d[0], &d[1]))?;
             Some(row_mse(&d[5], &target)?.mean_all()?)
         }
+        (_, DiagonalTarget::TeacherEverywhere(_)) => Some(row_mse(&d[5], &d[6])?.mean_all()?),
         (_, DiagonalTarget::Data) => Some(row_mse(&d[5], &(&d[4] - &d[3])?)?.mean_all()?),
     };
     let off = if n_off > 0 {
-        let [x, t, s, _, _, f]: [Tensor; 6] = o.try_into().expect("six tensors");
-        Some(off(cx, &Rows { x, t, s, f })?)
+        let mut o = o.into_iter();
+        let mut next = || o.next().expect("a slice of every column");
+        let (x, t, s, _, _, f) = (next(), next(), next(), next(), next(), next());
+        let v = v.is_some().then(next);
+        Some(off(cx, &Rows { x, t, s, f, v })?)
     } else {
         None
     };
