@@ -155,22 +155,19 @@ fn infer(h: &Tensor, layers: &[Layer<'_>]) -> Result<Option<Tensor>> {
             let r0 = i * rows;
             let m = oc.len() / n_last;
             // Ping-pong activations and the SiLU's σ(z), which inference does not keep.
-            let (mut a, mut next, mut sig) = (
-                vec![0.0f32; m * widest],
-                vec![0.0f32; m * widest],
-                vec![0.0f32; m * widest],
-            );
+            let (mut a, mut next, mut sig) = (scratch(m * widest), scratch(m * widest), scratch(m * widest));
             let mut oc = Some(oc);
             for (li, (l, (w, bias))) in shapes.iter().zip(&params).enumerate() {
                 let input: &[f32] = if li == 0 {
                     &h0[r0 * l.n_in..(r0 + m) * l.n_in]
                 } else {
-                    &a[..m * l.n_in]
+                    // SAFETY: the previous layer wrote its m × n_in output here in full.
+                    unsafe { assume_init(&mut a[..m * l.n_in]) }
                 };
                 let dst: &mut [MaybeUninit<f32>] = if li + 1 == shapes.len() {
                     oc.take().expect("the last layer writes the output once")
                 } else {
-                    uninit(&mut next[..m * l.n_out])
+                    &mut next[..m * l.n_out]
                 };
                 let skinny = use_dots(b, l.n_out);
                 let weight = Weight {
@@ -183,7 +180,7 @@ fn infer(h: &Tensor, layers: &[Layer<'_>]) -> Result<Option<Tensor>> {
                         weight,
                         bias.slice(),
                         l.n_in,
-                        uninit(&mut sig[..m * l.n_out]),
+                        &mut sig[..m * l.n_out],
                         Some(dst),
                         skinny,
                     ),
@@ -198,10 +195,13 @@ fn infer(h: &Tensor, layers: &[Layer<'_>]) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(out, (b, n_last), h.device())?))
 }
 
-/// Views initialised floats as spare space for a kernel to overwrite.
-fn uninit(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: f32 and MaybeUninit<f32> share their layout, and every f32 is a valid MaybeUninit<f32>.
-    unsafe { &mut *(v as *mut [f32] as *mut [MaybeUninit<f32>]) }
+/// `n` floats of scratch space, left uninitialised: every kernel that reads a scratch buffer reads what
+/// a kernel before it wrote (zero-filling the per-block buffers cost a memset per block and layer).
+fn scratch(n: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit<f32> needs no initialisation.
+    unsafe { v.set_len(n) };
+    v
 }
 
 /// A layer's shape and where its `dW` (then `db`) starts in the backward pass's flat gradient.
@@ -437,13 +437,15 @@ impl MlpOp {
                 let m = rows.min(b - r0);
                 // Every element is written below: each layer's dW by its product, its db zeroed then summed.
                 let mut part: Vec<f32> = Vec::with_capacity(total);
-                let (mut cur, mut next) = (vec![0.0f32; m * widest], vec![0.0f32; m * widest]);
-                let last = self.layers.len() - 1;
-                cur[..m * self.layers[last].n_out]
-                    .copy_from_slice(&g[r0 * self.layers[last].n_out..][..m * self.layers[last].n_out]);
+                let (mut cur, mut next) = (scratch(m * widest), scratch(m * widest));
+                let n_last = self.layers[self.layers.len() - 1].n_out;
+                for (c, v) in cur.iter_mut().zip(&g[r0 * n_last..][..m * n_last]) {
+                    c.write(*v);
+                }
                 for (li, l) in self.layers.iter().enumerate().rev() {
                     let (n_in, n_out) = (l.n_in, l.n_out);
-                    let grad = &cur[..m * n_out];
+                    // SAFETY: written in full by the copy above (last layer) or by the layer above's `dz·W`.
+                    let grad: &[f32] = unsafe { assume_init(&mut cur[..m * n_out]) };
                     let (dw, db) =
                         part.spare_capacity_mut()[l.offset..l.offset + n_out * n_in + n_out].split_at_mut(n_out * n_in);
                     db.iter_mut().for_each(|v| {
@@ -470,8 +472,7 @@ impl MlpOp {
                     let w = params[li].0;
                     // Where dz·W goes: the next (lower) layer's gradient, or the input's.
                     let out: Option<&mut [MaybeUninit<f32>]> = if li > 0 {
-                        // SAFETY: f32 and MaybeUninit<f32> share their layout; the buffer is initialised.
-                        Some(unsafe { &mut *(&mut next[..m * n_in] as *mut [f32] as *mut [MaybeUninit<f32>]) })
+                        Some(&mut next[..m * n_in])
                     } else {
                         dxc.take()
                     };
