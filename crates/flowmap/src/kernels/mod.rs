@@ -27,6 +27,7 @@
 mod dense;
 mod embed;
 mod mlp;
+mod pool;
 mod simd;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,13 +124,36 @@ pub(crate) fn block_rows(b: usize) -> usize {
 }
 
 /// Runs `f` on every block, across threads when there are several blocks and threads, and returns the
-/// results in block order.
+/// results in block order: on the fast path's own workers ([`pool`]) when it has them for this thread
+/// count, else on rayon's.
 pub(crate) fn map_blocks<T: Send, R: Send>(blocks: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
     use rayon::prelude::*;
-    if blocks.len() <= 1 || threads() <= 1 {
-        blocks.into_iter().map(f).collect()
+    use std::sync::Mutex;
+    let (n, threads) = (blocks.len(), threads());
+    if n <= 1 || threads <= 1 {
+        return blocks.into_iter().map(f).collect();
+    }
+    let Some(pool) = pool::Pool::get(threads) else {
+        return blocks.into_par_iter().map(f).collect();
+    };
+    let inputs: Vec<Mutex<Option<T>>> = blocks.into_iter().map(|b| Mutex::new(Some(b))).collect();
+    let outputs: Vec<Mutex<Option<R>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    let run = |i: usize| {
+        let block = inputs[i].lock().expect("block").take().expect("each block runs once");
+        let out = f(block);
+        *outputs[i].lock().expect("block result") = Some(out);
+    };
+    if pool.run(n, &run) {
+        outputs
+            .into_iter()
+            .map(|o| o.into_inner().expect("block result").expect("every block ran"))
+            .collect()
     } else {
-        blocks.into_par_iter().map(f).collect()
+        // The pool is running another job (a nested or concurrent call): run the blocks here.
+        inputs
+            .into_iter()
+            .map(|b| f(b.into_inner().expect("block").expect("a block not yet run")))
+            .collect()
     }
 }
 
