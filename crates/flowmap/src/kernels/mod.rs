@@ -11,7 +11,9 @@
 //!   forward then backward, on one core (hidden gradients never become candle tensors), and under
 //!   [`no_grad`] the same blocks without a node or kept activations;
 //! - [`AdamW`](crate::optim::AdamW) and the weight EMA as one in-place pass per parameter
-//!   ([`crate::optim`]).
+//!   ([`crate::optim`]);
+//! - parallel regions on the fast path's own workers (the `pool` module), which spin between the regions of a
+//!   training step instead of falling asleep after each.
 //!
 //! GEMMs go through the `gemm` crate with its AVX-512 kernels (the same crate candle's CPU matmul uses).
 //! A forward pass that runs as several blocks of rows transposes each weight once and lets every block's
