@@ -405,3 +405,24 @@ fn results_do_not_depend_on_the_thread_count() {
         "one and two threads must give bit-identical values and gradients"
     );
 }
+
+#[test]
+fn few_row_inference_splits_layers_across_threads_with_the_same_bits() {
+    // Single-sample generation splits each wide layer's outputs across the threads; every output is the
+    // same dot product as on one thread and in the tracked forward. Bit-for-bit: hold the switch.
+    let _lock = SWITCH.lock().unwrap();
+    for hidden in [256, 512] {
+        let (_vm, net) = flow_map_net(hidden, 9);
+        for b in [1, 3, 8] {
+            let x = randn((b, 2), 21);
+            let t = Tensor::rand(0.5f32, 1.0, (b, 1), &Device::Cpu).unwrap();
+            let s = (&t * 0.5).unwrap();
+            let bits = |f: Tensor| f.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let tracked = bits(net.average_velocity(&x, &t, &s).unwrap());
+            for n in [1, 2, 3] {
+                let free = kernels::with_threads(n, || flowmap::no_grad(|| net.average_velocity(&x, &t, &s))).unwrap();
+                assert_eq!(bits(free), tracked, "width {hidden}, batch {b}, {n} threads");
+            }
+        }
+    }
+}

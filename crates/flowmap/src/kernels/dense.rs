@@ -57,7 +57,7 @@ struct DenseOp {
 
 /// Layers with at most this many outputs (a flow map's read-out to a 2-D state) skip the GEMM kernels,
 /// which idle on them, for dot products and row updates.
-const SKINNY: usize = 8;
+pub(super) const SKINNY: usize = 8;
 
 /// Whether a `b`-row product with `n_out` outputs takes the dot-product kernels: few outputs, or so few rows
 /// (single-sample generation) that packing `W` for a GEMM would cost more than reading it once.

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
-use super::dense::{assume_init, forward_block, forward_weight, use_dots, weight_grads, Activation, Weight};
+use super::dense::{assume_init, forward_block, forward_weight, use_dots, weight_grads, Activation, Weight, SKINNY};
 use super::simd;
 use crate::Result;
 
@@ -143,6 +143,11 @@ fn infer(h: &Tensor, layers: &[Layer<'_>]) -> Result<Option<Tensor>> {
     };
     let h0 = hr.slice();
     let n_last = shapes.last().expect("an mlp has layers").n_out;
+    let threads = super::threads();
+    if b <= SKINNY && threads > 1 && shapes.iter().any(|l| l.n_in * l.n_out >= SPLIT_WEIGHTS) {
+        let out = infer_few_rows(h0, &shapes, &params, b, threads);
+        return Ok(Some(Tensor::from_vec(out, (b, n_last), h.device())?));
+    }
     let widest = shapes.iter().map(|l| l.n_out).max().unwrap_or(0);
     let rows = block_rows(b);
     let mut out: Vec<f32> = Vec::with_capacity(b * n_last);
@@ -193,6 +198,91 @@ fn infer(h: &Tensor, layers: &[Layer<'_>]) -> Result<Option<Tensor>> {
     // SAFETY: the last layer wrote every block of the output in full.
     unsafe { out.set_len(b * n_last) };
     Ok(Some(Tensor::from_vec(out, (b, n_last), h.device())?))
+}
+
+/// Layers with at least this many weights split their outputs across the threads in [`infer_few_rows`].
+const SPLIT_WEIGHTS: usize = 1 << 15;
+
+/// Inference for at most [`SKINNY`] rows (single-sample generation), where each layer is one dot product
+/// per output and row and streaming the weights is the whole cost. Each layer with [`SPLIT_WEIGHTS`] or more
+/// weights splits its outputs across the threads, every thread taking the same share at every call
+/// ([`super::map_blocks_pinned`]), so that its share of the weights stays in its own core's L2 cache from
+/// one call to the next; a width-512 network's 2.1 MB of weights outgrow one core's 2 MB L2, and read from
+/// L3 they took 87% of a sample's time. Every output is the same dot product as in [`infer`]'s single
+/// block: the same bits.
+fn infer_few_rows(
+    h0: &[f32],
+    shapes: &[LayerShape],
+    params: &[(super::CpuRead<'_>, super::CpuRead<'_>)],
+    b: usize,
+    threads: usize,
+) -> Vec<f32> {
+    let mut x: Vec<f32> = Vec::new();
+    for (li, (l, (w, bias))) in shapes.iter().zip(params).enumerate() {
+        let (w, bias, n_in, n_out) = (w.slice(), bias.slice(), l.n_in, l.n_out);
+        let input: &[f32] = if li == 0 { h0 } else { &x };
+        let parts = if n_in * n_out >= SPLIT_WEIGHTS {
+            threads.min(n_out)
+        } else {
+            1
+        };
+        let bounds: Vec<usize> = (0..=parts).map(|p| p * n_out / parts).collect();
+        let silu = matches!(l.act, Activation::Silu);
+        // z (σ(z) after a SiLU) and the SiLU's output y, each part writing its columns of every row.
+        let (mut z, mut y) = (scratch(b * n_out), scratch(if silu { b * n_out } else { 0 }));
+        let zs = split_columns(&mut z, n_out, &bounds);
+        let ys: Vec<Option<Vec<_>>> = if silu {
+            split_columns(&mut y, n_out, &bounds).into_iter().map(Some).collect()
+        } else {
+            (0..parts).map(|_| None).collect()
+        };
+        let blocks: Vec<_> = zs.into_iter().zip(ys).enumerate().collect();
+        super::map_blocks_pinned(blocks, |(p, (zp, yp))| {
+            let (j0, j1) = (bounds[p], bounds[p + 1]);
+            let weight = Weight {
+                w: &w[j0 * n_in..j1 * n_in],
+                wt: None,
+            };
+            let mut yp = yp.map(Vec::into_iter);
+            for (r, zc) in zp.into_iter().enumerate() {
+                let yc = yp.as_mut().map(|it| it.next().expect("a piece of y per row"));
+                forward_block(
+                    &input[r * n_in..(r + 1) * n_in],
+                    weight,
+                    &bias[j0..j1],
+                    n_in,
+                    zc,
+                    yc,
+                    true,
+                );
+            }
+        });
+        // SAFETY: the parts wrote their columns of every row of z and y, so all of both.
+        x = unsafe { into_init(if silu { y } else { z }) };
+    }
+    x
+}
+
+/// Rows of a `width`-wide row-major buffer cut at the column `bounds`: per part, its piece of every row.
+fn split_columns<'a, T>(buf: &'a mut [T], width: usize, bounds: &[usize]) -> Vec<Vec<&'a mut [T]>> {
+    let mut parts: Vec<Vec<&mut [T]>> = bounds.windows(2).map(|_| Vec::new()).collect();
+    for mut row in buf.chunks_exact_mut(width) {
+        for (part, cut) in parts.iter_mut().zip(bounds.windows(2)) {
+            let (piece, rest) = row.split_at_mut(cut[1] - cut[0]);
+            part.push(piece);
+            row = rest;
+        }
+    }
+    parts
+}
+
+/// A scratch buffer as initialised floats.
+///
+/// # Safety
+/// Every element must have been written.
+unsafe fn into_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity())
 }
 
 /// `n` floats of scratch space, left uninitialised: every kernel that reads a scratch buffer reads what

@@ -129,13 +129,29 @@ pub(crate) fn block_rows(b: usize) -> usize {
 /// results in block order: on the fast path's own workers ([`pool`]) when it has them for this thread
 /// count, else on rayon's.
 pub(crate) fn map_blocks<T: Send, R: Send>(blocks: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
+    on_pool(blocks, false, f)
+}
+
+/// As [`map_blocks`] for at most [`threads()`] blocks, with block `i` on the same thread at every call
+/// (the caller runs block 0), so that what each block reads stays in its own core's cache between calls.
+/// Without the fast path's workers, the blocks run one after another on the caller.
+pub(crate) fn map_blocks_pinned<T: Send, R: Send>(blocks: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
+    debug_assert!(blocks.len() <= threads().max(1));
+    on_pool(blocks, true, f)
+}
+
+fn on_pool<T: Send, R: Send>(blocks: Vec<T>, pinned: bool, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
     use rayon::prelude::*;
     use std::sync::Mutex;
     let (n, threads) = (blocks.len(), threads());
     if n <= 1 || threads <= 1 {
         return blocks.into_iter().map(f).collect();
     }
-    let Some(pool) = pool::Pool::get(threads) else {
+    let pool = pool::Pool::get(threads).filter(|_| !pinned || n <= threads);
+    let Some(pool) = pool else {
+        if pinned {
+            return blocks.into_iter().map(f).collect();
+        }
         return blocks.into_par_iter().map(f).collect();
     };
     let inputs: Vec<Mutex<Option<T>>> = blocks.into_iter().map(|b| Mutex::new(Some(b))).collect();
@@ -145,7 +161,12 @@ pub(crate) fn map_blocks<T: Send, R: Send>(blocks: Vec<T>, f: impl Fn(T) -> R + 
         let out = f(block);
         *outputs[i].lock().expect("block result") = Some(out);
     };
-    if pool.run(n, &run) {
+    let ran = if pinned {
+        pool.run_pinned(n, &run)
+    } else {
+        pool.run(n, &run)
+    };
+    if ran {
         outputs
             .into_iter()
             .map(|o| o.into_inner().expect("block result").expect("every block ran"))

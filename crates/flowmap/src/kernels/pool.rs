@@ -28,6 +28,9 @@ const SPIN: Duration = Duration::from_micros(200);
 struct Job<'a> {
     next: AtomicUsize,
     n: usize,
+    /// Block `i` runs on thread `i` (the caller is thread 0, worker `k` thread `k + 1`) instead of on
+    /// whichever thread claims it first.
+    pinned: bool,
     run: &'a (dyn Fn(usize) + Sync),
 }
 
@@ -71,7 +74,7 @@ impl Pool {
         for k in 0..workers {
             thread::Builder::new()
                 .name(format!("flowmap-kernel-{k}"))
-                .spawn(move || worker(shared))
+                .spawn(move || worker(shared, k + 1))
                 .expect("spawn a kernel worker thread");
         }
         Pool {
@@ -84,6 +87,17 @@ impl Pool {
     /// Runs `run(i)` for every `i < n` across the caller and the workers; `false` (nothing run) when the
     /// pool is already running another caller's job.
     pub(super) fn run(&self, n: usize, run: &(dyn Fn(usize) + Sync)) -> bool {
+        self.start(n, false, run)
+    }
+
+    /// As [`Pool::run`], with block `i` on thread `i` every time (the caller runs block 0), so that what
+    /// a block reads stays in its core's cache from one call to the next; at most one block per thread.
+    pub(super) fn run_pinned(&self, n: usize, run: &(dyn Fn(usize) + Sync)) -> bool {
+        assert!(n <= self.workers + 1, "a pinned job has at most one block per thread");
+        self.start(n, true, run)
+    }
+
+    fn start(&self, n: usize, pinned: bool, run: &(dyn Fn(usize) + Sync)) -> bool {
         if self.busy.swap(true, Ordering::Acquire) {
             return false;
         }
@@ -96,6 +110,7 @@ impl Pool {
         let job = Job {
             next: AtomicUsize::new(0),
             n,
+            pinned,
             run: &guarded,
         };
         let s = self.shared;
@@ -106,7 +121,7 @@ impl Pool {
             let _g = s.lock.lock().expect("pool lock");
             s.wake.notify_all();
         }
-        claim(&job);
+        claim(&job, 0);
         // Every worker reports the epoch done before the job leaves this frame.
         let mut spins = 0u32;
         while s.done.load(Ordering::Acquire) < self.workers {
@@ -126,8 +141,14 @@ impl Pool {
     }
 }
 
-/// Claims and runs blocks of `job` until none is left.
-fn claim(job: &Job<'_>) {
+/// Claims and runs blocks of `job` until none is left (a pinned job: runs block `me`, if there is one).
+fn claim(job: &Job<'_>, me: usize) {
+    if job.pinned {
+        if me < job.n {
+            (job.run)(me);
+        }
+        return;
+    }
     loop {
         let i = job.next.fetch_add(1, Ordering::Relaxed);
         if i >= job.n {
@@ -137,7 +158,8 @@ fn claim(job: &Job<'_>) {
     }
 }
 
-fn worker(s: &'static Shared) {
+/// Worker thread `me` (the caller of a job is thread 0).
+fn worker(s: &'static Shared, me: usize) {
     // Epoch 0 is the pool's start, before any job: a worker that starts late still runs the first job.
     let mut seen = 0;
     loop {
@@ -146,7 +168,11 @@ fn worker(s: &'static Shared) {
         let mut epoch = s.epoch.load(Ordering::Acquire);
         while epoch == seen {
             if start.elapsed() < SPIN {
+                // Check the epoch between single pauses (one can take ~100 cycles), the clock less often.
                 for _ in 0..64 {
+                    if s.epoch.load(Ordering::Relaxed) != seen {
+                        break;
+                    }
                     std::hint::spin_loop();
                 }
             } else {
@@ -164,7 +190,7 @@ fn worker(s: &'static Shared) {
         // SAFETY: the caller published this job before bumping the epoch (Release, paired with the Acquire
         // load above) and keeps it alive until every worker has counted itself done below.
         let job = unsafe { &*(s.job.load(Ordering::Relaxed) as *const Job<'_>) };
-        claim(job);
+        claim(job, me);
         s.done.fetch_add(1, Ordering::Release);
     }
 }
@@ -195,6 +221,35 @@ mod tests {
                 assert_eq!(counts(&pool, n), vec![1; n], "{workers} workers, round {round}");
             }
         }
+    }
+
+    #[test]
+    fn a_pinned_job_runs_block_i_on_thread_i() {
+        let pool = Pool::new(3);
+        // The thread each block index ran on the first time: it must be the same every time.
+        let mut home: Vec<Option<thread::ThreadId>> = vec![None; 4];
+        for round in 0..200 {
+            if round % 50 == 0 {
+                thread::sleep(SPIN * 3);
+            }
+            let n = round % 5;
+            let ran: Vec<Mutex<Vec<thread::ThreadId>>> = (0..n).map(|_| Mutex::new(Vec::new())).collect();
+            assert!(pool.run_pinned(n, &|i| ran[i].lock().unwrap().push(thread::current().id())));
+            for (i, r) in ran.into_iter().enumerate() {
+                let r = r.into_inner().unwrap();
+                assert_eq!(r.len(), 1, "round {round}: block {i} runs once");
+                assert_eq!(
+                    *home[i].get_or_insert(r[0]),
+                    r[0],
+                    "round {round}: block {i} changed threads"
+                );
+            }
+        }
+        assert_eq!(home[0], Some(thread::current().id()), "block 0 runs on the caller");
+        let mut ids: Vec<String> = home.iter().map(|id| format!("{:?}", id.unwrap())).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 4, "each block on its own thread");
     }
 
     #[test]
