@@ -207,9 +207,9 @@ const SPLIT_WEIGHTS: usize = 1 << 15;
 /// per output and row and streaming the weights is the whole cost. Each layer with [`SPLIT_WEIGHTS`] or more
 /// weights splits its outputs across the threads, every thread taking the same share at every call
 /// ([`super::map_blocks_pinned`]), so that its share of the weights stays in its own core's L2 cache from
-/// one call to the next; a width-512 network's 2.1 MB of weights outgrow one core's 2 MB L2, and read from
-/// L3 they took 87% of a sample's time. Every output is the same dot product as in [`infer`]'s single
-/// block: the same bits.
+/// one call to the next (on a Xeon with 2 MB of L2 per core, a width-512 network's 2.1 MB of weights read
+/// from L3 took 87% of a sample's time; one sample at width 512 went from 0.069 to 0.046 ms on a 2-core AMD
+/// EPYC). Every output is the same dot product as in [`infer`]'s single block: the same bits.
 fn infer_few_rows(
     h0: &[f32],
     shapes: &[LayerShape],

@@ -15,7 +15,8 @@
 //! - parallel regions on the fast path's own workers (the `pool` module), which spin between the regions of a
 //!   training step instead of falling asleep after each.
 //!
-//! GEMMs go through the `gemm` crate with its AVX-512 kernels (the same crate candle's CPU matmul uses).
+//! GEMMs go through the `gemm` crate with its AVX-512 or AVX2 kernels, whichever the CPU has (the same crate
+//! candle's CPU matmul uses).
 //! A forward pass that runs as several blocks of rows transposes each weight once and lets every block's
 //! product read `Wᵀ` directly, instead of each product repacking `W` (the batch-256 profile spent 17% of
 //! an EMD step packing weights).
