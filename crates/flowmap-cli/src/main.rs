@@ -1,4 +1,10 @@
-//! The `flowmap` command-line tool: a thin layer over the `flowmap` library.
+//! The `flowmap` command-line tool: the application over the `flowmap` library — its commands, reports,
+//! plots, the demo and the benchmarks.
+
+mod bench;
+mod demo;
+mod plot;
+mod report;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -6,21 +12,23 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand};
+use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::checkpoint::{Checkpoint, ModelKind};
 use flowmap::data::{self, DataSource, Toy};
-use flowmap::demo::{self, DemoConfig};
 use flowmap::flow_map::SolverMap;
-use flowmap::nn::MlpConfig;
 use flowmap::objective::{
     DistillConfig, EpsSchedule, JvpMode, MeanFlowTangent, MeanFlowVelocity, Method, TargetNet, TimeDistribution,
     Weighting,
 };
 use flowmap::ode::{self, Solver};
-use flowmap::pipeline::{self, progress_bar, EvalSettings, OutDir, RunConfig, Teacher};
-use flowmap::sample::{self, Sampler, TimeGrid};
+use flowmap::pipeline::{self, EvalSettings, MapJob, OutDir, RunConfig, Teacher};
+use flowmap::sample::{self, SampleContext, Sampler, TimeGrid};
 use flowmap::teacher::VelocityField;
 use flowmap::train::TrainConfig;
-use flowmap::{io, plot};
+use flowmap::{io, Cond};
+
+use demo::DemoConfig;
+use report::{eval_table, progress_bar, Bar};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,6 +46,9 @@ struct Cli {
     /// Hide progress bars.
     #[arg(long, global = true)]
     quiet: bool,
+    /// Device: cpu, cuda, cuda:N, metal or metal:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -341,14 +352,14 @@ impl MapFlags {
         Ok(dcfg)
     }
 
-    fn arch(&self, dim: usize) -> MlpConfig {
-        MlpConfig {
+    fn arch(&self, shape: &[usize]) -> Arch {
+        Arch::Mlp(MlpConfig {
             hidden: self.hidden,
             depth: self.depth,
             time_features: self.time_features,
             max_frequency: self.max_frequency,
-            ..MlpConfig::new(dim)
-        }
+            ..MlpConfig::for_shape(shape)
+        })
     }
 }
 
@@ -512,7 +523,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn run_command(cli: Cli) -> Result<()> {
-    let device = Device::Cpu;
+    let device = flowmap::parse_device(&cli.device)?;
     let show = !cli.quiet;
     match cli.command {
         Command::Teacher(a) => teacher(a, &device, show),
@@ -526,7 +537,7 @@ fn run_command(cli: Cli) -> Result<()> {
             if !(a.budget_seconds > 0.0) {
                 bail!("--budget-seconds must be positive");
             }
-            let rows = flowmap::bench::compare(&a.out, a.budget_seconds, a.seed, &device, show)?;
+            let rows = bench::compare(&a.out, a.budget_seconds, a.seed, &device, show)?;
             println!("{} rows; wrote {}", rows.len(), a.out.join("compare.md").display());
             Ok(())
         }
@@ -537,7 +548,7 @@ fn run_command(cli: Cli) -> Result<()> {
             if a.rounds == 0 {
                 bail!("--rounds must be at least 1");
             }
-            let opts = flowmap::bench::SpeedOptions {
+            let opts = bench::SpeedOptions {
                 widths: parse_sizes(&a.widths, "--widths")?,
                 batches: parse_sizes(&a.batches, "--batches")?,
                 seconds: a.seconds,
@@ -546,7 +557,7 @@ fn run_command(cli: Cli) -> Result<()> {
                 python: a.python,
                 seed: a.seed,
             };
-            let report = flowmap::bench::speed(&a.out, &opts, &device, show)?;
+            let report = bench::speed(&a.out, &opts, &device, show)?;
             for r in &report.rows {
                 let peer = match (r.peer, r.ratio) {
                     (Some(p), Some(x)) => format!("  PyTorch {p:10.1}  ratio {x:5.2}"),
@@ -565,7 +576,7 @@ fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(BenchCommand::Jvp(a)) => {
-            for r in flowmap::bench::jvp(&a.out, &device)? {
+            for r in bench::jvp(&a.out, &device)? {
                 println!(
                     "batch {:5} hidden {:4}: forward {:.3} ms, JVP {:.3} ms ({:.2}×), FD {:.3} ms ({:.2}×)",
                     r.batch, r.hidden, r.forward_ms, r.jvp_ms, r.jvp_ratio, r.fd_jvp_ms, r.fd_ratio
@@ -579,7 +590,7 @@ fn run_command(cli: Cli) -> Result<()> {
                 .split(',')
                 .map(|m| m.trim().parse::<Method>())
                 .collect::<flowmap::Result<Vec<_>>>()?;
-            let rows = flowmap::bench::ablation(&a.out, &methods, a.steps, a.batch, a.seed, &device, show)?;
+            let rows = bench::ablation(&a.out, &methods, a.steps, a.batch, a.seed, &device, show)?;
             for r in rows {
                 println!(
                     "{:4} {:34} rel {:.3e}  semigroup {:.3e}  {:.1}s",
@@ -644,15 +655,15 @@ fn teacher(a: TeacherArgs, device: &Device, show: bool) -> Result<()> {
     let cfg = train_config(&a.train, file.train.clone());
     cfg.validate()?;
     let data = DataSource::from_spec(&a.data)?;
-    let arch = MlpConfig {
+    let arch = Arch::Mlp(MlpConfig {
         hidden: a.hidden,
         depth: a.depth,
         time_features: a.time_features,
         max_frequency: a.max_frequency,
-        ..MlpConfig::new(data.dim())
-    };
+        ..MlpConfig::for_shape(&data.state_shape())
+    });
     let pb = progress_bar(cfg.steps as u64, "teacher", show);
-    let trained = pipeline::train_teacher(&data, &arch, &cfg, device, &pb)?;
+    let trained = pipeline::train_teacher(&data, &arch, &cfg, device, &Bar(&pb))?;
     pb.finish_and_clear();
     trained.save(&a.out)?;
     let (first, last) = trained.log.first_last();
@@ -678,17 +689,15 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
         None => teacher.data()?,
     };
     let pb = progress_bar(cfg.steps as u64, method.name(), show);
-    let m = pipeline::distill(
-        &teacher,
-        &data,
-        method,
-        &dcfg,
-        &cfg,
-        &a.map.arch(teacher.dim()),
-        device,
-        &pb,
-        None,
-    )?;
+    let job = MapJob {
+        teacher: Some(&teacher),
+        objective: dcfg,
+        train: cfg.clone(),
+        arch: a.map.arch(&teacher.state_shape()),
+        device: device.clone(),
+        ..MapJob::new(method, &data)
+    };
+    let m = job.run(&Bar(&pb))?;
     pb.finish_and_clear();
     finish_map(&m, &a.out, method, &cfg)
 }
@@ -702,7 +711,14 @@ fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
     let dcfg = a.map.objective(file.distill_config(method)?, method)?;
     let data = DataSource::from_spec(&a.data)?;
     let pb = progress_bar(cfg.steps as u64, method.name(), show);
-    let m = pipeline::train_map(&data, method, &dcfg, &cfg, &a.map.arch(data.dim()), device, &pb, None)?;
+    let job = MapJob {
+        objective: dcfg,
+        train: cfg.clone(),
+        arch: a.map.arch(&data.state_shape()),
+        device: device.clone(),
+        ..MapJob::new(method, &data)
+    };
+    let m = job.run(&Bar(&pb))?;
     pb.finish_and_clear();
     finish_map(&m, &a.out, method, &cfg)
 }
@@ -745,7 +761,7 @@ fn load_model(spec: &str, device: &Device) -> Result<Model> {
     }
     let ck = Checkpoint::load(Path::new(spec))?;
     Ok(match ck.meta.kind {
-        ModelKind::FlowMap => {
+        ModelKind::FlowMap | ModelKind::ConsistencyModel => {
             let (net, _) = ck.flow_map_net(device)?;
             Model::Map(net, ck)
         }
@@ -761,10 +777,19 @@ fn load_model(spec: &str, device: &Device) -> Result<Model> {
 }
 
 fn write_tensor(path: &Path, x: &Tensor) -> Result<()> {
-    let (n, d) = x.dims2()?;
     let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    data::write_npy_f32(path, n, d, &v)?;
+    data::write_npy_f32_shape(path, x.dims(), &v)?;
     Ok(())
+}
+
+impl Model {
+    /// The shape of one state.
+    fn state_shape(&self) -> Vec<usize> {
+        match self {
+            Model::Map(net, _) => flowmap::flow_map::FlowMap::state_shape(net),
+            Model::Teacher(t) => t.state_shape(),
+        }
+    }
 }
 
 fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
@@ -783,8 +808,10 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
                 None => TimeGrid::power(a.nfe, a.grid_power)?,
             };
             let sampler = map_sampler(a.sampler.as_deref(), ck, grid.steps() > 1)?;
-            let z = sample::noise(a.n, net.config().dim, a.seed, device)?;
-            let out = sample::sample_with(net, &z, &grid, sampler, a.seed)?;
+            let z = sample::noise(a.n, &model.state_shape(), a.seed, device)?;
+            let path = ck.meta.probability_path()?;
+            let cx = SampleContext::new(a.seed).with_path(&*path);
+            let out = sample::sample_with(net, &z, &grid, sampler, &cx)?;
             (out.x, out.nfe, format!("flow map on grid {grid}, {sampler:?} sampler"))
         }
         Model::Teacher(t) => {
@@ -792,8 +819,8 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
                 bail!("--grid and --grid-power apply to flow maps; teachers take --solver and --nfe");
             }
             let solver = teacher_solver(&a.solver, a.nfe)?;
-            let z = sample::noise(a.n, t.dim(), a.seed, device)?;
-            let out = sample::sample_ode(t, &z, solver)?;
+            let z = sample::noise(a.n, &model.state_shape(), a.seed, device)?;
+            let out = sample::sample_ode(t, &z, solver, &Cond::none())?;
             (out.x, out.nfe, format!("teacher, {solver}"))
         }
     };
@@ -820,12 +847,7 @@ fn map_sampler(name: Option<&str>, ck: &Checkpoint, multi_step: bool) -> Result<
 }
 
 fn boundary_only(ck: &Checkpoint) -> bool {
-    ck.meta
-        .training
-        .get("objective")
-        .and_then(|o| o.as_str())
-        .and_then(|m| m.parse::<Method>().ok())
-        .is_some_and(Method::boundary_only)
+    ck.meta.kind.boundary_only()
 }
 
 /// A solver within an NFE budget: as many steps as the budget buys.
@@ -860,10 +882,8 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
     }
     let model = load_model(&a.model, device)?;
     let pts = data::read_points(&a.input)?;
-    let dim = match &model {
-        Model::Map(net, _) => net.config().dim,
-        Model::Teacher(t) => t.dim(),
-    };
+    let shape = model.state_shape();
+    let dim = flowmap::state::numel(&shape);
     if pts.cols != dim {
         bail!(
             "{} has dimension {}, but the model expects {dim}",
@@ -871,7 +891,8 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
             pts.cols
         );
     }
-    let x = data::to_tensor(&pts.data, pts.rows, pts.cols, DType::F32, device)?;
+    let x = data::to_batch(&pts.data, pts.rows, &shape, DType::F32, device)?;
+    let c = Cond::none();
     let col = |v: f64| Tensor::full(v as f32, (pts.rows, 1), device);
     let (t, s) = (col(a.t)?, col(a.s)?);
     let y = match &model {
@@ -882,11 +903,11 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
                     a.s
                 );
             }
-            flowmap::flow_map::FlowMap::map(net, &x, &t, &s)?
+            flowmap::flow_map::FlowMap::map(net, &x, &t, &s, &c)?
         }
         Model::Teacher(tch) => {
             let solver = ode::parse_solver(&a.solver, a.steps, a.tol)?;
-            flowmap::flow_map::FlowMap::map(&SolverMap::new(tch, solver), &x, &t, &s)?
+            flowmap::flow_map::FlowMap::map(&SolverMap::new(tch, solver), &x, &t, &s, &c)?
         }
     };
     write_tensor(&a.out, &y)?;
@@ -926,10 +947,7 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
         (None, Model::Map(_, ck)) => pipeline::data_of(&ck.meta)?,
         (None, Model::Teacher(t)) => t.data()?,
     };
-    let dim = match &model {
-        Model::Map(net, _) => net.config().dim,
-        Model::Teacher(t) => t.dim(),
-    };
+    let dim = flowmap::state::numel(&model.state_shape());
     if data.dim() != dim {
         bail!(
             "data '{}' has dimension {}, but the model expects {dim}",
@@ -961,15 +979,17 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
     };
     let checker = matches!(data, DataSource::Toy(Toy::Checkerboard));
     let (rows, samples) = match (&model, sampler) {
-        (Model::Map(net, _), Some(sampler)) => {
-            pipeline::eval_map("flow map", net, &nfes, sampler, &reference, checker, &settings, device)?
+        (Model::Map(net, ck), Some(sampler)) => {
+            let path = ck.meta.probability_path()?;
+            let cx = SampleContext::new(a.seed).with_path(&*path);
+            pipeline::eval_map("flow map", net, &nfes, sampler, &cx, &reference, checker, &settings, device)?
         }
         (Model::Map(..), None) => unreachable!("a flow map's sampler is resolved above"),
         (Model::Teacher(t), _) => {
             // Euler at each NFE, then the adaptive solver: the teacher's own best.
             let mut solvers: Vec<Solver> = nfes.iter().map(|&k| Solver::fixed(ode::Scheme::Euler, k)).collect();
             solvers.push(Solver::dopri5(1e-5));
-            pipeline::eval_teacher("teacher", t, &solvers, &reference, checker, &settings, device)?
+            pipeline::eval_teacher("teacher", t, &solvers, &Cond::none(), &reference, checker, &settings, device)?
         }
     };
     let mut md = format!(
@@ -978,7 +998,7 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
         a.n,
         data.name()
     );
-    md += &pipeline::eval_table(&rows);
+    md += &eval_table(&rows);
     // Where the data is a Gaussian mixture its exact flow map is known: measure the map against it.
     let exact_report = match (&model, &data) {
         (Model::Map(net, ck), DataSource::Mixture(mix)) if !boundary_only(ck) => {
@@ -1014,7 +1034,7 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
         md += "\n![samples](samples.png)\n";
     }
     io::write_text(&out.file("metrics.md"), &md)?;
-    print!("{}", pipeline::eval_table(&rows));
+    print!("{}", eval_table(&rows));
     Ok(())
 }
 
@@ -1032,7 +1052,7 @@ fn demo_cmd(a: DemoArgs, device: &Device, show: bool) -> Result<()> {
         bail!("demo budgets must be positive (and --n-eval at least 100)");
     }
     let report = demo::run(&a.out, &cfg, device, show)?;
-    println!("{}", pipeline::eval_table(&report.rows));
+    println!("{}", eval_table(&report.rows));
     for (name, ok) in &report.checks {
         println!("[{}] {name}", if *ok { "pass" } else { "FAIL" });
     }

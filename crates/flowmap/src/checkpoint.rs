@@ -1,6 +1,9 @@
 //! Checkpoints: safetensors files whose metadata holds everything needed to rebuild the model — its kind,
-//! architecture, probability path, data spec and training configuration — under `flowmap.*` keys (JSON
-//! values). `sample`, `apply` and `eval` need nothing else.
+//! architecture (a tagged [`Arch`], `{"kind": "mlp", …}`), probability path, data spec and training
+//! configuration — as one JSON value under the `flowmap` key. `sample`, `apply` and `eval` need nothing else.
+//!
+//! Files written before the architecture was tagged (an untagged MLP config under `model`, and consistency
+//! models recorded as flow maps trained by `cm`) load as they are.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,9 +13,10 @@ use candle_nn::{VarBuilder, VarMap};
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
+use crate::backbone::{vars_sorted, Arch, MlpConfig};
 use crate::data::GaussianMixture;
-use crate::flow_map::{vars_sorted, FlowMapNet};
-use crate::nn::MlpConfig;
+use crate::flow_map::FlowMapNet;
+use crate::path::ProbabilityPath;
 use crate::teacher::VelocityNet;
 use crate::{Error, Result};
 
@@ -24,6 +28,8 @@ pub enum ModelKind {
     Teacher,
     /// A flow map `f_θ(x, t, s)`.
     FlowMap,
+    /// A consistency model: a flow map trained on the boundary `s = 0` only, `f_θ(x, t, 0)`.
+    ConsistencyModel,
 }
 
 impl ModelKind {
@@ -31,15 +37,26 @@ impl ModelKind {
         match self {
             ModelKind::Teacher => "a teacher (velocity field)",
             ModelKind::FlowMap => "a flow map",
+            ModelKind::ConsistencyModel => "a consistency model (a flow map to s = 0 only)",
         }
+    }
+    /// Whether the model is a flow-map network (a consistency model is one, valid at `s = 0`).
+    pub fn is_map(self) -> bool {
+        matches!(self, ModelKind::FlowMap | ModelKind::ConsistencyModel)
+    }
+    /// Whether the model maps only to `s = 0`.
+    pub fn boundary_only(self) -> bool {
+        self == ModelKind::ConsistencyModel
     }
 }
 
 /// A checkpoint's metadata.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "MetaRepr")]
 pub struct CheckpointMeta {
     pub kind: ModelKind,
-    pub model: MlpConfig,
+    /// The backbone's architecture.
+    pub arch: Arch,
     /// The probability path's name (`linear`).
     pub path: String,
     /// The data spec the model was trained on.
@@ -50,6 +67,57 @@ pub struct CheckpointMeta {
     pub training: serde_json::Value,
     /// The flowmap version that wrote the file.
     pub version: String,
+}
+
+/// The metadata as stored, today's layout or the earlier one (`model`: an untagged MLP config).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetaRepr {
+    kind: ModelKind,
+    #[serde(default)]
+    arch: Option<Arch>,
+    #[serde(default)]
+    model: Option<MlpConfig>,
+    path: String,
+    data: String,
+    mixture: Option<GaussianMixture>,
+    training: serde_json::Value,
+    version: String,
+}
+
+impl TryFrom<MetaRepr> for CheckpointMeta {
+    type Error = String;
+    fn try_from(m: MetaRepr) -> std::result::Result<Self, String> {
+        let arch = match (m.arch, m.model) {
+            (Some(a), None) => a,
+            (None, Some(legacy)) => Arch::Mlp(legacy),
+            (Some(_), Some(_)) => return Err("both 'arch' and the legacy 'model' are present".into()),
+            (None, None) => return Err("no architecture ('arch')".into()),
+        };
+        // Before the kind was typed, a consistency model was a flow map whose objective was `cm`.
+        let trained_by_cm = m.training.get("objective").and_then(|o| o.as_str()) == Some("cm");
+        let kind = match m.kind {
+            ModelKind::FlowMap if trained_by_cm => ModelKind::ConsistencyModel,
+            k => k,
+        };
+        Ok(CheckpointMeta {
+            kind,
+            arch,
+            path: m.path,
+            data: m.data,
+            mixture: m.mixture,
+            training: m.training,
+            version: m.version,
+        })
+    }
+}
+
+impl CheckpointMeta {
+    /// The probability path the model was trained on.
+    pub fn probability_path(&self) -> Result<std::sync::Arc<dyn ProbabilityPath>> {
+        crate::path::by_name(&self.path)
+            .ok_or_else(|| Error::arg(format!("unknown probability path '{}' in checkpoint metadata", self.path)))
+    }
 }
 
 const KEY: &str = "flowmap";
@@ -127,7 +195,8 @@ impl Checkpoint {
 
     /// Errors unless the checkpoint holds `kind`.
     pub fn expect_kind(&self, kind: ModelKind) -> Result<()> {
-        if self.meta.kind != kind {
+        let ok = self.meta.kind == kind || (kind == ModelKind::FlowMap && self.meta.kind.is_map());
+        if !ok {
             return Err(Error::checkpoint(
                 &self.path,
                 format!(
@@ -173,7 +242,7 @@ impl Checkpoint {
     pub fn velocity_net(&self, device: &Device) -> Result<(VelocityNet, VarMap)> {
         self.expect_kind(ModelKind::Teacher)?;
         let (vm, vb) = self.builder(device)?;
-        let net = VelocityNet::new(&self.meta.model, vb)
+        let net = VelocityNet::new(&self.meta.arch, vb)
             .map_err(|e| Error::checkpoint(&self.path, format!("does not match its architecture: {e}")))?;
         self.check_all_used(&vm)?;
         Ok((net, vm))
@@ -183,7 +252,7 @@ impl Checkpoint {
     pub fn flow_map_net(&self, device: &Device) -> Result<(FlowMapNet, VarMap)> {
         self.expect_kind(ModelKind::FlowMap)?;
         let (vm, vb) = self.builder(device)?;
-        let net = FlowMapNet::new(&self.meta.model, vb)
+        let net = FlowMapNet::new(&self.meta.arch, vb)
             .map_err(|e| Error::checkpoint(&self.path, format!("does not match its architecture: {e}")))?;
         self.check_all_used(&vm)?;
         Ok((net, vm))

@@ -44,19 +44,19 @@ impl From<candle_core::Error> for Error {
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,
         }
     }
-    pub(crate) fn data(msg: impl Into<String>) -> Self {
+    pub fn data(msg: impl Into<String>) -> Self {
         Error::Data(msg.into())
     }
-    pub(crate) fn arg(msg: impl Into<String>) -> Self {
+    pub fn arg(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())
     }
-    pub(crate) fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+    pub fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::Checkpoint {
             path: path.into(),
             msg: msg.into(),

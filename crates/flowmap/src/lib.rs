@@ -9,15 +9,20 @@
 //! `Φ_{t→s}(x) = x + ∫_t^s v(x_τ, τ) dτ`. Flow maps are parameterised by their average velocity,
 //! `f(x, t, s) = x + (s − t)·F(x, t, s)`.
 //!
+//! Every model is evaluated on a state `x` of any shape (`B × D` points, `B × C × H × W` images), `B × 1`
+//! times and a condition [`Cond`] (class labels with a reserved null class, or none).
+//!
 //! Modules follow the mathematics: [`path`] (interpolants), [`ode`] (solvers), [`teacher`] (velocity
-//! fields), [`flow_map`] (maps, including Φ itself), [`objective`] (losses), [`train`] (the one training
-//! loop), [`sample`] (the one sampler), [`metrics`], [`data`], [`checkpoint`], [`plot`] and [`pipeline`]
-//! (the end-to-end jobs the CLI runs).
+//! fields), [`flow_map`] (maps, including Φ itself, and their tangents), [`backbone`] (the networks inside
+//! teachers and maps), [`objective`] (losses), [`train`] (the one training loop), [`sample`] (the one
+//! sampler), [`metrics`], [`data`], [`checkpoint`] and [`pipeline`] (the end-to-end jobs, returning plain
+//! values). Reports, plots, the demo and the benchmarks live in the application, `flowmap-cli`.
 
-pub mod bench;
+pub mod backbone;
 pub mod checkpoint;
+pub mod cond;
 pub mod data;
-pub mod demo;
+pub mod device;
 mod error;
 pub mod flow_map;
 pub mod io;
@@ -30,12 +35,14 @@ pub mod ode;
 pub mod optim;
 pub mod path;
 pub mod pipeline;
-pub mod plot;
 mod rng;
 pub mod sample;
+pub mod state;
 pub mod teacher;
 pub mod train;
 
+pub use cond::Cond;
+pub use device::parse_device;
 pub use error::{Error, Result};
 pub use kernels::no_grad;
 pub use rng::Rng;

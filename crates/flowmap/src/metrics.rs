@@ -8,11 +8,12 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::cond::Cond;
 use crate::data::Toy;
 use crate::flow_map::FlowMap;
 use crate::kernels::no_grad;
-use crate::path::{LinearPath, ProbabilityPath};
-use crate::{Result, Rng};
+use crate::path::ProbabilityPath;
+use crate::{state, Result, Rng};
 
 fn rows(x: &[f64], d: usize) -> impl Iterator<Item = &[f64]> + Clone {
     x.chunks_exact(d)
@@ -295,8 +296,7 @@ pub struct MapError {
 }
 
 fn sq_norm_mean(a: &Tensor) -> Result<f64> {
-    Ok(a.sqr()?
-        .sum_keepdim(1)?
+    Ok(state::row_sum(&a.sqr()?)?
         .mean_all()?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?)
@@ -316,24 +316,40 @@ pub fn triangle_grid(n: usize) -> Vec<(f64, f64)> {
     out
 }
 
-/// The flow-map error of `map` against `exact` at each `(t, s)` pair, with `x_t = (1 − t)·x0 + t·x1` for the
-/// given data `x0` and noise `x1` (`B × D` tensors).
+/// Where maps are compared: states `x_t = α_t·x0 + σ_t·x1` on `path` for data `x0` and noise `x1`
+/// (`B × …` tensors of one shape), under the condition `cond`.
+#[derive(Clone, Copy)]
+pub struct PathPoints<'a> {
+    pub x0: &'a Tensor,
+    pub x1: &'a Tensor,
+    pub cond: &'a Cond,
+    pub path: &'a dyn ProbabilityPath,
+}
+
+impl PathPoints<'_> {
+    /// `x_t` at the time column `t`.
+    pub fn at(&self, t: &Tensor) -> Result<Tensor> {
+        self.path.interpolate(self.x0, self.x1, t)
+    }
+}
+
+/// The flow-map error of `map` against `exact` at each `(t, s)` pair, at the states `p.at(t)`.
 pub fn flow_map_errors(
     map: &dyn FlowMap,
     exact: &dyn FlowMap,
-    x0: &Tensor,
-    x1: &Tensor,
+    p: &PathPoints<'_>,
     pairs: &[(f64, f64)],
 ) -> Result<Vec<MapError>> {
+    let (x0, c) = (p.x0, p.cond);
     let b = x0.dim(0)?;
     pairs
         .iter()
         .map(|&(t, s)| {
             let tt = Tensor::full(t, (b, 1), x0.device())?.to_dtype(x0.dtype())?;
             let ss = Tensor::full(s, (b, 1), x0.device())?.to_dtype(x0.dtype())?;
-            let xt = LinearPath.interpolate(x0, x1, &tt)?;
-            let phi = no_grad(|| exact.map(&xt, &tt, &ss))?;
-            let f = no_grad(|| map.map(&xt, &tt, &ss))?;
+            let xt = p.at(&tt)?;
+            let phi = no_grad(|| exact.map(&xt, &tt, &ss, c))?;
+            let f = no_grad(|| map.map(&xt, &tt, &ss, c))?;
             let abs = sq_norm_mean(&(f - &phi)?)?;
             let scale = sq_norm_mean(&(phi - &xt)?)?;
             Ok(MapError {
@@ -353,7 +369,8 @@ pub fn mean_relative(errors: &[MapError]) -> f64 {
 
 /// The semigroup error `E‖f(f(x, t, u), u, s) − f(x, t, s)‖²` averaged over triples `(t, u, s)` of the
 /// `n`-point grid with `t > u > s`, with `x = x_t` on the path.
-pub fn semigroup_error(map: &dyn FlowMap, x0: &Tensor, x1: &Tensor, n: usize) -> Result<f64> {
+pub fn semigroup_error(map: &dyn FlowMap, p: &PathPoints<'_>, n: usize) -> Result<f64> {
+    let (x0, c) = (p.x0, p.cond);
     let g: Vec<f64> = (0..n).map(|i| i as f64 / (n - 1) as f64).collect();
     let b = x0.dim(0)?;
     let col = |v: f64| -> Result<Tensor> { Ok(Tensor::full(v, (b, 1), x0.device())?.to_dtype(x0.dtype())?) };
@@ -362,9 +379,9 @@ pub fn semigroup_error(map: &dyn FlowMap, x0: &Tensor, x1: &Tensor, n: usize) ->
         for (j, &u) in g.iter().enumerate().take(i) {
             for &s in g.iter().take(j) {
                 let (tt, uu, ss) = (col(t)?, col(u)?, col(s)?);
-                let xt = LinearPath.interpolate(x0, x1, &tt)?;
-                let two = no_grad(|| map.map(&map.map(&xt, &tt, &uu)?, &uu, &ss))?;
-                let one = no_grad(|| map.map(&xt, &tt, &ss))?;
+                let xt = p.at(&tt)?;
+                let two = no_grad(|| map.map(&map.map(&xt, &tt, &uu, c)?, &uu, &ss, c))?;
+                let one = no_grad(|| map.map(&xt, &tt, &ss, c))?;
                 total += sq_norm_mean(&(two - one)?)?;
                 count += 1;
             }
@@ -374,13 +391,8 @@ pub fn semigroup_error(map: &dyn FlowMap, x0: &Tensor, x1: &Tensor, n: usize) ->
 }
 
 /// `E‖f − Φ‖² / E‖Φ − x‖²` with an independent `(t, s)` uniform on the triangle for each row.
-pub fn relative_error_uniform(
-    map: &dyn FlowMap,
-    exact: &dyn FlowMap,
-    x0: &Tensor,
-    x1: &Tensor,
-    seed: u64,
-) -> Result<f64> {
+pub fn relative_error_uniform(map: &dyn FlowMap, exact: &dyn FlowMap, p: &PathPoints<'_>, seed: u64) -> Result<f64> {
+    let (x0, c) = (p.x0, p.cond);
     let n = x0.dim(0)?;
     let mut rng = Rng::derive(seed, "pairs");
     let (mut t, mut s) = (vec![], vec![]);
@@ -391,9 +403,9 @@ pub fn relative_error_uniform(
     }
     let tt = crate::data::to_tensor(&t, n, 1, x0.dtype(), x0.device())?;
     let ss = crate::data::to_tensor(&s, n, 1, x0.dtype(), x0.device())?;
-    let xt = LinearPath.interpolate(x0, x1, &tt)?;
-    let phi = no_grad(|| exact.map(&xt, &tt, &ss))?;
-    let f = no_grad(|| map.map(&xt, &tt, &ss))?;
+    let xt = p.at(&tt)?;
+    let phi = no_grad(|| exact.map(&xt, &tt, &ss, c))?;
+    let f = no_grad(|| map.map(&xt, &tt, &ss, c))?;
     let num = (f - &phi)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let den = (phi - &xt)?
         .sqr()?
@@ -513,9 +525,4 @@ mod tests {
         let kl_off = checkerboard_kl(&off, 32);
         assert!(kl_off > 0.3, "KL of a Gaussian {kl_off}");
     }
-}
-
-/// Sizes the global thread pool used by the metrics (call once, before any metric runs).
-pub fn set_threads(n: usize) -> std::result::Result<(), rayon::ThreadPoolBuildError> {
-    rayon::ThreadPoolBuilder::new().num_threads(n).build_global()
 }

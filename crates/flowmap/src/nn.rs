@@ -3,7 +3,6 @@
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
-use serde::{Deserialize, Serialize};
 
 use crate::kernels::{self, Activation};
 use crate::Result;
@@ -33,6 +32,10 @@ impl Dense {
     }
     pub fn activation(&self) -> Activation {
         self.act
+    }
+    /// The layer as the fused MLP kernel reads it.
+    pub fn as_layer(&self) -> kernels::Layer<'_> {
+        (&self.weight, &self.bias, self.act)
     }
 }
 
@@ -65,7 +68,7 @@ impl crate::jvp::Jvp for Dense {
 #[derive(Clone, Debug)]
 pub struct SinusoidalEmbedding {
     freqs: Tensor,
-    freqs_f32: Vec<f32>,
+    pub(crate) freqs_f32: Vec<f32>,
 }
 
 impl SinusoidalEmbedding {
@@ -94,91 +97,6 @@ impl SinusoidalEmbedding {
     }
 }
 
-/// Architecture of the time-conditioned MLP shared by teachers and flow maps.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MlpConfig {
-    /// Data dimension `D`.
-    pub dim: usize,
-    /// Width of each hidden layer.
-    pub hidden: usize,
-    /// Number of hidden layers.
-    pub depth: usize,
-    /// Number of frequencies per time embedding (each gives a sine and a cosine feature).
-    pub time_features: usize,
-    /// Largest embedding frequency.
-    pub max_frequency: f64,
-}
-
-impl MlpConfig {
-    pub fn new(dim: usize) -> Self {
-        MlpConfig {
-            dim,
-            hidden: 256,
-            depth: 3,
-            time_features: 16,
-            max_frequency: 64.0,
-        }
-    }
-}
-
-/// An MLP on `[x, emb(t)]` (a velocity field) or `[x, emb(t), emb(t − s)]` (a flow map), SiLU activations.
-///
-/// The extra embedding comes last in the input, so a flow-map network extends a velocity network's first
-/// layer by extra columns: copying the teacher's weights and zeroing those columns makes the two agree.
-#[derive(Clone, Debug)]
-pub struct ConditionedMlp {
-    time: SinusoidalEmbedding,
-    layers: Vec<Dense>,
-    with_gap: bool,
-}
-
-impl ConditionedMlp {
-    pub fn new(cfg: &MlpConfig, with_gap: bool, vb: VarBuilder) -> Result<Self> {
-        let time = SinusoidalEmbedding::new(cfg.time_features, cfg.max_frequency, &vb)?;
-        let conds = if with_gap { 2 } else { 1 };
-        let mut in_dim = cfg.dim + conds * time.width();
-        let mut layers = Vec::with_capacity(cfg.depth + 1);
-        for i in 0..cfg.depth {
-            layers.push(Dense::new(
-                in_dim,
-                cfg.hidden,
-                Activation::Silu,
-                vb.pp(format!("layer{i}")),
-            )?);
-            in_dim = cfg.hidden;
-        }
-        layers.push(Dense::new(
-            in_dim,
-            cfg.dim,
-            Activation::Identity,
-            vb.pp(format!("layer{}", cfg.depth)),
-        )?);
-        Ok(ConditionedMlp { time, layers, with_gap })
-    }
-
-    /// `x`: `B × D`, `t` and `gap`: `B × 1`. `gap` is required exactly when the network was built with it.
-    pub fn forward(&self, x: &Tensor, t: &Tensor, gap: Option<&Tensor>) -> Result<Tensor> {
-        if gap.is_some() != self.with_gap {
-            return Err(crate::Error::arg("network conditioning does not match its inputs"));
-        }
-        let h = if kernels::applies(x.device(), x.dtype()) {
-            let tg = match gap {
-                Some(g) => Tensor::cat(&[t, g], 1)?,
-                None => t.clone(),
-            };
-            kernels::conditioning(x, &tg, &self.time.freqs_f32)?
-        } else {
-            let mut parts = vec![x.clone(), self.time.forward(t)?];
-            if let Some(g) = gap {
-                parts.push(self.time.forward(g)?);
-            }
-            Tensor::cat(&parts, 1)?
-        };
-        let layers: Vec<kernels::Layer<'_>> = self.layers.iter().map(|l| (&l.weight, &l.bias, l.act)).collect();
-        kernels::mlp(&h, &layers)
-    }
-}
-
 impl crate::jvp::Jvp for SinusoidalEmbedding {
     /// `d/dt [sin ωt, cos ωt] = [ω cos ωt, −ω sin ωt]·ṫ`.
     fn forward_jvp(&self, t: &Tensor, dt: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -188,34 +106,5 @@ impl crate::jvp::Jvp for SinusoidalEmbedding {
         let y = Tensor::cat(&[&sin, &cos], 1)?;
         let dy = Tensor::cat(&[(&cos * &rate)?, (sin.neg()? * &rate)?], 1)?;
         Ok((y, dy))
-    }
-}
-
-impl ConditionedMlp {
-    /// The network and its tangent along `(ẋ, ṫ, ġap)` in one pass, on detached tensors.
-    pub fn forward_jvp(
-        &self,
-        (x, t, gap): (&Tensor, &Tensor, Option<&Tensor>),
-        (dx, dt, dgap): (&Tensor, &Tensor, Option<&Tensor>),
-    ) -> Result<(Tensor, Tensor)> {
-        use crate::jvp::Jvp;
-        let (et, det) = self.time.forward_jvp(t, dt)?;
-        let mut parts = vec![x.detach(), et];
-        let mut tangents = vec![dx.detach(), det];
-        match (gap, dgap, self.with_gap) {
-            (Some(g), Some(dg), true) => {
-                let (eg, deg) = self.time.forward_jvp(g, dg)?;
-                parts.push(eg);
-                tangents.push(deg);
-            }
-            (None, None, false) => {}
-            _ => return Err(crate::Error::arg("network conditioning does not match its inputs")),
-        }
-        let mut h = Tensor::cat(&parts, 1)?;
-        let mut dh = Tensor::cat(&tangents, 1)?;
-        for layer in &self.layers {
-            (h, dh) = layer.forward_jvp(&h, &dh)?;
-        }
-        Ok((h, dh))
     }
 }

@@ -13,8 +13,9 @@ use std::str::FromStr;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::cond::Cond;
 use crate::teacher::VelocityField;
-use crate::{Error, Result};
+use crate::{state, Error, Result};
 
 /// A fixed-step Runge–Kutta scheme.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,29 +113,39 @@ impl FromStr for Scheme {
     }
 }
 
-/// One step of `scheme` from times `t0` to `t1` (`B × 1` tensors, `t1 < t0` going down).
-pub fn step(field: &dyn VelocityField, scheme: Scheme, x: &Tensor, t0: &Tensor, t1: &Tensor) -> Result<Tensor> {
-    let h = (t1 - t0)?;
-    let k1 = field.velocity(x, t0)?;
+/// One step of `scheme` from times `t0` to `t1` (`B × 1` tensors, `t1 < t0` going down), under condition `c`.
+pub fn step(
+    field: &dyn VelocityField,
+    scheme: Scheme,
+    x: &Tensor,
+    t0: &Tensor,
+    t1: &Tensor,
+    c: &Cond,
+) -> Result<Tensor> {
+    // The step as a time column, and broadcast over the state.
+    let h_col = (t1 - t0)?;
+    let h = state::per_row(&h_col, x)?;
+    let v = |x: &Tensor, t: &Tensor| field.velocity(x, t, c);
+    let k1 = v(x, t0)?;
     Ok(match scheme {
         Scheme::Euler => (x + k1.broadcast_mul(&h)?)?,
         Scheme::Midpoint => {
             let half = (&h * 0.5)?;
             let xm = (x + k1.broadcast_mul(&half)?)?;
-            let k2 = field.velocity(&xm, &(t0 + &half)?)?;
+            let k2 = v(&xm, &(t0 + (&h_col * 0.5)?)?)?;
             (x + k2.broadcast_mul(&h)?)?
         }
         Scheme::Heun => {
             let xe = (x + k1.broadcast_mul(&h)?)?;
-            let k2 = field.velocity(&xe, t1)?;
+            let k2 = v(&xe, t1)?;
             (x + (k1 + k2)?.broadcast_mul(&(&h * 0.5)?)?)?
         }
         Scheme::Rk4 => {
             let half = (&h * 0.5)?;
-            let tm = (t0 + &half)?;
-            let k2 = field.velocity(&(x + k1.broadcast_mul(&half)?)?, &tm)?;
-            let k3 = field.velocity(&(x + k2.broadcast_mul(&half)?)?, &tm)?;
-            let k4 = field.velocity(&(x + k3.broadcast_mul(&h)?)?, t1)?;
+            let tm = (t0 + (&h_col * 0.5)?)?;
+            let k2 = v(&(x + k1.broadcast_mul(&half)?)?, &tm)?;
+            let k3 = v(&(x + k2.broadcast_mul(&half)?)?, &tm)?;
+            let k4 = v(&(x + k3.broadcast_mul(&h)?)?, t1)?;
             let sum = (k1 + (k2 * 2.0)? + (k3 * 2.0)? + k4)?;
             (x + sum.broadcast_mul(&(h / 6.0)?)?)?
         }
@@ -145,25 +156,31 @@ pub fn step(field: &dyn VelocityField, scheme: Scheme, x: &Tensor, t0: &Tensor, 
 ///
 /// Runs under [`no_grad`]: a velocity network with trainable parameters would otherwise chain every step
 /// into one graph, and memory would grow with the step count. The solution is detached.
-pub fn integrate_fixed(field: &dyn VelocityField, scheme: Scheme, x: &Tensor, grid: &[Tensor]) -> Result<Tensor> {
+pub fn integrate_fixed(
+    field: &dyn VelocityField,
+    scheme: Scheme,
+    x: &Tensor,
+    grid: &[Tensor],
+    c: &Cond,
+) -> Result<Tensor> {
     no_grad(|| {
         let mut x = x.detach();
         for w in grid.windows(2) {
-            x = step(field, scheme, &x, &w[0], &w[1])?;
+            x = step(field, scheme, &x, &w[0], &w[1], c)?;
         }
         Ok(x)
     })
 }
 
 /// Integrates on a descending grid of scalar times `1 ≥ grid[0] > grid[1] > … ≥ 0`, any spacing.
-pub fn solve_on_grid(field: &dyn VelocityField, scheme: Scheme, x: &Tensor, grid: &[f64]) -> Result<Tensor> {
+pub fn solve_on_grid(field: &dyn VelocityField, scheme: Scheme, x: &Tensor, grid: &[f64], c: &Cond) -> Result<Tensor> {
     check_grid(grid)?;
     let b = x.dim(0)?;
     let cols = grid
         .iter()
         .map(|&t| Ok(Tensor::full(t, (b, 1), x.device())?.to_dtype(x.dtype())?))
         .collect::<Result<Vec<_>>>()?;
-    integrate_fixed(field, scheme, x, &cols)
+    integrate_fixed(field, scheme, x, &cols, c)
 }
 
 /// Checks that a time grid descends strictly within [0, 1].
@@ -183,7 +200,7 @@ pub fn check_grid(grid: &[f64]) -> Result<()> {
 }
 
 /// `Φ_{t→s}(x)` for per-row times `t`, `s` (`B × 1`), by `solver`; the result is detached.
-pub fn solve(field: &dyn VelocityField, solver: Solver, x: &Tensor, t: &Tensor, s: &Tensor) -> Result<Tensor> {
+pub fn solve(field: &dyn VelocityField, solver: Solver, x: &Tensor, t: &Tensor, s: &Tensor, c: &Cond) -> Result<Tensor> {
     no_grad(|| match solver {
         Solver::Fixed { scheme, steps } => {
             if steps == 0 {
@@ -193,9 +210,9 @@ pub fn solve(field: &dyn VelocityField, solver: Solver, x: &Tensor, t: &Tensor, 
             let grid = (0..=steps)
                 .map(|i| Ok((t + (&gap * (i as f64 / steps as f64))?)?))
                 .collect::<Result<Vec<_>>>()?;
-            integrate_fixed(field, scheme, x, &grid)
+            integrate_fixed(field, scheme, x, &grid, c)
         }
-        Solver::Dopri5 { rtol, atol } => dopri5(field, x, t, s, rtol, atol),
+        Solver::Dopri5 { rtol, atol } => dopri5(field, x, t, s, c, rtol, atol),
     })
 }
 
@@ -236,21 +253,28 @@ const B4: [f64; 7] = [
 /// The most steps dopri5 takes before it gives up.
 pub const DOPRI5_MAX_STEPS: usize = 100_000;
 
-fn dopri5(field: &dyn VelocityField, x: &Tensor, t: &Tensor, s: &Tensor, rtol: f64, atol: f64) -> Result<Tensor> {
+fn dopri5(
+    field: &dyn VelocityField,
+    x: &Tensor,
+    t: &Tensor,
+    s: &Tensor,
+    c: &Cond,
+    rtol: f64,
+    atol: f64,
+) -> Result<Tensor> {
     if !(rtol > 0.0 && atol > 0.0) {
         return Err(Error::arg("dopri5 tolerances must be positive"));
     }
     let gap = (s - t)?;
+    let gap_rows = state::per_row(&gap, x)?;
     // dx/dλ = (s − t)·v(x, t + λ(s − t))
     let rhs = |x: &Tensor, lam: f64| -> Result<Tensor> {
         let tau = (t + (&gap * lam)?)?;
-        Ok(field.velocity(x, &tau)?.broadcast_mul(&gap)?)
+        Ok(field.velocity(x, &tau, c)?.broadcast_mul(&gap_rows)?)
     };
     let worst_rms = |e: &Tensor, x0: &Tensor, x1: &Tensor| -> Result<f64> {
         let scale = (x0.abs()?.maximum(&x1.abs()?)? * rtol)?.affine(1.0, atol)?;
-        let r = (e / scale)?
-            .sqr()?
-            .mean_keepdim(1)?
+        let r = state::row_mean(&(e / scale)?.sqr()?)?
             .max_all()?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;

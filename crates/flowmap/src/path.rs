@@ -5,6 +5,7 @@
 
 use candle_core::Tensor;
 
+use crate::state::per_row;
 use crate::Result;
 
 /// `α_t`, `σ_t` and their time derivatives, evaluated per row of a `B × 1` time tensor.
@@ -23,16 +24,25 @@ pub trait ProbabilityPath: Send + Sync {
     /// The schedule at times `t` (shape `B × 1`).
     fn coefficients(&self, t: &Tensor) -> Result<Coefficients>;
 
-    /// `x_t = α_t·x0 + σ_t·x1`.
+    /// `α_t` and `σ_t` at one time, on the host (for samplers that re-noise).
+    fn alpha_sigma(&self, t: f64) -> Result<(f64, f64)> {
+        let c = self.coefficients(&Tensor::new(&[[t]], &candle_core::Device::Cpu)?)?;
+        let scalar = |v: &Tensor| -> Result<f64> { Ok(v.flatten_all()?.to_vec1::<f64>()?[0]) };
+        Ok((scalar(&c.alpha)?, scalar(&c.sigma)?))
+    }
+
+    /// `x_t = α_t·x0 + σ_t·x1`, for states of any shape.
     fn interpolate(&self, x0: &Tensor, x1: &Tensor, t: &Tensor) -> Result<Tensor> {
         let c = self.coefficients(t)?;
-        Ok((x0.broadcast_mul(&c.alpha)? + x1.broadcast_mul(&c.sigma)?)?)
+        let row = |v: &Tensor| per_row(v, x0);
+        Ok((x0.broadcast_mul(&row(&c.alpha)?)? + x1.broadcast_mul(&row(&c.sigma)?)?)?)
     }
 
     /// The conditional velocity `d x_t / dt = α̇_t·x0 + σ̇_t·x1`, the flow-matching regression target.
     fn conditional_velocity(&self, x0: &Tensor, x1: &Tensor, t: &Tensor) -> Result<Tensor> {
         let c = self.coefficients(t)?;
-        Ok((x0.broadcast_mul(&c.d_alpha)? + x1.broadcast_mul(&c.d_sigma)?)?)
+        let row = |v: &Tensor| per_row(v, x0);
+        Ok((x0.broadcast_mul(&row(&c.d_alpha)?)? + x1.broadcast_mul(&row(&c.d_sigma)?)?)?)
     }
 }
 
@@ -52,9 +62,12 @@ impl ProbabilityPath for LinearPath {
             d_sigma: t.ones_like()?,
         })
     }
+    fn alpha_sigma(&self, t: f64) -> Result<(f64, f64)> {
+        Ok((1.0 - t, t))
+    }
     fn interpolate(&self, x0: &Tensor, x1: &Tensor, t: &Tensor) -> Result<Tensor> {
         // (1 − t)·x0 + t·x1 = x0 + t·(x1 − x0)
-        Ok((x0 + (x1 - x0)?.broadcast_mul(t)?)?)
+        Ok((x0 + (x1 - x0)?.broadcast_mul(&per_row(t, x0)?)?)?)
     }
     fn conditional_velocity(&self, x0: &Tensor, x1: &Tensor, _t: &Tensor) -> Result<Tensor> {
         Ok((x1 - x0)?)

@@ -1,7 +1,7 @@
 //! Seeded randomness. Every random number in flowmap comes from a [`Rng`] built from an explicit seed,
 //! so the same seed gives the same numbers on every run.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use rand::{Rng as _, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
@@ -34,8 +34,9 @@ impl Rng {
         self.0.gen_range(0..n)
     }
     /// Standard normal tensor of the given shape.
-    pub fn normal_tensor(&mut self, shape: (usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
-        let n = shape.0 * shape.1;
+    pub fn normal_tensor(&mut self, shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let n = shape.elem_count();
         let v: Vec<f64> = (0..n).map(|_| self.normal()).collect();
         Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
             .to_dtype(dtype)?

@@ -9,10 +9,12 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::cond::Cond;
 use crate::flow_map::{CountedMap, FlowMap, SolverMap};
 use crate::ode::{self, Solver};
+use crate::path::{LinearPath, ProbabilityPath};
 use crate::teacher::{Counted, VelocityField};
-use crate::{Error, Result, Rng};
+use crate::{state, Error, Result, Rng};
 
 /// A descending time grid from 1 to 0: the schedule of a k-step sampler, as data.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,37 +85,72 @@ pub struct Sampled {
     pub nfe: usize,
 }
 
-/// Applies `map` along `grid` starting from `noise` (the state at `t = 1`).
-pub fn run_grid(map: &dyn FlowMap, noise: &Tensor, grid: &TimeGrid) -> Result<Tensor> {
+/// What samples are drawn under: the condition (class labels, or none), the probability path the
+/// stochastic samplers re-noise along, and the seed of that re-noising.
+#[derive(Clone, Copy)]
+pub struct SampleContext<'a> {
+    pub cond: &'a Cond,
+    pub path: &'a dyn ProbabilityPath,
+    pub seed: u64,
+}
+
+impl SampleContext<'static> {
+    /// Unconditional, on the linear path.
+    pub fn new(seed: u64) -> Self {
+        SampleContext {
+            cond: Cond::none_ref(),
+            path: &LinearPath,
+            seed,
+        }
+    }
+}
+
+impl<'a> SampleContext<'a> {
+    pub fn with_cond<'b>(self, cond: &'b Cond) -> SampleContext<'b>
+    where
+        'a: 'b,
+    {
+        SampleContext { cond, ..self }
+    }
+    pub fn with_path<'b>(self, path: &'b dyn ProbabilityPath) -> SampleContext<'b>
+    where
+        'a: 'b,
+    {
+        SampleContext { path, ..self }
+    }
+}
+
+/// Applies `map` along `grid` starting from `noise` (the state at `t = 1`), under condition `c`.
+pub fn run_grid(map: &dyn FlowMap, noise: &Tensor, grid: &TimeGrid, c: &Cond) -> Result<Tensor> {
     let b = noise.dim(0)?;
     let mut x = noise.clone();
     for w in grid.times().windows(2) {
         let t = Tensor::full(w[0], (b, 1), noise.device())?.to_dtype(noise.dtype())?;
         let s = Tensor::full(w[1], (b, 1), noise.device())?.to_dtype(noise.dtype())?;
         // No graph: sampling never needs gradients, and one would grow with the number of steps.
-        x = no_grad(|| map.map(&x, &t, &s))?;
+        x = no_grad(|| map.map(&x, &t, &s, c))?;
     }
     Ok(x)
 }
 
 /// k-step flow-map sampling: one NFE per grid step.
-pub fn sample_map(map: &dyn FlowMap, noise: &Tensor, grid: &TimeGrid) -> Result<Sampled> {
+pub fn sample_map(map: &dyn FlowMap, noise: &Tensor, grid: &TimeGrid, c: &Cond) -> Result<Sampled> {
     let counted = CountedMap::new(map);
-    let x = run_grid(&counted, noise, grid)?;
+    let x = run_grid(&counted, noise, grid, c)?;
     Ok(Sampled { x, nfe: counted.nfe() })
 }
 
 /// The teacher's ODE sampler from `t = 1` to `t = 0`; NFE counts velocity evaluations.
-pub fn sample_ode(field: &dyn VelocityField, noise: &Tensor, solver: Solver) -> Result<Sampled> {
+pub fn sample_ode(field: &dyn VelocityField, noise: &Tensor, solver: Solver, c: &Cond) -> Result<Sampled> {
     let counted = Counted::new(field);
     let map = SolverMap::new(&counted, solver);
-    let x = run_grid(&map, noise, &TimeGrid::uniform(1)?)?;
+    let x = run_grid(&map, noise, &TimeGrid::uniform(1)?, c)?;
     Ok(Sampled { x, nfe: counted.nfe() })
 }
 
-/// Seeded `N(0, I)` noise, `n × dim`, f32.
-pub fn noise(n: usize, dim: usize, seed: u64, device: &Device) -> Result<Tensor> {
-    Rng::derive(seed, "noise").normal_tensor((n, dim), DType::F32, device)
+/// Seeded `N(0, I)` noise for `n` states of shape `shape` (`n × shape…`), f32.
+pub fn noise(n: usize, shape: &[usize], seed: u64, device: &Device) -> Result<Tensor> {
+    Rng::derive(seed, "noise").normal_tensor(state::batch_shape(n, shape), DType::F32, device)
 }
 
 /// How a flow map walks the grid.
@@ -123,10 +160,12 @@ pub enum Sampler {
     /// `x ← f(x, t_i, t_{i+1})`.
     Deterministic,
     /// Multistep consistency sampling (Song et al. 2023): jump to data, `x̂0 = f(x, t_i, 0)`, then re-noise
-    /// to the next time, `x = (1 − t_{i+1})·x̂0 + t_{i+1}·z`. The sampler for consistency models.
+    /// to the next time along the path, `x = α_{t_{i+1}}·x̂0 + σ_{t_{i+1}}·z` (on the linear path
+    /// `(1 − t_{i+1})·x̂0 + t_{i+1}·z`). The sampler for consistency models.
     Consistency,
-    /// CTM's γ-sampling (Kim et al. 2024): jump to `ŝ = (1 − γ)·t_{i+1}`, then re-noise forward to `t_{i+1}`
-    /// along the path, `x = ((1 − t_{i+1})/(1 − ŝ))·x_ŝ + sqrt(t_{i+1}² − ((1 − t_{i+1}) ŝ/(1 − ŝ))²)·z`.
+    /// CTM's γ-sampling (Kim et al. 2024): jump to `ŝ = (1 − γ)·t_{i+1}`, then re-noise forward to `s = t_{i+1}`
+    /// along the path: `x = (α_s/α_ŝ)·x_ŝ + sqrt(σ_s² − (α_s σ_ŝ/α_ŝ)²)·z`, on the linear path
+    /// `((1 − s)/(1 − ŝ))·x_ŝ + sqrt(s² − ((1 − s) ŝ/(1 − ŝ))²)·z`.
     /// `γ = 0` is deterministic, `γ = 1` the consistency sampler.
     Gamma { gamma: f64 },
 }
@@ -152,27 +191,36 @@ impl Sampler {
     }
 }
 
-/// The one sampler: walks `grid` from `noise` at `t = 1` with `map`, by `sampler`; `seed` drives the
-/// re-noising of the stochastic samplers. One NFE per grid step.
-pub fn sample_with(map: &dyn FlowMap, noise: &Tensor, grid: &TimeGrid, sampler: Sampler, seed: u64) -> Result<Sampled> {
+/// The one sampler: walks `grid` from `noise` at `t = 1` with `map`, by `sampler`, under `cx` (its
+/// condition, the path the stochastic samplers re-noise along and the seed of that re-noising). One NFE per
+/// grid step.
+pub fn sample_with(
+    map: &dyn FlowMap,
+    noise: &Tensor,
+    grid: &TimeGrid,
+    sampler: Sampler,
+    cx: &SampleContext<'_>,
+) -> Result<Sampled> {
     let gamma = match sampler {
-        Sampler::Deterministic => return sample_map(map, noise, grid),
+        Sampler::Deterministic => return sample_map(map, noise, grid, cx.cond),
         Sampler::Consistency => 1.0,
         Sampler::Gamma { gamma } => gamma,
     };
     let counted = CountedMap::new(map);
-    let (b, d) = noise.dims2()?;
-    let mut rng = Rng::derive(seed, "renoise");
+    let b = noise.dim(0)?;
+    let mut rng = Rng::derive(cx.seed, "renoise");
     let col = |v: f64| -> Result<Tensor> { Ok(Tensor::full(v, (b, 1), noise.device())?.to_dtype(noise.dtype())?) };
     let mut x = noise.clone();
     for w in grid.times().windows(2) {
         let (t, s) = (w[0], w[1]);
         let s_hat = (1.0 - gamma) * s;
-        x = no_grad(|| counted.map(&x, &col(t)?, &col(s_hat)?))?;
+        x = no_grad(|| counted.map(&x, &col(t)?, &col(s_hat)?, cx.cond))?;
         if s > s_hat {
-            let z = rng.normal_tensor((b, d), noise.dtype(), noise.device())?;
-            let keep = (1.0 - s) / (1.0 - s_hat);
-            let sd = (s * s - (keep * s_hat).powi(2)).max(0.0).sqrt();
+            let z = rng.normal_tensor(noise.shape(), noise.dtype(), noise.device())?;
+            // x_s = α_s x0 + σ_s z given x_ŝ = α_ŝ x0 + σ_ŝ z': scale by α_s/α_ŝ, add the missing variance.
+            let ((alpha_s, sigma_s), (alpha_hat, sigma_hat)) = (cx.path.alpha_sigma(s)?, cx.path.alpha_sigma(s_hat)?);
+            let keep = alpha_s / alpha_hat;
+            let sd = (sigma_s * sigma_s - (keep * sigma_hat).powi(2)).max(0.0).sqrt();
             x = ((x * keep)? + (z * sd)?)?;
         }
     }
@@ -208,7 +256,7 @@ pub struct GridChoice {
 /// checkerboard a MeanFlow map's 2-step energy distance is 0.00056 through `t = 0.5` and 0.00022 through
 /// `t = 0.25`, an LMD map's 0.00051 and 0.00032 through `t = 0.7`. `validation` must be independent of the
 /// data the choice is finally scored on (another draw), or the score is biased in the grid's favour.
-/// The validation noise is derived from `seed` apart from [`noise`]'s. Deterministic for a given seed. In one
+/// The validation noise is derived from `cx.seed` apart from [`noise`]'s. Deterministic for a given seed. In one
 /// and two dimensions the distance sorts projections (a second at 200,000 points); above two it sums all
 /// pairs, `O(n · n_v)`, so keep both to a few thousand there.
 #[allow(clippy::too_many_arguments)]
@@ -219,21 +267,22 @@ pub fn select_grid(
     powers: &[f64],
     validation: &[f64],
     n: usize,
-    seed: u64,
+    cx: &SampleContext<'_>,
     device: &Device,
 ) -> Result<GridChoice> {
-    let d = map.dim();
+    let (shape, seed) = (map.state_shape(), cx.seed);
+    let d = state::numel(&shape);
     if powers.is_empty() || validation.is_empty() || validation.len() % d != 0 {
         return Err(Error::arg(format!(
             "grid selection needs candidate powers and validation data of dimension {d}"
         )));
     }
-    let z = Rng::derive(seed, "grid-validation").normal_tensor((n, d), DType::F32, device)?;
+    let z = Rng::derive(seed, "grid-validation").normal_tensor(state::batch_shape(n, &shape), DType::F32, device)?;
     let mut scores = Vec::with_capacity(powers.len());
     let mut best: Option<(f64, f64, TimeGrid)> = None;
     for &rho in powers {
         let grid = TimeGrid::power(k, rho)?;
-        let x = sample_with(map, &z, &grid, sampler, seed)?.x;
+        let x = sample_with(map, &z, &grid, sampler, cx)?.x;
         let x = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         let e = crate::metrics::energy_distance(&x, validation, d);
         scores.push((rho, e));

@@ -5,11 +5,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use candle_nn::{ParamsAdamW, VarMap};
-use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
 use crate::data::DataSource;
 use crate::objective::{Objective, StepContext};
+use crate::path::ProbabilityPath;
 use crate::optim::AdamW;
 use crate::optim::Ema;
 use crate::{Error, Result, Rng};
@@ -111,6 +111,27 @@ impl TrainLog {
     }
 }
 
+/// How a run reports its progress: called after every step (a progress bar, a log, nothing).
+pub trait Progress {
+    /// `step` steps are done; `loss` is the loss smoothed over the logging interval that ended at this
+    /// step, if one did.
+    fn step(&self, step: usize, loss: Option<f64>);
+}
+
+/// Reports nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Silent;
+
+impl Progress for Silent {
+    fn step(&self, _: usize, _: Option<f64>) {}
+}
+
+impl<F: Fn(usize, Option<f64>)> Progress for F {
+    fn step(&self, step: usize, loss: Option<f64>) {
+        self(step, loss)
+    }
+}
+
 /// The parameters a run optimises and the models that read them.
 pub struct Trainable<'a, M: ?Sized> {
     /// The live parameters `θ`.
@@ -121,16 +142,19 @@ pub struct Trainable<'a, M: ?Sized> {
     pub ema: Option<(&'a VarMap, &'a M)>,
     /// Use the EMA model as the target `θ⁻` (else the live model, under stop-gradient).
     pub ema_target: bool,
+    /// The probability path the model is trained on.
+    pub path: &'a dyn ProbabilityPath,
 }
 
-/// Runs `cfg.steps` steps of `objective` on batches from `data`; the progress bar advances one per step.
+/// Runs `cfg.steps` steps of `objective` on batches from `data` (states with their labels, if any),
+/// reporting each step to `progress`.
 pub fn fit<O: Objective>(
     objective: &O,
     trainable: &Trainable<'_, O::Model>,
     data: &DataSource,
     cfg: &TrainConfig,
     device: &Device,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<TrainLog> {
     fit_with_hook(objective, trainable, data, cfg, device, progress, 0, &mut |_| Ok(()))
 }
@@ -143,7 +167,7 @@ pub fn fit_with_hook<O: Objective>(
     data: &DataSource,
     cfg: &TrainConfig,
     device: &Device,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
     every: usize,
     hook: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<TrainLog> {
@@ -177,7 +201,6 @@ pub fn fit_with_hook<O: Objective>(
     };
     let (mut acc, mut acc_n) = (0.0, 0usize);
     let start = Instant::now();
-    let dim = data.dim();
     if every > 0 {
         hook(0)?;
     }
@@ -188,13 +211,15 @@ pub fn fit_with_hook<O: Objective>(
             break;
         }
         opt.set_learning_rate(cfg.lr_at(step, frac));
-        let x0 = data.sample_tensor(cfg.batch_size, &mut rng, DType::F32, device)?;
-        let x1 = rng.normal_tensor((cfg.batch_size, dim), DType::F32, device)?;
+        let batch = data.sample_batch(cfg.batch_size, &mut rng, DType::F32, device)?;
+        let x1 = rng.normal_tensor(batch.x0.shape(), DType::F32, device)?;
         let mut cx = StepContext {
             model: trainable.model,
             target,
-            x0: &x0,
+            x0: &batch.x0,
             x1: &x1,
+            cond: &batch.cond,
+            path: trainable.path,
             progress: frac,
             step,
             rng: &mut rng,
@@ -210,13 +235,15 @@ pub fn fit_with_hook<O: Objective>(
         }
         acc += value;
         acc_n += 1;
+        let mut logged = None;
         if (step + 1) % log_every == 0 {
-            log.losses.push((step + 1, acc / acc_n as f64));
-            progress.set_message(format!("loss {:.4}", acc / acc_n as f64));
+            let mean = acc / acc_n as f64;
+            log.losses.push((step + 1, mean));
+            logged = Some(mean);
             acc = 0.0;
             acc_n = 0;
         }
-        progress.inc(1);
+        progress.step(step + 1, logged);
         if every > 0 && (step + 1) % every == 0 {
             hook(step + 1)?;
         }

@@ -28,11 +28,32 @@ impl Mnist {
         Ok(m)
     }
 
-    /// Images from an IDX file (e.g. `train-images-idx3-ubyte[.gz]`).
+    /// Images from an IDX file (e.g. `train-images-idx3-ubyte[.gz]`), with the labels of the matching
+    /// `…labels-idx1-ubyte[.gz]` beside it when that file exists.
     pub fn from_file(path: &Path) -> Result<Self> {
         let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let bytes = gunzip_if_needed(&raw, &path.display().to_string())?;
-        parse_images(&bytes).map_err(|e| Error::data(format!("{}: {e}", path.display())))
+        let mut m = parse_images(&bytes).map_err(|e| Error::data(format!("{}: {e}", path.display())))?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.contains("images-idx3-ubyte") {
+            let labels = path.with_file_name(name.replace("images-idx3-ubyte", "labels-idx1-ubyte"));
+            if labels.exists() {
+                let raw = std::fs::read(&labels).map_err(|e| Error::io(&labels, e))?;
+                let bytes = gunzip_if_needed(&raw, &labels.display().to_string())?;
+                let l = parse_labels(&bytes).map_err(|e| Error::data(format!("{}: {e}", labels.display())))?;
+                if l.len() != m.count {
+                    return Err(Error::data(format!(
+                        "{}: {} labels for the {} images of {}",
+                        labels.display(),
+                        l.len(),
+                        m.count,
+                        path.display()
+                    )));
+                }
+                m.labels = Some(l);
+            }
+        }
+        Ok(m)
     }
 
     pub fn dim(&self) -> usize {

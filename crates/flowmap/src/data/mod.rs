@@ -1,7 +1,8 @@
 //! Data sources, named by one spec string: `checkerboard`, `moons`, `8gaussians`, `spirals`, `rings`,
 //! `swissroll`, `gmm:SPEC.json`, `FILE.npy`, `FILE.csv`, `mnist` (the embedded subset) or `mnist:FILE`.
 //!
-//! Points are `x0` in the project's convention: data at `t = 0`.
+//! Points are `x0` in the project's convention: data at `t = 0`. A finite set may carry class labels
+//! (MNIST does); batches then carry them as their [`Cond`].
 
 mod csv_file;
 mod gmm;
@@ -15,10 +16,11 @@ use candle_core::{DType, Device, Tensor};
 
 pub use csv_file::read_csv;
 pub use gmm::GaussianMixture;
-pub use npy::{read_npy, write_npy_f32, Matrix};
+pub use npy::{read_npy, write_npy_f32, write_npy_f32_shape, Matrix};
 pub use toy::Toy;
 
-use crate::{Error, Result, Rng};
+use crate::cond::Cond;
+use crate::{state, Error, Result, Rng};
 
 /// Where training and evaluation points come from.
 #[derive(Clone, Debug)]
@@ -27,12 +29,30 @@ pub enum DataSource {
     Toy(Toy),
     /// A Gaussian mixture, sampled afresh for every batch.
     Mixture(GaussianMixture),
-    /// A finite set of points, split once (seeded) into training and held-out parts.
+    /// A finite set of states (rows of `train` and `heldout`, each of shape `shape`), split once (seeded)
+    /// into training and held-out parts, with their class labels when the data has them.
     Points {
         name: String,
         train: Matrix,
         heldout: Matrix,
+        shape: Vec<usize>,
+        labels: Option<Labels>,
     },
+}
+
+/// The class labels of a finite data set, split like its points.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Labels {
+    pub train: Vec<u32>,
+    pub heldout: Vec<u32>,
+    /// Labels lie in `0..num_classes`; `num_classes` itself is the null class.
+    pub num_classes: usize,
+}
+
+/// A training batch: data `x0` (`n × shape…`) and its condition.
+pub struct Batch {
+    pub x0: Tensor,
+    pub cond: Cond,
 }
 
 /// Fraction of a finite point set kept out of training for evaluation.
@@ -48,12 +68,10 @@ impl DataSource {
             return Ok(DataSource::Mixture(GaussianMixture::from_file(Path::new(path))?));
         }
         if spec == "mnist" {
-            let m = mnist::Mnist::embedded()?;
-            return Self::points("mnist", Matrix::new(m.count, m.dim(), m.to_signed_unit()));
+            return Self::images("mnist", mnist::Mnist::embedded()?);
         }
         if let Some(path) = spec.strip_prefix("mnist:") {
-            let m = mnist::Mnist::from_file(Path::new(path))?;
-            return Self::points(spec, Matrix::new(m.count, m.dim(), m.to_signed_unit()));
+            return Self::images(spec, mnist::Mnist::from_file(Path::new(path))?);
         }
         let path = PathBuf::from(spec);
         let matrix = match path.extension().and_then(|e| e.to_str()) {
@@ -66,10 +84,27 @@ impl DataSource {
                 )))
             }
         };
-        Self::points(spec, matrix)
+        let shape = vec![matrix.cols];
+        Self::points(spec, matrix, shape, None)
     }
 
-    fn points(name: &str, m: Matrix) -> Result<Self> {
+    /// Grey-scale images `1 × H × W` scaled to [−1, 1], with their labels when known (classes `0..=max`).
+    fn images(name: &str, m: mnist::Mnist) -> Result<Self> {
+        let shape = vec![1, m.rows, m.cols];
+        let labels = m.labels.as_ref().map(|l| l.iter().map(|&v| v as u32).collect::<Vec<_>>());
+        if let Some(l) = &labels {
+            if l.len() != m.count {
+                return Err(Error::data(format!(
+                    "{name}: {} labels for {} images",
+                    l.len(),
+                    m.count
+                )));
+            }
+        }
+        Self::points(name, Matrix::new(m.count, m.dim(), m.to_signed_unit()), shape, labels)
+    }
+
+    fn points(name: &str, m: Matrix, shape: Vec<usize>, labels: Option<Vec<u32>>) -> Result<Self> {
         check_finite(&m.data, name)?;
         if m.rows < 10 {
             return Err(Error::data(format!(
@@ -92,10 +127,17 @@ impl DataSource {
             Matrix::new(idx.len(), m.cols, d)
         };
         let (tr, he) = order.split_at(m.rows - n_held);
+        let labels = labels.map(|l| Labels {
+            train: tr.iter().map(|&i| l[i]).collect(),
+            heldout: he.iter().map(|&i| l[i]).collect(),
+            num_classes: l.iter().max().map_or(0, |&c| c as usize + 1),
+        });
         Ok(DataSource::Points {
             name: name.to_string(),
             train: take(tr),
             heldout: take(he),
+            shape,
+            labels,
         })
     }
 
@@ -108,6 +150,7 @@ impl DataSource {
         }
     }
 
+    /// The number of values in one state.
     pub fn dim(&self) -> usize {
         match self {
             DataSource::Toy(_) => 2,
@@ -116,12 +159,56 @@ impl DataSource {
         }
     }
 
+    /// The shape of one state: `[D]` for points, `[C, H, W]` for images.
+    pub fn state_shape(&self) -> Vec<usize> {
+        match self {
+            DataSource::Points { shape, .. } => shape.clone(),
+            _ => vec![self.dim()],
+        }
+    }
+
+    /// The number of classes of labelled data.
+    pub fn num_classes(&self) -> Option<usize> {
+        match self {
+            DataSource::Points { labels: Some(l), .. } => Some(l.num_classes),
+            _ => None,
+        }
+    }
+
+    /// The same data without its labels (for an unconditional model).
+    pub fn without_labels(&self) -> Self {
+        match self {
+            DataSource::Points {
+                name,
+                train,
+                heldout,
+                shape,
+                labels: Some(_),
+            } => DataSource::Points {
+                name: name.clone(),
+                train: train.clone(),
+                heldout: heldout.clone(),
+                shape: shape.clone(),
+                labels: None,
+            },
+            other => other.clone(),
+        }
+    }
+
+    /// The labels of [`DataSource::heldout`]`(n, _)`, when the data has labels.
+    pub fn heldout_labels(&self, n: usize) -> Option<Vec<u32>> {
+        match self {
+            DataSource::Points { labels: Some(l), .. } => Some(l.heldout[..n.min(l.heldout.len())].to_vec()),
+            _ => None,
+        }
+    }
+
     /// `n` training points (with replacement for finite sets), row-major `n × dim`.
     pub fn sample(&self, n: usize, rng: &mut Rng) -> Vec<f64> {
         match self {
             DataSource::Toy(t) => t.sample(n, rng),
             DataSource::Mixture(g) => g.sample(n, rng),
-            DataSource::Points { train, .. } => gather(train, n, rng),
+            DataSource::Points { train, .. } => gather_rows(train, n, rng),
         }
     }
 
@@ -138,16 +225,44 @@ impl DataSource {
         }
     }
 
-    /// `n` training points as an `n × dim` tensor.
+    /// `n` training states as an `n × shape…` tensor.
     pub fn sample_tensor(&self, n: usize, rng: &mut Rng, dtype: DType, device: &Device) -> Result<Tensor> {
-        to_tensor(&self.sample(n, rng), n, self.dim(), dtype, device)
+        Ok(self.sample_batch(n, rng, dtype, device)?.x0)
+    }
+
+    /// A training batch of `n` states with their labels, if any (the same random draws as [`Self::sample`]).
+    pub fn sample_batch(&self, n: usize, rng: &mut Rng, dtype: DType, device: &Device) -> Result<Batch> {
+        let (data, cond) = match self {
+            DataSource::Points { train, labels, .. } => {
+                let idx = draw_rows(train.rows, n, rng);
+                let cond = match labels {
+                    Some(l) => Cond::from_classes(&pick(&l.train, &idx), l.num_classes, device)?,
+                    None => Cond::none(),
+                };
+                (gather(train, &idx), cond)
+            }
+            _ => (self.sample(n, rng), Cond::none()),
+        };
+        let x0 = to_batch(&data, n, &self.state_shape(), dtype, device)?;
+        Ok(Batch { x0, cond })
     }
 }
 
-fn gather(m: &Matrix, n: usize, rng: &mut Rng) -> Vec<f64> {
-    let mut out = Vec::with_capacity(n * m.cols);
-    for _ in 0..n {
-        let i = rng.below(m.rows);
+fn draw_rows(rows: usize, n: usize, rng: &mut Rng) -> Vec<usize> {
+    (0..n).map(|_| rng.below(rows)).collect()
+}
+
+fn pick(v: &[u32], idx: &[usize]) -> Vec<u32> {
+    idx.iter().map(|&i| v[i]).collect()
+}
+
+fn gather_rows(m: &Matrix, n: usize, rng: &mut Rng) -> Vec<f64> {
+    gather(m, &draw_rows(m.rows, n, rng))
+}
+
+fn gather(m: &Matrix, idx: &[usize]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(idx.len() * m.cols);
+    for &i in idx {
         out.extend_from_slice(&m.data[i * m.cols..(i + 1) * m.cols]);
     }
     out
@@ -167,6 +282,13 @@ pub fn check_finite(data: &[f64], what: &str) -> Result<()> {
 /// A row-major buffer as an `rows × cols` tensor.
 pub fn to_tensor(data: &[f64], rows: usize, cols: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_slice(data, (rows, cols), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
+}
+
+/// A row-major buffer of `n` states of shape `shape` as an `n × shape…` tensor.
+pub fn to_batch(data: &[f64], n: usize, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(data, state::batch_shape(n, shape), &Device::Cpu)?
         .to_dtype(dtype)?
         .to_device(device)?)
 }

@@ -140,10 +140,17 @@ fn dict_value(header: &str, key: &str) -> Option<String> {
     }
 }
 
-/// Encodes a row-major `rows × cols` f32 matrix as `.npy` (version 1.0, little-endian, C order).
-pub fn encode_npy_f32(rows: usize, cols: usize, data: &[f32]) -> Vec<u8> {
-    assert_eq!(rows * cols, data.len());
-    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+/// Encodes a row-major f32 array of `shape` as `.npy` (version 1.0, little-endian, C order).
+pub fn encode_npy_f32_shape(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    assert_eq!(shape.iter().product::<usize>(), data.len(), "npy data length");
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    // A one-element tuple is written `(n,)`, as numpy does.
+    let tuple = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
     let unpadded = MAGIC.len() + 4 + dict.len() + 1;
     let pad = (64 - unpadded % 64) % 64;
     let header = format!("{dict}{}\n", " ".repeat(pad));
@@ -158,9 +165,19 @@ pub fn encode_npy_f32(rows: usize, cols: usize, data: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Encodes a row-major `rows × cols` f32 matrix as `.npy`.
+pub fn encode_npy_f32(rows: usize, cols: usize, data: &[f32]) -> Vec<u8> {
+    encode_npy_f32_shape(&[rows, cols], data)
+}
+
 /// Writes `data` (row-major `rows × cols`) to `path` atomically.
 pub fn write_npy_f32(path: &Path, rows: usize, cols: usize, data: &[f32]) -> Result<()> {
-    let bytes = encode_npy_f32(rows, cols, data);
+    write_npy_f32_shape(path, &[rows, cols], data)
+}
+
+/// Writes `data` (a row-major array of `shape`, e.g. `N × C × H × W`) to `path` atomically.
+pub fn write_npy_f32_shape(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    let bytes = encode_npy_f32_shape(shape, data);
     crate::io::write_atomic(path, |w| w.write_all(&bytes))
 }
 

@@ -96,7 +96,7 @@ pub fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> R {
 
 /// The number of threads the fast path splits work across: this thread's [`with_threads`] limit, else
 /// `RAYON_NUM_THREADS` (set by [`crate::set_compute_threads`]), else every core.
-pub(crate) fn threads() -> usize {
+pub fn threads() -> usize {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     if let Some(n) = THREADS.with(|c| c.get()) {
         return n;

@@ -72,6 +72,11 @@ impl Method {
         !matches!(self, Method::Meanflow | Method::SelfLmd | Method::Shortcut)
     }
 
+    /// Whether the objective takes a tangent of the map (a JVP, exact or by finite differences).
+    pub fn needs_tangent(self) -> bool {
+        matches!(self, Method::EmdCont | Method::LmdCont | Method::Meanflow)
+    }
+
     /// Whether the trained map is defined only for `s = 0` (a consistency model).
     pub fn boundary_only(self) -> bool {
         self == Method::Cm

@@ -1,10 +1,9 @@
 use candle_core::Tensor;
 
 use super::{column, row_mse, DistillConfig, Objective, StepContext, Weighting};
-use crate::jvp::TangentMap;
+use crate::flow_map::FlowMap;
 use crate::kernels::no_grad;
 use crate::ode::{self, Scheme};
-use crate::path::{LinearPath, ProbabilityPath};
 use crate::teacher::VelocityField;
 use crate::Result;
 
@@ -28,7 +27,7 @@ pub struct ConsistencyDistillation<'a> {
 }
 
 impl<'a> Objective for ConsistencyDistillation<'a> {
-    type Model = dyn TangentMap;
+    type Model = dyn FlowMap;
 
     fn name(&self) -> &'static str {
         "cm"
@@ -49,10 +48,11 @@ impl<'a> Objective for ConsistencyDistillation<'a> {
             .collect();
         let (t, t_prev) = (column(&t_host, cx.x0)?, column(&t_prev_host, cx.x0)?);
         let zero = t.zeros_like()?;
-        let xt = LinearPath.interpolate(cx.x0, cx.x1, &t)?;
-        let x_prev = no_grad(|| ode::step(self.teacher, Scheme::Heun, &xt, &t, &t_prev))?;
-        let target = no_grad(|| cx.target.map(&x_prev, &t_prev, &zero))?;
-        let f = cx.model.map(&xt, &t, &zero)?;
+        let c = cx.cond;
+        let xt = cx.path.interpolate(cx.x0, cx.x1, &t)?;
+        let x_prev = no_grad(|| ode::step(self.teacher, Scheme::Heun, &xt, &t, &t_prev, c))?;
+        let target = no_grad(|| cx.target.map(&x_prev, &t_prev, &zero, c))?;
+        let f = cx.model.map(&xt, &t, &zero, c)?;
         let r = row_mse(&f, &target)?;
         let inv_dt2 = column(&inv_dt2, cx.x0)?;
         let w = match self.cfg.weighting {

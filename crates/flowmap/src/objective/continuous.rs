@@ -1,10 +1,11 @@
 use candle_core::Tensor;
 
-use super::{ones, pair_loss, row_mse, tangent, DiagonalTarget, DistillConfig, Objective, StepContext};
-use crate::jvp::TangentMap;
+use super::{pair_loss, row_mse, tangent, DiagonalTarget, DistillConfig, Objective, StepContext};
+use crate::cond::Cond;
+use crate::flow_map::{FlowMap, Point, Tangent};
 use crate::kernels::no_grad;
 use crate::teacher::VelocityField;
-use crate::Result;
+use crate::{state, Result};
 
 /// `‖F_θ − sg(F⁻ + g/(‖g‖ + c))‖²`: one normalised step along the residual `g`.
 pub(crate) fn normalized_step_loss(f: &Tensor, f_minus: &Tensor, g: &Tensor, c: f64) -> Result<Tensor> {
@@ -38,7 +39,7 @@ pub struct EmdContinuous<'a> {
 }
 
 impl<'a> Objective for EmdContinuous<'a> {
-    type Model = dyn TangentMap;
+    type Model = dyn FlowMap;
 
     fn name(&self) -> &'static str {
         "emd-cont"
@@ -53,17 +54,9 @@ impl<'a> Objective for EmdContinuous<'a> {
             |cx, rows| {
                 let (x, t, s) = (&rows.x, &rows.t, &rows.s);
                 let v = rows.v.clone().expect("the teacher's velocity on every row");
-                let (f_minus, df_dt) = tangent(
-                    cx.target,
-                    self.cfg.continuous.jvp,
-                    x,
-                    t,
-                    s,
-                    &v,
-                    &ones(t)?,
-                    &t.zeros_like()?,
-                )?;
-                let g = ((&v - &f_minus)? - df_dt.broadcast_mul(&((t - s)? * r)?)?)?;
+                let at = Point { x, t, s, cond: &rows.cond };
+                let (f_minus, df_dt) = tangent(cx.target, self.cfg.continuous.jvp, &at, &Tangent::along_start(&v, &at)?)?;
+                let g = ((&v - &f_minus)? - df_dt.broadcast_mul(&state::per_row(&((t - s)? * r)?, x)?)?)?;
                 normalized_step_loss(&rows.f, &f_minus, &g, self.cfg.continuous.tangent_c)
             },
         )
@@ -86,7 +79,7 @@ pub struct LmdContinuous<'a> {
 }
 
 impl<'a> Objective for LmdContinuous<'a> {
-    type Model = dyn TangentMap;
+    type Model = dyn FlowMap;
 
     fn name(&self) -> &'static str {
         "lmd-cont"
@@ -95,8 +88,13 @@ impl<'a> Objective for LmdContinuous<'a> {
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let r = ramp(&self.cfg, cx.progress);
         pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, rows| {
-            let (x, t, s) = (&rows.x, &rows.t, &rows.s);
-            let (g, f_minus) = lagrangian_tangent(cx.target, self.teacher, &self.cfg, x, t, s, r)?;
+            let at = Point {
+                x: &rows.x,
+                t: &rows.t,
+                s: &rows.s,
+                cond: &rows.cond,
+            };
+            let (g, f_minus) = lagrangian_tangent(cx.target, self.teacher, &self.cfg, &at, r)?;
             normalized_step_loss(&rows.f, &f_minus, &g, self.cfg.continuous.tangent_c)
         })
     }
@@ -104,26 +102,16 @@ impl<'a> Objective for LmdContinuous<'a> {
 
 /// The Lagrangian residual `g = v(f⁻, s) + r·(t − s)·∂_s F⁻ − F⁻` and `F⁻`, for velocity `v`.
 pub(crate) fn lagrangian_tangent(
-    target: &dyn TangentMap,
+    target: &dyn FlowMap,
     v: &dyn VelocityField,
     cfg: &DistillConfig,
-    x: &Tensor,
-    t: &Tensor,
-    s: &Tensor,
+    at: &Point<'_>,
     r: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let (f_minus, df_ds) = tangent(
-        target,
-        cfg.continuous.jvp,
-        x,
-        t,
-        s,
-        &x.zeros_like()?,
-        &t.zeros_like()?,
-        &ones(s)?,
-    )?;
-    let y = (x + f_minus.broadcast_mul(&(s - t)?)?)?; // f⁻(x, t, s)
-    let vy = no_grad(|| v.velocity(&y, s))?;
-    let g = ((vy + df_ds.broadcast_mul(&((t - s)? * r)?)?)? - &f_minus)?;
+    let (x, t, s, c): (&Tensor, &Tensor, &Tensor, &Cond) = (at.x, at.t, at.s, at.cond);
+    let (f_minus, df_ds) = tangent(target, cfg.continuous.jvp, at, &Tangent::along_end(at)?)?;
+    let y = (x + f_minus.broadcast_mul(&state::per_row(&(s - t)?, x)?)?)?; // f⁻(x, t, s)
+    let vy = no_grad(|| v.velocity(&y, s, c))?;
+    let g = ((vy + df_ds.broadcast_mul(&state::per_row(&((t - s)? * r)?, x)?)?)? - &f_minus)?;
     Ok((g, f_minus))
 }

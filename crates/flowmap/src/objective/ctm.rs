@@ -1,11 +1,11 @@
 use candle_core::Tensor;
 
 use super::{pair_loss, row_mse, DiagonalTarget, DistillConfig, Objective, StepContext};
-use crate::jvp::TangentMap;
+use crate::flow_map::FlowMap;
 use crate::kernels::no_grad;
 use crate::ode::{self, Scheme, Solver};
 use crate::teacher::VelocityField;
-use crate::Result;
+use crate::{state, Result};
 
 /// Consistency trajectory models (Kim et al. 2024, "Consistency Trajectory Models"), the distillation core:
 /// the teacher is solved from `t` part of the way to an intermediate `u = t − λ(t − s)`, `λ ~ U(0, 1]`
@@ -21,7 +21,7 @@ pub struct ConsistencyTrajectory<'a> {
 }
 
 impl<'a> Objective for ConsistencyTrajectory<'a> {
-    type Model = dyn TangentMap;
+    type Model = dyn FlowMap;
 
     fn name(&self) -> &'static str {
         "ctm"
@@ -37,10 +37,11 @@ impl<'a> Objective for ConsistencyTrajectory<'a> {
                 .to_dtype(candle_core::DType::F64)?
                 .to_scalar::<f64>()?;
             let steps = ((longest * self.cfg.continuous.ctm_steps_per_unit as f64).ceil() as usize).max(1);
-            let xu = ode::solve(self.teacher, Solver::fixed(Scheme::Heun, steps), x, t, &u)?;
-            let y = no_grad(|| cx.target.map(&xu, &u, s))?;
+            let c = &rows.cond;
+            let xu = ode::solve(self.teacher, Solver::fixed(Scheme::Heun, steps), x, t, &u, c)?;
+            let y = no_grad(|| cx.target.map(&xu, &u, s, c))?;
             // In average-velocity form: F(x_t, t, s) against (y − x_t)/(s − t).
-            let target = (y - x)?.broadcast_div(&(s - t)?)?;
+            let target = (y - x)?.broadcast_div(&state::per_row(&(s - t)?, x)?)?;
             Ok(row_mse(&rows.f, &target)?.mean_all()?)
         })
     }

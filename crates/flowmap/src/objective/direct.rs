@@ -1,10 +1,10 @@
 use candle_core::Tensor;
 
 use super::{pair_loss, row_mse, DiagonalTarget, DistillConfig, Objective, StepContext};
-use crate::jvp::TangentMap;
+use crate::flow_map::FlowMap;
 use crate::ode::{self, Solver};
 use crate::teacher::VelocityField;
-use crate::Result;
+use crate::{state, Result};
 
 /// Direct regression on the teacher's solutions, the plain knowledge-distillation baseline (Luhman &
 /// Luhman 2021, "Knowledge Distillation in Iterative Generative Models"), for every pair `(t, s)`:
@@ -19,7 +19,7 @@ pub struct DirectRegression<'a> {
 }
 
 impl<'a> Objective for DirectRegression<'a> {
-    type Model = dyn TangentMap;
+    type Model = dyn FlowMap;
 
     fn name(&self) -> &'static str {
         "direct"
@@ -28,8 +28,8 @@ impl<'a> Objective for DirectRegression<'a> {
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |_, rows| {
             let (x, t, s) = (&rows.x, &rows.t, &rows.s);
-            let phi = ode::solve(self.teacher, Solver::dopri5(self.tol), x, t, s)?;
-            let target = (phi - x)?.broadcast_div(&(s - t)?)?;
+            let phi = ode::solve(self.teacher, Solver::dopri5(self.tol), x, t, s, &rows.cond)?;
+            let target = (phi - x)?.broadcast_div(&state::per_row(&(s - t)?, x)?)?;
             Ok(row_mse(&rows.f, &target)?.mean_all()?)
         })
     }

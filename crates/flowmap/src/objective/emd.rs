@@ -1,10 +1,10 @@
 use candle_core::Tensor;
 
 use super::{assemble_loss, pair_loss, DiagonalTarget, DistillConfig, Objective, StepContext};
-use crate::jvp::TangentMap;
+use crate::flow_map::FlowMap;
 use crate::kernels::no_grad;
 use crate::teacher::VelocityField;
-use crate::Result;
+use crate::{state, Result};
 
 /// Eulerian map distillation, discrete (Sabour et al. 2025, "Align Your Flow"; Boffi et al. 2025,
 /// "How to build a consistency model: learning flow maps via self-distillation").
@@ -30,7 +30,7 @@ impl<'a> Emd<'a> {
 }
 
 impl<'a> Objective for Emd<'a> {
-    type Model = dyn TangentMap;
+    type Model = dyn FlowMap;
 
     fn name(&self) -> &'static str {
         "emd"
@@ -46,8 +46,8 @@ impl<'a> Objective for Emd<'a> {
                 let v = r.v.clone().expect("the teacher's velocity on every row");
                 let step = ((&r.s - &r.t)? * eps)?; // t' − t = ε(s − t) ≤ 0
                 let t_mid = (&r.t + &step)?;
-                let x_mid = (&r.x + v.broadcast_mul(&step)?)?;
-                let f_target = no_grad(|| cx.target.average_velocity(&x_mid, &t_mid, &r.s))?;
+                let x_mid = (&r.x + v.broadcast_mul(&state::per_row(&step, &r.x)?)?)?;
+                let f_target = no_grad(|| cx.target.average_velocity(&x_mid, &t_mid, &r.s, &r.cond))?;
                 let target = ((v * eps)? + (f_target * (1.0 - eps))?)?;
                 assemble_loss(&self.cfg, eps, &r.f, &target, &r.t, &r.s)
             },

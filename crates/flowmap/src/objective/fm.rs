@@ -1,34 +1,22 @@
 use candle_core::Tensor;
 
 use super::{column, row_mse, Objective, StepContext};
-use crate::path::{LinearPath, ProbabilityPath};
 use crate::teacher::VelocityField;
 use crate::Result;
 
 /// Conditional flow matching (Lipman et al. 2023, "Flow Matching for Generative Modeling";
 /// Liu et al. 2023, "Flow Straight and Fast"):
 ///
-/// `L(φ) = E_{t ~ U[0,1], x0, x1} ‖v_φ(x_t, t) − (α̇_t x0 + σ̇_t x1)‖²`, with `x_t = α_t x0 + σ_t x1`;
-/// on the linear path the target is `x1 − x0`. The minimiser is the marginal velocity
-/// `v(x, t) = E[x1 − x0 | x_t = x]` whose ODE `dx/dτ = v` transports noise (`t = 1`) to data (`t = 0`).
-pub struct FlowMatching {
-    path: Box<dyn ProbabilityPath>,
-}
+/// `L(φ) = E_{t ~ U[0,1], x0, x1} ‖v_φ(x_t, t, c) − (α̇_t x0 + σ̇_t x1)‖²`, with `x_t = α_t x0 + σ_t x1` on the
+/// context's path and `c` the batch's condition; on the linear path the target is `x1 − x0`. The minimiser
+/// is the marginal velocity `v(x, t, c) = E[x1 − x0 | x_t = x, c]` whose ODE `dx/dτ = v` transports noise
+/// (`t = 1`) to data (`t = 0`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlowMatching;
 
 impl FlowMatching {
     pub fn new() -> Self {
-        FlowMatching {
-            path: Box::new(LinearPath),
-        }
-    }
-    pub fn with_path(path: Box<dyn ProbabilityPath>) -> Self {
-        FlowMatching { path }
-    }
-}
-
-impl Default for FlowMatching {
-    fn default() -> Self {
-        Self::new()
+        FlowMatching
     }
 }
 
@@ -42,9 +30,9 @@ impl Objective for FlowMatching {
     fn loss(&self, cx: &mut StepContext<'_, dyn VelocityField>) -> Result<Tensor> {
         let b = cx.x0.dim(0)?;
         let t = column(&cx.rng.uniform_vec(b), cx.x0)?;
-        let xt = self.path.interpolate(cx.x0, cx.x1, &t)?;
-        let target = self.path.conditional_velocity(cx.x0, cx.x1, &t)?;
-        let v = cx.model.velocity(&xt, &t)?;
+        let xt = cx.path.interpolate(cx.x0, cx.x1, &t)?;
+        let target = cx.path.conditional_velocity(cx.x0, cx.x1, &t)?;
+        let v = cx.model.velocity(&xt, &t, cx.cond)?;
         Ok(row_mse(&v, &target)?.mean_all()?)
     }
 }

@@ -1,10 +1,10 @@
 use candle_core::Tensor;
 
 use super::{assemble_loss, pair_loss, DiagonalTarget, DistillConfig, Objective, Rows, StepContext};
-use crate::jvp::TangentMap;
+use crate::flow_map::FlowMap;
 use crate::kernels::no_grad;
 use crate::teacher::VelocityField;
-use crate::Result;
+use crate::{state, Result};
 
 /// Lagrangian map distillation, discrete (Boffi et al. 2025, "How to build a consistency model: learning
 /// flow maps via self-distillation"; Sabour et al. 2025, "Align Your Flow").
@@ -30,7 +30,7 @@ impl<'a> Lmd<'a> {
 }
 
 impl<'a> Objective for Lmd<'a> {
-    type Model = dyn TangentMap;
+    type Model = dyn FlowMap;
 
     fn name(&self) -> &'static str {
         "lmd"
@@ -49,13 +49,13 @@ pub(crate) fn lagrangian_step_loss(
     cfg: &DistillConfig,
     eps: f64,
     v: &dyn VelocityField,
-    target: &dyn TangentMap,
+    target: &dyn FlowMap,
     r: &Rows,
 ) -> Result<Tensor> {
     let s_mid = (&r.s + ((&r.t - &r.s)? * eps)?)?; // s' = s + ε(t − s)
-    let f_mid = no_grad(|| target.average_velocity(&r.x, &r.t, &s_mid))?;
-    let y_mid = (&r.x + f_mid.broadcast_mul(&(&s_mid - &r.t)?)?)?; // y' = f⁻(x_t, t, s')
-    let v = no_grad(|| v.velocity(&y_mid, &s_mid))?;
+    let f_mid = no_grad(|| target.average_velocity(&r.x, &r.t, &s_mid, &r.cond))?;
+    let y_mid = (&r.x + f_mid.broadcast_mul(&state::per_row(&(&s_mid - &r.t)?, &r.x)?)?)?; // y' = f⁻(x_t, t, s')
+    let v = no_grad(|| v.velocity(&y_mid, &s_mid, &r.cond))?;
     let target = ((v * eps)? + (f_mid * (1.0 - eps))?)?;
     assemble_loss(cfg, eps, &r.f, &target, &r.t, &r.s)
 }

@@ -1,12 +1,11 @@
 use candle_core::Tensor;
 
 use super::{
-    draw_pairs, ones, row_mse, tangent, DistillConfig, MeanFlowTangent, MeanFlowVelocity, Objective, StepContext,
-    Weighting,
+    draw_pairs, row_mse, tangent, DistillConfig, MeanFlowTangent, MeanFlowVelocity, Objective, StepContext, Weighting,
 };
-use crate::jvp::TangentMap;
+use crate::flow_map::{FlowMap, Point, Tangent};
 use crate::kernels::no_grad;
-use crate::Result;
+use crate::{state, Error, Result};
 
 /// MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"), trained from data with no
 /// teacher.
@@ -37,7 +36,7 @@ pub struct MeanFlow {
 }
 
 impl Objective for MeanFlow {
-    type Model = dyn TangentMap;
+    type Model = dyn FlowMap;
 
     fn name(&self) -> &'static str {
         "meanflow"
@@ -45,26 +44,31 @@ impl Objective for MeanFlow {
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let (x, t, s, _) = draw_pairs(&self.cfg, cx)?;
+        let c = cx.cond;
         let vc = match self.cfg.continuous.meanflow_velocity {
-            MeanFlowVelocity::Conditional => (cx.x1 - cx.x0)?,
+            MeanFlowVelocity::Conditional => cx.path.conditional_velocity(cx.x0, cx.x1, &t)?,
+            MeanFlowVelocity::Batch if cx.path.name() != "linear" || !c.is_none() => {
+                return Err(Error::arg(format!(
+                    "MeanFlow's batch velocity assumes the linear path and an unconditional model (got the {} path{}); use --meanflow-velocity conditional",
+                    cx.path.name(),
+                    if c.is_none() { "" } else { " and class labels" }
+                )))
+            }
             MeanFlowVelocity::Batch => batch_velocity(&x, &t, cx.x0)?,
         };
         let along = match self.cfg.continuous.meanflow_tangent {
             MeanFlowTangent::Conditional => vc.clone(),
-            MeanFlowTangent::Model => no_grad(|| cx.target.average_velocity(&x, &t, &t))?,
+            MeanFlowTangent::Model => no_grad(|| cx.target.average_velocity(&x, &t, &t, c))?,
         };
-        let (_, df_dt) = tangent(
-            cx.target,
-            self.cfg.continuous.jvp,
-            &x,
-            &t,
-            &s,
-            &along,
-            &ones(&t)?,
-            &s.zeros_like()?,
-        )?;
-        let u = (&vc - df_dt.broadcast_mul(&(&t - &s)?)?)?.detach();
-        let f = cx.model.average_velocity(&x, &t, &s)?;
+        let at = Point {
+            x: &x,
+            t: &t,
+            s: &s,
+            cond: c,
+        };
+        let (_, df_dt) = tangent(cx.target, self.cfg.continuous.jvp, &at, &Tangent::along_start(&along, &at)?)?;
+        let u = (&vc - df_dt.broadcast_mul(&state::per_row(&(&t - &s)?, &x)?)?)?.detach();
+        let f = cx.model.average_velocity(&x, &t, &s, c)?;
         let r = row_mse(&f, &u)?;
         match self.cfg.weighting {
             Weighting::Adaptive { c, p } => {
@@ -76,20 +80,30 @@ impl Objective for MeanFlow {
     }
 }
 
-/// The batch estimate of the marginal velocity at `x_t` (`b × d`, at times `t`, `b × 1`) with the data
-/// points `x0` (`n × d`) as the data law: `v̂ = (x_t − Σ_j w_j·x0_j) / t`, where
+/// The batch estimate of the marginal velocity at `x_t` (`b × …`, at times `t`, `b × 1`) with the data
+/// `x0` (`n × …`, the same state shape) as the data law: `v̂ = (x_t − Σ_j w_j·x0_j) / t`, where
 /// `w_j = softmax_j(−‖x_t − (1 − t)·x0_j‖² / 2t²)` is the posterior of `x0_j` given `x_t` on the linear
 /// path. Detached; `t` is floored at 1e-4. On the CPU in f32 one fused pass per row
 /// (`kernels::posterior_mean`), elsewhere candle's ops (the two agree to f32 rounding; tested).
 pub fn batch_velocity(xt: &Tensor, t: &Tensor, x0: &Tensor) -> Result<Tensor> {
-    let (b, d) = xt.dims2()?;
-    if x0.rank() != 2 || x0.dim(1)? != d || t.elem_count() != b {
+    if xt.rank() < 2 || x0.dims().get(1..) != xt.dims().get(1..) || t.elem_count() != xt.dim(0)? {
         return Err(crate::Error::arg(format!(
-            "batch velocity: x_t is {b}×{d}, data points {:?}, times {:?}",
+            "batch velocity: x_t is {:?}, data {:?}, times {:?}",
+            xt.dims(),
             x0.dims(),
             t.dims()
         )));
     }
+    let v = batch_velocity_rows(&state::rows(xt)?, t, &state::rows(x0)?)?;
+    if xt.rank() == 2 {
+        return Ok(v);
+    }
+    Ok(v.reshape(xt.shape())?)
+}
+
+/// [`batch_velocity`] on flattened `b × d` and `n × d` states.
+fn batch_velocity_rows(xt: &Tensor, t: &Tensor, x0: &Tensor) -> Result<Tensor> {
+    let b = xt.dim(0)?;
     let t = t.reshape((b, 1))?.clamp(1e-4, 1.0)?.detach();
     let (xt, x0) = (xt.detach(), x0.detach());
     if let Some(mean) = crate::kernels::posterior_mean(&xt, &t, &x0)? {

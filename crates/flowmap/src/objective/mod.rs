@@ -40,9 +40,12 @@ pub use meanflow::{batch_velocity, MeanFlow};
 pub use progressive::Progressive;
 pub use self_distill::{SelfLmd, Shortcut};
 
-use crate::flow_map::FlowMap;
+use crate::cond::Cond;
+use crate::flow_map::{FiniteDifference, FlowMap, Point, Tangent};
+use crate::path::ProbabilityPath;
+use crate::state;
 use crate::teacher::VelocityField;
-use crate::{Result, Rng};
+use crate::{Error, Result, Rng};
 
 /// What an objective sees at one training step.
 pub struct StepContext<'a, M: ?Sized> {
@@ -50,10 +53,14 @@ pub struct StepContext<'a, M: ?Sized> {
     pub model: &'a M,
     /// The target model `θ⁻`: the EMA of `θ`, or `θ` itself (objectives always stop its gradient).
     pub target: &'a M,
-    /// Data points `x0`, `B × D`.
+    /// Data `x0`, `B × …` (points `B × D`, images `B × C × H × W`).
     pub x0: &'a Tensor,
-    /// Noise `x1 ~ N(0, I)`, `B × D`.
+    /// Noise `x1 ~ N(0, I)`, shaped like `x0`.
     pub x1: &'a Tensor,
+    /// The batch's condition (its class labels, or none).
+    pub cond: &'a Cond,
+    /// The probability path `x_t = α_t·x0 + σ_t·x1` the model is trained on.
+    pub path: &'a dyn ProbabilityPath,
     /// Training progress in [0, 1] (for annealed schedules).
     pub progress: f64,
     /// The step number.
@@ -76,9 +83,9 @@ pub(crate) fn column(v: &[f64], like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_slice(v, (v.len(), 1), like.device())?.to_dtype(like.dtype())?)
 }
 
-/// Mean over the data dimension of the squared difference, per row: `B × 1`.
+/// Mean over every non-batch axis of the squared difference, per row: `B × 1`.
 pub(crate) fn row_mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok((a - b)?.sqr()?.mean_keepdim(1)?)
+    state::row_mean(&(a - b)?.sqr()?)
 }
 
 /// Draws `(t, s)` for a distillation batch and returns `x_t` on the path, the time columns and the
@@ -91,7 +98,7 @@ pub(crate) fn draw_pairs<M: ?Sized>(
     let (t, s, n_diag) = cfg.times.sample(b, cx.rng);
     let t = column(&t, cx.x0)?;
     let s = column(&s, cx.x0)?;
-    let xt = crate::path::ProbabilityPath::interpolate(&crate::path::LinearPath, cx.x0, cx.x1, &t)?;
+    let xt = cx.path.interpolate(cx.x0, cx.x1, &t)?;
     Ok((xt, t, s, n_diag))
 }
 
@@ -131,11 +138,13 @@ pub(crate) enum DiagonalTarget<'a> {
     Data,
 }
 
-/// The off-diagonal rows of a batch: `x_t`, its times, and the model's `F_θ(x_t, t, s)` there (tracked).
+/// The off-diagonal rows of a batch: `x_t`, its times, its condition, and the model's `F_θ(x_t, t, s)`
+/// there (tracked).
 pub(crate) struct Rows {
     pub x: Tensor,
     pub t: Tensor,
     pub s: Tensor,
+    pub cond: Cond,
     pub f: Tensor,
     /// The teacher velocity `v_φ(x_t, t)` on these rows, for [`DiagonalTarget::TeacherEverywhere`].
     pub v: Option<Tensor>,
@@ -156,9 +165,10 @@ pub(crate) fn pair_loss<M: FlowMap + ?Sized>(
     off: impl FnOnce(&mut StepContext<'_, M>, &Rows) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let (xt, t, s, n_diag) = draw_pairs(cfg, cx)?;
-    let f = cx.model.average_velocity(&xt, &t, &s)?;
+    let c = cx.cond;
+    let f = cx.model.average_velocity(&xt, &t, &s, c)?;
     let v = match diagonal {
-        DiagonalTarget::TeacherEverywhere(v) => Some(no_grad(|| v.velocity(&xt, &t))?),
+        DiagonalTarget::TeacherEverywhere(v) => Some(no_grad(|| v.velocity(&xt, &t, c))?),
         _ => None,
     };
     let mut columns = vec![&xt, &t, &s, cx.x0, cx.x1, &f];
@@ -170,18 +180,22 @@ pub(crate) fn pair_loss<M: FlowMap + ?Sized>(
     let diag = match (n_diag, diagonal) {
         (0, _) => None,
         (_, DiagonalTarget::Teacher(v)) => {
-            let target = no_grad(|| v.velocity(&d[0], &d[1]))?;
+            let target = no_grad(|| v.velocity(&d[0], &d[1], &c.narrow(0, n_diag)?))?;
             Some(row_mse(&d[5], &target)?.mean_all()?)
         }
         (_, DiagonalTarget::TeacherEverywhere(_)) => Some(row_mse(&d[5], &d[6])?.mean_all()?),
-        (_, DiagonalTarget::Data) => Some(row_mse(&d[5], &(&d[4] - &d[3])?)?.mean_all()?),
+        (_, DiagonalTarget::Data) => {
+            let target = cx.path.conditional_velocity(&d[3], &d[4], &d[1])?;
+            Some(row_mse(&d[5], &target)?.mean_all()?)
+        }
     };
     let off = if n_off > 0 {
         let mut o = o.into_iter();
         let mut next = || o.next().expect("a slice of every column");
         let (x, t, s, _, _, f) = (next(), next(), next(), next(), next(), next());
         let v = v.is_some().then(next);
-        Some(off(cx, &Rows { x, t, s, f, v })?)
+        let cond = c.narrow(n_diag, n_off)?;
+        Some(off(cx, &Rows { x, t, s, cond, f, v })?)
     } else {
         None
     };
@@ -210,33 +224,21 @@ pub(crate) fn split_rows(n: usize, ts: &[&Tensor]) -> Result<(Vec<Tensor>, Vec<T
 
 /// `g / (‖g‖ + c)` per row: the tangent normalisation of Align Your Flow.
 pub(crate) fn normalize_tangent(g: &Tensor, c: f64) -> Result<Tensor> {
-    let norm = g.sqr()?.sum_keepdim(1)?.sqrt()?.affine(1.0, c)?;
-    Ok(g.broadcast_div(&norm)?)
+    let norm = state::row_sum(&g.sqr()?)?.sqrt()?.affine(1.0, c)?;
+    Ok(g.broadcast_div(&state::per_row(&norm, g)?)?)
 }
 
-/// The JVP of `F` at `(x, t, s)` along `(ẋ, ṫ, ṡ)`, exact or by finite differences.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn tangent(
-    map: &dyn crate::jvp::TangentMap,
-    mode: JvpMode,
-    x: &Tensor,
-    t: &Tensor,
-    s: &Tensor,
-    dx: &Tensor,
-    dt: &Tensor,
-    ds: &Tensor,
-) -> Result<(Tensor, Tensor)> {
+/// The JVP of `F` at `at` along `along`: the map's own tangent ([`JvpMode::Exact`]) or central differences.
+pub(crate) fn tangent(map: &dyn FlowMap, mode: JvpMode, at: &Point<'_>, along: &Tangent) -> Result<(Tensor, Tensor)> {
     match mode {
-        JvpMode::Exact => map.average_velocity_jvp(x, t, s, dx, dt, ds),
+        JvpMode::Exact => map
+            .as_tangent()
+            .ok_or_else(|| Error::arg("this model has no exact tangent; train it with finite-difference tangents (--jvp fd)"))?
+            .average_velocity_jvp(at, along),
         JvpMode::FiniteDifference { h } => {
-            crate::jvp::TangentMap::average_velocity_jvp(&crate::jvp::FiniteDifference { map, h }, x, t, s, dx, dt, ds)
+            crate::flow_map::TangentMap::average_velocity_jvp(&FiniteDifference { map, h }, at, along)
         }
     }
-}
-
-/// A column of ones (or zeros) like the time column `t`.
-pub(crate) fn ones(t: &Tensor) -> Result<Tensor> {
-    Ok(t.ones_like()?)
 }
 
 /// Builds the objective of any flow-map `method`. Teacher-based methods need `teacher`; progressive
@@ -245,9 +247,8 @@ pub fn build<'a>(
     method: Method,
     teacher: Option<&'a dyn VelocityField>,
     cfg: DistillConfig,
-    student: Option<(&candle_nn::VarMap, &crate::nn::MlpConfig)>,
-) -> Result<Box<dyn Objective<Model = dyn crate::jvp::TangentMap> + 'a>> {
-    use crate::Error;
+    student: Option<(&candle_nn::VarMap, &crate::backbone::Arch)>,
+) -> Result<Box<dyn Objective<Model = dyn FlowMap> + 'a>> {
     cfg.validate()?;
     let need = |t: Option<&'a dyn VelocityField>| {
         t.ok_or_else(|| Error::arg(format!("'{method}' distils a teacher, and none was given")))

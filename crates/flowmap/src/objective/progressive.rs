@@ -5,12 +5,12 @@ use candle_core::Tensor;
 use candle_nn::{VarBuilder, VarMap};
 
 use super::{pair_loss, row_mse, DiagonalTarget, DistillConfig, Objective, Rows, StepContext};
-use crate::flow_map::{vars_sorted, FlowMap, FlowMapNet, SolverMap};
-use crate::jvp::TangentMap;
-use crate::nn::MlpConfig;
+use crate::backbone::{vars_sorted, Arch};
+use crate::cond::Cond;
+use crate::flow_map::{FlowMap, FlowMapNet, SolverMap};
 use crate::ode::{Scheme, Solver};
 use crate::teacher::VelocityField;
-use crate::Result;
+use crate::{state, Result};
 
 /// Progressive flow-map matching (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of
 /// Diffusion Models", in the flow-map form of Boffi et al. 2025): two half steps of a frozen map teach
@@ -40,7 +40,7 @@ enum Frozen<'a> {
 
 impl<'a> Progressive<'a> {
     /// `live` holds the student's parameters (snapshotted into the frozen map at each stage).
-    pub fn new(teacher: &'a dyn VelocityField, cfg: DistillConfig, live: &VarMap, arch: &MlpConfig) -> Result<Self> {
+    pub fn new(teacher: &'a dyn VelocityField, cfg: DistillConfig, live: &VarMap, arch: &Arch) -> Result<Self> {
         let frozen_vars = VarMap::new();
         let any = vars_sorted(live).into_iter().next().map(|(_, v)| v);
         let (dtype, device) = match &any {
@@ -71,19 +71,19 @@ impl<'a> Progressive<'a> {
         }
     }
 
-    fn frozen_average_velocity(&self, x: &Tensor, t: &Tensor, s: &Tensor) -> Result<Tensor> {
+    fn frozen_average_velocity(&self, x: &Tensor, t: &Tensor, s: &Tensor, c: &Cond) -> Result<Tensor> {
         match &self.frozen {
-            Frozen::Fixed(m) => m.average_velocity(x, t, s),
+            Frozen::Fixed(m) => m.average_velocity(x, t, s, c),
             Frozen::Snapshot { .. } if self.stage.get() == 0 => {
-                SolverMap::new(self.teacher, Solver::fixed(Scheme::Euler, 1)).average_velocity(x, t, s)
+                SolverMap::new(self.teacher, Solver::fixed(Scheme::Euler, 1)).average_velocity(x, t, s, c)
             }
-            Frozen::Snapshot { net, .. } => net.average_velocity(x, t, s),
+            Frozen::Snapshot { net, .. } => net.average_velocity(x, t, s, c),
         }
     }
 }
 
 impl<'a> Objective for Progressive<'a> {
-    type Model = dyn TangentMap;
+    type Model = dyn FlowMap;
 
     fn name(&self) -> &'static str {
         "progressive"
@@ -100,7 +100,7 @@ impl<'a> Objective for Progressive<'a> {
             }
         }
         pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |_, rows| {
-            let target = two_half_steps(|x, t, s| self.frozen_average_velocity(x, t, s), rows)?;
+            let target = two_half_steps(|x, t, s| self.frozen_average_velocity(x, t, s, &rows.cond), rows)?;
             Ok(row_mse(&rows.f, &target)?.mean_all()?)
         })
     }
@@ -112,7 +112,7 @@ pub(crate) fn two_half_steps(f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Ten
     no_grad(|| {
         let m = ((&r.t + &r.s)? * 0.5)?;
         let f1 = f(&r.x, &r.t, &m)?;
-        let xm = (&r.x + f1.broadcast_mul(&(&m - &r.t)?)?)?;
+        let xm = (&r.x + f1.broadcast_mul(&state::per_row(&(&m - &r.t)?, &r.x)?)?)?;
         let f2 = f(&xm, &m, &r.s)?;
         Ok(((f1 + f2)? * 0.5)?)
     })

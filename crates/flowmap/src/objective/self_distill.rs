@@ -4,7 +4,7 @@ use super::lmd::lagrangian_step_loss;
 use super::progressive::two_half_steps;
 use super::{pair_loss, row_mse, DiagonalTarget, DistillConfig, Objective, StepContext};
 use crate::flow_map::Diagonal;
-use crate::jvp::TangentMap;
+use crate::flow_map::FlowMap;
 use crate::Result;
 
 /// Lagrangian self-distillation (Boffi et al. 2025, "How to build a consistency model: learning flow maps
@@ -22,7 +22,7 @@ pub struct SelfLmd {
 }
 
 impl Objective for SelfLmd {
-    type Model = dyn TangentMap;
+    type Model = dyn FlowMap;
 
     fn name(&self) -> &'static str {
         "self-lmd"
@@ -46,7 +46,7 @@ pub struct Shortcut {
 }
 
 impl Objective for Shortcut {
-    type Model = dyn TangentMap;
+    type Model = dyn FlowMap;
 
     fn name(&self) -> &'static str {
         "shortcut"
@@ -54,7 +54,7 @@ impl Objective for Shortcut {
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         pair_loss(&self.cfg, cx, DiagonalTarget::Data, |cx, rows| {
-            let target = two_half_steps(|x, t, s| cx.target.average_velocity(x, t, s), rows)?;
+            let target = two_half_steps(|x, t, s| cx.target.average_velocity(x, t, s, &rows.cond), rows)?;
             Ok(row_mse(&rows.f, &target)?.mean_all()?)
         })
     }

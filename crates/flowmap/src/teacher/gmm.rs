@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 
 use super::VelocityField;
+use crate::cond::Cond;
 use crate::data::GaussianMixture;
 use crate::path::{LinearPath, ProbabilityPath};
 use crate::Result;
@@ -34,14 +35,19 @@ impl GmmVelocity {
     pub fn mixture(&self) -> &GaussianMixture {
         &self.mixture
     }
+    /// The probability path whose marginal velocity this is.
+    pub fn path(&self) -> &Arc<dyn ProbabilityPath> {
+        &self.path
+    }
 }
 
 impl VelocityField for GmmVelocity {
-    fn dim(&self) -> usize {
-        self.mixture.dim()
+    fn state_shape(&self) -> Vec<usize> {
+        vec![self.mixture.dim()]
     }
 
-    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    /// The mixture is unconditional: the condition is ignored.
+    fn velocity(&self, x: &Tensor, t: &Tensor, _c: &Cond) -> Result<Tensor> {
         let (dt, dev): (DType, &Device) = (x.dtype(), x.device());
         let d = self.mixture.dim() as f64;
         let c = self.path.coefficients(t)?;

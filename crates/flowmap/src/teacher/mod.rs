@@ -1,6 +1,6 @@
 //! Teachers: velocity fields `v(x, t)` of the probability-flow ODE `dx/dτ = v(x, τ)`.
 //!
-//! A teacher is either a network trained by conditional flow matching ([`VelocityNet`], trained through
+//! A teacher is either a network over any backbone trained by conditional flow matching ([`VelocityNet`], trained through
 //! [`crate::objective::FlowMatching`]) or the exact velocity of a Gaussian mixture ([`GmmVelocity`]), the
 //! ground truth against which everything else is measured.
 
@@ -14,22 +14,23 @@ use candle_core::Tensor;
 pub use gmm::GmmVelocity;
 pub use net::VelocityNet;
 
+use crate::cond::Cond;
 use crate::Result;
 
-/// A velocity field `v(x, t)` on `B × D` states and `B × 1` times.
+/// A velocity field `v(x, t, c)` on `B × …` states, `B × 1` times and a condition.
 pub trait VelocityField {
-    /// The state dimension `D`.
-    fn dim(&self) -> usize;
-    /// `v(x, t)`.
-    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor>;
+    /// The shape of one state (`[D]` for points, `[C, H, W]` for images).
+    fn state_shape(&self) -> Vec<usize>;
+    /// `v(x, t, c)`.
+    fn velocity(&self, x: &Tensor, t: &Tensor, c: &Cond) -> Result<Tensor>;
 }
 
 impl<V: VelocityField + ?Sized> VelocityField for &V {
-    fn dim(&self) -> usize {
-        (**self).dim()
+    fn state_shape(&self) -> Vec<usize> {
+        (**self).state_shape()
     }
-    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        (**self).velocity(x, t)
+    fn velocity(&self, x: &Tensor, t: &Tensor, c: &Cond) -> Result<Tensor> {
+        (**self).velocity(x, t, c)
     }
 }
 
@@ -52,11 +53,11 @@ impl<V> Counted<V> {
 }
 
 impl<V: VelocityField> VelocityField for Counted<V> {
-    fn dim(&self) -> usize {
-        self.inner.dim()
+    fn state_shape(&self) -> Vec<usize> {
+        self.inner.state_shape()
     }
-    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    fn velocity(&self, x: &Tensor, t: &Tensor, c: &Cond) -> Result<Tensor> {
         self.calls.set(self.calls.get() + 1);
-        self.inner.velocity(x, t)
+        self.inner.velocity(x, t, c)
     }
 }

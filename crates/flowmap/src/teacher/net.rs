@@ -1,36 +1,38 @@
-//! A velocity network `v_φ(x, t)`, trained by conditional flow matching.
+//! A velocity network `v_φ(x, t, c)`, trained by conditional flow matching.
+
+use std::sync::Arc;
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::VelocityField;
-use crate::nn::{ConditionedMlp, MlpConfig};
+use crate::backbone::{Arch, Backbone, Role};
+use crate::cond::Cond;
 use crate::Result;
 
-/// An MLP velocity field `v_φ(x, t)` with a sinusoidal time embedding.
+/// A velocity field `v_φ(x, t, c)` over any [`Arch`].
 #[derive(Clone, Debug)]
 pub struct VelocityNet {
-    cfg: MlpConfig,
-    net: ConditionedMlp,
+    arch: Arch,
+    net: Arc<dyn Backbone>,
 }
 
 impl VelocityNet {
-    pub fn new(cfg: &MlpConfig, vb: VarBuilder) -> Result<Self> {
-        Ok(VelocityNet {
-            cfg: cfg.clone(),
-            net: ConditionedMlp::new(cfg, false, vb)?,
-        })
+    pub fn new(arch: impl Into<Arch>, vb: VarBuilder) -> Result<Self> {
+        let arch = arch.into();
+        let net = arch.build(Role::Velocity, vb)?;
+        Ok(VelocityNet { arch, net })
     }
-    pub fn config(&self) -> &MlpConfig {
-        &self.cfg
+    pub fn arch(&self) -> &Arch {
+        &self.arch
     }
 }
 
 impl VelocityField for VelocityNet {
-    fn dim(&self) -> usize {
-        self.cfg.dim
+    fn state_shape(&self) -> Vec<usize> {
+        self.arch.state_shape()
     }
-    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        self.net.forward(x, t, None)
+    fn velocity(&self, x: &Tensor, t: &Tensor, c: &Cond) -> Result<Tensor> {
+        self.net.forward(x, t, None, c)
     }
 }

@@ -7,7 +7,7 @@
 
 mod speed;
 
-pub use speed::{speed, SpeedOptions, SpeedReport, SpeedRow, TORCH_PEER, WORKLOADS};
+pub use speed::{speed, SpeedOptions};
 
 use std::path::Path;
 use std::time::Instant;
@@ -15,17 +15,20 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{self, DataSource, GaussianMixture};
-use crate::flow_map::SolverMap;
-use crate::metrics;
-use crate::nn::MlpConfig;
-use crate::objective::{DistillConfig, EpsSchedule, Method, TargetNet, TimeDistribution, Weighting};
-use crate::ode::Solver;
-use crate::pipeline::{self, progress_bar, OutDir, Teacher};
+use flowmap::data::{self, DataSource, GaussianMixture};
+use flowmap::flow_map::SolverMap;
+use flowmap::metrics;
+use flowmap::backbone::{Arch, MlpConfig};
+use flowmap::objective::{DistillConfig, EpsSchedule, Method, TargetNet, TimeDistribution, Weighting};
+use flowmap::ode::Solver;
+use flowmap::pipeline::{self, MapJob, OutDir, Teacher};
+use flowmap::path::LinearPath;
+use flowmap::Cond;
 use crate::plot;
-use crate::teacher::GmmVelocity;
-use crate::train::TrainConfig;
-use crate::Result;
+use crate::report::{progress_bar, Bar};
+use flowmap::teacher::GmmVelocity;
+use flowmap::train::TrainConfig;
+use flowmap::Result;
 
 /// One ablation row.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -83,7 +86,13 @@ pub fn ablation(
     let data = DataSource::Mixture(mixture);
     let n = 2000;
     let x0 = data::to_tensor(&data.heldout(n, seed), n, 2, DType::F32, device)?;
-    let x1 = crate::sample::noise(n, 2, seed + 7, device)?;
+    let x1 = flowmap::sample::noise(n, &[2], seed + 7, device)?;
+    let points = metrics::PathPoints {
+        x0: &x0,
+        x1: &x1,
+        cond: Cond::none_ref(),
+        path: &LinearPath,
+    };
     let exact = SolverMap::new(&teacher, Solver::dopri5(1e-6));
     let mut rows = vec![];
     for &method in methods {
@@ -100,25 +109,23 @@ pub fn ablation(
                 show,
             );
             let start = Instant::now();
-            let m = pipeline::distill(
-                &teacher,
-                &data,
-                method,
-                &cfg,
-                &tc,
-                &MlpConfig::new(2),
-                device,
-                &pb,
-                None,
-            )?;
+            let job = MapJob {
+                teacher: Some(&teacher),
+                objective: cfg,
+                train: tc,
+                arch: Arch::Mlp(MlpConfig::new(2)),
+                device: device.clone(),
+                ..MapJob::new(method, &data)
+            };
+            let m = job.run(&Bar(&pb))?;
             let seconds = start.elapsed().as_secs_f64();
             pb.finish_and_clear();
             rows.push(AblationRow {
                 method: method.name().into(),
                 variant,
                 config: cfg,
-                relative_error: metrics::relative_error_uniform(&m.net, &exact, &x0, &x1, seed)?,
-                semigroup: metrics::semigroup_error(&m.net, &x0, &x1, 5)?,
+                relative_error: metrics::relative_error_uniform(&m.net, &exact, &points, seed)?,
+                semigroup: metrics::semigroup_error(&m.net, &points, 5)?,
                 seconds,
             });
         }
@@ -132,11 +139,11 @@ pub fn ablation(
             r.method, r.variant, r.relative_error, r.semigroup, r.seconds
         );
     }
-    crate::io::write_text(
+    flowmap::io::write_text(
         &out.file("ablation.json"),
         &serde_json::to_string_pretty(&rows).expect("rows serialise"),
     )?;
-    crate::io::write_text(&out.file("ablation.md"), &md)?;
+    flowmap::io::write_text(&out.file("ablation.md"), &md)?;
     Ok(rows)
 }
 
@@ -166,9 +173,9 @@ pub struct CompareRow {
 /// `flowmap bench compare`: every method at an equal wall-clock budget on checkerboard (learned teacher)
 /// and on the analytic Gaussian-mixture teacher.
 pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show: bool) -> Result<Vec<CompareRow>> {
-    use crate::data::Toy;
-    use crate::pipeline::{eval_teacher, EvalSettings};
-    use crate::sample::{self, Sampler, TimeGrid};
+    use flowmap::data::Toy;
+    use flowmap::pipeline::{eval_teacher, EvalSettings};
+    use flowmap::sample::{self, Sampler, TimeGrid};
 
     let out = OutDir::create(out)?;
     let mut rows: Vec<CompareRow> = vec![];
@@ -201,10 +208,10 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
             let pb = progress_bar(0, "teacher", show);
             let t = pipeline::train_teacher(
                 &data,
-                &MlpConfig::new(2),
+                &Arch::Mlp(MlpConfig::new(2)),
                 &budget(2.0 * budget_seconds, 1024, 0),
                 device,
-                &pb,
+                &Bar(&pb),
             )?;
             pb.finish_and_clear();
             let secs = t.log.seconds;
@@ -244,10 +251,19 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
         // The teacher's own samplers.
         let mut solvers: Vec<Solver> = nfes
             .iter()
-            .map(|&k| Solver::fixed(crate::ode::Scheme::Euler, k))
+            .map(|&k| Solver::fixed(flowmap::ode::Scheme::Euler, k))
             .collect();
         solvers.push(Solver::dopri5(1e-5));
-        let (trows, _) = eval_teacher("teacher", &teacher, &solvers, &reference, checker, &settings, device)?;
+        let (trows, _) = eval_teacher(
+            "teacher",
+            &teacher,
+            &solvers,
+            &Cond::none(),
+            &reference,
+            checker,
+            &settings,
+            device,
+        )?;
         for r in &trows {
             rows.push(CompareRow {
                 setting: setting.into(),
@@ -282,30 +298,15 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
                 max_frequency: 4.0,
                 ..arch.clone()
             };
-            let trained = if method.needs_teacher() {
-                pipeline::distill(
-                    &teacher,
-                    &data,
-                    method,
-                    &DistillConfig::for_method(method),
-                    &tc,
-                    &arch,
-                    device,
-                    &pb,
-                    None,
-                )?
-            } else {
-                pipeline::train_map(
-                    &data,
-                    method,
-                    &DistillConfig::for_method(method),
-                    &tc,
-                    &fresh,
-                    device,
-                    &pb,
-                    None,
-                )?
+            let job = MapJob {
+                teacher: method.needs_teacher().then_some(&teacher),
+                objective: DistillConfig::for_method(method),
+                train: tc,
+                arch: Arch::Mlp(if method.needs_teacher() { arch.clone() } else { fresh }),
+                device: device.clone(),
+                ..MapJob::new(method, &data)
             };
+            let trained = job.run(&Bar(&pb))?;
             pb.finish_and_clear();
             let sampler = if method.boundary_only() {
                 Sampler::Consistency
@@ -319,13 +320,14 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
                 }
                 _ if !method.boundary_only() => (
                     None,
-                    Some(pipeline::semigroup(&trained.net, &data, 2000, seed, device)?),
+                    Some(pipeline::semigroup(&trained.net, &data, &LinearPath, 2000, seed, device)?),
                 ),
                 _ => (None, None),
             };
-            let z = sample::noise(n_eval, 2, seed, device)?;
+            let z = sample::noise(n_eval, &[2], seed, device)?;
+            let cx = sample::SampleContext::new(seed);
             let score = |grid: &TimeGrid| -> Result<(usize, metrics::Distances)> {
-                let s = sample::sample_with(&trained.net, &z, grid, sampler, seed)?;
+                let s = sample::sample_with(&trained.net, &z, grid, sampler, &cx)?;
                 let x = s.x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
                 Ok((s.nfe, metrics::distances(&x, &reference, 2, checker, n_eval)))
             };
@@ -339,7 +341,7 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
                     if k == 1 { &[1.0] } else { &sample::GRID_POWERS },
                     &validation,
                     n_validation,
-                    seed,
+                    &cx,
                     device,
                 )?;
                 let (nfe, d) = score(&choice.grid)?;
@@ -366,11 +368,11 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
         }
     }
     compare_figure(&rows, &out.file("compare_quality_vs_nfe.png"))?;
-    crate::io::write_text(
+    flowmap::io::write_text(
         &out.file("compare.json"),
         &serde_json::to_string_pretty(&rows).expect("rows serialise"),
     )?;
-    crate::io::write_text(
+    flowmap::io::write_text(
         &out.file("compare.md"),
         &compare_markdown(&rows, budget_seconds, seed, n_eval),
     )?;
@@ -562,8 +564,7 @@ fn median_ms(mut f: impl FnMut() -> Result<()>, reps: usize) -> Result<f64> {
 
 /// `flowmap bench jvp`: the cost of the exact forward-mode JVP against a plain forward pass.
 pub fn jvp(out: &Path, device: &Device) -> Result<Vec<JvpTiming>> {
-    use crate::flow_map::{FlowMap, FlowMapNet};
-    use crate::jvp::{FiniteDifference, TangentMap};
+    use flowmap::flow_map::{FiniteDifference, FlowMap, FlowMapNet, Point, Tangent, TangentMap};
     use candle_nn::{VarBuilder, VarMap};
 
     let out = OutDir::create(out)?;
@@ -575,23 +576,23 @@ pub fn jvp(out: &Path, device: &Device) -> Result<Vec<JvpTiming>> {
             ..MlpConfig::new(2)
         };
         let net = FlowMapNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, device))?;
-        pipeline::seed_params(&vm, 0)?;
-        let mut rng = crate::Rng::new(1);
+        Arch::Mlp(cfg).seed_params(&vm, 0)?;
+        let mut rng = flowmap::Rng::new(1);
         let x = rng.normal_tensor((batch, 2), DType::F32, device)?;
         let dx = rng.normal_tensor((batch, 2), DType::F32, device)?;
-        let t = crate::data::to_tensor(&rng.uniform_vec(batch), batch, 1, DType::F32, device)?;
+        let t = flowmap::data::to_tensor(&rng.uniform_vec(batch), batch, 1, DType::F32, device)?;
         let s = (&t * 0.5)?;
-        let (ones, zeros) = (t.ones_like()?, t.zeros_like()?);
-        let forward_ms = median_ms(|| net.average_velocity(&x.detach(), &t, &s).map(|_| ()), 30)?;
-        let jvp_ms = median_ms(
-            || net.average_velocity_jvp(&x, &t, &s, &dx, &ones, &zeros).map(|_| ()),
-            30,
-        )?;
+        let at = Point {
+            x: &x,
+            t: &t,
+            s: &s,
+            cond: Cond::none_ref(),
+        };
+        let along = Tangent::along_start(&dx, &at)?;
+        let forward_ms = median_ms(|| net.average_velocity(&x.detach(), &t, &s, at.cond).map(|_| ()), 30)?;
+        let jvp_ms = median_ms(|| net.average_velocity_jvp(&at, &along).map(|_| ()), 30)?;
         let fd = FiniteDifference { map: &net, h: 1e-3 };
-        let fd_jvp_ms = median_ms(
-            || fd.average_velocity_jvp(&x, &t, &s, &dx, &ones, &zeros).map(|_| ()),
-            30,
-        )?;
+        let fd_jvp_ms = median_ms(|| fd.average_velocity_jvp(&at, &along).map(|_| ()), 30)?;
         rows.push(JvpTiming {
             batch,
             hidden,
@@ -609,10 +610,10 @@ pub fn jvp(out: &Path, device: &Device) -> Result<Vec<JvpTiming>> {
             r.batch, r.hidden, r.forward_ms, r.jvp_ms, r.jvp_ratio, r.fd_jvp_ms, r.fd_ratio
         );
     }
-    crate::io::write_text(
+    flowmap::io::write_text(
         &out.file("jvp.json"),
         &serde_json::to_string_pretty(&rows).expect("rows serialise"),
     )?;
-    crate::io::write_text(&out.file("jvp.md"), &md)?;
+    flowmap::io::write_text(&out.file("jvp.md"), &md)?;
     Ok(rows)
 }

@@ -9,16 +9,20 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{self, DataSource, GaussianMixture, Toy};
-use crate::flow_map::FlowMapNet;
-use crate::metrics::{self, MapError};
-use crate::nn::MlpConfig;
-use crate::objective::{DistillConfig, Method};
-use crate::pipeline::{self, progress_bar, EvalRow, EvalSettings, OutDir, Teacher};
+use flowmap::data::{self, DataSource, GaussianMixture, Toy};
+use flowmap::flow_map::FlowMapNet;
+use flowmap::metrics::{self, MapError};
+use flowmap::backbone::{Arch, MlpConfig};
+use flowmap::objective::{DistillConfig, Method};
+use flowmap::pipeline::{self, EvalRow, EvalSettings, MapJob, OutDir, Teacher};
+use flowmap::sample::SampleContext;
+use flowmap::Cond;
 use crate::plot::{self, Panel, Series};
-use crate::teacher::GmmVelocity;
-use crate::train::TrainConfig;
-use crate::Result;
+use crate::report::{eval_table, progress_bar, Bar};
+use flowmap::path::LinearPath;
+use flowmap::teacher::GmmVelocity;
+use flowmap::train::TrainConfig;
+use flowmap::Result;
 
 /// The demo's budget.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -83,8 +87,8 @@ const METHODS: [Method; 2] = [Method::Emd, Method::Lmd];
 fn parallel<T: Send, F: FnOnce() -> T + Send>(jobs: [F; 2]) -> Vec<T> {
     let [a, b] = jobs;
     let (x, y) = rayon::join(
-        || crate::kernels::with_threads(1, a),
-        || crate::kernels::with_threads(1, b),
+        || flowmap::kernels::with_threads(1, a),
+        || flowmap::kernels::with_threads(1, b),
     );
     vec![x, y]
 }
@@ -99,7 +103,7 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
         max_points: cfg.n_eval,
         ..EvalSettings::default()
     };
-    let arch = MlpConfig::new(2);
+    let arch = Arch::Mlp(MlpConfig::new(2));
     let train = |steps: usize, batch_size: usize, salt: u64| TrainConfig {
         steps,
         batch_size,
@@ -109,7 +113,7 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
 
     // 1. Teacher.
     let pb = progress_bar(cfg.teacher_steps as u64, "teacher", show_progress);
-    let trained = pipeline::train_teacher(&data, &arch, &train(cfg.teacher_steps, cfg.batch_size, 0), device, &pb)?;
+    let trained = pipeline::train_teacher(&data, &arch, &train(cfg.teacher_steps, cfg.batch_size, 0), device, &Bar(&pb))?;
     pb.finish_and_clear();
     trained.save(&out.file("teacher.safetensors"))?;
     let mut train_seconds = vec![("teacher (flow matching)".to_string(), trained.log.seconds)];
@@ -122,17 +126,15 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
         let (teacher, data, arch) = (&teacher, &data, &arch);
         let tc = train(cfg.distill_steps, cfg.distill_batch_size, 1);
         move || {
-            let m = pipeline::distill(
-                teacher,
-                data,
-                method,
-                &DistillConfig::default(),
-                &tc,
-                arch,
-                device,
-                &pb,
-                None,
-            );
+            let job = MapJob {
+                teacher: Some(teacher),
+                objective: DistillConfig::default(),
+                train: tc,
+                arch: arch.clone(),
+                device: device.clone(),
+                ..MapJob::new(method, data)
+            };
+            let m = job.run(&Bar(&pb));
             pb.finish_and_clear();
             m
         }
@@ -152,6 +154,7 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
         "teacher",
         &teacher,
         &pipeline::teacher_solvers(),
+        &Cond::none(),
         &reference,
         true,
         &settings,
@@ -163,7 +166,8 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
             name,
             net,
             &nfes,
-            crate::sample::Sampler::Deterministic,
+            flowmap::sample::Sampler::Deterministic,
+            &SampleContext::new(cfg.seed),
             &reference,
             true,
             &settings,
@@ -178,8 +182,8 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
         let (net, teacher, data) = (&maps[i].1, &teacher, &data);
         move || -> Result<(Vec<MapError>, f64)> {
             Ok((
-                pipeline::map_errors(net, teacher, data, 11, 1000, cfg.seed, device)?,
-                pipeline::semigroup(net, data, 2000, cfg.seed, device)?,
+                pipeline::map_errors(net, teacher, data, &LinearPath, 11, 1000, cfg.seed, device)?,
+                pipeline::semigroup(net, data, &LinearPath, 2000, cfg.seed, device)?,
             ))
         }
     }));
@@ -300,11 +304,11 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
         train_seconds,
         checks,
     };
-    crate::io::write_text(
+    flowmap::io::write_text(
         &out.file("report.json"),
         &serde_json::to_string_pretty(&report).expect("report serialises"),
     )?;
-    crate::io::write_text(&out.file("report.md"), &markdown(&report))?;
+    flowmap::io::write_text(&out.file("report.md"), &markdown(&report))?;
     Ok(report)
 }
 
@@ -323,10 +327,16 @@ pub fn gmm_study(method: Method, cfg: &DemoConfig, device: &Device, show_progres
     let data = DataSource::Mixture(mixture);
     let n = 2000;
     let x0 = data::to_tensor(&data.heldout(n, cfg.seed), n, 2, DType::F32, device)?;
-    let x1 = crate::sample::noise(n, 2, cfg.seed + 7, device)?;
+    let x1 = flowmap::sample::noise(n, &[2], cfg.seed + 7, device)?;
+    let points = metrics::PathPoints {
+        x0: &x0,
+        x1: &x1,
+        cond: Cond::none_ref(),
+        path: &LinearPath,
+    };
     let mut curve = vec![];
     let mut monitor = |step: usize, net: &FlowMapNet| -> Result<()> {
-        curve.push((step, metrics::semigroup_error(net, &x0, &x1, 5)?));
+        curve.push((step, metrics::semigroup_error(net, &points, 5)?));
         Ok(())
     };
     let tc = TrainConfig {
@@ -338,20 +348,18 @@ pub fn gmm_study(method: Method, cfg: &DemoConfig, device: &Device, show_progres
     let pb = progress_bar(cfg.gmm_steps as u64, &format!("gmm {}", method.name()), show_progress);
     let start = Instant::now();
     let every = (cfg.gmm_steps / 10).max(1);
-    let m = pipeline::distill(
-        &teacher,
-        &data,
-        method,
-        &DistillConfig::default(),
-        &tc,
-        &MlpConfig {
+    let job = MapJob {
+        teacher: Some(&teacher),
+        objective: DistillConfig::default(),
+        train: tc,
+        arch: Arch::Mlp(MlpConfig {
             hidden: cfg.gmm_hidden,
             ..MlpConfig::new(2)
-        },
-        device,
-        &pb,
-        Some((every, &mut monitor)),
-    )?;
+        }),
+        device: device.clone(),
+        ..MapJob::new(method, &data)
+    };
+    let m = job.run_monitored(&Bar(&pb), every, &mut monitor)?;
     let seconds = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let report = pipeline::exact_map_report(&m.net, velocity.mixture(), n, cfg.seed, device)?;
@@ -381,7 +389,7 @@ fn markdown(r: &DemoReport) -> String {
         s += &format!("- [{}] {name}\n", if *ok { "x" } else { " " });
     }
     s += "\n## Sample quality\n\n";
-    s += &pipeline::eval_table(&r.rows);
+    s += &eval_table(&r.rows);
     s += "\n![samples](samples.png)\n\n![quality versus NFE](quality_vs_nfe.png)\n\n";
     s += "## Against the teacher's exact flow map\n\nMean relative error `E‖f − Φ‖² / E‖Φ − x‖²` over the 55 pairs `t > s` of an 11-point grid on 1,000 held-out points (Φ by dopri5 on the teacher, tolerance 1e-5), and the semigroup error `E‖f(f(x,t,u),u,s) − f(x,t,s)‖²` over the triples of a 5-point grid (2,000 points).\n\n| map | mean relative error | semigroup error |\n|---|---:|---:|\n";
     for ((name, errs), (_, sg)) in r.map_error.iter().zip(&r.semigroup) {

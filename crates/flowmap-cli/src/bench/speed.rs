@@ -12,17 +12,22 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{DataSource, Toy};
-use crate::flow_map::{init_from_teacher, FlowMapNet};
-use crate::jvp::TangentMap;
-use crate::nn::MlpConfig;
-use crate::objective::{DistillConfig, Emd, FlowMatching};
-use crate::ode::{Scheme, Solver};
-use crate::pipeline::{progress_bar, seed_params, OutDir};
-use crate::sample::{sample_map, sample_ode, TimeGrid};
-use crate::teacher::{VelocityField, VelocityNet};
-use crate::train::{fit, TrainConfig, Trainable};
-use crate::{Error, Result};
+use flowmap::data::{DataSource, Toy};
+use flowmap::backbone::mlp::{init_from_teacher, seed_params};
+use flowmap::flow_map::{FlowMap, FlowMapNet};
+use flowmap::path::LinearPath;
+use flowmap::Cond;
+use flowmap::backbone::MlpConfig;
+use flowmap::objective::{DistillConfig, Emd, FlowMatching};
+use flowmap::ode::{Scheme, Solver};
+use flowmap::pipeline::OutDir;
+use flowmap::train::Silent;
+
+use crate::report::progress_bar;
+use flowmap::sample::{sample_map, sample_ode, TimeGrid};
+use flowmap::teacher::{VelocityField, VelocityNet};
+use flowmap::train::{fit, TrainConfig, Trainable};
+use flowmap::{Error, Result};
 
 /// The PyTorch peer, embedded so that the benchmark runs from any directory.
 pub const TORCH_PEER: &str = include_str!("../../../../bench/peer/torch_peer.py");
@@ -149,15 +154,15 @@ fn rate(seconds: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-/// sgemm GFLOP/s for `m × k` times `k × n` as flowmap's layers run it: an identity [`crate::kernels::dense`]
+/// sgemm GFLOP/s for `m × k` times `k × n` as flowmap's layers run it: an identity [`flowmap::kernels::dense`]
 /// layer with a zero bias (on the CPU, the fast path's GEMM by blocks of rows plus one bias pass).
 fn sgemm(m: usize, k: usize, n: usize, seconds: f64, device: &Device) -> Result<f64> {
-    let mut rng = crate::Rng::new(0);
+    let mut rng = flowmap::Rng::new(0);
     let a = rng.normal_tensor((m, k), DType::F32, device)?;
     let w = rng.normal_tensor((n, k), DType::F32, device)?;
     let zero = Tensor::zeros(n, DType::F32, device)?;
     let per_s = rate(seconds, || {
-        crate::kernels::dense(&a, &w, &zero, crate::kernels::Activation::Identity)?;
+        flowmap::kernels::dense(&a, &w, &zero, flowmap::kernels::Activation::Identity)?;
         Ok(())
     })?;
     Ok(2.0 * (m * k * n) as f64 * per_s / 1e9)
@@ -172,7 +177,7 @@ fn arch(width: usize) -> MlpConfig {
 
 /// Training steps per second of `fit` on `objective`: a short warm-up run, then a timed run sized to fill
 /// about `seconds` (each run builds its optimiser afresh, as a user's run does).
-fn steps_per_second<O: crate::objective::Objective>(
+fn steps_per_second<O: flowmap::objective::Objective>(
     objective: &O,
     trainable: &Trainable<'_, O::Model>,
     data: &DataSource,
@@ -180,17 +185,16 @@ fn steps_per_second<O: crate::objective::Objective>(
     seconds: f64,
     device: &Device,
 ) -> Result<f64> {
-    let hidden = progress_bar(0, "", false);
     let cfg = |steps| TrainConfig {
         steps,
         batch_size: batch,
         warmup_steps: 1,
         ..TrainConfig::default()
     };
-    let warm = fit(objective, trainable, data, &cfg(3), device, &hidden)?;
+    let warm = fit(objective, trainable, data, &cfg(3), device, &Silent)?;
     let estimate = 3.0 / warm.seconds.max(1e-9);
     let steps = ((estimate * seconds).ceil() as usize).max(3);
-    let log = fit(objective, trainable, data, &cfg(steps), device, &hidden)?;
+    let log = fit(objective, trainable, data, &cfg(steps), device, &Silent)?;
     Ok(log.steps as f64 / log.seconds)
 }
 
@@ -234,7 +238,7 @@ pub fn speed(out: &Path, opts: &SpeedOptions, device: &Device, show: bool) -> Re
         ));
     }
     let out = OutDir::create(out)?;
-    let threads = crate::kernels::threads();
+    let threads = flowmap::kernels::threads();
     let mut sgemm_gflops: BTreeMap<String, f64> = BTreeMap::new();
     let n_rows = opts.rounds.max(1) * opts.widths.len() * (opts.batches.len() * 4 + 1);
     let bar = progress_bar(n_rows as u64, "speed", show);
@@ -312,11 +316,11 @@ pub fn speed(out: &Path, opts: &SpeedOptions, device: &Device, show: bool) -> Re
         peer_status,
         peer_sgemm_gflops,
     };
-    crate::io::write_text(
+    flowmap::io::write_text(
         &out.file("speed.json"),
         &serde_json::to_string_pretty(&report).expect("report serialises"),
     )?;
-    crate::io::write_text(&out.file("speed.md"), &speed_markdown(&report))?;
+    flowmap::io::write_text(&out.file("speed.md"), &speed_markdown(&report))?;
     Ok(report)
 }
 
@@ -351,6 +355,7 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
                 model: &n.teacher,
                 ema: Some((&n.teacher_ema, &n.teacher_ema_net)),
                 ema_target: false,
+                path: &LinearPath,
             };
             let r = steps_per_second(&FlowMatching::new(), &trainable, &data, batch, opts.seconds, device)?;
             push(
@@ -366,11 +371,12 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
             reset_peak_rss();
             let dcfg = DistillConfig::default();
             let emd = Emd::new(&n.teacher, dcfg);
-            let trainable = Trainable::<dyn TangentMap> {
+            let trainable = Trainable::<dyn FlowMap> {
                 params: &n.map_vars,
                 model: &n.map,
                 ema: Some((&n.map_ema, &n.map_ema_net)),
                 ema_target: false,
+                path: &LinearPath,
             };
             let r = steps_per_second(&emd, &trainable, &data, batch, opts.seconds, device)?;
             let n_diag = ((batch as f64) * dcfg.times.diagonal_fraction).round() as usize;
@@ -379,22 +385,23 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
                 + train_flops(batch, &a, true);
             push("emd", width, batch, "steps/s", r, Some(flops));
 
-            let noise = crate::sample::noise(batch, 2, opts.seed, device)?;
+            let noise = flowmap::sample::noise(batch, &[2], opts.seed, device)?;
+            let none = Cond::none();
             let one = TimeGrid::uniform(1)?;
             bar.set_message(format!("sampling, width {width}, batch {batch}"));
             reset_peak_rss();
-            let r = rate(opts.seconds, || sample_map(&n.map, &noise, &one).map(|_| ()))?;
+            let r = rate(opts.seconds, || sample_map(&n.map, &noise, &one, &none).map(|_| ()))?;
             push("sample-1nfe", width, batch, "samples/s", r * batch as f64, None);
             reset_peak_rss();
             let euler = Solver::fixed(Scheme::Euler, 32);
-            let r = rate(opts.seconds, || sample_ode(&n.teacher, &noise, euler).map(|_| ()))?;
+            let r = rate(opts.seconds, || sample_ode(&n.teacher, &noise, euler, &none).map(|_| ()))?;
             push("sample-euler32", width, batch, "samples/s", r * batch as f64, None);
         }
         let n = nets(&a, opts.seed, device)?;
-        let noise = crate::sample::noise(1, 2, opts.seed, device)?;
+        let noise = flowmap::sample::noise(1, &[2], opts.seed, device)?;
         let one = TimeGrid::uniform(1)?;
         reset_peak_rss();
-        let r = rate(opts.seconds, || sample_map(&n.map, &noise, &one).map(|_| ()))?;
+        let r = rate(opts.seconds, || sample_map(&n.map, &noise, &one, &Cond::none()).map(|_| ()))?;
         push("latency-1nfe", width, 1, "ms", 1e3 / r, None);
     }
     Ok(rows)

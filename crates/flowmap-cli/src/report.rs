@@ -1,0 +1,66 @@
+//! What the command line shows and writes: progress bars and Markdown tables.
+
+use flowmap::pipeline::EvalRow;
+use flowmap::train::Progress;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A progress bar for `n` steps (hidden when `show` is false or stderr is not a terminal); `n = 0` is a
+/// spinner, for runs bounded by time.
+pub fn progress_bar(n: u64, label: &str, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    if n == 0 {
+        let pb = ProgressBar::new_spinner();
+        pb.set_style(
+            ProgressStyle::with_template("{prefix:>12} {spinner} {pos} steps {elapsed_precise} {msg}")
+                .expect("valid template"),
+        );
+        pb.set_prefix(label.to_string());
+        return pb;
+    }
+    let pb = ProgressBar::new(n);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(label.to_string());
+    pb
+}
+
+/// A training run's progress on a bar: one tick per step, the smoothed loss as its message.
+pub struct Bar<'a>(pub &'a ProgressBar);
+
+impl Progress for Bar<'_> {
+    fn step(&self, _step: usize, loss: Option<f64>) {
+        if let Some(l) = loss {
+            self.0.set_message(format!("loss {l:.4}"));
+        }
+        self.0.inc(1);
+    }
+}
+
+/// A Markdown table of evaluation rows.
+pub fn eval_table(rows: &[EvalRow]) -> String {
+    let kl = rows.iter().any(|r| r.distances.kl.is_some());
+    let mut s = String::from("| model | sampler | NFE | energy distance | sliced W2 | MMD² |");
+    s += if kl { " KL (histogram) |\n" } else { "\n" };
+    s += "|---|---|---:|---:|---:|---:|";
+    s += if kl { "---:|\n" } else { "\n" };
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {} | {:.5} | {:.4} | {:.5} |",
+            r.model, r.sampler, r.nfe, r.distances.energy, r.distances.sliced_w2, r.distances.mmd2
+        );
+        if kl {
+            s += &r
+                .distances
+                .kl
+                .map(|v| format!(" {v:.4} |"))
+                .unwrap_or_else(|| " – |".into());
+        }
+        s += "\n";
+    }
+    s
+}

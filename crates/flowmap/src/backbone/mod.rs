@@ -1,0 +1,140 @@
+//! Backbones: the networks inside teachers and flow maps.
+//!
+//! A [`Backbone`] computes `F(x, t[, t − s], c)` on a batch of states of any shape: a velocity network
+//! reads `(x, t, c)`, a flow map also the gap `t − s`. Teachers ([`crate::teacher::VelocityNet`]) and flow
+//! maps ([`crate::flow_map::FlowMapNet`]) are built over any backbone; which one is data, an [`Arch`], which
+//! checkpoints record in their metadata as a tagged value (`{"kind": "mlp", …}`) and loading dispatches on.
+//!
+//! A backbone may have a forward-mode tangent rule (the MLP does); one without it still trains by every
+//! discrete objective, and by the continuous ones with finite-difference tangents.
+//!
+//! Adding a network is one file implementing [`Backbone`] and one variant of [`Arch`].
+
+pub mod mlp;
+
+use std::fmt;
+use std::sync::Arc;
+
+use candle_core::{Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+pub use mlp::{ConditionedMlp, Mlp, MlpConfig};
+
+use crate::cond::Cond;
+use crate::Result;
+
+/// What a backbone is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A velocity field `v(x, t, c)`.
+    Velocity,
+    /// A flow map's average velocity `F(x, t, s, c)`, read through the gap `t − s`.
+    FlowMap,
+}
+
+/// A network on `B × …` states, `B × 1` times and a condition; its output has the state's shape.
+pub trait Backbone: fmt::Debug + Send + Sync {
+    /// `F(x, t, gap, c)`; `gap = t − s` is given exactly when the backbone was built for [`Role::FlowMap`].
+    fn forward(&self, x: &Tensor, t: &Tensor, gap: Option<&Tensor>, cond: &Cond) -> Result<Tensor>;
+
+    /// Whether [`Backbone::forward_jvp`] is implemented.
+    fn has_tangent(&self) -> bool {
+        false
+    }
+
+    /// The output and its derivative along `(ẋ, ṫ, ġap)` (the condition is held fixed), in one pass on
+    /// detached tensors.
+    fn forward_jvp(
+        &self,
+        _at: (&Tensor, &Tensor, Option<&Tensor>, &Cond),
+        _along: (&Tensor, &Tensor, Option<&Tensor>),
+    ) -> Result<(Tensor, Tensor)> {
+        Err(crate::Error::arg(format!(
+            "the {} backbone has no forward-mode tangent rule (use finite-difference tangents)",
+            self.arch().name()
+        )))
+    }
+
+    /// The architecture the backbone was built from.
+    fn arch(&self) -> Arch;
+}
+
+/// A backbone's architecture: which network, and its settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Arch {
+    /// A time-conditioned MLP on the flattened state.
+    Mlp(MlpConfig),
+}
+
+impl From<MlpConfig> for Arch {
+    fn from(c: MlpConfig) -> Self {
+        Arch::Mlp(c)
+    }
+}
+
+impl From<&MlpConfig> for Arch {
+    fn from(c: &MlpConfig) -> Self {
+        Arch::Mlp(c.clone())
+    }
+}
+
+impl From<&Arch> for Arch {
+    fn from(a: &Arch) -> Self {
+        a.clone()
+    }
+}
+
+impl Arch {
+    /// The name recorded in checkpoints (`mlp`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Arch::Mlp(_) => "mlp",
+        }
+    }
+
+    /// Builds the backbone for `role` with its parameters in `vb`.
+    pub fn build(&self, role: Role, vb: VarBuilder) -> Result<Arc<dyn Backbone>> {
+        Ok(match self {
+            Arch::Mlp(c) => Arc::new(Mlp::new(c, role, vb)?),
+        })
+    }
+
+    /// The shape of one state, e.g. `[D]` or `[C, H, W]`.
+    pub fn state_shape(&self) -> Vec<usize> {
+        match self {
+            Arch::Mlp(c) => c.state_shape(),
+        }
+    }
+
+    /// The number of classes of a class-conditional backbone (labels `0..C`, and `C` for the null class).
+    pub fn num_classes(&self) -> Option<usize> {
+        match self {
+            Arch::Mlp(c) => c.num_classes,
+        }
+    }
+
+    /// Draws every parameter in `vars` from the run's `seed` (candle's initialisers are unseeded).
+    pub fn seed_params(&self, vars: &VarMap, seed: u64) -> Result<()> {
+        match self {
+            Arch::Mlp(_) => mlp::seed_params(vars, seed),
+        }
+    }
+
+    /// Sets a flow map's parameters from a teacher's of the same architecture so that the flow map starts
+    /// as one Euler step of the teacher, `F(x, t, s, c) = v(x, t, c)`.
+    pub fn init_from_teacher(&self, student: &VarMap, teacher: &VarMap) -> Result<()> {
+        match self {
+            Arch::Mlp(_) => mlp::init_from_teacher(student, teacher),
+        }
+    }
+}
+
+/// Every variable of a `VarMap`, sorted by name (for checkpoints, snapshots and tests).
+pub fn vars_sorted(vm: &VarMap) -> Vec<(String, Var)> {
+    let data = vm.data().lock().expect("vars");
+    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

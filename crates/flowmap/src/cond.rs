@@ -1,0 +1,93 @@
+//! Conditioning inputs of a model: what, besides the state `x` and the times, a velocity field or a flow
+//! map is evaluated on.
+//!
+//! Today that is class labels: a `B`-vector of `u32` in `0..C`, where the index `C` is the reserved *null*
+//! class (the unconditional model that classifier-free guidance needs). [`Cond::none`] is the condition of
+//! an unconditional model, and of a conditional one asked for unconditional samples: a conditional network
+//! reads a missing label as the null class. Unconditional models ignore labels. New inputs (a guidance
+//! scale, text embeddings) join as further fields, so every signature that takes a `&Cond` stays as it is.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Error, Result};
+
+/// The conditioning inputs of one batch.
+#[derive(Clone, Debug, Default)]
+pub struct Cond {
+    labels: Option<Tensor>,
+}
+
+impl Cond {
+    /// No condition: an unconditional model, or the null class of a conditional one.
+    pub fn none() -> Self {
+        Cond::default()
+    }
+
+    /// A `'static` no-condition, for defaults.
+    pub fn none_ref() -> &'static Cond {
+        static NONE: Cond = Cond { labels: None };
+        &NONE
+    }
+
+    /// Class labels, a `B`-vector of `u32` (the null class included).
+    pub fn labels(labels: Tensor) -> Result<Self> {
+        if labels.rank() != 1 || labels.dtype() != DType::U32 {
+            return Err(Error::arg(format!(
+                "class labels must be a vector of u32, got {:?} {:?}",
+                labels.dtype(),
+                labels.dims()
+            )));
+        }
+        Ok(Cond { labels: Some(labels) })
+    }
+
+    /// Class labels from a slice, checked against `num_classes` (the null class `num_classes` is allowed).
+    pub fn from_classes(labels: &[u32], num_classes: usize, device: &Device) -> Result<Self> {
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize > num_classes) {
+            return Err(Error::arg(format!(
+                "class label {bad} is out of range (0..{num_classes}, or {num_classes} for the null class)"
+            )));
+        }
+        Cond::labels(Tensor::from_slice(labels, labels.len(), device)?)
+    }
+
+    /// Every row of a `b`-row batch in the null class `num_classes`.
+    pub fn null(b: usize, num_classes: usize, device: &Device) -> Result<Self> {
+        Cond::labels(Tensor::full(num_classes as u32, b, device)?)
+    }
+
+    /// The class labels, if any.
+    pub fn class_labels(&self) -> Option<&Tensor> {
+        self.labels.as_ref()
+    }
+
+    /// Whether there is no condition at all.
+    pub fn is_none(&self) -> bool {
+        self.labels.is_none()
+    }
+
+    /// Rows `start..start + len` (a condition with no per-row inputs is returned as is).
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Cond {
+            labels: self.labels.as_ref().map(|l| l.narrow(0, start, len)).transpose()?,
+        })
+    }
+
+    /// The condition repeated twice along the batch (for a batch stacked as `[a; b]`).
+    pub fn twice(&self) -> Result<Self> {
+        Ok(Cond {
+            labels: self.labels.as_ref().map(|l| Tensor::cat(&[l, l], 0)).transpose()?,
+        })
+    }
+
+    /// Errors unless the per-row inputs have `b` rows.
+    pub fn check_rows(&self, b: usize) -> Result<()> {
+        match &self.labels {
+            Some(l) if l.dim(0)? != b => Err(Error::arg(format!(
+                "{} class labels for a batch of {b}",
+                l.dim(0)?
+            ))),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Run configurations: TOML files with `[train]` and `[distill]` tables.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::objective::{DistillConfig, Method};
+use crate::train::TrainConfig;
+use crate::{Error, Result};
+
+/// A TOML run configuration: optional `[train]` and `[distill]` tables (see [`TrainConfig`] and
+/// [`DistillConfig`] for the keys). Both may be partial: keys a table leaves out keep their defaults, which
+/// for `[distill]` are the method's own ([`RunConfig::distill_config`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    #[serde(default)]
+    pub train: Option<TrainConfig>,
+    /// The `[distill]` table as written; [`RunConfig::distill_config`] lays it over a method's defaults.
+    #[serde(default)]
+    pub distill: Option<toml::Table>,
+}
+
+impl RunConfig {
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: Self = toml::from_str(text).map_err(|e| Error::Config(e.message().to_string()))?;
+        // Catch a misspelt or ill-typed `[distill]` key now, whichever method it is used with.
+        cfg.distill_config(Method::Emd)?;
+        Ok(cfg)
+    }
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// `method`'s defaults ([`DistillConfig::for_method`]) with the `[distill]` table laid over them: a
+    /// sub-table such as `[distill.continuous]` changes only the keys it names, while a table with a `kind`
+    /// (`weighting = { kind = "adaptive", c = 1e-3, p = 0.5 }`) replaces the setting whole.
+    pub fn distill_config(&self, method: Method) -> Result<DistillConfig> {
+        let base = DistillConfig::for_method(method);
+        let Some(table) = &self.distill else {
+            return Ok(base);
+        };
+        let mut merged = toml::Value::try_from(base).map_err(|e| Error::Config(e.to_string()))?;
+        overlay(&mut merged, table);
+        merged
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(format!("[distill]: {}", e.message())))
+    }
+}
+
+/// Lays `over` onto `base` key by key, recursing into sub-tables; a table with a `kind` key (a tagged
+/// choice such as the weighting) replaces its counterpart instead of merging with it.
+fn overlay(base: &mut toml::Value, over: &toml::Table) {
+    match base {
+        toml::Value::Table(b) if !over.contains_key("kind") => {
+            for (k, v) in over {
+                match (b.get_mut(k), v) {
+                    (Some(slot @ toml::Value::Table(_)), toml::Value::Table(t)) => overlay(slot, t),
+                    _ => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        _ => *base = toml::Value::Table(over.clone()),
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objective::{EpsSchedule, Weighting};
+
+    #[test]
+    fn partial_config_tables_keep_the_methods_defaults() {
+        let cfg = RunConfig::from_toml(
+            "[train]\nsteps = 7\n[distill]\neps = { kind = \"fixed\", eps = 0.1 }\n[distill.continuous]\ncm_intervals = 128\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.train.as_ref().unwrap().steps, 7);
+        assert_eq!(cfg.train.as_ref().unwrap().lr, TrainConfig::default().lr);
+        // MeanFlow's own default weighting survives a table that does not mention it.
+        let mf = cfg.distill_config(Method::Meanflow).unwrap();
+        let mut want = DistillConfig::for_method(Method::Meanflow);
+        want.eps = EpsSchedule::Fixed { eps: 0.1 };
+        want.continuous.cm_intervals = 128;
+        assert_eq!(mf, want);
+        assert_eq!(
+            RunConfig::default().distill_config(Method::Cm).unwrap(),
+            DistillConfig::for_method(Method::Cm)
+        );
+        // A tagged choice is replaced whole, not merged with the default's fields.
+        let cfg = RunConfig::from_toml("[distill]\nweighting = { kind = \"adaptive\", c = 0.01, p = 0.5 }\n").unwrap();
+        let w = cfg.distill_config(Method::Meanflow).unwrap().weighting;
+        assert_eq!(w, Weighting::Adaptive { c: 0.01, p: 0.5 });
+        let cfg = RunConfig::from_toml("[distill]\nweighting = { kind = \"constant\" }\n").unwrap();
+        assert_eq!(cfg.distill_config(Method::Emd).unwrap().weighting, Weighting::Constant);
+    }
+
+    #[test]
+    fn misspelt_or_ill_typed_config_keys_are_errors() {
+        for (text, needle) in [
+            ("[distill.continuous]\ncm_interval = 128\n", "cm_interval"),
+            ("[distill]\ntimes = { diagonal_fractio = 0.5 }\n", "diagonal_fractio"),
+            ("[distill.continuous]\ncm_intervals = \"many\"\n", "invalid type"),
+            ("[train]\nstep = 7\n", "step"),
+            ("[trian]\nsteps = 7\n", "trian"),
+        ] {
+            let err = RunConfig::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "'{err}' does not name '{needle}'");
+        }
+    }
+}

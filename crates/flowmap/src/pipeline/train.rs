@@ -1,0 +1,255 @@
+//! Training jobs: a teacher by flow matching, and a flow map by any method of the family.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::{linear, mixture_of, Teacher};
+use crate::backbone::Arch;
+use crate::checkpoint::{self, CheckpointMeta, ModelKind};
+use crate::data::DataSource;
+use crate::flow_map::{FlowMap, FlowMapNet};
+use crate::objective::{DistillConfig, FlowMatching, JvpMode, Method, TargetNet};
+use crate::path::ProbabilityPath;
+use crate::teacher::{VelocityField, VelocityNet};
+use crate::train::{fit, fit_with_hook, Progress, TrainConfig, TrainLog, Trainable};
+use crate::{Error, Result};
+
+/// A trained teacher: the EMA network (used for sampling and distillation) and its training log.
+pub struct TrainedTeacher {
+    pub net: VelocityNet,
+    pub vars: VarMap,
+    pub meta: CheckpointMeta,
+    pub log: TrainLog,
+}
+
+impl TrainedTeacher {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        checkpoint::save(path, &self.vars, &self.meta)
+    }
+    pub fn into_teacher(self) -> Teacher {
+        Teacher::Net {
+            net: self.net,
+            vars: self.vars,
+            meta: self.meta,
+        }
+    }
+}
+
+/// Errors unless a model of architecture `arch` reads the states (and labels) of `data`.
+fn check_fits(arch: &Arch, data: &DataSource) -> Result<()> {
+    let (a, d) = (arch.state_shape(), data.state_shape());
+    if a != d {
+        let dims = |s: &[usize]| s.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("×");
+        return Err(Error::arg(format!(
+            "model state shape {} (dimension {}) does not match data state shape {} (dimension {})",
+            dims(&a),
+            crate::state::numel(&a),
+            dims(&d),
+            data.dim()
+        )));
+    }
+    if let (Some(m), Some(d)) = (arch.num_classes(), data.num_classes()) {
+        if d > m {
+            return Err(Error::arg(format!(
+                "the data has {d} classes, but the model was built for {m}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The data as the model reads it: an unconditional model trains on the states alone.
+fn as_read_by(arch: &Arch, data: &DataSource) -> Option<DataSource> {
+    (arch.num_classes().is_none() && data.num_classes().is_some()).then(|| data.without_labels())
+}
+
+/// Trains a velocity network on `data` by conditional flow matching on the linear path.
+pub fn train_teacher(
+    data: &DataSource,
+    arch: &Arch,
+    cfg: &TrainConfig,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<TrainedTeacher> {
+    check_fits(arch, data)?;
+    let (live, ema) = (VarMap::new(), VarMap::new());
+    let net = VelocityNet::new(arch, VarBuilder::from_varmap(&live, DType::F32, device))?;
+    let ema_net = VelocityNet::new(arch, VarBuilder::from_varmap(&ema, DType::F32, device))?;
+    arch.seed_params(&live, cfg.seed)?;
+    let path = linear();
+    let trainable = Trainable::<dyn VelocityField> {
+        params: &live,
+        model: &net,
+        ema: Some((&ema, &ema_net)),
+        ema_target: false,
+        path: &*path,
+    };
+    let read = as_read_by(arch, data);
+    let log = fit(&FlowMatching::new(), &trainable, read.as_ref().unwrap_or(data), cfg, device, progress)?;
+    let meta = CheckpointMeta {
+        kind: ModelKind::Teacher,
+        arch: arch.clone(),
+        path: path.name().into(),
+        data: data.name(),
+        mixture: mixture_of(data),
+        training: serde_json::json!({ "objective": "fm", "train": cfg }),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    Ok(TrainedTeacher {
+        net: ema_net,
+        vars: ema,
+        meta,
+        log,
+    })
+}
+
+/// A trained flow map: the EMA network and its training log.
+pub struct TrainedMap {
+    pub net: FlowMapNet,
+    pub vars: VarMap,
+    pub meta: CheckpointMeta,
+    pub log: TrainLog,
+}
+
+impl TrainedMap {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        checkpoint::save(path, &self.vars, &self.meta)
+    }
+}
+
+/// A flow-map training job, as one value: the method, the teacher it distils (teacher-based methods) or
+/// none (methods that train from data), the data, the objective's and the optimiser's settings, a fresh
+/// student's architecture and the device.
+///
+/// A network teacher seeds the student with its own weights by its architecture's rule
+/// ([`Arch::init_from_teacher`]: the student starts as one teacher Euler step) and fixes the student's
+/// architecture and path; the analytic teacher and the data-only methods get a fresh network of `arch`.
+pub struct MapJob<'a> {
+    pub method: Method,
+    pub teacher: Option<&'a Teacher>,
+    pub data: &'a DataSource,
+    pub objective: DistillConfig,
+    pub train: TrainConfig,
+    pub arch: Arch,
+    /// The probability path of a job without a teacher (a teacher brings its own).
+    pub path: Arc<dyn ProbabilityPath>,
+    pub device: Device,
+}
+
+impl<'a> MapJob<'a> {
+    /// A job with the method's default settings, a default MLP student, the linear path, on the CPU.
+    pub fn new(method: Method, data: &'a DataSource) -> Self {
+        MapJob {
+            method,
+            teacher: None,
+            data,
+            objective: DistillConfig::for_method(method),
+            train: TrainConfig::default(),
+            arch: Arch::Mlp(crate::backbone::MlpConfig::for_shape(&data.state_shape())),
+            path: linear(),
+            device: Device::Cpu,
+        }
+    }
+
+    /// Runs the job, reporting each step to `progress`.
+    pub fn run(&self, progress: &dyn Progress) -> Result<TrainedMap> {
+        self.run_monitored(progress, 0, &mut |_, _| Ok(()))
+    }
+
+    /// [`MapJob::run`], calling `monitor(step, ema_map)` before the first step and every `every` steps
+    /// (never when `every = 0`).
+    pub fn run_monitored(
+        &self,
+        progress: &dyn Progress,
+        every: usize,
+        monitor: &mut dyn FnMut(usize, &FlowMapNet) -> Result<()>,
+    ) -> Result<TrainedMap> {
+        let method = self.method;
+        match (method.needs_teacher(), self.teacher) {
+            (true, None) => return Err(Error::arg(format!("'{method}' distils a teacher; use distill"))),
+            (false, Some(_)) => return Err(Error::arg(format!("'{method}' trains from data and takes no teacher"))),
+            _ => {}
+        }
+        self.objective.validate()?;
+        let arch = match self.teacher {
+            Some(Teacher::Net { meta, .. }) => meta.arch.clone(),
+            _ => self.arch.clone(),
+        };
+        if let Some(t) = self.teacher {
+            if t.state_shape() != self.data.state_shape() {
+                return Err(Error::arg(format!(
+                    "teacher dimension {} does not match data dimension {}",
+                    crate::state::numel(&t.state_shape()),
+                    self.data.dim()
+                )));
+            }
+        }
+        check_fits(&arch, self.data)?;
+        let path = match self.teacher {
+            Some(t) => t.path()?,
+            None => self.path.clone(),
+        };
+        let device = &self.device;
+        let (live, ema) = (VarMap::new(), VarMap::new());
+        let net = FlowMapNet::new(&arch, VarBuilder::from_varmap(&live, DType::F32, device))?;
+        let ema_net = FlowMapNet::new(&arch, VarBuilder::from_varmap(&ema, DType::F32, device))?;
+        if method.needs_tangent() && self.objective.continuous.jvp == JvpMode::Exact && net.as_tangent().is_none() {
+            return Err(Error::arg(format!(
+                "'{method}' takes a tangent, and the {} backbone has no exact one: use finite differences (--jvp fd)",
+                arch.name()
+            )));
+        }
+        match self.teacher {
+            Some(Teacher::Net { vars, .. }) => arch.init_from_teacher(&live, vars)?,
+            _ => arch.seed_params(&live, self.train.seed)?,
+        }
+        let trainable = Trainable::<dyn FlowMap> {
+            params: &live,
+            model: &net,
+            ema: Some((&ema, &ema_net)),
+            ema_target: self.objective.target == TargetNet::Ema,
+            path: &*path,
+        };
+        let objective = crate::objective::build(
+            method,
+            self.teacher.map(|t| t as &dyn VelocityField),
+            self.objective,
+            Some((&live, &arch)),
+        )?;
+        let read = as_read_by(&arch, self.data);
+        let data = read.as_ref().unwrap_or(self.data);
+        let log = if every == 0 {
+            fit(&objective, &trainable, data, &self.train, device, progress)?
+        } else {
+            let mut hook = |step: usize| monitor(step, &ema_net);
+            fit_with_hook(&objective, &trainable, data, &self.train, device, progress, every, &mut hook)?
+        };
+        let meta = CheckpointMeta {
+            kind: if method.boundary_only() {
+                ModelKind::ConsistencyModel
+            } else {
+                ModelKind::FlowMap
+            },
+            arch,
+            path: path.name().into(),
+            data: self.data.name(),
+            mixture: mixture_of(self.data),
+            training: serde_json::json!({
+                "objective": method.name(),
+                "teacher": self.teacher.map(|t| t.describe()),
+                "distill": self.objective,
+                "train": self.train,
+            }),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        Ok(TrainedMap {
+            net: ema_net,
+            vars: ema,
+            meta,
+            log,
+        })
+    }
+}
