@@ -12,9 +12,10 @@
 use candle_core::Device;
 use flowmap::data::{DataSource, GaussianMixture};
 use flowmap::flow_map::FlowMapNet;
-use flowmap::nn::MlpConfig;
+use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::objective::{DistillConfig, MeanFlowTangent, Method, TimeDistribution, TimeSampling, Weighting};
-use flowmap::pipeline::{self, progress_bar};
+use flowmap::pipeline::{self, MapJob};
+use flowmap::train::Silent;
 use flowmap::train::TrainConfig;
 
 fn main() -> flowmap::Result<()> {
@@ -69,16 +70,13 @@ fn main() -> flowmap::Result<()> {
         );
         Ok(())
     };
-    let pb = progress_bar(0, "meanflow", false);
-    pipeline::train_map(
-        &data,
-        Method::Meanflow,
-        &dcfg,
-        &cfg,
-        &arch,
-        &dev,
-        &pb,
-        Some((steps.div_ceil(4), &mut report)),
-    )?;
+    let job = MapJob {
+        objective: dcfg,
+        train: cfg,
+        arch: Arch::Mlp(arch),
+        device: dev.clone(),
+        ..MapJob::new(Method::Meanflow, &data)
+    };
+    job.run_monitored(&Silent, steps.div_ceil(4), &mut report)?;
     Ok(())
 }

@@ -5,11 +5,11 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::*;
-use flowmap::flow_map::{init_from_teacher, Diagonal, FlowMap, FlowMapNet, SolverMap};
-use flowmap::jvp::TangentMap;
-use flowmap::nn::MlpConfig;
+use flowmap::backbone::mlp::init_from_teacher;
+use flowmap::flow_map::{Diagonal, FlowMap, FlowMapNet, SolverMap};
+use flowmap::backbone::MlpConfig;
 use flowmap::objective::{self, DistillConfig, FlowMatching, Method, Objective, StepContext};
-use flowmap::pipeline::seed_params;
+use flowmap::backbone::mlp::seed_params;
 use flowmap::teacher::{VelocityField, VelocityNet};
 use flowmap::Rng;
 
@@ -55,7 +55,7 @@ fn f32_pairs(n: usize) -> (Tensor, Tensor, Tensor) {
 fn map_is_identity_on_the_diagonal() {
     let (_, _, student, _) = nets();
     let (x, t, _) = f32_pairs(64);
-    let y = student.map(&x, &t, &t).unwrap();
+    let y = student.map(&x, &t, &t, flowmap::Cond::none_ref()).unwrap();
     // (s − t) = 0 exactly, so f(x, t, t) = x bit for bit.
     assert_eq!(y.to_vec2::<f32>().unwrap(), x.to_vec2::<f32>().unwrap());
 }
@@ -65,10 +65,10 @@ fn student_initialised_from_teacher_is_one_euler_step() {
     let (teacher, tv, student, sv) = nets();
     init_from_teacher(&sv, &tv).unwrap();
     let (x, t, s) = f32_pairs(64);
-    let f = student.map(&x, &t, &s).unwrap();
+    let f = student.map(&x, &t, &s, flowmap::Cond::none_ref()).unwrap();
     let euler = (&x
         + teacher
-            .velocity(&x, &t)
+            .velocity(&x, &t, flowmap::Cond::none_ref())
             .unwrap()
             .broadcast_mul(&(&s - &t).unwrap())
             .unwrap())
@@ -79,8 +79,8 @@ fn student_initialised_from_teacher_is_one_euler_step() {
         "student at init differs from one teacher Euler step by {err}"
     );
     // Its diagonal is the teacher's velocity.
-    let diag = Diagonal(&student).velocity(&x, &t).unwrap();
-    assert!(max_abs(&(diag - teacher.velocity(&x, &t).unwrap()).unwrap()) < 1e-6);
+    let diag = Diagonal(&student).velocity(&x, &t, flowmap::Cond::none_ref()).unwrap();
+    assert!(max_abs(&(diag - teacher.velocity(&x, &t, flowmap::Cond::none_ref()).unwrap()).unwrap()) < 1e-6);
 }
 
 fn assert_all_grads(vars: &VarMap, loss: &Tensor, what: &str) {
@@ -104,6 +104,8 @@ fn gradients_reach_every_parameter() {
         target: &teacher,
         x0: &x0,
         x1: &x1,
+        cond: flowmap::Cond::none_ref(),
+        path: &flowmap::path::LinearPath,
         progress: 0.0,
         step: 0,
         rng: &mut rng,
@@ -112,17 +114,19 @@ fn gradients_reach_every_parameter() {
     assert_all_grads(&tv, &loss, "flow matching");
     for method in Method::ALL {
         let mut rng = Rng::new(2);
-        let mut cx = StepContext::<dyn TangentMap> {
+        let mut cx = StepContext::<dyn FlowMap> {
             model: &student,
             target: &student,
             x0: &x0,
             x1: &x1,
+            cond: flowmap::Cond::none_ref(),
+            path: &flowmap::path::LinearPath,
             progress: 0.3,
             step: 0,
             rng: &mut rng,
         };
         let t = method.needs_teacher().then_some(&teacher as &dyn VelocityField);
-        let objective = objective::build(method, t, DistillConfig::default(), Some((&sv, &small()))).unwrap();
+        let objective = objective::build(method, t, DistillConfig::default(), Some((&sv, &small().into()))).unwrap();
         let loss = objective.loss(&mut cx).unwrap();
         assert_all_grads(&sv, &loss, method.name());
         // The stop-gradient target and the teacher receive none.
@@ -134,15 +138,15 @@ fn gradients_reach_every_parameter() {
 fn exact_map_satisfies_the_semigroup_property_and_its_diagonal_is_v() {
     let exact = SolverMap::new(teacher(), flowmap::ode::Solver::exact());
     let (x0, x1) = pairs(128, 5);
-    let err = flowmap::metrics::semigroup_error(&exact, &x0, &x1, 4).unwrap();
+    let err = flowmap::metrics::semigroup_error(&exact, &flowmap::metrics::PathPoints { x0: &x0, x1: &x1, cond: flowmap::Cond::none_ref(), path: &flowmap::path::LinearPath }, 4).unwrap();
     assert!(err < 1e-10, "semigroup error of Φ: {err}");
     let xt = (&x0 + (&x1 - &x0).unwrap().broadcast_mul(&col(0.6, 128)).unwrap()).unwrap();
-    let on_diag = exact.average_velocity(&xt, &col(0.6, 128), &col(0.6, 128)).unwrap();
-    assert!(max_abs(&(on_diag - teacher().velocity(&xt, &col(0.6, 128)).unwrap()).unwrap()) < 1e-12);
+    let on_diag = exact.average_velocity(&xt, &col(0.6, 128), &col(0.6, 128), flowmap::Cond::none_ref()).unwrap();
+    assert!(max_abs(&(on_diag - teacher().velocity(&xt, &col(0.6, 128), flowmap::Cond::none_ref()).unwrap()).unwrap()) < 1e-12);
     // Near the diagonal the average velocity tends to v: F(x, t, t − h) = v(x, t) + O(h).
     let h = 1e-4;
-    let near = exact.average_velocity(&xt, &col(0.6, 128), &col(0.6 - h, 128)).unwrap();
-    assert!(max_abs(&(near - teacher().velocity(&xt, &col(0.6, 128)).unwrap()).unwrap()) < 1e-2);
+    let near = exact.average_velocity(&xt, &col(0.6, 128), &col(0.6 - h, 128), flowmap::Cond::none_ref()).unwrap();
+    assert!(max_abs(&(near - teacher().velocity(&xt, &col(0.6, 128), flowmap::Cond::none_ref()).unwrap()).unwrap()) < 1e-2);
 }
 
 #[test]
@@ -165,7 +169,7 @@ fn grid_selection_keeps_the_grid_with_the_least_validation_distance() {
     let validation = DataSource::Mixture(mixture()).heldout(2000, 3);
     let dev = Device::Cpu;
     let choose = |powers: &[f64], validation: &[f64]| {
-        select_grid(&euler, 2, Sampler::Deterministic, powers, validation, 2000, 7, &dev)
+        select_grid(&euler, 2, Sampler::Deterministic, powers, validation, 2000, &flowmap::sample::SampleContext::new(7), &dev)
     };
     let choice = choose(&GRID_POWERS, &validation).unwrap();
     assert_eq!(choice.scores.len(), GRID_POWERS.len());

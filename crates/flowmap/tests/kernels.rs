@@ -7,9 +7,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use flowmap::flow_map::{FlowMap, FlowMapNet};
 use flowmap::kernels::{self, dense, dense_plain, Activation};
-use flowmap::nn::MlpConfig;
+use flowmap::backbone::MlpConfig;
 use flowmap::optim::{AdamW, Ema};
-use flowmap::pipeline::seed_params;
+use flowmap::backbone::mlp::seed_params;
 use flowmap::Rng;
 
 /// Tests that switch the fast path off hold this lock, so they never overlap.
@@ -225,8 +225,8 @@ fn no_grad_gives_the_training_forward_bit_for_bit_and_records_nothing() {
         let x = randn((b, 2), 7);
         let t = (randn((b, 1), 8).abs().unwrap() * 0.3).unwrap();
         let s = (&t * 0.5).unwrap();
-        let tracked = net.average_velocity(&x, &t, &s).unwrap();
-        let free = flowmap::no_grad(|| net.average_velocity(&x, &t, &s)).unwrap();
+        let tracked = net.average_velocity(&x, &t, &s, flowmap::Cond::none_ref()).unwrap();
+        let free = flowmap::no_grad(|| net.average_velocity(&x, &t, &s, flowmap::Cond::none_ref())).unwrap();
         let (a, c) = (
             tracked.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             free.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -254,7 +254,7 @@ fn whole_network_gradients_match_with_the_fast_path_off() {
     let t = Tensor::rand(0.5f32, 1.0, (200, 1), &Device::Cpu).unwrap();
     let s = (&t * 0.3).unwrap();
     let run = || {
-        let f = net.map(&x, &t, &s).unwrap();
+        let f = net.map(&x, &t, &s, flowmap::Cond::none_ref()).unwrap();
         let g = f.sqr().unwrap().mean_all().unwrap().backward().unwrap();
         (f, g)
     };
@@ -342,7 +342,7 @@ fn conditioning_matches_the_embedding_and_its_gradients() {
 
 #[test]
 fn network_jvp_matches_with_the_fast_path_off() {
-    use flowmap::jvp::TangentMap;
+    use flowmap::flow_map::TangentMap;
     let _lock = SWITCH.lock().unwrap();
     let (_vm, net) = flow_map_net(48, 4);
     for b in [1, 5, 700] {
@@ -350,9 +350,9 @@ fn network_jvp_matches_with_the_fast_path_off() {
         let t = Tensor::rand(0.5f32, 1.0, (b, 1), &Device::Cpu).unwrap();
         let s = (&t * 0.5).unwrap();
         let (ones, zeros) = (t.ones_like().unwrap(), t.zeros_like().unwrap());
-        let (f1, d1) = net.average_velocity_jvp(&x, &t, &s, &dx, &ones, &zeros).unwrap();
+        let (f1, d1) = net.average_velocity_jvp(&flowmap::flow_map::Point { x: &x, t: &t, s: &s, cond: flowmap::Cond::none_ref() }, &flowmap::flow_map::Tangent { x: (&dx).clone(), t: (&ones).clone(), s: (&zeros).clone() }).unwrap();
         kernels::set_enabled(false);
-        let (f2, d2) = net.average_velocity_jvp(&x, &t, &s, &dx, &ones, &zeros).unwrap();
+        let (f2, d2) = net.average_velocity_jvp(&flowmap::flow_map::Point { x: &x, t: &t, s: &s, cond: flowmap::Cond::none_ref() }, &flowmap::flow_map::Tangent { x: (&dx).clone(), t: (&ones).clone(), s: (&zeros).clone() }).unwrap();
         kernels::set_enabled(true);
         assert!(rel(&f1, &f2) < 1e-5, "batch {b}: values differ by {}", rel(&f1, &f2));
         assert!(rel(&d1, &d2) < 1e-5, "batch {b}: tangents differ by {}", rel(&d1, &d2));
@@ -390,7 +390,7 @@ fn results_do_not_depend_on_the_thread_count() {
     let s = (&t * 0.25).unwrap();
     let run = |n: usize| {
         kernels::with_threads(n, || {
-            let f = net.map(&x, &t, &s).unwrap();
+            let f = net.map(&x, &t, &s, flowmap::Cond::none_ref()).unwrap();
             let g = f.sqr().unwrap().mean_all().unwrap().backward().unwrap();
             let grads: Vec<Vec<f32>> = flowmap::flow_map::vars_sorted(&vm)
                 .iter()
@@ -418,9 +418,9 @@ fn few_row_inference_splits_layers_across_threads_with_the_same_bits() {
             let t = Tensor::rand(0.5f32, 1.0, (b, 1), &Device::Cpu).unwrap();
             let s = (&t * 0.5).unwrap();
             let bits = |f: Tensor| f.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let tracked = bits(net.average_velocity(&x, &t, &s).unwrap());
+            let tracked = bits(net.average_velocity(&x, &t, &s, flowmap::Cond::none_ref()).unwrap());
             for n in [1, 2, 3] {
-                let free = kernels::with_threads(n, || flowmap::no_grad(|| net.average_velocity(&x, &t, &s))).unwrap();
+                let free = kernels::with_threads(n, || flowmap::no_grad(|| net.average_velocity(&x, &t, &s, flowmap::Cond::none_ref()))).unwrap();
                 assert_eq!(bits(free), tracked, "width {hidden}, batch {b}, {n} threads");
             }
         }

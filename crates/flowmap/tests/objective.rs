@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use common::*;
 use flowmap::data::GaussianMixture;
 use flowmap::flow_map::{FlowMap, SolverMap};
-use flowmap::jvp::{FiniteDifference, TangentMap};
+use flowmap::flow_map::FiniteDifference;
 use flowmap::objective::{
     self, DistillConfig, EpsSchedule, MeanFlowTangent, MeanFlowVelocity, Method, Objective, Progressive, StepContext,
     TimeDistribution, TimeSampling, Weighting,
@@ -24,11 +24,11 @@ struct Map {
 }
 
 impl FlowMap for Map {
-    fn dim(&self) -> usize {
-        2
+    fn state_shape(&self) -> Vec<usize> {
+        vec![2]
     }
-    fn average_velocity(&self, x: &Tensor, t: &Tensor, s: &Tensor) -> flowmap::Result<Tensor> {
-        let f = self.exact.average_velocity(x, t, s)?;
+    fn average_velocity(&self, x: &Tensor, t: &Tensor, s: &Tensor, _c: &flowmap::Cond) -> flowmap::Result<Tensor> {
+        let f = self.exact.average_velocity(x, t, s, flowmap::Cond::none_ref())?;
         Ok((f + (x * 2.0)?.sin()?.broadcast_mul(&self.delta)?)?)
     }
 }
@@ -68,8 +68,8 @@ fn cfg(eps: f64, diagonal_fraction: f64) -> DistillConfig {
 }
 
 fn loss_of(
-    objective: &dyn Objective<Model = dyn TangentMap>,
-    m: &(dyn TangentMap + 'static),
+    objective: &dyn Objective<Model = dyn FlowMap>,
+    m: &(dyn FlowMap + 'static),
     g: &GaussianMixture,
 ) -> f64 {
     scalar(&loss_tensor(objective, m, m, g, 256, 21))
@@ -77,9 +77,9 @@ fn loss_of(
 
 /// The objective's loss on `n` mixture points and noise drawn with `seed`, `model` trained against `target`.
 fn loss_tensor(
-    objective: &dyn Objective<Model = dyn TangentMap>,
-    model: &(dyn TangentMap + 'static),
-    target: &(dyn TangentMap + 'static),
+    objective: &dyn Objective<Model = dyn FlowMap>,
+    model: &(dyn FlowMap + 'static),
+    target: &(dyn FlowMap + 'static),
     g: &GaussianMixture,
     n: usize,
     seed: u64,
@@ -101,6 +101,8 @@ fn loss_tensor(
         target,
         x0: &x0,
         x1: &x1,
+        cond: flowmap::Cond::none_ref(),
+        path: &flowmap::path::LinearPath,
         progress: 1.0,
         step: 0,
         rng: &mut rng,

@@ -35,7 +35,7 @@ fn analytic_velocity_matches_monte_carlo() {
         let mc = monte_carlo_velocity(x, t, &draws);
         let xt = Tensor::new(&[x], &Device::Cpu).unwrap();
         let v: Vec<f64> = teacher()
-            .velocity(&xt, &col(t, 1))
+            .velocity(&xt, &col(t, 1), flowmap::Cond::none_ref())
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -54,20 +54,17 @@ fn velocity_at_the_ends_of_the_path() {
         .map(|j| g.means.iter().zip(&g.weights).map(|(m, w)| m[j] * w).sum())
         .collect();
     let x = Tensor::new(&[[0.5f64, -1.5], [2.0, 0.1]], &Device::Cpu).unwrap();
-    let v1 = teacher().velocity(&x, &col(1.0, 2)).unwrap();
+    let v1 = teacher().velocity(&x, &col(1.0, 2), flowmap::Cond::none_ref()).unwrap();
     let expect = x
         .broadcast_sub(&Tensor::new(&[[mean[0], mean[1]]], &Device::Cpu).unwrap())
         .unwrap();
     assert!(max_abs(&(v1 - expect).unwrap()) < 1e-12);
-    let v0 = teacher().velocity(&x, &col(0.0, 2)).unwrap();
+    let v0 = teacher().velocity(&x, &col(0.0, 2), flowmap::Cond::none_ref()).unwrap();
     assert!(max_abs(&(v0 + &x).unwrap()) < 1e-12);
     // f32 and f64 agree to f32 rounding.
     let v32 = teacher()
-        .velocity(
-            &x.to_dtype(DType::F32).unwrap(),
-            &col(0.4, 2).to_dtype(DType::F32).unwrap(),
-        )
+        .velocity(&x.to_dtype(DType::F32).unwrap(), &col(0.4, 2).to_dtype(DType::F32).unwrap(), flowmap::Cond::none_ref())
         .unwrap();
-    let v64 = teacher().velocity(&x, &col(0.4, 2)).unwrap();
+    let v64 = teacher().velocity(&x, &col(0.4, 2), flowmap::Cond::none_ref()).unwrap();
     assert!(max_abs(&(v32.to_dtype(DType::F64).unwrap() - v64).unwrap()) < 1e-5);
 }
