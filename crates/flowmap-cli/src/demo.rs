@@ -9,19 +9,19 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
+use crate::plot::{self, Panel, Series};
+use crate::report::{eval_table, progress_bar, Bar};
+use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::data::{self, DataSource, GaussianMixture, Toy};
 use flowmap::flow_map::FlowMapNet;
 use flowmap::metrics::{self, MapError};
-use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::objective::{DistillConfig, Method};
+use flowmap::path::LinearPath;
 use flowmap::pipeline::{self, EvalRow, EvalSettings, MapJob, OutDir, Teacher};
 use flowmap::sample::SampleContext;
-use flowmap::Cond;
-use crate::plot::{self, Panel, Series};
-use crate::report::{eval_table, progress_bar, Bar};
-use flowmap::path::LinearPath;
 use flowmap::teacher::GmmVelocity;
 use flowmap::train::TrainConfig;
+use flowmap::Cond;
 use flowmap::Result;
 
 /// The demo's budget.
@@ -113,7 +113,13 @@ pub fn run(out: &Path, cfg: &DemoConfig, device: &Device, show_progress: bool) -
 
     // 1. Teacher.
     let pb = progress_bar(cfg.teacher_steps as u64, "teacher", show_progress);
-    let trained = pipeline::train_teacher(&data, &arch, &train(cfg.teacher_steps, cfg.batch_size, 0), device, &Bar(&pb))?;
+    let trained = pipeline::train_teacher(
+        &data,
+        &arch,
+        &train(cfg.teacher_steps, cfg.batch_size, 0),
+        device,
+        &Bar(&pb),
+    )?;
     pb.finish_and_clear();
     trained.save(&out.file("teacher.safetensors"))?;
     let mut train_seconds = vec![("teacher (flow matching)".to_string(), trained.log.seconds)];

@@ -982,14 +982,25 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
         (Model::Map(net, ck), Some(sampler)) => {
             let path = ck.meta.probability_path()?;
             let cx = SampleContext::new(a.seed).with_path(&*path);
-            pipeline::eval_map("flow map", net, &nfes, sampler, &cx, &reference, checker, &settings, device)?
+            pipeline::eval_map(
+                "flow map", net, &nfes, sampler, &cx, &reference, checker, &settings, device,
+            )?
         }
         (Model::Map(..), None) => unreachable!("a flow map's sampler is resolved above"),
         (Model::Teacher(t), _) => {
             // Euler at each NFE, then the adaptive solver: the teacher's own best.
             let mut solvers: Vec<Solver> = nfes.iter().map(|&k| Solver::fixed(ode::Scheme::Euler, k)).collect();
             solvers.push(Solver::dopri5(1e-5));
-            pipeline::eval_teacher("teacher", t, &solvers, &Cond::none(), &reference, checker, &settings, device)?
+            pipeline::eval_teacher(
+                "teacher",
+                t,
+                &solvers,
+                &Cond::none(),
+                &reference,
+                checker,
+                &settings,
+                device,
+            )?
         }
     };
     let mut md = format!(

@@ -10,9 +10,9 @@
 //! - `paper`: the paper's weight, logit-normal(−0.4, 1) times and 75% of the batch on the diagonal.
 
 use candle_core::Device;
+use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::data::{DataSource, GaussianMixture};
 use flowmap::flow_map::FlowMapNet;
-use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::objective::{DistillConfig, MeanFlowTangent, Method, TimeDistribution, TimeSampling, Weighting};
 use flowmap::pipeline::{self, MapJob};
 use flowmap::train::Silent;

@@ -115,8 +115,12 @@ impl TryFrom<MetaRepr> for CheckpointMeta {
 impl CheckpointMeta {
     /// The probability path the model was trained on.
     pub fn probability_path(&self) -> Result<std::sync::Arc<dyn ProbabilityPath>> {
-        crate::path::by_name(&self.path)
-            .ok_or_else(|| Error::arg(format!("unknown probability path '{}' in checkpoint metadata", self.path)))
+        crate::path::by_name(&self.path).ok_or_else(|| {
+            Error::arg(format!(
+                "unknown probability path '{}' in checkpoint metadata",
+                self.path
+            ))
+        })
     }
 }
 

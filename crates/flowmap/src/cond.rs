@@ -83,10 +83,7 @@ impl Cond {
     /// Errors unless the per-row inputs have `b` rows.
     pub fn check_rows(&self, b: usize) -> Result<()> {
         match &self.labels {
-            Some(l) if l.dim(0)? != b => Err(Error::arg(format!(
-                "{} class labels for a batch of {b}",
-                l.dim(0)?
-            ))),
+            Some(l) if l.dim(0)? != b => Err(Error::arg(format!("{} class labels for a batch of {b}", l.dim(0)?))),
             _ => Ok(()),
         }
     }

@@ -200,7 +200,14 @@ pub fn check_grid(grid: &[f64]) -> Result<()> {
 }
 
 /// `Φ_{t→s}(x)` for per-row times `t`, `s` (`B × 1`), by `solver`; the result is detached.
-pub fn solve(field: &dyn VelocityField, solver: Solver, x: &Tensor, t: &Tensor, s: &Tensor, c: &Cond) -> Result<Tensor> {
+pub fn solve(
+    field: &dyn VelocityField,
+    solver: Solver,
+    x: &Tensor,
+    t: &Tensor,
+    s: &Tensor,
+    c: &Cond,
+) -> Result<Tensor> {
     no_grad(|| match solver {
         Solver::Fixed { scheme, steps } => {
             if steps == 0 {

@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::DataSource;
 use crate::objective::{Objective, StepContext};
-use crate::path::ProbabilityPath;
 use crate::optim::AdamW;
 use crate::optim::Ema;
+use crate::path::ProbabilityPath;
 use crate::{Error, Result, Rng};
 
 /// Optimisation settings shared by every objective.

@@ -6,10 +6,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::*;
 use flowmap::backbone::mlp::init_from_teacher;
-use flowmap::flow_map::{Diagonal, FlowMap, FlowMapNet, SolverMap};
-use flowmap::backbone::MlpConfig;
-use flowmap::objective::{self, DistillConfig, FlowMatching, Method, Objective, StepContext};
 use flowmap::backbone::mlp::seed_params;
+use flowmap::backbone::MlpConfig;
+use flowmap::flow_map::{Diagonal, FlowMap, FlowMapNet, SolverMap};
+use flowmap::objective::{self, DistillConfig, FlowMatching, Method, Objective, StepContext};
 use flowmap::teacher::{VelocityField, VelocityNet};
 use flowmap::Rng;
 
@@ -138,15 +138,45 @@ fn gradients_reach_every_parameter() {
 fn exact_map_satisfies_the_semigroup_property_and_its_diagonal_is_v() {
     let exact = SolverMap::new(teacher(), flowmap::ode::Solver::exact());
     let (x0, x1) = pairs(128, 5);
-    let err = flowmap::metrics::semigroup_error(&exact, &flowmap::metrics::PathPoints { x0: &x0, x1: &x1, cond: flowmap::Cond::none_ref(), path: &flowmap::path::LinearPath }, 4).unwrap();
+    let err = flowmap::metrics::semigroup_error(
+        &exact,
+        &flowmap::metrics::PathPoints {
+            x0: &x0,
+            x1: &x1,
+            cond: flowmap::Cond::none_ref(),
+            path: &flowmap::path::LinearPath,
+        },
+        4,
+    )
+    .unwrap();
     assert!(err < 1e-10, "semigroup error of Φ: {err}");
     let xt = (&x0 + (&x1 - &x0).unwrap().broadcast_mul(&col(0.6, 128)).unwrap()).unwrap();
-    let on_diag = exact.average_velocity(&xt, &col(0.6, 128), &col(0.6, 128), flowmap::Cond::none_ref()).unwrap();
-    assert!(max_abs(&(on_diag - teacher().velocity(&xt, &col(0.6, 128), flowmap::Cond::none_ref()).unwrap()).unwrap()) < 1e-12);
+    let on_diag = exact
+        .average_velocity(&xt, &col(0.6, 128), &col(0.6, 128), flowmap::Cond::none_ref())
+        .unwrap();
+    assert!(
+        max_abs(
+            &(on_diag
+                - teacher()
+                    .velocity(&xt, &col(0.6, 128), flowmap::Cond::none_ref())
+                    .unwrap())
+            .unwrap()
+        ) < 1e-12
+    );
     // Near the diagonal the average velocity tends to v: F(x, t, t − h) = v(x, t) + O(h).
     let h = 1e-4;
-    let near = exact.average_velocity(&xt, &col(0.6, 128), &col(0.6 - h, 128), flowmap::Cond::none_ref()).unwrap();
-    assert!(max_abs(&(near - teacher().velocity(&xt, &col(0.6, 128), flowmap::Cond::none_ref()).unwrap()).unwrap()) < 1e-2);
+    let near = exact
+        .average_velocity(&xt, &col(0.6, 128), &col(0.6 - h, 128), flowmap::Cond::none_ref())
+        .unwrap();
+    assert!(
+        max_abs(
+            &(near
+                - teacher()
+                    .velocity(&xt, &col(0.6, 128), flowmap::Cond::none_ref())
+                    .unwrap())
+            .unwrap()
+        ) < 1e-2
+    );
 }
 
 #[test]
@@ -169,7 +199,16 @@ fn grid_selection_keeps_the_grid_with_the_least_validation_distance() {
     let validation = DataSource::Mixture(mixture()).heldout(2000, 3);
     let dev = Device::Cpu;
     let choose = |powers: &[f64], validation: &[f64]| {
-        select_grid(&euler, 2, Sampler::Deterministic, powers, validation, 2000, &flowmap::sample::SampleContext::new(7), &dev)
+        select_grid(
+            &euler,
+            2,
+            Sampler::Deterministic,
+            powers,
+            validation,
+            2000,
+            &flowmap::sample::SampleContext::new(7),
+            &dev,
+        )
     };
     let choice = choose(&GRID_POWERS, &validation).unwrap();
     assert_eq!(choice.scores.len(), GRID_POWERS.len());

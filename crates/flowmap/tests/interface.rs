@@ -23,7 +23,12 @@ fn fixture(name: &str) -> std::path::PathBuf {
 }
 
 fn values(x: &Tensor) -> Vec<f64> {
-    x.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    x.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// The fixtures were written by flowmap before this interface (`flowmap teacher --data checkerboard --steps
@@ -40,7 +45,10 @@ fn checkpoints_of_the_earlier_format_load_and_reproduce_their_samples() {
     let z = sample::noise(500, &[2], 0, &dev).unwrap();
     let x = sample::sample_ode(&net, &z, Solver::fixed(Scheme::Heun, 4), &Cond::none()).unwrap();
     assert_eq!(x.nfe, 8);
-    assert_eq!(values(&x.x), read_npy(&fixture("legacy-teacher-heun8.npy")).unwrap().data);
+    assert_eq!(
+        values(&x.x),
+        read_npy(&fixture("legacy-teacher-heun8.npy")).unwrap().data
+    );
 
     // A consistency model was a flow map trained by `cm`; it loads as what it is.
     let cm = Checkpoint::load(&fixture("legacy-cm.safetensors")).unwrap();
@@ -69,7 +77,9 @@ fn a_class_conditional_backbone_on_image_shaped_states() {
     Arch::Mlp(cfg.clone()).seed_params(&vm, 3).unwrap();
     assert_eq!(net.state_shape(), vec![1, 4, 4]);
     let b = 5;
-    let x = flowmap::Rng::new(1).normal_tensor((b, 1, 4, 4), DType::F64, &dev).unwrap();
+    let x = flowmap::Rng::new(1)
+        .normal_tensor((b, 1, 4, 4), DType::F64, &dev)
+        .unwrap();
     let t = Tensor::full(0.8f64, (b, 1), &dev).unwrap();
     let s = Tensor::full(0.3f64, (b, 1), &dev).unwrap();
     let labels = Cond::from_classes(&[0, 1, 2, 3, 1], 3, &dev).unwrap();
@@ -88,7 +98,11 @@ fn a_class_conditional_backbone_on_image_shaped_states() {
     // Labels out of range and label counts that do not match the batch are errors.
     assert!(Cond::from_classes(&[4], 3, &dev).is_err());
     let short = Cond::from_classes(&[0, 1], 3, &dev).unwrap();
-    assert!(net.average_velocity(&x, &t, &s, &short).unwrap_err().to_string().contains("2 class labels"));
+    assert!(net
+        .average_velocity(&x, &t, &s, &short)
+        .unwrap_err()
+        .to_string()
+        .contains("2 class labels"));
     // The exact tangent through the class embedding matches central differences in f64.
     let at = Point {
         x: &x,
@@ -96,14 +110,18 @@ fn a_class_conditional_backbone_on_image_shaped_states() {
         s: &s,
         cond: &labels,
     };
-    let dx = flowmap::Rng::new(2).normal_tensor((b, 1, 4, 4), DType::F64, &dev).unwrap();
+    let dx = flowmap::Rng::new(2)
+        .normal_tensor((b, 1, 4, 4), DType::F64, &dev)
+        .unwrap();
     let along = Tangent {
         x: dx,
         t: Tensor::full(0.7f64, (b, 1), &dev).unwrap(),
         s: Tensor::full(-0.4f64, (b, 1), &dev).unwrap(),
     };
     let (_, exact) = net.average_velocity_jvp(&at, &along).unwrap();
-    let (_, fd) = FiniteDifference { map: &net, h: 1e-5 }.average_velocity_jvp(&at, &along).unwrap();
+    let (_, fd) = FiniteDifference { map: &net, h: 1e-5 }
+        .average_velocity_jvp(&at, &along)
+        .unwrap();
     let (e, d) = (values(&exact), values(&fd));
     let scale = e.iter().map(|v| v.abs()).fold(0.0, f64::max);
     let err = e.iter().zip(&d).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
@@ -131,7 +149,11 @@ fn another_path_trains_and_samples_end_to_end() {
         path: std::sync::Arc::new(CosinePath),
         ..MapJob::new(Method::Meanflow, &data)
     };
-    let err = job(objective).run(&Silent).err().expect("batch velocity off the linear path").to_string();
+    let err = job(objective)
+        .run(&Silent)
+        .err()
+        .expect("batch velocity off the linear path")
+        .to_string();
     assert!(err.contains("linear path"), "{err}");
     objective.continuous.meanflow_velocity = MeanFlowVelocity::Conditional;
     let trained = job(objective).run(&Silent).unwrap();

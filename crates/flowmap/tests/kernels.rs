@@ -5,11 +5,11 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use flowmap::backbone::mlp::seed_params;
+use flowmap::backbone::MlpConfig;
 use flowmap::flow_map::{FlowMap, FlowMapNet};
 use flowmap::kernels::{self, dense, dense_plain, Activation};
-use flowmap::backbone::MlpConfig;
 use flowmap::optim::{AdamW, Ema};
-use flowmap::backbone::mlp::seed_params;
 use flowmap::Rng;
 
 /// Tests that switch the fast path off hold this lock, so they never overlap.
@@ -350,9 +350,37 @@ fn network_jvp_matches_with_the_fast_path_off() {
         let t = Tensor::rand(0.5f32, 1.0, (b, 1), &Device::Cpu).unwrap();
         let s = (&t * 0.5).unwrap();
         let (ones, zeros) = (t.ones_like().unwrap(), t.zeros_like().unwrap());
-        let (f1, d1) = net.average_velocity_jvp(&flowmap::flow_map::Point { x: &x, t: &t, s: &s, cond: flowmap::Cond::none_ref() }, &flowmap::flow_map::Tangent { x: (&dx).clone(), t: (&ones).clone(), s: (&zeros).clone() }).unwrap();
+        let (f1, d1) = net
+            .average_velocity_jvp(
+                &flowmap::flow_map::Point {
+                    x: &x,
+                    t: &t,
+                    s: &s,
+                    cond: flowmap::Cond::none_ref(),
+                },
+                &flowmap::flow_map::Tangent {
+                    x: (&dx).clone(),
+                    t: (&ones).clone(),
+                    s: (&zeros).clone(),
+                },
+            )
+            .unwrap();
         kernels::set_enabled(false);
-        let (f2, d2) = net.average_velocity_jvp(&flowmap::flow_map::Point { x: &x, t: &t, s: &s, cond: flowmap::Cond::none_ref() }, &flowmap::flow_map::Tangent { x: (&dx).clone(), t: (&ones).clone(), s: (&zeros).clone() }).unwrap();
+        let (f2, d2) = net
+            .average_velocity_jvp(
+                &flowmap::flow_map::Point {
+                    x: &x,
+                    t: &t,
+                    s: &s,
+                    cond: flowmap::Cond::none_ref(),
+                },
+                &flowmap::flow_map::Tangent {
+                    x: (&dx).clone(),
+                    t: (&ones).clone(),
+                    s: (&zeros).clone(),
+                },
+            )
+            .unwrap();
         kernels::set_enabled(true);
         assert!(rel(&f1, &f2) < 1e-5, "batch {b}: values differ by {}", rel(&f1, &f2));
         assert!(rel(&d1, &d2) < 1e-5, "batch {b}: tangents differ by {}", rel(&d1, &d2));
@@ -420,7 +448,10 @@ fn few_row_inference_splits_layers_across_threads_with_the_same_bits() {
             let bits = |f: Tensor| f.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let tracked = bits(net.average_velocity(&x, &t, &s, flowmap::Cond::none_ref()).unwrap());
             for n in [1, 2, 3] {
-                let free = kernels::with_threads(n, || flowmap::no_grad(|| net.average_velocity(&x, &t, &s, flowmap::Cond::none_ref()))).unwrap();
+                let free = kernels::with_threads(n, || {
+                    flowmap::no_grad(|| net.average_velocity(&x, &t, &s, flowmap::Cond::none_ref()))
+                })
+                .unwrap();
                 assert_eq!(bits(free), tracked, "width {hidden}, batch {b}, {n} threads");
             }
         }

@@ -6,8 +6,8 @@ mod common;
 use candle_core::Tensor;
 use common::*;
 use flowmap::data::GaussianMixture;
-use flowmap::flow_map::{FlowMap, SolverMap};
 use flowmap::flow_map::FiniteDifference;
+use flowmap::flow_map::{FlowMap, SolverMap};
 use flowmap::objective::{
     self, DistillConfig, EpsSchedule, MeanFlowTangent, MeanFlowVelocity, Method, Objective, Progressive, StepContext,
     TimeDistribution, TimeSampling, Weighting,
@@ -67,11 +67,7 @@ fn cfg(eps: f64, diagonal_fraction: f64) -> DistillConfig {
     c
 }
 
-fn loss_of(
-    objective: &dyn Objective<Model = dyn FlowMap>,
-    m: &(dyn FlowMap + 'static),
-    g: &GaussianMixture,
-) -> f64 {
+fn loss_of(objective: &dyn Objective<Model = dyn FlowMap>, m: &(dyn FlowMap + 'static), g: &GaussianMixture) -> f64 {
     scalar(&loss_tensor(objective, m, m, g, 256, 21))
 }
 

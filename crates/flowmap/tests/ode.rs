@@ -7,7 +7,15 @@ use flowmap::ode::{self, Scheme, Solver};
 
 fn error(scheme: Scheme, steps: usize, x: &candle_core::Tensor, reference: &candle_core::Tensor) -> f64 {
     let n = x.dim(0).unwrap();
-    let y = ode::solve(&teacher(), Solver::fixed(scheme, steps), x, &col(0.9, n), &col(0.1, n), flowmap::Cond::none_ref()).unwrap();
+    let y = ode::solve(
+        &teacher(),
+        Solver::fixed(scheme, steps),
+        x,
+        &col(0.9, n),
+        &col(0.1, n),
+        flowmap::Cond::none_ref(),
+    )
+    .unwrap();
     max_abs(&(y - reference).unwrap())
 }
 
@@ -15,7 +23,14 @@ fn error(scheme: Scheme, steps: usize, x: &candle_core::Tensor, reference: &cand
 fn fixed_step_solvers_converge_at_their_order() {
     let (_, x) = pairs(64, 1);
     let n = x.dim(0).unwrap();
-    let reference = ode::solve(&teacher(), Solver::fixed(Scheme::Rk4, 4000), &x, &col(0.9, n), &col(0.1, n), flowmap::Cond::none_ref())
+    let reference = ode::solve(
+        &teacher(),
+        Solver::fixed(Scheme::Rk4, 4000),
+        &x,
+        &col(0.9, n),
+        &col(0.1, n),
+        flowmap::Cond::none_ref(),
+    )
     .unwrap();
     for scheme in Scheme::ALL {
         let errs: Vec<f64> = [16, 32, 64].iter().map(|&k| error(scheme, k, &x, &reference)).collect();
@@ -35,14 +50,35 @@ fn dopri5_agrees_with_fine_rk4() {
     let (_, x) = pairs(128, 2);
     let n = x.dim(0).unwrap();
     // Over the whole interval, down to the data.
-    let reference = ode::solve(&teacher(), Solver::fixed(Scheme::Rk4, 4000), &x, &col(1.0, n), &col(0.0, n), flowmap::Cond::none_ref())
+    let reference = ode::solve(
+        &teacher(),
+        Solver::fixed(Scheme::Rk4, 4000),
+        &x,
+        &col(1.0, n),
+        &col(0.0, n),
+        flowmap::Cond::none_ref(),
+    )
     .unwrap();
-    let y = ode::solve(&teacher(), Solver::Dopri5 { rtol: 1e-6, atol: 1e-6 }, &x, &col(1.0, n), &col(0.0, n), flowmap::Cond::none_ref())
+    let y = ode::solve(
+        &teacher(),
+        Solver::Dopri5 { rtol: 1e-6, atol: 1e-6 },
+        &x,
+        &col(1.0, n),
+        &col(0.0, n),
+        flowmap::Cond::none_ref(),
+    )
     .unwrap();
     let err = max_abs(&(y - &reference).unwrap());
     assert!(err < 1e-4, "dopri5 at rtol 1e-6 differs from RK4×4000 by {err}");
     // Tighter tolerance, tighter agreement.
-    let y = ode::solve(&teacher(), Solver::Dopri5 { rtol: 1e-9, atol: 1e-9 }, &x, &col(1.0, n), &col(0.0, n), flowmap::Cond::none_ref())
+    let y = ode::solve(
+        &teacher(),
+        Solver::Dopri5 { rtol: 1e-9, atol: 1e-9 },
+        &x,
+        &col(1.0, n),
+        &col(0.0, n),
+        flowmap::Cond::none_ref(),
+    )
     .unwrap();
     let err_tight = max_abs(&(y - &reference).unwrap());
     assert!(
@@ -59,7 +95,14 @@ fn per_row_intervals_and_grids_agree() {
     let s = candle_core::Tensor::new(&[[0.2f64], [0.5], [0.0]], &candle_core::Device::Cpu).unwrap();
     let solver = Solver::fixed(Scheme::Rk4, 50);
     let batch = ode::solve(&teacher(), solver, &x, &t, &s, flowmap::Cond::none_ref()).unwrap();
-    let row0 = ode::solve(&teacher(), solver, &x.narrow(0, 0, 1).unwrap(), &col(0.9, 1), &col(0.2, 1), flowmap::Cond::none_ref())
+    let row0 = ode::solve(
+        &teacher(),
+        solver,
+        &x.narrow(0, 0, 1).unwrap(),
+        &col(0.9, 1),
+        &col(0.2, 1),
+        flowmap::Cond::none_ref(),
+    )
     .unwrap();
     assert!(max_abs(&(batch.narrow(0, 0, 1).unwrap() - row0).unwrap()) < 1e-12);
     // s = t leaves the row unchanged.
@@ -67,7 +110,15 @@ fn per_row_intervals_and_grids_agree() {
     // A uniform scalar grid equals the fixed-step solve.
     let grid: Vec<f64> = (0..=50).map(|i| 1.0 - i as f64 / 50.0).collect();
     let g = ode::solve_on_grid(&teacher(), Scheme::Rk4, &x, &grid, flowmap::Cond::none_ref()).unwrap();
-    let f = ode::solve(&teacher(), solver, &x, &col(1.0, 3), &col(0.0, 3), flowmap::Cond::none_ref()).unwrap();
+    let f = ode::solve(
+        &teacher(),
+        solver,
+        &x,
+        &col(1.0, 3),
+        &col(0.0, 3),
+        flowmap::Cond::none_ref(),
+    )
+    .unwrap();
     assert!(max_abs(&(g - f).unwrap()) < 1e-12);
     assert!(
         ode::solve_on_grid(&teacher(), Scheme::Euler, &x, &[0.2, 0.5], flowmap::Cond::none_ref()).is_err(),

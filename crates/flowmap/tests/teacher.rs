@@ -63,7 +63,11 @@ fn velocity_at_the_ends_of_the_path() {
     assert!(max_abs(&(v0 + &x).unwrap()) < 1e-12);
     // f32 and f64 agree to f32 rounding.
     let v32 = teacher()
-        .velocity(&x.to_dtype(DType::F32).unwrap(), &col(0.4, 2).to_dtype(DType::F32).unwrap(), flowmap::Cond::none_ref())
+        .velocity(
+            &x.to_dtype(DType::F32).unwrap(),
+            &col(0.4, 2).to_dtype(DType::F32).unwrap(),
+            flowmap::Cond::none_ref(),
+        )
         .unwrap();
     let v64 = teacher().velocity(&x, &col(0.4, 2), flowmap::Cond::none_ref()).unwrap();
     assert!(max_abs(&(v32.to_dtype(DType::F64).unwrap() - v64).unwrap()) < 1e-5);

@@ -5,10 +5,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::checkpoint::{Checkpoint, ModelKind};
 use flowmap::data::{DataSource, Toy};
 use flowmap::flow_map::{FlowMap, SolverMap};
-use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::objective::{DistillConfig, Method};
 use flowmap::pipeline::{self, MapJob, Teacher};
 use flowmap::teacher::VelocityField;
@@ -44,7 +44,14 @@ fn probe() -> (Tensor, Tensor, Tensor) {
 #[test]
 fn flow_matching_loss_falls() {
     let data = DataSource::Toy(Toy::Moons);
-    let run = pipeline::train_teacher(&data, &Arch::Mlp(small()), &tc(400, 0), &Device::Cpu, &flowmap::train::Silent).unwrap();
+    let run = pipeline::train_teacher(
+        &data,
+        &Arch::Mlp(small()),
+        &tc(400, 0),
+        &Device::Cpu,
+        &flowmap::train::Silent,
+    )
+    .unwrap();
     let (first, last) = run.log.first_last();
     assert!(last < 0.8 * first, "flow-matching loss {first} → {last}");
 }
@@ -52,19 +59,53 @@ fn flow_matching_loss_falls() {
 #[test]
 fn same_seed_same_numbers_and_checkpoints_round_trip_bit_exactly() {
     let data = DataSource::Toy(Toy::Checkerboard);
-    let a = pipeline::train_teacher(&data, &Arch::Mlp(small()), &tc(30, 5), &Device::Cpu, &flowmap::train::Silent).unwrap();
-    let b = pipeline::train_teacher(&data, &Arch::Mlp(small()), &tc(30, 5), &Device::Cpu, &flowmap::train::Silent).unwrap();
-    let c = pipeline::train_teacher(&data, &Arch::Mlp(small()), &tc(30, 6), &Device::Cpu, &flowmap::train::Silent).unwrap();
+    let a = pipeline::train_teacher(
+        &data,
+        &Arch::Mlp(small()),
+        &tc(30, 5),
+        &Device::Cpu,
+        &flowmap::train::Silent,
+    )
+    .unwrap();
+    let b = pipeline::train_teacher(
+        &data,
+        &Arch::Mlp(small()),
+        &tc(30, 5),
+        &Device::Cpu,
+        &flowmap::train::Silent,
+    )
+    .unwrap();
+    let c = pipeline::train_teacher(
+        &data,
+        &Arch::Mlp(small()),
+        &tc(30, 6),
+        &Device::Cpu,
+        &flowmap::train::Silent,
+    )
+    .unwrap();
     let (x, t, _) = probe();
-    let va = a.net.velocity(&x, &t, flowmap::Cond::none_ref()).unwrap().to_vec2::<f32>().unwrap();
+    let va = a
+        .net
+        .velocity(&x, &t, flowmap::Cond::none_ref())
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     assert_eq!(
         va,
-        b.net.velocity(&x, &t, flowmap::Cond::none_ref()).unwrap().to_vec2::<f32>().unwrap(),
+        b.net
+            .velocity(&x, &t, flowmap::Cond::none_ref())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap(),
         "same seed, different numbers"
     );
     assert_ne!(
         va,
-        c.net.velocity(&x, &t, flowmap::Cond::none_ref()).unwrap().to_vec2::<f32>().unwrap(),
+        c.net
+            .velocity(&x, &t, flowmap::Cond::none_ref())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap(),
         "different seeds, same numbers"
     );
     assert_eq!(a.log.losses, b.log.losses);
@@ -77,7 +118,10 @@ fn same_seed_same_numbers_and_checkpoints_round_trip_bit_exactly() {
     let (net, _) = ck.velocity_net(&Device::Cpu).unwrap();
     assert_eq!(
         va,
-        net.velocity(&x, &t, flowmap::Cond::none_ref()).unwrap().to_vec2::<f32>().unwrap(),
+        net.velocity(&x, &t, flowmap::Cond::none_ref())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap(),
         "checkpoint changed the outputs"
     );
     assert!(ck
@@ -106,14 +150,32 @@ fn same_seed_same_numbers_and_checkpoints_round_trip_bit_exactly() {
     };
     let (m1, m2) = (d(1), d(1));
     let (x, t, s) = probe();
-    let y1 = m1.net.map(&x, &t, &s, flowmap::Cond::none_ref()).unwrap().to_vec2::<f32>().unwrap();
-    assert_eq!(y1, m2.net.map(&x, &t, &s, flowmap::Cond::none_ref()).unwrap().to_vec2::<f32>().unwrap());
+    let y1 = m1
+        .net
+        .map(&x, &t, &s, flowmap::Cond::none_ref())
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(
+        y1,
+        m2.net
+            .map(&x, &t, &s, flowmap::Cond::none_ref())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    );
     let mpath = dir.path().join("m.safetensors");
     m1.save(&mpath).unwrap();
     let ck = Checkpoint::load(&mpath).unwrap();
     assert_eq!(ck.meta.kind, ModelKind::FlowMap);
     let (net, _) = ck.flow_map_net(&Device::Cpu).unwrap();
-    assert_eq!(y1, net.map(&x, &t, &s, flowmap::Cond::none_ref()).unwrap().to_vec2::<f32>().unwrap());
+    assert_eq!(
+        y1,
+        net.map(&x, &t, &s, flowmap::Cond::none_ref())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    );
 }
 
 #[test]
@@ -128,9 +190,32 @@ fn distilling_the_analytic_teacher_approaches_the_exact_map() {
     let mut sg = vec![];
     for method in [Method::Emd, Method::Lmd] {
         let mut monitor = |step: usize, net: &flowmap::flow_map::FlowMapNet| -> flowmap::Result<()> {
-            let e = flowmap::metrics::flow_map_errors(net, &exact, &flowmap::metrics::PathPoints { x0: &x0, x1: &x1, cond: flowmap::Cond::none_ref(), path: &flowmap::path::LinearPath }, &grid)?;
+            let e = flowmap::metrics::flow_map_errors(
+                net,
+                &exact,
+                &flowmap::metrics::PathPoints {
+                    x0: &x0,
+                    x1: &x1,
+                    cond: flowmap::Cond::none_ref(),
+                    path: &flowmap::path::LinearPath,
+                },
+                &grid,
+            )?;
             errors.push((method, step, flowmap::metrics::mean_relative(&e)));
-            sg.push((method, step, flowmap::metrics::semigroup_error(net, &flowmap::metrics::PathPoints { x0: &x0, x1: &x1, cond: flowmap::Cond::none_ref(), path: &flowmap::path::LinearPath }, 4)?));
+            sg.push((
+                method,
+                step,
+                flowmap::metrics::semigroup_error(
+                    net,
+                    &flowmap::metrics::PathPoints {
+                        x0: &x0,
+                        x1: &x1,
+                        cond: flowmap::Cond::none_ref(),
+                        path: &flowmap::path::LinearPath,
+                    },
+                    4,
+                )?,
+            ));
             Ok(())
         };
         MapJob {

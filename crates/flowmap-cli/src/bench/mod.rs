@@ -15,19 +15,19 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
+use crate::plot;
+use crate::report::{progress_bar, Bar};
+use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::data::{self, DataSource, GaussianMixture};
 use flowmap::flow_map::SolverMap;
 use flowmap::metrics;
-use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::objective::{DistillConfig, EpsSchedule, Method, TargetNet, TimeDistribution, Weighting};
 use flowmap::ode::Solver;
-use flowmap::pipeline::{self, MapJob, OutDir, Teacher};
 use flowmap::path::LinearPath;
-use flowmap::Cond;
-use crate::plot;
-use crate::report::{progress_bar, Bar};
+use flowmap::pipeline::{self, MapJob, OutDir, Teacher};
 use flowmap::teacher::GmmVelocity;
 use flowmap::train::TrainConfig;
+use flowmap::Cond;
 use flowmap::Result;
 
 /// One ablation row.
@@ -320,7 +320,14 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
                 }
                 _ if !method.boundary_only() => (
                     None,
-                    Some(pipeline::semigroup(&trained.net, &data, &LinearPath, 2000, seed, device)?),
+                    Some(pipeline::semigroup(
+                        &trained.net,
+                        &data,
+                        &LinearPath,
+                        2000,
+                        seed,
+                        device,
+                    )?),
                 ),
                 _ => (None, None),
             };
@@ -564,8 +571,8 @@ fn median_ms(mut f: impl FnMut() -> Result<()>, reps: usize) -> Result<f64> {
 
 /// `flowmap bench jvp`: the cost of the exact forward-mode JVP against a plain forward pass.
 pub fn jvp(out: &Path, device: &Device) -> Result<Vec<JvpTiming>> {
-    use flowmap::flow_map::{FiniteDifference, FlowMap, FlowMapNet, Point, Tangent, TangentMap};
     use candle_nn::{VarBuilder, VarMap};
+    use flowmap::flow_map::{FiniteDifference, FlowMap, FlowMapNet, Point, Tangent, TangentMap};
 
     let out = OutDir::create(out)?;
     let mut rows = vec![];

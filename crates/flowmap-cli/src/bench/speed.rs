@@ -12,16 +12,16 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use flowmap::data::{DataSource, Toy};
 use flowmap::backbone::mlp::{init_from_teacher, seed_params};
-use flowmap::flow_map::{FlowMap, FlowMapNet};
-use flowmap::path::LinearPath;
-use flowmap::Cond;
 use flowmap::backbone::MlpConfig;
+use flowmap::data::{DataSource, Toy};
+use flowmap::flow_map::{FlowMap, FlowMapNet};
 use flowmap::objective::{DistillConfig, Emd, FlowMatching};
 use flowmap::ode::{Scheme, Solver};
+use flowmap::path::LinearPath;
 use flowmap::pipeline::OutDir;
 use flowmap::train::Silent;
+use flowmap::Cond;
 
 use crate::report::progress_bar;
 use flowmap::sample::{sample_map, sample_ode, TimeGrid};
@@ -394,14 +394,18 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
             push("sample-1nfe", width, batch, "samples/s", r * batch as f64, None);
             reset_peak_rss();
             let euler = Solver::fixed(Scheme::Euler, 32);
-            let r = rate(opts.seconds, || sample_ode(&n.teacher, &noise, euler, &none).map(|_| ()))?;
+            let r = rate(opts.seconds, || {
+                sample_ode(&n.teacher, &noise, euler, &none).map(|_| ())
+            })?;
             push("sample-euler32", width, batch, "samples/s", r * batch as f64, None);
         }
         let n = nets(&a, opts.seed, device)?;
         let noise = flowmap::sample::noise(1, &[2], opts.seed, device)?;
         let one = TimeGrid::uniform(1)?;
         reset_peak_rss();
-        let r = rate(opts.seconds, || sample_map(&n.map, &noise, &one, &Cond::none()).map(|_| ()))?;
+        let r = rate(opts.seconds, || {
+            sample_map(&n.map, &noise, &one, &Cond::none()).map(|_| ())
+        })?;
         push("latency-1nfe", width, 1, "ms", 1e3 / r, None);
     }
     Ok(rows)

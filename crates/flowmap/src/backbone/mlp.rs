@@ -311,4 +311,3 @@ pub fn init_from_teacher(student: &VarMap, teacher: &VarMap) -> Result<()> {
     }
     Ok(())
 }
-

@@ -91,7 +91,10 @@ impl DataSource {
     /// Grey-scale images `1 × H × W` scaled to [−1, 1], with their labels when known (classes `0..=max`).
     fn images(name: &str, m: mnist::Mnist) -> Result<Self> {
         let shape = vec![1, m.rows, m.cols];
-        let labels = m.labels.as_ref().map(|l| l.iter().map(|&v| v as u32).collect::<Vec<_>>());
+        let labels = m
+            .labels
+            .as_ref()
+            .map(|l| l.iter().map(|&v| v as u32).collect::<Vec<_>>());
         if let Some(l) = &labels {
             if l.len() != m.count {
                 return Err(Error::data(format!(

@@ -104,7 +104,9 @@ impl<V: VelocityField> FlowMap for SolverMap<V> {
         let safe_gap = on_diag.where_cond(&gap.ones_like()?, &gap)?;
         let avg = (y - x)?.broadcast_div(&state::per_row(&safe_gap, x)?)?;
         let v = self.field.velocity(x, t, c)?;
-        Ok(state::per_row(&on_diag, x)?.broadcast_as(avg.shape())?.where_cond(&v, &avg)?)
+        Ok(state::per_row(&on_diag, x)?
+            .broadcast_as(avg.shape())?
+            .where_cond(&v, &avg)?)
     }
     fn map(&self, x: &Tensor, t: &Tensor, s: &Tensor, c: &Cond) -> Result<Tensor> {
         ode::solve(&self.field, self.solver, x, t, s, c)

@@ -54,8 +54,14 @@ impl<'a> Objective for EmdContinuous<'a> {
             |cx, rows| {
                 let (x, t, s) = (&rows.x, &rows.t, &rows.s);
                 let v = rows.v.clone().expect("the teacher's velocity on every row");
-                let at = Point { x, t, s, cond: &rows.cond };
-                let (f_minus, df_dt) = tangent(cx.target, self.cfg.continuous.jvp, &at, &Tangent::along_start(&v, &at)?)?;
+                let at = Point {
+                    x,
+                    t,
+                    s,
+                    cond: &rows.cond,
+                };
+                let (f_minus, df_dt) =
+                    tangent(cx.target, self.cfg.continuous.jvp, &at, &Tangent::along_start(&v, &at)?)?;
                 let g = ((&v - &f_minus)? - df_dt.broadcast_mul(&state::per_row(&((t - s)? * r)?, x)?)?)?;
                 normalized_step_loss(&rows.f, &f_minus, &g, self.cfg.continuous.tangent_c)
             },

@@ -66,7 +66,12 @@ impl Objective for MeanFlow {
             s: &s,
             cond: c,
         };
-        let (_, df_dt) = tangent(cx.target, self.cfg.continuous.jvp, &at, &Tangent::along_start(&along, &at)?)?;
+        let (_, df_dt) = tangent(
+            cx.target,
+            self.cfg.continuous.jvp,
+            &at,
+            &Tangent::along_start(&along, &at)?,
+        )?;
         let u = (&vc - df_dt.broadcast_mul(&state::per_row(&(&t - &s)?, &x)?)?)?.detach();
         let f = cx.model.average_velocity(&x, &t, &s, c)?;
         let r = row_mse(&f, &u)?;

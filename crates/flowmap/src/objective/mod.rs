@@ -233,7 +233,9 @@ pub(crate) fn tangent(map: &dyn FlowMap, mode: JvpMode, at: &Point<'_>, along: &
     match mode {
         JvpMode::Exact => map
             .as_tangent()
-            .ok_or_else(|| Error::arg("this model has no exact tangent; train it with finite-difference tangents (--jvp fd)"))?
+            .ok_or_else(|| {
+                Error::arg("this model has no exact tangent; train it with finite-difference tangents (--jvp fd)")
+            })?
             .average_velocity_jvp(at, along),
         JvpMode::FiniteDifference { h } => {
             crate::flow_map::TangentMap::average_velocity_jvp(&FiniteDifference { map, h }, at, along)

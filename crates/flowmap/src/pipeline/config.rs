@@ -67,7 +67,6 @@ fn overlay(base: &mut toml::Value, over: &toml::Table) {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

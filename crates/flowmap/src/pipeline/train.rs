@@ -88,7 +88,14 @@ pub fn train_teacher(
         path: &*path,
     };
     let read = as_read_by(arch, data);
-    let log = fit(&FlowMatching::new(), &trainable, read.as_ref().unwrap_or(data), cfg, device, progress)?;
+    let log = fit(
+        &FlowMatching::new(),
+        &trainable,
+        read.as_ref().unwrap_or(data),
+        cfg,
+        device,
+        progress,
+    )?;
     let meta = CheckpointMeta {
         kind: ModelKind::Teacher,
         arch: arch.clone(),
@@ -225,7 +232,16 @@ impl<'a> MapJob<'a> {
             fit(&objective, &trainable, data, &self.train, device, progress)?
         } else {
             let mut hook = |step: usize| monitor(step, &ema_net);
-            fit_with_hook(&objective, &trainable, data, &self.train, device, progress, every, &mut hook)?
+            fit_with_hook(
+                &objective,
+                &trainable,
+                data,
+                &self.train,
+                device,
+                progress,
+                every,
+                &mut hook,
+            )?
         };
         let meta = CheckpointMeta {
             kind: if method.boundary_only() {
