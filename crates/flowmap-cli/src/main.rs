@@ -688,18 +688,15 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
         Some(spec) => DataSource::from_spec(spec)?,
         None => teacher.data()?,
     };
-    let pb = progress_bar(cfg.steps as u64, method.name(), show);
     let job = MapJob {
         teacher: Some(&teacher),
         objective: dcfg,
-        train: cfg.clone(),
+        train: cfg,
         arch: a.map.arch(&teacher.state_shape()),
         device: device.clone(),
         ..MapJob::new(method, &data)
     };
-    let m = job.run(&Bar(&pb))?;
-    pb.finish_and_clear();
-    finish_map(&m, &a.out, method, &cfg)
+    run_map(&job, &a.out, show)
 }
 
 fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
@@ -710,25 +707,26 @@ fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
     cfg.validate()?;
     let dcfg = a.map.objective(file.distill_config(method)?, method)?;
     let data = DataSource::from_spec(&a.data)?;
-    let pb = progress_bar(cfg.steps as u64, method.name(), show);
     let job = MapJob {
         objective: dcfg,
-        train: cfg.clone(),
+        train: cfg,
         arch: a.map.arch(&data.state_shape()),
         device: device.clone(),
         ..MapJob::new(method, &data)
     };
-    let m = job.run(&Bar(&pb))?;
-    pb.finish_and_clear();
-    finish_map(&m, &a.out, method, &cfg)
+    run_map(&job, &a.out, show)
 }
 
-fn finish_map(m: &pipeline::TrainedMap, out: &Path, method: Method, cfg: &TrainConfig) -> Result<()> {
+/// Runs a flow-map job behind a progress bar and saves its map.
+fn run_map(job: &MapJob<'_>, out: &Path, show: bool) -> Result<()> {
+    let (method, steps) = (job.method, job.train.steps);
+    let pb = progress_bar(steps as u64, method.name(), show);
+    let m = job.run(&Bar(&pb))?;
+    pb.finish_and_clear();
     m.save(out)?;
     let (first, last) = m.log.first_last();
     eprintln!(
-        "{method}: {} steps in {:.1}s, loss {first:.4} → {last:.4}; wrote {}",
-        cfg.steps,
+        "{method}: {steps} steps in {:.1}s, loss {first:.4} → {last:.4}; wrote {}",
         m.log.seconds,
         out.display()
     );

@@ -73,13 +73,6 @@ impl Cond {
         })
     }
 
-    /// The condition repeated twice along the batch (for a batch stacked as `[a; b]`).
-    pub fn twice(&self) -> Result<Self> {
-        Ok(Cond {
-            labels: self.labels.as_ref().map(|l| Tensor::cat(&[l, l], 0)).transpose()?,
-        })
-    }
-
     /// Errors unless the per-row inputs have `b` rows.
     pub fn check_rows(&self, b: usize) -> Result<()> {
         match &self.labels {

@@ -7,6 +7,7 @@ use candle_core::{DType, Device};
 use candle_nn::{ParamsAdamW, VarMap};
 use serde::{Deserialize, Serialize};
 
+use crate::cond::Cond;
 use crate::data::DataSource;
 use crate::objective::{Objective, StepContext};
 use crate::optim::AdamW;
@@ -144,6 +145,8 @@ pub struct Trainable<'a, M: ?Sized> {
     pub ema_target: bool,
     /// The probability path the model is trained on.
     pub path: &'a dyn ProbabilityPath,
+    /// Whether the model reads class labels; an unconditional model's batches carry none.
+    pub conditional: bool,
 }
 
 /// Runs `cfg.steps` steps of `objective` on batches from `data` (states with their labels, if any),
@@ -212,13 +215,18 @@ pub fn fit_with_hook<O: Objective>(
         }
         opt.set_learning_rate(cfg.lr_at(step, frac));
         let batch = data.sample_batch(cfg.batch_size, &mut rng, DType::F32, device)?;
+        let cond = if trainable.conditional {
+            batch.cond
+        } else {
+            Cond::none()
+        };
         let x1 = rng.normal_tensor(batch.x0.shape(), DType::F32, device)?;
         let mut cx = StepContext {
             model: trainable.model,
             target,
             x0: &batch.x0,
             x1: &x1,
-            cond: &batch.cond,
+            cond: &cond,
             path: trainable.path,
             progress: frac,
             step,

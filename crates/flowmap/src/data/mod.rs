@@ -178,26 +178,6 @@ impl DataSource {
         }
     }
 
-    /// The same data without its labels (for an unconditional model).
-    pub fn without_labels(&self) -> Self {
-        match self {
-            DataSource::Points {
-                name,
-                train,
-                heldout,
-                shape,
-                labels: Some(_),
-            } => DataSource::Points {
-                name: name.clone(),
-                train: train.clone(),
-                heldout: heldout.clone(),
-                shape: shape.clone(),
-                labels: None,
-            },
-            other => other.clone(),
-        }
-    }
-
     /// The labels of [`DataSource::heldout`]`(n, _)`, when the data has labels.
     pub fn heldout_labels(&self, n: usize) -> Option<Vec<u32>> {
         match self {

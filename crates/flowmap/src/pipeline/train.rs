@@ -61,11 +61,6 @@ fn check_fits(arch: &Arch, data: &DataSource) -> Result<()> {
     Ok(())
 }
 
-/// The data as the model reads it: an unconditional model trains on the states alone.
-fn as_read_by(arch: &Arch, data: &DataSource) -> Option<DataSource> {
-    (arch.num_classes().is_none() && data.num_classes().is_some()).then(|| data.without_labels())
-}
-
 /// Trains a velocity network on `data` by conditional flow matching on the linear path.
 pub fn train_teacher(
     data: &DataSource,
@@ -86,16 +81,9 @@ pub fn train_teacher(
         ema: Some((&ema, &ema_net)),
         ema_target: false,
         path: &*path,
+        conditional: arch.num_classes().is_some(),
     };
-    let read = as_read_by(arch, data);
-    let log = fit(
-        &FlowMatching::new(),
-        &trainable,
-        read.as_ref().unwrap_or(data),
-        cfg,
-        device,
-        progress,
-    )?;
+    let log = fit(&FlowMatching::new(), &trainable, data, cfg, device, progress)?;
     let meta = CheckpointMeta {
         kind: ModelKind::Teacher,
         arch: arch.clone(),
@@ -219,6 +207,7 @@ impl<'a> MapJob<'a> {
             ema: Some((&ema, &ema_net)),
             ema_target: self.objective.target == TargetNet::Ema,
             path: &*path,
+            conditional: arch.num_classes().is_some(),
         };
         let objective = crate::objective::build(
             method,
@@ -226,8 +215,7 @@ impl<'a> MapJob<'a> {
             self.objective,
             Some((&live, &arch)),
         )?;
-        let read = as_read_by(&arch, self.data);
-        let data = read.as_ref().unwrap_or(self.data);
+        let data = self.data;
         let log = if every == 0 {
             fit(&objective, &trainable, data, &self.train, device, progress)?
         } else {
