@@ -116,34 +116,12 @@ impl ConditionedMlp {
         })
     }
 
-    /// The class embedding rows of a `b`-row batch: the labels' rows, or the null class's without labels.
-    fn class_rows(&self, cond: &Cond, b: usize) -> Result<Option<Tensor>> {
-        let Some(table) = &self.classes else {
-            return Ok(None);
-        };
-        let null = table.dim(0)? - 1;
-        let labels = match cond.class_labels() {
-            Some(l) => {
-                cond.check_rows(b)?;
-                let max = l.max(0)?.to_scalar::<u32>()? as usize;
-                if max > null {
-                    return Err(Error::arg(format!(
-                        "class label {max} is out of range (the network has {null} classes and the null class {null})"
-                    )));
-                }
-                l.clone()
-            }
-            None => Tensor::full(null as u32, b, table.device())?,
-        };
-        Ok(Some(table.index_select(&labels, 0)?))
-    }
-
     /// `x`: `B × D`, `t` and `gap`: `B × 1`. `gap` is required exactly when the network was built with it.
     pub fn forward(&self, x: &Tensor, t: &Tensor, gap: Option<&Tensor>, cond: &Cond) -> Result<Tensor> {
         if gap.is_some() != self.with_gap {
             return Err(Error::arg("network conditioning does not match its inputs"));
         }
-        let class = self.class_rows(cond, x.dim(0)?)?;
+        let class = super::class_rows(self.classes.as_ref(), cond, x.dim(0)?)?;
         let h = match class {
             None if kernels::applies(x.device(), x.dtype()) => {
                 let tg = match gap {
@@ -175,7 +153,7 @@ impl ConditionedMlp {
         let (et, det) = self.time.forward_jvp(t, dt)?;
         let mut parts = vec![x.detach(), et];
         let mut tangents = vec![dx.detach(), det];
-        if let Some(e) = self.class_rows(cond, x.dim(0)?)? {
+        if let Some(e) = super::class_rows(self.classes.as_ref(), cond, x.dim(0)?)? {
             tangents.push(e.zeros_like()?);
             parts.push(e.detach());
         }

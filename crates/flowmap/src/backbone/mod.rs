@@ -11,6 +11,7 @@
 //! Adding a network is one file implementing [`Backbone`] and one variant of [`Arch`].
 
 pub mod mlp;
+pub mod unet;
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 pub use mlp::{ConditionedMlp, Mlp, MlpConfig};
+pub use unet::{Unet, UnetConfig};
 
 use crate::cond::Cond;
 use crate::Result;
@@ -58,6 +60,33 @@ pub trait Backbone: fmt::Debug + Send + Sync {
 
     /// The architecture the backbone was built from.
     fn arch(&self) -> Arch;
+
+    /// Turns training-time randomness (dropout) on with masks drawn from `seed`, or off with `None`; a
+    /// backbone without any ignores it.
+    fn set_dropout_seed(&self, _seed: Option<u64>) {}
+}
+
+/// The class-embedding rows of a `b`-row batch: the labels' rows of `table` (`(C + 1) × E`, row `C` the
+/// null class), or the null class's without labels; `None` for an unconditional network.
+pub(crate) fn class_rows(table: Option<&Tensor>, cond: &Cond, b: usize) -> Result<Option<Tensor>> {
+    let Some(table) = table else {
+        return Ok(None);
+    };
+    let null = table.dim(0)? - 1;
+    let labels = match cond.class_labels() {
+        Some(l) => {
+            cond.check_rows(b)?;
+            let max = l.max(0)?.to_scalar::<u32>()? as usize;
+            if max > null {
+                return Err(crate::Error::arg(format!(
+                    "class label {max} is out of range (the network has {null} classes and the null class {null})"
+                )));
+            }
+            l.clone()
+        }
+        None => Tensor::full(null as u32, b, table.device())?,
+    };
+    Ok(Some(table.index_select(&labels, 0)?))
 }
 
 /// A backbone's architecture: which network, and its settings.
@@ -66,6 +95,14 @@ pub trait Backbone: fmt::Debug + Send + Sync {
 pub enum Arch {
     /// A time-conditioned MLP on the flattened state.
     Mlp(MlpConfig),
+    /// A U-Net on `C × H × W` images.
+    Unet(UnetConfig),
+}
+
+impl From<UnetConfig> for Arch {
+    fn from(c: UnetConfig) -> Self {
+        Arch::Unet(c)
+    }
 }
 
 impl From<MlpConfig> for Arch {
@@ -87,10 +124,11 @@ impl From<&Arch> for Arch {
 }
 
 impl Arch {
-    /// The name recorded in checkpoints (`mlp`).
+    /// The name recorded in checkpoints (`mlp`, `unet`).
     pub fn name(&self) -> &'static str {
         match self {
             Arch::Mlp(_) => "mlp",
+            Arch::Unet(_) => "unet",
         }
     }
 
@@ -98,6 +136,7 @@ impl Arch {
     pub fn build(&self, role: Role, vb: VarBuilder) -> Result<Arc<dyn Backbone>> {
         Ok(match self {
             Arch::Mlp(c) => Arc::new(Mlp::new(c, role, vb)?),
+            Arch::Unet(c) => Arc::new(Unet::new(c, role, vb)?),
         })
     }
 
@@ -105,6 +144,7 @@ impl Arch {
     pub fn state_shape(&self) -> Vec<usize> {
         match self {
             Arch::Mlp(c) => c.state_shape(),
+            Arch::Unet(c) => c.state_shape.clone(),
         }
     }
 
@@ -112,6 +152,7 @@ impl Arch {
     pub fn num_classes(&self) -> Option<usize> {
         match self {
             Arch::Mlp(c) => c.num_classes,
+            Arch::Unet(c) => c.num_classes,
         }
     }
 
@@ -119,6 +160,7 @@ impl Arch {
     pub fn seed_params(&self, vars: &VarMap, seed: u64) -> Result<()> {
         match self {
             Arch::Mlp(_) => mlp::seed_params(vars, seed),
+            Arch::Unet(_) => unet::seed_params(vars, seed),
         }
     }
 
@@ -127,6 +169,7 @@ impl Arch {
     pub fn init_from_teacher(&self, student: &VarMap, teacher: &VarMap) -> Result<()> {
         match self {
             Arch::Mlp(_) => mlp::init_from_teacher(student, teacher),
+            Arch::Unet(_) => unet::init_from_teacher(student, teacher),
         }
     }
 }

@@ -27,6 +27,7 @@
 //! candle's own ops, unchanged. Tests check that the two paths agree to f32 rounding, in values and in
 //! gradients.
 
+mod conv;
 mod dense;
 mod embed;
 mod mlp;
@@ -39,6 +40,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::Result;
 
+pub use conv::{conv2d, plain as conv2d_plain};
 pub use dense::{dense, dense_jvp, plain as dense_plain, Activation};
 pub use embed::conditioning;
 pub use mlp::{mlp, Layer};

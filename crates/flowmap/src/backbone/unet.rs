@@ -1,0 +1,809 @@
+//! The U-Net backbone (ADM / EDM style) for image states `B × C × H × W`.
+//!
+//! ```text
+//! emb  = Dense(SiLU(Dense([sin/cos(t), e_c, sin/cos(t − s)])))        E = 4·channels
+//! h    = Conv3×3(x)
+//! down: per level, `blocks` residual blocks (+ attention where the resolution is listed), then 2×2 mean pool
+//! mid:  residual block, attention, residual block
+//! up:   per level, `blocks + 1` residual blocks on [h, skip] (+ attention), then nearest 2× upsampling
+//! out  = Conv3×3(SiLU(GroupNorm(h)))                                   zero-initialised
+//! ```
+//!
+//! A residual block is `skip(h) + Conv(Dropout(SiLU(GN(Conv(SiLU(GN(h)))) ⊙ (1 + scale) + shift)))`, with
+//! `(scale, shift) = Dense(SiLU(emb))` (ADM's scale-shift norm) and its last convolution zero-initialised;
+//! attention is single- or multi-head self-attention over the `H·W` positions with a zero-initialised
+//! output projection, softmax built from primitive ops. GroupNorm is built from primitive ops too: candle's
+//! fused norms have no backward.
+//!
+//! The network is written once ([`Unet::body`]) over a value type that is either a tensor (the forward pass,
+//! on candle's autograd graph) or a tensor with its tangent (the exact forward-mode JVP): every layer has
+//! both rules, and the traversal cannot drift between them.
+//!
+//! As in the MLP, the gap's embedding enters the embedding network's first layer as its last columns, so a
+//! flow map seeded from a teacher (those columns zero) computes `F(x, t, s, c) = v(x, t, c)`.
+
+use candle_core::{Module, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use super::{class_rows, vars_sorted, Arch, Backbone, Role};
+use crate::cond::Cond;
+use crate::jvp::{Jvp, Silu};
+use crate::kernels::{self, Activation};
+use crate::nn::{Dense, SinusoidalEmbedding};
+use crate::{Error, Result};
+
+/// Architecture of the U-Net.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnetConfig {
+    /// The shape of one state, `[C, H, W]`.
+    pub state_shape: Vec<usize>,
+    /// Channels at the first level.
+    #[serde(default = "defaults::channels")]
+    pub channels: usize,
+    /// Per-level channel multipliers; level `i` runs at resolution `H / 2^i`.
+    #[serde(default = "defaults::channel_mult")]
+    pub channel_mult: Vec<usize>,
+    /// Residual blocks per level on the way down (`blocks + 1` on the way up).
+    #[serde(default = "defaults::blocks")]
+    pub blocks: usize,
+    /// Resolutions (`H` of a level) with self-attention after each residual block; the middle block always
+    /// has it.
+    #[serde(default = "defaults::attention_resolutions")]
+    pub attention_resolutions: Vec<usize>,
+    /// Attention heads (the channels of an attention layer must divide by it).
+    #[serde(default = "defaults::heads")]
+    pub heads: usize,
+    /// GroupNorm groups (every channel count must divide by it).
+    #[serde(default = "defaults::groups")]
+    pub groups: usize,
+    /// Dropout probability inside residual blocks, active in training only.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Frequencies of each time embedding (a sine and a cosine each).
+    #[serde(default = "defaults::time_features")]
+    pub time_features: usize,
+    /// Largest time-embedding frequency.
+    #[serde(default = "defaults::max_frequency")]
+    pub max_frequency: f64,
+    /// Classes of a class-conditional network: a learned `(C + 1) × E` embedding, row `C` the null class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_classes: Option<usize>,
+}
+
+mod defaults {
+    pub fn channels() -> usize {
+        32
+    }
+    pub fn channel_mult() -> Vec<usize> {
+        vec![1, 2, 2]
+    }
+    pub fn blocks() -> usize {
+        1
+    }
+    pub fn attention_resolutions() -> Vec<usize> {
+        vec![7]
+    }
+    pub fn heads() -> usize {
+        1
+    }
+    pub fn groups() -> usize {
+        8
+    }
+    pub fn time_features() -> usize {
+        32
+    }
+    pub fn max_frequency() -> f64 {
+        200.0
+    }
+}
+
+impl UnetConfig {
+    /// The default (small) U-Net on states of shape `[C, H, W]`: 32 channels, multipliers 1, 2, 2, one block
+    /// per level, attention at the lowest resolution of a 28 × 28 image.
+    pub fn new(state_shape: &[usize]) -> Self {
+        UnetConfig {
+            state_shape: state_shape.to_vec(),
+            channels: defaults::channels(),
+            channel_mult: defaults::channel_mult(),
+            blocks: defaults::blocks(),
+            attention_resolutions: defaults::attention_resolutions(),
+            heads: defaults::heads(),
+            groups: defaults::groups(),
+            dropout: 0.0,
+            time_features: defaults::time_features(),
+            max_frequency: defaults::max_frequency(),
+            num_classes: None,
+        }
+    }
+
+    /// The width `E` of the embedding of `(t, t − s, c)`.
+    pub fn embedding_width(&self) -> usize {
+        4 * self.channels
+    }
+
+    /// Checks that the settings describe a network that can be built.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::arg(format!("U-Net: {m}")));
+        let [c, h, w] = self.state_shape[..] else {
+            return bad(format!("states must be C × H × W images, got shape {:?}", self.state_shape));
+        };
+        if c == 0 || self.channels == 0 || self.channel_mult.is_empty() || self.channel_mult.contains(&0) {
+            return bad("channels, the channel multipliers and the image's channels must be positive".into());
+        }
+        let down = 1usize << (self.channel_mult.len() - 1);
+        if h % down != 0 || w % down != 0 {
+            return bad(format!(
+                "{h} × {w} images do not divide by 2^{} for {} levels (e.g. 28 → 14 → 7 takes 3)",
+                self.channel_mult.len() - 1,
+                self.channel_mult.len()
+            ));
+        }
+        if self.groups == 0 || self.channel_mult.iter().any(|m| (m * self.channels) % self.groups != 0) {
+            return bad(format!("every level's channels must divide into {} groups", self.groups));
+        }
+        let lowest = h >> (self.channel_mult.len() - 1);
+        for &r in &self.attention_resolutions {
+            if !(0..self.channel_mult.len()).any(|i| h >> i == r) {
+                return bad(format!("attention resolution {r} is not one of the levels' (lowest {lowest})"));
+            }
+        }
+        if self.heads == 0 || self.channel_mult.iter().any(|m| (m * self.channels) % self.heads != 0) {
+            return bad(format!("every level's channels must divide into {} heads", self.heads));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout {} is not in [0, 1)", self.dropout));
+        }
+        if self.num_classes == Some(0) {
+            return bad("a class-conditional network needs at least one class".into());
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Layers: each has a forward pass on candle's graph and a tangent rule on detached tensors.
+
+/// A 2-D convolution with PyTorch's parameter layout (`weight`: `O × I × k × k`, `bias`: `O`), stride 1 and
+/// "same" padding; its forward pass is [`kernels::conv2d`].
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv2d {
+    pub fn new(c_in: usize, c_out: usize, k: usize, vb: VarBuilder) -> Result<Self> {
+        let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
+        let init = candle_nn::Init::Uniform { lo: -bound, up: bound };
+        Ok(Conv2d {
+            weight: vb.get_with_hints((c_out, c_in, k, k), "weight", init)?,
+            bias: vb.get_with_hints(c_out, "bias", init)?,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        kernels::conv2d(x, &self.weight, &self.bias).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+impl Jvp for Conv2d {
+    /// Linear: `ẏ = W ⋆ ẋ`.
+    fn forward_jvp(&self, x: &Tensor, dx: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (w, b) = (self.weight.detach(), self.bias.detach());
+        let y = kernels::conv2d(&x.detach(), &w, &b)?;
+        Ok((y, kernels::conv2d(&dx.detach(), &w, &b.zeros_like()?)?))
+    }
+}
+
+/// Group normalisation over `(C / G) × H × W` per sample and group, with a per-channel affine map, built
+/// from primitive ops.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    groups: usize,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(groups: usize, channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(GroupNorm {
+            groups,
+            weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?,
+            eps: 1e-5,
+        })
+    }
+
+    /// `(x̂, 1/σ)` with `x̂` grouped as `B × G × n`, and the affine map's `(γ, β)` as `1 × C × 1 × 1`.
+    fn standardise(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, c, h, w) = x.dims4()?;
+        let g = x.reshape((b, self.groups, (c / self.groups) * h * w))?;
+        let centred = g.broadcast_sub(&g.mean_keepdim(2)?)?;
+        let inv = (centred.sqr()?.mean_keepdim(2)? + self.eps)?.sqrt()?.recip()?;
+        Ok((centred.broadcast_mul(&inv)?, inv))
+    }
+
+    fn affine(&self, xhat: &Tensor, shape: &[usize], with_bias: bool) -> Result<Tensor> {
+        let c = shape[1];
+        let y = xhat.reshape(shape)?.broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?;
+        Ok(if with_bias {
+            y.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?
+        } else {
+            y
+        })
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let run = || -> Result<Tensor> {
+            let (xhat, _) = self.standardise(x)?;
+            self.affine(&xhat, x.dims(), true)
+        };
+        run().map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+impl Jvp for GroupNorm {
+    /// With `x̂ = (x − μ)/σ` per group: `dx̂ = (ẋ − mean ẋ − x̂·mean(x̂ ⊙ ẋ)) / σ`, then `ẏ = γ ⊙ dx̂`.
+    fn forward_jvp(&self, x: &Tensor, dx: &Tensor) -> Result<(Tensor, Tensor)> {
+        let gn = GroupNorm {
+            groups: self.groups,
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            eps: self.eps,
+        };
+        let x = x.detach();
+        let (xhat, inv) = gn.standardise(&x)?;
+        let dg = dx.detach().reshape(xhat.shape())?;
+        let dc = dg.broadcast_sub(&dg.mean_keepdim(2)?)?;
+        let proj = (&xhat * &dc)?.mean_keepdim(2)?;
+        let dxhat = (dc - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&inv)?;
+        Ok((gn.affine(&xhat, x.dims(), true)?, gn.affine(&dxhat, x.dims(), false)?))
+    }
+}
+
+/// `softmax` over the last axis from primitive ops (candle's fused one has no backward).
+fn softmax_last(z: &Tensor) -> Result<Tensor> {
+    let e = z.broadcast_sub(&z.max_keepdim(D::Minus1)?.detach())?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Multi-head self-attention over the `H·W` positions of `B × C × H × W` features, residual, with a
+/// GroupNorm in front and a zero-initialised output projection.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    norm: GroupNorm,
+    qkv: Dense,
+    proj: Dense,
+    heads: usize,
+}
+
+impl Attention {
+    pub fn new(channels: usize, heads: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Attention {
+            norm: GroupNorm::new(groups, channels, vb.pp("norm"))?,
+            qkv: Dense::new(channels, 3 * channels, Activation::Identity, vb.pp("qkv"))?,
+            proj: Dense::new(channels, channels, Activation::Identity, vb.pp("proj"))?,
+            heads,
+        })
+    }
+
+    /// `B × C × H × W` → `(B·H·W) × C` tokens.
+    fn tokens(x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        Ok(x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?.reshape((b * h * w, c))?)
+    }
+
+    fn untokens(t: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Tensor> {
+        let (b, c, h, w) = dims;
+        Ok(t.reshape((b, h * w, c))?.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))?)
+    }
+
+    /// `(B·N) × 3C` → three `(B·heads) × N × d` tensors.
+    fn split(&self, qkv: &Tensor, b: usize, n: usize, c: usize) -> Result<[Tensor; 3]> {
+        let d = c / self.heads;
+        let q = qkv.reshape((b, n, 3, self.heads, d))?.permute((2, 0, 3, 1, 4))?;
+        let part = |i: usize| -> Result<Tensor> {
+            Ok(q.get(i)?.contiguous()?.reshape((b * self.heads, n, d))?)
+        };
+        Ok([part(0)?, part(1)?, part(2)?])
+    }
+
+    /// `(B·heads) × N × d` → `(B·N) × C`.
+    fn merge(&self, o: &Tensor, b: usize, n: usize, c: usize) -> Result<Tensor> {
+        let d = c / self.heads;
+        Ok(o.reshape((b, self.heads, n, d))?.transpose(1, 2)?.contiguous()?.reshape((b * n, c))?)
+    }
+
+    fn scale(&self, c: usize) -> f64 {
+        1.0 / ((c / self.heads) as f64).sqrt()
+    }
+}
+
+impl Module for Attention {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let run = || -> Result<Tensor> {
+            let (b, c, h, w) = x.dims4()?;
+            let n = h * w;
+            let tokens = Self::tokens(&self.norm.forward(x)?)?;
+            let [q, k, v] = self.split(&self.qkv.forward(&tokens)?, b, n, c)?;
+            let p = softmax_last(&(q.matmul(&k.t()?)? * self.scale(c))?)?;
+            let o = self.merge(&p.matmul(&v)?, b, n, c)?;
+            Ok((x + Self::untokens(&self.proj.forward(&o)?, (b, c, h, w))?)?)
+        };
+        run().map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+impl Jvp for Attention {
+    /// With `Z = Q Kᵀ/√d`, `P = softmax(Z)`, `O = P V`: `Ż = (Q̇ Kᵀ + Q K̇ᵀ)/√d`,
+    /// `Ṗ = P ⊙ (Ż − rowsum(P ⊙ Ż))`, `Ȯ = Ṗ V + P V̇`; the norm and the projections by their own rules.
+    fn forward_jvp(&self, x: &Tensor, dx: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, c, h, w) = x.dims4()?;
+        let n = h * w;
+        let (hn, dhn) = self.norm.forward_jvp(x, dx)?;
+        let (qkv, dqkv) = self.qkv.forward_jvp(&Self::tokens(&hn)?, &Self::tokens(&dhn)?)?;
+        let [q, k, v] = self.split(&qkv, b, n, c)?;
+        let [dq, dk, dv] = self.split(&dqkv, b, n, c)?;
+        let s = self.scale(c);
+        let p = softmax_last(&(q.matmul(&k.t()?)? * s)?)?;
+        let dz = ((dq.matmul(&k.t()?)? + q.matmul(&dk.t()?)?)? * s)?;
+        let dp = (&p * dz.broadcast_sub(&(&p * &dz)?.sum_keepdim(D::Minus1)?)?)?;
+        let o = self.merge(&p.matmul(&v)?, b, n, c)?;
+        let dout = self.merge(&(dp.matmul(&v)? + p.matmul(&dv)?)?, b, n, c)?;
+        let (y, dy) = self.proj.forward_jvp(&o, &dout)?;
+        let y = (x.detach() + Self::untokens(&y, (b, c, h, w))?)?;
+        Ok((y, (dx.detach() + Self::untokens(&dy, (b, c, h, w))?)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// One traversal for both passes.
+
+/// A value flowing through the network: a tensor (forward pass) or a tensor and its tangent (JVP).
+trait Flow: Sized + Clone {
+    fn layer<L: Module + Jvp>(&self, l: &L) -> Result<Self>;
+    fn silu(&self) -> Result<Self>;
+    fn add(&self, other: &Self) -> Result<Self>;
+    fn cat(parts: &[&Self]) -> Result<Self>;
+    /// 2 × 2 mean pooling.
+    fn pool(&self) -> Result<Self>;
+    /// Nearest-neighbour 2× upsampling.
+    fn upsample(&self) -> Result<Self>;
+    /// `h ⊙ (1 + scale) + shift` with `[scale, shift] = ss`, `B × 2C`.
+    fn modulate(&self, ss: &Self) -> Result<Self>;
+    /// Dropout with the same mask for a value and its tangent.
+    fn dropout(&self, mask: Option<&Tensor>) -> Result<Self>;
+    fn primal(&self) -> &Tensor;
+}
+
+fn upsample2(x: &Tensor) -> Result<Tensor> {
+    // By broadcasting (its backward sums), not `upsample_nearest2d`, whose backward overwrites gradients.
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, 2 * h, 2 * w))?)
+}
+
+fn scale_shift(ss: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, c2) = ss.dims2()?;
+    let c = c2 / 2;
+    Ok((
+        ss.narrow(1, 0, c)?.reshape((b, c, 1, 1))?,
+        ss.narrow(1, c, c)?.reshape((b, c, 1, 1))?,
+    ))
+}
+
+impl Flow for Tensor {
+    fn layer<L: Module + Jvp>(&self, l: &L) -> Result<Self> {
+        Ok(l.forward(self)?)
+    }
+    fn silu(&self) -> Result<Self> {
+        Ok(Tensor::silu(self)?)
+    }
+    fn add(&self, o: &Self) -> Result<Self> {
+        Ok((self + o)?)
+    }
+    fn cat(parts: &[&Self]) -> Result<Self> {
+        Ok(Tensor::cat(parts, 1)?)
+    }
+    fn pool(&self) -> Result<Self> {
+        Ok(self.avg_pool2d(2)?)
+    }
+    fn upsample(&self) -> Result<Self> {
+        upsample2(self)
+    }
+    fn modulate(&self, ss: &Self) -> Result<Self> {
+        let (scale, shift) = scale_shift(ss)?;
+        Ok(self.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?)
+    }
+    fn dropout(&self, mask: Option<&Tensor>) -> Result<Self> {
+        Ok(match mask {
+            Some(m) => (self * m)?,
+            None => self.clone(),
+        })
+    }
+    fn primal(&self) -> &Tensor {
+        self
+    }
+}
+
+/// A value and its tangent, both detached.
+#[derive(Clone)]
+struct Dual(Tensor, Tensor);
+
+impl Flow for Dual {
+    fn layer<L: Module + Jvp>(&self, l: &L) -> Result<Self> {
+        let (y, dy) = l.forward_jvp(&self.0, &self.1)?;
+        Ok(Dual(y, dy))
+    }
+    fn silu(&self) -> Result<Self> {
+        self.layer(&Silu)
+    }
+    fn add(&self, o: &Self) -> Result<Self> {
+        Ok(Dual((&self.0 + &o.0)?, (&self.1 + &o.1)?))
+    }
+    fn cat(parts: &[&Self]) -> Result<Self> {
+        let p: Vec<&Tensor> = parts.iter().map(|d| &d.0).collect();
+        let t: Vec<&Tensor> = parts.iter().map(|d| &d.1).collect();
+        Ok(Dual(Tensor::cat(&p, 1)?, Tensor::cat(&t, 1)?))
+    }
+    fn pool(&self) -> Result<Self> {
+        Ok(Dual(self.0.avg_pool2d(2)?, self.1.avg_pool2d(2)?))
+    }
+    fn upsample(&self) -> Result<Self> {
+        Ok(Dual(upsample2(&self.0)?, upsample2(&self.1)?))
+    }
+    /// `d[h ⊙ (1 + a) + b] = ḣ ⊙ (1 + a) + h ⊙ ȧ + ḃ`.
+    fn modulate(&self, ss: &Self) -> Result<Self> {
+        let (a, b) = scale_shift(&ss.0)?;
+        let (da, db) = scale_shift(&ss.1)?;
+        let one_a = (a + 1.0)?;
+        let y = self.0.broadcast_mul(&one_a)?.broadcast_add(&b)?;
+        let dy = self
+            .1
+            .broadcast_mul(&one_a)?
+            .add(&self.0.broadcast_mul(&da)?)?
+            .broadcast_add(&db)?;
+        Ok(Dual(y, dy))
+    }
+    fn dropout(&self, mask: Option<&Tensor>) -> Result<Self> {
+        Ok(match mask {
+            Some(m) => Dual((&self.0 * m)?, (&self.1 * m)?),
+            None => self.clone(),
+        })
+    }
+    fn primal(&self) -> &Tensor {
+        &self.0
+    }
+}
+
+/// A residual block with scale-shift conditioning.
+#[derive(Clone, Debug)]
+struct ResBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    emb: Dense,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    skip: Option<Conv2d>,
+}
+
+impl ResBlock {
+    fn new(c_in: usize, c_out: usize, cfg: &UnetConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(ResBlock {
+            norm1: GroupNorm::new(cfg.groups, c_in, vb.pp("norm1"))?,
+            conv1: Conv2d::new(c_in, c_out, 3, vb.pp("conv1"))?,
+            emb: Dense::new(cfg.embedding_width(), 2 * c_out, Activation::Identity, vb.pp("emb"))?,
+            norm2: GroupNorm::new(cfg.groups, c_out, vb.pp("norm2"))?,
+            conv2: Conv2d::new(c_out, c_out, 3, vb.pp("conv2"))?,
+            skip: (c_in != c_out).then(|| Conv2d::new(c_in, c_out, 1, vb.pp("skip"))).transpose()?,
+        })
+    }
+
+    /// `act_emb` is `SiLU(emb)`, shared by every block.
+    fn run<V: Flow>(&self, x: &V, act_emb: &V, mask: Option<&Tensor>) -> Result<V> {
+        let h = x.layer(&self.norm1)?.silu()?.layer(&self.conv1)?;
+        let h = h.layer(&self.norm2)?.modulate(&act_emb.layer(&self.emb)?)?;
+        let h = h.silu()?.dropout(mask)?.layer(&self.conv2)?;
+        let skip = match &self.skip {
+            Some(s) => x.layer(s)?,
+            None => x.clone(),
+        };
+        skip.add(&h)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Stage {
+    block: ResBlock,
+    attention: Option<Attention>,
+}
+
+impl Stage {
+    fn run<V: Flow>(&self, x: &V, act_emb: &V, net: &Unet) -> Result<V> {
+        let mask = net.dropout_mask(x.primal(), self.block.conv2.weight.dim(0)?)?;
+        let h = self.block.run(x, act_emb, mask.as_ref())?;
+        match &self.attention {
+            Some(a) => h.layer(a),
+            None => Ok(h),
+        }
+    }
+}
+
+/// The U-Net as a [`Backbone`].
+#[derive(Debug)]
+pub struct Unet {
+    cfg: UnetConfig,
+    time: SinusoidalEmbedding,
+    classes: Option<Tensor>,
+    emb0: Dense,
+    emb1: Dense,
+    input: Conv2d,
+    down: Vec<Vec<Stage>>,
+    mid: (ResBlock, Attention, ResBlock),
+    up: Vec<Vec<Stage>>,
+    out_norm: GroupNorm,
+    out_conv: Conv2d,
+    with_gap: bool,
+    dropout: std::sync::Mutex<Option<crate::Rng>>,
+}
+
+impl Unet {
+    pub fn new(cfg: &UnetConfig, role: Role, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let with_gap = role == Role::FlowMap;
+        let e = cfg.embedding_width();
+        let time = SinusoidalEmbedding::new(cfg.time_features, cfg.max_frequency, &vb)?;
+        let mut emb_in = time.width() * if with_gap { 2 } else { 1 };
+        let classes = match cfg.num_classes {
+            Some(c) => {
+                emb_in += e;
+                Some(vb.pp("class_embedding").get_with_hints(
+                    (c + 1, e),
+                    "weight",
+                    candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 },
+                )?)
+            }
+            None => None,
+        };
+        let emb0 = Dense::new(emb_in, e, Activation::Silu, vb.pp("emb.0"))?;
+        let emb1 = Dense::new(e, e, Activation::Identity, vb.pp("emb.1"))?;
+        let [c_img, h, _] = cfg.state_shape[..] else { unreachable!("validated") };
+        let input = Conv2d::new(c_img, cfg.channels, 3, vb.pp("input"))?;
+        let attends = |level: usize| cfg.attention_resolutions.contains(&(h >> level));
+        let stage = |c_in: usize, c_out: usize, level: usize, vb: VarBuilder| -> Result<Stage> {
+            Ok(Stage {
+                block: ResBlock::new(c_in, c_out, cfg, vb.pp("res"))?,
+                attention: attends(level)
+                    .then(|| Attention::new(c_out, cfg.heads, cfg.groups, vb.pp("attn")))
+                    .transpose()?,
+            })
+        };
+        let levels = cfg.channel_mult.len();
+        let mut skips = vec![cfg.channels];
+        let mut ch = cfg.channels;
+        let mut down = Vec::with_capacity(levels);
+        for (level, m) in cfg.channel_mult.iter().enumerate() {
+            let mut stages = Vec::new();
+            for i in 0..cfg.blocks {
+                let out = m * cfg.channels;
+                stages.push(stage(ch, out, level, vb.pp(format!("down.{level}.{i}")))?);
+                ch = out;
+                skips.push(ch);
+            }
+            if level + 1 < levels {
+                skips.push(ch);
+            }
+            down.push(stages);
+        }
+        let mid = (
+            ResBlock::new(ch, ch, cfg, vb.pp("mid.res0"))?,
+            Attention::new(ch, cfg.heads, cfg.groups, vb.pp("mid.attn"))?,
+            ResBlock::new(ch, ch, cfg, vb.pp("mid.res1"))?,
+        );
+        let mut up = Vec::with_capacity(levels);
+        for (level, m) in cfg.channel_mult.iter().enumerate().rev() {
+            let mut stages = Vec::new();
+            for i in 0..=cfg.blocks {
+                let out = m * cfg.channels;
+                let skip = skips.pop().expect("one skip per block");
+                stages.push(stage(ch + skip, out, level, vb.pp(format!("up.{level}.{i}")))?);
+                ch = out;
+            }
+            up.push(stages);
+        }
+        let out_norm = GroupNorm::new(cfg.groups, ch, vb.pp("out.norm"))?;
+        let out_conv = Conv2d::new(ch, c_img, 3, vb.pp("out.conv"))?;
+        Ok(Unet {
+            cfg: cfg.clone(),
+            time,
+            classes,
+            emb0,
+            emb1,
+            input,
+            down,
+            mid,
+            up,
+            out_norm,
+            out_conv,
+            with_gap,
+            dropout: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Turns dropout on, with masks drawn from `seed` (reproducible), or off (`None`, the default: sampling
+    /// and evaluation).
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        *self.dropout.lock().expect("dropout") = seed.map(|s| crate::Rng::derive(s, "dropout"));
+    }
+
+    /// An inverted-dropout mask `B × C × H × W` (values `0` or `1/(1 − p)`), or `None` when dropout is off.
+    fn dropout_mask(&self, x: &Tensor, channels: usize) -> Result<Option<Tensor>> {
+        let p = self.cfg.dropout;
+        let mut guard = self.dropout.lock().expect("dropout");
+        let Some(rng) = guard.as_mut().filter(|_| p > 0.0) else {
+            return Ok(None);
+        };
+        let (b, _, h, w) = x.dims4()?;
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let m: Vec<f32> = (0..b * channels * h * w)
+            .map(|_| if rng.uniform() < p { 0.0 } else { keep })
+            .collect();
+        Ok(Some(Tensor::from_vec(m, (b, channels, h, w), x.device())?.to_dtype(x.dtype())?))
+    }
+
+    fn check(&self, x: &Tensor, gap: Option<&Tensor>) -> Result<()> {
+        if gap.is_some() != self.with_gap {
+            return Err(Error::arg("network conditioning does not match its inputs"));
+        }
+        if x.rank() != 4 || x.dims()[1..] != self.cfg.state_shape[..] {
+            return Err(Error::arg(format!(
+                "a state of shape {:?} does not fit the U-Net, which was built for {:?}",
+                &x.dims()[1..],
+                self.cfg.state_shape
+            )));
+        }
+        Ok(())
+    }
+
+    /// The embedding network's input `[sin/cos(t), e_c, sin/cos(t − s)]` (with tangents for the JVP).
+    fn embedding_input(&self, t: &Tensor, gap: Option<&Tensor>, cond: &Cond, b: usize) -> Result<Tensor> {
+        let mut parts = vec![self.time.forward(t)?];
+        parts.extend(class_rows(self.classes.as_ref(), cond, b)?);
+        if let Some(g) = gap {
+            parts.push(self.time.forward(g)?);
+        }
+        Ok(Tensor::cat(&parts, 1)?)
+    }
+
+    /// The network body after the embedding input: shared by the forward pass and the JVP.
+    fn body<V: Flow>(&self, x: &V, emb_in: &V) -> Result<V> {
+        let act_emb = emb_in.layer(&self.emb0)?.layer(&self.emb1)?.silu()?;
+        let mut h = x.layer(&self.input)?;
+        let mut skips = vec![h.clone()];
+        let levels = self.down.len();
+        for (level, stages) in self.down.iter().enumerate() {
+            for s in stages {
+                h = s.run(&h, &act_emb, self)?;
+                skips.push(h.clone());
+            }
+            if level + 1 < levels {
+                h = h.pool()?;
+                skips.push(h.clone());
+            }
+        }
+        let mask = self.dropout_mask(h.primal(), self.mid.0.conv2.weight.dim(0)?)?;
+        h = self.mid.0.run(&h, &act_emb, mask.as_ref())?;
+        h = h.layer(&self.mid.1)?;
+        let mask = self.dropout_mask(h.primal(), self.mid.2.conv2.weight.dim(0)?)?;
+        h = self.mid.2.run(&h, &act_emb, mask.as_ref())?;
+        for (i, stages) in self.up.iter().enumerate() {
+            for s in stages {
+                let skip = skips.pop().expect("one skip per block");
+                h = s.run(&V::cat(&[&h, &skip])?, &act_emb, self)?;
+            }
+            if i + 1 < levels {
+                h = h.upsample()?;
+            }
+        }
+        h.layer(&self.out_norm)?.silu()?.layer(&self.out_conv)
+    }
+}
+
+impl Backbone for Unet {
+    fn forward(&self, x: &Tensor, t: &Tensor, gap: Option<&Tensor>, cond: &Cond) -> Result<Tensor> {
+        self.check(x, gap)?;
+        let emb_in = self.embedding_input(t, gap, cond, x.dim(0)?)?;
+        self.body(x, &emb_in)
+    }
+
+    fn has_tangent(&self) -> bool {
+        true
+    }
+
+    fn forward_jvp(
+        &self,
+        (x, t, gap, cond): (&Tensor, &Tensor, Option<&Tensor>, &Cond),
+        (dx, dt, dgap): (&Tensor, &Tensor, Option<&Tensor>),
+    ) -> Result<(Tensor, Tensor)> {
+        self.check(x, gap)?;
+        let (et, det) = self.time.forward_jvp(t, dt)?;
+        let mut parts = vec![et];
+        let mut tangents = vec![det];
+        if let Some(e) = class_rows(self.classes.as_ref(), cond, x.dim(0)?)? {
+            tangents.push(e.zeros_like()?);
+            parts.push(e.detach());
+        }
+        match (gap, dgap) {
+            (Some(g), Some(dg)) => {
+                let (eg, deg) = self.time.forward_jvp(g, dg)?;
+                parts.push(eg);
+                tangents.push(deg);
+            }
+            (None, None) => {}
+            _ => return Err(Error::arg("a gap and its tangent come together")),
+        }
+        let emb_in = Dual(Tensor::cat(&parts, 1)?, Tensor::cat(&tangents, 1)?);
+        let out = self.body(&Dual(x.detach(), dx.detach()), &emb_in)?;
+        Ok((out.0, out.1))
+    }
+
+    fn arch(&self) -> Arch {
+        Arch::Unet(self.cfg.clone())
+    }
+
+    fn set_dropout_seed(&self, seed: Option<u64>) {
+        Unet::set_dropout_seed(self, seed)
+    }
+}
+
+/// Names of the zero-initialised tensors: each residual branch's last convolution, each attention's output
+/// projection and the output convolution (ADM's `zero_module`).
+fn zero_initialised(name: &str) -> bool {
+    name.contains("conv2.") || name.contains("attn.proj.") || name.starts_with("out.conv.")
+}
+
+/// Draws every parameter from the run's `seed`: weights and biases uniform on `±1/√fan_in` (PyTorch's
+/// default for convolutions and linear layers; `fan_in = I·k·k`), GroupNorm scales one and shifts zero,
+/// the class embedding standard normal, and the zero-initialised layers zero.
+pub fn seed_params(vars: &VarMap, seed: u64) -> Result<()> {
+    let mut rng = crate::Rng::derive(seed, "init");
+    let all = vars_sorted(vars);
+    let fan_in_of = |prefix: &str| -> Option<usize> {
+        all.iter()
+            .find(|(n, _)| n == &format!("{prefix}weight"))
+            .map(|(_, w)| w.dims()[1..].iter().product())
+    };
+    for (name, var) in &all {
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let is_norm = name.contains("norm");
+        let values: Vec<f64> = if zero_initialised(name) || (is_norm && name.ends_with("bias")) {
+            vec![0.0; n]
+        } else if is_norm {
+            vec![1.0; n]
+        } else if name.starts_with("class_embedding") {
+            (0..n).map(|_| rng.normal()).collect()
+        } else {
+            let prefix = name.trim_end_matches("weight").trim_end_matches("bias");
+            let fan_in = fan_in_of(prefix).unwrap_or(n);
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            (0..n).map(|_| (2.0 * rng.uniform() - 1.0) * bound).collect()
+        };
+        var.set(&Tensor::from_vec(values, dims, var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// The same column-extension rule as the MLP's: the embedding network's first layer of a flow map has the
+/// gap's columns last; they start at zero, every other tensor is the teacher's.
+pub fn init_from_teacher(student: &VarMap, teacher: &VarMap) -> Result<()> {
+    super::mlp::init_from_teacher(student, teacher)
+}

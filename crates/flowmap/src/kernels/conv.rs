@@ -1,0 +1,290 @@
+//! 2-D convolution (stride 1, "same" padding, odd square kernels) as one graph node on the CPU: per image,
+//! an im2col copy and one GEMM forward; backward, `Wᵀ·G` and a col2im scatter for the input and
+//! `G·colsᵀ` summed over images for the weight. candle's own CPU convolution backward runs a direct
+//! transposed convolution that takes most of a U-Net training step.
+//!
+//! Images are split into blocks of [`IMAGES_PER_BLOCK`] whatever the thread count, and the weight
+//! gradient's per-block partial sums are added in block order: the same bits on any number of threads.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use super::{applies, cpu_slice, map_blocks, sum_in_order};
+use crate::Result;
+
+/// Images per parallel block.
+const IMAGES_PER_BLOCK: usize = 4;
+
+/// `W ⋆ x + b` for `x`: `B × I × H × W`, `w`: `O × I × k × k` (`k` odd), `b`: `O`, stride 1, padding
+/// `k / 2`. Gradients flow to all three. The fast node runs on contiguous f32 CPU tensors; elsewhere it is
+/// candle's `conv2d` and `broadcast_add` ([`plain`]), which it agrees with to f32 rounding.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    if applies(x.device(), x.dtype()) && x.rank() == 4 && kh == kw && kh % 2 == 1 {
+        let x = x.contiguous()?;
+        let tracked = super::grad_enabled() && (x.track_op() || w.track_op() || b.track_op());
+        return Ok(if tracked {
+            x.apply_op3(&w.contiguous()?, &b.contiguous()?, ConvOp)?
+        } else {
+            x.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &ConvOp)?
+        });
+    }
+    plain(x, w, b)
+}
+
+/// The reference: candle's `conv2d` plus the bias.
+pub fn plain(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let k = w.dim(2)?;
+    let y = x.conv2d(w, k / 2, 1, 1, 1)?;
+    Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?)
+}
+
+#[derive(Clone, Copy)]
+struct Geometry {
+    c_in: usize,
+    c_out: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+}
+
+impl Geometry {
+    fn of(x: &Layout, w: &Layout) -> candle_core::Result<(usize, Geometry)> {
+        let (b, c_in, h, wd) = x.shape().dims4()?;
+        let (c_out, c_in2, k, _) = w.shape().dims4()?;
+        if c_in != c_in2 {
+            candle_core::bail!("conv2d: input has {c_in} channels, the kernel expects {c_in2}");
+        }
+        Ok((b, Geometry { c_in, c_out, h, w: wd, k }))
+    }
+    fn hw(&self) -> usize {
+        self.h * self.w
+    }
+    /// Rows of the im2col matrix, `I·k²`.
+    fn rows(&self) -> usize {
+        self.c_in * self.k * self.k
+    }
+}
+
+/// `cols[(c, ky, kx), (y, x)] = x[c, y + ky − p, x + kx − p]` (zero outside the image).
+fn im2col(g: Geometry, x: &[f32], cols: &mut [f32]) {
+    let (h, w, k, p) = (g.h, g.w, g.k, g.k / 2);
+    let hw = g.hw();
+    for c in 0..g.c_in {
+        let img = &x[c * hw..(c + 1) * hw];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &mut cols[((c * k + ky) * k + kx) * hw..][..hw];
+                for y in 0..h {
+                    let out = &mut row[y * w..(y + 1) * w];
+                    let sy = y as isize + ky as isize - p as isize;
+                    if sy < 0 || sy >= h as isize {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &img[sy as usize * w..(sy as usize + 1) * w];
+                    let shift = kx as isize - p as isize;
+                    let (lo, hi) = (0.max(-shift) as usize, (w as isize).min(w as isize - shift) as usize);
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    out[lo..hi].copy_from_slice(&src[(lo as isize + shift) as usize..(hi as isize + shift) as usize]);
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: `dx[c, y + ky − p, x + kx − p] += dcols[(c, ky, kx), (y, x)]`.
+fn col2im(g: Geometry, dcols: &[f32], dx: &mut [f32]) {
+    let (h, w, k, p) = (g.h, g.w, g.k, g.k / 2);
+    let hw = g.hw();
+    dx.fill(0.0);
+    for c in 0..g.c_in {
+        let img = &mut dx[c * hw..(c + 1) * hw];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &dcols[((c * k + ky) * k + kx) * hw..][..hw];
+                for y in 0..h {
+                    let sy = y as isize + ky as isize - p as isize;
+                    if sy < 0 || sy >= h as isize {
+                        continue;
+                    }
+                    let src = &row[y * w..(y + 1) * w];
+                    let dst = &mut img[sy as usize * w..(sy as usize + 1) * w];
+                    let shift = kx as isize - p as isize;
+                    let (lo, hi) = (0.max(-shift) as usize, (w as isize).min(w as isize - shift) as usize);
+                    let d = &mut dst[(lo as isize + shift) as usize..(hi as isize + shift) as usize];
+                    for (a, b) in d.iter_mut().zip(&src[lo..hi]) {
+                        *a += b;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst (m × n) = [dst +] lhs · rhs` for row-major contiguous operands, `lhs` given transposed when
+/// `lhs_t` (stored `k × m`) and `rhs` when `rhs_t` (stored `n × k`).
+#[allow(clippy::too_many_arguments)]
+fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], acc: bool, lhs: &[f32], lhs_t: bool, rhs: &[f32], rhs_t: bool) {
+    let l = if lhs_t { (lhs.as_ptr(), 1, m as isize) } else { (lhs.as_ptr(), k as isize, 1) };
+    let r = if rhs_t { (rhs.as_ptr(), 1, k as isize) } else { (rhs.as_ptr(), n as isize, 1) };
+    debug_assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
+    // SAFETY: the three buffers hold m × n, m × k and k × n elements under the strides above.
+    unsafe { super::gemm(m, n, k, dst.as_mut_ptr(), acc, l, r) };
+}
+
+struct ConvOp;
+
+impl CustomOp3 for ConvOp {
+    fn name(&self) -> &'static str {
+        "flowmap-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, g) = Geometry::of(xl, wl)?;
+        let (x, w, bias) = (cpu_slice(xs, xl, "x")?, cpu_slice(ws, wl, "w")?, cpu_slice(bs, bl, "b")?);
+        let (hw, rows, o) = (g.hw(), g.rows(), g.c_out);
+        let mut y = vec![0.0f32; b * o * hw];
+        let blocks: Vec<(usize, &mut [f32])> = y.chunks_mut(IMAGES_PER_BLOCK * o * hw).enumerate().collect();
+        map_blocks(blocks, |(i, yb)| {
+            let mut cols = if g.k == 1 { Vec::new() } else { vec![0.0f32; rows * hw] };
+            for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
+                let n = i * IMAGES_PER_BLOCK + j;
+                let xi = &x[n * g.c_in * hw..(n + 1) * g.c_in * hw];
+                let cols: &[f32] = if g.k == 1 {
+                    xi
+                } else {
+                    im2col(g, xi, &mut cols);
+                    &cols
+                };
+                for (row, &bv) in yi.chunks_mut(hw).zip(bias) {
+                    row.fill(bv);
+                }
+                matmul(o, hw, rows, yi, true, w, false, cols, false);
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((b, o, g.h, g.w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let (bsz, c_in, h, wd) = x.dims4()?;
+        let (o, _, k, _) = w.dims4()?;
+        let g = Geometry { c_in, c_out: o, h, w: wd, k };
+        let (hw, rows) = (g.hw(), g.rows());
+        let (Some(xr), Some(wr), Some(gr)) = (super::read(&x), super::read(&w), super::read(&grad)) else {
+            candle_core::bail!("conv2d backward needs f32 CPU tensors");
+        };
+        let (xs, ws, gs) = (xr.slice(), wr.slice(), gr.slice());
+        let mut dx = vec![0.0f32; bsz * c_in * hw];
+        let blocks: Vec<(usize, &mut [f32])> = dx.chunks_mut(IMAGES_PER_BLOCK * c_in * hw).enumerate().collect();
+        // Per block: the input gradient of its images, and its partial weight and bias gradients.
+        let partials = map_blocks(blocks, |(i, dxb)| {
+            let mut cols = vec![0.0f32; rows * hw];
+            let mut dcols = if k == 1 { Vec::new() } else { vec![0.0f32; rows * hw] };
+            let mut dw = vec![0.0f32; o * rows + o];
+            for (j, dxi) in dxb.chunks_mut(c_in * hw).enumerate() {
+                let n = i * IMAGES_PER_BLOCK + j;
+                let xi = &xs[n * c_in * hw..(n + 1) * c_in * hw];
+                let gi = &gs[n * o * hw..(n + 1) * o * hw];
+                // dW += G · colsᵀ   (O × HW)·(HW × I k²)
+                let cols: &[f32] = if k == 1 {
+                    xi
+                } else {
+                    im2col(g, xi, &mut cols);
+                    &cols
+                };
+                let (dwm, db) = dw.split_at_mut(o * rows);
+                matmul(o, rows, hw, dwm, j > 0, gi, false, cols, true);
+                for (acc, row) in db.iter_mut().zip(gi.chunks(hw)) {
+                    *acc += row.iter().sum::<f32>();
+                }
+                // dcols = Wᵀ · G   (I k² × O)·(O × HW), then scattered back to the image.
+                if k == 1 {
+                    matmul(rows, hw, o, dxi, false, ws, true, gi, false);
+                } else {
+                    matmul(rows, hw, o, &mut dcols, false, ws, true, gi, false);
+                    col2im(g, &dcols, dxi);
+                }
+            }
+            dw
+        });
+        let dw = sum_in_order(partials).unwrap_or_else(|| vec![0.0; o * rows + o]);
+        let dev = x.device();
+        let dx = Tensor::from_vec(dx, (bsz, c_in, h, wd), dev)?;
+        let db = Tensor::from_slice(&dw[o * rows..], o, dev)?;
+        let dw = Tensor::from_slice(&dw[..o * rows], (o, c_in, k, k), dev)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        crate::Rng::new(seed)
+            .normal_tensor(shape, candle_core::DType::F32, &Device::Cpu)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The fused node against candle's convolution, in values and in all three gradients, at kernel sizes
+    /// 1 and 3, odd and even image sizes and batches that are not a multiple of the block.
+    #[test]
+    fn matches_candle_in_values_and_gradients() {
+        for (b, ci, co, h, w, k) in [(5, 3, 4, 7, 6, 3), (9, 2, 8, 4, 4, 1), (2, 4, 3, 5, 9, 5), (1, 1, 2, 3, 3, 3)] {
+            let x = Var::from_tensor(&rand(&[b, ci, h, w], 1)).unwrap();
+            let wt = Var::from_tensor(&rand(&[co, ci, k, k], 2)).unwrap();
+            let bias = Var::from_tensor(&rand(&[co], 3)).unwrap();
+            let probe = rand(&[b, co, h, w], 4);
+            let fast = conv2d(&x, &wt, &bias).unwrap();
+            let slow = plain(&x, &wt, &bias).unwrap();
+            assert!(max_diff(&fast, &slow) < 1e-4, "values at {b} {ci} {co} {h} {w} {k}");
+            let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &wt, &bias] {
+                let (a, c) = (gf.get(v).unwrap(), gs.get(v).unwrap());
+                let scale = c.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                assert!(max_diff(a, c) <= 1e-4 * scale.max(1.0), "gradient at {b} {ci} {co} {h} {w} {k}");
+            }
+        }
+    }
+
+    /// Same bits on one thread and on four.
+    #[test]
+    fn bit_identical_across_thread_counts() {
+        let x = Var::from_tensor(&rand(&[11, 3, 6, 6], 5)).unwrap();
+        let wt = Var::from_tensor(&rand(&[4, 3, 3, 3], 6)).unwrap();
+        let bias = Var::from_tensor(&rand(&[4], 7)).unwrap();
+        let run = |n| {
+            super::super::with_threads(n, || {
+                let y = conv2d(&x, &wt, &bias).unwrap();
+                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                (flat(&y), flat(g.get(&x).unwrap()), flat(g.get(&wt).unwrap()))
+            })
+        };
+        assert_eq!(run(1), run(4));
+    }
+}
