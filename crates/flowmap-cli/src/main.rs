@@ -1,8 +1,10 @@
 //! The `flowmap` command-line tool: the application over the `flowmap` library — its commands, reports,
 //! plots, the demo and the benchmarks.
 
+mod arch;
 mod bench;
 mod demo;
+mod grid;
 mod plot;
 mod report;
 
@@ -27,6 +29,7 @@ use flowmap::teacher::VelocityField;
 use flowmap::train::TrainConfig;
 use flowmap::{io, Cond};
 
+use arch::ArchFlags;
 use demo::DemoConfig;
 use report::{eval_table, progress_bar, Bar};
 
@@ -67,6 +70,8 @@ enum Command {
     Apply(ApplyArgs),
     /// Score samples against held-out data at several NFE (a teacher: Euler at each NFE and dopri5); writes metrics JSON, a Markdown table and plots.
     Eval(EvalArgs),
+    /// Train the image classifier whose features the image metrics (FD, precision, recall, accuracy) use.
+    Classifier(ClassifierArgs),
     /// The end-to-end demo on embedded data: teacher → EMD and LMD maps → report with figures.
     Demo(DemoArgs),
     /// Benchmarks that train for real and write JSON and Markdown.
@@ -180,18 +185,9 @@ struct TeacherArgs {
     out: PathBuf,
     #[command(flatten)]
     train: TrainFlags,
-    /// Hidden width.
-    #[arg(long, default_value_t = 256)]
-    hidden: usize,
-    /// Hidden layers.
-    #[arg(long, default_value_t = 3)]
-    depth: usize,
-    /// Frequencies of each sinusoidal time embedding.
-    #[arg(long, default_value_t = 16)]
-    time_features: usize,
-    /// Largest time-embedding frequency.
-    #[arg(long, default_value_t = 64.0)]
-    max_frequency: f64,
+    /// Backbone settings (an MLP defaults to width 256, depth 3, 16 time frequencies up to 64).
+    #[command(flatten)]
+    arch: ArchFlags,
 }
 
 #[derive(Args)]
@@ -265,18 +261,10 @@ struct MapFlags {
     /// estimate of the marginal velocity).
     #[arg(long)]
     meanflow_velocity: Option<String>,
-    /// Hidden width of a fresh student (network teachers set the architecture themselves).
-    #[arg(long, default_value_t = 256)]
-    hidden: usize,
-    /// Hidden layers of a fresh student.
-    #[arg(long, default_value_t = 3)]
-    depth: usize,
-    /// Frequencies of each sinusoidal time embedding of a fresh student.
-    #[arg(long, default_value_t = 8)]
-    time_features: usize,
-    /// Largest time-embedding frequency of a fresh student.
-    #[arg(long, default_value_t = 4.0)]
-    max_frequency: f64,
+    /// A fresh student's backbone (network teachers set the student's themselves; an MLP student defaults
+    /// to width 256, depth 3, 8 time frequencies up to 4).
+    #[command(flatten)]
+    arch: ArchFlags,
 }
 
 impl MapFlags {
@@ -352,14 +340,13 @@ impl MapFlags {
         Ok(dcfg)
     }
 
-    fn arch(&self, shape: &[usize]) -> Arch {
-        Arch::Mlp(MlpConfig {
-            hidden: self.hidden,
-            depth: self.depth,
-            time_features: self.time_features,
-            max_frequency: self.max_frequency,
+    fn arch(&self, shape: &[usize], classes: Option<usize>, file: &RunConfig) -> Result<Arch> {
+        let mlp = MlpConfig {
+            time_features: 8,
+            max_frequency: 4.0,
             ..MlpConfig::for_shape(shape)
-        })
+        };
+        self.arch.build(shape, classes, file, mlp)
     }
 }
 
@@ -387,9 +374,16 @@ struct SampleArgs {
     /// Number of samples.
     #[arg(long, default_value_t = 10_000)]
     n: usize,
-    /// Output .npy (n × D, float32).
+    /// Class of a class-conditional model's samples: K, all (sample i gets class i mod C, the default) or
+    /// null (the unconditional model).
+    #[arg(long)]
+    class: Option<String>,
+    /// Output .npy (n × state shape, float32; images in the data's own value range).
     #[arg(long)]
     out: PathBuf,
+    /// Also write the images as a PNG grid (one row per class with --class all).
+    #[arg(long)]
+    png: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -446,6 +440,31 @@ struct EvalArgs {
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
+    /// Images: the classifier whose features FD, precision and recall are measured in (default: the
+    /// shipped MNIST classifier).
+    #[arg(long)]
+    classifier: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct ClassifierArgs {
+    /// Labelled images (e.g. mnist, the embedded digits).
+    #[arg(long)]
+    data: String,
+    /// Output classifier (.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimisation steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Peak learning rate (AdamW, cosine decay).
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -533,6 +552,7 @@ fn run_command(cli: Cli) -> Result<()> {
         Command::Apply(a) => apply(a, &device),
         Command::Eval(a) => eval(a, &device),
         Command::Demo(a) => demo_cmd(a, &device, show),
+        Command::Classifier(a) => classifier_cmd(a, &device, show),
         Command::Bench(BenchCommand::Compare(a)) => {
             if !(a.budget_seconds > 0.0) {
                 bail!("--budget-seconds must be positive");
@@ -655,13 +675,8 @@ fn teacher(a: TeacherArgs, device: &Device, show: bool) -> Result<()> {
     let cfg = train_config(&a.train, file.train.clone());
     cfg.validate()?;
     let data = DataSource::from_spec(&a.data)?;
-    let arch = Arch::Mlp(MlpConfig {
-        hidden: a.hidden,
-        depth: a.depth,
-        time_features: a.time_features,
-        max_frequency: a.max_frequency,
-        ..MlpConfig::for_shape(&data.state_shape())
-    });
+    let shape = data.state_shape();
+    let arch = a.arch.build(&shape, data.num_classes(), &file, MlpConfig::for_shape(&shape))?;
     let pb = progress_bar(cfg.steps as u64, "teacher", show);
     let trained = pipeline::train_teacher(&data, &arch, &cfg, device, &Bar(&pb))?;
     pb.finish_and_clear();
@@ -684,6 +699,9 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
     cfg.validate()?;
     let dcfg = a.map.objective(file.distill_config(method)?, method)?;
     let teacher = Teacher::load(&a.teacher, device)?;
+    if matches!(teacher, Teacher::Net { .. }) && a.map.arch.any() {
+        bail!("a network teacher fixes the student's backbone (it starts as the teacher); drop the --arch flags");
+    }
     let data = match &a.data {
         Some(spec) => DataSource::from_spec(spec)?,
         None => teacher.data()?,
@@ -692,7 +710,7 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
         teacher: Some(&teacher),
         objective: dcfg,
         train: cfg,
-        arch: a.map.arch(&teacher.state_shape()),
+        arch: a.map.arch(&teacher.state_shape(), data.num_classes(), &file)?,
         device: device.clone(),
         ..MapJob::new(method, &data)
     };
@@ -710,7 +728,7 @@ fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
     let job = MapJob {
         objective: dcfg,
         train: cfg,
-        arch: a.map.arch(&data.state_shape()),
+        arch: a.map.arch(&data.state_shape(), data.num_classes(), &file)?,
         device: device.clone(),
         ..MapJob::new(method, &data)
     };
@@ -788,10 +806,61 @@ impl Model {
             Model::Teacher(t) => t.state_shape(),
         }
     }
+
+    /// The classes of a class-conditional model.
+    fn num_classes(&self) -> Option<usize> {
+        match self {
+            Model::Map(net, _) => net.arch().num_classes(),
+            Model::Teacher(Teacher::Net { meta, .. }) => meta.arch.num_classes(),
+            Model::Teacher(_) => None,
+        }
+    }
+
+    /// How the data's values map to `[−1, 1]`, when the model was trained on images.
+    fn scale(&self) -> Option<flowmap::data::Scale> {
+        match self {
+            Model::Map(_, ck) => ck.meta.scale,
+            Model::Teacher(Teacher::Net { meta, .. }) => meta.scale,
+            Model::Teacher(_) => None,
+        }
+    }
+}
+
+/// The condition of `n` samples of a model with `classes` under `--class` (`K`, `all` or `null`), and the
+/// number of grid rows it asks for (one per class for `all`).
+fn class_cond(spec: Option<&str>, n: usize, classes: Option<usize>, device: &Device) -> Result<(Cond, usize)> {
+    let Some(c) = classes else {
+        if spec.is_some_and(|s| s != "null") {
+            bail!("--class {}: the model is unconditional (it was trained without labels)", spec.unwrap_or(""));
+        }
+        return Ok((Cond::none(), 0));
+    };
+    let labels: Vec<u32> = match spec.unwrap_or("all") {
+        "all" => (0..n).map(|i| (i % c) as u32).collect(),
+        "null" => vec![c as u32; n],
+        k => match k.parse::<usize>() {
+            Ok(k) if k < c => vec![k as u32; n],
+            Ok(k) => bail!("--class {k} is out of range: the model has classes 0..{}", c - 1),
+            Err(_) => bail!("--class '{k}' is not a class number, all or null"),
+        },
+    };
+    let rows = if spec.unwrap_or("all") == "all" { c } else { 0 };
+    Ok((Cond::from_classes(&labels, c, device)?, rows))
+}
+
+/// `x` in the data's own value range (images), as the model's checkpoint records it.
+fn to_data_range(x: &Tensor, scale: Option<flowmap::data::Scale>) -> Result<Tensor> {
+    Ok(match scale {
+        Some(s) => x.affine(0.5 * (s.hi - s.lo), s.lo + 0.5 * (s.hi - s.lo))?,
+        None => x.clone(),
+    })
 }
 
 fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
     check_output(&a.out, "npy")?;
+    if let Some(p) = &a.png {
+        check_output(p, "png")?;
+    }
     if a.n == 0 {
         bail!("--n must be at least 1");
     }
@@ -799,6 +868,12 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
         bail!("--nfe must be at least 1");
     }
     let model = load_model(&a.model, device)?;
+    let shape = model.state_shape();
+    if a.png.is_some() && shape.len() != 3 {
+        bail!("--png writes image grids; this model's states have shape {shape:?}");
+    }
+    let (cond, rows) = class_cond(a.class.as_deref(), a.n, model.num_classes(), device)?;
+    let chunk = sample::chunk_rows(&shape);
     let (x, nfe, what) = match &model {
         Model::Map(net, ck) => {
             let grid = match &a.grid {
@@ -806,10 +881,10 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
                 None => TimeGrid::power(a.nfe, a.grid_power)?,
             };
             let sampler = map_sampler(a.sampler.as_deref(), ck, grid.steps() > 1)?;
-            let z = sample::noise(a.n, &model.state_shape(), a.seed, device)?;
+            let z = sample::noise(a.n, &shape, a.seed, device)?;
             let path = ck.meta.probability_path()?;
-            let cx = SampleContext::new(a.seed).with_path(&*path);
-            let out = sample::sample_with(net, &z, &grid, sampler, &cx)?;
+            let cx = SampleContext::new(a.seed).with_path(&*path).with_cond(&cond);
+            let out = sample::in_chunks(&z, &cx, chunk, |z, cx| sample::sample_with(net, z, &grid, sampler, cx))?;
             (out.x, out.nfe, format!("flow map on grid {grid}, {sampler:?} sampler"))
         }
         Model::Teacher(t) => {
@@ -817,12 +892,17 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
                 bail!("--grid and --grid-power apply to flow maps; teachers take --solver and --nfe");
             }
             let solver = teacher_solver(&a.solver, a.nfe)?;
-            let z = sample::noise(a.n, &model.state_shape(), a.seed, device)?;
-            let out = sample::sample_ode(t, &z, solver, &Cond::none())?;
+            let z = sample::noise(a.n, &shape, a.seed, device)?;
+            let cx = SampleContext::new(a.seed).with_cond(&cond);
+            let out = sample::in_chunks(&z, &cx, chunk, |z, cx| sample::sample_ode(t, z, solver, cx.cond))?;
             (out.x, out.nfe, format!("teacher, {solver}"))
         }
     };
-    write_tensor(&a.out, &x)?;
+    if let Some(p) = &a.png {
+        let rows = if rows > 0 { rows } else { (a.n as f64).sqrt().ceil() as usize };
+        grid::write_grid(p, &x, rows)?;
+    }
+    write_tensor(&a.out, &to_data_range(&x, model.scale())?)?;
     eprintln!("{} samples ({what}), NFE {nfe}; wrote {}", a.n, a.out.display());
     Ok(())
 }
@@ -966,6 +1046,12 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
         }
         Model::Teacher(_) => None,
     };
+    if model.state_shape().len() == 3 {
+        return eval_images(&a, &model, &data, &nfes, sampler, device);
+    }
+    if a.classifier.is_some() {
+        bail!("--classifier applies to image models");
+    }
     let out = OutDir::create(&a.out)?;
     let reference = data.heldout(a.n, a.seed);
     let n_ref = reference.len() / dim;
@@ -1044,6 +1130,93 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
     }
     io::write_text(&out.file("metrics.md"), &md)?;
     print!("{}", eval_table(&rows));
+    Ok(())
+}
+
+/// The classifier named by `--classifier`, or the shipped MNIST one.
+fn load_classifier(path: Option<&Path>, device: &Device) -> Result<flowmap::classifier::Classifier> {
+    Ok(match path {
+        Some(p) => flowmap::classifier::Classifier::load(p, device)?,
+        None => flowmap::classifier::Classifier::embedded_mnist(device)?,
+    })
+}
+
+/// `eval` on images: FD, precision, recall and class accuracy at each NFE beside the data's floor, and a
+/// grid per row.
+fn eval_images(
+    a: &EvalArgs,
+    model: &Model,
+    data: &DataSource,
+    nfes: &[usize],
+    sampler: Option<Sampler>,
+    device: &Device,
+) -> Result<()> {
+    let clf = load_classifier(a.classifier.as_deref(), device)?;
+    let ev = pipeline::images::ImageEval::new(&clf, data, a.n, a.seed, device)?;
+    let out = OutDir::create(&a.out)?;
+    let classes = model.num_classes();
+    let mut rows = vec![ev.floor(data, device)?];
+    let (r, samples) = match (model, sampler) {
+        (Model::Map(net, ck), Some(sampler)) => {
+            let path = ck.meta.probability_path()?;
+            ev.map("flow map", net, classes, nfes, sampler, &*path, device)?
+        }
+        (Model::Map(..), None) => unreachable!("a flow map's sampler is resolved before"),
+        (Model::Teacher(t), _) => {
+            let mut solvers: Vec<Solver> = nfes.iter().map(|&k| Solver::fixed(ode::Scheme::Euler, k)).collect();
+            solvers.push(Solver::dopri5(1e-5));
+            ev.teacher("teacher", t, classes, &solvers, device)?
+        }
+    };
+    let mut md = format!(
+        "# flowmap eval: {}
+
+{} samples per row against held-out images of '{}', in the features of the classifier trained on '{}' (held-out accuracy {:.2}%).
+
+",
+        a.model,
+        a.n,
+        data.name(),
+        clf.meta.data,
+        100.0 * clf.meta.heldout_accuracy
+    );
+    let grid_rows = classes.unwrap_or(10);
+    for (i, (row, x)) in r.iter().zip(&samples).enumerate() {
+        let name = format!("grid-{i}-nfe{}.png", row.nfe);
+        let shown = x.narrow(0, 0, x.dim(0)?.min(grid_rows * 10))?;
+        grid::write_grid(&out.file(&name), &shown, grid_rows)?;
+        md += &format!("![{} NFE {}]({name}) ", row.sampler, row.nfe);
+    }
+    rows.extend(r);
+    let table = report::image_table(&rows);
+    md = format!("{md}\n\n{table}");
+    io::write_text(&out.file("metrics.json"), &serde_json::to_string_pretty(&serde_json::json!({ "rows": rows }))?)?;
+    io::write_text(&out.file("metrics.md"), &md)?;
+    print!("{table}");
+    Ok(())
+}
+
+fn classifier_cmd(a: ClassifierArgs, device: &Device, show: bool) -> Result<()> {
+    check_output(&a.out, "safetensors")?;
+    let data = DataSource::from_spec(&a.data)?;
+    let cfg = flowmap::classifier::ClassifierTraining {
+        steps: a.steps,
+        batch_size: a.batch,
+        lr: a.lr,
+        seed: a.seed,
+    };
+    let pb = progress_bar(cfg.steps as u64, "classifier", show);
+    let start = std::time::Instant::now();
+    let (clf, vars) = flowmap::classifier::train(&data, &cfg, device, &Bar(&pb))?;
+    pb.finish_and_clear();
+    flowmap::classifier::save(&a.out, &clf, &vars)?;
+    eprintln!(
+        "classifier: {} steps in {:.1}s, held-out accuracy {:.2}%; wrote {}",
+        cfg.steps,
+        start.elapsed().as_secs_f64(),
+        100.0 * clf.meta.heldout_accuracy,
+        a.out.display()
+    );
     Ok(())
 }
 

@@ -67,6 +67,9 @@ pub struct CheckpointMeta {
     pub training: serde_json::Value,
     /// The flowmap version that wrote the file.
     pub version: String,
+    /// How the data's values were mapped to `[−1, 1]` (images), so samples go back to the data's range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<crate::data::Scale>,
 }
 
 /// The metadata as stored, today's layout or the earlier one (`model`: an untagged MLP config).
@@ -83,6 +86,8 @@ struct MetaRepr {
     mixture: Option<GaussianMixture>,
     training: serde_json::Value,
     version: String,
+    #[serde(default)]
+    scale: Option<crate::data::Scale>,
 }
 
 impl TryFrom<MetaRepr> for CheckpointMeta {
@@ -108,6 +113,7 @@ impl TryFrom<MetaRepr> for CheckpointMeta {
             mixture: m.mixture,
             training: m.training,
             version: m.version,
+            scale: m.scale,
         })
     }
 }

@@ -73,6 +73,21 @@ impl Cond {
         })
     }
 
+    /// Each label replaced by the null class `num_classes` with probability `p` (one draw per row, in row
+    /// order); a condition without labels is returned as is, with no draws.
+    pub fn drop_labels(&self, p: f64, num_classes: usize, rng: &mut crate::Rng) -> Result<Self> {
+        let Some(l) = &self.labels else {
+            return Ok(self.clone());
+        };
+        let mut v = l.to_vec1::<u32>()?;
+        for label in v.iter_mut() {
+            if rng.uniform() < p {
+                *label = num_classes as u32;
+            }
+        }
+        Cond::from_classes(&v, num_classes, l.device())
+    }
+
     /// Errors unless the per-row inputs have `b` rows.
     pub fn check_rows(&self, b: usize) -> Result<()> {
         match &self.labels {

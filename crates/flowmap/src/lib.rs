@@ -20,11 +20,13 @@
 
 pub mod backbone;
 pub mod checkpoint;
+pub mod classifier;
 pub mod cond;
 pub mod data;
 pub mod device;
 mod error;
 pub mod flow_map;
+pub mod image_metrics;
 pub mod io;
 pub mod jvp;
 pub mod kernels;

@@ -148,6 +148,42 @@ pub fn sample_ode(field: &dyn VelocityField, noise: &Tensor, solver: Solver, c: 
     Ok(Sampled { x, nfe: counted.nfe() })
 }
 
+/// Rows per chunk when sampling states of `shape` at bounded memory: images 256 at a time, points all at
+/// once (so that their samples are the bits of one batch).
+pub fn chunk_rows(shape: &[usize]) -> usize {
+    if shape.len() >= 3 {
+        256
+    } else {
+        usize::MAX
+    }
+}
+
+/// `run` on consecutive chunks of at most `chunk` rows of `noise` and of `cx.cond`, the samples joined in
+/// order; chunk `i > 0` re-noises from a seed of its own. The NFE reported is the most any chunk spent (the
+/// per-sample cost). With one chunk this is `run(noise, cx)` itself.
+pub fn in_chunks(
+    noise: &Tensor,
+    cx: &SampleContext<'_>,
+    chunk: usize,
+    mut run: impl FnMut(&Tensor, &SampleContext<'_>) -> Result<Sampled>,
+) -> Result<Sampled> {
+    let n = noise.dim(0)?;
+    if n <= chunk {
+        return run(noise, cx);
+    }
+    let (mut parts, mut nfe) = (Vec::new(), 0);
+    for (i, start) in (0..n).step_by(chunk.max(1)).enumerate() {
+        let len = chunk.min(n - start);
+        let cond = cx.cond.narrow(start, len)?;
+        let seed = Rng::derive(cx.seed, &format!("chunk-{i}")).below(usize::MAX) as u64;
+        let sub = SampleContext { cond: &cond, path: cx.path, seed: if i == 0 { cx.seed } else { seed } };
+        let out = run(&noise.narrow(0, start, len)?, &sub)?;
+        nfe = nfe.max(out.nfe);
+        parts.push(out.x);
+    }
+    Ok(Sampled { x: Tensor::cat(&parts, 0)?, nfe })
+}
+
 /// Seeded `N(0, I)` noise for `n` states of shape `shape` (`n × shape…`), f32.
 pub fn noise(n: usize, shape: &[usize], seed: u64, device: &Device) -> Result<Tensor> {
     Rng::derive(seed, "noise").normal_tensor(state::batch_shape(n, shape), DType::F32, device)

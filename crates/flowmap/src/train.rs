@@ -32,6 +32,10 @@ pub struct TrainConfig {
     /// A wall-clock budget: when set, training stops after this many seconds (or `steps`, whichever comes
     /// first) and schedules follow the elapsed fraction of the budget.
     pub max_seconds: Option<f64>,
+    /// The probability that a class-conditional model sees a training example under the null class instead
+    /// of its label, so that one network is both conditional and unconditional (classifier-free guidance
+    /// needs both). Unconditional models ignore it.
+    pub label_dropout: f64,
 }
 
 impl Default for TrainConfig {
@@ -46,6 +50,7 @@ impl Default for TrainConfig {
             ema_decay: 0.999,
             seed: 0,
             max_seconds: None,
+            label_dropout: 0.1,
         }
     }
 }
@@ -60,6 +65,12 @@ impl TrainConfig {
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(Error::arg(format!("learning rate must be positive, got {}", self.lr)));
+        }
+        if !(0.0..1.0).contains(&self.label_dropout) {
+            return Err(Error::arg(format!(
+                "label dropout must lie in [0, 1), got {}",
+                self.label_dropout
+            )));
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
             return Err(Error::arg(format!(
@@ -145,8 +156,9 @@ pub struct Trainable<'a, M: ?Sized> {
     pub ema_target: bool,
     /// The probability path the model is trained on.
     pub path: &'a dyn ProbabilityPath,
-    /// Whether the model reads class labels; an unconditional model's batches carry none.
-    pub conditional: bool,
+    /// The classes of a class-conditional model (its null class is this number); an unconditional
+    /// model's batches carry no labels.
+    pub classes: Option<usize>,
 }
 
 /// Runs `cfg.steps` steps of `objective` on batches from `data` (states with their labels, if any),
@@ -215,10 +227,10 @@ pub fn fit_with_hook<O: Objective>(
         }
         opt.set_learning_rate(cfg.lr_at(step, frac));
         let batch = data.sample_batch(cfg.batch_size, &mut rng, DType::F32, device)?;
-        let cond = if trainable.conditional {
-            batch.cond
-        } else {
-            Cond::none()
+        let cond = match trainable.classes {
+            Some(c) if cfg.label_dropout > 0.0 => batch.cond.drop_labels(cfg.label_dropout, c, &mut rng)?,
+            Some(_) => batch.cond,
+            None => Cond::none(),
         };
         let x1 = rng.normal_tensor(batch.x0.shape(), DType::F32, device)?;
         let mut cx = StepContext {

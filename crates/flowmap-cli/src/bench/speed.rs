@@ -356,7 +356,7 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
                 ema: Some((&n.teacher_ema, &n.teacher_ema_net)),
                 ema_target: false,
                 path: &LinearPath,
-                conditional: false,
+                classes: None,
             };
             let r = steps_per_second(&FlowMatching::new(), &trainable, &data, batch, opts.seconds, device)?;
             push(
@@ -378,7 +378,7 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
                 ema: Some((&n.map_ema, &n.map_ema_net)),
                 ema_target: false,
                 path: &LinearPath,
-                conditional: false,
+                classes: None,
             };
             let r = steps_per_second(&emd, &trainable, &data, batch, opts.seconds, device)?;
             let n_diag = ((batch as f64) * dcfg.times.diagonal_fraction).round() as usize;

@@ -13,6 +13,7 @@ use crate::{state, Error, Result};
 
 /// Architecture of the time-conditioned MLP.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MlpConfig {
     /// Data dimension `D` (the number of values in one state).
     pub dim: usize,

@@ -13,6 +13,7 @@ mod toy;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
 
 pub use csv_file::read_csv;
 pub use gmm::GaussianMixture;
@@ -37,7 +38,44 @@ pub enum DataSource {
         heldout: Matrix,
         shape: Vec<usize>,
         labels: Option<Labels>,
+        /// How image values were mapped to `[−1, 1]`; `None` for points, which are used as given.
+        scale: Option<Scale>,
     },
+}
+
+/// The affine map between a data set's own value range `[lo, hi]` and the model's `[−1, 1]`:
+/// `x = 2·(v − lo)/(hi − lo) − 1` (uint8 images: `lo = 0`, `hi = 255`, i.e. `v/127.5 − 1`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scale {
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl Scale {
+    /// uint8 pixels, `0..=255`.
+    pub const U8: Scale = Scale { lo: 0.0, hi: 255.0 };
+
+    /// The range of `values` (an error when they are all equal: nothing to scale).
+    pub fn of(values: &[f64], what: &str) -> Result<Self> {
+        let (lo, hi) = values
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        if !(hi > lo) {
+            return Err(Error::data(format!("{what}: every value is {lo}; there is no range to scale to [-1, 1]")));
+        }
+        Ok(Scale { lo, hi })
+    }
+
+    /// Data values to `[−1, 1]`.
+    pub fn to_model(&self, v: f64) -> f64 {
+        2.0 * (v - self.lo) / (self.hi - self.lo) - 1.0
+    }
+
+    /// Model values back to the data's range.
+    pub fn to_data(&self, x: f64) -> f64 {
+        self.lo + (x + 1.0) * 0.5 * (self.hi - self.lo)
+    }
 }
 
 /// The class labels of a finite data set, split like its points.
@@ -85,7 +123,7 @@ impl DataSource {
             }
         };
         let shape = vec![matrix.cols];
-        Self::points(spec, matrix, shape, None)
+        Self::points(spec, matrix, shape, None, None)
     }
 
     /// Grey-scale images `1 × H × W` scaled to [−1, 1], with their labels when known (classes `0..=max`).
@@ -104,10 +142,10 @@ impl DataSource {
                 )));
             }
         }
-        Self::points(name, Matrix::new(m.count, m.dim(), m.to_signed_unit()), shape, labels)
+        Self::points(name, Matrix::new(m.count, m.dim(), m.to_signed_unit()), shape, labels, Some(Scale::U8))
     }
 
-    fn points(name: &str, m: Matrix, shape: Vec<usize>, labels: Option<Vec<u32>>) -> Result<Self> {
+    fn points(name: &str, m: Matrix, shape: Vec<usize>, labels: Option<Vec<u32>>, scale: Option<Scale>) -> Result<Self> {
         check_finite(&m.data, name)?;
         if m.rows < 10 {
             return Err(Error::data(format!(
@@ -141,7 +179,16 @@ impl DataSource {
             heldout: take(he),
             shape,
             labels,
+            scale,
         })
+    }
+
+    /// How image values were mapped to `[−1, 1]` (`None` for points).
+    pub fn scale(&self) -> Option<Scale> {
+        match self {
+            DataSource::Points { scale, .. } => *scale,
+            _ => None,
+        }
     }
 
     /// The spec string this source was made from (the name recorded in checkpoints and reports).
@@ -175,6 +222,14 @@ impl DataSource {
         match self {
             DataSource::Points { labels: Some(l), .. } => Some(l.num_classes),
             _ => None,
+        }
+    }
+
+    /// The size of the held-out split of a finite set (`usize::MAX` for generators, which have no end).
+    pub fn heldout_len(&self) -> usize {
+        match self {
+            DataSource::Points { heldout, .. } => heldout.rows,
+            _ => usize::MAX,
         }
     }
 

@@ -19,6 +19,10 @@ pub struct RunConfig {
     /// The `[distill]` table as written; [`RunConfig::distill_config`] lays it over a method's defaults.
     #[serde(default)]
     pub distill: Option<toml::Table>,
+    /// The `[arch]` table as written: `kind = "mlp" | "unet"` and the backbone's settings
+    /// ([`crate::backbone::MlpConfig`], [`crate::backbone::UnetConfig`]), laid over its defaults.
+    #[serde(default)]
+    pub arch: Option<toml::Table>,
 }
 
 impl RunConfig {
@@ -31,6 +35,36 @@ impl RunConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// The backbone the `[arch]` table names with its `kind`, if it names one.
+    pub fn arch_kind(&self) -> Result<Option<String>> {
+        match self.arch.as_ref().and_then(|t| t.get("kind")) {
+            None => Ok(None),
+            Some(toml::Value::String(k)) => Ok(Some(k.clone())),
+            Some(other) => Err(Error::Config(format!("[arch]: kind must be a string, got {other}"))),
+        }
+    }
+
+    /// `base` with the `[arch]` table's keys laid over it (a `kind` that differs from `base`'s is an error).
+    pub fn arch_over(&self, base: crate::backbone::Arch) -> Result<crate::backbone::Arch> {
+        let Some(table) = &self.arch else {
+            return Ok(base);
+        };
+        if let Some(k) = self.arch_kind()? {
+            if k != base.name() {
+                return Err(Error::Config(format!("[arch]: kind '{k}', but the run builds a {}", base.name())));
+            }
+        }
+        let mut merged = toml::Value::try_from(&base).map_err(|e| Error::Config(e.to_string()))?;
+        if let toml::Value::Table(m) = &mut merged {
+            for (k, v) in table {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        merged
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(format!("[arch]: {}", e.message())))
     }
 
     /// `method`'s defaults ([`DistillConfig::for_method`]) with the `[distill]` table laid over them: a

@@ -4,6 +4,7 @@
 
 mod config;
 mod eval;
+pub mod images;
 mod train;
 
 use std::path::{Path, PathBuf};

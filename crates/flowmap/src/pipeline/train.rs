@@ -81,7 +81,7 @@ pub fn train_teacher(
         ema: Some((&ema, &ema_net)),
         ema_target: false,
         path: &*path,
-        conditional: arch.num_classes().is_some(),
+        classes: arch.num_classes(),
     };
     let log = fit(&FlowMatching::new(), &trainable, data, cfg, device, progress)?;
     let meta = CheckpointMeta {
@@ -92,6 +92,7 @@ pub fn train_teacher(
         mixture: mixture_of(data),
         training: serde_json::json!({ "objective": "fm", "train": cfg }),
         version: env!("CARGO_PKG_VERSION").into(),
+        scale: data.scale(),
     };
     Ok(TrainedTeacher {
         net: ema_net,
@@ -207,7 +208,7 @@ impl<'a> MapJob<'a> {
             ema: Some((&ema, &ema_net)),
             ema_target: self.objective.target == TargetNet::Ema,
             path: &*path,
-            conditional: arch.num_classes().is_some(),
+            classes: arch.num_classes(),
         };
         let objective = crate::objective::build(
             method,
@@ -248,6 +249,7 @@ impl<'a> MapJob<'a> {
                 "train": self.train,
             }),
             version: env!("CARGO_PKG_VERSION").into(),
+            scale: self.data.scale(),
         };
         Ok(TrainedMap {
             net: ema_net,
