@@ -239,13 +239,23 @@ impl GroupNorm {
     }
 }
 
+impl GroupNorm {
+    /// `act(GN(x) ⊙ (1 + a) + b)` with `[a, b] = ss` (`B × 2C`; none: `GN(x)`), SiLU when `silu`: one fused
+    /// node on the CPU ([`kernels::group_norm`]), candle's primitive ops elsewhere.
+    pub fn forward_modulated(&self, x: &Tensor, ss: Option<&Tensor>, silu: bool) -> Result<Tensor> {
+        let affine = Tensor::cat(&[&self.weight, &self.bias], 0)?;
+        let ss = match ss {
+            Some(s) => s.clone(),
+            None => Tensor::zeros((x.dim(0)?, 2 * self.weight.dim(0)?), x.dtype(), x.device())?,
+        };
+        kernels::group_norm(x, self.groups, self.eps, &affine, &ss, silu)
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let run = || -> Result<Tensor> {
-            let (xhat, _) = self.standardise(x)?;
-            self.affine(&xhat, x.dims(), true)
-        };
-        run().map_err(|e| candle_core::Error::Msg(e.to_string()))
+        self.forward_modulated(x, None, false)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
 
@@ -378,6 +388,8 @@ trait Flow: Sized + Clone {
     fn upsample(&self) -> Result<Self>;
     /// `h ⊙ (1 + scale) + shift` with `[scale, shift] = ss`, `B × 2C`.
     fn modulate(&self, ss: &Self) -> Result<Self>;
+    /// `act(GN(h) ⊙ (1 + a) + b)` (SiLU when `silu`; no modulation without `ss`).
+    fn norm(&self, n: &GroupNorm, ss: Option<&Self>, silu: bool) -> Result<Self>;
     /// Dropout with the same mask for a value and its tangent.
     fn dropout(&self, mask: Option<&Tensor>) -> Result<Self>;
     fn primal(&self) -> &Tensor;
@@ -422,6 +434,9 @@ impl Flow for Tensor {
     fn modulate(&self, ss: &Self) -> Result<Self> {
         let (scale, shift) = scale_shift(ss)?;
         Ok(self.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?)
+    }
+    fn norm(&self, n: &GroupNorm, ss: Option<&Self>, silu: bool) -> Result<Self> {
+        n.forward_modulated(self, ss, silu)
     }
     fn dropout(&self, mask: Option<&Tensor>) -> Result<Self> {
         Ok(match mask {
@@ -473,6 +488,16 @@ impl Flow for Dual {
             .broadcast_add(&db)?;
         Ok(Dual(y, dy))
     }
+    fn norm(&self, n: &GroupNorm, ss: Option<&Self>, silu: bool) -> Result<Self> {
+        let mut h = self.layer(n)?;
+        if let Some(ss) = ss {
+            h = h.modulate(ss)?;
+        }
+        if silu {
+            h = h.silu()?;
+        }
+        Ok(h)
+    }
     fn dropout(&self, mask: Option<&Tensor>) -> Result<Self> {
         Ok(match mask {
             Some(m) => Dual((&self.0 * m)?, (&self.1 * m)?),
@@ -509,9 +534,9 @@ impl ResBlock {
 
     /// `act_emb` is `SiLU(emb)`, shared by every block.
     fn run<V: Flow>(&self, x: &V, act_emb: &V, mask: Option<&Tensor>) -> Result<V> {
-        let h = x.layer(&self.norm1)?.silu()?.layer(&self.conv1)?;
-        let h = h.layer(&self.norm2)?.modulate(&act_emb.layer(&self.emb)?)?;
-        let h = h.silu()?.dropout(mask)?.layer(&self.conv2)?;
+        let h = x.norm(&self.norm1, None, true)?.layer(&self.conv1)?;
+        let ss = act_emb.layer(&self.emb)?;
+        let h = h.norm(&self.norm2, Some(&ss), true)?.dropout(mask)?.layer(&self.conv2)?;
         let skip = match &self.skip {
             Some(s) => x.layer(s)?,
             None => x.clone(),
@@ -713,7 +738,7 @@ impl Unet {
                 h = h.upsample()?;
             }
         }
-        h.layer(&self.out_norm)?.silu()?.layer(&self.out_conv)
+        h.norm(&self.out_norm, None, true)?.layer(&self.out_conv)
     }
 }
 

@@ -31,6 +31,7 @@ mod conv;
 mod dense;
 mod embed;
 mod mlp;
+mod norm;
 mod pool;
 mod simd;
 
@@ -44,6 +45,7 @@ pub use conv::{conv2d, plain as conv2d_plain};
 pub use dense::{dense, dense_jvp, plain as dense_plain, Activation};
 pub use embed::conditioning;
 pub use mlp::{mlp, Layer};
+pub use norm::{group_norm, plain as group_norm_plain};
 pub(crate) use simd::AdamScalars;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);

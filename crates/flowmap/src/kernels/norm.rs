@@ -1,0 +1,256 @@
+//! GroupNorm with its affine map, an optional per-sample scale and shift (`h ⊙ (1 + a) + b`, the U-Net's
+//! conditioning) and an optional SiLU, as one graph node on the CPU with its backward:
+//!
+//! ```text
+//! x̂ = (x − μ_g)/σ_g,   n = γ ⊙ x̂ + β,   z = n ⊙ (1 + a) + b,   y = silu(z) or z
+//! ```
+//!
+//! Composed from candle ops this is about a dozen full-size tensors forward and as many backward; fused
+//! it reads `x` once per pass. Images are independent; the parameter gradients' per-image partial sums are
+//! added in image order, so the result has the same bits on any number of threads.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use super::{applies, cpu_slice, map_blocks, sum_in_order};
+use crate::Result;
+
+/// `silu(z)` or `z` per [`group_norm`]; `affine` is `[γ; β]` (`2C`), `ss` the per-sample `[a, b]`
+/// (`B × 2C`, zeros for none). Gradients flow to `x`, `affine` and `ss`.
+pub fn group_norm(x: &Tensor, groups: usize, eps: f64, affine: &Tensor, ss: &Tensor, silu: bool) -> Result<Tensor> {
+    if applies(x.device(), x.dtype()) && x.rank() == 4 {
+        let (x, affine, ss) = (x.contiguous()?, affine.contiguous()?, ss.contiguous()?);
+        let op = NormOp { groups, eps, silu };
+        let tracked = super::grad_enabled() && (x.track_op() || affine.track_op() || ss.track_op());
+        return Ok(if tracked {
+            x.apply_op3(&affine, &ss, op)?
+        } else {
+            x.apply_op3_no_bwd(&affine, &ss, &op)?
+        });
+    }
+    plain(x, groups, eps, affine, ss, silu)
+}
+
+/// The reference, from candle's primitive ops.
+pub fn plain(x: &Tensor, groups: usize, eps: f64, affine: &Tensor, ss: &Tensor, silu: bool) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let g = x.reshape((b, groups, (c / groups) * h * w))?;
+    let centred = g.broadcast_sub(&g.mean_keepdim(2)?)?;
+    let inv = (centred.sqr()?.mean_keepdim(2)? + eps)?.sqrt()?.recip()?;
+    let xhat = centred.broadcast_mul(&inv)?.reshape((b, c, h, w))?;
+    let col = |t: &Tensor| t.reshape((1, c, 1, 1));
+    let n = xhat
+        .broadcast_mul(&col(&affine.narrow(0, 0, c)?)?)?
+        .broadcast_add(&col(&affine.narrow(0, c, c)?)?)?;
+    let a = ss.narrow(1, 0, c)?.reshape((b, c, 1, 1))?;
+    let sh = ss.narrow(1, c, c)?.reshape((b, c, 1, 1))?;
+    let z = n.broadcast_mul(&(a + 1.0)?)?.broadcast_add(&sh)?;
+    Ok(if silu { z.silu()? } else { z })
+}
+
+struct NormOp {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    c: usize,
+    hw: usize,
+    groups: usize,
+}
+
+/// `(μ, 1/σ)` of each group of one image.
+fn stats(x: &[f32], d: Dims, eps: f64) -> Vec<(f32, f32)> {
+    let per = d.c / d.groups * d.hw;
+    x.chunks(per)
+        .map(|g| {
+            let mean = g.iter().map(|&v| v as f64).sum::<f64>() / per as f64;
+            let var = g.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / per as f64;
+            (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+        })
+        .collect()
+}
+
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+impl CustomOp3 for NormOp {
+    fn name(&self) -> &'static str {
+        "flowmap-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, c, h, w) = xl.shape().dims4()?;
+        if c % self.groups != 0 {
+            candle_core::bail!("group norm: {c} channels do not divide into {} groups", self.groups);
+        }
+        let d = Dims { c, hw: h * w, groups: self.groups };
+        let (x, p, s) = (cpu_slice(xs, xl, "x")?, cpu_slice(ps, pl, "affine")?, cpu_slice(ss, sl, "ss")?);
+        let (gamma, beta) = p.split_at(c);
+        let mut y = vec![0.0f32; x.len()];
+        let img = c * d.hw;
+        let blocks: Vec<(usize, &mut [f32])> = y.chunks_mut(img).enumerate().collect();
+        map_blocks(blocks, |(i, yi)| {
+            let xi = &x[i * img..(i + 1) * img];
+            let st = stats(xi, d, self.eps);
+            let (a, sh) = s[i * 2 * c..(i + 1) * 2 * c].split_at(c);
+            for ch in 0..c {
+                let (mean, inv) = st[ch / (c / d.groups)];
+                let k = gamma[ch] * (1.0 + a[ch]);
+                let scale = inv * k;
+                let offset = beta[ch] * (1.0 + a[ch]) + sh[ch] - mean * scale;
+                let (src, dst) = (&xi[ch * d.hw..(ch + 1) * d.hw], &mut yi[ch * d.hw..(ch + 1) * d.hw]);
+                for (o, &v) in dst.iter_mut().zip(src) {
+                    let z = v * scale + offset;
+                    *o = if self.silu { z * sigmoid(z) } else { z };
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        affine: &Tensor,
+        ss: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (b, c, h, w) = x.dims4()?;
+        let d = Dims { c, hw: h * w, groups: self.groups };
+        let (Some(xr), Some(pr), Some(sr), Some(gr)) =
+            (super::read(x), super::read(affine), super::read(ss), super::read(&grad))
+        else {
+            candle_core::bail!("group norm backward needs contiguous f32 CPU tensors");
+        };
+        let (xs, p, s, gs) = (xr.slice(), pr.slice(), sr.slice(), gr.slice());
+        let (gamma, beta) = p.split_at(c);
+        let img = c * d.hw;
+        let per_group = c / d.groups;
+        let mut dx = vec![0.0f32; xs.len()];
+        let mut dss = vec![0.0f32; b * 2 * c];
+        let blocks: Vec<((usize, &mut [f32]), &mut [f32])> =
+            dx.chunks_mut(img).enumerate().zip(dss.chunks_mut(2 * c)).collect();
+        // Per image: its dx and d[a, b], and its partial dγ, dβ.
+        let partials = map_blocks(blocks, |((i, dxi), dssi)| {
+            let xi = &xs[i * img..(i + 1) * img];
+            let gi = &gs[i * img..(i + 1) * img];
+            let st = stats(xi, d, self.eps);
+            let (a, sh) = s[i * 2 * c..(i + 1) * 2 * c].split_at(c);
+            let mut dp = vec![0.0f32; 2 * c];
+            // g_x̂ for the whole image, then the per-group projection.
+            let mut gxhat = vec![0.0f32; img];
+            for ch in 0..c {
+                let (mean, inv) = st[ch / per_group];
+                let one_a = 1.0 + a[ch];
+                let (mut g_a, mut g_sh, mut g_gamma, mut g_beta) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+                for j in ch * d.hw..(ch + 1) * d.hw {
+                    let xhat = (xi[j] - mean) * inv;
+                    let n = gamma[ch] * xhat + beta[ch];
+                    let z = n * one_a + sh[ch];
+                    let gz = if self.silu {
+                        let sg = sigmoid(z);
+                        gi[j] * (sg + z * sg * (1.0 - sg))
+                    } else {
+                        gi[j]
+                    };
+                    g_sh += gz as f64;
+                    g_a += (gz * n) as f64;
+                    let gn = gz * one_a;
+                    g_gamma += (gn * xhat) as f64;
+                    g_beta += gn as f64;
+                    gxhat[j] = gn * gamma[ch];
+                }
+                dssi[ch] = g_a as f32;
+                dssi[c + ch] = g_sh as f32;
+                dp[ch] = g_gamma as f32;
+                dp[c + ch] = g_beta as f32;
+            }
+            let per = per_group * d.hw;
+            for (g, (mean, inv)) in st.iter().enumerate() {
+                let range = g * per..(g + 1) * per;
+                let (mut m1, mut m2) = (0.0f64, 0.0f64);
+                for j in range.clone() {
+                    let xhat = (xi[j] - mean) * inv;
+                    m1 += gxhat[j] as f64;
+                    m2 += (gxhat[j] * xhat) as f64;
+                }
+                let (m1, m2) = ((m1 / per as f64) as f32, (m2 / per as f64) as f32);
+                for j in range {
+                    let xhat = (xi[j] - mean) * inv;
+                    dxi[j] = inv * (gxhat[j] - m1 - xhat * m2);
+                }
+            }
+            dp
+        });
+        let dp = sum_in_order(partials).unwrap_or_else(|| vec![0.0; 2 * c]);
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (b, c, h, w), dev)?),
+            Some(Tensor::from_vec(dp, 2 * c, dev)?),
+            Some(Tensor::from_vec(dss, (b, 2 * c), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        crate::Rng::new(seed).normal_tensor(shape, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn matches_the_composed_ops_in_values_and_gradients() {
+        for (b, c, h, w, g, silu) in [(3, 8, 5, 4, 4, true), (2, 6, 3, 3, 3, false), (1, 4, 7, 7, 1, true)] {
+            let x = Var::from_tensor(&rand(&[b, c, h, w], 1).affine(2.0, 0.5).unwrap()).unwrap();
+            let p = Var::from_tensor(&rand(&[2 * c], 2)).unwrap();
+            let s = Var::from_tensor(&(rand(&[b, 2 * c], 3) * 0.5).unwrap()).unwrap();
+            let probe = rand(&[b, c, h, w], 4);
+            let fast = group_norm(&x, g, 1e-5, &p, &s, silu).unwrap();
+            let slow = plain(&x, g, 1e-5, &p, &s, silu).unwrap();
+            assert!(max_diff(&fast, &slow) < 1e-5, "values at {b} {c} {h} {w} {g}");
+            let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("affine", &p), ("ss", &s)] {
+                let (a, r) = (gf.get(v).unwrap(), gs.get(v).unwrap());
+                let scale = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                assert!(max_diff(a, r) <= 1e-4 * scale.max(1.0), "d{name} at {b} {c} {h} {w} {g}");
+            }
+        }
+    }
+
+    #[test]
+    fn bit_identical_across_thread_counts() {
+        let x = Var::from_tensor(&rand(&[6, 8, 4, 4], 5)).unwrap();
+        let p = Var::from_tensor(&rand(&[16], 6)).unwrap();
+        let s = Var::from_tensor(&rand(&[6, 16], 7)).unwrap();
+        let run = |n| {
+            super::super::with_threads(n, || {
+                let y = group_norm(&x, 4, 1e-5, &p, &s, true).unwrap();
+                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                (flat(&y), flat(g.get(&x).unwrap()), flat(g.get(&p).unwrap()))
+            })
+        };
+        assert_eq!(run(1), run(4));
+    }
+}
