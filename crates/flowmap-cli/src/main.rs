@@ -4,6 +4,7 @@
 mod arch;
 mod bench;
 mod demo;
+mod demo_mnist;
 mod grid;
 mod plot;
 mod report;
@@ -471,9 +472,11 @@ struct ClassifierArgs {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Output folder.
-    #[arg(long, default_value = "demo-out")]
-    out: PathBuf,
+    /// Which demo: the 2-D one (default) or mnist (class-conditional U-Net on the embedded digits).
+    which: Option<String>,
+    /// Output folder (default demo-out, or demo-mnist for mnist).
+    #[arg(long)]
+    out: Option<PathBuf>,
     #[arg(long)]
     teacher_steps: Option<usize>,
     #[arg(long)]
@@ -678,7 +681,7 @@ fn teacher(a: TeacherArgs, device: &Device, show: bool) -> Result<()> {
     let shape = data.state_shape();
     let arch = a.arch.build(&shape, data.num_classes(), &file, MlpConfig::for_shape(&shape))?;
     let pb = progress_bar(cfg.steps as u64, "teacher", show);
-    let trained = pipeline::train_teacher(&data, &arch, &cfg, device, &Bar(&pb))?;
+    let trained = pipeline::train_teacher(&data, &arch, &cfg, device, &*report::bar_for(&pb, &shape, cfg.batch_size))?;
     pb.finish_and_clear();
     trained.save(&a.out)?;
     let (first, last) = trained.log.first_last();
@@ -739,7 +742,7 @@ fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
 fn run_map(job: &MapJob<'_>, out: &Path, show: bool) -> Result<()> {
     let (method, steps) = (job.method, job.train.steps);
     let pb = progress_bar(steps as u64, method.name(), show);
-    let m = job.run(&Bar(&pb))?;
+    let m = job.run(&*report::bar_for(&pb, &job.data.state_shape(), job.train.batch_size))?;
     pb.finish_and_clear();
     m.save(out)?;
     let (first, last) = m.log.first_last();
@@ -1221,6 +1224,32 @@ fn classifier_cmd(a: ClassifierArgs, device: &Device, show: bool) -> Result<()> 
 }
 
 fn demo_cmd(a: DemoArgs, device: &Device, show: bool) -> Result<()> {
+    match a.which.as_deref() {
+        None | Some("2d") => {}
+        Some("mnist") => {
+            if a.gmm_steps.is_some() {
+                bail!("--gmm-steps applies to the 2-D demo");
+            }
+            let d = demo_mnist::MnistConfig::demo();
+            let cfg = demo_mnist::MnistConfig {
+                teacher_steps: a.teacher_steps,
+                map_steps: a.distill_steps.unwrap_or(d.map_steps),
+                n_eval: a.n_eval.unwrap_or(d.n_eval),
+                seed: a.seed,
+                ..d
+            };
+            if cfg.map_steps == 0 || cfg.teacher_steps == Some(0) || cfg.n_eval < 10 {
+                bail!("demo budgets must be positive (and --n-eval at least 10)");
+            }
+            let out = a.out.unwrap_or_else(|| PathBuf::from("demo-mnist"));
+            let report = demo_mnist::run(&out, &cfg, device, show)?;
+            print!("{}", report::image_table(&report.rows));
+            println!("{:.0} s; report: {}", report.seconds, out.join("report.md").display());
+            return Ok(());
+        }
+        Some(other) => bail!("unknown demo '{other}' (expected 2d or mnist)"),
+    }
+    let out = a.out.unwrap_or_else(|| PathBuf::from("demo-out"));
     let d = DemoConfig::default();
     let cfg = DemoConfig {
         teacher_steps: a.teacher_steps.unwrap_or(d.teacher_steps),
@@ -1233,11 +1262,11 @@ fn demo_cmd(a: DemoArgs, device: &Device, show: bool) -> Result<()> {
     if cfg.teacher_steps == 0 || cfg.distill_steps == 0 || cfg.gmm_steps == 0 || cfg.n_eval < 100 {
         bail!("demo budgets must be positive (and --n-eval at least 100)");
     }
-    let report = demo::run(&a.out, &cfg, device, show)?;
+    let report = demo::run(&out, &cfg, device, show)?;
     println!("{}", eval_table(&report.rows));
     for (name, ok) in &report.checks {
         println!("[{}] {name}", if *ok { "pass" } else { "FAIL" });
     }
-    println!("report: {}", a.out.join("report.md").display());
+    println!("report: {}", out.join("report.md").display());
     Ok(())
 }

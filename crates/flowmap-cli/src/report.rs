@@ -41,6 +41,30 @@ impl Progress for Bar<'_> {
     }
 }
 
+/// [`Bar`] for image batches: the message also shows images per second.
+pub struct ImageBar<'a>(pub &'a ProgressBar, pub usize);
+
+impl Progress for ImageBar<'_> {
+    fn step(&self, _step: usize, loss: Option<f64>) {
+        self.0.inc(1);
+        if let Some(l) = loss {
+            let secs = self.0.elapsed().as_secs_f64().max(1e-9);
+            let rate = self.0.position() as f64 * self.1 as f64 / secs;
+            self.0.set_message(format!("loss {l:.4}, {rate:.0} img/s"));
+        }
+    }
+}
+
+/// The progress reporter of a run on states of `shape` with batches of `batch`: images per second for
+/// images, the loss alone otherwise.
+pub fn bar_for<'a>(pb: &'a ProgressBar, shape: &[usize], batch: usize) -> Box<dyn Progress + 'a> {
+    if shape.len() == 3 {
+        Box::new(ImageBar(pb, batch))
+    } else {
+        Box::new(Bar(pb))
+    }
+}
+
 /// A Markdown table of evaluation rows.
 pub fn eval_table(rows: &[EvalRow]) -> String {
     let kl = rows.iter().any(|r| r.distances.kl.is_some());

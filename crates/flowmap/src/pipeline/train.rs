@@ -133,6 +133,9 @@ pub struct MapJob<'a> {
     /// The probability path of a job without a teacher (a teacher brings its own).
     pub path: Arc<dyn ProbabilityPath>,
     pub device: Device,
+    /// A network teacher whose weights seed a data-only method's student (fine-tuning a flow-matching
+    /// model into a MeanFlow map, say) without being its target; the student takes its architecture.
+    pub init: Option<&'a Teacher>,
 }
 
 impl<'a> MapJob<'a> {
@@ -147,6 +150,7 @@ impl<'a> MapJob<'a> {
             arch: Arch::Mlp(crate::backbone::MlpConfig::for_shape(&data.state_shape())),
             path: linear(),
             device: Device::Cpu,
+            init: None,
         }
     }
 
@@ -170,7 +174,14 @@ impl<'a> MapJob<'a> {
             _ => {}
         }
         self.objective.validate()?;
-        let arch = match self.teacher {
+        if self.init.is_some() && self.teacher.is_some() {
+            return Err(Error::arg("a distillation starts from its teacher; `init` is for data-only methods"));
+        }
+        if matches!(self.init, Some(Teacher::Gmm(_))) {
+            return Err(Error::arg("only a network teacher can seed a student"));
+        }
+        let seed_from = self.teacher.or(self.init);
+        let arch = match seed_from {
             Some(Teacher::Net { meta, .. }) => meta.arch.clone(),
             _ => self.arch.clone(),
         };
@@ -198,7 +209,7 @@ impl<'a> MapJob<'a> {
                 arch.name()
             )));
         }
-        match self.teacher {
+        match seed_from {
             Some(Teacher::Net { vars, .. }) => arch.init_from_teacher(&live, vars)?,
             _ => arch.seed_params(&live, self.train.seed)?,
         }
@@ -232,6 +243,15 @@ impl<'a> MapJob<'a> {
                 &mut hook,
             )?
         };
+        let mut training = serde_json::json!({
+                "objective": method.name(),
+                "teacher": self.teacher.map(|t| t.describe()),
+                "distill": self.objective,
+                "train": self.train,
+            });
+        if let Some(t) = self.init {
+            training["init"] = serde_json::Value::String(t.describe());
+        }
         let meta = CheckpointMeta {
             kind: if method.boundary_only() {
                 ModelKind::ConsistencyModel
@@ -242,12 +262,7 @@ impl<'a> MapJob<'a> {
             path: path.name().into(),
             data: self.data.name(),
             mixture: mixture_of(self.data),
-            training: serde_json::json!({
-                "objective": method.name(),
-                "teacher": self.teacher.map(|t| t.describe()),
-                "distill": self.objective,
-                "train": self.train,
-            }),
+            training,
             version: env!("CARGO_PKG_VERSION").into(),
             scale: self.data.scale(),
         };
