@@ -39,7 +39,9 @@ fn checkpoints_of_the_earlier_format_load_and_reproduce_their_samples() {
     let dev = Device::Cpu;
     let teacher = Checkpoint::load(&fixture("legacy-teacher.safetensors")).unwrap();
     assert_eq!(teacher.meta.kind, ModelKind::Teacher);
-    let Arch::Mlp(cfg) = &teacher.meta.arch;
+    let Arch::Mlp(cfg) = &teacher.meta.arch else {
+        panic!("the legacy teacher is an MLP")
+    };
     assert_eq!((cfg.dim, cfg.hidden, cfg.depth), (2, 64, 2));
     let (net, _) = teacher.velocity_net(&dev).unwrap();
     let z = sample::noise(500, &[2], 0, &dev).unwrap();

@@ -6,6 +6,7 @@
 
 mod csv_file;
 mod gmm;
+pub mod images;
 pub mod mnist;
 pub mod npy;
 mod toy;
@@ -111,7 +112,27 @@ impl DataSource {
         if let Some(path) = spec.strip_prefix("mnist:") {
             return Self::images(spec, mnist::Mnist::from_file(Path::new(path))?);
         }
-        let path = PathBuf::from(spec);
+        let (file, labels) = match spec.split_once("#labels=") {
+            Some((f, l)) => (f, Some(Path::new(l))),
+            None => (spec, None),
+        };
+        let path = PathBuf::from(file);
+        if path.is_dir() {
+            if labels.is_some() {
+                return Err(Error::data(format!("{spec}: an image folder's labels are its class folders")));
+            }
+            let (set, _) = images::read_folder(&path)?;
+            return Self::image_set(spec, set);
+        }
+        if path.extension().and_then(|e| e.to_str()) == Some("npy") {
+            let nd = npy::read_npy_nd(&path)?;
+            if nd.shape.len() >= 3 {
+                return Self::image_set(spec, images::read_npy_images(&path, labels)?);
+            }
+        }
+        if labels.is_some() {
+            return Err(Error::data(format!("{spec}: labels go with images (an N × H × W or N × C × H × W .npy)")));
+        }
         let matrix = match path.extension().and_then(|e| e.to_str()) {
             Some("npy") => read_npy(&path)?,
             Some("csv") => read_csv(&path)?,
@@ -124,6 +145,22 @@ impl DataSource {
         };
         let shape = vec![matrix.cols];
         Self::points(spec, matrix, shape, None, None)
+    }
+
+    /// The spec of an `.npy` image array with its labels (`IMAGES.npy#labels=LABELS.npy`).
+    pub fn npy_with_labels(images: &Path, labels: &Path) -> String {
+        format!("{}#labels={}", images.display(), labels.display())
+    }
+
+    fn image_set(name: &str, set: images::ImageSet) -> Result<Self> {
+        let [c, h, w] = set.shape;
+        Self::points(
+            name,
+            Matrix::new(set.count, c * h * w, set.values),
+            set.shape.to_vec(),
+            set.labels,
+            Some(set.scale),
+        )
     }
 
     /// Grey-scale images `1 × H × W` scaled to [−1, 1], with their labels when known (classes `0..=max`).

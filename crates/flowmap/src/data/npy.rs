@@ -1,4 +1,5 @@
-//! `.npy` arrays in and out (NumPy format versions 1–3), for `N × D` float matrices.
+//! `.npy` arrays in and out (NumPy format versions 1–3): `N × D` float matrices of points, and arrays of
+//! any rank (images `N × H × W` or `N × C × H × W`, integer labels).
 //!
 //! candle ships an npy reader, but it allocates whatever a header claims before reading and has no
 //! Fortran-order support, so a malformed file can abort the process. This reader checks the header against
@@ -35,7 +36,45 @@ pub fn read_npy(path: &Path) -> Result<Matrix> {
     parse_npy(&bytes).map_err(|msg| bad(path, msg))
 }
 
+/// An array of any rank read from a `.npy` file, its values widened to f64.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NdArray {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+    /// The element type as stored.
+    pub dtype: NpyType,
+}
+
+/// The element types flowmap reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NpyType {
+    F32,
+    F64,
+    U8,
+    /// A signed or unsigned integer wider than a byte.
+    Int,
+}
+
+/// Reads an array of any rank (floats, uint8 or integers; either byte order; C or Fortran order).
+pub fn read_npy_nd(path: &Path) -> Result<NdArray> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_nd(&bytes).map_err(|msg| bad(path, msg))
+}
+
 fn parse_npy(bytes: &[u8]) -> std::result::Result<Matrix, String> {
+    let a = parse_nd(bytes)?;
+    if !matches!(a.dtype, NpyType::F32 | NpyType::F64) {
+        return Err(format!("dtype {:?} is not supported for points (expected float32 or float64)", a.dtype));
+    }
+    let (rows, cols) = match a.shape.as_slice() {
+        [n] => (*n, 1),
+        [n, d] => (*n, *d),
+        other => return Err(format!("expected a 2-D array N×D, found shape {other:?}")),
+    };
+    Ok(Matrix::new(rows, cols, a.data))
+}
+
+fn parse_nd(bytes: &[u8]) -> std::result::Result<NdArray, String> {
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err("missing the \\x93NUMPY magic".into());
     }
@@ -73,53 +112,92 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<Matrix, String> {
         .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape entry '{s}'")))
         .collect::<std::result::Result<_, _>>()?;
     let descr = descr.trim_matches('\'').trim_matches('"');
-    let (little, width) = match descr {
-        "<f4" | "=f4" => (true, 4),
-        ">f4" => (false, 4),
-        "<f8" | "=f8" => (true, 8),
-        ">f8" => (false, 8),
-        other => {
+    let (order, kind) = descr.split_at(descr.len().min(1));
+    let (little, kind) = match order {
+        "<" | "=" | "|" => (true, kind),
+        ">" => (false, kind),
+        _ => (true, descr),
+    };
+    let (dtype, width, signed) = match kind {
+        "f4" => (NpyType::F32, 4, true),
+        "f8" => (NpyType::F64, 8, true),
+        "u1" => (NpyType::U8, 1, false),
+        "i1" => (NpyType::Int, 1, true),
+        "i2" => (NpyType::Int, 2, true),
+        "u2" => (NpyType::Int, 2, false),
+        "i4" => (NpyType::Int, 4, true),
+        "u4" => (NpyType::Int, 4, false),
+        "i8" => (NpyType::Int, 8, true),
+        "u8" => (NpyType::Int, 8, false),
+        _ => {
             return Err(format!(
-                "dtype '{other}' is not supported (expected float32 or float64)"
+                "dtype '{descr}' is not supported (expected float32, float64, uint8 or an integer type)"
             ))
         }
     };
-    let (rows, cols) = match shape.as_slice() {
-        [n] => (*n, 1),
-        [n, d] => (*n, *d),
-        other => return Err(format!("expected a 2-D array N×D, found shape {other:?}")),
-    };
-    let count = rows.checked_mul(cols).ok_or("shape overflows")?;
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or("shape overflows")?;
     let need = count.checked_mul(width).ok_or("shape overflows")?;
     let body = &bytes[end..];
+    let dims = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("×");
     if body.len() < need {
         return Err(format!(
-            "truncated data: shape {rows}×{cols} needs {need} bytes, file has {}",
+            "truncated data: shape {dims} needs {need} bytes, file has {}",
             body.len()
         ));
     }
     if body.len() > need {
         return Err(format!("{} trailing bytes after the data", body.len() - need));
     }
+    let word = |c: &[u8]| -> [u8; 8] {
+        let mut w = [0u8; 8];
+        if little {
+            w[..c.len()].copy_from_slice(c);
+        } else {
+            for (i, b) in c.iter().rev().enumerate() {
+                w[i] = *b;
+            }
+        }
+        w
+    };
     let mut flat: Vec<f64> = body
         .chunks_exact(width)
-        .map(|c| match (width, little) {
-            (4, true) => f32::from_le_bytes(c.try_into().unwrap()) as f64,
-            (4, false) => f32::from_be_bytes(c.try_into().unwrap()) as f64,
-            (8, true) => f64::from_le_bytes(c.try_into().unwrap()),
-            _ => f64::from_be_bytes(c.try_into().unwrap()),
+        .map(|c| {
+            let w = word(c);
+            match (dtype, width) {
+                (NpyType::F32, _) => f32::from_le_bytes(w[..4].try_into().unwrap()) as f64,
+                (NpyType::F64, _) => f64::from_le_bytes(w),
+                _ if signed => {
+                    let shift = 64 - 8 * width as u32;
+                    ((i64::from_le_bytes(w) << shift) >> shift) as f64
+                }
+                _ => u64::from_le_bytes(w) as f64,
+            }
         })
         .collect();
-    if fortran && rows > 1 && cols > 1 {
+    if fortran && shape.len() > 1 {
+        // Column-major to row-major: the first axis varies fastest in the file.
         let mut c_order = vec![0.0; count];
-        for j in 0..cols {
-            for i in 0..rows {
-                c_order[i * cols + j] = flat[j * rows + i];
+        let mut idx = vec![0usize; shape.len()];
+        for v in flat.iter() {
+            let mut at = 0;
+            for (k, &i) in idx.iter().enumerate() {
+                at = at * shape[k] + i;
+            }
+            c_order[at] = *v;
+            for k in 0..shape.len() {
+                idx[k] += 1;
+                if idx[k] < shape[k] {
+                    break;
+                }
+                idx[k] = 0;
             }
         }
         flat = c_order;
     }
-    Ok(Matrix::new(rows, cols, flat))
+    Ok(NdArray { shape, data: flat, dtype })
 }
 
 /// The value of `key` in the header's Python dict literal.
@@ -212,5 +290,42 @@ mod tests {
         assert!(parse_npy(b"hello world, not npy").unwrap_err().contains("magic"));
         let huge = String::from_utf8_lossy(&good).replace("(4, 2)", "(9999999999999, 9)");
         assert!(parse_npy(huge.as_bytes()).is_err());
+        // A header that claims 10¹² elements is an error before anything is allocated.
+        let mut claims = header("<f4", "(1000000, 1000000)", "False");
+        claims.extend_from_slice(&[0u8; 32]);
+        assert!(parse_nd(&claims).unwrap_err().contains("truncated data"));
+    }
+
+    fn header(descr: &str, shape: &str, fortran: &str) -> Vec<u8> {
+        let dict = format!("{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}, }}\n");
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&[1, 0]);
+        out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+        out.extend_from_slice(dict.as_bytes());
+        out
+    }
+
+    /// uint8 and integer arrays of any rank, in both orders.
+    #[test]
+    fn reads_integer_arrays_of_any_rank() {
+        let mut b = header("|u1", "(2, 2, 3)", "False");
+        b.extend(0u8..12);
+        let a = parse_nd(&b).unwrap();
+        assert_eq!((a.shape.clone(), a.dtype), (vec![2, 2, 3], NpyType::U8));
+        assert_eq!(a.data, (0..12).map(|v| v as f64).collect::<Vec<_>>());
+        let mut f = header("|u1", "(2, 3)", "True");
+        f.extend(0u8..6);
+        assert_eq!(parse_nd(&f).unwrap().data, vec![0.0, 2.0, 4.0, 1.0, 3.0, 5.0]);
+        let mut i = header("<i8", "(3,)", "False");
+        for v in [-1i64, 7, 2] {
+            i.extend_from_slice(&v.to_le_bytes());
+        }
+        assert_eq!(parse_nd(&i).unwrap().data, vec![-1.0, 7.0, 2.0]);
+        let mut be = header(">i4", "(2,)", "False");
+        for v in [-3i32, 5] {
+            be.extend_from_slice(&v.to_be_bytes());
+        }
+        assert_eq!(parse_nd(&be).unwrap().data, vec![-3.0, 5.0]);
+        assert!(parse_npy(&b).unwrap_err().contains("not supported for points"));
     }
 }
