@@ -181,6 +181,9 @@ struct TeacherArgs {
     /// Data spec: checkerboard, moons, 8gaussians, spirals, rings, swissroll, gmm:SPEC.json, FILE.npy, FILE.csv, mnist.
     #[arg(long)]
     data: String,
+    /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
+    #[arg(long)]
+    labels: Option<PathBuf>,
     /// Output checkpoint (.safetensors).
     #[arg(long)]
     out: PathBuf,
@@ -205,6 +208,9 @@ struct DistillArgs {
     /// Data for x_t (default: the teacher's own data).
     #[arg(long)]
     data: Option<String>,
+    /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
+    #[arg(long)]
+    labels: Option<PathBuf>,
     #[command(flatten)]
     train: TrainFlags,
     #[command(flatten)]
@@ -219,6 +225,9 @@ struct TrainArgs {
     /// Data spec (as for `teacher`).
     #[arg(long)]
     data: String,
+    /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
+    #[arg(long)]
+    labels: Option<PathBuf>,
     /// Output checkpoint (.safetensors).
     #[arg(long)]
     out: PathBuf,
@@ -425,6 +434,9 @@ struct EvalArgs {
     /// Held-out data spec (default: the model's training data).
     #[arg(long)]
     data: Option<String>,
+    /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
+    #[arg(long)]
+    labels: Option<PathBuf>,
     /// Comma-separated NFE values.
     #[arg(long, default_value = "1,2,4,8")]
     nfe: String,
@@ -454,6 +466,9 @@ struct ClassifierArgs {
     /// Labelled images (e.g. mnist, the embedded digits).
     #[arg(long)]
     data: String,
+    /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
+    #[arg(long)]
+    labels: Option<PathBuf>,
     /// Output classifier (.safetensors).
     #[arg(long)]
     out: PathBuf,
@@ -660,6 +675,14 @@ fn train_config(f: &TrainFlags, base: Option<TrainConfig>) -> TrainConfig {
     c
 }
 
+/// The data named by `--data`, with `--labels` for an `.npy` image array.
+fn open_data(spec: &str, labels: &Option<PathBuf>) -> Result<DataSource> {
+    Ok(match labels {
+        Some(l) => DataSource::from_spec(&DataSource::npy_with_labels(Path::new(spec), l))?,
+        None => DataSource::from_spec(spec)?,
+    })
+}
+
 fn check_output(path: &Path, ext: &str) -> Result<()> {
     if path.extension().and_then(|e| e.to_str()) != Some(ext) {
         bail!("output {} must end in .{ext}", path.display());
@@ -677,7 +700,7 @@ fn teacher(a: TeacherArgs, device: &Device, show: bool) -> Result<()> {
     let file = read_config(&a.train.config)?;
     let cfg = train_config(&a.train, file.train.clone());
     cfg.validate()?;
-    let data = DataSource::from_spec(&a.data)?;
+    let data = open_data(&a.data, &a.labels)?;
     let shape = data.state_shape();
     let arch = a.arch.build(&shape, data.num_classes(), &file, MlpConfig::for_shape(&shape))?;
     let pb = progress_bar(cfg.steps as u64, "teacher", show);
@@ -706,7 +729,8 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
         bail!("a network teacher fixes the student's backbone (it starts as the teacher); drop the --arch flags");
     }
     let data = match &a.data {
-        Some(spec) => DataSource::from_spec(spec)?,
+        Some(spec) => open_data(spec, &a.labels)?,
+        None if a.labels.is_some() => bail!("--labels goes with --data"),
         None => teacher.data()?,
     };
     let job = MapJob {
@@ -727,7 +751,7 @@ fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
     let cfg = train_config(&a.train, file.train.clone());
     cfg.validate()?;
     let dcfg = a.map.objective(file.distill_config(method)?, method)?;
-    let data = DataSource::from_spec(&a.data)?;
+    let data = open_data(&a.data, &a.labels)?;
     let job = MapJob {
         objective: dcfg,
         train: cfg,
@@ -1024,7 +1048,8 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
     }
     let model = load_model(&a.model, device)?;
     let data = match (&a.data, &model) {
-        (Some(spec), _) => DataSource::from_spec(spec)?,
+        (Some(spec), _) => open_data(spec, &a.labels)?,
+        (None, _) if a.labels.is_some() => bail!("--labels goes with --data"),
         (None, Model::Map(_, ck)) => pipeline::data_of(&ck.meta)?,
         (None, Model::Teacher(t)) => t.data()?,
     };
@@ -1201,7 +1226,7 @@ fn eval_images(
 
 fn classifier_cmd(a: ClassifierArgs, device: &Device, show: bool) -> Result<()> {
     check_output(&a.out, "safetensors")?;
-    let data = DataSource::from_spec(&a.data)?;
+    let data = open_data(&a.data, &a.labels)?;
     let cfg = flowmap::classifier::ClassifierTraining {
         steps: a.steps,
         batch_size: a.batch,
