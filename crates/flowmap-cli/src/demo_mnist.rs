@@ -58,6 +58,9 @@ pub struct MnistConfig {
     pub nfes: Vec<usize>,
     /// Relative tolerance of the teacher's dopri5 row.
     pub dopri5_tol: f64,
+    /// Train the data-only methods from scratch for the teacher's and a distillation's steps together (an
+    /// equal budget), instead of fine-tuning them from the teacher.
+    pub data_only_from_scratch: bool,
     pub seed: u64,
 }
 
@@ -73,7 +76,37 @@ impl MnistConfig {
             n_eval: 500,
             nfes: vec![1, 2, 4],
             dopri5_tol: 1e-3,
+            data_only_from_scratch: false,
             seed: 0,
+        }
+    }
+
+    /// `flowmap bench mnist`: a teacher trained here and every method of the family, the data-only ones
+    /// from scratch at the teacher's and a distillation's budget together.
+    pub fn bench(teacher_steps: usize, map_steps: usize, n_eval: usize, seed: u64) -> Self {
+        MnistConfig {
+            teacher_steps: Some(teacher_steps),
+            methods: vec![
+                Method::Emd,
+                Method::Lmd,
+                Method::EmdCont,
+                Method::LmdCont,
+                Method::Cm,
+                Method::Ctm,
+                Method::Progressive,
+                Method::Direct,
+                Method::Meanflow,
+                Method::SelfLmd,
+                Method::Shortcut,
+            ],
+            map_steps,
+            batch_size: 64,
+            lr: 5e-4,
+            n_eval,
+            nfes: vec![1, 2, 4, 8],
+            dopri5_tol: 1e-3,
+            data_only_from_scratch: true,
+            seed,
         }
     }
 }
@@ -112,12 +145,14 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
     let mut checkpoints = vec!["teacher.safetensors".to_string()];
     let mut maps = Vec::new();
     for &method in &cfg.methods {
+        let scratch = cfg.data_only_from_scratch && !method.needs_teacher();
+        let steps = if scratch { cfg.map_steps + cfg.teacher_steps.unwrap_or(0) } else { cfg.map_steps };
         let train = TrainConfig {
-            steps: cfg.map_steps,
+            steps,
             batch_size: cfg.batch_size,
-            lr: cfg.lr,
-            warmup_steps: (cfg.map_steps / 20).max(1),
-            ema_decay: 0.99,
+            lr: if scratch { 2e-3 } else { cfg.lr },
+            warmup_steps: (steps / 20).max(1),
+            ema_decay: if scratch { 0.999 } else { 0.99 },
             seed: cfg.seed,
             ..TrainConfig::default()
         };
@@ -135,14 +170,15 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
             }
         } else {
             MapJob {
-                init: Some(&teacher),
+                init: (!scratch).then_some(&teacher),
+                arch: teacher_arch(),
                 objective,
                 train,
                 device: device.clone(),
                 ..base
             }
         };
-        let pb = progress_bar(cfg.map_steps as u64, method.name(), show);
+        let pb = progress_bar(steps as u64, method.name(), show);
         let m = job.run(&report::ImageBar(&pb, cfg.batch_size))?;
         pb.finish_and_clear();
         let name = format!("{}.safetensors", method.name());
@@ -178,7 +214,34 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
         seconds: start.elapsed().as_secs_f64(),
     };
     write_report(&out, &report, &clf, &figures)?;
+    fd_plot(&out, &report)?;
     Ok(report)
+}
+
+/// FD against NFE, one curve per model (the teacher's dopri5 and the data floor as levels).
+fn fd_plot(out: &OutDir, r: &MnistReport) -> Result<()> {
+    let mut series: Vec<crate::plot::Series> = Vec::new();
+    let mut levels = Vec::new();
+    for row in &r.rows {
+        if row.nfe == 0 {
+            levels.push(("data floor".to_string(), row.metrics.fd));
+            continue;
+        }
+        if row.sampler.starts_with("dopri5") {
+            levels.push((format!("teacher dopri5 ({} NFE)", row.nfe), row.metrics.fd));
+            continue;
+        }
+        let name = if row.model == "teacher" { "teacher (Euler)".to_string() } else { row.model.clone() };
+        match series.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.points.push((row.nfe as f64, row.metrics.fd)),
+            None => series.push(crate::plot::Series {
+                name,
+                points: vec![(row.nfe as f64, row.metrics.fd)],
+            }),
+        }
+    }
+    crate::plot::loglog_lines_with_levels(&out.file("fd-vs-nfe.png"), "MNIST: FD against NFE", "NFE", "FD", &series, &levels)
+        .map_err(|e| flowmap::Error::arg(e.to_string()))
 }
 
 /// A grid of the first 100 samples (ten per class, one row per class); returns its file name.
@@ -213,7 +276,7 @@ fn write_report(out: &OutDir, r: &MnistReport, clf: &Classifier, figures: &[Stri
         100.0 * clf.meta.heldout_accuracy
     );
     md += &report::image_table(&r.rows);
-    md += &format!("\nTotal time: {:.0} s.\n\nCheckpoints: {}.\n\n## Samples (one row per class)\n\n", r.seconds, r.checkpoints.join(", "));
+    md += &format!("\nTotal time: {:.0} s.\n\nCheckpoints: {}.\n\n![FD against NFE](fd-vs-nfe.png)\n\n## Samples (one row per class)\n\n", r.seconds, r.checkpoints.join(", "));
     for f in figures {
         md += &format!("**{}**\n\n![{f}]({f})\n\n", f.trim_start_matches("grid-").trim_end_matches(".png"));
     }
