@@ -87,7 +87,18 @@ impl ArchFlags {
         let mut arch = file.arch_over(base)?;
         match &mut arch {
             Arch::Mlp(c) => {
-                self.refuse(&["channels", "channel-mult", "blocks", "attention", "heads", "groups", "dropout"], "mlp")?;
+                self.refuse(
+                    &[
+                        "channels",
+                        "channel-mult",
+                        "blocks",
+                        "attention",
+                        "heads",
+                        "groups",
+                        "dropout",
+                    ],
+                    "mlp",
+                )?;
                 set(&mut c.hidden, self.hidden);
                 set(&mut c.depth, self.depth);
                 set(&mut c.time_features, self.time_features);

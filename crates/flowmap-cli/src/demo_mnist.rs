@@ -146,7 +146,11 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
     let mut maps = Vec::new();
     for &method in &cfg.methods {
         let scratch = cfg.data_only_from_scratch && !method.needs_teacher();
-        let steps = if scratch { cfg.map_steps + cfg.teacher_steps.unwrap_or(0) } else { cfg.map_steps };
+        let steps = if scratch {
+            cfg.map_steps + cfg.teacher_steps.unwrap_or(0)
+        } else {
+            cfg.map_steps
+        };
         let train = TrainConfig {
             steps,
             batch_size: cfg.batch_size,
@@ -195,11 +199,19 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
     solvers.push(Solver::dopri5(cfg.dopri5_tol));
     let (r, samples) = ev.teacher("teacher", &teacher, classes, &solvers, device)?;
     for (row, x) in r.iter().zip(&samples) {
-        figures.push(write_grid(&out, &format!("teacher-{}", row.sampler.replace('×', "x").replace(['(', ')', '='], "")), x)?);
+        figures.push(write_grid(
+            &out,
+            &format!("teacher-{}", row.sampler.replace('×', "x").replace(['(', ')', '='], "")),
+            x,
+        )?);
     }
     rows.extend(r);
     for (method, m) in &maps {
-        let sampler = if method.boundary_only() { Sampler::Consistency } else { Sampler::Deterministic };
+        let sampler = if method.boundary_only() {
+            Sampler::Consistency
+        } else {
+            Sampler::Deterministic
+        };
         let path = m.meta.probability_path()?;
         let (r, samples) = ev.map(method.name(), &m.net, classes, &cfg.nfes, sampler, &*path, device)?;
         for (row, x) in r.iter().zip(&samples) {
@@ -231,7 +243,11 @@ fn fd_plot(out: &OutDir, r: &MnistReport) -> Result<()> {
             levels.push((format!("teacher dopri5 ({} NFE)", row.nfe), row.metrics.fd));
             continue;
         }
-        let name = if row.model == "teacher" { "teacher (Euler)".to_string() } else { row.model.clone() };
+        let name = if row.model == "teacher" {
+            "teacher (Euler)".to_string()
+        } else {
+            row.model.clone()
+        };
         match series.iter_mut().find(|s| s.name == name) {
             Some(s) => s.points.push((row.nfe as f64, row.metrics.fd)),
             None => series.push(crate::plot::Series {
@@ -240,15 +256,28 @@ fn fd_plot(out: &OutDir, r: &MnistReport) -> Result<()> {
             }),
         }
     }
-    crate::plot::loglog_lines_with_levels(&out.file("fd-vs-nfe.png"), "MNIST: FD against NFE", "NFE", "FD", &series, &levels)
-        .map_err(|e| flowmap::Error::arg(e.to_string()))
+    crate::plot::loglog_lines_with_levels(
+        &out.file("fd-vs-nfe.png"),
+        "MNIST: FD against NFE",
+        "NFE",
+        "FD",
+        &series,
+        &levels,
+    )
+    .map_err(|e| flowmap::Error::arg(e.to_string()))
 }
 
 /// A grid of the first 100 samples (ten per class, one row per class); returns its file name.
 fn write_grid(out: &OutDir, stem: &str, x: &candle_core::Tensor) -> Result<String> {
     let stem: String = stem
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     let name = format!("grid-{stem}.png");
     let shown = x.narrow(0, 0, x.dim(0)?.min(100))?;
@@ -278,9 +307,15 @@ fn write_report(out: &OutDir, r: &MnistReport, clf: &Classifier, figures: &[Stri
     md += &report::image_table(&r.rows);
     md += &format!("\nTotal time: {:.0} s.\n\nCheckpoints: {}.\n\n![FD against NFE](fd-vs-nfe.png)\n\n## Samples (one row per class)\n\n", r.seconds, r.checkpoints.join(", "));
     for f in figures {
-        md += &format!("**{}**\n\n![{f}]({f})\n\n", f.trim_start_matches("grid-").trim_end_matches(".png"));
+        md += &format!(
+            "**{}**\n\n![{f}]({f})\n\n",
+            f.trim_start_matches("grid-").trim_end_matches(".png")
+        );
     }
     io::write_text(&out.file("report.md"), &md)?;
-    io::write_text(&out.file("report.json"), &serde_json::to_string_pretty(r).expect("report serialises"))?;
+    io::write_text(
+        &out.file("report.json"),
+        &serde_json::to_string_pretty(r).expect("report serialises"),
+    )?;
     Ok(())
 }

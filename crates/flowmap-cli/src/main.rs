@@ -221,7 +221,7 @@ struct DistillArgs {
     #[arg(long)]
     teacher: String,
     /// Objective: emd, lmd, emd-cont, lmd-cont, cm, ctm, progressive or direct.
-    #[arg(long)]
+    #[arg(long, long_help = methods_help(true))]
     method: String,
     /// Output checkpoint (.safetensors).
     #[arg(long)]
@@ -241,7 +241,7 @@ struct DistillArgs {
 #[derive(Args)]
 struct TrainArgs {
     /// Teacher-free objective: meanflow, self-lmd or shortcut.
-    #[arg(long)]
+    #[arg(long, long_help = methods_help(false))]
     method: String,
     /// Data spec (as for `teacher`).
     #[arg(long)]
@@ -671,6 +671,16 @@ fn run_command(cli: Cli) -> Result<()> {
     }
 }
 
+/// `--method`'s long help, from the method registry.
+fn methods_help(teacher: bool) -> String {
+    let what = if teacher {
+        "Objective (distils the teacher)"
+    } else {
+        "Teacher-free objective"
+    };
+    format!("{what}:\n{}", flowmap::objective::registry::describe(teacher))
+}
+
 /// A comma-separated list of positive sizes.
 fn parse_sizes(s: &str, flag: &str) -> Result<Vec<usize>> {
     s.split(',')
@@ -733,9 +743,17 @@ fn teacher(a: TeacherArgs, device: &Device, show: bool) -> Result<()> {
     cfg.validate()?;
     let data = open_data(&a.data, &a.labels)?;
     let shape = data.state_shape();
-    let arch = a.arch.build(&shape, data.num_classes(), &file, MlpConfig::for_shape(&shape))?;
+    let arch = a
+        .arch
+        .build(&shape, data.num_classes(), &file, MlpConfig::for_shape(&shape))?;
     let pb = progress_bar(cfg.steps as u64, "teacher", show);
-    let trained = pipeline::train_teacher(&data, &arch, &cfg, device, &*report::bar_for(&pb, &shape, cfg.batch_size))?;
+    let trained = pipeline::train_teacher(
+        &data,
+        &arch,
+        &cfg,
+        device,
+        &*report::bar_for(&pb, &shape, cfg.batch_size),
+    )?;
     pb.finish_and_clear();
     trained.save(&a.out)?;
     let (first, last) = trained.log.first_last();
@@ -889,7 +907,10 @@ impl Model {
 fn class_cond(spec: Option<&str>, n: usize, classes: Option<usize>, device: &Device) -> Result<(Cond, usize)> {
     let Some(c) = classes else {
         if spec.is_some_and(|s| s != "null") {
-            bail!("--class {}: the model is unconditional (it was trained without labels)", spec.unwrap_or(""));
+            bail!(
+                "--class {}: the model is unconditional (it was trained without labels)",
+                spec.unwrap_or("")
+            );
         }
         return Ok((Cond::none(), 0));
     };
@@ -957,7 +978,11 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
         }
     };
     if let Some(p) = &a.png {
-        let rows = if rows > 0 { rows } else { (a.n as f64).sqrt().ceil() as usize };
+        let rows = if rows > 0 {
+            rows
+        } else {
+            (a.n as f64).sqrt().ceil() as usize
+        };
         grid::write_grid(p, &x, rows)?;
     }
     write_tensor(&a.out, &to_data_range(&x, model.scale())?)?;
@@ -1249,7 +1274,10 @@ fn eval_images(
     rows.extend(r);
     let table = report::image_table(&rows);
     md = format!("{md}\n\n{table}");
-    io::write_text(&out.file("metrics.json"), &serde_json::to_string_pretty(&serde_json::json!({ "rows": rows }))?)?;
+    io::write_text(
+        &out.file("metrics.json"),
+        &serde_json::to_string_pretty(&serde_json::json!({ "rows": rows }))?,
+    )?;
     io::write_text(&out.file("metrics.md"), &md)?;
     print!("{table}");
     Ok(())

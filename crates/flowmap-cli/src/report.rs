@@ -94,7 +94,10 @@ pub fn image_table(rows: &[flowmap::pipeline::images::ImageRow]) -> String {
     let mut s = String::from("| model | sampler | NFE | FD | precision | recall | class accuracy | seconds |\n");
     s.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
-        let acc = r.metrics.accuracy.map_or("-".to_string(), |a| format!("{:.1}%", 100.0 * a));
+        let acc = r
+            .metrics
+            .accuracy
+            .map_or("-".to_string(), |a| format!("{:.1}%", 100.0 * a));
         s.push_str(&format!(
             "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {} | {:.1} |\n",
             r.model, r.sampler, r.nfe, r.metrics.fd, r.metrics.precision, r.metrics.recall, acc, r.seconds

@@ -627,7 +627,16 @@ fn inapplicable_method_combinations_are_clear_errors() {
 fn images_end_to_end_and_their_errors() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let tiny = ["--channels", "8", "--channel-mult", "1,2", "--attention", "14", "--groups", "4"];
+    let tiny = [
+        "--channels",
+        "8",
+        "--channel-mult",
+        "1,2",
+        "--attention",
+        "14",
+        "--groups",
+        "4",
+    ];
     ok(bin()
         .args(["teacher", "--data", "mnist", "--steps", "2", "--batch", "8"])
         .args(tiny)
@@ -648,24 +657,39 @@ fn images_end_to_end_and_their_errors() {
         .arg("--png")
         .arg(root.join("s.png")));
     let png = image::open(root.join("s.png")).unwrap();
-    assert_eq!((png.width(), png.height()), (2 * 29 + 1, 10 * 29 + 1), "10 rows (one per class), 2 columns");
+    assert_eq!(
+        (png.width(), png.height()),
+        (2 * 29 + 1, 10 * 29 + 1),
+        "10 rows (one per class), 2 columns"
+    );
     let s = flowmap::data::npy::read_npy_nd(&root.join("s.npy")).unwrap();
     assert_eq!(s.shape, vec![20, 1, 28, 28]);
-    assert!(s.data.iter().any(|&v| v > 1.5), "written in the data's range (0..255), not [-1, 1]");
+    assert!(
+        s.data.iter().any(|&v| v > 1.5),
+        "written in the data's range (0..255), not [-1, 1]"
+    );
     let table = ok(bin()
         .args(["eval", "--nfe", "1", "--n", "20"])
         .arg("--model")
         .arg(root.join("m.safetensors"))
         .arg("--out")
         .arg(root.join("eval")));
-    assert!(table.contains("class accuracy") && table.contains("data (training images)"), "{table}");
+    assert!(
+        table.contains("class accuracy") && table.contains("data (training images)"),
+        "{table}"
+    );
     assert!(root.join("eval").join("grid-0-nfe1.png").exists());
 
     let out = root.join("bad.npy");
     let model = root.join("m.safetensors");
     let sample = |extra: &[&str]| {
         let mut c = bin();
-        c.args(["sample", "--nfe", "1", "--n", "4"]).arg("--model").arg(&model).arg("--out").arg(&out).args(extra);
+        c.args(["sample", "--nfe", "1", "--n", "4"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .args(extra);
         c
     };
     fails(&mut sample(&["--class", "10"]), "--class 10 is out of range", &out);
@@ -695,20 +719,34 @@ fn images_end_to_end_and_their_errors() {
     );
     let t = root.join("t2.safetensors");
     fails(
-        bin().args(["teacher", "--data", "mnist", "--steps", "1", "--hidden", "8"]).arg("--out").arg(&t),
+        bin()
+            .args(["teacher", "--data", "mnist", "--steps", "1", "--hidden", "8"])
+            .arg("--out")
+            .arg(&t),
         "--hidden does not apply to the unet backbone",
         &t,
     );
     fails(
         bin()
-            .args(["teacher", "--data", "mnist", "--steps", "1", "--channel-mult", "1,2,2,2"])
+            .args([
+                "teacher",
+                "--data",
+                "mnist",
+                "--steps",
+                "1",
+                "--channel-mult",
+                "1,2,2,2",
+            ])
             .arg("--out")
             .arg(&t),
         "do not divide",
         &t,
     );
     fails(
-        bin().args(["teacher", "--data", "mnist", "--steps", "1", "--arch", "resnet"]).arg("--out").arg(&t),
+        bin()
+            .args(["teacher", "--data", "mnist", "--steps", "1", "--arch", "resnet"])
+            .arg("--out")
+            .arg(&t),
         "unknown architecture 'resnet'",
         &t,
     );

@@ -1,5 +1,5 @@
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap, Optimizer};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
 use flowmap::backbone::{Arch, Role, UnetConfig};
 use flowmap::cond::Cond;
 fn main() -> flowmap::Result<()> {

@@ -101,7 +101,10 @@ impl Classifier {
     fn build(meta: ClassifierMeta, vb: VarBuilder) -> Result<Self> {
         let cfg = &meta.config;
         let [c_img, h, w] = cfg.state_shape[..] else {
-            return Err(Error::arg(format!("a classifier takes C × H × W images, not {:?}", cfg.state_shape)));
+            return Err(Error::arg(format!(
+                "a classifier takes C × H × W images, not {:?}",
+                cfg.state_shape
+            )));
         };
         let pools = cfg.channels.len();
         if cfg.channels.is_empty() || h % (1 << pools) != 0 || w % (1 << pools) != 0 {
@@ -180,7 +183,8 @@ impl Classifier {
             .ok_or_else(|| bad("no classifier metadata (not a flowmap classifier)".into()))?;
         let meta: ClassifierMeta =
             serde_json::from_str(raw).map_err(|e| bad(format!("bad classifier metadata: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+        let st =
+            safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
             if view.dtype() != Dtype::F32 {
@@ -230,13 +234,21 @@ pub fn train(
 ) -> Result<(Classifier, VarMap)> {
     let shape = data.state_shape();
     let Some(k) = data.num_classes() else {
-        return Err(Error::data(format!("{}: a classifier needs labelled images", data.name())));
+        return Err(Error::data(format!(
+            "{}: a classifier needs labelled images",
+            data.name()
+        )));
     };
     if shape.len() != 3 {
-        return Err(Error::data(format!("{}: a classifier needs images, not states of shape {shape:?}", data.name())));
+        return Err(Error::data(format!(
+            "{}: a classifier needs images, not states of shape {shape:?}",
+            data.name()
+        )));
     }
     if cfg.steps == 0 || cfg.batch_size == 0 {
-        return Err(Error::arg("classifier training needs at least one step and one image per batch"));
+        return Err(Error::arg(
+            "classifier training needs at least one step and one image per batch",
+        ));
     }
     let meta = ClassifierMeta {
         config: ClassifierConfig::new(&shape, k),
@@ -289,7 +301,11 @@ pub fn save(path: &Path, clf: &Classifier, vars: &VarMap) -> Result<()> {
         .into_iter()
         .map(|(name, var)| {
             let v = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            Ok((name, var.dims().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+            Ok((
+                name,
+                var.dims().to_vec(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ))
         })
         .collect::<Result<_>>()?;
     let views = owned
@@ -300,7 +316,10 @@ pub fn save(path: &Path, clf: &Classifier, vars: &VarMap) -> Result<()> {
                 .map_err(|e| Error::checkpoint(path, e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
-    let md = HashMap::from([(KEY.to_string(), serde_json::to_string(&clf.meta).expect("metadata serialises"))]);
+    let md = HashMap::from([(
+        KEY.to_string(),
+        serde_json::to_string(&clf.meta).expect("metadata serialises"),
+    )]);
     let bytes = safetensors::serialize(views, Some(md)).map_err(|e| Error::checkpoint(path, e.to_string()))?;
     crate::io::write_atomic(path, |w| w.write_all(&bytes))
 }

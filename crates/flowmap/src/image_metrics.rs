@@ -258,7 +258,9 @@ mod tests {
 
     fn gaussian_set(n: usize, d: usize, shift: f64, scale: f64, seed: u64) -> Vec<Vec<f64>> {
         let mut rng = Rng::new(seed);
-        (0..n).map(|_| (0..d).map(|_| shift + scale * rng.normal()).collect()).collect()
+        (0..n)
+            .map(|_| (0..d).map(|_| shift + scale * rng.normal()).collect())
+            .collect()
     }
 
     #[test]
@@ -287,9 +289,19 @@ mod tests {
     #[test]
     fn frechet_distance_of_isotropic_gaussians() {
         let d = 4;
-        let diag = |s: f64| (0..d * d).map(|i| if i % (d + 1) == 0 { s * s } else { 0.0 }).collect::<Vec<_>>();
-        let a = Gaussian { mean: vec![0.0; d], cov: diag(1.0) };
-        let b = Gaussian { mean: vec![1.0, 0.0, 2.0, 0.0], cov: diag(3.0) };
+        let diag = |s: f64| {
+            (0..d * d)
+                .map(|i| if i % (d + 1) == 0 { s * s } else { 0.0 })
+                .collect::<Vec<_>>()
+        };
+        let a = Gaussian {
+            mean: vec![0.0; d],
+            cov: diag(1.0),
+        };
+        let b = Gaussian {
+            mean: vec![1.0, 0.0, 2.0, 0.0],
+            cov: diag(3.0),
+        };
         let fd = frechet_distance(&a, &b);
         assert!((fd - (5.0 + 4.0 * 4.0)).abs() < 1e-10, "{fd}");
         assert!(frechet_distance(&a, &a).abs() < 1e-10);

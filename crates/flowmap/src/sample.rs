@@ -176,12 +176,19 @@ pub fn in_chunks(
         let len = chunk.min(n - start);
         let cond = cx.cond.narrow(start, len)?;
         let seed = Rng::derive(cx.seed, &format!("chunk-{i}")).below(usize::MAX) as u64;
-        let sub = SampleContext { cond: &cond, path: cx.path, seed: if i == 0 { cx.seed } else { seed } };
+        let sub = SampleContext {
+            cond: &cond,
+            path: cx.path,
+            seed: if i == 0 { cx.seed } else { seed },
+        };
         let out = run(&noise.narrow(0, start, len)?, &sub)?;
         nfe = nfe.max(out.nfe);
         parts.push(out.x);
     }
-    Ok(Sampled { x: Tensor::cat(&parts, 0)?, nfe })
+    Ok(Sampled {
+        x: Tensor::cat(&parts, 0)?,
+        nfe,
+    })
 }
 
 /// Seeded `N(0, I)` noise for `n` states of shape `shape` (`n × shape…`), f32.

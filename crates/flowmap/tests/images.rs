@@ -22,7 +22,11 @@ use flowmap::Rng;
 /// A `.npy` file of `descr` (`|u1`, `<f4`, `<i8`) with `shape` and raw little-endian `body`.
 fn write_npy(path: &Path, descr: &str, shape: &[usize], body: &[u8]) {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let tuple = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let tuple = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple}, }}\n");
     let mut out = b"\x93NUMPY\x01\x00".to_vec();
     out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
@@ -67,7 +71,10 @@ fn npy_images_with_labels_load_scaled_from_their_range() {
     assert_eq!(d.scale(), Some(Scale::U8));
     let v = d.heldout(2, 0);
     assert!(v.iter().all(|x| (-1.0..=1.0).contains(x)));
-    assert!(v.iter().any(|&x| (x - (10.0 / 127.5 - 1.0)).abs() < 1e-12), "uint8: x/127.5 − 1");
+    assert!(
+        v.iter().any(|&x| (x - (10.0 / 127.5 - 1.0)).abs() < 1e-12),
+        "uint8: x/127.5 − 1"
+    );
 
     // Float images: scaled from their own min and max, and the scale maps back.
     let f: Vec<f32> = (0..20 * 36).map(|i| 3.0 + (i % 7) as f32).collect();
@@ -122,18 +129,36 @@ fn bad_image_inputs_are_one_line_errors() {
         num_classes: Some(2),
         ..UnetConfig::new(&[1, 6, 6])
     });
-    let e = pipeline::train_teacher(&data, &arch, &TrainConfig { steps: 1, ..Default::default() }, &Device::Cpu, &Silent)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = pipeline::train_teacher(
+        &data,
+        &arch,
+        &TrainConfig {
+            steps: 1,
+            ..Default::default()
+        },
+        &Device::Cpu,
+        &Silent,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("6 classes") && e.contains("built for 2"), "{e}");
 
     // A shape the network was not built for.
     let arch = Arch::Unet(UnetConfig::new(&[1, 8, 8]));
-    let e = pipeline::train_teacher(&data, &arch, &TrainConfig { steps: 1, ..Default::default() }, &Device::Cpu, &Silent)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = pipeline::train_teacher(
+        &data,
+        &arch,
+        &TrainConfig {
+            steps: 1,
+            ..Default::default()
+        },
+        &Device::Cpu,
+        &Silent,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("does not match data state shape"), "{e}");
 }
 
@@ -156,7 +181,10 @@ fn image_folders_load_by_class_and_reject_mixed_sizes_and_unreadable_files() {
     // One RGB image makes the set RGB.
     let rgb = image::RgbImage::from_pixel(5, 4, image::Rgb([255, 0, 0]));
     rgb.save(root.join("dog").join("red.png")).unwrap();
-    assert_eq!(DataSource::from_spec(root.to_str().unwrap()).unwrap().state_shape(), vec![3, 4, 5]);
+    assert_eq!(
+        DataSource::from_spec(root.to_str().unwrap()).unwrap().state_shape(),
+        vec![3, 4, 5]
+    );
 
     let big = image::GrayImage::new(6, 4);
     big.save(root.join("cat").join("big.png")).unwrap();
@@ -170,7 +198,10 @@ fn image_folders_load_by_class_and_reject_mixed_sizes_and_unreadable_files() {
 
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    assert!(DataSource::from_spec(empty.to_str().unwrap()).unwrap_err().to_string().contains("no class folders"));
+    assert!(DataSource::from_spec(empty.to_str().unwrap())
+        .unwrap_err()
+        .to_string()
+        .contains("no class folders"));
 }
 
 #[test]
@@ -201,10 +232,17 @@ fn classifier_metrics_see_identity_and_noise() {
     assert!(same.fd < 1e-6, "{same:?}");
     assert_eq!((same.precision, same.recall), (1.0, 1.0));
     assert!(same.accuracy.unwrap() > 0.95);
-    let noise = Rng::new(1).normal_tensor((n, 1, 28, 28), DType::F32, &dev).unwrap().clamp(-1.0, 1.0).unwrap();
+    let noise = Rng::new(1)
+        .normal_tensor((n, 1, 28, 28), DType::F32, &dev)
+        .unwrap()
+        .clamp(-1.0, 1.0)
+        .unwrap();
     let far = r.compare(&clf, &noise, Some(&labels)).unwrap();
     assert!(far.fd > 100.0 && far.precision < 0.05, "{far:?}");
-    let e = clf.features(&Tensor::zeros((2, 1, 8, 8), DType::F32, &dev).unwrap()).unwrap_err().to_string();
+    let e = clf
+        .features(&Tensor::zeros((2, 1, 8, 8), DType::F32, &dev).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("[1, 8, 8]"), "{e}");
 }
 
@@ -229,7 +267,13 @@ fn tiny_unet_teacher_loss_falls() {
     // 8 × 8 mean-pooled digits as a uint8 array with labels.
     let n = 200;
     let x = data::to_batch(&d.heldout(n, 0), n, &[1, 28, 28], DType::F32, &Device::Cpu).unwrap();
-    let small = x.narrow(2, 2, 24).unwrap().narrow(3, 2, 24).unwrap().avg_pool2d(3).unwrap();
+    let small = x
+        .narrow(2, 2, 24)
+        .unwrap()
+        .narrow(3, 2, 24)
+        .unwrap()
+        .avg_pool2d(3)
+        .unwrap();
     let px: Vec<u8> = small
         .flatten_all()
         .unwrap()
@@ -241,7 +285,14 @@ fn tiny_unet_teacher_loss_falls() {
     let images = dir.path().join("x.npy");
     let lab = dir.path().join("y.npy");
     write_npy(&images, "|u1", &[n, 8, 8], &px);
-    labels_npy(&lab, &d.heldout_labels(n).unwrap().iter().map(|&v| v as i64).collect::<Vec<_>>());
+    labels_npy(
+        &lab,
+        &d.heldout_labels(n)
+            .unwrap()
+            .iter()
+            .map(|&v| v as i64)
+            .collect::<Vec<_>>(),
+    );
     let data = DataSource::from_spec(&DataSource::npy_with_labels(&images, &lab)).unwrap();
     let cfg = TrainConfig {
         steps: 60,
@@ -265,7 +316,8 @@ fn unet_flow_map_checkpoint_round_trip_is_bit_exact() {
     let net = FlowMapNet::new(&arch, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
     let mut rng = Rng::new(3);
     for (_, v) in flowmap::backbone::vars_sorted(&vm) {
-        v.set(&(rng.normal_tensor(v.shape(), DType::F32, &dev).unwrap() * 0.2).unwrap()).unwrap();
+        v.set(&(rng.normal_tensor(v.shape(), DType::F32, &dev).unwrap() * 0.2).unwrap())
+            .unwrap();
     }
     let meta = CheckpointMeta {
         kind: ModelKind::FlowMap,
@@ -287,9 +339,32 @@ fn unet_flow_map_checkpoint_round_trip_is_bit_exact() {
     let t = Tensor::new(&[[0.9f32], [0.5], [0.3], [1.0]], &dev).unwrap();
     let s = Tensor::new(&[[0.1f32], [0.5], [0.0], [0.25]], &dev).unwrap();
     let c = Cond::from_classes(&[0, 1, 2, 3], 3, &dev).unwrap();
-    let a = net.map(&x, &t, &s, &c).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = loaded.map(&x, &t, &s, &c).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
-    checkpoint::save(&dir.path().join("again.safetensors"), &ck.varmap(&dev).unwrap(), &ck.meta).unwrap();
-    assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(dir.path().join("again.safetensors")).unwrap());
+    let a = net
+        .map(&x, &t, &s, &c)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = loaded
+        .map(&x, &t, &s, &c)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(
+        a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+    checkpoint::save(
+        &dir.path().join("again.safetensors"),
+        &ck.varmap(&dev).unwrap(),
+        &ck.meta,
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(dir.path().join("again.safetensors")).unwrap()
+    );
 }

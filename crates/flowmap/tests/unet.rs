@@ -52,7 +52,10 @@ fn normal(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
 }
 
 fn col(v: &[f64], dtype: DType) -> Tensor {
-    Tensor::from_slice(v, (v.len(), 1), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    Tensor::from_slice(v, (v.len(), 1), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }
 
 fn labels(l: &[u32]) -> Cond {
@@ -72,7 +75,11 @@ fn output_has_the_state_shape_and_starts_at_zero() {
     let gap = col(&[0.4, 0.5, 0.1], DType::F32);
     let y = net.forward(&x, &t, Some(&gap), &labels(&[0, 2, 3])).unwrap();
     assert_eq!(y.dims(), x.dims());
-    assert_eq!(max_abs(&y), 0.0, "the zero-initialised output layer makes the start exactly zero");
+    assert_eq!(
+        max_abs(&y),
+        0.0,
+        "the zero-initialised output layer makes the start exactly zero"
+    );
 }
 
 /// The whole network's tangent (every layer's rule chained) against f64 central differences, along a
@@ -89,7 +96,9 @@ fn network_tangent_matches_central_differences() {
     let dt = col(&[1.0, -0.5], DType::F64);
     let dgap = col(&[0.5, 0.25], DType::F64);
     let c = labels(&[1, 3]);
-    let (y, dy) = net.forward_jvp((&x, &t, Some(&gap), &c), (&dx, &dt, Some(&dgap))).unwrap();
+    let (y, dy) = net
+        .forward_jvp((&x, &t, Some(&gap), &c), (&dx, &dt, Some(&dgap)))
+        .unwrap();
     let at = |e: f64| {
         let xe = (&x + (&dx * e).unwrap()).unwrap();
         let te = (&t + (&dt * e).unwrap()).unwrap();
@@ -127,9 +136,21 @@ fn layer_tangents_match_central_differences() {
         let e = rel_err(&dy, &fd);
         assert!(e < 1e-6, "{name}: relative tangent error {e:e}");
     };
-    check("conv", &|x| conv.forward(x).unwrap(), conv.forward_jvp(&x, &dx).unwrap());
-    check("group norm", &|x| norm.forward(x).unwrap(), norm.forward_jvp(&x, &dx).unwrap());
-    check("attention", &|x| attn.forward(x).unwrap(), attn.forward_jvp(&x, &dx).unwrap());
+    check(
+        "conv",
+        &|x| conv.forward(x).unwrap(),
+        conv.forward_jvp(&x, &dx).unwrap(),
+    );
+    check(
+        "group norm",
+        &|x| norm.forward(x).unwrap(),
+        norm.forward_jvp(&x, &dx).unwrap(),
+    );
+    check(
+        "attention",
+        &|x| attn.forward(x).unwrap(),
+        attn.forward_jvp(&x, &dx).unwrap(),
+    );
 }
 
 /// After a random perturbation of every parameter, each one gets a non-zero gradient: no layer is cut off
@@ -166,7 +187,11 @@ fn flow_map_seeded_from_teacher_is_one_euler_step() {
     let cfg = tiny();
     let dev = Device::Cpu;
     let tvm = VarMap::new();
-    let teacher = VelocityNet::new(&Arch::Unet(cfg.clone()), VarBuilder::from_varmap(&tvm, DType::F32, &dev)).unwrap();
+    let teacher = VelocityNet::new(
+        &Arch::Unet(cfg.clone()),
+        VarBuilder::from_varmap(&tvm, DType::F32, &dev),
+    )
+    .unwrap();
     randomise(&tvm, 17);
     let svm = VarMap::new();
     let student = FlowMapNet::new(Arch::Unet(cfg.clone()), VarBuilder::from_varmap(&svm, DType::F32, &dev)).unwrap();
@@ -176,7 +201,10 @@ fn flow_map_seeded_from_teacher_is_one_euler_step() {
     let s = col(&[0.1, 0.6, 0.0, 0.5], DType::F32);
     let c = labels(&[0, 1, 2, 3]);
     let v = teacher.velocity(&x, &t, &c).unwrap();
-    let euler = (&x + v.broadcast_mul(&(&s - &t).unwrap().reshape((4, 1, 1, 1)).unwrap()).unwrap()).unwrap();
+    let euler = (&x
+        + v.broadcast_mul(&(&s - &t).unwrap().reshape((4, 1, 1, 1)).unwrap())
+            .unwrap())
+    .unwrap();
     let f = student.map(&x, &t, &s, &c).unwrap();
     assert!(max_abs(&v) > 0.1, "a non-trivial teacher");
     assert!(max_abs(&(f - euler).unwrap()) < 1e-5);
@@ -190,11 +218,19 @@ fn bad_configurations_and_inputs_are_errors() {
     assert!(e.contains("28 × 28") && e.contains("2^3"), "{e}");
     let mut cfg = UnetConfig::new(&[1, 28, 28]);
     cfg.attention_resolutions = vec![5];
-    assert!(cfg.validate().unwrap_err().to_string().contains("attention resolution 5"));
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("attention resolution 5"));
     let mut cfg = UnetConfig::new(&[1, 28, 28]);
     cfg.groups = 5;
     assert!(cfg.validate().unwrap_err().to_string().contains("groups"));
-    assert!(UnetConfig::new(&[784]).validate().unwrap_err().to_string().contains("C × H × W"));
+    assert!(UnetConfig::new(&[784])
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("C × H × W"));
 
     let (net, _) = build(&tiny(), Role::Velocity, DType::F32);
     let t = col(&[0.5], DType::F32);

@@ -127,7 +127,10 @@ impl UnetConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::arg(format!("U-Net: {m}")));
         let [c, h, w] = self.state_shape[..] else {
-            return bad(format!("states must be C × H × W images, got shape {:?}", self.state_shape));
+            return bad(format!(
+                "states must be C × H × W images, got shape {:?}",
+                self.state_shape
+            ));
         };
         if c == 0 || self.channels == 0 || self.channel_mult.is_empty() || self.channel_mult.contains(&0) {
             return bad("channels, the channel multipliers and the image's channels must be positive".into());
@@ -141,12 +144,17 @@ impl UnetConfig {
             ));
         }
         if self.groups == 0 || self.channel_mult.iter().any(|m| (m * self.channels) % self.groups != 0) {
-            return bad(format!("every level's channels must divide into {} groups", self.groups));
+            return bad(format!(
+                "every level's channels must divide into {} groups",
+                self.groups
+            ));
         }
         let lowest = h >> (self.channel_mult.len() - 1);
         for &r in &self.attention_resolutions {
             if !(0..self.channel_mult.len()).any(|i| h >> i == r) {
-                return bad(format!("attention resolution {r} is not one of the levels' (lowest {lowest})"));
+                return bad(format!(
+                    "attention resolution {r} is not one of the levels' (lowest {lowest})"
+                ));
             }
         }
         if self.heads == 0 || self.channel_mult.iter().any(|m| (m * self.channels) % self.heads != 0) {
@@ -230,7 +238,9 @@ impl GroupNorm {
 
     fn affine(&self, xhat: &Tensor, shape: &[usize], with_bias: bool) -> Result<Tensor> {
         let c = shape[1];
-        let y = xhat.reshape(shape)?.broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?;
+        let y = xhat
+            .reshape(shape)?
+            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?;
         Ok(if with_bias {
             y.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?
         } else {
@@ -307,28 +317,35 @@ impl Attention {
     /// `B × C × H × W` → `(B·H·W) × C` tokens.
     fn tokens(x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        Ok(x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?.reshape((b * h * w, c))?)
+        Ok(x.reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * h * w, c))?)
     }
 
     fn untokens(t: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Tensor> {
         let (b, c, h, w) = dims;
-        Ok(t.reshape((b, h * w, c))?.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))?)
+        Ok(t.reshape((b, h * w, c))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, c, h, w))?)
     }
 
     /// `(B·N) × 3C` → three `(B·heads) × N × d` tensors.
     fn split(&self, qkv: &Tensor, b: usize, n: usize, c: usize) -> Result<[Tensor; 3]> {
         let d = c / self.heads;
         let q = qkv.reshape((b, n, 3, self.heads, d))?.permute((2, 0, 3, 1, 4))?;
-        let part = |i: usize| -> Result<Tensor> {
-            Ok(q.get(i)?.contiguous()?.reshape((b * self.heads, n, d))?)
-        };
+        let part = |i: usize| -> Result<Tensor> { Ok(q.get(i)?.contiguous()?.reshape((b * self.heads, n, d))?) };
         Ok([part(0)?, part(1)?, part(2)?])
     }
 
     /// `(B·heads) × N × d` → `(B·N) × C`.
     fn merge(&self, o: &Tensor, b: usize, n: usize, c: usize) -> Result<Tensor> {
         let d = c / self.heads;
-        Ok(o.reshape((b, self.heads, n, d))?.transpose(1, 2)?.contiguous()?.reshape((b * n, c))?)
+        Ok(o.reshape((b, self.heads, n, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * n, c))?)
     }
 
     fn scale(&self, c: usize) -> f64 {
@@ -528,7 +545,9 @@ impl ResBlock {
             emb: Dense::new(cfg.embedding_width(), 2 * c_out, Activation::Identity, vb.pp("emb"))?,
             norm2: GroupNorm::new(cfg.groups, c_out, vb.pp("norm2"))?,
             conv2: Conv2d::new(c_out, c_out, 3, vb.pp("conv2"))?,
-            skip: (c_in != c_out).then(|| Conv2d::new(c_in, c_out, 1, vb.pp("skip"))).transpose()?,
+            skip: (c_in != c_out)
+                .then(|| Conv2d::new(c_in, c_out, 1, vb.pp("skip")))
+                .transpose()?,
         })
     }
 
@@ -536,7 +555,10 @@ impl ResBlock {
     fn run<V: Flow>(&self, x: &V, act_emb: &V, mask: Option<&Tensor>) -> Result<V> {
         let h = x.norm(&self.norm1, None, true)?.layer(&self.conv1)?;
         let ss = act_emb.layer(&self.emb)?;
-        let h = h.norm(&self.norm2, Some(&ss), true)?.dropout(mask)?.layer(&self.conv2)?;
+        let h = h
+            .norm(&self.norm2, Some(&ss), true)?
+            .dropout(mask)?
+            .layer(&self.conv2)?;
         let skip = match &self.skip {
             Some(s) => x.layer(s)?,
             None => x.clone(),
@@ -600,7 +622,9 @@ impl Unet {
         };
         let emb0 = Dense::new(emb_in, e, Activation::Silu, vb.pp("emb.0"))?;
         let emb1 = Dense::new(e, e, Activation::Identity, vb.pp("emb.1"))?;
-        let [c_img, h, _] = cfg.state_shape[..] else { unreachable!("validated") };
+        let [c_img, h, _] = cfg.state_shape[..] else {
+            unreachable!("validated")
+        };
         let input = Conv2d::new(c_img, cfg.channels, 3, vb.pp("input"))?;
         let attends = |level: usize| cfg.attention_resolutions.contains(&(h >> level));
         let stage = |c_in: usize, c_out: usize, level: usize, vb: VarBuilder| -> Result<Stage> {
@@ -681,7 +705,9 @@ impl Unet {
         let m: Vec<f32> = (0..b * channels * h * w)
             .map(|_| if rng.uniform() < p { 0.0 } else { keep })
             .collect();
-        Ok(Some(Tensor::from_vec(m, (b, channels, h, w), x.device())?.to_dtype(x.dtype())?))
+        Ok(Some(
+            Tensor::from_vec(m, (b, channels, h, w), x.device())?.to_dtype(x.dtype())?,
+        ))
     }
 
     fn check(&self, x: &Tensor, gap: Option<&Tensor>) -> Result<()> {

@@ -53,7 +53,10 @@ pub fn read_labels(path: &Path, count: usize) -> Result<Vec<u32>> {
     let a = read_npy_nd(path)?;
     let name = path.display();
     if a.shape.len() != 1 {
-        return Err(Error::data(format!("{name}: labels must be a 1-D array, found shape {:?}", a.shape)));
+        return Err(Error::data(format!(
+            "{name}: labels must be a 1-D array, found shape {:?}",
+            a.shape
+        )));
     }
     if a.shape[0] != count {
         return Err(Error::data(format!("{name}: {} labels for {count} images", a.shape[0])));
@@ -73,7 +76,10 @@ pub fn read_labels(path: &Path, count: usize) -> Result<Vec<u32>> {
 /// Whether a file name is an image the folder reader takes.
 fn is_image(p: &Path) -> bool {
     matches!(
-        p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(),
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref(),
         Some("png" | "jpg" | "jpeg")
     )
 }
@@ -94,18 +100,25 @@ pub fn read_folder(dir: &Path) -> Result<(ImageSet, Vec<String>)> {
     let name = dir.display();
     let classes: Vec<PathBuf> = sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()).collect();
     if classes.is_empty() {
-        return Err(Error::data(format!("{name}: no class folders (expected DIR/CLASS/*.png)")));
+        return Err(Error::data(format!(
+            "{name}: no class folders (expected DIR/CLASS/*.png)"
+        )));
     }
     let mut decoded = Vec::new();
     for (label, class) in classes.iter().enumerate() {
-        for file in sorted_entries(class)?.into_iter().filter(|p| p.is_file() && is_image(p)) {
-            let img = image::open(&file)
-                .map_err(|e| Error::data(format!("{}: unreadable image ({e})", file.display())))?;
+        for file in sorted_entries(class)?
+            .into_iter()
+            .filter(|p| p.is_file() && is_image(p))
+        {
+            let img =
+                image::open(&file).map_err(|e| Error::data(format!("{}: unreadable image ({e})", file.display())))?;
             decoded.push((label as u32, file, img));
         }
     }
     if decoded.is_empty() {
-        return Err(Error::data(format!("{name}: no .png or .jpg images in its class folders")));
+        return Err(Error::data(format!(
+            "{name}: no .png or .jpg images in its class folders"
+        )));
     }
     let (w, h) = (decoded[0].2.width(), decoded[0].2.height());
     if let Some((_, f, img)) = decoded.iter().find(|(_, _, i)| (i.width(), i.height()) != (w, h)) {
@@ -137,7 +150,11 @@ pub fn read_folder(dir: &Path) -> Result<(ImageSet, Vec<String>)> {
     }
     let names = classes
         .iter()
-        .map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+        .map(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
         .collect();
     Ok((
         ImageSet {

@@ -63,7 +63,9 @@ impl Scale {
             .iter()
             .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
         if !(hi > lo) {
-            return Err(Error::data(format!("{what}: every value is {lo}; there is no range to scale to [-1, 1]")));
+            return Err(Error::data(format!(
+                "{what}: every value is {lo}; there is no range to scale to [-1, 1]"
+            )));
         }
         Ok(Scale { lo, hi })
     }
@@ -119,7 +121,9 @@ impl DataSource {
         let path = PathBuf::from(file);
         if path.is_dir() {
             if labels.is_some() {
-                return Err(Error::data(format!("{spec}: an image folder's labels are its class folders")));
+                return Err(Error::data(format!(
+                    "{spec}: an image folder's labels are its class folders"
+                )));
             }
             let (set, _) = images::read_folder(&path)?;
             return Self::image_set(spec, set);
@@ -131,7 +135,9 @@ impl DataSource {
             }
         }
         if labels.is_some() {
-            return Err(Error::data(format!("{spec}: labels go with images (an N × H × W or N × C × H × W .npy)")));
+            return Err(Error::data(format!(
+                "{spec}: labels go with images (an N × H × W or N × C × H × W .npy)"
+            )));
         }
         let matrix = match path.extension().and_then(|e| e.to_str()) {
             Some("npy") => read_npy(&path)?,
@@ -179,10 +185,22 @@ impl DataSource {
                 )));
             }
         }
-        Self::points(name, Matrix::new(m.count, m.dim(), m.to_signed_unit()), shape, labels, Some(Scale::U8))
+        Self::points(
+            name,
+            Matrix::new(m.count, m.dim(), m.to_signed_unit()),
+            shape,
+            labels,
+            Some(Scale::U8),
+        )
     }
 
-    fn points(name: &str, m: Matrix, shape: Vec<usize>, labels: Option<Vec<u32>>, scale: Option<Scale>) -> Result<Self> {
+    fn points(
+        name: &str,
+        m: Matrix,
+        shape: Vec<usize>,
+        labels: Option<Vec<u32>>,
+        scale: Option<Scale>,
+    ) -> Result<Self> {
         check_finite(&m.data, name)?;
         if m.rows < 10 {
             return Err(Error::data(format!(

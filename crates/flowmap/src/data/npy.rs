@@ -64,7 +64,10 @@ pub fn read_npy_nd(path: &Path) -> Result<NdArray> {
 fn parse_npy(bytes: &[u8]) -> std::result::Result<Matrix, String> {
     let a = parse_nd(bytes)?;
     if !matches!(a.dtype, NpyType::F32 | NpyType::F64) {
-        return Err(format!("dtype {:?} is not supported for points (expected float32 or float64)", a.dtype));
+        return Err(format!(
+            "dtype {:?} is not supported for points (expected float32 or float64)",
+            a.dtype
+        ));
     }
     let (rows, cols) = match a.shape.as_slice() {
         [n] => (*n, 1),
@@ -197,7 +200,11 @@ fn parse_nd(bytes: &[u8]) -> std::result::Result<NdArray, String> {
         }
         flat = c_order;
     }
-    Ok(NdArray { shape, data: flat, dtype })
+    Ok(NdArray {
+        shape,
+        data: flat,
+        dtype,
+    })
 }
 
 /// The value of `key` in the header's Python dict literal.

@@ -54,7 +54,16 @@ impl Geometry {
         if c_in != c_in2 {
             candle_core::bail!("conv2d: input has {c_in} channels, the kernel expects {c_in2}");
         }
-        Ok((b, Geometry { c_in, c_out, h, w: wd, k }))
+        Ok((
+            b,
+            Geometry {
+                c_in,
+                c_out,
+                h,
+                w: wd,
+                k,
+            },
+        ))
     }
     fn hw(&self) -> usize {
         self.h * self.w
@@ -125,9 +134,27 @@ fn col2im(g: Geometry, dcols: &[f32], dx: &mut [f32]) {
 /// `dst (m × n) = [dst +] lhs · rhs` for row-major contiguous operands, `lhs` given transposed when
 /// `lhs_t` (stored `k × m`) and `rhs` when `rhs_t` (stored `n × k`).
 #[allow(clippy::too_many_arguments)]
-fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], acc: bool, lhs: &[f32], lhs_t: bool, rhs: &[f32], rhs_t: bool) {
-    let l = if lhs_t { (lhs.as_ptr(), 1, m as isize) } else { (lhs.as_ptr(), k as isize, 1) };
-    let r = if rhs_t { (rhs.as_ptr(), 1, k as isize) } else { (rhs.as_ptr(), n as isize, 1) };
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    acc: bool,
+    lhs: &[f32],
+    lhs_t: bool,
+    rhs: &[f32],
+    rhs_t: bool,
+) {
+    let l = if lhs_t {
+        (lhs.as_ptr(), 1, m as isize)
+    } else {
+        (lhs.as_ptr(), k as isize, 1)
+    };
+    let r = if rhs_t {
+        (rhs.as_ptr(), 1, k as isize)
+    } else {
+        (rhs.as_ptr(), n as isize, 1)
+    };
     debug_assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
     // SAFETY: the three buffers hold m × n, m × k and k × n elements under the strides above.
     unsafe { super::gemm(m, n, k, dst.as_mut_ptr(), acc, l, r) };
@@ -150,7 +177,11 @@ impl CustomOp3 for ConvOp {
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, g) = Geometry::of(xl, wl)?;
-        let (x, w, bias) = (cpu_slice(xs, xl, "x")?, cpu_slice(ws, wl, "w")?, cpu_slice(bs, bl, "b")?);
+        let (x, w, bias) = (
+            cpu_slice(xs, xl, "x")?,
+            cpu_slice(ws, wl, "w")?,
+            cpu_slice(bs, bl, "b")?,
+        );
         let (hw, rows, o) = (g.hw(), g.rows(), g.c_out);
         let mut y = vec![0.0f32; b * o * hw];
         let blocks: Vec<(usize, &mut [f32])> = y.chunks_mut(IMAGES_PER_BLOCK * o * hw).enumerate().collect();
@@ -186,7 +217,13 @@ impl CustomOp3 for ConvOp {
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         let (bsz, c_in, h, wd) = x.dims4()?;
         let (o, _, k, _) = w.dims4()?;
-        let g = Geometry { c_in, c_out: o, h, w: wd, k };
+        let g = Geometry {
+            c_in,
+            c_out: o,
+            h,
+            w: wd,
+            k,
+        };
         let (hw, rows) = (g.hw(), g.rows());
         let (Some(xr), Some(wr), Some(gr)) = (super::read(&x), super::read(&w), super::read(&grad)) else {
             candle_core::bail!("conv2d backward needs f32 CPU tensors");
@@ -246,14 +283,28 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     /// The fused node against candle's convolution, in values and in all three gradients, at kernel sizes
     /// 1 and 3, odd and even image sizes and batches that are not a multiple of the block.
     #[test]
     fn matches_candle_in_values_and_gradients() {
-        for (b, ci, co, h, w, k) in [(5, 3, 4, 7, 6, 3), (9, 2, 8, 4, 4, 1), (2, 4, 3, 5, 9, 5), (1, 1, 2, 3, 3, 3)] {
+        for (b, ci, co, h, w, k) in [
+            (5, 3, 4, 7, 6, 3),
+            (9, 2, 8, 4, 4, 1),
+            (2, 4, 3, 5, 9, 5),
+            (1, 1, 2, 3, 3, 3),
+        ] {
             let x = Var::from_tensor(&rand(&[b, ci, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&rand(&[co, ci, k, k], 2)).unwrap();
             let bias = Var::from_tensor(&rand(&[co], 3)).unwrap();
@@ -265,8 +316,19 @@ mod tests {
             let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             for v in [&x, &wt, &bias] {
                 let (a, c) = (gf.get(v).unwrap(), gs.get(v).unwrap());
-                let scale = c.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-                assert!(max_diff(a, c) <= 1e-4 * scale.max(1.0), "gradient at {b} {ci} {co} {h} {w} {k}");
+                let scale = c
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    max_diff(a, c) <= 1e-4 * scale.max(1.0),
+                    "gradient at {b} {ci} {co} {h} {w} {k}"
+                );
             }
         }
     }

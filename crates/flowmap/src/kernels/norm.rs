@@ -94,8 +94,16 @@ impl CustomOp3 for NormOp {
         if c % self.groups != 0 {
             candle_core::bail!("group norm: {c} channels do not divide into {} groups", self.groups);
         }
-        let d = Dims { c, hw: h * w, groups: self.groups };
-        let (x, p, s) = (cpu_slice(xs, xl, "x")?, cpu_slice(ps, pl, "affine")?, cpu_slice(ss, sl, "ss")?);
+        let d = Dims {
+            c,
+            hw: h * w,
+            groups: self.groups,
+        };
+        let (x, p, s) = (
+            cpu_slice(xs, xl, "x")?,
+            cpu_slice(ps, pl, "affine")?,
+            cpu_slice(ss, sl, "ss")?,
+        );
         let (gamma, beta) = p.split_at(c);
         let mut y = vec![0.0f32; x.len()];
         let img = c * d.hw;
@@ -129,7 +137,11 @@ impl CustomOp3 for NormOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (b, c, h, w) = x.dims4()?;
-        let d = Dims { c, hw: h * w, groups: self.groups };
+        let d = Dims {
+            c,
+            hw: h * w,
+            groups: self.groups,
+        };
         let (Some(xr), Some(pr), Some(sr), Some(gr)) =
             (super::read(x), super::read(affine), super::read(ss), super::read(&grad))
         else {
@@ -211,11 +223,22 @@ mod tests {
     use candle_core::{DType, Device, Var};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
-        crate::Rng::new(seed).normal_tensor(shape, DType::F32, &Device::Cpu).unwrap()
+        crate::Rng::new(seed)
+            .normal_tensor(shape, DType::F32, &Device::Cpu)
+            .unwrap()
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -232,8 +255,19 @@ mod tests {
             let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v) in [("x", &x), ("affine", &p), ("ss", &s)] {
                 let (a, r) = (gf.get(v).unwrap(), gs.get(v).unwrap());
-                let scale = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-                assert!(max_diff(a, r) <= 1e-4 * scale.max(1.0), "d{name} at {b} {c} {h} {w} {g}");
+                let scale = r
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    max_diff(a, r) <= 1e-4 * scale.max(1.0),
+                    "d{name} at {b} {c} {h} {w} {g}"
+                );
             }
         }
     }

@@ -51,35 +51,29 @@ impl Method {
         Method::Shortcut,
     ];
 
+    /// The method's entry in the registry ([`super::registry`]).
+    pub fn info(self) -> &'static super::registry::MethodInfo {
+        super::registry::info(self)
+    }
+
+    /// The name on the command line and in checkpoints.
     pub fn name(self) -> &'static str {
-        match self {
-            Method::Emd => "emd",
-            Method::Lmd => "lmd",
-            Method::EmdCont => "emd-cont",
-            Method::LmdCont => "lmd-cont",
-            Method::Cm => "cm",
-            Method::Ctm => "ctm",
-            Method::Progressive => "progressive",
-            Method::Direct => "direct",
-            Method::Meanflow => "meanflow",
-            Method::SelfLmd => "self-lmd",
-            Method::Shortcut => "shortcut",
-        }
+        self.info().name
     }
 
     /// Whether the method distils a teacher (`flowmap distill`) or trains from data (`flowmap train`).
     pub fn needs_teacher(self) -> bool {
-        !matches!(self, Method::Meanflow | Method::SelfLmd | Method::Shortcut)
+        self.info().needs_teacher
     }
 
     /// Whether the objective takes a tangent of the map (a JVP, exact or by finite differences).
     pub fn needs_tangent(self) -> bool {
-        matches!(self, Method::EmdCont | Method::LmdCont | Method::Meanflow)
+        self.info().needs_tangent
     }
 
     /// Whether the trained map is defined only for `s = 0` (a consistency model).
     pub fn boundary_only(self) -> bool {
-        self == Method::Cm
+        self.info().boundary_only
     }
 
     fn list(teacher: bool) -> String {

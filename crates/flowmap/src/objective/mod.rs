@@ -20,6 +20,7 @@ mod fm;
 mod lmd;
 mod meanflow;
 mod progressive;
+pub mod registry;
 mod self_distill;
 
 use crate::kernels::no_grad;
@@ -243,8 +244,9 @@ pub(crate) fn tangent(map: &dyn FlowMap, mode: JvpMode, at: &Point<'_>, along: &
     }
 }
 
-/// Builds the objective of any flow-map `method`. Teacher-based methods need `teacher`; progressive
-/// flow-map matching also needs the student's live parameters and architecture (it snapshots them).
+/// Builds the objective of any flow-map `method` (by its [`registry`] entry). Teacher-based methods need
+/// `teacher`; progressive flow-map matching also needs the student's live parameters and architecture (it
+/// snapshots them).
 pub fn build<'a>(
     method: Method,
     teacher: Option<&'a dyn VelocityField>,
@@ -252,46 +254,16 @@ pub fn build<'a>(
     student: Option<(&candle_nn::VarMap, &crate::backbone::Arch)>,
 ) -> Result<Box<dyn Objective<Model = dyn FlowMap> + 'a>> {
     cfg.validate()?;
-    let need = |t: Option<&'a dyn VelocityField>| {
-        t.ok_or_else(|| Error::arg(format!("'{method}' distils a teacher, and none was given")))
-    };
     if !method.needs_teacher() && teacher.is_some() {
         return Err(Error::arg(format!(
             "'{method}' trains from data alone and takes no teacher"
         )));
     }
-    Ok(match method {
-        Method::Emd => Box::new(Emd::new(need(teacher)?, cfg)),
-        Method::Lmd => Box::new(Lmd::new(need(teacher)?, cfg)),
-        Method::EmdCont => Box::new(EmdContinuous {
-            teacher: need(teacher)?,
-            cfg,
-        }),
-        Method::LmdCont => Box::new(LmdContinuous {
-            teacher: need(teacher)?,
-            cfg,
-        }),
-        Method::Cm => Box::new(ConsistencyDistillation {
-            teacher: need(teacher)?,
-            cfg,
-        }),
-        Method::Ctm => Box::new(ConsistencyTrajectory {
-            teacher: need(teacher)?,
-            cfg,
-        }),
-        Method::Direct => Box::new(DirectRegression {
-            teacher: need(teacher)?,
-            cfg,
-            tol: 1e-4,
-        }),
-        Method::Progressive => {
-            let (live, arch) =
-                student.ok_or_else(|| Error::arg("progressive flow-map matching needs the student's parameters"))?;
-            Box::new(Progressive::new(need(teacher)?, cfg, live, arch)?)
-        }
-        Method::Meanflow => Box::new(MeanFlow { cfg }),
-        Method::SelfLmd => Box::new(SelfLmd { cfg }),
-        Method::Shortcut => Box::new(Shortcut { cfg }),
+    (method.info().build)(&registry::BuildArgs {
+        method,
+        teacher,
+        cfg,
+        student,
     })
 }
 

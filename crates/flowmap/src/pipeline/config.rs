@@ -53,7 +53,10 @@ impl RunConfig {
         };
         if let Some(k) = self.arch_kind()? {
             if k != base.name() {
-                return Err(Error::Config(format!("[arch]: kind '{k}', but the run builds a {}", base.name())));
+                return Err(Error::Config(format!(
+                    "[arch]: kind '{k}', but the run builds a {}",
+                    base.name()
+                )));
             }
         }
         let mut merged = toml::Value::try_from(&base).map_err(|e| Error::Config(e.to_string()))?;

@@ -175,7 +175,9 @@ impl<'a> MapJob<'a> {
         }
         self.objective.validate()?;
         if self.init.is_some() && self.teacher.is_some() {
-            return Err(Error::arg("a distillation starts from its teacher; `init` is for data-only methods"));
+            return Err(Error::arg(
+                "a distillation starts from its teacher; `init` is for data-only methods",
+            ));
         }
         if matches!(self.init, Some(Teacher::Gmm(_))) {
             return Err(Error::arg("only a network teacher can seed a student"));
@@ -244,11 +246,11 @@ impl<'a> MapJob<'a> {
             )?
         };
         let mut training = serde_json::json!({
-                "objective": method.name(),
-                "teacher": self.teacher.map(|t| t.describe()),
-                "distill": self.objective,
-                "train": self.train,
-            });
+            "objective": method.name(),
+            "teacher": self.teacher.map(|t| t.describe()),
+            "distill": self.objective,
+            "train": self.train,
+        });
         if let Some(t) = self.init {
             training["init"] = serde_json::Value::String(t.describe());
         }
