@@ -26,6 +26,10 @@ impl FlowMapNet {
     pub fn arch(&self) -> &Arch {
         &self.arch
     }
+    /// The backbone (to turn training-time dropout on: [`Backbone::set_dropout_seed`]).
+    pub fn backbone(&self) -> &dyn Backbone {
+        &*self.net
+    }
 }
 
 impl FlowMap for FlowMapNet {

@@ -74,6 +74,8 @@ pub fn train_teacher(
     let net = VelocityNet::new(arch, VarBuilder::from_varmap(&live, DType::F32, device))?;
     let ema_net = VelocityNet::new(arch, VarBuilder::from_varmap(&ema, DType::F32, device))?;
     arch.seed_params(&live, cfg.seed)?;
+    // Dropout (where the backbone has it) on the live network only: the EMA network samples.
+    net.backbone().set_dropout_seed(Some(cfg.seed));
     let path = linear();
     let trainable = Trainable::<dyn VelocityField> {
         params: &live,
@@ -215,6 +217,7 @@ impl<'a> MapJob<'a> {
             Some(Teacher::Net { vars, .. }) => arch.init_from_teacher(&live, vars)?,
             _ => arch.seed_params(&live, self.train.seed)?,
         }
+        net.backbone().set_dropout_seed(Some(self.train.seed));
         let trainable = Trainable::<dyn FlowMap> {
             params: &live,
             model: &net,

@@ -26,6 +26,11 @@ impl VelocityNet {
     pub fn arch(&self) -> &Arch {
         &self.arch
     }
+
+    /// The backbone (to turn training-time dropout on: [`Backbone::set_dropout_seed`]).
+    pub fn backbone(&self) -> &dyn Backbone {
+        &*self.net
+    }
 }
 
 impl VelocityField for VelocityNet {
