@@ -86,19 +86,7 @@ impl MnistConfig {
     pub fn bench(teacher_steps: usize, map_steps: usize, n_eval: usize, seed: u64) -> Self {
         MnistConfig {
             teacher_steps: Some(teacher_steps),
-            methods: vec![
-                Method::Emd,
-                Method::Lmd,
-                Method::EmdCont,
-                Method::LmdCont,
-                Method::Cm,
-                Method::Ctm,
-                Method::Progressive,
-                Method::Direct,
-                Method::Meanflow,
-                Method::SelfLmd,
-                Method::Shortcut,
-            ],
+            methods: Method::ALL.to_vec(),
             map_steps,
             batch_size: 64,
             lr: 5e-4,

@@ -10,6 +10,7 @@
 //!
 //! Adding a network is one file implementing [`Backbone`] and one variant of [`Arch`].
 
+pub mod layers;
 pub mod mlp;
 pub mod unet;
 

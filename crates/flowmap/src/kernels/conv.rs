@@ -274,29 +274,11 @@ impl CustomOp3 for ConvOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        crate::Rng::new(seed)
-            .normal_tensor(shape, candle_core::DType::F32, &Device::Cpu)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::kernels::testing::{check_against_plain, flat, rand, same_on_1_and_4_threads};
+    use candle_core::Var;
 
     /// The fused node against candle's convolution, in values and in all three gradients, at kernel sizes
-    /// 1 and 3, odd and even image sizes and batches that are not a multiple of the block.
+    /// 1, 3 and 5, odd and even image sizes and batches that are not a multiple of the block.
     #[test]
     fn matches_candle_in_values_and_gradients() {
         for (b, ci, co, h, w, k) in [
@@ -308,45 +290,29 @@ mod tests {
             let x = Var::from_tensor(&rand(&[b, ci, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&rand(&[co, ci, k, k], 2)).unwrap();
             let bias = Var::from_tensor(&rand(&[co], 3)).unwrap();
-            let probe = rand(&[b, co, h, w], 4);
             let fast = conv2d(&x, &wt, &bias).unwrap();
             let slow = plain(&x, &wt, &bias).unwrap();
-            assert!(max_diff(&fast, &slow) < 1e-4, "values at {b} {ci} {co} {h} {w} {k}");
-            let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            for v in [&x, &wt, &bias] {
-                let (a, c) = (gf.get(v).unwrap(), gs.get(v).unwrap());
-                let scale = c
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(
-                    max_diff(a, c) <= 1e-4 * scale.max(1.0),
-                    "gradient at {b} {ci} {co} {h} {w} {k}"
-                );
-            }
+            let vars = [("x", &x), ("w", &wt), ("b", &bias)];
+            check_against_plain(
+                &fast,
+                &slow,
+                &vars,
+                &rand(&[b, co, h, w], 4),
+                1e-4,
+                &format!("{b} {ci} {co} {h} {w} {k}"),
+            );
         }
     }
 
-    /// Same bits on one thread and on four.
     #[test]
     fn bit_identical_across_thread_counts() {
         let x = Var::from_tensor(&rand(&[11, 3, 6, 6], 5)).unwrap();
         let wt = Var::from_tensor(&rand(&[4, 3, 3, 3], 6)).unwrap();
         let bias = Var::from_tensor(&rand(&[4], 7)).unwrap();
-        let run = |n| {
-            super::super::with_threads(n, || {
-                let y = conv2d(&x, &wt, &bias).unwrap();
-                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-                let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                (flat(&y), flat(g.get(&x).unwrap()), flat(g.get(&wt).unwrap()))
-            })
-        };
-        assert_eq!(run(1), run(4));
+        same_on_1_and_4_threads(|| {
+            let y = conv2d(&x, &wt, &bias).unwrap();
+            let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            (flat(&y), flat(g.get(&x).unwrap()), flat(g.get(&wt).unwrap()))
+        });
     }
 }

@@ -34,6 +34,8 @@ mod mlp;
 mod norm;
 mod pool;
 mod simd;
+#[cfg(test)]
+mod testing;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -220,26 +220,8 @@ impl CustomOp3 for NormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        crate::Rng::new(seed)
-            .normal_tensor(shape, DType::F32, &Device::Cpu)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::kernels::testing::{check_against_plain, flat, rand, same_on_1_and_4_threads};
+    use candle_core::Var;
 
     #[test]
     fn matches_the_composed_ops_in_values_and_gradients() {
@@ -247,28 +229,17 @@ mod tests {
             let x = Var::from_tensor(&rand(&[b, c, h, w], 1).affine(2.0, 0.5).unwrap()).unwrap();
             let p = Var::from_tensor(&rand(&[2 * c], 2)).unwrap();
             let s = Var::from_tensor(&(rand(&[b, 2 * c], 3) * 0.5).unwrap()).unwrap();
-            let probe = rand(&[b, c, h, w], 4);
             let fast = group_norm(&x, g, 1e-5, &p, &s, silu).unwrap();
             let slow = plain(&x, g, 1e-5, &p, &s, silu).unwrap();
-            assert!(max_diff(&fast, &slow) < 1e-5, "values at {b} {c} {h} {w} {g}");
-            let gf = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let gs = (&slow * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, v) in [("x", &x), ("affine", &p), ("ss", &s)] {
-                let (a, r) = (gf.get(v).unwrap(), gs.get(v).unwrap());
-                let scale = r
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(
-                    max_diff(a, r) <= 1e-4 * scale.max(1.0),
-                    "d{name} at {b} {c} {h} {w} {g}"
-                );
-            }
+            let vars = [("x", &x), ("affine", &p), ("ss", &s)];
+            check_against_plain(
+                &fast,
+                &slow,
+                &vars,
+                &rand(&[b, c, h, w], 4),
+                1e-4,
+                &format!("{b} {c} {h} {w} {g}"),
+            );
         }
     }
 
@@ -277,14 +248,10 @@ mod tests {
         let x = Var::from_tensor(&rand(&[6, 8, 4, 4], 5)).unwrap();
         let p = Var::from_tensor(&rand(&[16], 6)).unwrap();
         let s = Var::from_tensor(&rand(&[6, 16], 7)).unwrap();
-        let run = |n| {
-            super::super::with_threads(n, || {
-                let y = group_norm(&x, 4, 1e-5, &p, &s, true).unwrap();
-                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-                let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                (flat(&y), flat(g.get(&x).unwrap()), flat(g.get(&p).unwrap()))
-            })
-        };
-        assert_eq!(run(1), run(4));
+        same_on_1_and_4_threads(|| {
+            let y = group_norm(&x, 4, 1e-5, &p, &s, true).unwrap();
+            let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            (flat(&y), flat(g.get(&x).unwrap()), flat(g.get(&p).unwrap()))
+        });
     }
 }
