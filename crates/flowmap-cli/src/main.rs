@@ -430,9 +430,12 @@ struct ApplyArgs {
     /// End time s ≤ t.
     #[arg(long)]
     s: f64,
-    /// Input points (.npy or .csv, N × D).
+    /// Input points (.npy or .csv, N × D), or images (.npy, N × C × H × W in the data's own range).
     #[arg(long)]
     input: PathBuf,
+    /// Class of a class-conditional model: K, all (row i gets class i mod C, the default) or null.
+    #[arg(long)]
+    class: Option<String>,
     /// Output .npy.
     #[arg(long)]
     out: PathBuf,
@@ -1042,19 +1045,35 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
         );
     }
     let model = load_model(&a.model, device)?;
-    let pts = data::read_points(&a.input)?;
     let shape = model.state_shape();
-    let dim = flowmap::state::numel(&shape);
-    if pts.cols != dim {
-        bail!(
-            "{} has dimension {}, but the model expects {dim}",
-            a.input.display(),
-            pts.cols
-        );
-    }
-    let x = data::to_batch(&pts.data, pts.rows, &shape, DType::F32, device)?;
-    let c = Cond::none();
-    let col = |v: f64| Tensor::full(v as f32, (pts.rows, 1), device);
+    let (rows, x) = if shape.len() == 3 {
+        // Images come in the data's own value range, as `sample` writes them.
+        let nd = data::npy::read_npy_nd(&a.input)?;
+        if nd.shape.len() != 4 || nd.shape[1..] != shape[..] {
+            bail!(
+                "{} holds an array of shape {:?}, but the model takes N × {:?} images",
+                a.input.display(),
+                nd.shape,
+                shape
+            );
+        }
+        let scale = model.scale();
+        let v: Vec<f64> = nd.data.iter().map(|&v| scale.map_or(v, |s| s.to_model(v))).collect();
+        (nd.shape[0], data::to_batch(&v, nd.shape[0], &shape, DType::F32, device)?)
+    } else {
+        let pts = data::read_points(&a.input)?;
+        let dim = flowmap::state::numel(&shape);
+        if pts.cols != dim {
+            bail!(
+                "{} has dimension {}, but the model expects {dim}",
+                a.input.display(),
+                pts.cols
+            );
+        }
+        (pts.rows, data::to_batch(&pts.data, pts.rows, &shape, DType::F32, device)?)
+    };
+    let (c, _) = class_cond(a.class.as_deref(), rows, model.num_classes(), device)?;
+    let col = |v: f64| Tensor::full(v as f32, (rows, 1), device);
     let (t, s) = (col(a.t)?, col(a.s)?);
     let y = match &model {
         Model::Map(net, ck) => {
@@ -1071,12 +1090,11 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
             flowmap::flow_map::FlowMap::map(&SolverMap::new(tch, solver), &x, &t, &s, &c)?
         }
     };
-    write_tensor(&a.out, &y)?;
+    write_tensor(&a.out, &to_data_range(&y, model.scale())?)?;
     eprintln!(
-        "applied f(x, {}, {}) to {} points; wrote {}",
+        "applied f(x, {}, {}) to {rows} states; wrote {}",
         a.t,
         a.s,
-        pts.rows,
         a.out.display()
     );
     Ok(())
