@@ -802,8 +802,23 @@ fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
     let file = read_config(&a.train.config)?;
     let cfg = train_config(&a.train, file.train.clone());
     cfg.validate()?;
-    let dcfg = a.map.objective(file.distill_config(method)?, method)?;
+    let mut dcfg = a.map.objective(file.distill_config(method)?, method)?;
     let data = open_data(&a.data, &a.labels)?;
+    // MeanFlow's batch estimate of the marginal velocity is for unconditional points; on labelled data or
+    // images (where its posterior weights degenerate) the default is the paper's conditional velocity.
+    let set_in_file = file
+        .distill
+        .as_ref()
+        .and_then(|d| d.get("continuous"))
+        .and_then(|c| c.as_table())
+        .is_some_and(|c| c.contains_key("meanflow_velocity"));
+    if method == Method::Meanflow
+        && a.map.meanflow_velocity.is_none()
+        && !set_in_file
+        && (data.num_classes().is_some() || data.state_shape().len() == 3)
+    {
+        dcfg.continuous.meanflow_velocity = MeanFlowVelocity::Conditional;
+    }
     let job = MapJob {
         objective: dcfg,
         train: cfg,
