@@ -1074,7 +1074,10 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
         }
         let scale = model.scale();
         let v: Vec<f64> = nd.data.iter().map(|&v| scale.map_or(v, |s| s.to_model(v))).collect();
-        (nd.shape[0], data::to_batch(&v, nd.shape[0], &shape, DType::F32, device)?)
+        (
+            nd.shape[0],
+            data::to_batch(&v, nd.shape[0], &shape, DType::F32, device)?,
+        )
     } else {
         let pts = data::read_points(&a.input)?;
         let dim = flowmap::state::numel(&shape);
@@ -1085,7 +1088,10 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
                 pts.cols
             );
         }
-        (pts.rows, data::to_batch(&pts.data, pts.rows, &shape, DType::F32, device)?)
+        (
+            pts.rows,
+            data::to_batch(&pts.data, pts.rows, &shape, DType::F32, device)?,
+        )
     };
     let (c, _) = class_cond(a.class.as_deref(), rows, model.num_classes(), device)?;
     let col = |v: f64| Tensor::full(v as f32, (rows, 1), device);

@@ -136,6 +136,26 @@ mod tests {
     }
 
     #[test]
+    fn arch_tables_lay_over_the_backbones_defaults() {
+        use crate::backbone::{Arch, UnetConfig};
+        let base = Arch::Unet(UnetConfig::new(&[1, 28, 28]));
+        let cfg = RunConfig::from_toml("[arch]\nkind = \"unet\"\nchannels = 64\nchannel_mult = [1, 2]\n").unwrap();
+        assert_eq!(cfg.arch_kind().unwrap().as_deref(), Some("unet"));
+        let Arch::Unet(u) = cfg.arch_over(base.clone()).unwrap() else {
+            panic!("a U-Net")
+        };
+        assert_eq!((u.channels, u.channel_mult.clone(), u.blocks), (64, vec![1, 2], 1));
+        let typo = RunConfig::from_toml("[arch]\nchanels = 64\n").unwrap();
+        assert!(typo
+            .arch_over(base.clone())
+            .unwrap_err()
+            .to_string()
+            .contains("chanels"));
+        let other = RunConfig::from_toml("[arch]\nkind = \"mlp\"\n").unwrap();
+        assert!(other.arch_over(base).unwrap_err().to_string().contains("kind 'mlp'"));
+    }
+
+    #[test]
     fn misspelt_or_ill_typed_config_keys_are_errors() {
         for (text, needle) in [
             ("[distill.continuous]\ncm_interval = 128\n", "cm_interval"),
