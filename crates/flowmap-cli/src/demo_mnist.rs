@@ -276,11 +276,11 @@ fn write_grid(out: &OutDir, stem: &str, x: &candle_core::Tensor) -> Result<Strin
 fn write_report(out: &OutDir, r: &MnistReport, clf: &Classifier, figures: &[String]) -> Result<()> {
     let c = &r.config;
     let teacher = match c.teacher_steps {
-        None => format!("the shipped teacher (`{TEACHER_COMMAND}` reproduces it)"),
+        None => format!("the shipped teacher, which `{TEACHER_COMMAND}` reproduces"),
         Some(s) => format!("a teacher trained here for {s} steps at batch 64"),
     };
     let mut md = format!(
-        "# flowmap demo: MNIST\n\nA class-conditional U-Net ({teacher}), and flow maps {} trained for {} steps at batch {} \
+        "# flowmap demo: MNIST\n\nA class-conditional U-Net teacher ({teacher}) and flow maps {} trained for {} steps at batch {} \
          (EMD/LMD distilled from the teacher, MeanFlow fine-tuned from it on data).\n\n\
          Metrics on {} samples per row (classes `i mod 10`) against {} held-out digits, in the features of the \
          shipped MNIST classifier (held-out accuracy {:.2}%). FD is a Fréchet distance in those features (not \
