@@ -134,6 +134,16 @@ const KEY: &str = "flowmap";
 
 /// Saves the parameters in `vars` with `meta`, atomically.
 pub fn save(path: &Path, vars: &VarMap, meta: &CheckpointMeta) -> Result<()> {
+    write_tensors(
+        path,
+        vars,
+        KEY,
+        &serde_json::to_string(meta).expect("metadata serialises"),
+    )
+}
+
+/// Writes every variable of `vars` as f32 safetensors with one metadata entry `key: json`, atomically.
+pub fn write_tensors(path: &Path, vars: &VarMap, key: &str, json: &str) -> Result<()> {
     let owned: Vec<(String, Vec<usize>, Vec<u8>)> = vars_sorted(vars)
         .into_iter()
         .map(|(name, var)| {
@@ -150,13 +160,39 @@ pub fn save(path: &Path, vars: &VarMap, meta: &CheckpointMeta) -> Result<()> {
                 .map_err(|e| Error::checkpoint(path, e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut md = HashMap::new();
-    md.insert(
-        KEY.to_string(),
-        serde_json::to_string(meta).expect("metadata serialises"),
-    );
+    let md = HashMap::from([(key.to_string(), json.to_string())]);
     let bytes = safetensors::serialize(views, Some(md)).map_err(|e| Error::checkpoint(path, e.to_string()))?;
     crate::io::write_atomic(path, |w| w.write_all(&bytes))
+}
+
+/// The metadata entry `key` and the f32 tensors of safetensors `bytes` (read from `path`, for errors).
+pub fn read_tensors(bytes: &[u8], path: &Path, key: &str) -> Result<(String, HashMap<String, Tensor>)> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::checkpoint(path, format!("not a safetensors file ({e})")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::checkpoint(path, format!("not a safetensors file ({e})")))?;
+    let raw = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(key))
+        .ok_or_else(|| Error::checkpoint(path, format!("no {key} metadata (not written by flowmap)")))?
+        .clone();
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::checkpoint(
+                path,
+                format!("tensor '{name}' is {:?}, expected F32", view.dtype()),
+            ));
+        }
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        tensors.insert(name, Tensor::from_vec(data, view.shape(), &Device::Cpu)?);
+    }
+    Ok((raw, tensors))
 }
 
 /// A loaded checkpoint.
@@ -170,32 +206,9 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::checkpoint(path, format!("not a safetensors file ({e})")))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::checkpoint(path, format!("not a safetensors file ({e})")))?;
-        let raw = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(KEY))
-            .ok_or_else(|| Error::checkpoint(path, "no flowmap metadata (not written by flowmap)"))?;
+        let (raw, tensors) = read_tensors(&bytes, path, KEY)?;
         let meta: CheckpointMeta =
-            serde_json::from_str(raw).map_err(|e| Error::checkpoint(path, format!("bad flowmap metadata: {e}")))?;
-        let mut tensors = HashMap::new();
-        for (name, view) in st.tensors() {
-            if view.dtype() != Dtype::F32 {
-                return Err(Error::checkpoint(
-                    path,
-                    format!("tensor '{name}' is {:?}, expected F32", view.dtype()),
-                ));
-            }
-            let data: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            tensors.insert(name, Tensor::from_vec(data, view.shape(), &Device::Cpu)?);
-        }
+            serde_json::from_str(&raw).map_err(|e| Error::checkpoint(path, format!("bad flowmap metadata: {e}")))?;
         Ok(Checkpoint {
             path: path.to_path_buf(),
             meta,

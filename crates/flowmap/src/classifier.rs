@@ -14,11 +14,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
-use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::unet::Conv2d;
-use crate::backbone::vars_sorted;
 use crate::data::{DataSource, Scale};
 use crate::kernels::{self, Activation};
 use crate::nn::Dense;
@@ -174,29 +172,13 @@ impl Classifier {
 
     fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Self> {
         let bad = |m: String| Error::checkpoint(path, m);
-        let (_, header) =
-            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-        let raw = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(KEY))
-            .ok_or_else(|| bad("no classifier metadata (not a flowmap classifier)".into()))?;
+        let (raw, tensors) = crate::checkpoint::read_tensors(bytes, path, KEY)?;
         let meta: ClassifierMeta =
-            serde_json::from_str(raw).map_err(|e| bad(format!("bad classifier metadata: {e}")))?;
-        let st =
-            safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-        let mut tensors = HashMap::new();
-        for (name, view) in st.tensors() {
-            if view.dtype() != Dtype::F32 {
-                return Err(bad(format!("tensor '{name}' is {:?}, expected F32", view.dtype())));
-            }
-            let data: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            tensors.insert(name, Tensor::from_vec(data, view.shape(), device)?);
-        }
+            serde_json::from_str(&raw).map_err(|e| bad(format!("bad classifier metadata: {e}")))?;
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(device)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
         let n = tensors.len();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let clf = Self::build(meta, vb).map_err(|e| bad(format!("does not match its architecture: {e}")))?;
@@ -297,29 +279,6 @@ pub fn train(
 
 /// Writes the classifier's weights and metadata, atomically.
 pub fn save(path: &Path, clf: &Classifier, vars: &VarMap) -> Result<()> {
-    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = vars_sorted(vars)
-        .into_iter()
-        .map(|(name, var)| {
-            let v = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            Ok((
-                name,
-                var.dims().to_vec(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ))
-        })
-        .collect::<Result<_>>()?;
-    let views = owned
-        .iter()
-        .map(|(n, s, b)| {
-            TensorView::new(Dtype::F32, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::checkpoint(path, e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let md = HashMap::from([(
-        KEY.to_string(),
-        serde_json::to_string(&clf.meta).expect("metadata serialises"),
-    )]);
-    let bytes = safetensors::serialize(views, Some(md)).map_err(|e| Error::checkpoint(path, e.to_string()))?;
-    crate::io::write_atomic(path, |w| w.write_all(&bytes))
+    let json = serde_json::to_string(&clf.meta).expect("metadata serialises");
+    crate::checkpoint::write_tensors(path, vars, KEY, &json)
 }

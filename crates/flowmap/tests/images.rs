@@ -129,36 +129,18 @@ fn bad_image_inputs_are_one_line_errors() {
         num_classes: Some(2),
         ..UnetConfig::new(&[1, 6, 6])
     });
-    let e = pipeline::train_teacher(
-        &data,
-        &arch,
-        &TrainConfig {
-            steps: 1,
-            ..Default::default()
-        },
-        &Device::Cpu,
-        &Silent,
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let one_step = TrainConfig {
+        steps: 1,
+        ..Default::default()
+    };
+    let train_err = |arch: &Arch| {
+        let r = pipeline::train_teacher(&data, arch, &one_step, &Device::Cpu, &Silent);
+        r.err().expect("an error").to_string()
+    };
+    let e = train_err(&arch);
     assert!(e.contains("6 classes") && e.contains("built for 2"), "{e}");
-
     // A shape the network was not built for.
-    let arch = Arch::Unet(UnetConfig::new(&[1, 8, 8]));
-    let e = pipeline::train_teacher(
-        &data,
-        &arch,
-        &TrainConfig {
-            steps: 1,
-            ..Default::default()
-        },
-        &Device::Cpu,
-        &Silent,
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let e = train_err(&Arch::Unet(UnetConfig::new(&[1, 8, 8])));
     assert!(e.contains("does not match data state shape"), "{e}");
 }
 
