@@ -19,7 +19,6 @@ use flowmap::backbone::{Arch, UnetConfig};
 use flowmap::classifier::Classifier;
 use flowmap::data::DataSource;
 use flowmap::objective::{DistillConfig, MeanFlowVelocity, Method};
-use flowmap::ode::{Scheme, Solver};
 use flowmap::pipeline::images::{ImageEval, ImageRow};
 use flowmap::pipeline::{self, MapJob, OutDir, Teacher};
 use flowmap::sample::Sampler;
@@ -183,8 +182,7 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
     let classes = Some(10);
     let mut rows = vec![ev.floor(&data, device)?];
     let mut figures = Vec::new();
-    let mut solvers: Vec<Solver> = cfg.nfes.iter().map(|&k| Solver::fixed(Scheme::Euler, k)).collect();
-    solvers.push(Solver::dopri5(cfg.dopri5_tol));
+    let solvers = pipeline::euler_and_dopri5(&cfg.nfes, cfg.dopri5_tol);
     let (r, samples) = ev.teacher("teacher", &teacher, classes, &solvers, device)?;
     for (row, x) in r.iter().zip(&samples) {
         figures.push(write_grid(

@@ -1196,8 +1196,7 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
         (Model::Map(..), None) => unreachable!("a flow map's sampler is resolved above"),
         (Model::Teacher(t), _) => {
             // Euler at each NFE, then the adaptive solver: the teacher's own best.
-            let mut solvers: Vec<Solver> = nfes.iter().map(|&k| Solver::fixed(ode::Scheme::Euler, k)).collect();
-            solvers.push(Solver::dopri5(1e-5));
+            let solvers = pipeline::euler_and_dopri5(nfes.as_ref(), 1e-5);
             pipeline::eval_teacher(
                 "teacher",
                 t,
@@ -1286,8 +1285,7 @@ fn eval_images(
         }
         (Model::Map(..), None) => unreachable!("a flow map's sampler is resolved before"),
         (Model::Teacher(t), _) => {
-            let mut solvers: Vec<Solver> = nfes.iter().map(|&k| Solver::fixed(ode::Scheme::Euler, k)).collect();
-            solvers.push(Solver::dopri5(1e-5));
+            let solvers = pipeline::euler_and_dopri5(nfes.as_ref(), 1e-5);
             ev.teacher("teacher", t, classes, &solvers, device)?
         }
     };

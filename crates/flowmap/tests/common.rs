@@ -52,3 +52,23 @@ pub fn mean_sq(a: &Tensor) -> f64 {
 pub fn scalar(a: &Tensor) -> f64 {
     a.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
+
+/// `(F, dF)` of `map` at `(x, t, s)`, unconditional, along `(dx, dt, ds)`.
+pub fn jvp_at(
+    map: &dyn flowmap::flow_map::TangentMap,
+    (x, t, s): (&Tensor, &Tensor, &Tensor),
+    (dx, dt, ds): (&Tensor, &Tensor, &Tensor),
+) -> (Tensor, Tensor) {
+    let at = flowmap::flow_map::Point {
+        x,
+        t,
+        s,
+        cond: flowmap::Cond::none_ref(),
+    };
+    let along = flowmap::flow_map::Tangent {
+        x: dx.clone(),
+        t: dt.clone(),
+        s: ds.clone(),
+    };
+    map.average_velocity_jvp(&at, &along).unwrap()
+}

@@ -1,12 +1,14 @@
 //! Forward-mode JVPs of every layer and of the whole flow-map network against central finite
 //! differences in f64 (relative error ≤ 1e-6).
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use flowmap::backbone::mlp::seed_params;
 use flowmap::backbone::MlpConfig;
+use flowmap::flow_map::FiniteDifference;
 use flowmap::flow_map::FlowMapNet;
-use flowmap::flow_map::{FiniteDifference, TangentMap};
 use flowmap::jvp::{Jvp, Silu};
 use flowmap::kernels::Activation;
 use flowmap::nn::{Dense, SinusoidalEmbedding};
@@ -92,36 +94,8 @@ fn flow_map_network_matches_finite_differences_in_every_direction() {
         ("mixed", randn((n, 3), 11), randn((n, 1), 12), randn((n, 1), 13)),
     ];
     for (name, dx, dt, ds) in directions {
-        let (f, df) = net
-            .average_velocity_jvp(
-                &flowmap::flow_map::Point {
-                    x: &x,
-                    t: &t,
-                    s: &s,
-                    cond: flowmap::Cond::none_ref(),
-                },
-                &flowmap::flow_map::Tangent {
-                    x: (&dx).clone(),
-                    t: (&dt).clone(),
-                    s: (&ds).clone(),
-                },
-            )
-            .unwrap();
-        let (f_ref, df_ref) = fd_map
-            .average_velocity_jvp(
-                &flowmap::flow_map::Point {
-                    x: &x,
-                    t: &t,
-                    s: &s,
-                    cond: flowmap::Cond::none_ref(),
-                },
-                &flowmap::flow_map::Tangent {
-                    x: (&dx).clone(),
-                    t: (&dt).clone(),
-                    s: (&ds).clone(),
-                },
-            )
-            .unwrap();
+        let (f, df) = common::jvp_at(&net, (&x, &t, &s), (&dx, &dt, &ds));
+        let (f_ref, df_ref) = common::jvp_at(&fd_map, (&x, &t, &s), (&dx, &dt, &ds));
         assert!(rel_err(&f, &f_ref) < 1e-14, "{name}: primal differs");
         let e = rel_err(&df, &df_ref);
         assert!(e < 1e-6, "direction {name}: JVP relative error {e:e}");

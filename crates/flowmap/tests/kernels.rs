@@ -1,6 +1,8 @@
 //! The CPU fast path against candle's own ops: values and gradients agree to f32 rounding, for the dense
 //! layer alone, for whole networks, and for the optimiser and the weight average.
 
+mod common;
+
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -342,7 +344,6 @@ fn conditioning_matches_the_embedding_and_its_gradients() {
 
 #[test]
 fn network_jvp_matches_with_the_fast_path_off() {
-    use flowmap::flow_map::TangentMap;
     let _lock = SWITCH.lock().unwrap();
     let (_vm, net) = flow_map_net(48, 4);
     for b in [1, 5, 700] {
@@ -350,37 +351,9 @@ fn network_jvp_matches_with_the_fast_path_off() {
         let t = Tensor::rand(0.5f32, 1.0, (b, 1), &Device::Cpu).unwrap();
         let s = (&t * 0.5).unwrap();
         let (ones, zeros) = (t.ones_like().unwrap(), t.zeros_like().unwrap());
-        let (f1, d1) = net
-            .average_velocity_jvp(
-                &flowmap::flow_map::Point {
-                    x: &x,
-                    t: &t,
-                    s: &s,
-                    cond: flowmap::Cond::none_ref(),
-                },
-                &flowmap::flow_map::Tangent {
-                    x: (&dx).clone(),
-                    t: (&ones).clone(),
-                    s: (&zeros).clone(),
-                },
-            )
-            .unwrap();
+        let (f1, d1) = common::jvp_at(&net, (&x, &t, &s), (&dx, &ones, &zeros));
         kernels::set_enabled(false);
-        let (f2, d2) = net
-            .average_velocity_jvp(
-                &flowmap::flow_map::Point {
-                    x: &x,
-                    t: &t,
-                    s: &s,
-                    cond: flowmap::Cond::none_ref(),
-                },
-                &flowmap::flow_map::Tangent {
-                    x: (&dx).clone(),
-                    t: (&ones).clone(),
-                    s: (&zeros).clone(),
-                },
-            )
-            .unwrap();
+        let (f2, d2) = common::jvp_at(&net, (&x, &t, &s), (&dx, &ones, &zeros));
         kernels::set_enabled(true);
         assert!(rel(&f1, &f2) < 1e-5, "batch {b}: values differ by {}", rel(&f1, &f2));
         assert!(rel(&d1, &d2) < 1e-5, "batch {b}: tangents differ by {}", rel(&d1, &d2));

@@ -59,30 +59,17 @@ fn flow_matching_loss_falls() {
 #[test]
 fn same_seed_same_numbers_and_checkpoints_round_trip_bit_exactly() {
     let data = DataSource::Toy(Toy::Checkerboard);
-    let a = pipeline::train_teacher(
-        &data,
-        &Arch::Mlp(small()),
-        &tc(30, 5),
-        &Device::Cpu,
-        &flowmap::train::Silent,
-    )
-    .unwrap();
-    let b = pipeline::train_teacher(
-        &data,
-        &Arch::Mlp(small()),
-        &tc(30, 5),
-        &Device::Cpu,
-        &flowmap::train::Silent,
-    )
-    .unwrap();
-    let c = pipeline::train_teacher(
-        &data,
-        &Arch::Mlp(small()),
-        &tc(30, 6),
-        &Device::Cpu,
-        &flowmap::train::Silent,
-    )
-    .unwrap();
+    let teach = |seed| {
+        pipeline::train_teacher(
+            &data,
+            &Arch::Mlp(small()),
+            &tc(30, seed),
+            &Device::Cpu,
+            &flowmap::train::Silent,
+        )
+        .unwrap()
+    };
+    let (a, b, c) = (teach(5), teach(5), teach(6));
     let (x, t, _) = probe();
     let va = a
         .net

@@ -249,11 +249,7 @@ pub fn compare(out: &Path, budget_seconds: f64, seed: u64, device: &Device, show
             train_steps: 0,
         });
         // The teacher's own samplers.
-        let mut solvers: Vec<Solver> = nfes
-            .iter()
-            .map(|&k| Solver::fixed(flowmap::ode::Scheme::Euler, k))
-            .collect();
-        solvers.push(Solver::dopri5(1e-5));
+        let solvers = flowmap::pipeline::euler_and_dopri5(&nfes, 1e-5);
         let (trows, _) = eval_teacher(
             "teacher",
             &teacher,

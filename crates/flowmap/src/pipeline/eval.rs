@@ -206,11 +206,14 @@ pub fn semigroup(
 
 /// The teacher solvers evaluated by the demo: Euler at 1 to 128 steps, and dopri5.
 pub fn teacher_solvers() -> Vec<Solver> {
-    let mut v: Vec<Solver> = [1, 2, 4, 8, 16, 32, 64, 128]
-        .into_iter()
-        .map(|k| Solver::fixed(Scheme::Euler, k))
-        .collect();
-    v.push(Solver::dopri5(1e-5));
+    euler_and_dopri5(&[1, 2, 4, 8, 16, 32, 64, 128], 1e-5)
+}
+
+/// Euler at each of `nfes`, then dopri5 at relative tolerance `tol`: a teacher beside maps at the same NFE,
+/// and the teacher's own best.
+pub fn euler_and_dopri5(nfes: &[usize], tol: f64) -> Vec<Solver> {
+    let mut v: Vec<Solver> = nfes.iter().map(|&k| Solver::fixed(Scheme::Euler, k)).collect();
+    v.push(Solver::dopri5(tol));
     v
 }
 

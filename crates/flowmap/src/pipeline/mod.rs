@@ -15,8 +15,8 @@ use candle_nn::VarMap;
 
 pub use config::RunConfig;
 pub use eval::{
-    eval_map, eval_teacher, exact_map_report, map_errors, semigroup, teacher_solvers, EvalRow, EvalSettings,
-    ExactMapReport,
+    euler_and_dopri5, eval_map, eval_teacher, exact_map_report, map_errors, semigroup, teacher_solvers, EvalRow,
+    EvalSettings, ExactMapReport,
 };
 pub use train::{train_teacher, MapJob, TrainedMap, TrainedTeacher};
 
