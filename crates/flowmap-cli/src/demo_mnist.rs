@@ -123,7 +123,7 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
                 ..TrainConfig::default()
             };
             let pb = progress_bar(steps as u64, "teacher", show);
-            let t = pipeline::train_teacher(&data, &teacher_arch(), &tcfg, device, &report::ImageBar(&pb, 64))?;
+            let t = pipeline::train_teacher(&data, &teacher_arch(), &tcfg, device, &report::ImageBar::new(&pb, 64))?;
             pb.finish_and_clear();
             t.save(&teacher_path)?;
         }
@@ -170,7 +170,7 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
             }
         };
         let pb = progress_bar(steps as u64, method.name(), show);
-        let m = job.run(&report::ImageBar(&pb, cfg.batch_size))?;
+        let m = job.run(&report::ImageBar::new(&pb, cfg.batch_size))?;
         pb.finish_and_clear();
         let name = format!("{}.safetensors", method.name());
         m.save(&out.file(&name))?;

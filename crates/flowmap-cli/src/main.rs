@@ -8,6 +8,7 @@ mod demo_mnist;
 mod grid;
 mod plot;
 mod report;
+mod supervise;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -195,6 +196,8 @@ struct TrainFlags {
     /// A TOML file with `[train]` (and for distill `[distill]`) tables; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    long: supervise::LongRunFlags,
 }
 
 #[derive(Args)]
@@ -561,6 +564,10 @@ fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<supervise::Interrupted>() => {
+            eprintln!("{e}");
+            ExitCode::from(supervise::INTERRUPTED)
+        }
         Err(e) => {
             // The library's messages already name their cause; the chain would repeat it.
             let msg = e.to_string();
@@ -749,14 +756,10 @@ fn teacher(a: TeacherArgs, device: &Device, show: bool) -> Result<()> {
     let arch = a
         .arch
         .build(&shape, data.num_classes(), &file, MlpConfig::for_shape(&shape))?;
+    let mut sup = supervise::Supervisor::new(&a.train.long, &a.out)?;
     let pb = progress_bar(cfg.steps as u64, "teacher", show);
-    let trained = pipeline::train_teacher(
-        &data,
-        &arch,
-        &cfg,
-        device,
-        &*report::bar_for(&pb, &shape, cfg.batch_size),
-    )?;
+    let bar = report::bar_for(&pb, &shape, cfg.batch_size);
+    let trained = sup.run(|ctl| pipeline::train_teacher_controlled(&data, &arch, &cfg, device, &*bar, ctl))?;
     pb.finish_and_clear();
     trained.save(&a.out)?;
     let (first, last) = trained.log.first_last();
@@ -793,7 +796,7 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
         device: device.clone(),
         ..MapJob::new(method, &data)
     };
-    run_map(&job, &a.out, show)
+    run_map(&job, &a.out, &a.train.long, show)
 }
 
 fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
@@ -826,14 +829,16 @@ fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
         device: device.clone(),
         ..MapJob::new(method, &data)
     };
-    run_map(&job, &a.out, show)
+    run_map(&job, &a.out, &a.train.long, show)
 }
 
 /// Runs a flow-map job behind a progress bar and saves its map.
-fn run_map(job: &MapJob<'_>, out: &Path, show: bool) -> Result<()> {
+fn run_map(job: &MapJob<'_>, out: &Path, long: &supervise::LongRunFlags, show: bool) -> Result<()> {
     let (method, steps) = (job.method, job.train.steps);
+    let mut sup = supervise::Supervisor::new(long, out)?;
     let pb = progress_bar(steps as u64, method.name(), show);
-    let m = job.run(&*report::bar_for(&pb, &job.data.state_shape(), job.train.batch_size))?;
+    let bar = report::bar_for(&pb, &job.data.state_shape(), job.train.batch_size);
+    let m = sup.run(|ctl| job.run_controlled(&*bar, ctl))?;
     pb.finish_and_clear();
     m.save(out)?;
     let (first, last) = m.log.first_last();

@@ -1,7 +1,7 @@
 //! What the command line shows and writes: progress bars and Markdown tables.
 
 use flowmap::pipeline::EvalRow;
-use flowmap::train::Progress;
+use flowmap::train::{Progress, TrainEvent};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// A progress bar for `n` steps (hidden when `show` is false or stderr is not a terminal); `n = 0` is a
@@ -33,25 +33,59 @@ pub fn progress_bar(n: u64, label: &str, show: bool) -> ProgressBar {
 pub struct Bar<'a>(pub &'a ProgressBar);
 
 impl Progress for Bar<'_> {
-    fn step(&self, _step: usize, loss: Option<f64>) {
+    fn step(&self, step: usize, loss: Option<f64>) {
         if let Some(l) = loss {
             self.0.set_message(format!("loss {l:.4}"));
         }
-        self.0.inc(1);
+        self.0.set_position(step as u64);
+    }
+    fn event(&self, e: &TrainEvent) {
+        announce(self.0, e);
     }
 }
 
-/// [`Bar`] for image batches: the message also shows images per second.
-pub struct ImageBar<'a>(pub &'a ProgressBar, pub usize);
+/// A rollback (or another event) printed above the bar, shown even when the bar is hidden.
+fn announce(pb: &ProgressBar, e: &TrainEvent) {
+    pb.suspend(|| eprintln!("step {}: {}", e.step, e.what));
+}
+
+/// [`Bar`] for image batches: the message also shows images per second (of this process's steps: a
+/// resumed run counts from where it resumed).
+pub struct ImageBar<'a> {
+    pub bar: &'a ProgressBar,
+    pub batch: usize,
+    first: std::cell::Cell<Option<(u64, std::time::Instant)>>,
+}
+
+impl<'a> ImageBar<'a> {
+    pub fn new(bar: &'a ProgressBar, batch: usize) -> Self {
+        ImageBar {
+            bar,
+            batch,
+            first: std::cell::Cell::new(None),
+        }
+    }
+}
 
 impl Progress for ImageBar<'_> {
-    fn step(&self, _step: usize, loss: Option<f64>) {
-        self.0.inc(1);
+    fn step(&self, step: usize, loss: Option<f64>) {
+        let (first, since) = match self.first.get() {
+            Some(f) => f,
+            None => {
+                let f = (step.saturating_sub(1) as u64, std::time::Instant::now());
+                self.first.set(Some(f));
+                f
+            }
+        };
+        self.bar.set_position(step as u64);
         if let Some(l) = loss {
-            let secs = self.0.elapsed().as_secs_f64().max(1e-9);
-            let rate = self.0.position() as f64 * self.1 as f64 / secs;
-            self.0.set_message(format!("loss {l:.4}, {rate:.0} img/s"));
+            let secs = since.elapsed().as_secs_f64().max(1e-9);
+            let rate = (step as u64).saturating_sub(first) as f64 * self.batch as f64 / secs;
+            self.bar.set_message(format!("loss {l:.4}, {rate:.0} img/s"));
         }
+    }
+    fn event(&self, e: &TrainEvent) {
+        announce(self.bar, e);
     }
 }
 
@@ -59,7 +93,7 @@ impl Progress for ImageBar<'_> {
 /// images, the loss alone otherwise.
 pub fn bar_for<'a>(pb: &'a ProgressBar, shape: &[usize], batch: usize) -> Box<dyn Progress + 'a> {
     if shape.len() == 3 {
-        Box::new(ImageBar(pb, batch))
+        Box::new(ImageBar::new(pb, batch))
     } else {
         Box::new(Bar(pb))
     }

@@ -244,7 +244,7 @@ pub fn train(
     let mut clf = Classifier::build(meta, VarBuilder::from_varmap(&vm, DType::F32, device))?;
     crate::backbone::unet::seed_params(&vm, cfg.seed)?;
     let mut opt = crate::optim::AdamW::new(
-        vm.all_vars(),
+        crate::backbone::vars_sorted(&vm),
         candle_nn::ParamsAdamW {
             lr: cfg.lr,
             weight_decay: 0.0,
@@ -264,7 +264,10 @@ pub fn train(
         let loss = cross_entropy(&clf.logits_of(&clf.features(&batch.x0)?)?, &labels)?;
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
-            return Err(Error::Diverged { step, loss: value });
+            return Err(Error::Diverged {
+                step,
+                reason: format!("the loss is {value}"),
+            });
         }
         opt.backward_step(&loss)?;
         progress.step(step + 1, Some(value));

@@ -24,9 +24,12 @@ pub enum Error {
     /// A configuration file or value could not be parsed.
     #[error("config: {0}")]
     Config(String),
-    /// Training diverged (the loss became NaN or infinite).
-    #[error("training diverged at step {step}: loss is {loss}")]
-    Diverged { step: usize, loss: f64 },
+    /// Training diverged: the loss or a gradient became NaN or infinite, and recovery (if any) gave up.
+    #[error("training diverged at step {step}: {reason}")]
+    Diverged { step: usize, reason: String },
+    /// Training stopped on request (an interrupt) after `step` steps, its state saved.
+    #[error("training interrupted after step {step}")]
+    Interrupted { step: usize },
     /// An error raised inside candle.
     #[error("tensor error: {0}")]
     Candle(String),

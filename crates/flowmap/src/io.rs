@@ -3,7 +3,8 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::{Error, Result};
 
@@ -21,6 +22,7 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::
     }
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    PARTIAL.lock().unwrap_or_else(|e| e.into_inner()).push(tmp.clone());
     let result = (|| {
         let file = File::create(&tmp)?;
         let mut w = BufWriter::new(file);
@@ -29,11 +31,23 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::
         file.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
+    PARTIAL.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != &tmp);
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
     Ok(())
+}
+
+/// The temporary files being written right now.
+static PARTIAL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes every temporary file a [`write_atomic`] in progress has open, for a process about to exit
+/// abruptly (a second interrupt): nothing half-written is left behind.
+pub fn remove_partial_files() {
+    for p in PARTIAL.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 /// Writes a text file atomically.

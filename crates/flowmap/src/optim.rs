@@ -2,14 +2,14 @@
 //! "Decoupled Weight Decay Regularization") and an exponential moving average of the weights.
 //!
 //! Both update parameters in place. On the CPU in f32 each parameter takes one fused pass
-//! ([`crate::kernels`]); elsewhere they run candle-nn's `AdamW` and tensor arithmetic. The algebra is the
-//! same (candle-nn's), so the two agree to f32 rounding.
+//! ([`crate::kernels`]); elsewhere they run tensor arithmetic. The algebra is the same (candle-nn's), so
+//! the two agree to f32 rounding.
 
 use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Tensor, Var};
-use candle_nn::{Optimizer, ParamsAdamW, VarMap};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Tensor, Var};
+use candle_nn::{ParamsAdamW, VarMap};
 
 use crate::flow_map::vars_sorted;
 use crate::kernels::{self, AdamScalars};
@@ -17,79 +17,101 @@ use crate::{Error, Result};
 
 /// AdamW: `m ← β1 m + (1 − β1) g`, `v ← β2 v + (1 − β2) g²`,
 /// `θ ← (1 − lr·λ) θ − lr · m̂ / (√v̂ + eps)` with bias-corrected `m̂ = m/(1 − β1^t)`, `v̂ = v/(1 − β2^t)`.
+///
+/// Parameters are named, so that the moments can be saved and restored by name ([`AdamW::state`]).
 pub struct AdamW {
-    inner: Inner,
+    names: Vec<String>,
+    vars: Vec<Var>,
+    moments: Moments,
+    step: usize,
+    params: ParamsAdamW,
 }
 
-enum Inner {
-    Fused {
-        vars: Vec<Var>,
-        /// First and second moments per parameter.
-        moments: Vec<(Vec<f32>, Vec<f32>)>,
-        step: usize,
-        params: ParamsAdamW,
-    },
-    Candle(candle_nn::AdamW),
+/// First and second moments per parameter: plain buffers for the fused CPU update, tensors elsewhere.
+enum Moments {
+    Fused(Vec<(Vec<f32>, Vec<f32>)>),
+    Tensors(Vec<(Tensor, Tensor)>),
+}
+
+/// The optimiser's state: its step count and each parameter's moments, by name.
+#[derive(Clone, Debug)]
+pub struct AdamState {
+    pub step: usize,
+    /// `(name, m, v)`, in name order.
+    pub moments: Vec<(String, Tensor, Tensor)>,
 }
 
 impl AdamW {
-    pub fn new(vars: Vec<Var>, params: ParamsAdamW) -> Result<Self> {
+    /// An optimiser over `vars` (name and variable), moments zero.
+    pub fn new(vars: Vec<(String, Var)>, params: ParamsAdamW) -> Result<Self> {
         let fused = vars
             .iter()
-            .all(|v| kernels::applies(v.device(), v.dtype()) && v.is_contiguous());
-        let inner = if fused {
-            let moments = vars
-                .iter()
-                .map(|v| (vec![0.0; v.elem_count()], vec![0.0; v.elem_count()]))
-                .collect();
-            Inner::Fused {
-                vars,
-                moments,
-                step: 0,
-                params,
-            }
+            .all(|(_, v)| kernels::applies(v.device(), v.dtype()) && v.is_contiguous());
+        let moments = if fused {
+            Moments::Fused(
+                vars.iter()
+                    .map(|(_, v)| (vec![0.0; v.elem_count()], vec![0.0; v.elem_count()]))
+                    .collect(),
+            )
         } else {
-            Inner::Candle(candle_nn::AdamW::new(vars, params)?)
+            Moments::Tensors(
+                vars.iter()
+                    .map(|(_, v)| Ok((v.zeros_like()?, v.zeros_like()?)))
+                    .collect::<Result<_>>()?,
+            )
         };
-        Ok(AdamW { inner })
+        let (names, vars) = vars.into_iter().unzip();
+        Ok(AdamW {
+            names,
+            vars,
+            moments,
+            step: 0,
+            params,
+        })
     }
 
     pub fn learning_rate(&self) -> f64 {
-        match &self.inner {
-            Inner::Fused { params, .. } => params.lr,
-            Inner::Candle(o) => o.learning_rate(),
-        }
+        self.params.lr
     }
 
     pub fn set_learning_rate(&mut self, lr: f64) {
-        match &mut self.inner {
-            Inner::Fused { params, .. } => params.lr = lr,
-            Inner::Candle(o) => o.set_learning_rate(lr),
+        self.params.lr = lr;
+    }
+
+    /// Whether every gradient in `grads` is finite (no NaN, no infinity).
+    pub fn grads_finite(&self, grads: &GradStore) -> Result<bool> {
+        for var in &self.vars {
+            let Some(g) = grads.get(var) else { continue };
+            let finite = match kernels::read(&g.contiguous()?) {
+                Some(view) => view.slice().iter().all(|v| v.is_finite()),
+                // NaN and infinity survive a sum (an overflow to infinity counts as not finite).
+                None => g.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?.is_finite(),
+            };
+            if !finite {
+                return Ok(false);
+            }
         }
+        Ok(true)
     }
 
     /// One update from the gradients in `grads` (parameters without a gradient are left alone).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        match &mut self.inner {
-            Inner::Candle(o) => Ok(o.step(grads)?),
-            Inner::Fused {
-                vars,
-                moments,
-                step,
-                params,
-            } => {
-                *step += 1;
-                let p = &*params;
+        self.step += 1;
+        let p = &self.params;
+        let scale_m = 1.0 / (1.0 - p.beta1.powi(self.step as i32));
+        let scale_v = 1.0 / (1.0 - p.beta2.powi(self.step as i32));
+        match &mut self.moments {
+            Moments::Fused(moments) => {
                 let a = AdamScalars {
                     lr: p.lr as f32,
                     beta1: p.beta1 as f32,
                     beta2: p.beta2 as f32,
                     eps: p.eps as f32,
                     decay: (1.0 - p.lr * p.weight_decay) as f32,
-                    scale_m: (1.0 / (1.0 - p.beta1.powi(*step as i32))) as f32,
-                    scale_v: (1.0 / (1.0 - p.beta2.powi(*step as i32))) as f32,
+                    scale_m: scale_m as f32,
+                    scale_v: scale_v as f32,
                 };
-                for (var, (m, v)) in vars.iter().zip(moments.iter_mut()) {
+                for (var, (m, v)) in self.vars.iter().zip(moments.iter_mut()) {
                     let Some(g) = grads.get(var) else { continue };
                     let g = g.contiguous()?;
                     let g = kernels::read(&g).ok_or_else(|| Error::arg("AdamW: gradient is not f32 on the CPU"))?;
@@ -99,15 +121,91 @@ impl AdamW {
                         a,
                     })?;
                 }
-                Ok(())
+            }
+            // The same algebra in tensor arithmetic, for other devices and dtypes (candle-nn's order of
+            // operations).
+            Moments::Tensors(moments) => {
+                for (var, (m, v)) in self.vars.iter().zip(moments.iter_mut()) {
+                    let Some(g) = grads.get(var) else { continue };
+                    let next_m = ((&*m * p.beta1)? + (g * (1.0 - p.beta1))?)?;
+                    let next_v = ((&*v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+                    let m_hat = (&next_m * scale_m)?;
+                    let v_hat = (&next_v * scale_v)?;
+                    let theta = (var.as_tensor() * (1.0 - p.lr * p.weight_decay))?;
+                    let adjusted = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
+                    var.set(&(theta - (adjusted * p.lr)?)?)?;
+                    *m = next_m;
+                    *v = next_v;
+                }
             }
         }
+        Ok(())
     }
 
     /// Back-propagates `loss` and takes one step.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
         let grads = loss.backward()?;
         self.step(&grads)
+    }
+
+    /// The step count and a copy of every moment, by name.
+    pub fn state(&self) -> Result<AdamState> {
+        let moments = match &self.moments {
+            Moments::Fused(ms) => self
+                .vars
+                .iter()
+                .zip(ms)
+                .map(|(var, (m, v))| {
+                    let dev = &Device::Cpu;
+                    Ok((
+                        Tensor::from_slice(m, var.shape(), dev)?,
+                        Tensor::from_slice(v, var.shape(), dev)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            Moments::Tensors(ms) => ms
+                .iter()
+                .map(|(m, v)| Ok((m.copy()?, v.copy()?)))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        Ok(AdamState {
+            step: self.step,
+            moments: self
+                .names
+                .iter()
+                .zip(moments)
+                .map(|(n, (m, v))| (n.clone(), m, v))
+                .collect(),
+        })
+    }
+
+    /// Restores a state from [`AdamW::state`]; its names and shapes must be this optimiser's.
+    pub fn load_state(&mut self, state: &AdamState) -> Result<()> {
+        let same = state.moments.len() == self.names.len()
+            && state
+                .moments
+                .iter()
+                .zip(self.names.iter().zip(&self.vars))
+                .all(|((n, m, v), (name, var))| n == name && m.dims() == var.dims() && v.dims() == var.dims());
+        if !same {
+            return Err(Error::arg("the optimiser state does not match the parameters"));
+        }
+        match &mut self.moments {
+            Moments::Fused(ms) => {
+                for ((_, m, v), (bm, bv)) in state.moments.iter().zip(ms.iter_mut()) {
+                    *bm = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                    *bv = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                }
+            }
+            Moments::Tensors(ms) => {
+                for ((_, m, v), (tm, tv)) in state.moments.iter().zip(ms.iter_mut()) {
+                    *tm = m.to_device(tm.device())?.to_dtype(tm.dtype())?;
+                    *tv = v.to_device(tv.device())?.to_dtype(tv.dtype())?;
+                }
+            }
+        }
+        self.step = state.step;
+        Ok(())
     }
 }
 

@@ -7,6 +7,15 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::Result;
 
+/// The exact position of an [`Rng`]: its 32-byte seed (hex), stream and position in 32-bit words.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RngState {
+    pub seed: String,
+    pub stream: u64,
+    /// A `u128`, as decimal text.
+    pub word_pos: String,
+}
+
 /// The project's random number generator: ChaCha8, portable and reproducible.
 #[derive(Clone, Debug)]
 pub struct Rng(rand_chacha::ChaCha8Rng);
@@ -42,6 +51,35 @@ impl Rng {
             .to_dtype(dtype)?
             .to_device(device)?)
     }
+    /// Where the stream stands, to be restored exactly by [`Rng::from_state`].
+    pub fn state(&self) -> RngState {
+        let seed = self.0.get_seed().iter().map(|b| format!("{b:02x}")).collect();
+        RngState {
+            seed,
+            stream: self.0.get_stream(),
+            word_pos: self.0.get_word_pos().to_string(),
+        }
+    }
+
+    /// The stream at the position `state` recorded.
+    pub fn from_state(state: &RngState) -> Result<Self> {
+        let bad = || crate::Error::data(format!("malformed random-number state {state:?}"));
+        let hex = state.seed.as_bytes();
+        if hex.len() != 64 {
+            return Err(bad());
+        }
+        let mut seed = [0u8; 32];
+        for (i, pair) in hex.chunks_exact(2).enumerate() {
+            let text = std::str::from_utf8(pair).map_err(|_| bad())?;
+            seed[i] = u8::from_str_radix(text, 16).map_err(|_| bad())?;
+        }
+        let word_pos: u128 = state.word_pos.parse().map_err(|_| bad())?;
+        let mut rng = rand_chacha::ChaCha8Rng::from_seed(seed);
+        rng.set_stream(state.stream);
+        rng.set_word_pos(word_pos);
+        Ok(Rng(rng))
+    }
+
     /// Uniform [0, 1) column of length `n`.
     pub fn uniform_vec(&mut self, n: usize) -> Vec<f64> {
         (0..n).map(|_| self.uniform()).collect()

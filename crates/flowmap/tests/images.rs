@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use common::max_abs;
+use common::{labels_npy, max_abs, write_npy};
 use flowmap::backbone::{Arch, UnetConfig};
 use flowmap::checkpoint::{self, Checkpoint, CheckpointMeta, ModelKind};
 use flowmap::classifier::Classifier;
@@ -18,27 +18,6 @@ use flowmap::image_metrics::Reference;
 use flowmap::pipeline;
 use flowmap::train::{Silent, TrainConfig};
 use flowmap::Rng;
-
-/// A `.npy` file of `descr` (`|u1`, `<f4`, `<i8`) with `shape` and raw little-endian `body`.
-fn write_npy(path: &Path, descr: &str, shape: &[usize], body: &[u8]) {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let tuple = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
-    let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple}, }}\n");
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
-    out.extend_from_slice(dict.as_bytes());
-    out.extend_from_slice(body);
-    std::fs::write(path, out).unwrap();
-}
-
-fn labels_npy(path: &Path, labels: &[i64]) {
-    let body: Vec<u8> = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
-    write_npy(path, "<i8", &[labels.len()], &body);
-}
 
 /// Twenty 6 × 6 uint8 "images": class 0 bright on the left half, class 1 on the right.
 fn two_class_pixels() -> (Vec<u8>, Vec<i64>) {

@@ -280,8 +280,27 @@ fn fused_adamw_and_ema_match_candle() {
     };
     let init = randn((37, 19), 8);
     let (a, b) = (Var::from_tensor(&init).unwrap(), Var::from_tensor(&init).unwrap());
-    let mut fused = AdamW::new(vec![a.clone()], params.clone()).unwrap();
-    let mut reference = candle_nn::AdamW::new(vec![b.clone()], params).unwrap();
+    let mut fused = AdamW::new(vec![("a".into(), a.clone())], params.clone()).unwrap();
+    let mut reference = candle_nn::AdamW::new(vec![b.clone()], params.clone()).unwrap();
+    // The tensor path (taken off the CPU and for other dtypes) against candle-nn's, in f64.
+    let init64 = init.to_dtype(candle_core::DType::F64).unwrap();
+    let (c, d) = (Var::from_tensor(&init64).unwrap(), Var::from_tensor(&init64).unwrap());
+    let mut plain = AdamW::new(vec![("c".into(), c.clone())], params.clone()).unwrap();
+    let mut reference64 = candle_nn::AdamW::new(vec![d.clone()], params).unwrap();
+    for k in 0..6u64 {
+        let target = randn((37, 19), 20 + k).to_dtype(candle_core::DType::F64).unwrap();
+        plain
+            .backward_step(&(c.as_tensor() - &target).unwrap().sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+        reference64
+            .backward_step(&(d.as_tensor() - &target).unwrap().sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+    }
+    assert_eq!(
+        c.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        d.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        "the tensor path is candle-nn's algebra"
+    );
     for k in 0..6u64 {
         let target = randn((37, 19), 20 + k);
         fused

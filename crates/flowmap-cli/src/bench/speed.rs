@@ -357,6 +357,7 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
                 ema_target: false,
                 path: &LinearPath,
                 classes: None,
+                backbone: None,
             };
             let r = steps_per_second(&FlowMatching::new(), &trainable, &data, batch, opts.seconds, device)?;
             push(
@@ -379,6 +380,7 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
                 ema_target: false,
                 path: &LinearPath,
                 classes: None,
+                backbone: None,
             };
             let r = steps_per_second(&emd, &trainable, &data, batch, opts.seconds, device)?;
             let n_diag = ((batch as f64) * dcfg.times.diagonal_fraction).round() as usize;

@@ -77,6 +77,22 @@ pub trait Objective {
     fn name(&self) -> &'static str;
     /// The scalar loss of one batch.
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor>;
+    /// What the objective carries from one step to the next (progressive's frozen map), for a training
+    /// checkpoint; most objectives carry nothing.
+    fn save_state(&self) -> Result<ObjectiveState> {
+        Ok(ObjectiveState::default())
+    }
+    /// Restores what [`Objective::save_state`] returned.
+    fn load_state(&self, _state: &ObjectiveState) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An objective's own state between steps: named tensors and a JSON value.
+#[derive(Clone, Debug, Default)]
+pub struct ObjectiveState {
+    pub tensors: Vec<(String, Tensor)>,
+    pub value: serde_json::Value,
 }
 
 /// A `B × 1` column from a slice.
@@ -274,5 +290,11 @@ impl<M: ?Sized, O: Objective<Model = M> + ?Sized> Objective for Box<O> {
     }
     fn loss(&self, cx: &mut StepContext<'_, M>) -> Result<Tensor> {
         (**self).loss(cx)
+    }
+    fn save_state(&self) -> Result<ObjectiveState> {
+        (**self).save_state()
+    }
+    fn load_state(&self, state: &ObjectiveState) -> Result<()> {
+        (**self).load_state(state)
     }
 }

@@ -4,7 +4,7 @@ use crate::kernels::no_grad;
 use candle_core::Tensor;
 use candle_nn::{VarBuilder, VarMap};
 
-use super::{pair_loss, row_mse, DiagonalTarget, DistillConfig, Objective, Rows, StepContext};
+use super::{pair_loss, row_mse, DiagonalTarget, DistillConfig, Objective, ObjectiveState, Rows, StepContext};
 use crate::backbone::{vars_sorted, Arch};
 use crate::cond::Cond;
 use crate::flow_map::{FlowMap, FlowMapNet, SolverMap};
@@ -103,6 +103,43 @@ impl<'a> Objective for Progressive<'a> {
             let target = two_half_steps(|x, t, s| self.frozen_average_velocity(x, t, s, &rows.cond), rows)?;
             Ok(row_mse(&rows.f, &target)?.mean_all()?)
         })
+    }
+
+    /// The stage and the frozen snapshot (the student as it was when the stage began).
+    fn save_state(&self) -> Result<ObjectiveState> {
+        let tensors = match &self.frozen {
+            Frozen::Snapshot { vars, .. } => vars_sorted(vars)
+                .into_iter()
+                .map(|(n, v)| Ok((n, v.as_tensor().copy()?)))
+                .collect::<Result<_>>()?,
+            Frozen::Fixed(_) => Vec::new(),
+        };
+        Ok(ObjectiveState {
+            tensors,
+            value: serde_json::json!({ "stage": self.stage.get() }),
+        })
+    }
+
+    fn load_state(&self, state: &ObjectiveState) -> Result<()> {
+        let stage = state.value.get("stage").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+        if let Frozen::Snapshot { vars, .. } = &self.frozen {
+            let frozen = vars_sorted(vars);
+            let names_match = frozen.len() == state.tensors.len()
+                && frozen
+                    .iter()
+                    .zip(&state.tensors)
+                    .all(|((a, va), (b, t))| a == b && va.dims() == t.dims());
+            if !names_match {
+                return Err(crate::Error::arg(
+                    "the training state's progressive snapshot does not match the student",
+                ));
+            }
+            for ((_, v), (_, t)) in frozen.iter().zip(&state.tensors) {
+                v.set(&t.to_device(v.device())?.to_dtype(v.dtype())?)?;
+            }
+        }
+        self.stage.set(stage);
+        Ok(())
     }
 }
 

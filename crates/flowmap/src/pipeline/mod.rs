@@ -18,7 +18,7 @@ pub use eval::{
     euler_and_dopri5, eval_map, eval_teacher, exact_map_report, map_errors, semigroup, teacher_solvers, EvalRow,
     EvalSettings, ExactMapReport,
 };
-pub use train::{train_teacher, MapJob, TrainedMap, TrainedTeacher};
+pub use train::{train_teacher, train_teacher_controlled, MapJob, TrainedMap, TrainedTeacher};
 
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::cond::Cond;

@@ -14,7 +14,7 @@ use crate::flow_map::{FlowMap, FlowMapNet};
 use crate::objective::{DistillConfig, FlowMatching, JvpMode, Method, TargetNet};
 use crate::path::ProbabilityPath;
 use crate::teacher::{VelocityField, VelocityNet};
-use crate::train::{fit, fit_with_hook, Progress, TrainConfig, TrainLog, Trainable};
+use crate::train::{fit_controlled, Progress, RunControl, TrainConfig, TrainLog, TrainState, Trainable};
 use crate::{Error, Result};
 
 /// A trained teacher: the EMA network (used for sampling and distillation) and its training log.
@@ -69,13 +69,23 @@ pub fn train_teacher(
     device: &Device,
     progress: &dyn Progress,
 ) -> Result<TrainedTeacher> {
+    train_teacher_controlled(data, arch, cfg, device, progress, RunControl::default())
+}
+
+/// [`train_teacher`] under `ctl` (checkpoints of the training state, resume, interrupts, recovery).
+pub fn train_teacher_controlled(
+    data: &DataSource,
+    arch: &Arch,
+    cfg: &TrainConfig,
+    device: &Device,
+    progress: &dyn Progress,
+    ctl: RunControl<'_>,
+) -> Result<TrainedTeacher> {
     check_fits(arch, data)?;
     let (live, ema) = (VarMap::new(), VarMap::new());
     let net = VelocityNet::new(arch, VarBuilder::from_varmap(&live, DType::F32, device))?;
     let ema_net = VelocityNet::new(arch, VarBuilder::from_varmap(&ema, DType::F32, device))?;
     arch.seed_params(&live, cfg.seed)?;
-    // Dropout (where the backbone has it) on the live network only: the EMA network samples.
-    net.backbone().set_dropout_seed(Some(cfg.seed));
     let path = linear();
     let trainable = Trainable::<dyn VelocityField> {
         params: &live,
@@ -84,15 +94,28 @@ pub fn train_teacher(
         ema_target: false,
         path: &*path,
         classes: arch.num_classes(),
+        // Dropout (where the backbone has it) on the live network only: the EMA network samples.
+        backbone: Some(net.backbone()),
     };
-    let log = fit(&FlowMatching::new(), &trainable, data, cfg, device, progress)?;
+    let training = serde_json::json!({ "objective": "fm", "train": cfg });
+    let config = run_config(&training, arch, data);
+    let log = fit_controlled(
+        &FlowMatching::new(),
+        &trainable,
+        data,
+        cfg,
+        device,
+        progress,
+        &config,
+        ctl,
+    )?;
     let meta = CheckpointMeta {
         kind: ModelKind::Teacher,
         arch: arch.clone(),
         path: path.name().into(),
         data: data.name(),
         mixture: mixture_of(data),
-        training: serde_json::json!({ "objective": "fm", "train": cfg }),
+        training,
         version: env!("CARGO_PKG_VERSION").into(),
         scale: data.scale(),
     };
@@ -102,6 +125,15 @@ pub fn train_teacher(
         meta,
         log,
     })
+}
+
+/// What fixes a run's result, for its training states: the `training` record of its checkpoint, the
+/// architecture and the data.
+fn run_config(training: &serde_json::Value, arch: &Arch, data: &DataSource) -> serde_json::Value {
+    let mut config = training.clone();
+    config["arch"] = serde_json::to_value(arch).expect("architecture serialises");
+    config["data"] = serde_json::Value::String(data.name());
+    config
 }
 
 /// A trained flow map: the EMA network and its training log.
@@ -169,6 +201,21 @@ impl<'a> MapJob<'a> {
         every: usize,
         monitor: &mut dyn FnMut(usize, &FlowMapNet) -> Result<()>,
     ) -> Result<TrainedMap> {
+        self.run_inner(progress, RunControl::default(), every, monitor)
+    }
+
+    /// [`MapJob::run`] under `ctl` (checkpoints of the training state, resume, interrupts, recovery).
+    pub fn run_controlled(&self, progress: &dyn Progress, ctl: RunControl<'_>) -> Result<TrainedMap> {
+        self.run_inner(progress, ctl, 0, &mut |_, _| Ok(()))
+    }
+
+    fn run_inner(
+        &self,
+        progress: &dyn Progress,
+        ctl: RunControl<'_>,
+        every: usize,
+        monitor: &mut dyn FnMut(usize, &FlowMapNet) -> Result<()>,
+    ) -> Result<TrainedMap> {
         let method = self.method;
         match (method.needs_teacher(), self.teacher) {
             (true, None) => return Err(Error::arg(format!("'{method}' distils a teacher; use distill"))),
@@ -217,7 +264,6 @@ impl<'a> MapJob<'a> {
             Some(Teacher::Net { vars, .. }) => arch.init_from_teacher(&live, vars)?,
             _ => arch.seed_params(&live, self.train.seed)?,
         }
-        net.backbone().set_dropout_seed(Some(self.train.seed));
         let trainable = Trainable::<dyn FlowMap> {
             params: &live,
             model: &net,
@@ -225,6 +271,7 @@ impl<'a> MapJob<'a> {
             ema_target: self.objective.target == TargetNet::Ema,
             path: &*path,
             classes: arch.num_classes(),
+            backbone: Some(net.backbone()),
         };
         let objective = crate::objective::build(
             method,
@@ -232,22 +279,6 @@ impl<'a> MapJob<'a> {
             self.objective,
             Some((&live, &arch)),
         )?;
-        let data = self.data;
-        let log = if every == 0 {
-            fit(&objective, &trainable, data, &self.train, device, progress)?
-        } else {
-            let mut hook = |step: usize| monitor(step, &ema_net);
-            fit_with_hook(
-                &objective,
-                &trainable,
-                data,
-                &self.train,
-                device,
-                progress,
-                every,
-                &mut hook,
-            )?
-        };
         let mut training = serde_json::json!({
             "objective": method.name(),
             "teacher": self.teacher.map(|t| t.describe()),
@@ -257,6 +288,29 @@ impl<'a> MapJob<'a> {
         if let Some(t) = self.init {
             training["init"] = serde_json::Value::String(t.describe());
         }
+        let config = run_config(&training, &arch, self.data);
+        let mut hook = |step: usize| monitor(step, &ema_net);
+        // The job's monitor sees the EMA map; the loop's is built here (a `ctl.monitor` is not used).
+        let ctl = RunControl {
+            checkpoint_every: ctl.checkpoint_every,
+            checkpoint_minutes: ctl.checkpoint_minutes,
+            save_state: ctl.save_state.map(|f| f as &mut dyn FnMut(&TrainState) -> Result<()>),
+            resume: ctl.resume,
+            stop: ctl.stop,
+            recovery: ctl.recovery,
+            fault: ctl.fault,
+            monitor: (every > 0).then_some((every, &mut hook as &mut dyn FnMut(usize) -> Result<()>)),
+        };
+        let log = fit_controlled(
+            &objective,
+            &trainable,
+            self.data,
+            &self.train,
+            device,
+            progress,
+            &config,
+            ctl,
+        )?;
         let meta = CheckpointMeta {
             kind: if method.boundary_only() {
                 ModelKind::ConsistencyModel
