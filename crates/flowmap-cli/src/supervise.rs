@@ -88,6 +88,9 @@ impl Supervisor {
             Some(p) => Some(TrainState::load(p)?),
             None => None,
         };
+        // A run killed while writing (SIGKILL, a power cut) may have left a temporary file behind.
+        flowmap::io::remove_stale_partials(&state_path(out));
+        flowmap::io::remove_stale_partials(out);
         Ok(Supervisor {
             flags: flags.clone(),
             path: state_path(out),

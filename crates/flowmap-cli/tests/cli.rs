@@ -751,3 +751,121 @@ fn images_end_to_end_and_their_errors() {
         &t,
     );
 }
+
+/// Long runs: a run killed by SIGKILL and resumed from its last state ends with a byte-identical
+/// checkpoint; resuming with other settings names them; SIGINT saves the state, prints the command that
+/// resumes it and exits with 130; repeated NaNs stop the run with its last good state saved.
+#[test]
+fn long_runs_survive_kill_interrupt_and_nan() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let run = |out: &str, steps: &str| {
+        let mut c = bin();
+        c.args([
+            "teacher",
+            "--data",
+            "checkerboard",
+            "--steps",
+            steps,
+            "--batch",
+            "64",
+            "--hidden",
+            "16",
+            "--depth",
+            "1",
+            "--checkpoint-every",
+            "40",
+        ])
+        .arg("--out")
+        .arg(root.join(out));
+        c
+    };
+    let args = |out: &str| run(out, "3000");
+    ok(&mut args("a.safetensors"));
+    assert!(
+        root.join("a.state.safetensors").exists(),
+        "a run writing states ends with one"
+    );
+
+    // Killed without warning as soon as its first state is on disk.
+    let mut child = args("b.safetensors").spawn().unwrap();
+    let state = root.join("b.state.safetensors");
+    while !state.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its first state"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!root.join("b.safetensors").exists(), "the killed run did not finish");
+    ok(args("b.safetensors").arg("--resume").arg(&state));
+    assert!(
+        std::fs::read(root.join("a.safetensors")).unwrap() == std::fs::read(root.join("b.safetensors")).unwrap(),
+        "the resumed run's checkpoint differs from the uninterrupted run's"
+    );
+    fails(
+        args("c.safetensors")
+            .args(["--lr", "0.001"])
+            .arg("--resume")
+            .arg(&state),
+        "train.lr (state 0.002, now 0.001)",
+        &root.join("c.safetensors"),
+    );
+
+    // SIGINT: finish the step, save, say how to resume, exit 130.
+    let mut child = run("d.safetensors", "1000000")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while !root.join("d.state.safetensors").exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its first state"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted after step"), "{err}");
+    let resume = err
+        .lines()
+        .find(|l| l.starts_with("resume with: "))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        resume.contains("teacher")
+            && resume.ends_with(&format!("--resume {}", root.join("d.state.safetensors").display())),
+        "{resume}"
+    );
+    assert!(!root.join("d.safetensors").exists());
+    let tmp: Vec<_> = std::fs::read_dir(root)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(tmp.is_empty(), "{tmp:?}");
+
+    // NaN from step 35 on: three rollbacks to step 30, each announced, then an error naming the saved state.
+    let out = args("e.safetensors")
+        .args(["--inject-nan-from", "35", "--rollback-every", "10"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.trim_end().lines().collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    assert!(
+        lines[2].ends_with("rolled back to step 30, learning rate ×0.125"),
+        "{err}"
+    );
+    assert!(
+        lines[3].starts_with("error: training diverged at step 35: the loss is NaN, after 3 rollbacks")
+            && lines[3].contains("the last good state (step 30) is in"),
+        "{err}"
+    );
+    assert!(root.join("e.state.safetensors").exists() && !root.join("e.safetensors").exists());
+}
