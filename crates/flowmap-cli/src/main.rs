@@ -1,6 +1,7 @@
 //! The `flowmap` command-line tool: the application over the `flowmap` library — its commands, reports,
 //! plots, the demo and the benchmarks.
 
+mod alloc;
 mod arch;
 mod bench;
 mod demo;
@@ -36,7 +37,7 @@ use demo::DemoConfig;
 use report::{eval_table, progress_bar, Bar};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::Watched = alloc::Watched;
 
 #[derive(Parser)]
 #[command(
@@ -94,6 +95,24 @@ enum BenchCommand {
     /// MNIST from scratch: a class-conditional U-Net teacher and every method of the family, FD, precision,
     /// recall and class accuracy against NFE.
     Mnist(MnistBenchArgs),
+    /// Mutation fuzzing of every file loader: no panic, no allocation beyond what the file justifies.
+    Fuzz(FuzzArgs),
+}
+
+#[derive(Args)]
+struct FuzzArgs {
+    /// Output folder (fuzz.json, fuzz.md, the case in progress, kept crashes).
+    #[arg(long, default_value = "bench/fuzz")]
+    out: PathBuf,
+    /// Loaders, comma-separated (default: all): npy, npy-labels, idx, idx-gzip, checkpoint, train-state,
+    /// csv, toml, gmm-json, image-png, image-jpeg.
+    #[arg(long, value_delimiter = ',')]
+    loader: Vec<String>,
+    /// Seconds per loader.
+    #[arg(long, default_value_t = 600.0)]
+    seconds: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -654,6 +673,30 @@ fn run_command(cli: Cli) -> Result<()> {
             println!("{:.0} s; wrote {}", report.seconds, a.out.join("report.md").display());
             Ok(())
         }
+        Command::Bench(BenchCommand::Fuzz(a)) => {
+            if !(a.seconds >= 0.0 && a.seconds.is_finite()) {
+                bail!("--seconds must be a non-negative number, got {}", a.seconds);
+            }
+            io::create_dir(&a.out)?;
+            let rows = bench::fuzz::run(&a.out, &a.loader, a.seconds, a.seed, &|name| {
+                if show {
+                    eprintln!("fuzzing {name} for {} s", a.seconds);
+                }
+            })?;
+            let json = serde_json::json!({ "seconds_per_loader": a.seconds, "seed": a.seed, "loaders": rows });
+            io::write_text(&a.out.join("fuzz.json"), &serde_json::to_string_pretty(&json)?)?;
+            let md = bench::fuzz::table(&rows);
+            io::write_text(&a.out.join("fuzz.md"), &md)?;
+            print!("{md}");
+            let bad: u64 = rows.iter().map(|r| r.panics + r.over_memory).sum();
+            if bad > 0 {
+                for f in rows.iter().flat_map(|r| &r.findings) {
+                    eprintln!("finding: {f}");
+                }
+                bail!("{bad} loads panicked or held more memory than their file justifies");
+            }
+            Ok(())
+        }
         Command::Bench(BenchCommand::Jvp(a)) => {
             for r in bench::jvp(&a.out, &device)? {
                 println!(
@@ -928,6 +971,17 @@ impl Model {
 /// The condition of `n` samples of a model with `classes` under `--class` (`K`, `all` or `null`), and the
 /// number of grid rows it asks for (one per class for `all`).
 fn class_cond(spec: Option<&str>, n: usize, classes: Option<usize>, device: &Device) -> Result<(Cond, usize)> {
+    class_cond_from(spec, 0, n, classes, device)
+}
+
+/// [`class_cond`] for samples `start..start + n` (with `all`, sample `i` has class `i mod C`).
+fn class_cond_from(
+    spec: Option<&str>,
+    start: usize,
+    n: usize,
+    classes: Option<usize>,
+    device: &Device,
+) -> Result<(Cond, usize)> {
     let Some(c) = classes else {
         if spec.is_some_and(|s| s != "null") {
             bail!(
@@ -938,7 +992,7 @@ fn class_cond(spec: Option<&str>, n: usize, classes: Option<usize>, device: &Dev
         return Ok((Cond::none(), 0));
     };
     let labels: Vec<u32> = match spec.unwrap_or("all") {
-        "all" => (0..n).map(|i| (i % c) as u32).collect(),
+        "all" => (start..start + n).map(|i| (i % c) as u32).collect(),
         "null" => vec![c as u32; n],
         k => match k.parse::<usize>() {
             Ok(k) if k < c => vec![k as u32; n],
@@ -974,41 +1028,82 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
     if a.png.is_some() && shape.len() != 3 {
         bail!("--png writes image grids; this model's states have shape {shape:?}");
     }
-    let (cond, rows) = class_cond(a.class.as_deref(), a.n, model.num_classes(), device)?;
-    let chunk = sample::chunk_rows(&shape);
-    let (x, nfe, what) = match &model {
-        Model::Map(net, ck) => {
+    // Checked once up front: the rows of a grid, and a bad --class before anything is written.
+    let (_, rows) = class_cond(a.class.as_deref(), 1, model.num_classes(), device)?;
+    // Samples stream to the file chunk by chunk (256 images or 65,536 points at a time), so memory stays
+    // bounded for any --n; the grid keeps the first GRID_MAX.
+    const GRID_MAX: usize = 4096;
+    let chunk = sample::chunk_rows(&shape).min(65_536);
+    let map_setup = match &model {
+        Model::Map(_, ck) => {
             let grid = match &a.grid {
                 Some(g) => g.parse::<TimeGrid>()?,
                 None => TimeGrid::power(a.nfe, a.grid_power)?,
             };
             let sampler = map_sampler(a.sampler.as_deref(), ck, grid.steps() > 1)?;
-            let z = sample::noise(a.n, &shape, a.seed, device)?;
-            let path = ck.meta.probability_path()?;
-            let cx = SampleContext::new(a.seed).with_path(&*path).with_cond(&cond);
-            let out = sample::in_chunks(&z, &cx, chunk, |z, cx| sample::sample_with(net, z, &grid, sampler, cx))?;
-            (out.x, out.nfe, format!("flow map on grid {grid}, {sampler:?} sampler"))
+            Some((grid, sampler, ck.meta.probability_path()?))
         }
-        Model::Teacher(t) => {
+        Model::Teacher(_) => {
             if a.grid.is_some() || a.grid_power != 1.0 {
                 bail!("--grid and --grid-power apply to flow maps; teachers take --solver and --nfe");
             }
-            let solver = teacher_solver(&a.solver, a.nfe)?;
-            let z = sample::noise(a.n, &shape, a.seed, device)?;
-            let cx = SampleContext::new(a.seed).with_cond(&cond);
-            let out = sample::in_chunks(&z, &cx, chunk, |z, cx| sample::sample_ode(t, z, solver, cx.cond))?;
-            (out.x, out.nfe, format!("teacher, {solver}"))
+            None
         }
     };
+    let solver = match &model {
+        Model::Teacher(_) => Some(teacher_solver(&a.solver, a.nfe)?),
+        Model::Map(..) => None,
+    };
+    let what = match (&map_setup, solver) {
+        (Some((grid, sampler, _)), _) => format!("flow map on grid {grid}, {sampler:?} sampler"),
+        (None, Some(solver)) => format!("teacher, {solver}"),
+        (None, None) => unreachable!("a model is a map or a teacher"),
+    };
+    let scale = model.scale();
+    let mut kept: Vec<Tensor> = Vec::new();
+    let mut kept_rows = 0;
+    let mut nfe = 0;
+    let header = data::npy::npy_f32_header(&flowmap::state::batch_shape(a.n, &shape));
+    io::write_atomic(&a.out, |w| {
+        w.write_all(&header)?;
+        let run = |z: &Tensor, seed: u64, start: usize| -> flowmap::Result<sample::Sampled> {
+            let (cond, _) = class_cond_from(a.class.as_deref(), start, z.dim(0)?, model.num_classes(), device)
+                .map_err(|e| flowmap::Error::arg(e.to_string()))?;
+            match (&model, &map_setup, solver) {
+                (Model::Map(net, _), Some((grid, sampler, path)), _) => {
+                    let cx = SampleContext::new(seed).with_path(&**path).with_cond(&cond);
+                    sample::sample_with(net, z, grid, *sampler, &cx)
+                }
+                (Model::Teacher(t), _, Some(solver)) => sample::sample_ode(t, z, solver, &cond),
+                _ => unreachable!("set up above"),
+            }
+        };
+        let sink = |x: &Tensor| -> flowmap::Result<()> {
+            if a.png.is_some() && kept_rows < GRID_MAX {
+                let take = x.dim(0)?.min(GRID_MAX - kept_rows);
+                kept.push(x.narrow(0, 0, take)?);
+                kept_rows += take;
+            }
+            let v = to_data_range(x, scale)
+                .map_err(|e| flowmap::Error::arg(e.to_string()))?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+            w.write_all(&bytes).map_err(|e| flowmap::Error::io(&a.out, e))
+        };
+        nfe = sample::stream(a.n, &shape, a.seed, chunk, device, run, sink).map_err(std::io::Error::other)?;
+        Ok(())
+    })?;
     if let Some(p) = &a.png {
+        let x = Tensor::cat(&kept, 0)?;
         let rows = if rows > 0 {
             rows
         } else {
-            (a.n as f64).sqrt().ceil() as usize
+            (x.dim(0)? as f64).sqrt().ceil() as usize
         };
         grid::write_grid(p, &x, rows)?;
     }
-    write_tensor(&a.out, &to_data_range(&x, model.scale())?)?;
     eprintln!("{} samples ({what}), NFE {nfe}; wrote {}", a.n, a.out.display());
     Ok(())
 }

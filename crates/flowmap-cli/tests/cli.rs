@@ -869,3 +869,30 @@ fn long_runs_survive_kill_interrupt_and_nan() {
     );
     assert!(root.join("e.state.safetensors").exists() && !root.join("e.safetensors").exists());
 }
+
+/// Every loader survives a short seeded mutation run: no panic, no load holding more memory than its file
+/// justifies (`flowmap bench fuzz` gives each ten minutes).
+#[test]
+fn loaders_survive_a_short_fuzz_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(bin()
+        .args(["bench", "fuzz", "--seconds", "1", "--seed", "7", "--out"])
+        .arg(dir.path()));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("fuzz.json")).unwrap()).unwrap();
+    let loaders = json["loaders"].as_array().unwrap();
+    assert_eq!(loaders.len(), 11, "{out}");
+    for l in loaders {
+        assert_eq!(l["panics"], 0, "{l}");
+        assert_eq!(l["over_memory"], 0, "{l}");
+        assert!(l["cases"].as_u64().unwrap() > 50, "{l}");
+        assert!(l["errors"].as_u64().unwrap() > 0, "mutants must be refused: {l}");
+    }
+    fails(
+        bin()
+            .args(["bench", "fuzz", "--seconds", "1", "--loader", "nope", "--out"])
+            .arg(dir.path().join("x")),
+        "unknown loader nope",
+        &dir.path().join("x").join("fuzz.json"),
+    );
+}

@@ -244,7 +244,16 @@ impl Checkpoint {
         Ok(vm)
     }
 
-    fn builder(&self, device: &Device) -> Result<(VarMap, VarBuilder<'static>)> {
+    /// The parameters as variables and a builder over them. The file's tensors are first matched against
+    /// the recorded architecture (names and shapes) without creating anything, so metadata that claims a
+    /// larger network than the file holds is an error, not an allocation.
+    fn builder(
+        &self,
+        device: &Device,
+        build: impl Fn(VarBuilder<'static>) -> Result<()>,
+    ) -> Result<(VarMap, VarBuilder<'static>)> {
+        let probe = VarBuilder::from_tensors(self.tensors.clone(), DType::F32, &Device::Cpu);
+        build(probe).map_err(|e| Error::checkpoint(&self.path, format!("does not match its architecture: {e}")))?;
         let vm = self.varmap(device)?;
         let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
         Ok((vm, vb))
@@ -264,7 +273,7 @@ impl Checkpoint {
     /// Rebuilds the teacher network (with its parameters as variables).
     pub fn velocity_net(&self, device: &Device) -> Result<(VelocityNet, VarMap)> {
         self.expect_kind(ModelKind::Teacher)?;
-        let (vm, vb) = self.builder(device)?;
+        let (vm, vb) = self.builder(device, |vb| VelocityNet::new(&self.meta.arch, vb).map(|_| ()))?;
         let net = VelocityNet::new(&self.meta.arch, vb)
             .map_err(|e| Error::checkpoint(&self.path, format!("does not match its architecture: {e}")))?;
         self.check_all_used(&vm)?;
@@ -274,7 +283,7 @@ impl Checkpoint {
     /// Rebuilds the flow-map network.
     pub fn flow_map_net(&self, device: &Device) -> Result<(FlowMapNet, VarMap)> {
         self.expect_kind(ModelKind::FlowMap)?;
-        let (vm, vb) = self.builder(device)?;
+        let (vm, vb) = self.builder(device, |vb| FlowMapNet::new(&self.meta.arch, vb).map(|_| ()))?;
         let net = FlowMapNet::new(&self.meta.arch, vb)
             .map_err(|e| Error::checkpoint(&self.path, format!("does not match its architecture: {e}")))?;
         self.check_all_used(&vm)?;

@@ -175,11 +175,10 @@ pub fn in_chunks(
     for (i, start) in (0..n).step_by(chunk.max(1)).enumerate() {
         let len = chunk.min(n - start);
         let cond = cx.cond.narrow(start, len)?;
-        let seed = Rng::derive(cx.seed, &format!("chunk-{i}")).below(usize::MAX) as u64;
         let sub = SampleContext {
             cond: &cond,
             path: cx.path,
-            seed: if i == 0 { cx.seed } else { seed },
+            seed: chunk_seed(cx.seed, i),
         };
         let out = run(&noise.narrow(0, start, len)?, &sub)?;
         nfe = nfe.max(out.nfe);
@@ -189,6 +188,40 @@ pub fn in_chunks(
         x: Tensor::cat(&parts, 0)?,
         nfe,
     })
+}
+
+/// The seed of chunk `i` of a run seeded `seed`: the run's own for the first chunk, a derived one after.
+fn chunk_seed(seed: u64, i: usize) -> u64 {
+    if i == 0 {
+        seed
+    } else {
+        Rng::derive(seed, &format!("chunk-{i}")).below(usize::MAX) as u64
+    }
+}
+
+/// Samples `n` states of shape `shape` chunk by chunk, holding one chunk at a time: chunk `i` is the next
+/// `chunk` rows of the noise [`noise`]`(n, shape, seed)` draws and gets the seed [`in_chunks`] gives it, so the
+/// samples are those of `in_chunks` on the whole noise. `run(noise, seed, start)` samples rows
+/// `start..start + len`; `sink(samples)` receives them in order. Returns the NFE of the costliest chunk.
+pub fn stream(
+    n: usize,
+    shape: &[usize],
+    seed: u64,
+    chunk: usize,
+    device: &Device,
+    mut run: impl FnMut(&Tensor, u64, usize) -> Result<Sampled>,
+    mut sink: impl FnMut(&Tensor) -> Result<()>,
+) -> Result<usize> {
+    let mut rng = Rng::derive(seed, "noise");
+    let mut nfe = 0;
+    for (i, start) in (0..n).step_by(chunk.max(1)).enumerate() {
+        let len = chunk.max(1).min(n - start);
+        let z = rng.normal_tensor(state::batch_shape(len, shape), DType::F32, device)?;
+        let out = run(&z, chunk_seed(seed, i), start)?;
+        nfe = nfe.max(out.nfe);
+        sink(&out.x)?;
+    }
+    Ok(nfe)
 }
 
 /// Seeded `N(0, I)` noise for `n` states of shape `shape` (`n × shape…`), f32.

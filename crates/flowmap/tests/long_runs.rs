@@ -368,3 +368,27 @@ fn state_files_round_trip_exactly_and_other_files_are_refused() {
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     assert!(TrainState::load(&path).is_err());
 }
+
+#[test]
+fn a_batch_that_cannot_fit_is_refused_before_allocating_with_its_estimate() {
+    if flowmap::train::available_memory().is_none() {
+        return; // not Linux: nothing is checked
+    }
+    let data = DataSource::from_spec("mnist").unwrap();
+    let arch = Arch::Unet(UnetConfig {
+        num_classes: Some(10),
+        ..UnetConfig::new(&[1, 28, 28])
+    });
+    let cfg = TrainConfig {
+        batch_size: 10_000_000,
+        ..tc(1)
+    };
+    let e = pipeline::train_teacher(&data, &arch, &cfg, &Device::Cpu, &flowmap::train::Silent)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("a training batch of 10000000 needs at least") && e.contains("GiB (estimated)"),
+        "{e}"
+    );
+}

@@ -5,6 +5,7 @@
 //! by distilling the analytic Gaussian-mixture teacher at a fixed budget and scoring the result against
 //! its exact flow map.
 
+pub mod fuzz;
 mod speed;
 
 pub use speed::{speed, SpeedOptions};

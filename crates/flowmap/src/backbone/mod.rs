@@ -125,6 +125,30 @@ impl From<&Arch> for Arch {
 }
 
 impl Arch {
+    /// A lower bound on the bytes one training step holds per sample (f32 activations kept for the
+    /// backward pass, for the model and its target); the training loop refuses a batch whose total
+    /// clearly exceeds the memory available.
+    pub fn train_bytes_per_sample(&self) -> usize {
+        let floats = match self {
+            Arch::Mlp(m) => m.hidden * m.depth * 6 + m.dim * 4,
+            Arch::Unet(u) => {
+                let (h, w) = (u.state_shape[1], u.state_shape[2]);
+                let mut total = 0;
+                for (level, &mult) in u.channel_mult.iter().enumerate() {
+                    let side = (h >> level) * (w >> level);
+                    // Each residual block keeps about six maps (norm, activation, convolution, twice),
+                    // down and up paths each, plus attention's score matrix where there is attention.
+                    total += u.channels * mult * side * 6 * (2 * u.blocks + 1);
+                    if u.attention_resolutions.contains(&(h >> level)) {
+                        total += u.heads * side * side * 2;
+                    }
+                }
+                total
+            }
+        };
+        floats * 4 * 2
+    }
+
     /// The name recorded in checkpoints (`mlp`, `unet`).
     pub fn name(&self) -> &'static str {
         match self {

@@ -93,6 +93,36 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// The most pixels a compressed image file may decode to, per byte of the file: above deflate's and
+/// JPEG's best ratios, so only a header that lies about the size is refused.
+const MAX_PIXELS_PER_BYTE: u64 = 2048;
+
+/// Decodes one image, refusing before any pixel buffer is allocated one whose header claims more pixels
+/// than its file's size could hold.
+fn decode(file: &Path) -> Result<image::DynamicImage> {
+    let bad = |e: &dyn std::fmt::Display| Error::data(format!("{}: unreadable image ({e})", file.display()));
+    let len = std::fs::metadata(file).map_err(|e| Error::io(file, e))?.len();
+    let reader = || -> Result<image::io::Reader<std::io::BufReader<std::fs::File>>> {
+        image::io::Reader::open(file)
+            .map_err(|e| Error::io(file, e))?
+            .with_guessed_format()
+            .map_err(|e| Error::io(file, e))
+    };
+    let (w, h) = reader()?.into_dimensions().map_err(|e| bad(&e))?;
+    let budget = len.saturating_mul(MAX_PIXELS_PER_BYTE).saturating_add(1 << 16);
+    if (w as u64) * (h as u64) > budget {
+        return Err(Error::data(format!(
+            "{}: the header claims {w} × {h} pixels, more than its {len} bytes can hold",
+            file.display()
+        )));
+    }
+    let mut r = reader()?;
+    let mut limits = image::io::Limits::default();
+    limits.max_alloc = Some(budget.saturating_mul(4));
+    r.limits(limits);
+    r.decode().map_err(|e| bad(&e))
+}
+
 /// An image folder `DIR/CLASS/*.png|jpg`: classes are the sub-folders in name order (label `i` is the
 /// `i`-th), every image must have the same size; grey-scale when every image is, RGB otherwise; uint8
 /// values mapped by [`Scale::U8`].
@@ -110,8 +140,7 @@ pub fn read_folder(dir: &Path) -> Result<(ImageSet, Vec<String>)> {
             .into_iter()
             .filter(|p| p.is_file() && is_image(p))
         {
-            let img =
-                image::open(&file).map_err(|e| Error::data(format!("{}: unreadable image ({e})", file.display())))?;
+            let img = decode(&file)?;
             decoded.push((label as u32, file, img));
         }
     }

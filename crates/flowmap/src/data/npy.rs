@@ -228,6 +228,17 @@ fn dict_value(header: &str, key: &str) -> Option<String> {
 /// Encodes a row-major f32 array of `shape` as `.npy` (version 1.0, little-endian, C order).
 pub fn encode_npy_f32_shape(shape: &[usize], data: &[f32]) -> Vec<u8> {
     assert_eq!(shape.iter().product::<usize>(), data.len(), "npy data length");
+    let mut out = npy_f32_header(shape);
+    out.reserve(4 * data.len());
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// The header of a little-endian f32 `.npy` array of `shape`: the file is this followed by the values in
+/// row-major order (so a writer can stream them).
+pub fn npy_f32_header(shape: &[usize]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     // A one-element tuple is written `(n,)`, as numpy does.
     let tuple = if dims.len() == 1 {
@@ -239,14 +250,11 @@ pub fn encode_npy_f32_shape(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let unpadded = MAGIC.len() + 4 + dict.len() + 1;
     let pad = (64 - unpadded % 64) % 64;
     let header = format!("{dict}{}\n", " ".repeat(pad));
-    let mut out = Vec::with_capacity(MAGIC.len() + 4 + header.len() + 4 * data.len());
+    let mut out = Vec::with_capacity(MAGIC.len() + 4 + header.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[1, 0]);
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    for v in data {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
     out
 }
 

@@ -336,6 +336,9 @@ pub fn fit_controlled<O: Objective>(
 ) -> Result<TrainLog> {
     cfg.validate()?;
     ctl.recovery.validate()?;
+    if let (Some(b), true) = (trainable.backbone, device.is_cpu()) {
+        check_batch_fits(b.arch().train_bytes_per_sample(), cfg.batch_size)?;
+    }
     let live = vars_sorted(trainable.params);
     let mut opt = AdamW::new(
         live.clone(),
@@ -579,6 +582,32 @@ pub fn fit_controlled<O: Objective>(
     log.steps = lp.step;
     log.seconds = elapsed(&start);
     Ok(log)
+}
+
+/// Errors, before anything is allocated, when a batch of `batch` samples of `per_sample` bytes cannot fit
+/// in the memory available (Linux's `MemAvailable`; elsewhere nothing is checked).
+fn check_batch_fits(per_sample: usize, batch: usize) -> Result<()> {
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    let need = per_sample.saturating_mul(batch) as u64;
+    if need > available {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(Error::arg(format!(
+            "a training batch of {batch} needs at least {:.1} GiB (estimated), more than the {:.1} GiB available: lower --batch",
+            gib(need),
+            gib(available)
+        )));
+    }
+    Ok(())
+}
+
+/// The memory the system can give this process now, in bytes (Linux).
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Sets the parameters, the EMA, the optimiser and the objective to `state`'s.
