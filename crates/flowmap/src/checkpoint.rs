@@ -144,19 +144,29 @@ pub fn save(path: &Path, vars: &VarMap, meta: &CheckpointMeta) -> Result<()> {
 
 /// Writes every variable of `vars` as f32 safetensors with one metadata entry `key: json`, atomically.
 pub fn write_tensors(path: &Path, vars: &VarMap, key: &str, json: &str) -> Result<()> {
-    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = vars_sorted(vars)
+    let named: Vec<(String, Tensor)> = vars_sorted(vars)
         .into_iter()
-        .map(|(name, var)| {
-            let t = var.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
-            let bytes: Vec<u8> = t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect();
-            Ok((name, var.dims().to_vec(), bytes))
+        .map(|(name, var)| (name, var.as_tensor().clone()))
+        .collect();
+    write_named(path, &named, key, json)
+}
+
+/// Writes named tensors (in the order given) as f32 safetensors with one metadata entry `key: json`,
+/// atomically.
+pub fn write_named(path: &Path, tensors: &[(String, Tensor)], key: &str, json: &str) -> Result<()> {
+    let owned: Vec<(&str, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let flat = t.to_dtype(DType::F32)?.flatten_all()?;
+            let bytes: Vec<u8> = flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect();
+            Ok((name.as_str(), t.dims().to_vec(), bytes))
         })
         .collect::<Result<_>>()?;
     let views = owned
         .iter()
         .map(|(n, shape, bytes)| {
             TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|v| (n.clone(), v))
+                .map(|v| (n.to_string(), v))
                 .map_err(|e| Error::checkpoint(path, e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;

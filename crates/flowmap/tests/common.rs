@@ -75,16 +75,7 @@ pub fn jvp_at(
 
 /// A `.npy` file of `descr` (`|u1`, `<f4`, `<i8`) with `shape` and raw little-endian `body`.
 pub fn write_npy(path: &std::path::Path, descr: &str, shape: &[usize], body: &[u8]) {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let tuple = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
-    let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple}, }}\n");
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
-    out.extend_from_slice(dict.as_bytes());
+    let mut out = flowmap::data::npy::npy_header(descr, shape);
     out.extend_from_slice(body);
     std::fs::write(path, out).unwrap();
 }

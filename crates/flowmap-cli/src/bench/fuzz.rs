@@ -498,16 +498,7 @@ fn tempfile_dir() -> Result<PathBuf> {
 
 /// A `.npy` file of `descr` with `shape` and raw little-endian `body`.
 fn npy_bytes(descr: &str, shape: &[usize], body: &[u8]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let tuple = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
-    let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple}, }}\n");
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
-    out.extend_from_slice(dict.as_bytes());
+    let mut out = data::npy::npy_header(descr, shape);
     out.extend_from_slice(body);
     out
 }

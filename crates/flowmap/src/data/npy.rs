@@ -239,6 +239,11 @@ pub fn encode_npy_f32_shape(shape: &[usize], data: &[f32]) -> Vec<u8> {
 /// The header of a little-endian f32 `.npy` array of `shape`: the file is this followed by the values in
 /// row-major order (so a writer can stream them).
 pub fn npy_f32_header(shape: &[usize]) -> Vec<u8> {
+    npy_header("<f4", shape)
+}
+
+/// The `.npy` header of a C-order array of numpy type `descr` (`<f4`, `|u1`, `<i8`, …) and `shape`.
+pub fn npy_header(descr: &str, shape: &[usize]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     // A one-element tuple is written `(n,)`, as numpy does.
     let tuple = if dims.len() == 1 {
@@ -246,7 +251,7 @@ pub fn npy_f32_header(shape: &[usize]) -> Vec<u8> {
     } else {
         format!("({})", dims.join(", "))
     };
-    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
+    let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple}, }}");
     let unpadded = MAGIC.len() + 4 + dict.len() + 1;
     let pad = (64 - unpadded % 64) % 64;
     let header = format!("{dict}{}\n", " ".repeat(pad));

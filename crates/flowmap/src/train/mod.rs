@@ -270,16 +270,7 @@ pub fn fit<O: Objective>(
     device: &Device,
     progress: &dyn Progress,
 ) -> Result<TrainLog> {
-    fit_controlled(
-        objective,
-        trainable,
-        data,
-        cfg,
-        device,
-        progress,
-        &serde_json::Value::Null,
-        RunControl::default(),
-    )
+    fit_with_hook(objective, trainable, data, cfg, device, progress, 0, &mut |_| Ok(()))
 }
 
 /// [`fit`], calling `hook(step)` before the first step and after every `every` steps (never if `every = 0`).

@@ -4,12 +4,10 @@
 //! the loss log and the run's configuration. A run resumed from it is the same run: its final checkpoint is
 //! byte-identical to the one an uninterrupted run writes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::TrainLog;
@@ -69,39 +67,23 @@ const PREFIXES: [&str; 5] = ["live/", "ema/", "adam.m/", "adam.v/", "objective/"
 impl TrainState {
     /// Writes the state to `path` atomically (a temporary file renamed into place).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        let mut push = |prefix: &str, name: &str, t: &Tensor| -> Result<()> {
-            let dims = t.dims().to_vec();
-            let flat = t.to_dtype(DType::F32)?.flatten_all()?;
-            let bytes = flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect();
-            owned.push((format!("{prefix}{name}"), dims, bytes));
-            Ok(())
-        };
+        let mut named: Vec<(String, Tensor)> = Vec::new();
+        let mut push = |prefix: &str, name: &str, t: &Tensor| named.push((format!("{prefix}{name}"), t.clone()));
         for (n, t) in &self.live {
-            push(PREFIXES[0], n, t)?;
+            push(PREFIXES[0], n, t);
         }
         for (n, t) in &self.ema {
-            push(PREFIXES[1], n, t)?;
+            push(PREFIXES[1], n, t);
         }
         for (n, m, v) in &self.adam.moments {
-            push(PREFIXES[2], n, m)?;
-            push(PREFIXES[3], n, v)?;
+            push(PREFIXES[2], n, m);
+            push(PREFIXES[3], n, v);
         }
         for (n, t) in &self.objective {
-            push(PREFIXES[4], n, t)?;
+            push(PREFIXES[4], n, t);
         }
-        let views = owned
-            .iter()
-            .map(|(n, shape, bytes)| {
-                TensorView::new(Dtype::F32, shape.clone(), bytes)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| Error::checkpoint(path, e.to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
         let json = serde_json::to_string(&self.meta).expect("state metadata serialises");
-        let md = HashMap::from([(KEY.to_string(), json)]);
-        let bytes = safetensors::serialize(views, Some(md)).map_err(|e| Error::checkpoint(path, e.to_string()))?;
-        crate::io::write_atomic(path, |w| w.write_all(&bytes))
+        crate::checkpoint::write_named(path, &named, KEY, &json)
     }
 
     /// Reads a state written by [`TrainState::save`].
