@@ -18,6 +18,10 @@ use crate::sample::{self, SampleContext, Sampler, TimeGrid};
 use crate::teacher::VelocityField;
 use crate::{Error, Result, Rng};
 
+/// How many samples of each row an evaluation keeps (for its grids); the rest are scored as they are
+/// drawn and dropped.
+pub const KEPT_SAMPLES: usize = 4096;
+
 /// One row of an image evaluation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ImageRow {
@@ -73,18 +77,64 @@ impl<'a> ImageEval<'a> {
         })
     }
 
-    /// The condition of a row's samples: class `i mod C` for sample `i` of a class-conditional model.
-    fn cond(&self, classes: Option<usize>, device: &Device) -> Result<(Cond, Option<Vec<u32>>)> {
-        match classes {
-            Some(c) => {
-                let labels: Vec<u32> = (0..self.n).map(|i| (i % c) as u32).collect();
-                Ok((Cond::from_classes(&labels, c, device)?, Some(labels)))
-            }
-            None => Ok((Cond::none(), None)),
-        }
+    /// Scores `n` samples drawn chunk by chunk by `run` (which samples the noise it is given under the
+    /// context it is given): each chunk is embedded in the classifier's features as it comes, so memory
+    /// holds the features and the first [`KEPT_SAMPLES`] samples (for the grids), not every image. Sample `i`
+    /// of a class-conditional model has class `i mod C`.
+    fn score(
+        &self,
+        shape: &[usize],
+        classes: Option<usize>,
+        path: Option<&dyn ProbabilityPath>,
+        device: &Device,
+        mut run: impl FnMut(&Tensor, &SampleContext<'_>) -> Result<sample::Sampled>,
+    ) -> Result<(ImageMetrics, usize, Tensor)> {
+        let (mut feats, mut predicted, mut labels, mut kept) = (vec![], vec![], vec![], vec![]);
+        let mut kept_rows = 0;
+        let chunk = sample::chunk_rows(shape);
+        let nfe = sample::stream(
+            self.n,
+            shape,
+            self.seed,
+            chunk,
+            device,
+            |z, seed, start| {
+                let len = z.dim(0)?;
+                let cond = match classes {
+                    Some(c) => {
+                        let l: Vec<u32> = (start..start + len).map(|i| (i % c) as u32).collect();
+                        let cond = Cond::from_classes(&l, c, device)?;
+                        labels.extend(l);
+                        cond
+                    }
+                    None => Cond::none(),
+                };
+                let mut cx = SampleContext::new(seed).with_cond(&cond);
+                if let Some(p) = path {
+                    cx = cx.with_path(p);
+                }
+                run(z, &cx)
+            },
+            |x| {
+                let (f, p) = self.classifier.embed(x)?;
+                feats.push(f);
+                predicted.extend(p);
+                if kept_rows < KEPT_SAMPLES {
+                    let take = x.dim(0)?.min(KEPT_SAMPLES - kept_rows);
+                    kept.push(x.narrow(0, 0, take)?);
+                    kept_rows += take;
+                }
+                Ok(())
+            },
+        )?;
+        let features = Tensor::cat(&feats, 0)?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let mut metrics = self.reference.compare_features(&features)?;
+        metrics.accuracy = classes.map(|_| crate::classifier::accuracy(&predicted, &labels));
+        Ok((metrics, nfe, Tensor::cat(&kept, 0)?))
     }
 
-    /// A flow map at each NFE (uniform grids walked by `sampler`); the rows and the samples.
+    /// A flow map at each NFE (uniform grids walked by `sampler`); the rows and the first
+    /// [`KEPT_SAMPLES`] samples of each.
     #[allow(clippy::too_many_arguments)]
     pub fn map(
         &self,
@@ -96,31 +146,26 @@ impl<'a> ImageEval<'a> {
         path: &dyn ProbabilityPath,
         device: &Device,
     ) -> Result<(Vec<ImageRow>, Vec<Tensor>)> {
-        let shape = map.state_shape();
-        let z = sample::noise(self.n, &shape, self.seed, device)?;
-        let (cond, labels) = self.cond(classes, device)?;
-        let cx = SampleContext::new(self.seed).with_path(path).with_cond(&cond);
         let (mut rows, mut samples) = (vec![], vec![]);
         for &k in nfes {
             let start = Instant::now();
             let grid = TimeGrid::uniform(k)?;
-            let out = sample::in_chunks(&z, &cx, sample::chunk_rows(&shape), |z, cx| {
+            let (metrics, nfe, kept) = self.score(&map.state_shape(), classes, Some(path), device, |z, cx| {
                 sample::sample_with(map, z, &grid, sampler, cx)
             })?;
-            let seconds = start.elapsed().as_secs_f64();
             rows.push(ImageRow {
                 model: name.into(),
                 sampler: format!("{k}-step"),
-                nfe: out.nfe,
-                metrics: self.reference.compare(self.classifier, &out.x, labels.as_deref())?,
-                seconds,
+                nfe,
+                metrics,
+                seconds: start.elapsed().as_secs_f64(),
             });
-            samples.push(out.x);
+            samples.push(kept);
         }
         Ok((rows, samples))
     }
 
-    /// A teacher's ODE sampler for each solver; the rows and the samples.
+    /// A teacher's ODE sampler for each solver; the rows and the first [`KEPT_SAMPLES`] samples of each.
     pub fn teacher(
         &self,
         name: &str,
@@ -129,25 +174,20 @@ impl<'a> ImageEval<'a> {
         solvers: &[Solver],
         device: &Device,
     ) -> Result<(Vec<ImageRow>, Vec<Tensor>)> {
-        let shape = field.state_shape();
-        let z = sample::noise(self.n, &shape, self.seed, device)?;
-        let (cond, labels) = self.cond(classes, device)?;
-        let cx = SampleContext::new(self.seed).with_cond(&cond);
         let (mut rows, mut samples) = (vec![], vec![]);
         for &solver in solvers {
             let start = Instant::now();
-            let out = sample::in_chunks(&z, &cx, sample::chunk_rows(&shape), |z, cx| {
+            let (metrics, nfe, kept) = self.score(&field.state_shape(), classes, None, device, |z, cx| {
                 sample::sample_ode(field, z, solver, cx.cond)
             })?;
-            let seconds = start.elapsed().as_secs_f64();
             rows.push(ImageRow {
                 model: name.into(),
                 sampler: solver.to_string(),
-                nfe: out.nfe,
-                metrics: self.reference.compare(self.classifier, &out.x, labels.as_deref())?,
-                seconds,
+                nfe,
+                metrics,
+                seconds: start.elapsed().as_secs_f64(),
             });
-            samples.push(out.x);
+            samples.push(kept);
         }
         Ok((rows, samples))
     }
