@@ -115,7 +115,11 @@ fn parse_nd(bytes: &[u8]) -> std::result::Result<NdArray, String> {
         .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape entry '{s}'")))
         .collect::<std::result::Result<_, _>>()?;
     let descr = descr.trim_matches('\'').trim_matches('"');
-    let (order, kind) = descr.split_at(descr.len().min(1));
+    // The byte-order mark is one ASCII character; anything else (a multi-byte character included) is not one.
+    let (order, kind) = match descr.chars().next() {
+        Some(c @ ('<' | '=' | '|' | '>')) => descr.split_at(c.len_utf8()),
+        _ => ("", descr),
+    };
     let (little, kind) = match order {
         "<" | "=" | "|" => (true, kind),
         ">" => (false, kind),
@@ -314,6 +318,18 @@ mod tests {
         let mut claims = header("<f4", "(1000000, 1000000)", "False");
         claims.extend_from_slice(&[0u8; 32]);
         assert!(parse_nd(&claims).unwrap_err().contains("truncated data"));
+    }
+
+    /// Found by `flowmap bench fuzz`: a dtype that starts with a multi-byte character panicked on a slice
+    /// inside it.
+    #[test]
+    fn a_dtype_starting_with_a_multibyte_character_is_an_error() {
+        for descr in ["ξ", "ٖu|u1", "ӱ '<i8"] {
+            let mut f = header(descr, "(2,)", "False");
+            f.extend_from_slice(&[0u8; 16]);
+            let e = parse_nd(&f).unwrap_err();
+            assert!(e.contains("is not supported"), "{e}");
+        }
     }
 
     fn header(descr: &str, shape: &str, fortran: &str) -> Vec<u8> {
