@@ -437,6 +437,10 @@ struct SampleArgs {
     /// Also write the images as a PNG grid (one row per class with --class all).
     #[arg(long)]
     png: Option<PathBuf>,
+    /// Classifier-free guidance scale w ≥ 0 of a class-conditional teacher:
+    /// v(x, t, ∅) + w·(v(x, t, c) − v(x, t, ∅)), two evaluations per step in one batch (1: the conditional model).
+    #[arg(long, allow_negative_numbers = true)]
+    guidance: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -503,6 +507,10 @@ struct EvalArgs {
     /// shipped MNIST classifier).
     #[arg(long)]
     classifier: Option<PathBuf>,
+    /// Classifier-free guidance scale w ≥ 0 of a class-conditional teacher:
+    /// v(x, t, ∅) + w·(v(x, t, c) − v(x, t, ∅)), two evaluations per step in one batch (1: the conditional model).
+    #[arg(long, allow_negative_numbers = true)]
+    guidance: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -1054,9 +1062,22 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
         Model::Teacher(_) => Some(teacher_solver(&a.solver, a.nfe)?),
         Model::Map(..) => None,
     };
+    let field = match &model {
+        Model::Teacher(t) => Some(guided(t, a.guidance, model.num_classes())?),
+        Model::Map(..) => {
+            no_map_guidance(a.guidance)?;
+            None
+        }
+    };
+    if a.guidance.is_some() && a.class.as_deref() == Some("null") {
+        bail!("--guidance needs classes to guide towards; --class null is the unconditional model");
+    }
     let what = match (&map_setup, solver) {
         (Some((grid, sampler, _)), _) => format!("flow map on grid {grid}, {sampler:?} sampler"),
-        (None, Some(solver)) => format!("teacher, {solver}"),
+        (None, Some(solver)) => match a.guidance {
+            Some(w) => format!("teacher, {solver}, guidance w = {w}"),
+            None => format!("teacher, {solver}"),
+        },
         (None, None) => unreachable!("a model is a map or a teacher"),
     };
     let scale = model.scale();
@@ -1074,7 +1095,9 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
                     let cx = SampleContext::new(seed).with_path(&**path).with_cond(&cond);
                     sample::sample_with(net, z, grid, *sampler, &cx)
                 }
-                (Model::Teacher(t), _, Some(solver)) => sample::sample_ode(t, z, solver, &cond),
+                (Model::Teacher(_), _, Some(solver)) => {
+                    sample::sample_ode(field.as_deref().expect("a teacher's field"), z, solver, &cond)
+                }
                 _ => unreachable!("set up above"),
             }
         };
@@ -1105,6 +1128,23 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
         grid::write_grid(p, &x, rows)?;
     }
     eprintln!("{} samples ({what}), NFE {nfe}; wrote {}", a.n, a.out.display());
+    Ok(())
+}
+
+/// The teacher `t` under classifier-free guidance `w` (or as it is, without `--guidance`).
+fn guided<'a>(t: &'a Teacher, w: Option<f64>, classes: Option<usize>) -> Result<Box<dyn VelocityField + 'a>> {
+    let Some(w) = w else { return Ok(Box::new(t)) };
+    let Some(c) = classes else {
+        bail!("--guidance {w}: the model is unconditional; classifier-free guidance needs a class-conditional teacher (trained on labelled data)");
+    };
+    Ok(Box::new(flowmap::teacher::Guided::new(t, w, c)?))
+}
+
+/// Errors when `--guidance` is given for a flow map, which takes its guidance from distillation.
+fn no_map_guidance(w: Option<f64>) -> Result<()> {
+    if let Some(w) = w {
+        bail!("--guidance {w}: this flow map was distilled without guidance, so it has no guidance input; guide its teacher instead");
+    }
     Ok(())
 }
 
@@ -1242,6 +1282,12 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
         bail!("--n must be at least 2");
     }
     let model = load_model(&a.model, device)?;
+    if let Some(w) = a.guidance {
+        match &model {
+            Model::Map(..) => no_map_guidance(Some(w))?,
+            Model::Teacher(t) => drop(guided(t, Some(w), model.num_classes())?),
+        }
+    }
     let data = match (&a.data, &model) {
         (Some(spec), _) => open_data(spec, &a.labels)?,
         (None, _) if a.labels.is_some() => bail!("--labels goes with --data"),
@@ -1380,13 +1426,18 @@ fn eval_images(
     let mut rows = vec![ev.floor(data, device)?];
     let (r, samples) = match (model, sampler) {
         (Model::Map(net, ck), Some(sampler)) => {
+            no_map_guidance(a.guidance)?;
             let path = ck.meta.probability_path()?;
             ev.map("flow map", net, classes, nfes, sampler, &*path, device)?
         }
         (Model::Map(..), None) => unreachable!("a flow map's sampler is resolved before"),
         (Model::Teacher(t), _) => {
             let solvers = pipeline::euler_and_dopri5(nfes.as_ref(), 1e-5);
-            ev.teacher("teacher", t, classes, &solvers, device)?
+            let name = match a.guidance {
+                Some(w) => format!("teacher (guidance {w})"),
+                None => "teacher".into(),
+            };
+            ev.teacher(&name, &*guided(t, a.guidance, classes)?, classes, &solvers, device)?
         }
     };
     let mut md = format!(

@@ -896,3 +896,71 @@ fn loaders_survive_a_short_fuzz_run() {
         &dir.path().join("x").join("fuzz.json"),
     );
 }
+
+/// Classifier-free guidance of a class-conditional teacher: two evaluations per step, `w = 1` the plain
+/// conditional model, and one-line errors for bad scales and models it does not apply to.
+#[test]
+fn guidance_on_the_command_line() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/mnist-teacher.safetensors");
+    let run = |extra: &[&str], out: &str| {
+        let mut c = bin();
+        c.args(["sample", "--model"])
+            .arg(&teacher)
+            .args(["--solver", "euler", "--nfe", "2", "--n", "20"])
+            .args(extra)
+            .arg("--out")
+            .arg(dir.path().join(out));
+        c
+    };
+    let out = bin_stderr(&mut run(&["--guidance", "2.5", "--class", "all"], "g.npy"));
+    assert!(out.contains("guidance w = 2.5), NFE 4"), "{out}");
+    ok(&mut run(&["--guidance", "1"], "g1.npy"));
+    ok(&mut run(&[], "plain.npy"));
+    assert!(
+        std::fs::read(dir.path().join("g1.npy")).unwrap() == std::fs::read(dir.path().join("plain.npy")).unwrap(),
+        "w = 1 is the conditional model"
+    );
+    for (w, needle) in [
+        ("-1", "finite number ≥ 0, got -1"),
+        ("inf", "finite number ≥ 0, got inf"),
+    ] {
+        fails(
+            &mut run(&["--guidance", w], "bad.npy"),
+            needle,
+            &dir.path().join("bad.npy"),
+        );
+    }
+    fails(
+        &mut run(&["--guidance", "2", "--class", "null"], "bad.npy"),
+        "--class null is the unconditional model",
+        &dir.path().join("bad.npy"),
+    );
+    let other = |model: &str| {
+        let mut c = bin();
+        c.args(["sample", "--n", "4", "--guidance", "2", "--model"])
+            .arg(f.root.join(model))
+            .arg("--out")
+            .arg(dir.path().join("bad.npy"));
+        c
+    };
+    fails(
+        &mut other("t.safetensors"),
+        "the model is unconditional",
+        &dir.path().join("bad.npy"),
+    );
+    fails(
+        &mut other("m.safetensors"),
+        "distilled without guidance",
+        &dir.path().join("bad.npy"),
+    );
+}
+
+/// Runs a command that must succeed and returns its stderr.
+fn bin_stderr(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "command failed: {err}");
+    err
+}

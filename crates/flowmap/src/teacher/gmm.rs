@@ -46,8 +46,9 @@ impl VelocityField for GmmVelocity {
         vec![self.mixture.dim()]
     }
 
-    /// The mixture is unconditional: the condition is ignored.
-    fn velocity(&self, x: &Tensor, t: &Tensor, _c: &Cond) -> Result<Tensor> {
+    /// Unconditional without labels. With labels the mixture is class-conditional, class `k` being
+    /// component `k` (`x0 ~ N(μ_k, σ_k² I)`, the posterior one-hot) and the null class `K` the whole mixture.
+    fn velocity(&self, x: &Tensor, t: &Tensor, cond: &Cond) -> Result<Tensor> {
         let (dt, dev): (DType, &Device) = (x.dtype(), x.device());
         let d = self.mixture.dim() as f64;
         let c = self.path.coefficients(t)?;
@@ -76,7 +77,26 @@ impl VelocityField for GmmVelocity {
             vels.push((e_x0.broadcast_mul(&c.d_alpha)? + e_x1.broadcast_mul(&c.d_sigma)?)?);
             logits.push(logit);
         }
-        let logits = Tensor::cat(&logits, 1)?; // B × K
+        let mut logits = Tensor::cat(&logits, 1)?; // B × K
+        if let Some(labels) = cond.class_labels() {
+            let k = self.mixture.components();
+            let labels = labels.to_vec1::<u32>()?;
+            if let Some(&bad) = labels.iter().find(|&&l| l as usize > k) {
+                return Err(crate::Error::arg(format!(
+                    "class {bad} is out of range: the mixture has classes 0..{} and the null class {k}",
+                    k - 1
+                )));
+            }
+            // A labelled row keeps its own component's logit; the others get a weight of exactly zero.
+            let mask: Vec<f64> = labels
+                .iter()
+                .flat_map(|&l| (0..k).map(move |j| if l as usize == k || j == l as usize { 0.0 } else { -1e30 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (labels.len(), k), &Device::Cpu)?
+                .to_dtype(dt)?
+                .to_device(dev)?;
+            logits = (logits + mask)?;
+        }
         let max = logits.max_keepdim(D::Minus1)?;
         let p = logits.broadcast_sub(&max)?.exp()?;
         let p = p.broadcast_div(&p.sum_keepdim(D::Minus1)?)?;

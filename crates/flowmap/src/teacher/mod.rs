@@ -5,6 +5,7 @@
 //! ground truth against which everything else is measured.
 
 mod gmm;
+mod guided;
 mod net;
 
 use std::cell::Cell;
@@ -12,6 +13,7 @@ use std::cell::Cell;
 use candle_core::Tensor;
 
 pub use gmm::GmmVelocity;
+pub use guided::Guided;
 pub use net::VelocityNet;
 
 use crate::cond::Cond;
@@ -23,6 +25,10 @@ pub trait VelocityField {
     fn state_shape(&self) -> Vec<usize>;
     /// `v(x, t, c)`.
     fn velocity(&self, x: &Tensor, t: &Tensor, c: &Cond) -> Result<Tensor>;
+    /// Network evaluations one call costs (a guided field evaluates its network twice).
+    fn evals_per_call(&self) -> usize {
+        1
+    }
 }
 
 impl<V: VelocityField + ?Sized> VelocityField for &V {
@@ -32,9 +38,12 @@ impl<V: VelocityField + ?Sized> VelocityField for &V {
     fn velocity(&self, x: &Tensor, t: &Tensor, c: &Cond) -> Result<Tensor> {
         (**self).velocity(x, t, c)
     }
+    fn evals_per_call(&self) -> usize {
+        (**self).evals_per_call()
+    }
 }
 
-/// Counts network function evaluations: each call on a batch is one NFE.
+/// Counts network function evaluations: each call on a batch is [`VelocityField::evals_per_call`] NFE.
 pub struct Counted<V> {
     pub inner: V,
     calls: Cell<usize>,
@@ -57,7 +66,7 @@ impl<V: VelocityField> VelocityField for Counted<V> {
         self.inner.state_shape()
     }
     fn velocity(&self, x: &Tensor, t: &Tensor, c: &Cond) -> Result<Tensor> {
-        self.calls.set(self.calls.get() + 1);
+        self.calls.set(self.calls.get() + self.inner.evals_per_call());
         self.inner.velocity(x, t, c)
     }
 }
