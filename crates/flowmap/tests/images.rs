@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -328,4 +327,28 @@ fn unet_flow_map_checkpoint_round_trip_is_bit_exact() {
         std::fs::read(&path).unwrap(),
         std::fs::read(dir.path().join("again.safetensors")).unwrap()
     );
+}
+
+/// Found by `flowmap bench fuzz`: a JPEG whose header claims 65535 × 65535 pixels made the decoder
+/// allocate over a gigabyte for a file of a few hundred bytes. Such a header is now an error before any
+/// pixel buffer exists.
+#[test]
+fn an_image_header_claiming_more_pixels_than_its_file_holds_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let class = dir.path().join("set").join("a");
+    std::fs::create_dir_all(&class).unwrap();
+    let img = image::GrayImage::from_fn(6, 6, |x, y| image::Luma([(x * 40 + y) as u8]));
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageLuma8(img)
+        .write_to(&mut bytes, image::ImageOutputFormat::Jpeg(90))
+        .unwrap();
+    let mut jpeg = bytes.into_inner();
+    // The start-of-frame segment: FF C0, length (2), precision (1), height (2), width (2).
+    let sof = jpeg.windows(2).position(|w| w == [0xff, 0xc0]).expect("a baseline JPEG");
+    jpeg[sof + 5..sof + 9].copy_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    std::fs::write(class.join("huge.jpg"), &jpeg).unwrap();
+    let e = DataSource::from_spec(dir.path().join("set").to_str().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the header claims 65535 × 65535 pixels"), "{e}");
 }
