@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::{labels_npy, max_abs, write_npy};
@@ -344,7 +343,10 @@ fn an_image_header_claiming_more_pixels_than_its_file_holds_is_refused() {
         .unwrap();
     let mut jpeg = bytes.into_inner();
     // The start-of-frame segment: FF C0, length (2), precision (1), height (2), width (2).
-    let sof = jpeg.windows(2).position(|w| w == [0xff, 0xc0]).expect("a baseline JPEG");
+    let sof = jpeg
+        .windows(2)
+        .position(|w| w == [0xff, 0xc0])
+        .expect("a baseline JPEG");
     jpeg[sof + 5..sof + 9].copy_from_slice(&[0xff, 0xff, 0xff, 0xff]);
     std::fs::write(class.join("huge.jpg"), &jpeg).unwrap();
     let e = DataSource::from_spec(dir.path().join("set").to_str().unwrap())

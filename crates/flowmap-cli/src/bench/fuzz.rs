@@ -241,9 +241,9 @@ fn mutate(base: &[u8], rng: &mut Rng) -> Vec<u8> {
                 let i = at(rng);
                 let huge: [u8; 8] = [0xff, 0xff, 0xff, 0x7f, 0x00, 0x00, 0x00, 0x10];
                 let w = if rng.below(2) == 0 { 4 } else { 8 };
-                for j in 0..w {
+                for (j, &h) in huge.iter().enumerate().take(w) {
                     if let Some(b) = v.get_mut(i + j) {
-                        *b = huge[j];
+                        *b = h;
                     }
                 }
             }

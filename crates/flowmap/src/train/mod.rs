@@ -229,6 +229,11 @@ pub enum Fault {
     From(usize),
 }
 
+/// Where a run's states go.
+pub type StateSink<'a> = &'a mut dyn FnMut(&TrainState) -> Result<()>;
+/// Called with a step number.
+pub type StepHook<'a> = &'a mut dyn FnMut(usize) -> Result<()>;
+
 /// How a run keeps what it has done: states written on a schedule, a resumed state, a stop flag (an
 /// interrupt), recovery from non-finite values and a monitor. [`RunControl::default`] writes nothing and
 /// recovers with [`Recovery::default`].
@@ -240,7 +245,7 @@ pub struct RunControl<'a> {
     pub checkpoint_minutes: Option<f64>,
     /// Where states go: on the schedule above, when stopped, at the end of a run that writes states, and
     /// (the last good one) when recovery gives up.
-    pub save_state: Option<&'a mut dyn FnMut(&TrainState) -> Result<()>>,
+    pub save_state: Option<StateSink<'a>>,
     /// The state to continue from.
     pub resume: Option<TrainState>,
     /// When set (by a signal handler, say), the run finishes its step, writes its state and returns
@@ -249,7 +254,7 @@ pub struct RunControl<'a> {
     pub recovery: Recovery,
     pub fault: Option<Fault>,
     /// `(every, hook)`: `hook(step)` before the first step and after every `every` steps.
-    pub monitor: Option<(usize, &'a mut dyn FnMut(usize) -> Result<()>)>,
+    pub monitor: Option<(usize, StepHook<'a>)>,
 }
 
 impl RunControl<'_> {
@@ -533,7 +538,7 @@ pub fn fit_controlled<O: Objective>(
         lp.acc_n += 1;
         lp.step = step + 1;
         let mut logged = None;
-        if lp.step % log_every == 0 {
+        if lp.step.is_multiple_of(log_every) {
             let mean = lp.acc / lp.acc_n as f64;
             lp.log.losses.push((lp.step, mean));
             logged = Some(mean);
@@ -541,10 +546,10 @@ pub fn fit_controlled<O: Objective>(
             lp.acc_n = 0;
         }
         progress.step(lp.step, logged);
-        if keep > 0 && lp.step % keep == 0 {
+        if keep > 0 && lp.step.is_multiple_of(keep) {
             good = Some(capture(&lp, &opt, elapsed(&start))?);
         }
-        let due = ctl.checkpoint_every.is_some_and(|n| n > 0 && lp.step % n == 0)
+        let due = ctl.checkpoint_every.is_some_and(|n| n > 0 && lp.step.is_multiple_of(n))
             || ctl
                 .checkpoint_minutes
                 .is_some_and(|m| last_write.elapsed().as_secs_f64() >= m * 60.0);
@@ -555,7 +560,7 @@ pub fn fit_controlled<O: Objective>(
             }
         }
         if let Some((every, hook)) = ctl.monitor.as_mut() {
-            if lp.step % *every == 0 {
+            if lp.step.is_multiple_of(*every) {
                 hook(lp.step)?;
             }
         }
