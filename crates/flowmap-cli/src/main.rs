@@ -462,6 +462,9 @@ struct ApplyArgs {
     /// Class of a class-conditional model: K, all (row i gets class i mod C, the default) or null.
     #[arg(long)]
     class: Option<String>,
+    /// Classifier-free guidance scale w ≥ 0 of a class-conditional teacher (Φ of the guided field).
+    #[arg(long, allow_negative_numbers = true)]
+    guidance: Option<f64>,
     /// Output .npy.
     #[arg(long)]
     out: PathBuf,
@@ -1244,11 +1247,13 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
                     a.s
                 );
             }
+            no_map_guidance(a.guidance)?;
             flowmap::flow_map::FlowMap::map(net, &x, &t, &s, &c)?
         }
         Model::Teacher(tch) => {
             let solver = ode::parse_solver(&a.solver, a.steps, a.tol)?;
-            flowmap::flow_map::FlowMap::map(&SolverMap::new(tch, solver), &x, &t, &s, &c)?
+            let field = guided(tch, a.guidance, model.num_classes())?;
+            flowmap::flow_map::FlowMap::map(&SolverMap::new(&*field, solver), &x, &t, &s, &c)?
         }
     };
     write_tensor(&a.out, &to_data_range(&y, model.scale())?)?;
