@@ -17,20 +17,14 @@ static CAP: AtomicUsize = AtomicUsize::new(usize::MAX);
 // SAFETY: every call is forwarded to mimalloc unchanged; the counters only observe sizes.
 unsafe impl GlobalAlloc for Watched {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if WATCH.load(Relaxed) {
-            if layout.size() > CAP.load(Relaxed) {
-                return std::ptr::null_mut();
-            }
-            count(layout.size() as isize);
+        if !admit(layout.size(), 0) {
+            return std::ptr::null_mut();
         }
         mimalloc::MiMalloc.alloc(layout)
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if WATCH.load(Relaxed) {
-            if layout.size() > CAP.load(Relaxed) {
-                return std::ptr::null_mut();
-            }
-            count(layout.size() as isize);
+        if !admit(layout.size(), 0) {
+            return std::ptr::null_mut();
         }
         mimalloc::MiMalloc.alloc_zeroed(layout)
     }
@@ -41,19 +35,26 @@ unsafe impl GlobalAlloc for Watched {
         mimalloc::MiMalloc.dealloc(ptr, layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if WATCH.load(Relaxed) {
-            if new_size > CAP.load(Relaxed) {
-                return std::ptr::null_mut();
-            }
-            count(new_size as isize - layout.size() as isize);
+        if !admit(new_size, layout.size()) {
+            return std::ptr::null_mut();
         }
         mimalloc::MiMalloc.realloc(ptr, layout, new_size)
     }
 }
 
-fn count(delta: isize) {
+/// Whether a block of `size` bytes (replacing one of `old` bytes) may be allocated; while watching, counts
+/// it and refuses one above the cap.
+fn admit(size: usize, old: usize) -> bool {
+    if !WATCH.load(Relaxed) {
+        return true;
+    }
+    if size > CAP.load(Relaxed) {
+        return false;
+    }
+    let delta = size as isize - old as isize;
     let now = NET.fetch_add(delta, Relaxed) + delta;
     PEAK.fetch_max(now, Relaxed);
+    true
 }
 
 /// Runs `f` watched, no single allocation above `cap` bytes allowed; returns its result and the peak of

@@ -56,7 +56,10 @@ pub fn state_path(out: &Path) -> PathBuf {
 
 /// What one run writes and reads of its training state.
 pub struct Supervisor {
-    flags: LongRunFlags,
+    checkpoint_every: Option<usize>,
+    checkpoint_minutes: Option<f64>,
+    recovery: Recovery,
+    fault: Option<Fault>,
     pub path: PathBuf,
     resume: Option<TrainState>,
     /// The step of the last state written, if any.
@@ -92,7 +95,14 @@ impl Supervisor {
         flowmap::io::remove_stale_partials(&state_path(out));
         flowmap::io::remove_stale_partials(out);
         Ok(Supervisor {
-            flags: flags.clone(),
+            checkpoint_every: flags.checkpoint_every,
+            checkpoint_minutes: flags.checkpoint_minutes,
+            recovery,
+            fault: match (flags.inject_nan_at, flags.inject_nan_from) {
+                (Some(k), _) => Some(Fault::Once(k)),
+                (_, Some(k)) => Some(Fault::From(k)),
+                _ => None,
+            },
             path: state_path(out),
             resume,
             written: None,
@@ -110,24 +120,14 @@ impl Supervisor {
             *written = Some(s.meta.step);
             Ok(())
         };
-        let f = &self.flags;
         let ctl = RunControl {
-            checkpoint_every: f.checkpoint_every,
-            checkpoint_minutes: f.checkpoint_minutes,
+            checkpoint_every: self.checkpoint_every,
+            checkpoint_minutes: self.checkpoint_minutes,
             save_state: Some(&mut save),
             resume: self.resume.take(),
             stop: Some(&STOP),
-            recovery: Recovery {
-                keep_every: f.rollback_every,
-                lr_factor: f.rollback_lr_factor,
-                max_rollbacks: f.max_rollbacks,
-                ..Recovery::default()
-            },
-            fault: match (f.inject_nan_at, f.inject_nan_from) {
-                (Some(k), _) => Some(Fault::Once(k)),
-                (_, Some(k)) => Some(Fault::From(k)),
-                _ => None,
-            },
+            recovery: self.recovery,
+            fault: self.fault,
             monitor: None,
         };
         match train(ctl) {

@@ -77,7 +77,7 @@ pub fn run(out: &Path, only: &[String], seconds: f64, seed: u64, progress: &dyn 
     let case_dir = out.join("case");
     let crash_dir = out.join("crashes");
     std::fs::create_dir_all(&case_dir)?;
-    let targets = targets()?;
+    let targets = targets(&case_dir)?;
     let unknown: Vec<&String> = only
         .iter()
         .filter(|n| !targets.iter().any(|t| t.name == n.as_str()))
@@ -182,7 +182,10 @@ fn write_case(path: &Path, case: &[u8]) -> Result<()> {
         let b = folder.join("b");
         std::fs::create_dir_all(&a)?;
         std::fs::create_dir_all(&b)?;
-        std::fs::write(b.join("ok.png"), png(6, 6, 1, 40))?;
+        // The other class's valid image, written once per folder.
+        if !b.join("ok.png").exists() {
+            std::fs::write(b.join("ok.png"), png(6, 6, 1, 40))?;
+        }
         std::fs::write(a.join(path.file_name().unwrap()), case)?;
         return Ok(());
     }
@@ -288,8 +291,8 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-fn targets() -> Result<Vec<Target>> {
-    let dir = tempfile_dir()?;
+/// Every loader with its seeds; the seed files it has to write go to `dir`.
+fn targets(dir: &Path) -> Result<Vec<Target>> {
     let mut rng = Rng::new(0);
     let f32s = |n: usize, rng: &mut Rng| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32).collect() };
     let digits = data::mnist::Mnist::embedded()?;
@@ -307,7 +310,7 @@ fn targets() -> Result<Vec<Target>> {
         e.finish().unwrap()
     };
     // A tiny teacher checkpoint and the training state of a two-step run.
-    let ck = dir.join("t.safetensors");
+    let ck = dir.join("seed-teacher.safetensors");
     let arch = Arch::Mlp(MlpConfig {
         hidden: 8,
         depth: 1,
@@ -329,7 +332,7 @@ fn targets() -> Result<Vec<Target>> {
         };
         flowmap::checkpoint::save(&ck, &vm, &meta)?;
     }
-    let state = dir.join("s.state.safetensors");
+    let state = dir.join("seed.state.safetensors");
     {
         let saved = std::cell::RefCell::new(None);
         let mut save = |s: &TrainState| {
@@ -487,13 +490,6 @@ fn targets() -> Result<Vec<Target>> {
             },
         },
     ])
-}
-
-/// A scratch folder for the seeds, kept for the process's life.
-fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("flowmap-fuzz-seeds-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 /// A `.npy` file of `descr` with `shape` and raw little-endian `body`.

@@ -403,7 +403,7 @@ pub fn fit_controlled<O: Objective>(
             live: copy(&live)?,
             ema: copy(ema_vars)?,
             meta: StateMeta {
-                format: 1,
+                format: state::FORMAT,
                 step: lp.step,
                 adam_step: adam.step,
                 rng: lp.rng.state(),
@@ -508,8 +508,7 @@ pub fn fit_controlled<O: Objective>(
                 }
                 // The last good state, with the stream moved on (a resumed run draws fresh batches) and the
                 // learning rate as reduced.
-                if let (Some(save), Some(g)) = (ctl.save_state.as_mut(), good.as_ref()) {
-                    let mut g = g.clone();
+                if let (Some(save), Some(mut g)) = (ctl.save_state.as_mut(), good.take()) {
                     g.meta.rng = lp.rng.state();
                     g.meta.lr_scale = lp.lr_scale;
                     save(&g)?;
@@ -546,17 +545,21 @@ pub fn fit_controlled<O: Objective>(
             lp.acc_n = 0;
         }
         progress.step(lp.step, logged);
-        if keep > 0 && lp.step.is_multiple_of(keep) {
-            good = Some(capture(&lp, &opt, elapsed(&start))?);
-        }
+        let keep_now = keep > 0 && lp.step.is_multiple_of(keep);
         let due = ctl.checkpoint_every.is_some_and(|n| n > 0 && lp.step.is_multiple_of(n))
             || ctl
                 .checkpoint_minutes
                 .is_some_and(|m| last_write.elapsed().as_secs_f64() >= m * 60.0);
-        if due && lp.step < cfg.steps {
-            if let Some(save) = ctl.save_state.as_mut() {
-                save(&capture(&lp, &opt, elapsed(&start))?)?;
+        let write_now = due && lp.step < cfg.steps && ctl.save_state.is_some();
+        if keep_now || write_now {
+            // One capture serves both the state kept for recovery and the one written.
+            let state = capture(&lp, &opt, elapsed(&start))?;
+            if let (true, Some(save)) = (write_now, ctl.save_state.as_mut()) {
+                save(&state)?;
                 last_write = Instant::now();
+            }
+            if keep_now {
+                good = Some(state);
             }
         }
         if let Some((every, hook)) = ctl.monitor.as_mut() {

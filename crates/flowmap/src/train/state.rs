@@ -18,7 +18,7 @@ use crate::{Error, Result};
 /// The metadata key of a training state file.
 const KEY: &str = "flowmap_train_state";
 /// The version of the state format.
-const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 1;
 
 /// A training run's state after `step` steps.
 #[derive(Clone, Debug)]
