@@ -57,6 +57,26 @@ fn admit(size: usize, old: usize) -> bool {
     true
 }
 
+extern "C" {
+    /// mimalloc's option setter (in the linked library; `libmimalloc-sys` declares it only with its
+    /// `extended` feature).
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// `mi_option_purge_delay` in mimalloc's `mi_option_e`.
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
+/// Keeps freed memory in the process instead of returning it to the OS after mimalloc's default 10 ms.
+///
+/// A training step allocates and frees the same large activation buffers every step; returned pages come
+/// back zero-filled by the kernel at the next fault. A 16-channel U-Net step at batch 128 spent 10–22% of
+/// its cycles in `clear_page_erms` (66,105 page faults in 8 steps; 759 with purging off; `perf record -e
+/// cpu-clock`). The process's resident set stays at its peak, as PyTorch's caching allocators do.
+pub fn keep_freed_memory() {
+    // SAFETY: sets a documented mimalloc option; any value is valid for this one (-1: never purge).
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
+
 /// Runs `f` watched, no single allocation above `cap` bytes allowed; returns its result and the peak of
 /// the bytes it held at once.
 pub fn watch<T>(cap: usize, f: impl FnOnce() -> T) -> (T, usize) {

@@ -144,6 +144,15 @@ struct SpeedArgs {
     /// Batch sizes, comma-separated.
     #[arg(long, default_value = "256,1024,4096")]
     batches: String,
+    /// Networks to measure: mlp (2-D points), unet (28 × 28 digits), comma-separated.
+    #[arg(long, default_value = "mlp,unet")]
+    nets: String,
+    /// The U-Nets' first-level channels, comma-separated.
+    #[arg(long, default_value = "16,32")]
+    unet_channels: String,
+    /// The U-Nets' batch sizes, comma-separated.
+    #[arg(long, default_value = "32,128,256")]
+    unet_batches: String,
     /// Minimum timed seconds per row.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
@@ -562,6 +571,7 @@ struct DemoArgs {
 }
 
 fn main() -> ExitCode {
+    alloc::keep_freed_memory();
     // Output piped into a reader that stops early (`| head`) ends the program quietly, as in any Unix tool,
     // instead of a panic on the failed write.
     #[cfg(unix)]
@@ -650,6 +660,9 @@ fn run_command(cli: Cli) -> Result<()> {
             let opts = bench::SpeedOptions {
                 widths: parse_sizes(&a.widths, "--widths")?,
                 batches: parse_sizes(&a.batches, "--batches")?,
+                nets: a.nets.split(',').map(|n| n.trim().to_string()).collect(),
+                unet_channels: parse_sizes(&a.unet_channels, "--unet-channels")?,
+                unet_batches: parse_sizes(&a.unet_batches, "--unet-batches")?,
                 seconds: a.seconds,
                 peer: a.peer,
                 rounds: a.rounds,

@@ -7,6 +7,7 @@
 
 pub mod fuzz;
 mod speed;
+mod speed_unet;
 
 pub use speed::{speed, SpeedOptions};
 

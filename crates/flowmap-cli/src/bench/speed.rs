@@ -29,14 +29,22 @@ use flowmap::teacher::{VelocityField, VelocityNet};
 use flowmap::train::{fit, TrainConfig, Trainable};
 use flowmap::{Error, Result};
 
-/// The PyTorch peer, embedded so that the benchmark runs from any directory.
+/// The PyTorch peers, embedded so that the benchmark runs from any directory: the MLP workloads, and the
+/// U-Net workloads with the U-Net twin they import.
 pub const TORCH_PEER: &str = include_str!("../../../../bench/peer/torch_peer.py");
+pub const TORCH_UNET_PEER: &str = include_str!("../../../../bench/peer/torch_unet_peer.py");
+pub const TORCH_UNET: &str = include_str!("../../../../bench/peer/flowmap_unet.py");
 
 /// What `flowmap bench speed` measures.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SpeedOptions {
+    /// Which networks: `mlp` (on 2-D points) and `unet` (on 28 × 28 digits).
+    pub nets: Vec<String>,
     pub widths: Vec<usize>,
     pub batches: Vec<usize>,
+    /// The U-Nets' first-level channels and their batches.
+    pub unet_channels: Vec<usize>,
+    pub unet_batches: Vec<usize>,
     /// Minimum timed seconds per row.
     pub seconds: f64,
     /// Run the PyTorch peer (when `python3` can import torch).
@@ -52,8 +60,11 @@ pub struct SpeedOptions {
 impl Default for SpeedOptions {
     fn default() -> Self {
         SpeedOptions {
+            nets: vec!["mlp".into(), "unet".into()],
             widths: vec![256, 512],
             batches: vec![256, 1024, 4096],
+            unet_channels: vec![16, 32],
+            unet_batches: vec![32, 128, 256],
             seconds: 2.0,
             peer: false,
             rounds: 2,
@@ -79,8 +90,12 @@ pub struct SpeedRow {
     pub gflops: Option<f64>,
     /// `gflops` over the sgemm peak measured in this run (the best of flowmap's and PyTorch's).
     pub peak_fraction: Option<f64>,
-    /// The process's peak resident memory while this row ran.
+    /// The process's peak resident memory while this row ran (MLP rows), or the heap a U-Net training row
+    /// held at its peak above its start.
     pub peak_rss_mb: Option<f64>,
+    /// The peer's memory for the row: its resident-set growth over the row (U-Net rows).
+    #[serde(default)]
+    pub peer_peak_mb: Option<f64>,
     /// The same workload in PyTorch, and flowmap / PyTorch.
     pub peer: Option<f64>,
     pub ratio: Option<f64>,
@@ -142,7 +157,7 @@ fn cpu_name() -> String {
 }
 
 /// Calls `f` until `seconds` have passed (at least 3 times, after 2 warm-up calls); returns calls/s.
-fn rate(seconds: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(super) fn rate(seconds: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..2 {
         f()?;
     }
@@ -232,22 +247,43 @@ fn nets(arch: &MlpConfig, seed: u64, device: &Device) -> Result<Nets> {
 
 /// Runs the benchmark, writes `speed.json` and `speed.md` into `out`, and returns the report.
 pub fn speed(out: &Path, opts: &SpeedOptions, device: &Device, show: bool) -> Result<SpeedReport> {
-    if opts.widths.is_empty() || opts.batches.is_empty() || opts.widths.contains(&0) || opts.batches.contains(&0) {
+    let sizes_ok = |v: &[usize]| !v.is_empty() && !v.contains(&0);
+    let (mlp, unet) = (
+        opts.nets.iter().any(|n| n == "mlp"),
+        opts.nets.iter().any(|n| n == "unet"),
+    );
+    if let Some(bad) = opts.nets.iter().find(|n| *n != "mlp" && *n != "unet") {
+        return Err(Error::arg(format!("speed: unknown network '{bad}' (mlp or unet)")));
+    }
+    if !(mlp || unet) {
+        return Err(Error::arg("speed: name at least one network (mlp, unet)"));
+    }
+    if (mlp && !(sizes_ok(&opts.widths) && sizes_ok(&opts.batches)))
+        || (unet && !(sizes_ok(&opts.unet_channels) && sizes_ok(&opts.unet_batches)))
+    {
         return Err(Error::arg(
-            "speed: widths and batches must be non-empty lists of positive sizes",
+            "speed: widths, channels and batches must be non-empty lists of positive sizes",
         ));
     }
     let out = OutDir::create(out)?;
     let threads = flowmap::kernels::threads();
     let mut sgemm_gflops: BTreeMap<String, f64> = BTreeMap::new();
-    let n_rows = opts.rounds.max(1) * opts.widths.len() * (opts.batches.len() * 4 + 1);
-    let bar = progress_bar(n_rows as u64, "speed", show);
+    let per_round = if mlp {
+        opts.widths.len() * (opts.batches.len() * 4 + 1)
+    } else {
+        0
+    } + if unet {
+        opts.unet_channels.len() * (opts.unet_batches.len() * 4 + 2)
+    } else {
+        0
+    };
+    let bar = progress_bar((opts.rounds.max(1) * per_round) as u64, "speed", show);
     let mut rows: Vec<SpeedRow> = vec![];
     let mut peer: Option<std::result::Result<PeerReport, String>> = None;
     for round in 0..opts.rounds.max(1) {
         if opts.peer {
             bar.set_message(format!("PyTorch peer, round {}", round + 1));
-            match (run_peer(opts, threads), &mut peer) {
+            match (run_peers(opts, threads, mlp, unet), &mut peer) {
                 (Ok(p), Some(Ok(prev))) => prev.keep_best(p),
                 (r, slot) => {
                     if !matches!(slot, Some(Ok(_))) {
@@ -268,7 +304,17 @@ pub fn speed(out: &Path, opts: &SpeedOptions, device: &Device, show: bool) -> Re
             Ok(())
         };
         peak()?;
-        let r = measure(opts, device, &bar)?;
+        let mut r = if mlp { measure(opts, device, &bar)? } else { vec![] };
+        if unet {
+            r.extend(super::speed_unet::measure(
+                &opts.unet_channels,
+                &opts.unet_batches,
+                opts.seconds,
+                opts.seed,
+                device,
+                &bar,
+            )?);
+        }
         peak()?;
         if rows.is_empty() {
             rows = r;
@@ -286,10 +332,11 @@ pub fn speed(out: &Path, opts: &SpeedOptions, device: &Device, show: bool) -> Re
                         row.peer = Some(v);
                         row.ratio = Some(row.value / v);
                     }
+                    row.peer_peak_mb = peer.memory(&row.workload, row.width, row.batch);
                 }
                 (
                     format!("PyTorch {} at {} threads", peer.torch, peer.threads),
-                    Some(peer.sgemm_gflops),
+                    (!peer.sgemm_gflops.is_empty()).then_some(peer.sgemm_gflops),
                 )
             }
             Err(why) => (format!("not run: {why}"), None),
@@ -339,6 +386,7 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
             gflops,
             peak_fraction: None,
             peak_rss_mb: peak_rss_mb(),
+            peer_peak_mb: None,
             peer: None,
             ratio: None,
         });
@@ -417,8 +465,9 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
 
 /// Keeps, per row, the better of two rounds (higher rate, lower latency).
 fn best(a: &mut [SpeedRow], b: &[SpeedRow]) {
+    debug_assert!(a.len() == b.len());
     for (x, y) in a.iter_mut().zip(b) {
-        let better = if x.unit == "ms" {
+        let better = if lower_is_better(&x.unit) {
             y.value < x.value
         } else {
             y.value > x.value
@@ -429,6 +478,11 @@ fn best(a: &mut [SpeedRow], b: &[SpeedRow]) {
     }
 }
 
+/// Latencies (`ms`) and cost ratios (`× forward`) are better low; rates high.
+fn lower_is_better(unit: &str) -> bool {
+    unit == "ms" || unit == "× forward"
+}
+
 #[derive(Deserialize)]
 struct PeerRow {
     workload: String,
@@ -436,14 +490,28 @@ struct PeerRow {
     batch: usize,
     per_second: Option<f64>,
     seconds: Option<f64>,
+    /// A cost ratio (the JVP over a forward pass).
+    #[serde(default)]
+    ratio: Option<f64>,
+    /// Resident-set growth over the row, MB.
+    #[serde(default)]
+    peak_rss_mb: Option<f64>,
 }
 
 #[derive(Deserialize)]
 struct PeerReport {
     torch: String,
     threads: usize,
+    #[serde(default)]
     sgemm_gflops: BTreeMap<String, f64>,
     rows: Vec<PeerRow>,
+}
+
+fn min_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
 }
 
 impl PeerReport {
@@ -454,10 +522,9 @@ impl PeerReport {
                 (Some(x), Some(y)) => Some(x.max(y)),
                 (x, y) => x.or(y),
             };
-            a.seconds = match (a.seconds, b.seconds) {
-                (Some(x), Some(y)) => Some(x.min(y)),
-                (x, y) => x.or(y),
-            };
+            a.seconds = min_of(a.seconds, b.seconds);
+            a.ratio = min_of(a.ratio, b.ratio);
+            a.peak_rss_mb = min_of(a.peak_rss_mb, b.peak_rss_mb);
         }
         for (k, v) in other.sgemm_gflops {
             let e = self.sgemm_gflops.entry(k).or_insert(v);
@@ -472,14 +539,31 @@ impl PeerReport {
             .iter()
             .find(|r| r.workload == workload && r.width == width && r.batch == batch)?;
         match workload {
-            "latency-1nfe" => r.seconds.map(|s| s * 1e3),
+            "latency-1nfe" | "unet-latency-1nfe" => r.seconds.map(|s| s * 1e3),
+            "unet-jvp" => r.ratio,
             _ => r.per_second,
         }
     }
+
+    /// The peer's memory for the same row (U-Net training rows).
+    fn memory(&self, workload: &str, width: usize, batch: usize) -> Option<f64> {
+        self.rows
+            .iter()
+            .find(|r| r.workload == workload && r.width == width && r.batch == batch)?
+            .peak_rss_mb
+            .filter(|_| workload.starts_with("unet-"))
+    }
+
+    /// The rows of both peer scripts in one report.
+    fn join(mut self, other: PeerReport) -> PeerReport {
+        self.rows.extend(other.rows);
+        self.sgemm_gflops.extend(other.sgemm_gflops);
+        self
+    }
 }
 
-/// Runs the embedded PyTorch script with the same sizes and thread count.
-fn run_peer(opts: &SpeedOptions, threads: usize) -> std::result::Result<PeerReport, String> {
+/// Runs the embedded PyTorch scripts for the networks asked for, with the same sizes and thread count.
+fn run_peers(opts: &SpeedOptions, threads: usize, mlp: bool, unet: bool) -> std::result::Result<PeerReport, String> {
     let probe = Command::new(&opts.python).args(["-c", "import torch"]).output();
     match probe {
         Err(e) => return Err(format!("cannot start '{}': {e}", opts.python)),
@@ -492,29 +576,63 @@ fn run_peer(opts: &SpeedOptions, threads: usize) -> std::result::Result<PeerRepo
         Ok(_) => {}
     }
     let dir = tempfile_dir().map_err(|e| e.to_string())?;
-    let script = dir.join("torch_peer.py");
-    std::fs::write(&script, TORCH_PEER).map_err(|e| e.to_string())?;
     let join = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
-    let arch = MlpConfig::new(2);
-    let output = Command::new(&opts.python)
-        .arg(&script)
-        .args(["--threads", &threads.to_string()])
-        .args(["--widths", &join(&opts.widths)])
-        .args(["--batches", &join(&opts.batches)])
-        .args(["--depth", &arch.depth.to_string()])
-        .args(["--time-features", &arch.time_features.to_string()])
-        .args(["--max-frequency", &arch.max_frequency.to_string()])
-        .args(["--seconds", &opts.seconds.to_string()])
-        .args(["--seed", &opts.seed.to_string()])
-        .output();
+    let run = |script: &str, args: Vec<String>| -> std::result::Result<PeerReport, String> {
+        let path = dir.join(script);
+        let output = Command::new(&opts.python)
+            .arg(&path)
+            .args(["--threads", &threads.to_string()])
+            .args(["--seconds", &opts.seconds.to_string()])
+            .args(["--seed", &opts.seed.to_string()])
+            .args(args)
+            .output()
+            .map_err(|e| format!("peer failed to start: {e}"))?;
+        if !output.status.success() {
+            let err = String::from_utf8_lossy(&output.stderr);
+            let last = err.lines().last().unwrap_or("no message");
+            return Err(format!("peer {script} exited with {}: {last}", output.status));
+        }
+        serde_json::from_slice(&output.stdout).map_err(|e| format!("peer {script} printed unreadable JSON: {e}"))
+    };
+    let result = (|| {
+        for (name, text) in [
+            ("torch_peer.py", TORCH_PEER),
+            ("torch_unet_peer.py", TORCH_UNET_PEER),
+            ("flowmap_unet.py", TORCH_UNET),
+        ] {
+            std::fs::write(dir.join(name), text).map_err(|e| e.to_string())?;
+        }
+        let mut report: Option<PeerReport> = None;
+        if mlp {
+            let arch = MlpConfig::new(2);
+            report = Some(run(
+                "torch_peer.py",
+                vec![
+                    format!("--widths={}", join(&opts.widths)),
+                    format!("--batches={}", join(&opts.batches)),
+                    format!("--depth={}", arch.depth),
+                    format!("--time-features={}", arch.time_features),
+                    format!("--max-frequency={}", arch.max_frequency),
+                ],
+            )?);
+        }
+        if unet {
+            let u = run(
+                "torch_unet_peer.py",
+                vec![
+                    format!("--channels={}", join(&opts.unet_channels)),
+                    format!("--batches={}", join(&opts.unet_batches)),
+                ],
+            )?;
+            report = Some(match report {
+                Some(r) => r.join(u),
+                None => u,
+            });
+        }
+        report.ok_or_else(|| "no network to run".to_string())
+    })();
     let _ = std::fs::remove_dir_all(&dir);
-    let output = output.map_err(|e| format!("peer failed to start: {e}"))?;
-    if !output.status.success() {
-        let err = String::from_utf8_lossy(&output.stderr);
-        let last = err.lines().last().unwrap_or("no message");
-        return Err(format!("peer exited with {}: {last}", output.status));
-    }
-    serde_json::from_slice(&output.stdout).map_err(|e| format!("peer printed unreadable JSON: {e}"))
+    result
 }
 
 fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
@@ -583,6 +701,12 @@ fn speed_markdown(r: &SpeedReport) -> String {
             );
         }
     }
+    if r.rows.iter().any(|x| x.workload.starts_with("unet-")) {
+        md += &unet_markdown(r);
+    }
+    if !r.rows.iter().any(|x| x.workload == "sample-1nfe") {
+        return md;
+    }
     md += "\nFlow-map speed-up over the teacher's 32-step sampler (samples/s ratio, same batch):\n\n";
     md += "| width | batch | 1-NFE / Euler-32 |\n|---:|---:|---:|\n";
     for one in r.rows.iter().filter(|x| x.workload == "sample-1nfe") {
@@ -592,6 +716,47 @@ fn speed_markdown(r: &SpeedReport) -> String {
             .find(|x| x.workload == "sample-euler32" && x.width == one.width && x.batch == one.batch)
         {
             md += &format!("| {} | {} | {:.1}× |\n", one.width, one.batch, one.value / e.value);
+        }
+    }
+    md
+}
+
+/// The U-Net table: rates and their ratios, and each side's memory for the training rows.
+fn unet_markdown(r: &SpeedReport) -> String {
+    let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_else(|| "–".into());
+    let mut md = String::from(
+        "\n## U-Net\n\nClass-conditional U-Nets (`flowmap::backbone::UnetConfig` defaults: channel multipliers 1, 2, \
+         2, one block per level, attention at 7 × 7) on 1 × 28 × 28 digits, beside the PyTorch twin \
+         (`bench/peer/flowmap_unet.py`, the same layers and parameter names). `unet-teacher` = one flow-matching \
+         step; `unet-emd` = one EMD step from a frozen teacher; `unet-meanflow` = one MeanFlow step from data with \
+         its exact JVP (PyTorch: `torch.func.jvp`); `unet-sample-1nfe` = one flow-map step from noise; \
+         `unet-latency-1nfe` = one image; `unet-jvp` = the JVP's time over a forward pass's at batch 128. Memory: \
+         flowmap's heap at the row's peak above its start, PyTorch's resident-set growth over the row.\n\n\
+         | workload | channels | batch | flowmap | PyTorch | flowmap / PyTorch | flowmap MB | PyTorch MB |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for w in super::speed_unet::WORKLOADS {
+        for row in r.rows.iter().filter(|x| x.workload == w) {
+            let fmt = |v: f64| match row.unit.as_str() {
+                "ms" => format!("{v:.2} ms"),
+                "× forward" => format!("{v:.2}× forward"),
+                u => format!("{v:.2} {u}"),
+            };
+            md += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                row.workload,
+                row.width,
+                row.batch,
+                fmt(row.value),
+                opt(row.peer, &fmt),
+                opt(row.ratio, &|x| format!("{x:.2}")),
+                opt(row.peak_rss_mb.filter(|_| row.unit == "steps/s"), &|x| format!(
+                    "{x:.0}"
+                )),
+                opt(row.peer_peak_mb.filter(|_| row.unit == "steps/s"), &|x| format!(
+                    "{x:.0}"
+                )),
+            );
         }
     }
     md

@@ -1,0 +1,276 @@
+"""The PyTorch twin of flowmap's U-Net (`crates/flowmap/src/backbone/unet.rs`).
+
+The same layers, in the same order, with the same parameter names and shapes, so that one safetensors file
+loads in both: `Unet.from_flowmap("teacher.safetensors")` reads a flowmap checkpoint (its architecture from
+the `flowmap` metadata entry), and `save_flowmap(model, path, ...)` writes a file that
+`flowmap distill --teacher PATH` or `flowmap sample --model PATH` reads as it is.
+
+Conventions (flowmap's): time runs from data t = 0 to noise t = 1; a flow map goes down, 0 <= s <= t <= 1;
+images are B x C x H x W in [-1, 1]; class labels are in 0..C, and C is the null class (no label).
+
+- Teacher: `v = model(x, t, labels=labels)`, the velocity of the probability-flow ODE dx/dt = v(x, t).
+- Flow map: `model(x, t, gap=t - s, labels=labels)` is the average velocity F(x, t, s), and the map is
+  `f(x, t, s) = x + (s - t) * F(x, t, s)` (`FlowMap.forward`).
+
+The network:
+
+    emb  = Linear(SiLU(Linear([sin/cos(w t), e_c, sin/cos(w (t - s))])))      E = 4 * channels
+    h    = Conv3x3(x)
+    down: per level, `blocks` residual blocks (+ attention at listed resolutions), then 2 x 2 mean pool
+    mid:  residual block, attention, residual block
+    up:   per level (lowest first), `blocks + 1` residual blocks on [h, skip] (+ attention), then nearest 2x
+    out  = Conv3x3(SiLU(GroupNorm(h)))
+
+A residual block is `skip(h) + Conv(Dropout(SiLU(GN(Conv(SiLU(GN(h)))) * (1 + scale) + shift)))` with
+`(scale, shift) = Linear(SiLU(emb))`. Written as a PyTorch user writes it: stock modules, no fused tricks.
+"""
+
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULTS = dict(
+    channels=32,
+    channel_mult=[1, 2, 2],
+    blocks=1,
+    attention_resolutions=[7],
+    heads=1,
+    groups=8,
+    dropout=0.0,
+    time_features=32,
+    max_frequency=200.0,
+    num_classes=None,
+)
+
+
+def config(state_shape, **settings):
+    """A complete U-Net configuration (flowmap's `UnetConfig`): defaults filled in."""
+    unknown = set(settings) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown U-Net settings: {sorted(unknown)}")
+    cfg = dict(DEFAULTS, **settings)
+    cfg["state_shape"] = list(state_shape)
+    return cfg
+
+
+class TimeEmbedding(nn.Module):
+    """[sin(w_k t), cos(w_k t)] for K frequencies geometric from 1 to `max_frequency`."""
+
+    def __init__(self, features, max_frequency):
+        super().__init__()
+        k = max(features, 1)
+        freqs = [max_frequency ** (i / (k - 1)) if k > 1 else 1.0 for i in range(k)]
+        self.register_buffer("freqs", torch.tensor(freqs, dtype=torch.float64).float()[None, :], persistent=False)
+
+    def forward(self, t):
+        arg = t * self.freqs
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, cfg):
+        super().__init__()
+        e = 4 * cfg["channels"]
+        self.norm1 = nn.GroupNorm(cfg["groups"], c_in, eps=1e-5)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(e, 2 * c_out)
+        self.norm2 = nn.GroupNorm(cfg["groups"], c_out, eps=1e-5)
+        self.dropout = nn.Dropout(cfg["dropout"])
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x, act_emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(act_emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(self.norm2(h) * (1 + scale) + shift)
+        h = self.conv2(self.dropout(h))
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+class Attention(nn.Module):
+    """Self-attention over the H * W positions, residual, GroupNorm in front."""
+
+    def __init__(self, channels, heads, groups):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-5)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        d = c // self.heads
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # B x N x C
+        q, k, v = self.qkv(tokens).reshape(b, h * w, 3, self.heads, d).permute(2, 0, 3, 1, 4)
+        p = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-1)
+        o = (p @ v).transpose(1, 2).reshape(b, h * w, c)
+        return x + self.proj(o).transpose(1, 2).reshape(b, c, h, w)
+
+
+class Stage(nn.Module):
+    def __init__(self, c_in, c_out, attends, cfg):
+        super().__init__()
+        self.res = ResBlock(c_in, c_out, cfg)
+        self.attn = Attention(c_out, cfg["heads"], cfg["groups"]) if attends else None
+
+    def forward(self, x, act_emb):
+        h = self.res(x, act_emb)
+        return h if self.attn is None else self.attn(h)
+
+
+class Mid(nn.Module):
+    def __init__(self, ch, cfg):
+        super().__init__()
+        self.res0 = ResBlock(ch, ch, cfg)
+        self.attn = Attention(ch, cfg["heads"], cfg["groups"])
+        self.res1 = ResBlock(ch, ch, cfg)
+
+    def forward(self, h, act_emb):
+        return self.res1(self.attn(self.res0(h, act_emb)), act_emb)
+
+
+class Out(nn.Module):
+    def __init__(self, ch, c_img, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-5)
+        self.conv = nn.Conv2d(ch, c_img, 3, padding=1)
+
+    def forward(self, h):
+        return self.conv(F.silu(self.norm(h)))
+
+
+class Unet(nn.Module):
+    """flowmap's U-Net. `flow_map=True` adds the embedding of the gap t - s (a flow map's network)."""
+
+    def __init__(self, cfg, flow_map=False):
+        super().__init__()
+        self.cfg = cfg = dict(cfg)
+        self.flow_map = flow_map
+        c_img, height, _ = cfg["state_shape"]
+        ch0, e = cfg["channels"], 4 * cfg["channels"]
+        self.time = TimeEmbedding(cfg["time_features"], cfg["max_frequency"])
+        emb_in = 2 * max(cfg["time_features"], 1) * (2 if flow_map else 1)
+        self.class_embedding = None
+        if cfg.get("num_classes") is not None:
+            self.class_embedding = nn.Embedding(cfg["num_classes"] + 1, e)
+            emb_in += e
+        self.emb = nn.ModuleList([nn.Linear(emb_in, e), nn.Linear(e, e)])
+        self.input = nn.Conv2d(c_img, ch0, 3, padding=1)
+        levels = len(cfg["channel_mult"])
+        attends = lambda level: (height >> level) in cfg["attention_resolutions"]
+        skips, ch = [ch0], ch0
+        self.down = nn.ModuleList()
+        for level, m in enumerate(cfg["channel_mult"]):
+            stages = nn.ModuleList()
+            for _ in range(cfg["blocks"]):
+                stages.append(Stage(ch, m * ch0, attends(level), cfg))
+                ch = m * ch0
+                skips.append(ch)
+            if level + 1 < levels:
+                skips.append(ch)
+            self.down.append(stages)
+        self.mid = Mid(ch, cfg)
+        up = [None] * levels
+        for level in reversed(range(levels)):
+            stages = nn.ModuleList()
+            for _ in range(cfg["blocks"] + 1):
+                out = cfg["channel_mult"][level] * ch0
+                stages.append(Stage(ch + skips.pop(), out, attends(level), cfg))
+                ch = out
+            up[level] = stages
+        self.up = nn.ModuleList(up)  # named by level, run lowest level first
+        self.out = Out(ch, c_img, cfg["groups"])
+
+    def embedding(self, t, gap, labels):
+        parts = [self.time(t)]
+        if self.class_embedding is not None:
+            if labels is None:
+                labels = torch.full((t.shape[0],), self.cfg["num_classes"], dtype=torch.long, device=t.device)
+            parts.append(self.class_embedding(labels))
+        if self.flow_map:
+            parts.append(self.time(gap))
+        return F.silu(self.emb[1](F.silu(self.emb[0](torch.cat(parts, dim=1)))))
+
+    def forward(self, x, t, gap=None, labels=None):
+        """`x`: B x C x H x W; `t`, `gap`: B x 1; `labels`: B integers (the null class when None)."""
+        if (gap is not None) != self.flow_map:
+            raise ValueError("a flow map's network takes the gap t - s, a teacher's does not")
+        act_emb = self.embedding(t, gap, labels)
+        h = self.input(x)
+        skips = [h]
+        levels = len(self.down)
+        for level, stages in enumerate(self.down):
+            for stage in stages:
+                h = stage(h, act_emb)
+                skips.append(h)
+            if level + 1 < levels:
+                h = F.avg_pool2d(h, 2)
+                skips.append(h)
+        h = self.mid(h, act_emb)
+        for i, stages in enumerate(reversed(self.up)):
+            for stage in stages:
+                h = stage(torch.cat([h, skips.pop()], dim=1), act_emb)
+            if i + 1 < levels:
+                h = F.interpolate(h, scale_factor=2, mode="nearest")
+        return self.out(h)
+
+    def zero_init_(self):
+        """ADM's zero-initialised last layers, as flowmap starts: each residual branch's last convolution,
+        each attention's output projection and the output convolution."""
+        for name, p in self.named_parameters():
+            if ".conv2." in name or ".attn.proj." in name or name.startswith("out.conv."):
+                nn.init.zeros_(p)
+        return self
+
+    @staticmethod
+    def from_flowmap(path, map_location="cpu"):
+        """The network of a flowmap U-Net checkpoint (teacher or flow map), weights loaded."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(path, "pt") as f:
+            meta = json.loads(f.metadata()["flowmap"])
+        arch = dict(meta["arch"])
+        if arch.pop("kind") != "unet":
+            raise ValueError(f"{path} holds a {meta['arch']['kind']} network, not a U-Net")
+        model = Unet(config(arch.pop("state_shape"), **arch), flow_map=meta["kind"] != "teacher")
+        model.load_state_dict(load_file(path, device=map_location))
+        return model, meta
+
+
+class FlowMap(nn.Module):
+    """f(x, t, s) = x + (s - t) * F(x, t, s), with F a flow-map U-Net."""
+
+    def __init__(self, net):
+        super().__init__()
+        assert net.flow_map
+        self.net = net
+
+    def forward(self, x, t, s, labels=None):
+        return x + (s - t)[:, :, None, None] * self.net(x, t, t - s, labels)
+
+
+def save_flowmap(model, path, data="mnist", version="torch-twin", scale=None, training=None):
+    """Writes `model` as a flowmap checkpoint: its `state_dict` plus the `flowmap` metadata entry (kind,
+    architecture, path, data), so flowmap reads it with no other file."""
+    from safetensors.torch import save_file
+
+    arch = dict(kind="unet", **{k: v for k, v in model.cfg.items()})
+    if arch.get("num_classes") is None:
+        arch.pop("num_classes", None)
+    meta = dict(
+        kind="flow_map" if model.flow_map else "teacher",
+        arch=arch,
+        path="linear",
+        data=data,
+        mixture=None,
+        training=training if training is not None else {"trained_by": "pytorch"},
+        version=version,
+    )
+    if scale is not None:
+        meta["scale"] = scale
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, path, metadata={"flowmap": json.dumps(meta)})

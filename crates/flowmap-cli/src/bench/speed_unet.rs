@@ -1,0 +1,221 @@
+//! The U-Net rows of `flowmap bench speed`: class-conditional U-Nets on the embedded 28 × 28 digits, at the
+//! demo's size and larger, beside the PyTorch twin (`bench/peer/torch_unet_peer.py`, the same layers and
+//! parameter names, `bench/peer/flowmap_unet.py`).
+//!
+//! - `unet-teacher`, `unet-emd`, `unet-meanflow`: training steps per second (AdamW + EMA, labels dropped
+//!   with probability 0.1); MeanFlow from data with its exact JVP along `(x1 − x0, 1, 0)`;
+//! - `unet-sample-1nfe`: one flow-map step from noise, images per second; `unet-latency-1nfe`: one image;
+//! - `unet-jvp`: the exact JVP of `F` along `(v, 1, 0)` over a forward pass (both without gradients), at
+//!   batch 128.
+//!
+//! Memory: the heap held at the peak of a training row above what was held when it started (the process's
+//! allocator counts it); the peer reports its resident-set growth over the row.
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+
+use flowmap::backbone::{Arch, UnetConfig};
+use flowmap::data::DataSource;
+use flowmap::flow_map::{FlowMap, FlowMapNet, Point, Tangent};
+use flowmap::objective::{DistillConfig, Emd, FlowMatching, MeanFlow, MeanFlowVelocity, Method};
+use flowmap::path::LinearPath;
+use flowmap::sample::{sample_map, TimeGrid};
+use flowmap::teacher::{VelocityField, VelocityNet};
+use flowmap::train::{fit, Silent, TrainConfig, Trainable};
+use flowmap::{Cond, Result};
+
+use super::speed::{rate, SpeedRow};
+
+/// Classes of the benchmark's networks (the digits).
+const CLASSES: usize = 10;
+/// The batch the JVP-over-forward ratio is measured at.
+const JVP_BATCH: usize = 128;
+
+/// The workloads, in report order.
+pub const WORKLOADS: [&str; 6] = [
+    "unet-teacher",
+    "unet-emd",
+    "unet-meanflow",
+    "unet-sample-1nfe",
+    "unet-latency-1nfe",
+    "unet-jvp",
+];
+
+/// The benchmark's U-Net: the default one at `channels`, class-conditional, on `1 × 28 × 28`.
+pub fn arch(channels: usize) -> Arch {
+    Arch::Unet(UnetConfig {
+        channels,
+        num_classes: Some(CLASSES),
+        ..UnetConfig::new(&[1, 28, 28])
+    })
+}
+
+struct Pair {
+    teacher_vars: VarMap,
+    teacher_ema: VarMap,
+    teacher: VelocityNet,
+    teacher_ema_net: VelocityNet,
+    map_vars: VarMap,
+    map_ema: VarMap,
+    map: FlowMapNet,
+    map_ema_net: FlowMapNet,
+}
+
+fn pair(arch: &Arch, seed: u64, device: &Device) -> Result<Pair> {
+    let vb = |vm: &VarMap| VarBuilder::from_varmap(vm, DType::F32, device);
+    let (teacher_vars, teacher_ema, map_vars, map_ema) = (VarMap::new(), VarMap::new(), VarMap::new(), VarMap::new());
+    let teacher = VelocityNet::new(arch.clone(), vb(&teacher_vars))?;
+    let teacher_ema_net = VelocityNet::new(arch.clone(), vb(&teacher_ema))?;
+    let map = FlowMapNet::new(arch.clone(), vb(&map_vars))?;
+    let map_ema_net = FlowMapNet::new(arch.clone(), vb(&map_ema))?;
+    arch.seed_params(&teacher_vars, seed)?;
+    arch.init_from_teacher(&map_vars, &teacher_vars)?;
+    Ok(Pair {
+        teacher_vars,
+        teacher_ema,
+        teacher,
+        teacher_ema_net,
+        map_vars,
+        map_ema,
+        map,
+        map_ema_net,
+    })
+}
+
+/// Steps per second of `objective` (a warm-up run, then a run sized to about `seconds`), and the heap the
+/// timed run held at its peak above its start, in MB.
+fn steps_per_second<O: flowmap::objective::Objective>(
+    objective: &O,
+    trainable: &Trainable<'_, O::Model>,
+    data: &DataSource,
+    batch: usize,
+    seconds: f64,
+    device: &Device,
+) -> Result<(f64, f64)> {
+    let cfg = |steps| TrainConfig {
+        steps,
+        batch_size: batch,
+        warmup_steps: 1,
+        ..TrainConfig::default()
+    };
+    let warm = fit(objective, trainable, data, &cfg(2), device, &Silent)?;
+    let estimate = 2.0 / warm.seconds.max(1e-9);
+    let steps = ((estimate * seconds).ceil() as usize).max(3);
+    let (log, peak) = crate::alloc::watch(usize::MAX, || {
+        fit(objective, trainable, data, &cfg(steps), device, &Silent)
+    });
+    let log = log?;
+    Ok((log.steps as f64 / log.seconds, peak as f64 / (1 << 20) as f64))
+}
+
+/// One round of the U-Net rows at each channel count and batch.
+pub fn measure(
+    channels: &[usize],
+    batches: &[usize],
+    seconds: f64,
+    seed: u64,
+    device: &Device,
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<SpeedRow>> {
+    let data = DataSource::from_spec("mnist")?;
+    let mut rows = vec![];
+    let mut push = |workload: &str, ch: usize, batch: usize, unit: &str, value: f64, mb: Option<f64>| {
+        rows.push(SpeedRow {
+            workload: workload.into(),
+            width: ch,
+            batch,
+            unit: unit.into(),
+            value,
+            gflops: None,
+            peak_fraction: None,
+            peak_rss_mb: mb,
+            peer_peak_mb: None,
+            peer: None,
+            ratio: None,
+        });
+        bar.inc(1);
+    };
+    for &ch in channels {
+        let a = arch(ch);
+        for &batch in batches {
+            let n = pair(&a, seed, device)?;
+            bar.set_message(format!("U-Net teacher, {ch} channels, batch {batch}"));
+            let trainable = Trainable::<dyn VelocityField> {
+                params: &n.teacher_vars,
+                model: &n.teacher,
+                ema: Some((&n.teacher_ema, &n.teacher_ema_net)),
+                ema_target: false,
+                path: &LinearPath,
+                classes: Some(CLASSES),
+                backbone: Some(n.teacher.backbone()),
+            };
+            let (r, mb) = steps_per_second(&FlowMatching::new(), &trainable, &data, batch, seconds, device)?;
+            push("unet-teacher", ch, batch, "steps/s", r, Some(mb));
+
+            let map_trainable = || Trainable::<dyn FlowMap> {
+                params: &n.map_vars,
+                model: &n.map,
+                ema: Some((&n.map_ema, &n.map_ema_net)),
+                ema_target: false,
+                path: &LinearPath,
+                classes: Some(CLASSES),
+                backbone: Some(n.map.backbone()),
+            };
+            bar.set_message(format!("U-Net EMD, {ch} channels, batch {batch}"));
+            let emd = Emd::new(&n.teacher, DistillConfig::default());
+            let (r, mb) = steps_per_second(&emd, &map_trainable(), &data, batch, seconds, device)?;
+            push("unet-emd", ch, batch, "steps/s", r, Some(mb));
+
+            bar.set_message(format!("U-Net MeanFlow, {ch} channels, batch {batch}"));
+            let mut cfg = DistillConfig::for_method(Method::Meanflow);
+            cfg.continuous.meanflow_velocity = MeanFlowVelocity::Conditional;
+            let (r, mb) = steps_per_second(&MeanFlow { cfg }, &map_trainable(), &data, batch, seconds, device)?;
+            push("unet-meanflow", ch, batch, "steps/s", r, Some(mb));
+
+            bar.set_message(format!("U-Net sampling, {ch} channels, batch {batch}"));
+            let (noise, cond) = inputs(batch, seed, device)?;
+            let one = TimeGrid::uniform(1)?;
+            let r = rate(seconds, || sample_map(&n.map, &noise, &one, &cond).map(|_| ()))?;
+            push("unet-sample-1nfe", ch, batch, "images/s", r * batch as f64, None);
+        }
+        let n = pair(&a, seed, device)?;
+        let one = TimeGrid::uniform(1)?;
+        let (noise, cond) = inputs(1, seed, device)?;
+        let r = rate(seconds, || sample_map(&n.map, &noise, &one, &cond).map(|_| ()))?;
+        push("unet-latency-1nfe", ch, 1, "ms", 1e3 / r, None);
+
+        bar.set_message(format!("U-Net JVP, {ch} channels"));
+        let (x, cond) = inputs(JVP_BATCH, seed, device)?;
+        let v = flowmap::sample::noise(JVP_BATCH, &[1, 28, 28], seed + 1, device)?;
+        let mut rng = flowmap::Rng::derive(seed, "times");
+        let (hi, lo): (Vec<f32>, Vec<f32>) = (0..JVP_BATCH)
+            .map(|_| {
+                let (a, b) = (rng.uniform() as f32, rng.uniform() as f32);
+                (a.max(b), a.min(b))
+            })
+            .unzip();
+        let t = candle_core::Tensor::from_vec(hi, (JVP_BATCH, 1), device)?;
+        let s = candle_core::Tensor::from_vec(lo, (JVP_BATCH, 1), device)?;
+        let at = Point {
+            x: &x,
+            t: &t,
+            s: &s,
+            cond: &cond,
+        };
+        let along = Tangent::along_start(&v, &at)?;
+        let tangent = n.map.as_tangent().expect("the U-Net has a tangent rule");
+        let forward = rate(seconds, || {
+            flowmap::no_grad(|| n.map.average_velocity(&x, &t, &s, &cond)).map(|_| ())
+        })?;
+        let jvp = rate(seconds, || tangent.average_velocity_jvp(&at, &along).map(|_| ()))?;
+        push("unet-jvp", ch, JVP_BATCH, "× forward", forward / jvp, None);
+    }
+    Ok(rows)
+}
+
+/// Noise images and labels `i mod 10` for a batch.
+fn inputs(batch: usize, seed: u64, device: &Device) -> Result<(candle_core::Tensor, Cond)> {
+    let noise = flowmap::sample::noise(batch, &[1, 28, 28], seed, device)?;
+    let labels: Vec<u32> = (0..batch).map(|i| (i % CLASSES) as u32).collect();
+    Ok((noise, Cond::from_classes(&labels, CLASSES, device)?))
+}
