@@ -846,13 +846,16 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
     let cfg = train_config(&a.train, file.train.clone());
     cfg.validate()?;
     let dcfg = a.map.objective(file.distill_config(method)?, method)?;
-    let teacher = Teacher::load(&a.teacher, device)?;
+    if a.data.is_none() && a.labels.is_some() {
+        bail!("--labels goes with --data");
+    }
+    let given = a.data.as_ref().map(|spec| open_data(spec, &a.labels)).transpose()?;
+    let teacher = load_teacher(&a.teacher, given.as_ref(), &a.map, &file, device)?;
     if matches!(teacher, Teacher::Net { .. }) && a.map.arch.any() {
         bail!("a network teacher fixes the student's backbone (it starts as the teacher); drop the --arch flags");
     }
-    let data = match &a.data {
-        Some(spec) => open_data(spec, &a.labels)?,
-        None if a.labels.is_some() => bail!("--labels goes with --data"),
+    let data = match given {
+        Some(d) => d,
         None => teacher.data()?,
     };
     let job = MapJob {
@@ -864,6 +867,39 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
         ..MapJob::new(method, &data)
     };
     run_map(&job, &a.out, &a.train.long, show)
+}
+
+/// The teacher of `distill`: `gmm:SPEC.json`, a flowmap checkpoint, or a plain safetensors state dict (a
+/// PyTorch model's, say) whose architecture the `--config` file's `[arch]` table gives and whose data
+/// `--data` names.
+fn load_teacher(
+    spec: &str,
+    data: Option<&DataSource>,
+    flags: &MapFlags,
+    file: &RunConfig,
+    device: &Device,
+) -> Result<Teacher> {
+    let path = Path::new(spec);
+    if spec.starts_with("gmm:") || !path.is_file() || Checkpoint::has_metadata(path)? {
+        return Ok(Teacher::load(spec, device)?);
+    }
+    let why = "has no flowmap metadata (a state dict saved by another framework?)";
+    let (Some(data), Some(_)) = (data, file.arch_kind()?) else {
+        bail!(
+            "{spec} {why}: give its architecture with --config FILE (an [arch] table with its kind, e.g. kind = \"unet\") and its data with --data"
+        );
+    };
+    let arch = flags.arch(&data.state_shape(), data.num_classes(), file)?;
+    let foreign = flowmap::checkpoint::Foreign {
+        kind: ModelKind::Teacher,
+        arch,
+        data: data.name(),
+        scale: data.scale(),
+    };
+    Ok(Teacher::from_checkpoint(
+        Checkpoint::load_foreign(path, foreign)?,
+        device,
+    )?)
 }
 
 fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {

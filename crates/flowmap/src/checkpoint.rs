@@ -177,16 +177,18 @@ pub fn write_named(path: &Path, tensors: &[(String, Tensor)], key: &str, json: &
 
 /// The metadata entry `key` and the f32 tensors of safetensors `bytes` (read from `path`, for errors).
 pub fn read_tensors(bytes: &[u8], path: &Path, key: &str) -> Result<(String, HashMap<String, Tensor>)> {
+    let (raw, tensors) = read_any_tensors(bytes, path, key)?;
+    let raw = raw.ok_or_else(|| Error::checkpoint(path, format!("no {key} metadata (not written by flowmap)")))?;
+    Ok((raw, tensors))
+}
+
+/// The metadata entry `key`, if the file has one, and the f32 tensors of safetensors `bytes`.
+fn read_any_tensors(bytes: &[u8], path: &Path, key: &str) -> Result<(Option<String>, HashMap<String, Tensor>)> {
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| Error::checkpoint(path, format!("not a safetensors file ({e})")))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| Error::checkpoint(path, format!("not a safetensors file ({e})")))?;
-    let raw = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(key))
-        .ok_or_else(|| Error::checkpoint(path, format!("no {key} metadata (not written by flowmap)")))?
-        .clone();
+    let raw = header.metadata().as_ref().and_then(|m| m.get(key)).cloned();
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
@@ -213,7 +215,48 @@ pub struct Checkpoint {
     pub tensors: HashMap<String, Tensor>,
 }
 
+/// What a safetensors file that flowmap did not write lacks: its metadata, given by the caller (a PyTorch
+/// `state_dict` saved with `safetensors.torch.save_file`, its architecture from a TOML `[arch]` table).
+#[derive(Clone, Debug)]
+pub struct Foreign {
+    pub kind: ModelKind,
+    pub arch: Arch,
+    /// The data spec the model was trained on (for `x_t` and the metrics).
+    pub data: String,
+    pub scale: Option<crate::data::Scale>,
+}
+
 impl Checkpoint {
+    /// Whether `path` is a safetensors file with flowmap's metadata entry (`false` for a plain state dict).
+    pub fn has_metadata(path: &Path) -> Result<bool> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::checkpoint(path, format!("not a safetensors file ({e})")))?;
+        Ok(header.metadata().as_ref().is_some_and(|m| m.contains_key(KEY)))
+    }
+
+    /// A checkpoint from a safetensors file of f32 tensors named as flowmap names them, with the metadata
+    /// `foreign` supplies (any metadata in the file is ignored). Building its network checks the tensors
+    /// against the architecture, name by name and shape by shape.
+    pub fn load_foreign(path: &Path, foreign: Foreign) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, tensors) = read_any_tensors(&bytes, path, KEY)?;
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            meta: CheckpointMeta {
+                kind: foreign.kind,
+                arch: foreign.arch,
+                path: "linear".into(),
+                data: foreign.data,
+                mixture: None,
+                training: serde_json::json!({ "imported_from": path.display().to_string() }),
+                version: env!("CARGO_PKG_VERSION").into(),
+                scale: foreign.scale,
+            },
+            tensors,
+        })
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let (raw, tensors) = read_tensors(&bytes, path, KEY)?;

@@ -69,7 +69,11 @@ impl Teacher {
                 path,
             ))?)));
         }
-        let ck = Checkpoint::load(Path::new(spec))?;
+        Self::from_checkpoint(Checkpoint::load(Path::new(spec))?, device)
+    }
+
+    /// The teacher network of a loaded checkpoint (a flowmap file, or [`Checkpoint::load_foreign`]).
+    pub fn from_checkpoint(ck: Checkpoint, device: &Device) -> Result<Self> {
         let (net, vars) = ck.velocity_net(device)?;
         Ok(Teacher::Net {
             net,
