@@ -102,11 +102,11 @@ fn im2col(g: Geometry, x: &[f32], cols: &mut [f32]) {
     }
 }
 
-/// The adjoint of [`im2col`]: `dx[c, y + ky − p, x + kx − p] += dcols[(c, ky, kx), (y, x)]`.
+/// The adjoint of [`im2col`]: `dx[c, y + ky − p, x + kx − p] += dcols[(c, ky, kx), (y, x)]`, into a
+/// zero-filled `dx`.
 fn col2im(g: Geometry, dcols: &[f32], dx: &mut [f32]) {
     let (h, w, k, p) = (g.h, g.w, g.k, g.k / 2);
     let hw = g.hw();
-    dx.fill(0.0);
     for c in 0..g.c_in {
         let img = &mut dx[c * hw..(c + 1) * hw];
         for ky in 0..k {
@@ -183,7 +183,13 @@ impl CustomOp3 for ConvOp {
             cpu_slice(bs, bl, "b")?,
         );
         let (hw, rows, o) = (g.hw(), g.rows(), g.c_out);
-        let mut y = vec![0.0f32; b * o * hw];
+        // Each output channel starts at its bias (one pass, instead of zeros and then the bias).
+        let mut y: Vec<f32> = Vec::with_capacity(b * o * hw);
+        for _ in 0..b {
+            for &bv in bias {
+                y.extend(std::iter::repeat_n(bv, hw));
+            }
+        }
         let blocks: Vec<(usize, &mut [f32])> = y.chunks_mut(IMAGES_PER_BLOCK * o * hw).enumerate().collect();
         map_blocks(blocks, |(i, yb)| {
             let mut cols = if g.k == 1 { Vec::new() } else { vec![0.0f32; rows * hw] };
@@ -196,9 +202,6 @@ impl CustomOp3 for ConvOp {
                     im2col(g, xi, &mut cols);
                     &cols
                 };
-                for (row, &bv) in yi.chunks_mut(hw).zip(bias) {
-                    row.fill(bv);
-                }
                 matmul(o, hw, rows, yi, true, w, false, cols, false);
             }
         });

@@ -11,7 +11,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::{applies, cpu_slice, map_blocks, sum_in_order};
+use super::{applies, cpu_slice, map_blocks, simd, sum_in_order};
 use crate::Result;
 
 /// `silu(z)` or `z` per [`group_norm`]; `affine` is `[γ; β]` (`2C`), `ss` the per-sample `[a, b]`
@@ -72,10 +72,6 @@ fn stats(x: &[f32], d: Dims, eps: f64) -> Vec<(f32, f32)> {
         .collect()
 }
 
-fn sigmoid(z: f32) -> f32 {
-    1.0 / (1.0 + (-z).exp())
-}
-
 impl CustomOp3 for NormOp {
     fn name(&self) -> &'static str {
         "flowmap-group-norm"
@@ -118,10 +114,7 @@ impl CustomOp3 for NormOp {
                 let scale = inv * k;
                 let offset = beta[ch] * (1.0 + a[ch]) + sh[ch] - mean * scale;
                 let (src, dst) = (&xi[ch * d.hw..(ch + 1) * d.hw], &mut yi[ch * d.hw..(ch + 1) * d.hw]);
-                for (o, &v) in dst.iter_mut().zip(src) {
-                    let z = v * scale + offset;
-                    *o = if self.silu { z * sigmoid(z) } else { z };
-                }
+                simd::norm_row(src, dst, scale, offset, self.silu);
             }
         });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
@@ -166,44 +159,36 @@ impl CustomOp3 for NormOp {
             let mut gxhat = vec![0.0f32; img];
             for ch in 0..c {
                 let (mean, inv) = st[ch / per_group];
-                let one_a = 1.0 + a[ch];
-                let (mut g_a, mut g_sh, mut g_gamma, mut g_beta) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-                for j in ch * d.hw..(ch + 1) * d.hw {
-                    let xhat = (xi[j] - mean) * inv;
-                    let n = gamma[ch] * xhat + beta[ch];
-                    let z = n * one_a + sh[ch];
-                    let gz = if self.silu {
-                        let sg = sigmoid(z);
-                        gi[j] * (sg + z * sg * (1.0 - sg))
-                    } else {
-                        gi[j]
-                    };
-                    g_sh += gz as f64;
-                    g_a += (gz * n) as f64;
-                    let gn = gz * one_a;
-                    g_gamma += (gn * xhat) as f64;
-                    g_beta += gn as f64;
-                    gxhat[j] = gn * gamma[ch];
-                }
-                dssi[ch] = g_a as f32;
-                dssi[c + ch] = g_sh as f32;
-                dp[ch] = g_gamma as f32;
-                dp[c + ch] = g_beta as f32;
+                let range = ch * d.hw..(ch + 1) * d.hw;
+                let channel = simd::NormChannel {
+                    mean,
+                    inv,
+                    gamma: gamma[ch],
+                    beta: beta[ch],
+                    one_a: 1.0 + a[ch],
+                    shift: sh[ch],
+                    silu: self.silu,
+                };
+                let [g_a, g_sh, g_gamma, g_beta] =
+                    simd::norm_backward_row(&xi[range.clone()], &gi[range.clone()], &mut gxhat[range], channel);
+                dssi[ch] = g_a;
+                dssi[c + ch] = g_sh;
+                dp[ch] = g_gamma;
+                dp[c + ch] = g_beta;
             }
             let per = per_group * d.hw;
-            for (g, (mean, inv)) in st.iter().enumerate() {
+            for (g, &(mean, inv)) in st.iter().enumerate() {
                 let range = g * per..(g + 1) * per;
-                let (mut m1, mut m2) = (0.0f64, 0.0f64);
-                for j in range.clone() {
-                    let xhat = (xi[j] - mean) * inv;
-                    m1 += gxhat[j] as f64;
-                    m2 += (gxhat[j] * xhat) as f64;
-                }
-                let (m1, m2) = ((m1 / per as f64) as f32, (m2 / per as f64) as f32);
-                for j in range {
-                    let xhat = (xi[j] - mean) * inv;
-                    dxi[j] = inv * (gxhat[j] - m1 - xhat * m2);
-                }
+                let (m1, m2) = simd::norm_group_moments(&xi[range.clone()], &gxhat[range.clone()], mean, inv);
+                simd::norm_group_dx(
+                    &xi[range.clone()],
+                    &gxhat[range.clone()],
+                    &mut dxi[range],
+                    mean,
+                    inv,
+                    m1,
+                    m2,
+                );
             }
             dp
         });

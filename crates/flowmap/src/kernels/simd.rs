@@ -7,15 +7,18 @@ use std::mem::MaybeUninit;
 /// Defines `fn name(args)` that runs `body` compiled for the best instruction set the CPU offers.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
-        $(#[$m])* $vis fn $name($($arg: $ty),*) {
+        multiversion! { $(#[$m])* $vis fn $name($($arg: $ty),*) -> () $body }
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$m])* $vis fn $name($($arg: $ty),*) -> $ret {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
-                unsafe fn v4($($arg: $ty),*) { body($($arg),*) }
+                unsafe fn v4($($arg: $ty),*) -> $ret { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3($($arg: $ty),*) { body($($arg),*) }
+                unsafe fn v3($($arg: $ty),*) -> $ret { body($($arg),*) }
                 if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
                     // SAFETY: the CPU has the features `v4` is compiled for.
                     return unsafe { v4($($arg),*) };
@@ -115,6 +118,113 @@ fn lanes(v: &[f32], init: f32, step: impl Fn(f32, &f32, usize) -> f32, join: imp
         r = join(r, step(init, x, j));
     }
     r
+}
+
+multiversion! {
+    /// One channel of GroupNorm's forward pass: `dst = act(src·scale + offset)`, SiLU when `silu`.
+    pub(crate) fn norm_row(src: &[f32], dst: &mut [f32], scale: f32, offset: f32, silu: bool) {
+        if silu {
+            for (o, &v) in dst.iter_mut().zip(src) {
+                let z = v * scale + offset;
+                *o = z * sigmoid(z);
+            }
+        } else {
+            for (o, &v) in dst.iter_mut().zip(src) {
+                *o = v * scale + offset;
+            }
+        }
+    }
+}
+
+/// One channel's constants of GroupNorm's backward pass: `x̂ = (x − mean)·inv`, `n = γ·x̂ + β`,
+/// `z = n·(1 + a) + shift`.
+#[derive(Clone, Copy)]
+pub(crate) struct NormChannel {
+    pub mean: f32,
+    pub inv: f32,
+    pub gamma: f32,
+    pub beta: f32,
+    pub one_a: f32,
+    pub shift: f32,
+    pub silu: bool,
+}
+
+multiversion! {
+    /// One channel of GroupNorm's backward pass, first sweep: from the output gradient `g`, writes
+    /// `g_x̂ = g_z·(1 + a)·γ` into `gxhat` and returns `(Σ g_z·n, Σ g_z, Σ g_n·x̂, Σ g_n)` (the gradients of
+    /// `a`, `shift`, `γ` and `β`), summed in 16 lanes in a fixed order.
+    pub(crate) fn norm_backward_row(x: &[f32], g: &[f32], gxhat: &mut [f32], c: NormChannel) -> [f32; 4] {
+        if c.silu {
+            norm_backward_lanes::<true>(x, g, gxhat, c)
+        } else {
+            norm_backward_lanes::<false>(x, g, gxhat, c)
+        }
+    }
+}
+
+#[inline(always)]
+fn norm_backward_lanes<const SILU: bool>(x: &[f32], g: &[f32], gxhat: &mut [f32], c: NormChannel) -> [f32; 4] {
+    const L: usize = 16;
+    #[inline(always)]
+    fn one<const SILU: bool>(x: f32, g: f32, c: &NormChannel) -> (f32, f32, f32, f32, f32) {
+        let xhat = (x - c.mean) * c.inv;
+        let n = c.gamma * xhat + c.beta;
+        let z = n * c.one_a + c.shift;
+        let gz = if SILU {
+            let sg = sigmoid(z);
+            g * (sg + z * sg * (1.0 - sg))
+        } else {
+            g
+        };
+        let gn = gz * c.one_a;
+        (gz * n, gz, gn * xhat, gn, gn * c.gamma)
+    }
+    let (mut a0, mut a1, mut a2, mut a3) = ([0.0f32; L], [0.0f32; L], [0.0f32; L], [0.0f32; L]);
+    let whole = x.len() / L * L;
+    for ((xc, gc), oc) in x[..whole]
+        .chunks_exact(L)
+        .zip(g[..whole].chunks_exact(L))
+        .zip(gxhat[..whole].chunks_exact_mut(L))
+    {
+        for k in 0..L {
+            let (p0, p1, p2, p3, o) = one::<SILU>(xc[k], gc[k], &c);
+            a0[k] += p0;
+            a1[k] += p1;
+            a2[k] += p2;
+            a3[k] += p3;
+            oc[k] = o;
+        }
+    }
+    let mut out = [a0, a1, a2, a3].map(|a| a.iter().sum::<f32>());
+    for j in whole..x.len() {
+        let (p0, p1, p2, p3, o) = one::<SILU>(x[j], g[j], &c);
+        out[0] += p0;
+        out[1] += p1;
+        out[2] += p2;
+        out[3] += p3;
+        gxhat[j] = o;
+    }
+    out
+}
+
+multiversion! {
+    /// One group of GroupNorm's backward pass, second sweep: `(mean g_x̂, mean g_x̂·x̂)` over the group.
+    pub(crate) fn norm_group_moments(x: &[f32], gxhat: &[f32], mean: f32, inv: f32) -> (f32, f32) {
+        let m1 = lanes(gxhat, 0.0, |s, &v, _| s + v, |a, b| a + b);
+        let m2 = lanes(gxhat, 0.0, |s, &v, j| s + v * ((x[j] - mean) * inv), |a, b| a + b);
+        let n = x.len() as f32;
+        (m1 / n, m2 / n)
+    }
+}
+
+multiversion! {
+    /// One group of GroupNorm's backward pass, last sweep: `dx = inv·(g_x̂ − m1 − x̂·m2)`.
+    pub(crate) fn norm_group_dx(x: &[f32], gxhat: &[f32], dx: &mut [f32], mean: f32, inv: f32, m1: f32, m2: f32) {
+        for ((d, &v), &gx) in dx.iter_mut().zip(x).zip(gxhat) {
+            let xhat = (v - mean) * inv;
+            *d = inv * (gx - m1 - xhat * m2);
+        }
+    }
 }
 
 multiversion! {
