@@ -43,6 +43,7 @@ DEFAULTS = dict(
     time_features=32,
     max_frequency=200.0,
     num_classes=None,
+    guidance=None,
 )
 
 
@@ -153,6 +154,10 @@ class Unet(nn.Module):
         ch0, e = cfg["channels"], 4 * cfg["channels"]
         self.time = TimeEmbedding(cfg["time_features"], cfg["max_frequency"])
         emb_in = 2 * max(cfg["time_features"], 1) * (2 if flow_map else 1)
+        self.guidance = None
+        if cfg.get("guidance") is not None:  # a guidance-distilled flow map: w embedded last
+            self.guidance = TimeEmbedding(cfg["time_features"], 16.0)
+            emb_in += 2 * max(cfg["time_features"], 1)
         self.class_embedding = None
         if cfg.get("num_classes") is not None:
             self.class_embedding = nn.Embedding(cfg["num_classes"] + 1, e)
@@ -184,7 +189,7 @@ class Unet(nn.Module):
         self.up = nn.ModuleList(up)  # named by level, run lowest level first
         self.out = Out(ch, c_img, cfg["groups"])
 
-    def embedding(self, t, gap, labels):
+    def embedding(self, t, gap, labels, w=None):
         parts = [self.time(t)]
         if self.class_embedding is not None:
             if labels is None:
@@ -192,13 +197,18 @@ class Unet(nn.Module):
             parts.append(self.class_embedding(labels))
         if self.flow_map:
             parts.append(self.time(gap))
+        if self.guidance is not None:
+            if w is None:
+                raise ValueError(f"this flow map has guidance distilled into it (w in {self.cfg['guidance']}): pass w")
+            parts.append(self.guidance(w * 0.25))
         return F.silu(self.emb[1](F.silu(self.emb[0](torch.cat(parts, dim=1)))))
 
-    def forward(self, x, t, gap=None, labels=None):
-        """`x`: B x C x H x W; `t`, `gap`: B x 1; `labels`: B integers (the null class when None)."""
+    def forward(self, x, t, gap=None, labels=None, w=None):
+        """`x`: B x C x H x W; `t`, `gap`: B x 1; `labels`: B integers (the null class when None); `w`: B x 1
+        guidance scales (guidance-distilled flow maps only)."""
         if (gap is not None) != self.flow_map:
             raise ValueError("a flow map's network takes the gap t - s, a teacher's does not")
-        act_emb = self.embedding(t, gap, labels)
+        act_emb = self.embedding(t, gap, labels, w)
         h = self.input(x)
         skips = [h]
         levels = len(self.down)
@@ -249,8 +259,8 @@ class FlowMap(nn.Module):
         assert net.flow_map
         self.net = net
 
-    def forward(self, x, t, s, labels=None):
-        return x + (s - t)[:, :, None, None] * self.net(x, t, t - s, labels)
+    def forward(self, x, t, s, labels=None, w=None):
+        return x + (s - t)[:, :, None, None] * self.net(x, t, t - s, labels, w)
 
 
 def save_flowmap(model, path, data="mnist", version="torch-twin", scale=None, training=None):
@@ -259,8 +269,9 @@ def save_flowmap(model, path, data="mnist", version="torch-twin", scale=None, tr
     from safetensors.torch import save_file
 
     arch = dict(kind="unet", **{k: v for k, v in model.cfg.items()})
-    if arch.get("num_classes") is None:
-        arch.pop("num_classes", None)
+    for optional in ("num_classes", "guidance"):
+        if arch.get(optional) is None:
+            arch.pop(optional, None)
     meta = dict(
         kind="flow_map" if model.flow_map else "teacher",
         arch=arch,

@@ -263,10 +263,30 @@ struct DistillArgs {
     /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
     #[arg(long)]
     labels: Option<PathBuf>,
+    /// Distil classifier-free guidance into the map: LO,HI (or one value W); each training pair draws w from
+    /// the range and the map takes w as an input (`sample --guidance w`, one NFE per step).
+    #[arg(long, allow_hyphen_values = true)]
+    guidance_range: Option<String>,
     #[command(flatten)]
     train: TrainFlags,
     #[command(flatten)]
     map: MapFlags,
+}
+
+/// `LO,HI` or `W` (the range `[W, W]`).
+fn parse_guidance_range(s: &str) -> Result<[f64; 2]> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let num = |p: &str| -> Result<f64> {
+        p.parse::<f64>()
+            .map_err(|_| anyhow::anyhow!("--guidance-range {s}: '{p}' is not a number (expected LO,HI or W)"))
+    };
+    let range = match parts[..] {
+        [w] => [num(w)?; 2],
+        [lo, hi] => [num(lo)?, num(hi)?],
+        _ => bail!("--guidance-range {s}: expected LO,HI or W"),
+    };
+    flowmap::backbone::check_guidance_range(range)?;
+    Ok(range)
 }
 
 #[derive(Args)]
@@ -843,7 +863,10 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
     let method = Method::parse_distill(&a.method)?;
     check_output(&a.out, "safetensors")?;
     let file = read_config(&a.train.config)?;
-    let cfg = train_config(&a.train, file.train.clone());
+    let mut cfg = train_config(&a.train, file.train.clone());
+    if let Some(r) = &a.guidance_range {
+        cfg.guidance_range = Some(parse_guidance_range(r)?);
+    }
     cfg.validate()?;
     let dcfg = a.map.objective(file.distill_config(method)?, method)?;
     if a.data.is_none() && a.labels.is_some() {
@@ -1116,16 +1139,20 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
     };
     let field = match &model {
         Model::Teacher(t) => Some(guided(t, a.guidance, model.num_classes())?),
-        Model::Map(..) => {
-            no_map_guidance(a.guidance)?;
-            None
-        }
+        Model::Map(..) => None,
+    };
+    let map = match &model {
+        Model::Map(net, ck) => Some(map_at(net, ck, a.guidance)?),
+        Model::Teacher(_) => None,
     };
     if a.guidance.is_some() && a.class.as_deref() == Some("null") {
         bail!("--guidance needs classes to guide towards; --class null is the unconditional model");
     }
     let what = match (&map_setup, solver) {
-        (Some((grid, sampler, _)), _) => format!("flow map on grid {grid}, {sampler:?} sampler"),
+        (Some((grid, sampler, _)), _) => match a.guidance {
+            Some(w) => format!("flow map on grid {grid}, {sampler:?} sampler, guidance w = {w}"),
+            None => format!("flow map on grid {grid}, {sampler:?} sampler"),
+        },
         (None, Some(solver)) => match a.guidance {
             Some(w) => format!("teacher, {solver}, guidance w = {w}"),
             None => format!("teacher, {solver}"),
@@ -1143,9 +1170,9 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
             let (cond, _) = class_cond_from(a.class.as_deref(), start, z.dim(0)?, model.num_classes(), device)
                 .map_err(|e| flowmap::Error::arg(e.to_string()))?;
             match (&model, &map_setup, solver) {
-                (Model::Map(net, _), Some((grid, sampler, path)), _) => {
+                (Model::Map(..), Some((grid, sampler, path)), _) => {
                     let cx = SampleContext::new(seed).with_path(&**path).with_cond(&cond);
-                    sample::sample_with(net, z, grid, *sampler, &cx)
+                    sample::sample_with(&**map.as_ref().expect("a map"), z, grid, *sampler, &cx)
                 }
                 (Model::Teacher(_), _, Some(solver)) => {
                     sample::sample_ode(field.as_deref().expect("a teacher's field"), z, solver, &cond)
@@ -1192,12 +1219,23 @@ fn guided<'a>(t: &'a Teacher, w: Option<f64>, classes: Option<usize>) -> Result<
     Ok(Box::new(flowmap::teacher::Guided::new(t, w, c)?))
 }
 
-/// Errors when `--guidance` is given for a flow map, which takes its guidance from distillation.
-fn no_map_guidance(w: Option<f64>) -> Result<()> {
-    if let Some(w) = w {
-        bail!("--guidance {w}: this flow map was distilled without guidance, so it has no guidance input; guide its teacher instead");
+/// A flow map as it is evaluated: a guidance-distilled one at `--guidance w` (which it needs), any other
+/// as it is (it has no guidance input, so `--guidance` is an error).
+fn map_at<'a>(
+    net: &'a flowmap::flow_map::FlowMapNet,
+    ck: &Checkpoint,
+    w: Option<f64>,
+) -> Result<Box<dyn flowmap::flow_map::FlowMap + 'a>> {
+    match (ck.meta.arch.guidance(), w) {
+        (None, None) => Ok(Box::new(net)),
+        (None, Some(w)) => bail!(
+            "--guidance {w}: this flow map was distilled without guidance, so it has no guidance input; guide its teacher instead, or distil with --guidance-range"
+        ),
+        (Some([lo, hi]), None) => {
+            bail!("this flow map has guidance distilled into it (w in [{lo}, {hi}]): pass --guidance w")
+        }
+        (Some(_), Some(w)) => Ok(Box::new(flowmap::flow_map::AtGuidance::new(net, w)?)),
     }
-    Ok(())
 }
 
 /// Whether the checkpoint holds a map trained only for `s = 0` (a consistency model).
@@ -1296,8 +1334,7 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
                     a.s
                 );
             }
-            no_map_guidance(a.guidance)?;
-            flowmap::flow_map::FlowMap::map(net, &x, &t, &s, &c)?
+            flowmap::flow_map::FlowMap::map(&*map_at(net, ck, a.guidance)?, &x, &t, &s, &c)?
         }
         Model::Teacher(tch) => {
             let solver = ode::parse_solver(&a.solver, a.steps, a.tol)?;
@@ -1338,7 +1375,7 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
     let model = load_model(&a.model, device)?;
     if let Some(w) = a.guidance {
         match &model {
-            Model::Map(..) => no_map_guidance(Some(w))?,
+            Model::Map(net, ck) => drop(map_at(net, ck, Some(w))?),
             Model::Teacher(t) => drop(guided(t, Some(w), model.num_classes())?),
         }
     }
@@ -1480,9 +1517,20 @@ fn eval_images(
     let mut rows = vec![ev.floor(data, device)?];
     let (r, samples) = match (model, sampler) {
         (Model::Map(net, ck), Some(sampler)) => {
-            no_map_guidance(a.guidance)?;
             let path = ck.meta.probability_path()?;
-            ev.map("flow map", net, classes, nfes, sampler, &*path, device)?
+            let name = match a.guidance {
+                Some(w) => format!("flow map (guidance {w})"),
+                None => "flow map".into(),
+            };
+            ev.map(
+                &name,
+                &*map_at(net, ck, a.guidance)?,
+                classes,
+                nfes,
+                sampler,
+                &*path,
+                device,
+            )?
         }
         (Model::Map(..), None) => unreachable!("a flow map's sampler is resolved before"),
         (Model::Teacher(t), _) => {

@@ -955,6 +955,75 @@ fn guidance_on_the_command_line() {
         "distilled without guidance",
         &dir.path().join("bad.npy"),
     );
+
+    // Guidance distilled into a map: one map, sampled at any w of its range, one NFE a step.
+    let map = dir.path().join("guided.safetensors");
+    let distill = |range: &str, out: &Path| {
+        let mut c = bin();
+        c.args([
+            "distill",
+            "--method",
+            "emd",
+            "--steps",
+            "2",
+            "--batch",
+            "8",
+            "--teacher",
+        ])
+        .arg(&teacher)
+        .args(["--guidance-range", range, "--out"])
+        .arg(out);
+        c
+    };
+    ok(&mut distill("1,3", &map));
+    let sample_map = |extra: &[&str], out: &str| {
+        let mut c = bin();
+        c.args(["sample", "--n", "10", "--class", "all", "--model"])
+            .arg(&map)
+            .args(extra)
+            .arg("--out")
+            .arg(dir.path().join(out));
+        c
+    };
+    let a = bin_stderr(&mut sample_map(&["--guidance", "1.5"], "w15.npy"));
+    assert!(a.contains("guidance w = 1.5), NFE 1"), "{a}");
+    ok(&mut sample_map(&["--guidance", "3"], "w3.npy"));
+    assert!(
+        std::fs::read(dir.path().join("w15.npy")).unwrap() != std::fs::read(dir.path().join("w3.npy")).unwrap(),
+        "the scale is an input of the map"
+    );
+    fails(
+        &mut sample_map(&[], "bad.npy"),
+        "pass --guidance w",
+        &dir.path().join("bad.npy"),
+    );
+    fails(
+        &mut sample_map(&["--guidance", "-2"], "bad.npy"),
+        "finite number ≥ 0",
+        &dir.path().join("bad.npy"),
+    );
+    let bad_map = dir.path().join("bad.safetensors");
+    for (range, needle) in [("3,1", "lo > hi"), ("-1,2", "≥ 0"), ("1,x", "not a number")] {
+        fails(&mut distill(range, &bad_map), needle, &bad_map);
+    }
+    let mut unconditional = bin();
+    unconditional
+        .args([
+            "distill",
+            "--method",
+            "emd",
+            "--steps",
+            "2",
+            "--batch",
+            "8",
+            "--guidance-range",
+            "1,2",
+            "--teacher",
+        ])
+        .arg(f.root.join("t.safetensors"))
+        .arg("--out")
+        .arg(&bad_map);
+    fails(&mut unconditional, "class-conditional teacher", &bad_map);
 }
 
 /// Runs a command that must succeed and returns its stderr.

@@ -1,11 +1,15 @@
 //! Conditioning inputs of a model: what, besides the state `x` and the times, a velocity field or a flow
 //! map is evaluated on.
 //!
-//! Today that is class labels: a `B`-vector of `u32` in `0..C`, where the index `C` is the reserved *null*
-//! class (the unconditional model that classifier-free guidance needs). [`Cond::none`] is the condition of
-//! an unconditional model, and of a conditional one asked for unconditional samples: a conditional network
-//! reads a missing label as the null class. Unconditional models ignore labels. New inputs (a guidance
-//! scale, text embeddings) join as further fields, so every signature that takes a `&Cond` stays as it is.
+//! Class labels: a `B`-vector of `u32` in `0..C`, where the index `C` is the reserved *null* class (the
+//! unconditional model that classifier-free guidance needs). [`Cond::none`] is the condition of an
+//! unconditional model, and of a conditional one asked for unconditional samples: a conditional network
+//! reads a missing label as the null class. Unconditional models ignore labels.
+//!
+//! A guidance scale per row (`B × 1`, [`Cond::with_guidance`]): the input of a flow map that has
+//! classifier-free guidance distilled into it, and the scale a per-row guided teacher
+//! ([`crate::teacher::Guided::per_row`]) applies. New inputs (text embeddings) join as further fields, so
+//! every signature that takes a `&Cond` stays as it is.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -15,6 +19,7 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, Default)]
 pub struct Cond {
     labels: Option<Tensor>,
+    guidance: Option<Tensor>,
 }
 
 impl Cond {
@@ -25,7 +30,10 @@ impl Cond {
 
     /// A `'static` no-condition, for defaults.
     pub fn none_ref() -> &'static Cond {
-        static NONE: Cond = Cond { labels: None };
+        static NONE: Cond = Cond {
+            labels: None,
+            guidance: None,
+        };
         &NONE
     }
 
@@ -38,7 +46,10 @@ impl Cond {
                 labels.dims()
             )));
         }
-        Ok(Cond { labels: Some(labels) })
+        Ok(Cond {
+            labels: Some(labels),
+            guidance: None,
+        })
     }
 
     /// Class labels from a slice, checked against `num_classes` (the null class `num_classes` is allowed).
@@ -56,6 +67,42 @@ impl Cond {
         Cond::labels(Tensor::full(num_classes as u32, b, device)?)
     }
 
+    /// The same condition with a guidance scale per row, `w`: `B × 1` (or `B`), finite and `≥ 0`.
+    pub fn with_guidance(&self, w: &Tensor) -> Result<Self> {
+        let b = w.dim(0)?;
+        let w = w.reshape((b, 1))?.to_dtype(DType::F32)?;
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(bad) = values.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+            return Err(Error::arg(format!(
+                "guidance scale w must be a finite number ≥ 0, got {bad}"
+            )));
+        }
+        let out = Cond {
+            labels: self.labels.clone(),
+            guidance: Some(w),
+        };
+        out.check_rows(b)?;
+        Ok(out)
+    }
+
+    /// The same guidance scale `w` on each of `b` rows.
+    pub fn with_uniform_guidance(&self, w: f64, b: usize, device: &Device) -> Result<Self> {
+        self.with_guidance(&Tensor::full(w as f32, (b, 1), device)?)
+    }
+
+    /// The per-row guidance scales (`B × 1`), if any.
+    pub fn guidance(&self) -> Option<&Tensor> {
+        self.guidance.as_ref()
+    }
+
+    /// The same condition without its guidance scales.
+    pub fn without_guidance(&self) -> Self {
+        Cond {
+            labels: self.labels.clone(),
+            guidance: None,
+        }
+    }
+
     /// The class labels, if any.
     pub fn class_labels(&self) -> Option<&Tensor> {
         self.labels.as_ref()
@@ -63,13 +110,14 @@ impl Cond {
 
     /// Whether there is no condition at all.
     pub fn is_none(&self) -> bool {
-        self.labels.is_none()
+        self.labels.is_none() && self.guidance.is_none()
     }
 
     /// Rows `start..start + len` (a condition with no per-row inputs is returned as is).
     pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
         Ok(Cond {
             labels: self.labels.as_ref().map(|l| l.narrow(0, start, len)).transpose()?,
+            guidance: self.guidance.as_ref().map(|g| g.narrow(0, start, len)).transpose()?,
         })
     }
 
@@ -85,13 +133,19 @@ impl Cond {
                 *label = num_classes as u32;
             }
         }
-        Cond::from_classes(&v, num_classes, l.device())
+        Ok(Cond {
+            guidance: self.guidance.clone(),
+            ..Cond::from_classes(&v, num_classes, l.device())?
+        })
     }
 
     /// Errors unless the per-row inputs have `b` rows.
     pub fn check_rows(&self, b: usize) -> Result<()> {
-        match &self.labels {
-            Some(l) if l.dim(0)? != b => Err(Error::arg(format!("{} class labels for a batch of {b}", l.dim(0)?))),
+        match (&self.labels, &self.guidance) {
+            (Some(l), _) if l.dim(0)? != b => Err(Error::arg(format!("{} class labels for a batch of {b}", l.dim(0)?))),
+            (_, Some(g)) if g.dim(0)? != b => {
+                Err(Error::arg(format!("{} guidance scales for a batch of {b}", g.dim(0)?)))
+            }
             _ => Ok(()),
         }
     }

@@ -157,3 +157,217 @@ fn bad_scales_and_missing_labels_are_errors() {
         .to_string();
     assert!(e.contains("class 4 is out of range"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Guidance distilled into a flow map.
+
+use candle_nn::{VarBuilder, VarMap};
+use flowmap::backbone::{check_guidance_range, Arch, MlpConfig};
+use flowmap::data::{DataSource, GaussianMixture, Labels, Matrix};
+use flowmap::flow_map::{AtGuidance, FlowMap, FlowMapNet, SolverMap};
+use flowmap::objective::Method;
+use flowmap::pipeline::{MapJob, Teacher};
+use flowmap::teacher::{GmmVelocity, VelocityNet};
+use flowmap::train::{Silent, TrainConfig};
+
+fn conditional_mlp() -> Arch {
+    Arch::Mlp(MlpConfig {
+        hidden: 32,
+        depth: 2,
+        num_classes: Some(3),
+        ..MlpConfig::new(2)
+    })
+}
+
+#[test]
+fn a_per_row_guided_field_at_one_scale_is_the_guided_field_at_that_scale() {
+    let (x, t) = points(12, 5);
+    let g = teacher();
+    let c = labels(12);
+    for w in [0.0, 1.0, 2.5] {
+        let fixed = Guided::new(&g, w, 3).unwrap().velocity(&x, &t, &c).unwrap();
+        let c_w = c.with_uniform_guidance(w, 12, &Device::Cpu).unwrap();
+        let per_row = Guided::per_row(&g, 3).velocity(&x, &t, &c_w).unwrap();
+        assert!(max_abs(&(fixed - per_row).unwrap()) < 1e-14, "w = {w}");
+    }
+    let e = Guided::per_row(&g, 3).velocity(&x, &t, &c).unwrap_err().to_string();
+    assert!(e.contains("guidance scale on every row"), "{e}");
+}
+
+#[test]
+fn a_guided_map_seeded_from_its_teacher_is_one_teacher_step_at_every_scale() {
+    let arch = conditional_mlp();
+    let (tv, sv) = (VarMap::new(), VarMap::new());
+    let teacher = VelocityNet::new(&arch, VarBuilder::from_varmap(&tv, DType::F64, &Device::Cpu)).unwrap();
+    arch.seed_params(&tv, 3).unwrap();
+    let guided = arch.with_guidance([1.0, 4.0]);
+    let map = FlowMapNet::new(&guided, VarBuilder::from_varmap(&sv, DType::F64, &Device::Cpu)).unwrap();
+    guided.init_from_teacher(&sv, &tv).unwrap();
+    let (x, t) = points(9, 6);
+    let s = (&t * 0.5).unwrap();
+    let c = labels(9);
+    let v = teacher.velocity(&x, &t, &c).unwrap();
+    for w in [1.0, 2.0, 4.0] {
+        let f = AtGuidance::new(&map, w)
+            .unwrap()
+            .average_velocity(&x, &t, &s, &c)
+            .unwrap();
+        assert!(max_abs(&(f - &v).unwrap()) < 1e-12, "w = {w}");
+    }
+    // The map needs its scale; an unguided network refuses one.
+    let e = map.average_velocity(&x, &t, &s, &c).unwrap_err().to_string();
+    assert!(
+        e.contains("pass --guidance w") || e.contains("give a guidance scale"),
+        "{e}"
+    );
+    let c_w = c.with_uniform_guidance(2.0, 9, &Device::Cpu).unwrap();
+    let e = teacher.velocity(&x, &t, &c_w).unwrap_err().to_string();
+    assert!(e.contains("no guidance input"), "{e}");
+}
+
+/// Labelled points of the three-component mixture: component `k` is class `k`.
+fn labelled(n_per: usize, seed: u64) -> DataSource {
+    let m = mixture();
+    let mut rng = Rng::new(seed);
+    let (mut data, mut labels) = (vec![], vec![]);
+    for k in 0..3 {
+        let one = GaussianMixture::new(vec![m.means[k].clone()], vec![m.stds[k]], vec![1.0]).unwrap();
+        data.extend(one.sample(n_per, &mut rng));
+        labels.extend(std::iter::repeat_n(k as u32, n_per));
+    }
+    let n = 3 * n_per;
+    let split = n * 9 / 10;
+    // Interleave so that both splits hold every class.
+    let order: Vec<usize> = (0..n).map(|i| (i % 3) * n_per + i / 3).collect();
+    let pick = |range: std::ops::Range<usize>| -> (Matrix, Vec<u32>) {
+        let rows: Vec<usize> = order[range].to_vec();
+        let d: Vec<f64> = rows.iter().flat_map(|&r| [data[2 * r], data[2 * r + 1]]).collect();
+        (Matrix::new(rows.len(), 2, d), rows.iter().map(|&r| labels[r]).collect())
+    };
+    let ((train, lt), (heldout, lh)) = (pick(0..split), pick(split..n));
+    DataSource::Points {
+        name: "three-widths-labelled".into(),
+        train,
+        heldout,
+        shape: vec![2],
+        labels: Some(Labels {
+            train: lt,
+            heldout: lh,
+            num_classes: 3,
+        }),
+        scale: None,
+    }
+}
+
+#[test]
+fn one_distilled_map_serves_every_scale_of_its_range() {
+    let data = labelled(2000, 7);
+    let teacher = Teacher::Gmm(GmmVelocity::new(mixture()));
+    let arch = Arch::Mlp(MlpConfig {
+        hidden: 128,
+        num_classes: Some(3),
+        ..MlpConfig::new(2)
+    });
+    let job = MapJob {
+        teacher: Some(&teacher),
+        train: TrainConfig {
+            steps: 1500,
+            batch_size: 256,
+            warmup_steps: 50,
+            guidance_range: Some([1.0, 3.0]),
+            ..TrainConfig::default()
+        },
+        arch,
+        ..MapJob::new(Method::Emd, &data)
+    };
+    let trained = job.run(&Silent).unwrap();
+    assert_eq!(trained.meta.arch.guidance(), Some([1.0, 3.0]));
+    // One step from noise at w = 1 and w = 3 against Φ_{1→0} of the guided mixture at each scale.
+    let n = 600;
+    let x1 = sample::noise(n, &[2], 11, &Device::Cpu).unwrap();
+    let l: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
+    let c = Cond::from_classes(&l, 3, &Device::Cpu).unwrap();
+    let (one, zero) = (
+        Tensor::ones((n, 1), DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros((n, 1), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let g = GmmVelocity::new(mixture());
+    let exact = |w: f64| {
+        let phi = SolverMap::new(
+            Guided::new(&g, w, 3).unwrap(),
+            Solver::Dopri5 { rtol: 1e-7, atol: 1e-7 },
+        );
+        phi.map(
+            &x1.to_dtype(DType::F64).unwrap(),
+            &one.to_dtype(DType::F64).unwrap(),
+            &zero.to_dtype(DType::F64).unwrap(),
+            &c,
+        )
+        .unwrap()
+    };
+    let ours = |w: f64| {
+        AtGuidance::new(&trained.net, w)
+            .unwrap()
+            .map(&x1, &one, &zero, &c)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    let mse = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let (phi1, phi3, f1, f3) = (exact(1.0), exact(3.0), ours(1.0), ours(3.0));
+    let gap = mse(&phi1, &phi3);
+    let (e11, e13, e31, e33) = (mse(&f1, &phi1), mse(&f1, &phi3), mse(&f3, &phi1), mse(&f3, &phi3));
+    assert!(
+        e11 < 0.5 * gap && e33 < 0.5 * gap && e13 > 3.0 * e11 && e31 > 3.0 * e33,
+        "Φ₁ vs Φ₃ {gap:.4}; map at w = 1: {e11:.4} to Φ₁, {e13:.4} to Φ₃; at w = 3: {e31:.4} to Φ₁, {e33:.4} to Φ₃"
+    );
+}
+
+#[test]
+fn guidance_ranges_are_checked_and_only_a_conditional_distillation_takes_one() {
+    for (r, want) in [
+        ([2.0, 1.0], "lo > hi"),
+        ([-1.0, 1.0], "≥ 0"),
+        ([0.0, f64::NAN], "finite"),
+    ] {
+        let e = check_guidance_range(r).unwrap_err().to_string();
+        assert!(e.contains(want), "{r:?}: {e}");
+    }
+    let guided = TrainConfig {
+        steps: 2,
+        batch_size: 8,
+        guidance_range: Some([1.0, 2.0]),
+        ..TrainConfig::default()
+    };
+    // A data-only method, an unconditional teacher, and a teacher run each refuse it.
+    let data = labelled(20, 1);
+    let job = MapJob {
+        train: guided.clone(),
+        ..MapJob::new(Method::Meanflow, &data)
+    };
+    let e = job.run(&Silent).err().unwrap().to_string();
+    assert!(e.contains("trains from data"), "{e}");
+    let teacher = Teacher::Gmm(GmmVelocity::new(mixture()));
+    let unlabelled = DataSource::Mixture(mixture());
+    let job = MapJob {
+        teacher: Some(&teacher),
+        train: guided.clone(),
+        ..MapJob::new(Method::Emd, &unlabelled)
+    };
+    let e = job.run(&Silent).err().unwrap().to_string();
+    assert!(e.contains("class-conditional teacher"), "{e}");
+    let e = flowmap::pipeline::train_teacher(&data, &conditional_mlp(), &guided, &Device::Cpu, &Silent)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("distils guidance into a flow map"), "{e}");
+}

@@ -31,6 +31,10 @@ pub struct MlpConfig {
     /// The shape of one state when it is not a flat `D`-vector (e.g. `[1, 28, 28]`); the MLP reads it flattened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_shape: Option<Vec<usize>>,
+    /// A guidance-distilled flow map's range of classifier-free guidance scales `[lo, hi]`: the network then
+    /// reads a per-row scale `w` ([`Cond::guidance`]), embedded like the times, after every other input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<[f64; 2]>,
 }
 
 impl MlpConfig {
@@ -43,6 +47,7 @@ impl MlpConfig {
             max_frequency: 64.0,
             num_classes: None,
             state_shape: None,
+            guidance: None,
         }
     }
 
@@ -71,6 +76,8 @@ pub struct ConditionedMlp {
     time: SinusoidalEmbedding,
     /// `(C + 1) × E`, row `C` the null class.
     classes: Option<Tensor>,
+    /// The guidance scale's embedding and the range it was trained on (guidance-distilled flow maps).
+    guidance: Option<(SinusoidalEmbedding, [f64; 2])>,
     layers: Vec<Dense>,
     with_gap: bool,
 }
@@ -93,6 +100,16 @@ impl ConditionedMlp {
                 )?)
             }
         };
+        if let Some(r) = cfg.guidance {
+            super::check_guidance_range(r)?;
+            if classes.is_none() {
+                return Err(Error::arg("a guidance input needs a class-conditional network"));
+            }
+        }
+        let guidance = super::guidance_embedding(cfg.guidance, cfg.time_features, &vb)?;
+        if let Some((g, _)) = &guidance {
+            in_dim += g.width();
+        }
         let mut layers = Vec::with_capacity(cfg.depth + 1);
         for i in 0..cfg.depth {
             layers.push(Dense::new(
@@ -112,6 +129,7 @@ impl ConditionedMlp {
         Ok(ConditionedMlp {
             time,
             classes,
+            guidance,
             layers,
             with_gap,
         })
@@ -123,8 +141,9 @@ impl ConditionedMlp {
             return Err(Error::arg("network conditioning does not match its inputs"));
         }
         let class = super::class_rows(self.classes.as_ref(), cond, x.dim(0)?)?;
+        let guidance = super::guidance_rows(self.guidance.as_ref(), cond, x)?;
         let h = match class {
-            None if kernels::applies(x.device(), x.dtype()) => {
+            None if guidance.is_none() && kernels::applies(x.device(), x.dtype()) => {
                 let tg = match gap {
                     Some(g) => Tensor::cat(&[t, g], 1)?,
                     None => t.clone(),
@@ -137,6 +156,7 @@ impl ConditionedMlp {
                 if let Some(g) = gap {
                     parts.push(self.time.forward(g)?);
                 }
+                parts.extend(guidance);
                 Tensor::cat(&parts, 1)?
             }
         };
@@ -166,6 +186,10 @@ impl ConditionedMlp {
             }
             (None, None, false) => {}
             _ => return Err(Error::arg("network conditioning does not match its inputs")),
+        }
+        if let Some(g) = super::guidance_rows(self.guidance.as_ref(), cond, x)? {
+            tangents.push(g.zeros_like()?);
+            parts.push(g);
         }
         let mut h = Tensor::cat(&parts, 1)?;
         let mut dh = Tensor::cat(&tangents, 1)?;

@@ -90,6 +90,63 @@ pub(crate) fn class_rows(table: Option<&Tensor>, cond: &Cond, b: usize) -> Resul
     Ok(Some(table.index_select(&labels, 0)?))
 }
 
+/// The largest frequency of the guidance-scale embedding, which reads `w / 4`: frequencies from 1/4 to 4 per
+/// unit of `w`, smooth over the scales guidance uses.
+const GUIDANCE_MAX_FREQUENCY: f64 = 16.0;
+const GUIDANCE_INPUT_SCALE: f64 = 0.25;
+
+/// The embedding of a per-row guidance scale `w` (a guidance-distilled flow map's extra input), built when
+/// the architecture has a guidance range.
+pub(crate) fn guidance_embedding(
+    range: Option<[f64; 2]>,
+    features: usize,
+    vb: &VarBuilder,
+) -> Result<Option<(crate::nn::SinusoidalEmbedding, [f64; 2])>> {
+    range
+        .map(|r| {
+            Ok((
+                crate::nn::SinusoidalEmbedding::new(features, GUIDANCE_MAX_FREQUENCY, vb)?,
+                r,
+            ))
+        })
+        .transpose()
+}
+
+/// The guidance features of a `b`-row batch, `[sin/cos(ω w/4)]`, when the network has a guidance input;
+/// an error when the network and the condition disagree about having one.
+pub(crate) fn guidance_rows(
+    embedding: Option<&(crate::nn::SinusoidalEmbedding, [f64; 2])>,
+    cond: &Cond,
+    x: &Tensor,
+) -> Result<Option<Tensor>> {
+    match (embedding, cond.guidance()) {
+        (None, None) => Ok(None),
+        (Some((e, _)), Some(w)) => {
+            cond.check_rows(x.dim(0)?)?;
+            Ok(Some(e.forward(&(w.to_dtype(x.dtype())? * GUIDANCE_INPUT_SCALE)?)?))
+        }
+        (Some((_, [lo, hi])), None) => Err(crate::Error::arg(format!(
+            "this flow map has classifier-free guidance distilled into it (w in [{lo}, {hi}]): give a guidance scale (--guidance w)"
+        ))),
+        (None, Some(_)) => Err(crate::Error::arg(
+            "this network has no guidance input: it was not distilled with a guidance range (--guidance-range)",
+        )),
+    }
+}
+
+/// Errors unless a guidance range `[lo, hi]` has `0 ≤ lo ≤ hi`, both finite.
+pub fn check_guidance_range([lo, hi]: [f64; 2]) -> Result<()> {
+    if !(lo.is_finite() && hi.is_finite() && lo >= 0.0) {
+        return Err(crate::Error::arg(format!(
+            "guidance range {lo},{hi}: scales must be finite numbers ≥ 0"
+        )));
+    }
+    if lo > hi {
+        return Err(crate::Error::arg(format!("guidance range {lo},{hi}: lo > hi")));
+    }
+    Ok(())
+}
+
 /// A backbone's architecture: which network, and its settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -179,6 +236,25 @@ impl Arch {
             Arch::Mlp(c) => c.num_classes,
             Arch::Unet(c) => c.num_classes,
         }
+    }
+
+    /// The range of guidance scales a guidance-distilled flow map was trained on (its extra input `w`).
+    pub fn guidance(&self) -> Option<[f64; 2]> {
+        match self {
+            Arch::Mlp(c) => c.guidance,
+            Arch::Unet(c) => c.guidance,
+        }
+    }
+
+    /// The same architecture with a guidance input trained on `range` (the input's columns come last in
+    /// the first layer that reads the conditioning, so [`Arch::init_from_teacher`] starts them at zero).
+    pub fn with_guidance(&self, range: [f64; 2]) -> Self {
+        let mut a = self.clone();
+        match &mut a {
+            Arch::Mlp(c) => c.guidance = Some(range),
+            Arch::Unet(c) => c.guidance = Some(range),
+        }
+        a
     }
 
     /// Draws every parameter in `vars` from the run's `seed` (candle's initialisers are unseeded).

@@ -71,6 +71,10 @@ pub struct UnetConfig {
     /// Classes of a class-conditional network: a learned `(C + 1) × E` embedding, row `C` the null class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_classes: Option<usize>,
+    /// A guidance-distilled flow map's range of classifier-free guidance scales `[lo, hi]`: the embedding
+    /// network then also reads a per-row scale `w`, embedded like the times, as its last columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<[f64; 2]>,
 }
 
 mod defaults {
@@ -116,6 +120,7 @@ impl UnetConfig {
             time_features: defaults::time_features(),
             max_frequency: defaults::max_frequency(),
             num_classes: None,
+            guidance: None,
         }
     }
 
@@ -163,6 +168,12 @@ impl UnetConfig {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad(format!("dropout {} is not in [0, 1)", self.dropout));
+        }
+        if let Some(r) = self.guidance {
+            super::check_guidance_range(r)?;
+            if self.num_classes.is_none() {
+                return bad("a guidance input needs a class-conditional network".into());
+            }
         }
         if self.num_classes == Some(0) {
             return bad("a class-conditional network needs at least one class".into());
@@ -371,6 +382,8 @@ pub struct Unet {
     cfg: UnetConfig,
     time: SinusoidalEmbedding,
     classes: Option<Tensor>,
+    /// The guidance scale's embedding and the range it was trained on (guidance-distilled flow maps).
+    guidance: Option<(SinusoidalEmbedding, [f64; 2])>,
     emb0: Dense,
     emb1: Dense,
     input: Conv2d,
@@ -401,6 +414,10 @@ impl Unet {
             }
             None => None,
         };
+        let guidance = super::guidance_embedding(cfg.guidance, cfg.time_features, &vb)?;
+        if let Some((g, _)) = &guidance {
+            emb_in += g.width();
+        }
         let emb0 = Dense::new(emb_in, e, Activation::Silu, vb.pp("emb.0"))?;
         let emb1 = Dense::new(e, e, Activation::Identity, vb.pp("emb.1"))?;
         let [c_img, h, _] = cfg.state_shape[..] else {
@@ -455,6 +472,7 @@ impl Unet {
             cfg: cfg.clone(),
             time,
             classes,
+            guidance,
             emb0,
             emb1,
             input,
@@ -512,6 +530,7 @@ impl Unet {
         if let Some(g) = gap {
             parts.push(self.time.forward(g)?);
         }
+        parts.extend(super::guidance_rows(self.guidance.as_ref(), cond, t)?);
         Ok(Tensor::cat(&parts, 1)?)
     }
 
@@ -581,6 +600,10 @@ impl Backbone for Unet {
             }
             (None, None) => {}
             _ => return Err(Error::arg("a gap and its tangent come together")),
+        }
+        if let Some(g) = super::guidance_rows(self.guidance.as_ref(), cond, x)? {
+            tangents.push(g.zeros_like()?);
+            parts.push(g);
         }
         let emb_in = Dual(Tensor::cat(&parts, 1)?, Tensor::cat(&tangents, 1)?);
         let out = self.body(&Dual(x.detach(), dx.detach()), &emb_in)?;

@@ -61,6 +61,35 @@ impl<M: FlowMap + ?Sized> FlowMap for &M {
     }
 }
 
+/// A guidance-distilled flow map at one guidance scale `w`: every evaluation carries `w` on each row of its
+/// condition, so samplers and metrics use it as any other map (one network evaluation per step).
+pub struct AtGuidance<M> {
+    pub map: M,
+    pub w: f64,
+}
+
+impl<M: FlowMap> AtGuidance<M> {
+    /// Errors unless `w` is a finite number `≥ 0`.
+    pub fn new(map: M, w: f64) -> Result<Self> {
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(crate::Error::arg(format!(
+                "guidance scale w must be a finite number ≥ 0, got {w}"
+            )));
+        }
+        Ok(AtGuidance { map, w })
+    }
+}
+
+impl<M: FlowMap> FlowMap for AtGuidance<M> {
+    fn state_shape(&self) -> Vec<usize> {
+        self.map.state_shape()
+    }
+    fn average_velocity(&self, x: &Tensor, t: &Tensor, s: &Tensor, c: &Cond) -> Result<Tensor> {
+        let c = c.with_uniform_guidance(self.w, x.dim(0)?, x.device())?;
+        self.map.average_velocity(x, t, s, &c)
+    }
+}
+
 /// The diagonal of a flow map, `v(x, t, c) = F(x, t, t, c)`: the velocity a flow map encodes as `s → t`.
 pub struct Diagonal<M>(pub M);
 

@@ -13,7 +13,7 @@ use crate::data::DataSource;
 use crate::flow_map::{FlowMap, FlowMapNet};
 use crate::objective::{DistillConfig, FlowMatching, JvpMode, Method, TargetNet};
 use crate::path::ProbabilityPath;
-use crate::teacher::{VelocityField, VelocityNet};
+use crate::teacher::{Guided, VelocityField, VelocityNet};
 use crate::train::{fit_controlled, Progress, RunControl, TrainConfig, TrainLog, TrainState, Trainable};
 use crate::{Error, Result};
 
@@ -82,6 +82,11 @@ pub fn train_teacher_controlled(
     ctl: RunControl<'_>,
 ) -> Result<TrainedTeacher> {
     check_fits(arch, data)?;
+    if cfg.guidance_range.is_some() {
+        return Err(Error::arg(
+            "a teacher is guided when it is sampled (--guidance w); a guidance range distils guidance into a flow map",
+        ));
+    }
     let (live, ema) = (VarMap::new(), VarMap::new());
     let net = VelocityNet::new(arch, VarBuilder::from_varmap(&live, DType::F32, device))?;
     let ema_net = VelocityNet::new(arch, VarBuilder::from_varmap(&ema, DType::F32, device))?;
@@ -232,9 +237,35 @@ impl<'a> MapJob<'a> {
             return Err(Error::arg("only a network teacher can seed a student"));
         }
         let seed_from = self.teacher.or(self.init);
-        let arch = match seed_from {
+        let mut arch = match seed_from {
             Some(Teacher::Net { meta, .. }) => meta.arch.clone(),
             _ => self.arch.clone(),
+        };
+        // Guidance distilled into the map: a guidance input on the student, and the teacher guided per
+        // row by the scale each training row draws.
+        let guided_teacher = match (self.train.guidance_range, self.teacher) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(Error::arg(format!(
+                    "'{method}' trains from data; a guidance range distils a guided teacher (use distill)"
+                )))
+            }
+            (Some(range), Some(t)) => {
+                let Some(classes) = arch.num_classes() else {
+                    return Err(Error::arg(
+                        "a guidance range needs a class-conditional teacher (trained on labelled data)",
+                    ));
+                };
+                if arch.guidance().is_some() {
+                    return Err(Error::arg("the teacher already has a guidance input"));
+                }
+                arch = arch.with_guidance(range);
+                Some(Guided::per_row(t as &dyn VelocityField, classes))
+            }
+        };
+        let teacher_field: Option<&dyn VelocityField> = match &guided_teacher {
+            Some(g) => Some(g),
+            None => self.teacher.map(|t| t as &dyn VelocityField),
         };
         if let Some(t) = self.teacher {
             if t.state_shape() != self.data.state_shape() {
@@ -273,12 +304,7 @@ impl<'a> MapJob<'a> {
             classes: arch.num_classes(),
             backbone: Some(net.backbone()),
         };
-        let objective = crate::objective::build(
-            method,
-            self.teacher.map(|t| t as &dyn VelocityField),
-            self.objective,
-            Some((&live, &arch)),
-        )?;
+        let objective = crate::objective::build(method, teacher_field, self.objective, Some((&live, &arch)))?;
         let mut training = serde_json::json!({
             "objective": method.name(),
             "teacher": self.teacher.map(|t| t.describe()),

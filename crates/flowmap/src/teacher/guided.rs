@@ -6,6 +6,10 @@
 //! with `∅` the null class the teacher learnt under label dropout. `w = 1` is the conditional field and
 //! `w = 0` the unconditional one (each then costs one evaluation); any other `w` evaluates the conditional
 //! and the unconditional field in one batched pass of twice the rows, and counts as two evaluations.
+//!
+//! [`Guided::per_row`] reads `w` from each row of the condition ([`Cond::guidance`]): the teacher of a
+//! guidance-distilled flow map, whose training pairs each carry their own scale, so that every
+//! teacher-based objective builds its target from `v_w` unchanged.
 
 use candle_core::Tensor;
 
@@ -16,7 +20,8 @@ use crate::{Error, Result};
 /// `v_w` of `inner`, a field conditioned on `num_classes` classes (its null class is `num_classes`).
 pub struct Guided<V> {
     pub inner: V,
-    pub w: f64,
+    /// The scale, or `None` to read it from each row of the condition.
+    pub w: Option<f64>,
     pub num_classes: usize,
 }
 
@@ -28,7 +33,21 @@ impl<V> Guided<V> {
                 "guidance scale w must be a finite number ≥ 0, got {w}"
             )));
         }
-        Ok(Guided { inner, w, num_classes })
+        Ok(Guided {
+            inner,
+            w: Some(w),
+            num_classes,
+        })
+    }
+
+    /// Guidance with the scale of each row read from the condition's [`Cond::guidance`] column (an error
+    /// when it has none).
+    pub fn per_row(inner: V, num_classes: usize) -> Self {
+        Guided {
+            inner,
+            w: None,
+            num_classes,
+        }
     }
 }
 
@@ -43,25 +62,32 @@ impl<V: VelocityField> VelocityField for Guided<V> {
             .ok_or_else(|| Error::arg("classifier-free guidance needs class labels (use --class)"))?;
         let b = x.dim(0)?;
         let null = Cond::null(b, self.num_classes, x.device())?;
-        if self.w == 1.0 {
-            return self.inner.velocity(x, t, c);
-        }
-        if self.w == 0.0 {
-            return self.inner.velocity(x, t, &null);
-        }
+        let per_row = match self.w {
+            Some(w) if w == 1.0 => return self.inner.velocity(x, t, &c.without_guidance()),
+            Some(w) if w == 0.0 => return self.inner.velocity(x, t, &null),
+            Some(_) => None,
+            None => Some(c.guidance().ok_or_else(|| {
+                Error::arg("a per-row guided field needs a guidance scale on every row (Cond::with_guidance)")
+            })?),
+        };
         let both = Cond::labels(Tensor::cat(&[labels, null.class_labels().expect("null labels")], 0)?)?;
         let v = self
             .inner
             .velocity(&Tensor::cat(&[x, x], 0)?, &Tensor::cat(&[t, t], 0)?, &both)?;
         let (vc, vu) = (v.narrow(0, 0, b)?, v.narrow(0, b, b)?);
-        Ok((&vu + ((vc - &vu)? * self.w)?)?)
+        let diff = (vc - &vu)?;
+        let scaled = match (per_row, self.w) {
+            (Some(w), _) => diff.broadcast_mul(&crate::state::per_row(&w.to_dtype(diff.dtype())?, &diff)?)?,
+            (None, Some(w)) => (diff * w)?,
+            (None, None) => unreachable!("per-row scales are read above"),
+        };
+        Ok((&vu + scaled)?)
     }
 
     fn evals_per_call(&self) -> usize {
-        if self.w == 0.0 || self.w == 1.0 {
-            1
-        } else {
-            2
+        match self.w {
+            Some(w) if w == 0.0 || w == 1.0 => 1,
+            _ => 2,
         }
     }
 }

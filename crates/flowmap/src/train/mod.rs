@@ -43,6 +43,11 @@ pub struct TrainConfig {
     /// of its label, so that one network is both conditional and unconditional (classifier-free guidance
     /// needs both). Unconditional models ignore it.
     pub label_dropout: f64,
+    /// Distil classifier-free guidance into a flow map: every training row draws a scale `w` uniformly
+    /// from `[lo, hi]` (its condition's [`Cond::guidance`]), which the map takes as an input and the
+    /// per-row guided teacher applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_range: Option<[f64; 2]>,
 }
 
 impl Default for TrainConfig {
@@ -58,6 +63,7 @@ impl Default for TrainConfig {
             seed: 0,
             max_seconds: None,
             label_dropout: 0.1,
+            guidance_range: None,
         }
     }
 }
@@ -72,6 +78,9 @@ impl TrainConfig {
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(Error::arg(format!("learning rate must be positive, got {}", self.lr)));
+        }
+        if let Some(r) = self.guidance_range {
+            crate::backbone::check_guidance_range(r)?;
         }
         if !(0.0..1.0).contains(&self.label_dropout) {
             return Err(Error::arg(format!(
@@ -454,6 +463,14 @@ pub fn fit_controlled<O: Objective>(
             Some(c) if cfg.label_dropout > 0.0 => batch.cond.drop_labels(cfg.label_dropout, c, rng)?,
             Some(_) => batch.cond,
             None => Cond::none(),
+        };
+        let cond = match cfg.guidance_range {
+            Some([lo, hi]) => {
+                let n = batch.x0.dim(0)?;
+                let w: Vec<f32> = (0..n).map(|_| (lo + (hi - lo) * rng.uniform()) as f32).collect();
+                cond.with_guidance(&Tensor::from_vec(w, (n, 1), device)?)?
+            }
+            None => cond,
         };
         let x1 = rng.normal_tensor(batch.x0.shape(), DType::F32, device)?;
         let mut cx = StepContext {
