@@ -16,7 +16,8 @@ Workloads (names as in flowmap's report):
 - `unet-latency-1nfe`: the same for one image, seconds;
 - `unet-jvp`: `torch.func.jvp` of F along (v, 1, 0) at batch 128 over a forward pass, both without grad.
 
-Every training row also reports its memory: the resident set's peak growth over the row (Linux).
+Every training row also reports its memory: the resident set's peak growth over one step, in a fresh
+process whose glibc returns freed blocks to the OS (`memory_of`; Linux).
 
 Usage: python3 bench/peer/torch_unet_peer.py --threads 2 --channels 16,32 --batches 32,128,256
 Prints one JSON document on stdout. Dependencies: `pip install torch safetensors`.
@@ -26,6 +27,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -116,7 +118,7 @@ def col(t):
     return t[:, :, None, None]
 
 
-def bench_teacher(args, ch, b, data):
+def step_teacher(args, ch, b, data):
     _, model, ema = nets(ch, args.seed, False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
 
@@ -130,7 +132,7 @@ def bench_teacher(args, ch, b, data):
         opt.step()
         ema_update(ema, model, 0.999)
 
-    return timed(step, args.seconds)
+    return step
 
 
 def times(b, gen):
@@ -139,7 +141,7 @@ def times(b, gen):
     return torch.maximum(a, c), torch.minimum(a, c)
 
 
-def bench_emd(args, ch, b, data):
+def step_emd(args, ch, b, data):
     _, teacher, _ = nets(ch, args.seed, False)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -168,10 +170,10 @@ def bench_emd(args, ch, b, data):
         opt.step()
         ema_update(ema, model, 0.999)
 
-    return timed(step, args.seconds)
+    return step
 
 
-def bench_meanflow(args, ch, b, data):
+def step_meanflow(args, ch, b, data):
     _, model, ema = nets(ch, args.seed, True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
 
@@ -189,7 +191,7 @@ def bench_meanflow(args, ch, b, data):
         opt.step()
         ema_update(ema, model, 0.999)
 
-    return timed(step, args.seconds)
+    return step
 
 
 def one_step_sampler(ch, b, seed):
@@ -228,8 +230,37 @@ def bench_jvp(args, ch, b):
     return timed(forward, args.seconds), timed(jvp, args.seconds)
 
 
+STEPS = {"unet-teacher": step_teacher, "unet-emd": step_emd, "unet-meanflow": step_meanflow}
+
+
+def memory_of(args, name, ch, b):
+    """The resident-set growth of one training step of the row, in a fresh process whose glibc returns
+    every block of 64 KiB or more to the OS when it is freed (so the resident set follows the live heap):
+    in this process, memory freed by earlier rows would be reused and not counted."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--threads", str(args.threads),
+                          "--seed", str(args.seed), "--memory-row", f"{name},{ch},{b}"],
+                         env=env, capture_output=True, text=True)
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def memory_row(args, spec):
+    """`--memory-row NAME,CH,B`: one warm-up step, then the peak growth over two more, MB."""
+    name, ch, b = spec.split(",")
+    step = STEPS[name](args, int(ch), int(b), Batches(args.seed))
+    step()
+    reset_peak()
+    step()
+    step()
+    print(peak_mb())
+
+
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--memory-row", default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--channels", default="16,32")
     p.add_argument("--batches", default="32,128,256")
@@ -237,6 +268,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_row:
+        return memory_row(args, args.memory_row)
     channels = [int(c) for c in args.channels.split(",") if c]
     batches = [int(b) for b in args.batches.split(",") if b]
     data = Batches(args.seed)
@@ -248,11 +281,9 @@ def main():
 
     for ch in channels:
         for b in batches:
-            for name, fn in [("unet-teacher", bench_teacher), ("unet-emd", bench_emd),
-                             ("unet-meanflow", bench_meanflow)]:
-                reset_peak()
-                r = fn(args, ch, b, data)
-                row(name, ch, b, per_second=r, mb=peak_mb())
+            for name in STEPS:
+                r = timed(STEPS[name](args, ch, b, data), args.seconds)
+                row(name, ch, b, per_second=r, mb=memory_of(args, name, ch, b))
             reset_peak()
             r = timed(one_step_sampler(ch, b, args.seed), args.seconds)
             row("unet-sample-1nfe", ch, b, per_second=r * b, mb=peak_mb())
