@@ -29,12 +29,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flowmap_unet import Unet, config  # noqa: E402
+from torch_peer import ema_update  # noqa: E402
+from torch_peer import timed as timed_with_count  # noqa: E402
 
 CLASSES = 10
 LABEL_DROPOUT = 0.1
@@ -70,22 +71,9 @@ def peak_mb():
     return None if peak is None or START[0] is None else peak - START[0]
 
 
-def timed(fn, min_seconds, min_iters=3, warmup=2):
-    for _ in range(warmup):
-        fn()
-    iters, start = 0, time.perf_counter()
-    while True:
-        fn()
-        iters += 1
-        elapsed = time.perf_counter() - start
-        if iters >= min_iters and elapsed >= min_seconds:
-            return iters / elapsed
-
-
-def ema_update(ema, live, decay):
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), live.parameters()):
-            e.lerp_(p, 1.0 - decay)
+def timed(fn, min_seconds):
+    """Calls per second of `fn` (two warm-up calls, then at least three and `min_seconds`)."""
+    return timed_with_count(fn, min_seconds, warmup=2)[0]
 
 
 def nets(channels, seed, flow_map):

@@ -2,6 +2,8 @@
 //! (`bench/peer/make_interop_fixture.py`; CI has no torch): a plain `state_dict` teacher with its `[arch]`
 //! table, a flow map with flowmap's metadata, their inputs and the twin's outputs.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -37,18 +39,9 @@ fn fixture_arch() -> Arch {
     file.arch_over(Arch::Unet(UnetConfig::new(&[1, 8, 8]))).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    common::max_abs(&(a - b).unwrap())
 }
 
 #[test]

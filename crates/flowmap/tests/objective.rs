@@ -39,8 +39,13 @@ fn map(g: &GaussianMixture, delta: f64) -> FiniteDifference<Map> {
 }
 
 fn tilted_map(g: &GaussianMixture, delta: Tensor) -> FiniteDifference<Map> {
+    exact_map(GmmVelocity::new(g.clone()), delta)
+}
+
+/// Φ of `field` (dopri5 at 1e-10) plus `δ·sin(2x)`, with finite-difference tangents.
+fn exact_map<V: VelocityField>(field: V, delta: Tensor) -> FiniteDifference<Map<V>> {
     let exact = SolverMap::new(
-        GmmVelocity::new(g.clone()),
+        field,
         Solver::Dopri5 {
             rtol: 1e-10,
             atol: 1e-10,
@@ -334,18 +339,8 @@ fn batch_velocity_is_the_posterior_mean_velocity_of_the_batch() {
 
 /// The exact flow map of the guided mixture (classes = components), each row at its own scale `w`.
 fn guided_map(g: &GaussianMixture, delta: f64) -> FiniteDifference<Map<Guided<GmmVelocity>>> {
-    let exact = SolverMap::new(
-        Guided::per_row(GmmVelocity::new(g.clone()), 3),
-        Solver::Dopri5 {
-            rtol: 1e-10,
-            atol: 1e-10,
-        },
-    );
     let delta = Tensor::full(delta, (1, 1), &candle_core::Device::Cpu).unwrap();
-    FiniteDifference {
-        map: Map { exact, delta },
-        h: 1e-4,
-    }
+    exact_map(Guided::per_row(GmmVelocity::new(g.clone()), 3), delta)
 }
 
 #[test]

@@ -12,8 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use flowmap::backbone::mlp::{init_from_teacher, seed_params};
-use flowmap::backbone::MlpConfig;
+use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::data::{DataSource, Toy};
 use flowmap::flow_map::{FlowMap, FlowMapNet};
 use flowmap::objective::{DistillConfig, Emd, FlowMatching};
@@ -191,48 +190,53 @@ fn arch(width: usize) -> MlpConfig {
 }
 
 /// Training steps per second of `fit` on `objective`: a short warm-up run, then a timed run sized to fill
-/// about `seconds` (each run builds its optimiser afresh, as a user's run does).
-fn steps_per_second<O: flowmap::objective::Objective>(
+/// about `seconds` (each run builds its optimiser afresh, as a user's run does); and the heap the timed run
+/// held at its peak above its start, in MB (the process's allocator counts it).
+pub(super) fn steps_per_second<O: flowmap::objective::Objective>(
     objective: &O,
     trainable: &Trainable<'_, O::Model>,
     data: &DataSource,
     batch: usize,
     seconds: f64,
     device: &Device,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let cfg = |steps| TrainConfig {
         steps,
         batch_size: batch,
         warmup_steps: 1,
         ..TrainConfig::default()
     };
-    let warm = fit(objective, trainable, data, &cfg(3), device, &Silent)?;
-    let estimate = 3.0 / warm.seconds.max(1e-9);
+    let warm = fit(objective, trainable, data, &cfg(2), device, &Silent)?;
+    let estimate = 2.0 / warm.seconds.max(1e-9);
     let steps = ((estimate * seconds).ceil() as usize).max(3);
-    let log = fit(objective, trainable, data, &cfg(steps), device, &Silent)?;
-    Ok(log.steps as f64 / log.seconds)
+    let (log, peak) = crate::alloc::watch(usize::MAX, || {
+        fit(objective, trainable, data, &cfg(steps), device, &Silent)
+    });
+    let log = log?;
+    Ok((log.steps as f64 / log.seconds, peak as f64 / (1 << 20) as f64))
 }
 
-struct Nets {
-    teacher_vars: VarMap,
-    teacher_ema: VarMap,
-    teacher: VelocityNet,
-    teacher_ema_net: VelocityNet,
-    map_vars: VarMap,
-    map_ema: VarMap,
-    map: FlowMapNet,
-    map_ema_net: FlowMapNet,
+/// A teacher and a flow map seeded from it, each with its EMA copy.
+pub(super) struct Nets {
+    pub teacher_vars: VarMap,
+    pub teacher_ema: VarMap,
+    pub teacher: VelocityNet,
+    pub teacher_ema_net: VelocityNet,
+    pub map_vars: VarMap,
+    pub map_ema: VarMap,
+    pub map: FlowMapNet,
+    pub map_ema_net: FlowMapNet,
 }
 
-fn nets(arch: &MlpConfig, seed: u64, device: &Device) -> Result<Nets> {
+pub(super) fn nets(arch: &Arch, seed: u64, device: &Device) -> Result<Nets> {
     let vb = |vm: &VarMap| VarBuilder::from_varmap(vm, DType::F32, device);
     let (teacher_vars, teacher_ema, map_vars, map_ema) = (VarMap::new(), VarMap::new(), VarMap::new(), VarMap::new());
     let teacher = VelocityNet::new(arch, vb(&teacher_vars))?;
     let teacher_ema_net = VelocityNet::new(arch, vb(&teacher_ema))?;
     let map = FlowMapNet::new(arch, vb(&map_vars))?;
     let map_ema_net = FlowMapNet::new(arch, vb(&map_ema))?;
-    seed_params(&teacher_vars, seed)?;
-    init_from_teacher(&map_vars, &teacher_vars)?;
+    arch.seed_params(&teacher_vars, seed)?;
+    arch.init_from_teacher(&map_vars, &teacher_vars)?;
     Ok(Nets {
         teacher_vars,
         teacher_ema,
@@ -395,7 +399,7 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
     for &width in &opts.widths {
         let a = arch(width);
         for &batch in &opts.batches {
-            let n = nets(&a, opts.seed, device)?;
+            let n = nets(&Arch::Mlp(a.clone()), opts.seed, device)?;
             bar.set_message(format!("teacher, width {width}, batch {batch}"));
             reset_peak_rss();
             let trainable = Trainable::<dyn VelocityField> {
@@ -407,7 +411,7 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
                 classes: None,
                 backbone: None,
             };
-            let r = steps_per_second(&FlowMatching::new(), &trainable, &data, batch, opts.seconds, device)?;
+            let (r, _) = steps_per_second(&FlowMatching::new(), &trainable, &data, batch, opts.seconds, device)?;
             push(
                 "teacher",
                 width,
@@ -430,7 +434,7 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
                 classes: None,
                 backbone: None,
             };
-            let r = steps_per_second(&emd, &trainable, &data, batch, opts.seconds, device)?;
+            let (r, _) = steps_per_second(&emd, &trainable, &data, batch, opts.seconds, device)?;
             let n_diag = ((batch as f64) * dcfg.times.diagonal_fraction).round() as usize;
             let flops = forward_flops(batch, &a, false) // the teacher on every row
                 + forward_flops(batch - n_diag, &a, true) // the stop-gradient target
@@ -451,7 +455,7 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
             })?;
             push("sample-euler32", width, batch, "samples/s", r * batch as f64, None);
         }
-        let n = nets(&a, opts.seed, device)?;
+        let n = nets(&Arch::Mlp(a.clone()), opts.seed, device)?;
         let noise = flowmap::sample::noise(1, &[2], opts.seed, device)?;
         let one = TimeGrid::uniform(1)?;
         reset_peak_rss();
@@ -738,7 +742,6 @@ fn unet_markdown(r: &SpeedReport) -> String {
     for w in super::speed_unet::WORKLOADS {
         for row in r.rows.iter().filter(|x| x.workload == w) {
             let fmt = |v: f64| match row.unit.as_str() {
-                "ms" => format!("{v:.2} ms"),
                 "× forward" => format!("{v:.2}× forward"),
                 u => format!("{v:.2} {u}"),
             };

@@ -11,20 +11,19 @@
 //! Memory: the heap held at the peak of a training row above what was held when it started (the process's
 //! allocator counts it); the peer reports its resident-set growth over the row.
 
-use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::Device;
 
 use flowmap::backbone::{Arch, UnetConfig};
 use flowmap::data::DataSource;
-use flowmap::flow_map::{FlowMap, FlowMapNet, Point, Tangent};
+use flowmap::flow_map::{FlowMap, Point, Tangent};
 use flowmap::objective::{DistillConfig, Emd, FlowMatching, MeanFlow, MeanFlowVelocity, Method};
 use flowmap::path::LinearPath;
 use flowmap::sample::{sample_map, TimeGrid};
-use flowmap::teacher::{VelocityField, VelocityNet};
-use flowmap::train::{fit, Silent, TrainConfig, Trainable};
+use flowmap::teacher::VelocityField;
+use flowmap::train::Trainable;
 use flowmap::{Cond, Result};
 
-use super::speed::{rate, SpeedRow};
+use super::speed::{nets, rate, steps_per_second, SpeedRow};
 
 /// Classes of the benchmark's networks (the digits).
 const CLASSES: usize = 10;
@@ -48,64 +47,6 @@ pub fn arch(channels: usize) -> Arch {
         num_classes: Some(CLASSES),
         ..UnetConfig::new(&[1, 28, 28])
     })
-}
-
-struct Pair {
-    teacher_vars: VarMap,
-    teacher_ema: VarMap,
-    teacher: VelocityNet,
-    teacher_ema_net: VelocityNet,
-    map_vars: VarMap,
-    map_ema: VarMap,
-    map: FlowMapNet,
-    map_ema_net: FlowMapNet,
-}
-
-fn pair(arch: &Arch, seed: u64, device: &Device) -> Result<Pair> {
-    let vb = |vm: &VarMap| VarBuilder::from_varmap(vm, DType::F32, device);
-    let (teacher_vars, teacher_ema, map_vars, map_ema) = (VarMap::new(), VarMap::new(), VarMap::new(), VarMap::new());
-    let teacher = VelocityNet::new(arch.clone(), vb(&teacher_vars))?;
-    let teacher_ema_net = VelocityNet::new(arch.clone(), vb(&teacher_ema))?;
-    let map = FlowMapNet::new(arch.clone(), vb(&map_vars))?;
-    let map_ema_net = FlowMapNet::new(arch.clone(), vb(&map_ema))?;
-    arch.seed_params(&teacher_vars, seed)?;
-    arch.init_from_teacher(&map_vars, &teacher_vars)?;
-    Ok(Pair {
-        teacher_vars,
-        teacher_ema,
-        teacher,
-        teacher_ema_net,
-        map_vars,
-        map_ema,
-        map,
-        map_ema_net,
-    })
-}
-
-/// Steps per second of `objective` (a warm-up run, then a run sized to about `seconds`), and the heap the
-/// timed run held at its peak above its start, in MB.
-fn steps_per_second<O: flowmap::objective::Objective>(
-    objective: &O,
-    trainable: &Trainable<'_, O::Model>,
-    data: &DataSource,
-    batch: usize,
-    seconds: f64,
-    device: &Device,
-) -> Result<(f64, f64)> {
-    let cfg = |steps| TrainConfig {
-        steps,
-        batch_size: batch,
-        warmup_steps: 1,
-        ..TrainConfig::default()
-    };
-    let warm = fit(objective, trainable, data, &cfg(2), device, &Silent)?;
-    let estimate = 2.0 / warm.seconds.max(1e-9);
-    let steps = ((estimate * seconds).ceil() as usize).max(3);
-    let (log, peak) = crate::alloc::watch(usize::MAX, || {
-        fit(objective, trainable, data, &cfg(steps), device, &Silent)
-    });
-    let log = log?;
-    Ok((log.steps as f64 / log.seconds, peak as f64 / (1 << 20) as f64))
 }
 
 /// One round of the U-Net rows at each channel count and batch.
@@ -138,7 +79,7 @@ pub fn measure(
     for &ch in channels {
         let a = arch(ch);
         for &batch in batches {
-            let n = pair(&a, seed, device)?;
+            let n = nets(&a, seed, device)?;
             bar.set_message(format!("U-Net teacher, {ch} channels, batch {batch}"));
             let trainable = Trainable::<dyn VelocityField> {
                 params: &n.teacher_vars,
@@ -178,7 +119,7 @@ pub fn measure(
             let r = rate(seconds, || sample_map(&n.map, &noise, &one, &cond).map(|_| ()))?;
             push("unet-sample-1nfe", ch, batch, "images/s", r * batch as f64, None);
         }
-        let n = pair(&a, seed, device)?;
+        let n = nets(&a, seed, device)?;
         let one = TimeGrid::uniform(1)?;
         let (noise, cond) = inputs(1, seed, device)?;
         let r = rate(seconds, || sample_map(&n.map, &noise, &one, &cond).map(|_| ()))?;
