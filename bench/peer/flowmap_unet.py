@@ -268,7 +268,7 @@ def save_flowmap(model, path, data="mnist", version="torch-twin", scale=None, tr
     architecture, path, data), so flowmap reads it with no other file."""
     from safetensors.torch import save_file
 
-    arch = dict(kind="unet", **{k: v for k, v in model.cfg.items()})
+    arch = dict(kind="unet", **model.cfg)
     for optional in ("num_classes", "guidance"):
         if arch.get(optional) is None:
             arch.pop(optional, None)

@@ -958,7 +958,7 @@ fn guidance_on_the_command_line() {
 
     // Guidance distilled into a map: one map, sampled at any w of its range, one NFE a step.
     let map = dir.path().join("guided.safetensors");
-    let distill = |range: &str, out: &Path| {
+    let distill = |teacher: &Path, range: &str, out: &Path| {
         let mut c = bin();
         c.args([
             "distill",
@@ -970,12 +970,12 @@ fn guidance_on_the_command_line() {
             "8",
             "--teacher",
         ])
-        .arg(&teacher)
+        .arg(teacher)
         .args(["--guidance-range", range, "--out"])
         .arg(out);
         c
     };
-    ok(&mut distill("1,3", &map));
+    ok(&mut distill(&teacher, "1,3", &map));
     let sample_map = |extra: &[&str], out: &str| {
         let mut c = bin();
         c.args(["sample", "--n", "10", "--class", "all", "--model"])
@@ -1004,25 +1004,9 @@ fn guidance_on_the_command_line() {
     );
     let bad_map = dir.path().join("bad.safetensors");
     for (range, needle) in [("3,1", "lo > hi"), ("-1,2", "≥ 0"), ("1,x", "not a number")] {
-        fails(&mut distill(range, &bad_map), needle, &bad_map);
+        fails(&mut distill(&teacher, range, &bad_map), needle, &bad_map);
     }
-    let mut unconditional = bin();
-    unconditional
-        .args([
-            "distill",
-            "--method",
-            "emd",
-            "--steps",
-            "2",
-            "--batch",
-            "8",
-            "--guidance-range",
-            "1,2",
-            "--teacher",
-        ])
-        .arg(f.root.join("t.safetensors"))
-        .arg("--out")
-        .arg(&bad_map);
+    let mut unconditional = distill(&f.root.join("t.safetensors"), "1,2", &bad_map);
     fails(&mut unconditional, "class-conditional teacher", &bad_map);
 }
 

@@ -228,11 +228,22 @@ pub struct Foreign {
 
 impl Checkpoint {
     /// Whether `path` is a safetensors file with flowmap's metadata entry (`false` for a plain state dict).
+    /// Reads the header alone: an 8-byte length, then that much JSON.
     pub fn has_metadata(path: &Path) -> Result<bool> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::checkpoint(path, format!("not a safetensors file ({e})")))?;
-        Ok(header.metadata().as_ref().is_some_and(|m| m.contains_key(KEY)))
+        use std::io::Read;
+        let bad = |why: String| Error::checkpoint(path, format!("not a safetensors file ({why})"));
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
+        let len = u64::from_le_bytes(len);
+        // safetensors' own bound on a header.
+        if len > 100_000_000 {
+            return Err(bad(format!("a header of {len} bytes")));
+        }
+        let mut header = vec![0u8; len as usize];
+        file.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+        let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+        Ok(header.get("__metadata__").and_then(|m| m.get(KEY)).is_some())
     }
 
     /// A checkpoint from a safetensors file of f32 tensors named as flowmap names them, with the metadata

@@ -15,6 +15,16 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
+/// Errors unless a classifier-free guidance scale `w` is a finite number `≥ 0`.
+pub fn check_guidance_scale(w: f64) -> Result<()> {
+    if !(w.is_finite() && w >= 0.0) {
+        return Err(Error::arg(format!(
+            "guidance scale w must be a finite number ≥ 0, got {w}"
+        )));
+    }
+    Ok(())
+}
+
 /// The conditioning inputs of one batch.
 #[derive(Clone, Debug, Default)]
 pub struct Cond {
@@ -71,11 +81,8 @@ impl Cond {
     pub fn with_guidance(&self, w: &Tensor) -> Result<Self> {
         let b = w.dim(0)?;
         let w = w.reshape((b, 1))?.to_dtype(DType::F32)?;
-        let values = w.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(bad) = values.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
-            return Err(Error::arg(format!(
-                "guidance scale w must be a finite number ≥ 0, got {bad}"
-            )));
+        for v in w.flatten_all()?.to_vec1::<f32>()? {
+            check_guidance_scale(v as f64)?;
         }
         let out = Cond {
             labels: self.labels.clone(),
@@ -87,7 +94,13 @@ impl Cond {
 
     /// The same guidance scale `w` on each of `b` rows.
     pub fn with_uniform_guidance(&self, w: f64, b: usize, device: &Device) -> Result<Self> {
-        self.with_guidance(&Tensor::full(w as f32, (b, 1), device)?)
+        check_guidance_scale(w)?;
+        let out = Cond {
+            labels: self.labels.clone(),
+            guidance: Some(Tensor::full(w as f32, (b, 1), device)?),
+        };
+        out.check_rows(b)?;
+        Ok(out)
     }
 
     /// The per-row guidance scales (`B × 1`), if any.

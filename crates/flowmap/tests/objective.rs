@@ -123,15 +123,20 @@ fn loss(method: Method, g: &GaussianMixture, delta: f64, c: DistillConfig) -> f6
 /// The loss at Φ is tiny and the perturbed map's is far larger.
 fn check(method: Method, g: &GaussianMixture, c: DistillConfig, tiny: f64) -> (f64, f64) {
     let (exact, perturbed) = (loss(method, g, 0.0, c), loss(method, g, 0.2, c));
+    assert_vanishes(method, "the exact map", exact, perturbed, tiny);
+    (exact, perturbed)
+}
+
+/// `exact` (the loss at `map`) is below `tiny` and the perturbed map's loss is over 100 times larger.
+fn assert_vanishes(method: Method, map: &str, exact: f64, perturbed: f64, tiny: f64) {
     assert!(
         exact < tiny,
-        "{method}: loss at the exact map {exact:e} (expected below {tiny:e})"
+        "{method}: loss at {map} {exact:e} (expected below {tiny:e})"
     );
     assert!(
         perturbed > 100.0 * exact.max(1e-12),
         "{method}: perturbed {perturbed:e} vs exact {exact:e}"
     );
-    (exact, perturbed)
 }
 
 #[test]
@@ -398,14 +403,12 @@ fn every_teacher_based_objective_vanishes_at_the_exact_guided_map() {
         (Method::LmdCont, cfg(0.1, 0.25), 1e-7),
         (Method::Direct, cfg(0.1, 0.25), 1e-5), // the dopri5 tolerance of its target
     ] {
-        let (exact, perturbed) = (loss(method, c, 0.0), loss(method, c, 0.2));
-        assert!(
-            exact < tiny,
-            "{method}: loss at the exact guided map {exact:e} (expected below {tiny:e})"
-        );
-        assert!(
-            perturbed > 100.0 * exact.max(1e-12),
-            "{method}: perturbed {perturbed:e} vs exact {exact:e}"
+        assert_vanishes(
+            method,
+            "the exact guided map",
+            loss(method, c, 0.0),
+            loss(method, c, 0.2),
+            tiny,
         );
     }
     // Progressive matching, with the exact guided map as its frozen map.

@@ -228,6 +228,34 @@ pub(super) struct Nets {
     pub map_ema_net: FlowMapNet,
 }
 
+impl Nets {
+    /// The teacher as the training loop takes it (its EMA copy kept, the live model its own target).
+    pub(super) fn teacher_trainable(&self, classes: Option<usize>) -> Trainable<'_, dyn VelocityField> {
+        Trainable {
+            params: &self.teacher_vars,
+            model: &self.teacher,
+            ema: Some((&self.teacher_ema, &self.teacher_ema_net)),
+            ema_target: false,
+            path: &LinearPath,
+            classes,
+            backbone: Some(self.teacher.backbone()),
+        }
+    }
+
+    /// The flow map as the training loop takes it.
+    pub(super) fn map_trainable(&self, classes: Option<usize>) -> Trainable<'_, dyn FlowMap> {
+        Trainable {
+            params: &self.map_vars,
+            model: &self.map,
+            ema: Some((&self.map_ema, &self.map_ema_net)),
+            ema_target: false,
+            path: &LinearPath,
+            classes,
+            backbone: Some(self.map.backbone()),
+        }
+    }
+}
+
 pub(super) fn nets(arch: &Arch, seed: u64, device: &Device) -> Result<Nets> {
     let vb = |vm: &VarMap| VarBuilder::from_varmap(vm, DType::F32, device);
     let (teacher_vars, teacher_ema, map_vars, map_ema) = (VarMap::new(), VarMap::new(), VarMap::new(), VarMap::new());
@@ -402,16 +430,14 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
             let n = nets(&Arch::Mlp(a.clone()), opts.seed, device)?;
             bar.set_message(format!("teacher, width {width}, batch {batch}"));
             reset_peak_rss();
-            let trainable = Trainable::<dyn VelocityField> {
-                params: &n.teacher_vars,
-                model: &n.teacher,
-                ema: Some((&n.teacher_ema, &n.teacher_ema_net)),
-                ema_target: false,
-                path: &LinearPath,
-                classes: None,
-                backbone: None,
-            };
-            let (r, _) = steps_per_second(&FlowMatching::new(), &trainable, &data, batch, opts.seconds, device)?;
+            let (r, _) = steps_per_second(
+                &FlowMatching::new(),
+                &n.teacher_trainable(None),
+                &data,
+                batch,
+                opts.seconds,
+                device,
+            )?;
             push(
                 "teacher",
                 width,
@@ -425,16 +451,7 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
             reset_peak_rss();
             let dcfg = DistillConfig::default();
             let emd = Emd::new(&n.teacher, dcfg);
-            let trainable = Trainable::<dyn FlowMap> {
-                params: &n.map_vars,
-                model: &n.map,
-                ema: Some((&n.map_ema, &n.map_ema_net)),
-                ema_target: false,
-                path: &LinearPath,
-                classes: None,
-                backbone: None,
-            };
-            let (r, _) = steps_per_second(&emd, &trainable, &data, batch, opts.seconds, device)?;
+            let (r, _) = steps_per_second(&emd, &n.map_trainable(None), &data, batch, opts.seconds, device)?;
             let n_diag = ((batch as f64) * dcfg.times.diagonal_fraction).round() as usize;
             let flops = forward_flops(batch, &a, false) // the teacher on every row
                 + forward_flops(batch - n_diag, &a, true) // the stop-gradient target
@@ -645,8 +662,12 @@ fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
     Ok(dir)
 }
 
+/// A table cell: `f(v)`, or a dash for no value.
+fn cell(v: Option<f64>, f: &dyn Fn(f64) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "–".into())
+}
+
 fn speed_markdown(r: &SpeedReport) -> String {
-    let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_else(|| "–".into());
     let mut md = format!(
         "# Speed\n\nProduced by `flowmap bench speed`. CPU: {} ({} threads). Peer: {}.\n\n",
         r.cpu, r.threads, r.peer_status
@@ -697,11 +718,11 @@ fn speed_markdown(r: &SpeedReport) -> String {
                 row.width,
                 row.batch,
                 fmt(row.value),
-                opt(row.peer, &fmt),
-                opt(row.ratio, &|x| format!("{x:.2}")),
-                opt(row.gflops, &|x| format!("{x:.0}")),
-                opt(row.peak_fraction, &|x| format!("{:.0}%", 100.0 * x)),
-                opt(row.peak_rss_mb, &|x| format!("{x:.0}")),
+                cell(row.peer, &fmt),
+                cell(row.ratio, &|x| format!("{x:.2}")),
+                cell(row.gflops, &|x| format!("{x:.0}")),
+                cell(row.peak_fraction, &|x| format!("{:.0}%", 100.0 * x)),
+                cell(row.peak_rss_mb, &|x| format!("{x:.0}")),
             );
         }
     }
@@ -727,7 +748,6 @@ fn speed_markdown(r: &SpeedReport) -> String {
 
 /// The U-Net table: rates and their ratios, and each side's memory for the training rows.
 fn unet_markdown(r: &SpeedReport) -> String {
-    let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_else(|| "–".into());
     let mut md = String::from(
         "\n## U-Net\n\nClass-conditional U-Nets (`flowmap::backbone::UnetConfig` defaults: channel multipliers 1, 2, \
          2, one block per level, attention at 7 × 7) on 1 × 28 × 28 digits, beside the PyTorch twin \
@@ -751,12 +771,12 @@ fn unet_markdown(r: &SpeedReport) -> String {
                 row.width,
                 row.batch,
                 fmt(row.value),
-                opt(row.peer, &fmt),
-                opt(row.ratio, &|x| format!("{x:.2}")),
-                opt(row.peak_rss_mb.filter(|_| row.unit == "steps/s"), &|x| format!(
+                cell(row.peer, &fmt),
+                cell(row.ratio, &|x| format!("{x:.2}")),
+                cell(row.peak_rss_mb.filter(|_| row.unit == "steps/s"), &|x| format!(
                     "{x:.0}"
                 )),
-                opt(row.peer_peak_mb.filter(|_| row.unit == "steps/s"), &|x| format!(
+                cell(row.peer_peak_mb.filter(|_| row.unit == "steps/s"), &|x| format!(
                     "{x:.0}"
                 )),
             );

@@ -17,10 +17,7 @@ use flowmap::backbone::{Arch, UnetConfig};
 use flowmap::data::DataSource;
 use flowmap::flow_map::{FlowMap, Point, Tangent};
 use flowmap::objective::{DistillConfig, Emd, FlowMatching, MeanFlow, MeanFlowVelocity, Method};
-use flowmap::path::LinearPath;
 use flowmap::sample::{sample_map, TimeGrid};
-use flowmap::teacher::VelocityField;
-use flowmap::train::Trainable;
 use flowmap::{Cond, Result};
 
 use super::speed::{nets, rate, steps_per_second, SpeedRow};
@@ -81,36 +78,32 @@ pub fn measure(
         for &batch in batches {
             let n = nets(&a, seed, device)?;
             bar.set_message(format!("U-Net teacher, {ch} channels, batch {batch}"));
-            let trainable = Trainable::<dyn VelocityField> {
-                params: &n.teacher_vars,
-                model: &n.teacher,
-                ema: Some((&n.teacher_ema, &n.teacher_ema_net)),
-                ema_target: false,
-                path: &LinearPath,
-                classes: Some(CLASSES),
-                backbone: Some(n.teacher.backbone()),
-            };
-            let (r, mb) = steps_per_second(&FlowMatching::new(), &trainable, &data, batch, seconds, device)?;
+            let (r, mb) = steps_per_second(
+                &FlowMatching::new(),
+                &n.teacher_trainable(Some(CLASSES)),
+                &data,
+                batch,
+                seconds,
+                device,
+            )?;
             push("unet-teacher", ch, batch, "steps/s", r, Some(mb));
 
-            let map_trainable = || Trainable::<dyn FlowMap> {
-                params: &n.map_vars,
-                model: &n.map,
-                ema: Some((&n.map_ema, &n.map_ema_net)),
-                ema_target: false,
-                path: &LinearPath,
-                classes: Some(CLASSES),
-                backbone: Some(n.map.backbone()),
-            };
             bar.set_message(format!("U-Net EMD, {ch} channels, batch {batch}"));
             let emd = Emd::new(&n.teacher, DistillConfig::default());
-            let (r, mb) = steps_per_second(&emd, &map_trainable(), &data, batch, seconds, device)?;
+            let (r, mb) = steps_per_second(&emd, &n.map_trainable(Some(CLASSES)), &data, batch, seconds, device)?;
             push("unet-emd", ch, batch, "steps/s", r, Some(mb));
 
             bar.set_message(format!("U-Net MeanFlow, {ch} channels, batch {batch}"));
             let mut cfg = DistillConfig::for_method(Method::Meanflow);
             cfg.continuous.meanflow_velocity = MeanFlowVelocity::Conditional;
-            let (r, mb) = steps_per_second(&MeanFlow { cfg }, &map_trainable(), &data, batch, seconds, device)?;
+            let (r, mb) = steps_per_second(
+                &MeanFlow { cfg },
+                &n.map_trainable(Some(CLASSES)),
+                &data,
+                batch,
+                seconds,
+                device,
+            )?;
             push("unet-meanflow", ch, batch, "steps/s", r, Some(mb));
 
             bar.set_message(format!("U-Net sampling, {ch} channels, batch {batch}"));

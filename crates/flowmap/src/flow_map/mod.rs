@@ -71,11 +71,7 @@ pub struct AtGuidance<M> {
 impl<M: FlowMap> AtGuidance<M> {
     /// Errors unless `w` is a finite number `≥ 0`.
     pub fn new(map: M, w: f64) -> Result<Self> {
-        if !(w.is_finite() && w >= 0.0) {
-            return Err(crate::Error::arg(format!(
-                "guidance scale w must be a finite number ≥ 0, got {w}"
-            )));
-        }
+        crate::cond::check_guidance_scale(w)?;
         Ok(AtGuidance { map, w })
     }
 }

@@ -28,11 +28,7 @@ pub struct Guided<V> {
 impl<V> Guided<V> {
     /// Errors unless `w` is finite and non-negative.
     pub fn new(inner: V, w: f64, num_classes: usize) -> Result<Self> {
-        if !(w.is_finite() && w >= 0.0) {
-            return Err(Error::arg(format!(
-                "guidance scale w must be a finite number ≥ 0, got {w}"
-            )));
-        }
+        crate::cond::check_guidance_scale(w)?;
         Ok(Guided {
             inner,
             w: Some(w),
