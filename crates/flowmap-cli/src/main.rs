@@ -303,6 +303,11 @@ struct TrainArgs {
     /// Output checkpoint (.safetensors).
     #[arg(long)]
     out: PathBuf,
+    /// Train classifier-free guidance in from labelled data: LO,HI (or one value W). Each row draws ω from
+    /// the range; its target velocity is ω·(x1 − x0) + (1 − ω)·(the map's own unconditional velocity), and
+    /// the map takes ω as an input (`sample --guidance w`, one NFE per step).
+    #[arg(long, allow_hyphen_values = true)]
+    guidance_range: Option<String>,
     #[command(flatten)]
     train: TrainFlags,
     #[command(flatten)]
@@ -929,7 +934,10 @@ fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
     let method = Method::parse_train(&a.method)?;
     check_output(&a.out, "safetensors")?;
     let file = read_config(&a.train.config)?;
-    let cfg = train_config(&a.train, file.train.clone());
+    let mut cfg = train_config(&a.train, file.train.clone());
+    if let Some(r) = &a.guidance_range {
+        cfg.guidance_range = Some(parse_guidance_range(r)?);
+    }
     cfg.validate()?;
     let mut dcfg = a.map.objective(file.distill_config(method)?, method)?;
     let data = open_data(&a.data, &a.labels)?;

@@ -1008,6 +1008,30 @@ fn guidance_on_the_command_line() {
     }
     let mut unconditional = distill(&f.root.join("t.safetensors"), "1,2", &bad_map);
     fails(&mut unconditional, "class-conditional teacher", &bad_map);
+
+    // Guidance learned from data (MeanFlow's guided field): the map takes ω as an input with no teacher.
+    let train = |data: &str, range: &str, out: &Path| {
+        let mut c = bin();
+        c.args(["train", "--method", "meanflow", "--steps", "2", "--batch", "8"])
+            .args(["--data", data, "--guidance-range", range, "--out"])
+            .arg(out);
+        c
+    };
+    let mf = dir.path().join("mf.safetensors");
+    ok(train("mnist", "1,4", &mf).args(["--channels", "8"]));
+    let sampled = bin_stderr(
+        bin()
+            .args(["sample", "--n", "10", "--class", "all", "--guidance", "2.5", "--model"])
+            .arg(&mf)
+            .arg("--out")
+            .arg(dir.path().join("mf.npy")),
+    );
+    assert!(sampled.contains("guidance w = 2.5), NFE 1"), "{sampled}");
+    fails(
+        &mut train("checkerboard", "1,2", &bad_map),
+        "needs labelled data",
+        &bad_map,
+    );
 }
 
 /// Runs a command that must succeed and returns its stderr.

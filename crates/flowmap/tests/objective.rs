@@ -96,19 +96,33 @@ fn loss_tensor(
         &candle_core::Device::Cpu,
     )
     .unwrap();
+    loss_on(objective, model, target, &x0, cond, &mut rng)
+}
+
+/// The objective's loss on the data `x0` and noise drawn from `rng`; a labelled condition has the test
+/// mixtures' three components as its classes (null class 3).
+fn loss_on(
+    objective: &dyn Objective<Model = dyn FlowMap>,
+    model: &(dyn FlowMap + 'static),
+    target: &(dyn FlowMap + 'static),
+    x0: &Tensor,
+    cond: &flowmap::Cond,
+    rng: &mut Rng,
+) -> Tensor {
     let x1 = rng
-        .normal_tensor((n, 2), candle_core::DType::F64, &candle_core::Device::Cpu)
+        .normal_tensor(x0.shape(), candle_core::DType::F64, &candle_core::Device::Cpu)
         .unwrap();
     let mut cx = StepContext {
         model,
         target,
-        x0: &x0,
+        x0,
         x1: &x1,
         cond,
+        classes: cond.class_labels().map(|_| 3),
         path: &flowmap::path::LinearPath,
         progress: 1.0,
         step: 0,
-        rng: &mut rng,
+        rng,
     };
     objective.loss(&mut cx).unwrap()
 }
@@ -422,4 +436,96 @@ fn every_teacher_based_objective_vanishes_at_the_exact_guided_map() {
         exact < 1e-12 && perturbed > 1e-3,
         "progressive: exact {exact:e}, perturbed {perturbed:e}"
     );
+}
+
+#[test]
+fn every_data_only_objective_vanishes_at_the_exact_guided_map_of_point_classes() {
+    // Three classes, each one point (std 1e-3): given x_t and its class, x1 − x0 is the class's velocity
+    // v(x_t, t | c) itself, so the guided target ω·(x1 − x0) + (1 − ω)·F(x_t, t, t | ∅) is the guided field
+    // v_ω exactly when the map's unconditional diagonal is the unconditional (mixture) velocity: the
+    // exact guided map has zero loss, although its unconditional part is no single point's.
+    let dev = candle_core::Device::Cpu;
+    let means = vec![vec![1.0, 0.5], vec![-0.8, 0.2], vec![0.1, -1.1]];
+    let g = GaussianMixture::new(means.clone(), vec![1e-3; 3], vec![0.5, 0.3, 0.2]).unwrap();
+    let n = 96;
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
+    let mut rng = Rng::new(4);
+    let jitter = rng.normal_tensor((n, 2), candle_core::DType::F64, &dev).unwrap();
+    let centres: Vec<f64> = labels.iter().flat_map(|&k| means[k as usize].clone()).collect();
+    let x0 = (Tensor::from_vec(centres, (n, 2), &dev).unwrap() + (jitter * 1e-3).unwrap()).unwrap();
+    let w: Vec<f64> = (0..n).map(|i| 1.0 + 3.0 * ((i * 37) % n) as f64 / n as f64).collect();
+    let cond = flowmap::Cond::from_classes(&labels, 3, &dev)
+        .unwrap()
+        .with_guidance(&Tensor::from_vec(w, (n, 1), &dev).unwrap())
+        .unwrap();
+    let loss = |method: Method, c: DistillConfig, delta: f64, cond: &flowmap::Cond| {
+        let o = objective::build(method, None, c, None).unwrap();
+        let m = guided_map(&g, delta);
+        scalar(&loss_on(o.as_ref(), &m, &m, &x0, cond, &mut Rng::new(21)))
+    };
+    let mut meanflow = cfg(0.1, 0.25);
+    meanflow.weighting = Weighting::Constant;
+    for (method, c, tiny) in [
+        (Method::Meanflow, meanflow, 1e-4),
+        (Method::Shortcut, cfg(0.1, 0.25), 1e-4),
+        (Method::SelfLmd, cfg(0.02, 0.25), 1e-4),
+    ] {
+        let (exact, perturbed) = (loss(method, c, 0.0, &cond), loss(method, c, 0.2, &cond));
+        assert_vanishes(method, "the exact guided map", exact, perturbed, tiny);
+        // The exact conditional map (ω = 1 whatever the rows ask) is far off: the mixing with the
+        // unconditional velocity is what the guided map satisfies.
+        let conditional = exact_map(
+            Guided::new(GmmVelocity::new(g.clone()), 1.0, 3).unwrap(),
+            Tensor::zeros((1, 1), candle_core::DType::F64, &dev).unwrap(),
+        );
+        let o = objective::build(method, None, c, None).unwrap();
+        let off = scalar(&loss_on(
+            o.as_ref(),
+            &conditional,
+            &conditional,
+            &x0,
+            &cond,
+            &mut Rng::new(21),
+        ));
+        eprintln!("{method}: exact guided map {exact:e}, perturbed {perturbed:e}, conditional map {off:e}");
+        assert!(
+            off > 20.0 * exact,
+            "{method}: conditional map {off:e} vs guided {exact:e}"
+        );
+    }
+}
+
+#[test]
+fn guidance_from_data_keeps_the_conditional_velocity_at_unit_scale_and_on_null_rows() {
+    // ω = 1 and the null-class rows (the dropped labels that teach the unconditional velocity) take the
+    // plain target x1 − x0: bit for bit the loss without guidance scales.
+    let g = mixture();
+    let dev = candle_core::Device::Cpu;
+    let n = 64;
+    let mut rng = Rng::new(2);
+    let x0 = flowmap::data::to_tensor(&g.sample(n, &mut rng), n, 2, candle_core::DType::F64, &dev).unwrap();
+    let scales = |w: f64| Tensor::full(w, (n, 1), &dev).unwrap();
+    let labelled = flowmap::Cond::from_classes(&vec![1; n], 3, &dev).unwrap();
+    let null = flowmap::Cond::null(n, 3, &dev).unwrap();
+    let m = map(&g, 0.1); // ignores its condition
+    for method in [Method::Meanflow, Method::Shortcut, Method::SelfLmd] {
+        let o = objective::build(method, None, cfg(0.1, 0.25), None).unwrap();
+        let at = |c: &flowmap::Cond| scalar(&loss_on(o.as_ref(), &m, &m, &x0, c, &mut Rng::new(9)));
+        let plain = at(&labelled);
+        assert_eq!(
+            at(&labelled.with_guidance(&scales(1.0)).unwrap()),
+            plain,
+            "{method} at ω = 1"
+        );
+        assert_eq!(
+            at(&null.with_guidance(&scales(3.0)).unwrap()),
+            at(&null),
+            "{method} on null rows"
+        );
+        assert_ne!(
+            at(&labelled.with_guidance(&scales(3.0)).unwrap()),
+            plain,
+            "{method} at ω = 3"
+        );
+    }
 }

@@ -31,6 +31,11 @@ use crate::{state, Error, Result};
 /// [`DistillConfig::for_method`], the batch's estimate of the marginal velocity ([`batch_velocity`]) replaces
 /// `v_c`, in the target and in the tangent: a lower-variance target, biased only by treating the batch as the
 /// data law (on checkerboard it cut the 2-NFE energy distance threefold; see the config's doc).
+///
+/// With guidance scales on the condition (`train --guidance-range`), `v_c` is replaced by the guided
+/// field of the paper's §4.2, `ṽ = ω·v_c + (1 − ω)·sg F_θ⁻(x_t, t, t | ∅)` on labelled rows
+/// ([`guided_data_velocity`](super::guided_data_velocity)), and `ω` is the map's input: one network that
+/// samples the guided field at any `ω` of its range in one evaluation.
 pub struct MeanFlow {
     pub cfg: DistillConfig,
 }
@@ -56,6 +61,9 @@ impl Objective for MeanFlow {
             }
             MeanFlowVelocity::Batch => batch_velocity(&x, &t, cx.x0)?,
         };
+        // Guidance from data: `ṽ = ω·v_c + (1 − ω)·F⁻(x_t, t, t | ∅)` on labelled rows, in the target and
+        // in the tangent (the paper's `(ṽ, 1, 0)`).
+        let vc = super::guided_data_velocity(cx, &x, &t, &vc, c)?;
         let along = match self.cfg.continuous.meanflow_tangent {
             MeanFlowTangent::Conditional => vc.clone(),
             MeanFlowTangent::Model => no_grad(|| cx.target.average_velocity(&x, &t, &t, c))?,

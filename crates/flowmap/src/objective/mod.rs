@@ -58,8 +58,11 @@ pub struct StepContext<'a, M: ?Sized> {
     pub x0: &'a Tensor,
     /// Noise `x1 ~ N(0, I)`, shaped like `x0`.
     pub x1: &'a Tensor,
-    /// The batch's condition (its class labels, or none).
+    /// The batch's condition (its class labels, or none; a guidance scale per row when guidance is
+    /// trained into the map).
     pub cond: &'a Cond,
+    /// The number of classes of a class-conditional model (its null class is this index), or `None`.
+    pub classes: Option<usize>,
     /// The probability path `x_t = α_t·x0 + σ_t·x1` the model is trained on.
     pub path: &'a dyn ProbabilityPath,
     /// Training progress in [0, 1] (for annealed schedules).
@@ -202,7 +205,8 @@ pub(crate) fn pair_loss<M: FlowMap + ?Sized>(
         }
         (_, DiagonalTarget::TeacherEverywhere(_)) => Some(row_mse(&d[5], &d[6])?.mean_all()?),
         (_, DiagonalTarget::Data) => {
-            let target = cx.path.conditional_velocity(&d[3], &d[4], &d[1])?;
+            let vc = cx.path.conditional_velocity(&d[3], &d[4], &d[1])?;
+            let target = guided_data_velocity(cx, &d[0], &d[1], &vc, &c.narrow(0, n_diag)?)?;
             Some(row_mse(&d[5], &target)?.mean_all()?)
         }
     };
@@ -223,6 +227,43 @@ pub(crate) fn pair_loss<M: FlowMap + ?Sized>(
         (None, Some(o)) => o,
         (None, None) => unreachable!("a batch has rows"),
     })
+}
+
+/// The velocity a data-only method regresses its diagonal on, with classifier-free guidance trained in
+/// from data (Geng et al. 2025, "Mean Flows for One-step Generative Modeling", §4.2 and its appendix).
+///
+/// Without guidance scales on the condition this is the conditional velocity `v_c` as given. With a scale
+/// `ω` on each row (`Cond::guidance`), a row with a class label gets
+///
+/// `ṽ = ω·v_c + (1 − ω)·sg F_θ⁻(x_t, t, t | ∅)`,
+///
+/// the conditional velocity mixed with the target network's own unconditional instantaneous velocity. As
+/// `E[v_c | x_t, c] = v(x_t, t | c)`, the regression's minimiser is `ω·v(x_t, t | c) + (1 − ω)·F(x_t, t, t | ∅)`,
+/// which is the guided field `v_ω = v(∅) + ω·(v(c) − v(∅))` once the network's unconditional diagonal is
+/// the unconditional velocity. It learns that from the rows whose label was dropped (the null class),
+/// which keep `v_c`. `ω = 1` gives `v_c` exactly.
+pub(crate) fn guided_data_velocity<M: FlowMap + ?Sized>(
+    cx: &StepContext<'_, M>,
+    x: &Tensor,
+    t: &Tensor,
+    vc: &Tensor,
+    cond: &Cond,
+) -> Result<Tensor> {
+    let Some(w) = cond.guidance() else {
+        return Ok(vc.clone());
+    };
+    let (Some(labels), Some(classes)) = (cond.class_labels(), cx.classes) else {
+        return Err(crate::Error::arg(
+            "guidance trained from data needs class labels: it mixes the conditional velocity with the unconditional one",
+        ));
+    };
+    let b = x.dim(0)?;
+    let null = Cond::null(b, classes, x.device())?.with_guidance(w)?;
+    let unconditional = no_grad(|| cx.target.average_velocity(x, t, t, &null))?.detach();
+    // `m (1 − ω)` per row, `m = 0` on the null-class rows: `ṽ = v_c + m (1 − ω)·(F⁻(∅) − v_c)`.
+    let labelled = labels.ne(classes as u32)?.to_dtype(vc.dtype())?.reshape((b, 1))?;
+    let gain = (w.to_dtype(vc.dtype())?.affine(-1.0, 1.0)? * labelled)?;
+    Ok((vc + (unconditional - vc)?.broadcast_mul(&crate::state::per_row(&gain, vc)?)?)?)
 }
 
 /// Rows `0..n` and `n..` of each tensor.

@@ -241,26 +241,31 @@ impl<'a> MapJob<'a> {
             Some(Teacher::Net { meta, .. }) => meta.arch.clone(),
             _ => self.arch.clone(),
         };
-        // Guidance distilled into the map: a guidance input on the student, and the teacher guided per
-        // row by the scale each training row draws.
-        let guided_teacher = match (self.train.guidance_range, self.teacher) {
-            (None, _) => None,
-            (Some(_), None) => {
-                return Err(Error::arg(format!(
-                    "'{method}' trains from data; a guidance range distils a guided teacher (use distill)"
-                )))
-            }
-            (Some(range), Some(t)) => {
+        // Guidance trained into the map: a guidance input on the student, and for a distillation the
+        // teacher guided per row by the scale each training row draws (from data, the objective mixes
+        // the conditional velocity with the map's own unconditional one: `guided_data_velocity`).
+        let guided_teacher = match self.train.guidance_range {
+            None => None,
+            Some(range) => {
                 let Some(classes) = arch.num_classes() else {
-                    return Err(Error::arg(
-                        "a guidance range needs a class-conditional teacher (trained on labelled data)",
-                    ));
+                    return Err(Error::arg(match self.teacher {
+                        Some(_) => "a guidance range needs a class-conditional teacher (trained on labelled data)",
+                        None => "a guidance range from data needs labelled data: the guided field mixes the conditional and the unconditional velocity",
+                    }));
                 };
                 if arch.guidance().is_some() {
-                    return Err(Error::arg("the teacher already has a guidance input"));
+                    return Err(Error::arg(match self.teacher {
+                        Some(_) => "the teacher already has a guidance input",
+                        None => "the initial network already has a guidance input",
+                    }));
+                }
+                if self.teacher.is_none() && self.train.label_dropout <= 0.0 {
+                    return Err(Error::arg(
+                        "guidance from data learns the unconditional velocity from dropped labels: set a label dropout above 0",
+                    ));
                 }
                 arch = arch.with_guidance(range);
-                Some(Guided::per_row(t as &dyn VelocityField, classes))
+                self.teacher.map(|t| Guided::per_row(t as &dyn VelocityField, classes))
             }
         };
         let teacher_field: Option<&dyn VelocityField> = match &guided_teacher {

@@ -479,6 +479,7 @@ pub fn fit_controlled<O: Objective>(
             x0: &batch.x0,
             x1: &x1,
             cond: &cond,
+            classes: trainable.classes,
             path: trainable.path,
             progress: frac,
             step,
