@@ -267,10 +267,43 @@ struct DistillArgs {
     /// the range and the map takes w as an input (`sample --guidance w`, one NFE per step).
     #[arg(long, allow_hyphen_values = true)]
     guidance_range: Option<String>,
+    /// Autoguidance distilled into the map: with --guidance-range, the teacher is guided by this weaker
+    /// model of the same data, v_weak + w·(v − v_weak), instead of by its null class (conditional or
+    /// unconditional teachers).
+    #[arg(long)]
+    guide_model: Option<PathBuf>,
     #[command(flatten)]
     train: TrainFlags,
     #[command(flatten)]
     map: MapFlags,
+}
+
+/// Guidance at sampling time.
+#[derive(Args, Clone)]
+struct GuidanceFlags {
+    /// Guidance scale w ≥ 0. A class-conditional teacher: classifier-free guidance
+    /// v(x, t, ∅) + w·(v(x, t, c) − v(x, t, ∅)), two evaluations per step in one batch (1: the conditional
+    /// model); with --guide-model, autoguidance. A guidance-distilled map: its input w, one evaluation.
+    #[arg(long, allow_negative_numbers = true)]
+    guidance: Option<f64>,
+    /// Autoguidance (Karras et al. 2024): guide the teacher by this weaker model of the same data (an
+    /// earlier or smaller checkpoint), v_weak + w·(v − v_weak); conditional or unconditional.
+    #[arg(long)]
+    guide_model: Option<PathBuf>,
+}
+
+impl GuidanceFlags {
+    /// The guiding model, loaded.
+    fn load(&self, device: &Device) -> Result<Option<Teacher>> {
+        let Some(p) = &self.guide_model else { return Ok(None) };
+        if self.guidance.is_none() {
+            bail!("--guide-model guides at a scale: give it with --guidance w");
+        }
+        let spec = p.to_string_lossy();
+        Ok(Some(
+            Teacher::load(&spec, device).map_err(|e| anyhow::anyhow!("--guide-model: {e}"))?,
+        ))
+    }
 }
 
 /// `LO,HI` or `W` (the range `[W, W]`).
@@ -471,10 +504,8 @@ struct SampleArgs {
     /// Also write the images as a PNG grid (one row per class with --class all).
     #[arg(long)]
     png: Option<PathBuf>,
-    /// Classifier-free guidance scale w ≥ 0 of a class-conditional teacher:
-    /// v(x, t, ∅) + w·(v(x, t, c) − v(x, t, ∅)), two evaluations per step in one batch (1: the conditional model).
-    #[arg(long, allow_negative_numbers = true)]
-    guidance: Option<f64>,
+    #[command(flatten)]
+    guide: GuidanceFlags,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -496,9 +527,8 @@ struct ApplyArgs {
     /// Class of a class-conditional model: K, all (row i gets class i mod C, the default) or null.
     #[arg(long)]
     class: Option<String>,
-    /// Classifier-free guidance scale w ≥ 0 of a class-conditional teacher (Φ of the guided field).
-    #[arg(long, allow_negative_numbers = true)]
-    guidance: Option<f64>,
+    #[command(flatten)]
+    guide: GuidanceFlags,
     /// Output .npy.
     #[arg(long)]
     out: PathBuf,
@@ -544,10 +574,8 @@ struct EvalArgs {
     /// shipped MNIST classifier).
     #[arg(long)]
     classifier: Option<PathBuf>,
-    /// Classifier-free guidance scale w ≥ 0 of a class-conditional teacher:
-    /// v(x, t, ∅) + w·(v(x, t, c) − v(x, t, ∅)), two evaluations per step in one batch (1: the conditional model).
-    #[arg(long, allow_negative_numbers = true)]
-    guidance: Option<f64>,
+    #[command(flatten)]
+    guide: GuidanceFlags,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -886,8 +914,14 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
         Some(d) => d,
         None => teacher.data()?,
     };
+    let guide = a
+        .guide_model
+        .as_ref()
+        .map(|p| Teacher::load(&p.to_string_lossy(), device).map_err(|e| anyhow::anyhow!("--guide-model: {e}")))
+        .transpose()?;
     let job = MapJob {
         teacher: Some(&teacher),
+        guide: guide.as_ref(),
         objective: dcfg,
         train: cfg,
         arch: a.map.arch(&teacher.state_shape(), data.num_classes(), &file)?,
@@ -1145,24 +1179,25 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
         Model::Teacher(_) => Some(teacher_solver(&a.solver, a.nfe)?),
         Model::Map(..) => None,
     };
+    let weak = a.guide.load(device)?;
     let field = match &model {
-        Model::Teacher(t) => Some(guided(t, a.guidance, model.num_classes())?),
+        Model::Teacher(t) => Some(guided(t, a.guide.guidance, weak.as_ref(), model.num_classes())?),
         Model::Map(..) => None,
     };
     let map = match &model {
-        Model::Map(net, ck) => Some(map_at(net, ck, a.guidance)?),
+        Model::Map(net, ck) => Some(map_at(net, ck, &a.guide)?),
         Model::Teacher(_) => None,
     };
-    if a.guidance.is_some() && a.class.as_deref() == Some("null") {
-        bail!("--guidance needs classes to guide towards; --class null is the unconditional model");
+    if a.guide.guidance.is_some() && a.guide.guide_model.is_none() && a.class.as_deref() == Some("null") {
+        bail!("--guidance needs classes to guide towards; --class null is the unconditional model (guide it with --guide-model)");
     }
     let what = match (&map_setup, solver) {
-        (Some((grid, sampler, _)), _) => match a.guidance {
-            Some(w) => format!("flow map on grid {grid}, {sampler:?} sampler, guidance w = {w}"),
+        (Some((grid, sampler, _)), _) => match guidance_label(&a.guide) {
+            Some(g) => format!("flow map on grid {grid}, {sampler:?} sampler, {g}"),
             None => format!("flow map on grid {grid}, {sampler:?} sampler"),
         },
-        (None, Some(solver)) => match a.guidance {
-            Some(w) => format!("teacher, {solver}, guidance w = {w}"),
+        (None, Some(solver)) => match guidance_label(&a.guide) {
+            Some(g) => format!("teacher, {solver}, {g}"),
             None => format!("teacher, {solver}"),
         },
         (None, None) => unreachable!("a model is a map or a teacher"),
@@ -1218,11 +1253,21 @@ fn sample_cmd(a: SampleArgs, device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// The teacher `t` under classifier-free guidance `w` (or as it is, without `--guidance`).
-fn guided<'a>(t: &'a Teacher, w: Option<f64>, classes: Option<usize>) -> Result<Box<dyn VelocityField + 'a>> {
+/// The teacher `t` as `--guidance` asks: classifier-free guidance at `w`, autoguidance by `weak` (the
+/// loaded `--guide-model`), or as it is.
+fn guided<'a>(
+    t: &'a Teacher,
+    w: Option<f64>,
+    weak: Option<&'a Teacher>,
+    classes: Option<usize>,
+) -> Result<Box<dyn VelocityField + 'a>> {
     let Some(w) = w else { return Ok(Box::new(t)) };
+    if let Some(weak) = weak {
+        pipeline::check_guide(t, weak)?;
+        return Ok(Box::new(flowmap::teacher::Autoguided::new(t, weak, w)?));
+    }
     let Some(c) = classes else {
-        bail!("--guidance {w}: the model is unconditional; classifier-free guidance needs a class-conditional teacher (trained on labelled data)");
+        bail!("--guidance {w}: the model is unconditional; classifier-free guidance needs a class-conditional teacher (trained on labelled data), or guide it by a weaker model with --guide-model");
     };
     Ok(Box::new(flowmap::teacher::Guided::new(t, w, c)?))
 }
@@ -1232,9 +1277,14 @@ fn guided<'a>(t: &'a Teacher, w: Option<f64>, classes: Option<usize>) -> Result<
 fn map_at<'a>(
     net: &'a flowmap::flow_map::FlowMapNet,
     ck: &Checkpoint,
-    w: Option<f64>,
+    g: &GuidanceFlags,
 ) -> Result<Box<dyn flowmap::flow_map::FlowMap + 'a>> {
-    match (ck.meta.arch.guidance(), w) {
+    if g.guide_model.is_some() {
+        bail!(
+            "--guide-model guides a teacher; a flow map has its guidance distilled in (distil it with --guide-model)"
+        );
+    }
+    match (ck.meta.arch.guidance(), g.guidance) {
         (None, None) => Ok(Box::new(net)),
         (None, Some(w)) => bail!(
             "--guidance {w}: this flow map was distilled without guidance, so it has no guidance input; guide its teacher instead, or distil with --guidance-range"
@@ -1244,6 +1294,16 @@ fn map_at<'a>(
         }
         (Some(_), Some(w)) => Ok(Box::new(flowmap::flow_map::AtGuidance::new(net, w)?)),
     }
+}
+
+/// What `--guidance` names in reports: `guidance w = …` or `autoguidance w = …`.
+fn guidance_label(g: &GuidanceFlags) -> Option<String> {
+    let kind = if g.guide_model.is_some() {
+        "autoguidance"
+    } else {
+        "guidance"
+    };
+    g.guidance.map(|w| format!("{kind} w = {w}"))
 }
 
 /// Whether the checkpoint holds a map trained only for `s = 0` (a consistency model).
@@ -1342,11 +1402,12 @@ fn apply(a: ApplyArgs, device: &Device) -> Result<()> {
                     a.s
                 );
             }
-            flowmap::flow_map::FlowMap::map(&*map_at(net, ck, a.guidance)?, &x, &t, &s, &c)?
+            flowmap::flow_map::FlowMap::map(&*map_at(net, ck, &a.guide)?, &x, &t, &s, &c)?
         }
         Model::Teacher(tch) => {
             let solver = ode::parse_solver(&a.solver, a.steps, a.tol)?;
-            let field = guided(tch, a.guidance, model.num_classes())?;
+            let weak = a.guide.load(device)?;
+            let field = guided(tch, a.guide.guidance, weak.as_ref(), model.num_classes())?;
             flowmap::flow_map::FlowMap::map(&SolverMap::new(&*field, solver), &x, &t, &s, &c)?
         }
     };
@@ -1381,11 +1442,11 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
         bail!("--n must be at least 2");
     }
     let model = load_model(&a.model, device)?;
-    if let Some(w) = a.guidance {
-        match &model {
-            Model::Map(net, ck) => drop(map_at(net, ck, Some(w))?),
-            Model::Teacher(t) => drop(guided(t, Some(w), model.num_classes())?),
-        }
+    // The guidance flags are checked before the output folder exists.
+    let weak = a.guide.load(device)?;
+    match &model {
+        Model::Map(net, ck) => drop(map_at(net, ck, &a.guide)?),
+        Model::Teacher(t) => drop(guided(t, a.guide.guidance, weak.as_ref(), model.num_classes())?),
     }
     let data = match (&a.data, &model) {
         (Some(spec), _) => open_data(spec, &a.labels)?,
@@ -1526,13 +1587,13 @@ fn eval_images(
     let (r, samples) = match (model, sampler) {
         (Model::Map(net, ck), Some(sampler)) => {
             let path = ck.meta.probability_path()?;
-            let name = match a.guidance {
-                Some(w) => format!("flow map (guidance {w})"),
+            let name = match guidance_label(&a.guide) {
+                Some(g) => format!("flow map ({g})"),
                 None => "flow map".into(),
             };
             ev.map(
                 &name,
-                &*map_at(net, ck, a.guidance)?,
+                &*map_at(net, ck, &a.guide)?,
                 classes,
                 nfes,
                 sampler,
@@ -1543,11 +1604,13 @@ fn eval_images(
         (Model::Map(..), None) => unreachable!("a flow map's sampler is resolved before"),
         (Model::Teacher(t), _) => {
             let solvers = pipeline::euler_and_dopri5(nfes.as_ref(), 1e-5);
-            let name = match a.guidance {
-                Some(w) => format!("teacher (guidance {w})"),
+            let name = match guidance_label(&a.guide) {
+                Some(g) => format!("teacher ({g})"),
                 None => "teacher".into(),
             };
-            ev.teacher(&name, &*guided(t, a.guidance, classes)?, classes, &solvers, device)?
+            let weak = a.guide.load(device)?;
+            let field = guided(t, a.guide.guidance, weak.as_ref(), classes)?;
+            ev.teacher(&name, &*field, classes, &solvers, device)?
         }
     };
     let mut md = format!(

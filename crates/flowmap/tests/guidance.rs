@@ -1,6 +1,8 @@
 //! Classifier-free guidance: `w = 1` is the conditional field and `w = 0` the unconditional one, bit for
 //! bit; on the analytic mixture whose classes are its components the guided velocity is its closed form;
-//! a guided step costs two evaluations; bad scales and missing labels are errors.
+//! a guided step costs two evaluations; bad scales and missing labels are errors. Autoguidance by a weaker
+//! model is each model at `w = 1` and `w = 0` and their extrapolation between; both distil into one map
+//! that serves every scale of its range, conditional or not.
 
 mod common;
 
@@ -9,7 +11,7 @@ use common::{max_abs, mixture, teacher};
 use flowmap::cond::Cond;
 use flowmap::ode::{Scheme, Solver};
 use flowmap::sample;
-use flowmap::teacher::{Guided, VelocityField};
+use flowmap::teacher::{Autoguided, Guided, VelocityField};
 use flowmap::Rng;
 
 fn points(n: usize, seed: u64) -> (Tensor, Tensor) {
@@ -282,33 +284,41 @@ fn one_distilled_map_serves_every_scale_of_its_range() {
     };
     let trained = job.run(&Silent).unwrap();
     assert_eq!(trained.meta.arch.guidance(), Some([1.0, 3.0]));
-    // One step from noise at w = 1 and w = 3 against Φ_{1→0} of the guided mixture at each scale.
     let n = 600;
-    let x1 = sample::noise(n, &[2], 11, &Device::Cpu).unwrap();
     let l: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
     let c = Cond::from_classes(&l, 3, &Device::Cpu).unwrap();
+    let g = GmmVelocity::new(mixture());
+    assert_serves_its_range(&trained.net, &c, 0.0, |w| Box::new(Guided::new(&g, w, 3).unwrap()));
+}
+
+/// One step from noise to `s` of the guided map `net` at w = 1 and at w = 3, against Φ_{1→s} of the guided
+/// field `field(w)` at each: each scale lands near its own Φ and far from the other's.
+fn assert_serves_its_range<'a>(
+    net: &FlowMapNet,
+    c: &Cond,
+    s_end: f32,
+    field: impl Fn(f64) -> Box<dyn VelocityField + 'a>,
+) {
+    let n = 600;
+    let x1 = sample::noise(n, &[2], 11, &Device::Cpu).unwrap();
     let (one, zero) = (
         Tensor::ones((n, 1), DType::F32, &Device::Cpu).unwrap(),
-        Tensor::zeros((n, 1), DType::F32, &Device::Cpu).unwrap(),
+        Tensor::full(s_end, (n, 1), &Device::Cpu).unwrap(),
     );
-    let g = GmmVelocity::new(mixture());
     let exact = |w: f64| {
-        let phi = SolverMap::new(
-            Guided::new(&g, w, 3).unwrap(),
-            Solver::Dopri5 { rtol: 1e-7, atol: 1e-7 },
-        );
+        let phi = SolverMap::new(field(w), Solver::Dopri5 { rtol: 1e-7, atol: 1e-7 });
         phi.map(
             &x1.to_dtype(DType::F64).unwrap(),
             &one.to_dtype(DType::F64).unwrap(),
             &zero.to_dtype(DType::F64).unwrap(),
-            &c,
+            c,
         )
         .unwrap()
     };
     let ours = |w: f64| {
-        AtGuidance::new(&trained.net, w)
+        AtGuidance::new(net, w)
             .unwrap()
-            .map(&x1, &one, &zero, &c)
+            .map(&x1, &one, &zero, c)
             .unwrap()
             .to_dtype(DType::F64)
             .unwrap()
@@ -326,10 +336,113 @@ fn one_distilled_map_serves_every_scale_of_its_range() {
     let (phi1, phi3, f1, f3) = (exact(1.0), exact(3.0), ours(1.0), ours(3.0));
     let gap = mse(&phi1, &phi3);
     let (e11, e13, e31, e33) = (mse(&f1, &phi1), mse(&f1, &phi3), mse(&f3, &phi1), mse(&f3, &phi3));
+    eprintln!(
+        "Φ₁ vs Φ₃ {gap:.4}; map at w = 1: {e11:.4} to Φ₁, {e13:.4} to Φ₃; at w = 3: {e31:.4} to Φ₁, {e33:.4} to Φ₃"
+    );
     assert!(
         e11 < 0.5 * gap && e33 < 0.5 * gap && e13 > 3.0 * e11 && e31 > 3.0 * e33,
         "Φ₁ vs Φ₃ {gap:.4}; map at w = 1: {e11:.4} to Φ₁, {e13:.4} to Φ₃; at w = 3: {e31:.4} to Φ₁, {e33:.4} to Φ₃"
     );
+}
+
+/// A weaker model of the three-component mixture: the same means and weights, each component 1.6 times
+/// as wide (what an under-trained model's blur looks like).
+fn blurred() -> GaussianMixture {
+    let m = mixture();
+    GaussianMixture::new(
+        m.means.clone(),
+        m.stds.iter().map(|s| 1.6 * s).collect(),
+        m.weights.clone(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn autoguidance_is_the_strong_model_at_one_the_weak_at_zero_and_extrapolates_between() {
+    let (x, t) = points(300, 5);
+    let (strong, weak) = (teacher(), GmmVelocity::new(blurred()));
+    for c in [Cond::none(), labels(300)] {
+        let vs = strong.velocity(&x, &t, &c).unwrap();
+        let vw = weak.velocity(&x, &t, &c).unwrap();
+        let at = |w: f64| {
+            let g = Autoguided::new(&strong, &weak, w).unwrap();
+            (g.velocity(&x, &t, &c).unwrap(), g.evals_per_call())
+        };
+        assert_eq!(
+            (bits(&at(1.0).0), at(1.0).1),
+            (bits(&vs), 1),
+            "w = 1 is the guided model"
+        );
+        assert_eq!(
+            (bits(&at(0.0).0), at(0.0).1),
+            (bits(&vw), 1),
+            "w = 0 is the guiding model"
+        );
+        let (v2, evals) = at(2.5);
+        assert_eq!(evals, 2);
+        let closed = (&vw + ((&vs - &vw).unwrap() * 2.5).unwrap()).unwrap();
+        assert!(max_abs(&(&v2 - &closed).unwrap()) < 1e-12);
+        // Per row, at one scale on every row, it is the same field.
+        let per_row = Autoguided::per_row(&strong, &weak).unwrap();
+        let cw = c.with_uniform_guidance(2.5, 300, &Device::Cpu).unwrap();
+        assert_eq!(bits(&per_row.velocity(&x, &t, &cw).unwrap()), bits(&v2));
+        assert!(per_row
+            .velocity(&x, &t, &c)
+            .unwrap_err()
+            .to_string()
+            .contains("guidance scale"));
+    }
+    // Models of different states cannot guide each other; bad scales are refused.
+    let three = GmmVelocity::new(GaussianMixture::new(vec![vec![0.0; 3]], vec![1.0], vec![1.0]).unwrap());
+    let err = Autoguided::new(&strong, &three, 2.0).err().unwrap().to_string();
+    assert!(err.contains("same data"), "{err}");
+    assert!(Autoguided::new(&strong, &weak, -1.0).is_err());
+    assert!(Autoguided::new(&strong, &weak, f64::NAN).is_err());
+}
+
+#[test]
+fn autoguidance_distils_into_one_unconditional_map_for_every_scale() {
+    // No labels anywhere: the map's only conditioning is w, and its target is the teacher autoguided by the
+    // blurred mixture.
+    let m = mixture();
+    let data = DataSource::Mixture(m.clone());
+    let (strong, weak) = (
+        Teacher::Gmm(GmmVelocity::new(m)),
+        Teacher::Gmm(GmmVelocity::new(blurred())),
+    );
+    let job = MapJob {
+        teacher: Some(&strong),
+        guide: Some(&weak),
+        train: TrainConfig {
+            steps: 1500,
+            batch_size: 256,
+            warmup_steps: 50,
+            guidance_range: Some([1.0, 3.0]),
+            ..TrainConfig::default()
+        },
+        arch: Arch::Mlp(MlpConfig {
+            hidden: 128,
+            ..MlpConfig::new(2)
+        }),
+        ..MapJob::new(Method::Emd, &data)
+    };
+    let trained = job.run(&Silent).unwrap();
+    assert_eq!(trained.meta.arch.guidance(), Some([1.0, 3.0]));
+    assert!(trained.meta.training.to_string().contains("guide"));
+    let (gs, gw) = (GmmVelocity::new(mixture()), GmmVelocity::new(blurred()));
+    // Unconditional, the one-step map to the data of three modes is this budget's hardest (at s = 0 its
+    // own error is ~0.03, a third of Φ₁ − Φ₃); to s = 0.5 it is well learnt, and the scales apart.
+    assert_serves_its_range(&trained.net, &Cond::none(), 0.5, |w| {
+        Box::new(Autoguided::new(&gs, &gw, w).unwrap())
+    });
+    // A guiding model needs a range to distil, and a teacher to guide.
+    let no_range = MapJob {
+        teacher: Some(&strong),
+        guide: Some(&weak),
+        ..MapJob::new(Method::Emd, &data)
+    };
+    let err = no_range.run(&Silent).err().unwrap().to_string();
+    assert!(err.contains("guidance range"), "{err}");
 }
 
 #[test]
@@ -348,14 +461,15 @@ fn guidance_ranges_are_checked_and_only_a_conditional_distillation_takes_one() {
         guidance_range: Some([1.0, 2.0]),
         ..TrainConfig::default()
     };
-    // A data-only method, an unconditional teacher, and a teacher run each refuse it.
+    // A data-only method on an unconditional network, an unconditional teacher with no guiding model, and
+    // a teacher run each refuse it.
     let data = labelled(20, 1);
     let job = MapJob {
         train: guided.clone(),
         ..MapJob::new(Method::Meanflow, &data)
     };
     let e = job.run(&Silent).err().unwrap().to_string();
-    assert!(e.contains("trains from data"), "{e}");
+    assert!(e.contains("needs labelled data"), "{e}");
     let teacher = Teacher::Gmm(GmmVelocity::new(mixture()));
     let unlabelled = DataSource::Mixture(mixture());
     let job = MapJob {

@@ -101,10 +101,8 @@ impl ConditionedMlp {
             }
         };
         if let Some(r) = cfg.guidance {
+            // Classifier-free guidance needs classes; autoguidance does not.
             super::check_guidance_range(r)?;
-            if classes.is_none() {
-                return Err(Error::arg("a guidance input needs a class-conditional network"));
-            }
         }
         let guidance = super::guidance_embedding(cfg.guidance, cfg.time_features, &vb)?;
         if let Some((g, _)) = &guidance {

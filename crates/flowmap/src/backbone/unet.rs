@@ -170,10 +170,8 @@ impl UnetConfig {
             return bad(format!("dropout {} is not in [0, 1)", self.dropout));
         }
         if let Some(r) = self.guidance {
+            // Classifier-free guidance needs classes; autoguidance does not.
             super::check_guidance_range(r)?;
-            if self.num_classes.is_none() {
-                return bad("a guidance input needs a class-conditional network".into());
-            }
         }
         if self.num_classes == Some(0) {
             return bad("a class-conditional network needs at least one class".into());

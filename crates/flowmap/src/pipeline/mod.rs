@@ -18,7 +18,7 @@ pub use eval::{
     euler_and_dopri5, eval_map, eval_teacher, exact_map_report, map_errors, semigroup, teacher_solvers, EvalRow,
     EvalSettings, ExactMapReport,
 };
-pub use train::{train_teacher, train_teacher_controlled, MapJob, TrainedMap, TrainedTeacher};
+pub use train::{check_guide, train_teacher, train_teacher_controlled, MapJob, TrainedMap, TrainedTeacher};
 
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::cond::Cond;
@@ -95,6 +95,15 @@ impl Teacher {
         match self {
             Teacher::Gmm(g) => Ok(g.path().clone()),
             Teacher::Net { meta, .. } => meta.probability_path(),
+        }
+    }
+
+    /// The number of classes of a class-conditional teacher (its null class is this index).
+    pub fn num_classes(&self) -> Option<usize> {
+        match self {
+            // Labelled, class `k` is component `k`; unlabelled it is the whole mixture.
+            Teacher::Gmm(_) => None,
+            Teacher::Net { meta, .. } => meta.arch.num_classes(),
         }
     }
 

@@ -13,9 +13,37 @@ use crate::data::DataSource;
 use crate::flow_map::{FlowMap, FlowMapNet};
 use crate::objective::{DistillConfig, FlowMatching, JvpMode, Method, TargetNet};
 use crate::path::ProbabilityPath;
-use crate::teacher::{Guided, VelocityField, VelocityNet};
+use crate::teacher::{Autoguided, Guided, VelocityField, VelocityNet};
 use crate::train::{fit_controlled, Progress, RunControl, TrainConfig, TrainLog, TrainState, Trainable};
 use crate::{Error, Result};
+
+/// Errors unless `weak` can guide `strong`: the same states, classes and probability path.
+pub fn check_guide(strong: &Teacher, weak: &Teacher) -> Result<()> {
+    if strong.state_shape() != weak.state_shape() {
+        return Err(Error::arg(format!(
+            "the guiding model's states are {:?}, the guided model's {:?}: autoguidance needs two models of the same data",
+            weak.state_shape(),
+            strong.state_shape()
+        )));
+    }
+    if strong.num_classes() != weak.num_classes() {
+        let n = |c: Option<usize>| c.map_or("no classes".to_string(), |c| format!("{c} classes"));
+        return Err(Error::arg(format!(
+            "the guiding model has {}, the guided model {}: autoguidance needs the same conditioning",
+            n(weak.num_classes()),
+            n(strong.num_classes())
+        )));
+    }
+    let (a, b) = (strong.path()?, weak.path()?);
+    if a.name() != b.name() {
+        return Err(Error::arg(format!(
+            "the guiding model was trained on the {} path, the guided model on the {}",
+            b.name(),
+            a.name()
+        )));
+    }
+    Ok(())
+}
 
 /// A trained teacher: the EMA network (used for sampling and distillation) and its training log.
 pub struct TrainedTeacher {
@@ -175,6 +203,9 @@ pub struct MapJob<'a> {
     /// A network teacher whose weights seed a data-only method's student (fine-tuning a flow-matching
     /// model into a MeanFlow map, say) without being its target; the student takes its architecture.
     pub init: Option<&'a Teacher>,
+    /// Autoguidance: with a guidance range, the teacher is guided by this weaker model of the same data
+    /// (`v_w = v_weak + w·(v − v_weak)`, [`Autoguided`]) instead of by its null class.
+    pub guide: Option<&'a Teacher>,
 }
 
 impl<'a> MapJob<'a> {
@@ -190,6 +221,7 @@ impl<'a> MapJob<'a> {
             path: linear(),
             device: Device::Cpu,
             init: None,
+            guide: None,
         }
     }
 
@@ -242,34 +274,54 @@ impl<'a> MapJob<'a> {
             _ => self.arch.clone(),
         };
         // Guidance trained into the map: a guidance input on the student, and for a distillation the
-        // teacher guided per row by the scale each training row draws (from data, the objective mixes
-        // the conditional velocity with the map's own unconditional one: `guided_data_velocity`).
-        let guided_teacher = match self.train.guidance_range {
-            None => None,
-            Some(range) => {
+        // teacher guided per row by the scale each training row draws, by its null class or by a weaker
+        // model (from data, the objective mixes the conditional velocity with the map's own unconditional
+        // one: `guided_data_velocity`).
+        let guided_teacher: Option<Box<dyn VelocityField + '_>> = match (self.train.guidance_range, self.guide) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(Error::arg(
+                    "a guiding model is distilled with a guidance range (--guidance-range LO,HI)",
+                ))
+            }
+            (Some(_), _) if arch.guidance().is_some() => {
+                return Err(Error::arg(match self.teacher {
+                    Some(_) => "the teacher already has a guidance input",
+                    None => "the initial network already has a guidance input",
+                }))
+            }
+            (Some(range), Some(weak)) => {
+                let Some(strong) = self.teacher else {
+                    return Err(Error::arg(format!(
+                        "'{method}' trains from data; a guiding model guides a teacher (use distill)"
+                    )));
+                };
+                check_guide(strong, weak)?;
+                arch = arch.with_guidance(range);
+                Some(Box::new(Autoguided::per_row(
+                    strong as &dyn VelocityField,
+                    weak as &dyn VelocityField,
+                )?))
+            }
+            (Some(range), None) => {
                 let Some(classes) = arch.num_classes() else {
                     return Err(Error::arg(match self.teacher {
-                        Some(_) => "a guidance range needs a class-conditional teacher (trained on labelled data)",
+                        Some(_) => "a guidance range needs a class-conditional teacher (trained on labelled data), or a guiding model (--guide-model)",
                         None => "a guidance range from data needs labelled data: the guided field mixes the conditional and the unconditional velocity",
                     }));
                 };
-                if arch.guidance().is_some() {
-                    return Err(Error::arg(match self.teacher {
-                        Some(_) => "the teacher already has a guidance input",
-                        None => "the initial network already has a guidance input",
-                    }));
-                }
                 if self.teacher.is_none() && self.train.label_dropout <= 0.0 {
                     return Err(Error::arg(
                         "guidance from data learns the unconditional velocity from dropped labels: set a label dropout above 0",
                     ));
                 }
                 arch = arch.with_guidance(range);
-                self.teacher.map(|t| Guided::per_row(t as &dyn VelocityField, classes))
+                self.teacher
+                    .map(|t| Box::new(Guided::per_row(t as &dyn VelocityField, classes)) as Box<dyn VelocityField>)
             }
         };
         let teacher_field: Option<&dyn VelocityField> = match &guided_teacher {
-            Some(g) => Some(g),
+            Some(g) => Some(&**g),
             None => self.teacher.map(|t| t as &dyn VelocityField),
         };
         if let Some(t) = self.teacher {
@@ -318,6 +370,9 @@ impl<'a> MapJob<'a> {
         });
         if let Some(t) = self.init {
             training["init"] = serde_json::Value::String(t.describe());
+        }
+        if let Some(g) = self.guide {
+            training["guide"] = serde_json::Value::String(g.describe());
         }
         let config = run_config(&training, &arch, self.data);
         let mut hook = |step: usize| monitor(step, &ema_net);

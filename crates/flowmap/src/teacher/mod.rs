@@ -13,7 +13,7 @@ use std::cell::Cell;
 use candle_core::Tensor;
 
 pub use gmm::GmmVelocity;
-pub use guided::Guided;
+pub use guided::{Autoguided, Guided};
 pub use net::VelocityNet;
 
 use crate::cond::Cond;
@@ -32,6 +32,18 @@ pub trait VelocityField {
 }
 
 impl<V: VelocityField + ?Sized> VelocityField for &V {
+    fn state_shape(&self) -> Vec<usize> {
+        (**self).state_shape()
+    }
+    fn velocity(&self, x: &Tensor, t: &Tensor, c: &Cond) -> Result<Tensor> {
+        (**self).velocity(x, t, c)
+    }
+    fn evals_per_call(&self) -> usize {
+        (**self).evals_per_call()
+    }
+}
+
+impl<V: VelocityField + ?Sized> VelocityField for Box<V> {
     fn state_shape(&self) -> Vec<usize> {
         (**self).state_shape()
     }
