@@ -34,6 +34,11 @@ const SHIPPED_TEACHER: &[u8] = include_bytes!("../assets/mnist-teacher.safetenso
 pub const TEACHER_COMMAND: &str =
     "flowmap teacher --data mnist --channels 16 --steps 3000 --batch 64 --lr 2e-3 --seed 0 --out teacher.safetensors";
 
+/// Writes the shipped teacher to `path` (atomically).
+pub fn write_shipped_teacher(path: &Path) -> Result<()> {
+    io::write_atomic(path, |w| w.write_all(SHIPPED_TEACHER))
+}
+
 /// The U-Net of the demo's teacher (and of [`TEACHER_COMMAND`]).
 pub fn teacher_arch() -> Arch {
     Arch::Unet(UnetConfig {
@@ -115,7 +120,7 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
     let data = DataSource::from_spec("mnist")?;
     let teacher_path = out.file("teacher.safetensors");
     match cfg.teacher_steps {
-        None => io::write_atomic(&teacher_path, |w| w.write_all(SHIPPED_TEACHER))?,
+        None => write_shipped_teacher(&teacher_path)?,
         Some(steps) => {
             let tcfg = TrainConfig {
                 steps,
@@ -256,7 +261,7 @@ fn fd_plot(out: &OutDir, r: &MnistReport) -> Result<()> {
 }
 
 /// A grid of the first 100 samples (ten per class, one row per class); returns its file name.
-fn write_grid(out: &OutDir, stem: &str, x: &candle_core::Tensor) -> Result<String> {
+pub(crate) fn write_grid(out: &OutDir, stem: &str, x: &candle_core::Tensor) -> Result<String> {
     let stem: String = stem
         .chars()
         .map(|c| {

@@ -95,6 +95,9 @@ enum BenchCommand {
     /// MNIST from scratch: a class-conditional U-Net teacher and every method of the family, FD, precision,
     /// recall and class accuracy against NFE.
     Mnist(MnistBenchArgs),
+    /// Guidance on MNIST: the teacher under classifier-free guidance and autoguidance, a guidance-distilled
+    /// map and guided MeanFlow, FD, precision, recall and class accuracy at each scale.
+    Guidance(GuidanceBenchArgs),
     /// Mutation fuzzing of every file loader: no panic, no allocation beyond what the file justifies.
     Fuzz(FuzzArgs),
 }
@@ -128,6 +131,36 @@ struct MnistBenchArgs {
     map_steps: usize,
     /// Samples per evaluation row.
     #[arg(long, default_value_t = 2000)]
+    n_eval: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct GuidanceBenchArgs {
+    /// Output folder.
+    #[arg(long, default_value = "bench/guidance")]
+    out: PathBuf,
+    /// The class-conditional teacher (default: the shipped MNIST teacher).
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// Guidance scales measured, comma-separated (each inside --range).
+    #[arg(long, default_value = "1,1.5,2,3,4")]
+    scales: String,
+    /// The maps' guidance range LO,HI.
+    #[arg(long, default_value = "1,4")]
+    range: String,
+    /// Steps of each map (batch 32).
+    #[arg(long, default_value_t = 1500)]
+    map_steps: usize,
+    /// Steps of the autoguidance model (batch 64).
+    #[arg(long, default_value_t = 600)]
+    weak_steps: usize,
+    /// First-level channels of the autoguidance model.
+    #[arg(long, default_value_t = 8)]
+    weak_channels: usize,
+    /// Samples per evaluation row.
+    #[arg(long, default_value_t = 500)]
     n_eval: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -306,17 +339,22 @@ impl GuidanceFlags {
     }
 }
 
-/// `LO,HI` or `W` (the range `[W, W]`).
+/// `LO,HI` or `W` (the range `[W, W]`) of `--guidance-range`.
 fn parse_guidance_range(s: &str) -> Result<[f64; 2]> {
+    parse_range(s, "--guidance-range")
+}
+
+/// A guidance range `LO,HI` or `W` given to `flag`.
+fn parse_range(s: &str, flag: &str) -> Result<[f64; 2]> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
     let num = |p: &str| -> Result<f64> {
         p.parse::<f64>()
-            .map_err(|_| anyhow::anyhow!("--guidance-range {s}: '{p}' is not a number (expected LO,HI or W)"))
+            .map_err(|_| anyhow::anyhow!("{flag} {s}: '{p}' is not a number (expected LO,HI or W)"))
     };
     let range = match parts[..] {
         [w] => [num(w)?; 2],
         [lo, hi] => [num(lo)?, num(hi)?],
-        _ => bail!("--guidance-range {s}: expected LO,HI or W"),
+        _ => bail!("{flag} {s}: expected LO,HI or W"),
     };
     flowmap::backbone::check_guidance_range(range)?;
     Ok(range)
@@ -748,6 +786,39 @@ fn run_command(cli: Cli) -> Result<()> {
             let report = demo_mnist::run(&a.out, &cfg, &device, show)?;
             print!("{}", report::image_table(&report.rows));
             println!("{:.0} s; wrote {}", report.seconds, a.out.join("report.md").display());
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Guidance(a)) => {
+            if a.map_steps == 0 || a.weak_steps == 0 || a.n_eval < 10 {
+                bail!("bench budgets must be positive (and --n-eval at least 10)");
+            }
+            let scales = a
+                .scales
+                .split(',')
+                .map(|p| {
+                    p.trim()
+                        .parse::<f64>()
+                        .map_err(|_| anyhow::anyhow!("--scales {}: '{p}' is not a number", a.scales))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if let Some(t) = &a.teacher {
+                if !t.is_file() {
+                    bail!("--teacher {}: no such file", t.display());
+                }
+            }
+            let cfg = bench::guidance::GuidanceConfig {
+                teacher: a.teacher.clone(),
+                scales,
+                range: parse_range(&a.range, "--range")?,
+                map_steps: a.map_steps,
+                weak_steps: a.weak_steps,
+                weak_channels: a.weak_channels,
+                n_eval: a.n_eval,
+                seed: a.seed,
+                ..Default::default()
+            };
+            let report = bench::guidance::run(&a.out, &cfg, &device, show)?;
+            println!("{:.0} s; wrote {}", report.seconds, a.out.join("guidance.md").display());
             Ok(())
         }
         Command::Bench(BenchCommand::Fuzz(a)) => {

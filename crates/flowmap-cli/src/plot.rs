@@ -110,6 +110,101 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
+/// Curves on a linear x axis and a logarithmic y axis, each point tagged with its label (e.g. FD against
+/// class accuracy, one curve per sampler, one point per guidance scale). `labels[i][j]` tags point `j` of
+/// curve `i`.
+pub fn lin_log_tagged_lines(
+    path: &Path,
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[Series],
+    labels: &[Vec<String>],
+) -> Result<()> {
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|p| p.0.is_finite() && p.1 > 0.0)
+        .collect();
+    if all.is_empty() {
+        return Err(perr(path, "nothing to plot"));
+    }
+    let (x0, x1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
+    let (y0, y1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
+    let pad = ((x1 - x0) * 0.08).max(0.5);
+    render(path, (820, 560), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(45)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x0 - pad..x1 + pad, (y0 / 1.3..y1 * 1.3).log_scale())
+            .map_err(|e| perr(path, e))?;
+        chart
+            .configure_mesh()
+            .x_desc(xlabel)
+            .y_desc(ylabel)
+            .label_style(("sans-serif", 14))
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .draw()
+            .map_err(|e| perr(path, e))?;
+        for (i, s) in series.iter().enumerate() {
+            let c = PALETTE[i % PALETTE.len()];
+            let pts: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .copied()
+                .filter(|p| p.0.is_finite() && p.1 > 0.0)
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+                .map_err(|e| perr(path, e))?
+                .label(s.name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
+                .map_err(|e| perr(path, e))?;
+            let tags = labels.get(i).cloned().unwrap_or_default();
+            chart
+                .draw_series(
+                    pts.iter()
+                        .zip(tags)
+                        .map(|(&p, tag)| Text::new(tag, p, ("sans-serif", 12).into_font().color(&c)).into_dyn()),
+                )
+                .map_err(|e| perr(path, e))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(|e| perr(path, e))?;
+        Ok(())
+    })
+}
+
+/// Curve colours, in order.
+const PALETTE: [RGBColor; 12] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+    RGBColor(20, 40, 110),
+    RGBColor(174, 199, 232),
+];
+
 /// Curves on log–log axes (e.g. energy distance against NFE).
 pub fn loglog_lines(path: &Path, title: &str, xlabel: &str, ylabel: &str, series: &[Series]) -> Result<()> {
     loglog_lines_with_levels(path, title, xlabel, ylabel, series, &[])
@@ -144,20 +239,6 @@ pub fn loglog_lines_with_levels(
     let (y0, y1) = all
         .iter()
         .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
-    let palette = [
-        RGBColor(31, 119, 180),
-        RGBColor(214, 39, 40),
-        RGBColor(44, 160, 44),
-        RGBColor(255, 127, 14),
-        RGBColor(148, 103, 189),
-        RGBColor(140, 86, 75),
-        RGBColor(227, 119, 194),
-        RGBColor(127, 127, 127),
-        RGBColor(188, 189, 34),
-        RGBColor(23, 190, 207),
-        RGBColor(20, 40, 110),
-        RGBColor(174, 199, 232),
-    ];
     render(path, (820, 560), |root| {
         let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 22))
@@ -176,7 +257,7 @@ pub fn loglog_lines_with_levels(
             .draw()
             .map_err(|e| perr(path, e))?;
         for (i, s) in series.iter().enumerate() {
-            let c = palette[i % palette.len()];
+            let c = PALETTE[i % PALETTE.len()];
             let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|p| p.0 > 0.0 && p.1 > 0.0).collect();
             chart
                 .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))

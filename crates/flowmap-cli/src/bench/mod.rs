@@ -1,11 +1,15 @@
 //! Benchmarks that train for real and write JSON and Markdown (never run as tests).
 //!
+//! `guidance` ([`guidance`]): classifier-free guidance and autoguidance on MNIST, teacher and maps, at each
+//! scale.
+//!
 //! `ablation`: the discrete distillation's free choices — ε (fixed or annealed), the (t, s) law and the
 //! diagonal fraction, the weighting and the target network — each varied alone from the defaults, measured
 //! by distilling the analytic Gaussian-mixture teacher at a fixed budget and scoring the result against
 //! its exact flow map.
 
 pub mod fuzz;
+pub mod guidance;
 mod speed;
 mod speed_unet;
 
