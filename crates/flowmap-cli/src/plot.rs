@@ -129,12 +129,7 @@ pub fn lin_log_tagged_lines(
     if all.is_empty() {
         return Err(perr(path, "nothing to plot"));
     }
-    let (x0, x1) = all
-        .iter()
-        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
-    let (y0, y1) = all
-        .iter()
-        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
+    let ((x0, x1), (y0, y1)) = extent(&all);
     let pad = ((x1 - x0) * 0.08).max(0.5);
     render(path, (820, 560), |root| {
         let mut chart = ChartBuilder::on(root)
@@ -189,6 +184,16 @@ pub fn lin_log_tagged_lines(
     })
 }
 
+/// The ranges `((x min, x max), (y min, y max))` of `points`.
+fn extent(points: &[(f64, f64)]) -> ((f64, f64), (f64, f64)) {
+    let (mut x, mut y) = ((f64::MAX, f64::MIN), (f64::MAX, f64::MIN));
+    for &(a, b) in points {
+        x = (x.0.min(a), x.1.max(a));
+        y = (y.0.min(b), y.1.max(b));
+    }
+    (x, y)
+}
+
 /// Curve colours, in order.
 const PALETTE: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
@@ -233,12 +238,7 @@ pub fn loglog_lines_with_levels(
     if all.is_empty() {
         return Err(perr(path, "nothing to plot"));
     }
-    let (x0, x1) = all
-        .iter()
-        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
-    let (y0, y1) = all
-        .iter()
-        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
+    let ((x0, x1), (y0, y1)) = extent(&all);
     render(path, (820, 560), |root| {
         let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 22))

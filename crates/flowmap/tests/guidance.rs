@@ -272,13 +272,7 @@ fn one_distilled_map_serves_every_scale_of_its_range() {
     });
     let job = MapJob {
         teacher: Some(&teacher),
-        train: TrainConfig {
-            steps: 1500,
-            batch_size: 256,
-            warmup_steps: 50,
-            guidance_range: Some([1.0, 3.0]),
-            ..TrainConfig::default()
-        },
+        train: range_training(),
         arch,
         ..MapJob::new(Method::Emd, &data)
     };
@@ -289,6 +283,17 @@ fn one_distilled_map_serves_every_scale_of_its_range() {
     let c = Cond::from_classes(&l, 3, &Device::Cpu).unwrap();
     let g = GmmVelocity::new(mixture());
     assert_serves_its_range(&trained.net, &c, 0.0, |w| Box::new(Guided::new(&g, w, 3).unwrap()));
+}
+
+/// 1,500 steps at batch 256, each row's scale drawn from [1, 3].
+fn range_training() -> TrainConfig {
+    TrainConfig {
+        steps: 1500,
+        batch_size: 256,
+        warmup_steps: 50,
+        guidance_range: Some([1.0, 3.0]),
+        ..TrainConfig::default()
+    }
 }
 
 /// One step from noise to `s` of the guided map `net` at w = 1 and at w = 3, against Φ_{1→s} of the guided
@@ -413,13 +418,7 @@ fn autoguidance_distils_into_one_unconditional_map_for_every_scale() {
     let job = MapJob {
         teacher: Some(&strong),
         guide: Some(&weak),
-        train: TrainConfig {
-            steps: 1500,
-            batch_size: 256,
-            warmup_steps: 50,
-            guidance_range: Some([1.0, 3.0]),
-            ..TrainConfig::default()
-        },
+        train: range_training(),
         arch: Arch::Mlp(MlpConfig {
             hidden: 128,
             ..MlpConfig::new(2)
