@@ -332,11 +332,13 @@ impl GuidanceFlags {
         if self.guidance.is_none() {
             bail!("--guide-model guides at a scale: give it with --guidance w");
         }
-        let spec = p.to_string_lossy();
-        Ok(Some(
-            Teacher::load(&spec, device).map_err(|e| anyhow::anyhow!("--guide-model: {e}"))?,
-        ))
+        load_guide(p, device).map(Some)
     }
+}
+
+/// The model `--guide-model` names.
+fn load_guide(path: &Path, device: &Device) -> Result<Teacher> {
+    Teacher::load(&path.to_string_lossy(), device).map_err(|e| anyhow::anyhow!("--guide-model: {e}"))
 }
 
 /// `LO,HI` or `W` (the range `[W, W]`) of `--guidance-range`.
@@ -985,11 +987,7 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
         Some(d) => d,
         None => teacher.data()?,
     };
-    let guide = a
-        .guide_model
-        .as_ref()
-        .map(|p| Teacher::load(&p.to_string_lossy(), device).map_err(|e| anyhow::anyhow!("--guide-model: {e}")))
-        .transpose()?;
+    let guide = a.guide_model.as_deref().map(|p| load_guide(p, device)).transpose()?;
     let job = MapJob {
         teacher: Some(&teacher),
         guide: guide.as_ref(),
@@ -1547,7 +1545,7 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
         Model::Teacher(_) => None,
     };
     if model.state_shape().len() == 3 {
-        return eval_images(&a, &model, &data, &nfes, sampler, device);
+        return eval_images(&a, &model, weak.as_ref(), &data, &nfes, sampler, device);
     }
     if a.classifier.is_some() {
         bail!("--classifier applies to image models");
@@ -1645,6 +1643,7 @@ fn load_classifier(path: Option<&Path>, device: &Device) -> Result<flowmap::clas
 fn eval_images(
     a: &EvalArgs,
     model: &Model,
+    weak: Option<&Teacher>,
     data: &DataSource,
     nfes: &[usize],
     sampler: Option<Sampler>,
@@ -1679,8 +1678,7 @@ fn eval_images(
                 Some(g) => format!("teacher ({g})"),
                 None => "teacher".into(),
             };
-            let weak = a.guide.load(device)?;
-            let field = guided(t, a.guide.guidance, weak.as_ref(), classes)?;
+            let field = guided(t, a.guide.guidance, weak, classes)?;
             ev.teacher(&name, &*field, classes, &solvers, device)?
         }
     };

@@ -147,41 +147,73 @@ pub fn lin_log_tagged_lines(
             .y_label_formatter(&|v| format!("{v:.0}"))
             .draw()
             .map_err(|e| perr(path, e))?;
-        for (i, s) in series.iter().enumerate() {
-            let c = PALETTE[i % PALETTE.len()];
-            let pts: Vec<(f64, f64)> = s
-                .points
-                .iter()
-                .copied()
-                .filter(|p| p.0.is_finite() && p.1 > 0.0)
-                .collect();
-            chart
-                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-                .map_err(|e| perr(path, e))?
-                .label(s.name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-            chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
-                .map_err(|e| perr(path, e))?;
-            let tags = labels.get(i).cloned().unwrap_or_default();
-            chart
-                .draw_series(
-                    pts.iter()
-                        .zip(tags)
-                        .map(|(&p, tag)| Text::new(tag, p, ("sans-serif", 12).into_font().color(&c)).into_dyn()),
-                )
-                .map_err(|e| perr(path, e))?;
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(|e| perr(path, e))?;
-        Ok(())
+        draw_curves(&mut chart, series, labels, |p| p.0.is_finite() && p.1 > 0.0, path)?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft, path)
     })
+}
+
+/// Each series as a line in palette order with its points marked, its legend entry, and, where `tags` has
+/// them, each point's label beside it; points failing `keep` (outside the axes' domain) are left out
+/// together with their labels.
+fn draw_curves<'a, X, Y>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>,
+    series: &[Series],
+    tags: &[Vec<String>],
+    keep: fn(&(f64, f64)) -> bool,
+    path: &Path,
+) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (i, s) in series.iter().enumerate() {
+        let c = PALETTE[i % PALETTE.len()];
+        let no_tags = Vec::new();
+        let labels = tags.get(i).unwrap_or(&no_tags);
+        let kept: Vec<((f64, f64), Option<&String>)> = s
+            .points
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| keep(p))
+            .map(|(j, &p)| (p, labels.get(j)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(kept.iter().map(|k| k.0), c.stroke_width(2)))
+            .map_err(|e| perr(path, e))?
+            .label(s.name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        chart
+            .draw_series(kept.iter().map(|k| Circle::new(k.0, 4, c.filled())))
+            .map_err(|e| perr(path, e))?;
+        chart
+            .draw_series(
+                kept.iter().filter_map(|(p, tag)| {
+                    tag.map(|t| Text::new(t.clone(), *p, ("sans-serif", 12).into_font().color(&c)))
+                }),
+            )
+            .map_err(|e| perr(path, e))?;
+    }
+    Ok(())
+}
+
+/// The series' legend, boxed, at `position`.
+fn draw_legend<'a, X, Y>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>,
+    position: SeriesLabelPosition,
+    path: &Path,
+) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(position)
+        .draw()
+        .map_err(|e| perr(path, e))
 }
 
 /// The ranges `((x min, x max), (y min, y max))` of `points`.
@@ -256,18 +288,7 @@ pub fn loglog_lines_with_levels(
             .x_label_formatter(&|v| format!("{v:.0}"))
             .draw()
             .map_err(|e| perr(path, e))?;
-        for (i, s) in series.iter().enumerate() {
-            let c = PALETTE[i % PALETTE.len()];
-            let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|p| p.0 > 0.0 && p.1 > 0.0).collect();
-            chart
-                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-                .map_err(|e| perr(path, e))?
-                .label(s.name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-            chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
-                .map_err(|e| perr(path, e))?;
-        }
+        draw_curves(&mut chart, series, &[], |p| p.0 > 0.0 && p.1 > 0.0, path)?;
         for (i, (name, v)) in levels.iter().map(|l| (&l.0, l.1)).enumerate() {
             let c = if i == 0 { BLACK } else { RGBColor(150, 150, 150) };
             chart
@@ -281,15 +302,7 @@ pub fn loglog_lines_with_levels(
                 .label(name.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(|e| perr(path, e))?;
-        Ok(())
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight, path)
     })
 }
 

@@ -77,6 +77,17 @@ impl Cond {
         Cond::labels(Tensor::full(num_classes as u32, b, device)?)
     }
 
+    /// The same `b` rows with every label the null class `num_classes`, the guidance scales kept (checked
+    /// already, so not checked again).
+    pub fn to_null(&self, b: usize, num_classes: usize, device: &Device) -> Result<Self> {
+        let out = Cond {
+            guidance: self.guidance.clone(),
+            ..Cond::null(b, num_classes, device)?
+        };
+        out.check_rows(b)?;
+        Ok(out)
+    }
+
     /// The same condition with a guidance scale per row, `w`: `B × 1` (or `B`), finite and `≥ 0`.
     pub fn with_guidance(&self, w: &Tensor) -> Result<Self> {
         let b = w.dim(0)?;

@@ -141,7 +141,6 @@ pub fn run(out: &Path, cfg: &GuidanceConfig, device: &Device, show: bool) -> Res
     let mut train_seconds = vec![];
 
     // The autoguidance model: the teacher's recipe, smaller and shorter.
-    let weak_path = out.file("weak.safetensors");
     let weak_arch = Arch::Unet(UnetConfig {
         channels: cfg.weak_channels,
         num_classes: Some(classes),
@@ -159,8 +158,8 @@ pub fn run(out: &Path, cfg: &GuidanceConfig, device: &Device, show: bool) -> Res
     let w = pipeline::train_teacher(&data, &weak_arch, &tcfg, device, &report::ImageBar::new(&pb, 64))?;
     pb.finish_and_clear();
     train_seconds.push(("weak model".to_string(), t0.elapsed().as_secs_f64()));
-    w.save(&weak_path)?;
-    let weak = Teacher::load(&weak_path.to_string_lossy(), device)?;
+    w.save(&out.file("weak.safetensors"))?;
+    let weak = w.into_teacher();
     pipeline::check_guide(&teacher, &weak)?;
 
     // The two maps, each over the whole range.

@@ -258,8 +258,8 @@ pub(crate) fn guided_data_velocity<M: FlowMap + ?Sized>(
         ));
     };
     let b = x.dim(0)?;
-    let null = Cond::null(b, classes, x.device())?.with_guidance(w)?;
-    let unconditional = no_grad(|| cx.target.average_velocity(x, t, t, &null))?.detach();
+    let null = cond.to_null(b, classes, x.device())?;
+    let unconditional = no_grad(|| cx.target.average_velocity(x, t, t, &null))?;
     // `m (1 − ω)` per row, `m = 0` on the null-class rows: `ṽ = v_c + m (1 − ω)·(F⁻(∅) − v_c)`.
     let labelled = labels.ne(classes as u32)?.to_dtype(vc.dtype())?.reshape((b, 1))?;
     let gain = (w.to_dtype(vc.dtype())?.affine(-1.0, 1.0)? * labelled)?;

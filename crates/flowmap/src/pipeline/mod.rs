@@ -101,7 +101,8 @@ impl Teacher {
     /// The number of classes of a class-conditional teacher (its null class is this index).
     pub fn num_classes(&self) -> Option<usize> {
         match self {
-            // Labelled, class `k` is component `k`; unlabelled it is the whole mixture.
+            // The analytic mixture has no class embedding: it is conditional only through the labels a
+            // batch brings (class `k` its component `k`), and holds no class count of its own.
             Teacher::Gmm(_) => None,
             Teacher::Net { meta, .. } => meta.arch.num_classes(),
         }

@@ -19,13 +19,7 @@ use crate::{Error, Result};
 
 /// Errors unless `weak` can guide `strong`: the same states, classes and probability path.
 pub fn check_guide(strong: &Teacher, weak: &Teacher) -> Result<()> {
-    if strong.state_shape() != weak.state_shape() {
-        return Err(Error::arg(format!(
-            "the guiding model's states are {:?}, the guided model's {:?}: autoguidance needs two models of the same data",
-            weak.state_shape(),
-            strong.state_shape()
-        )));
-    }
+    crate::teacher::check_same_states(strong, weak)?;
     if strong.num_classes() != weak.num_classes() {
         let n = |c: Option<usize>| c.map_or("no classes".to_string(), |c| format!("{c} classes"));
         return Err(Error::arg(format!(

@@ -131,14 +131,19 @@ impl<V: VelocityField, W: VelocityField> Autoguided<V, W> {
     }
 
     fn check(strong: &V, weak: &W) -> Result<()> {
-        let (a, b) = (strong.state_shape(), weak.state_shape());
-        if a != b {
-            return Err(Error::arg(format!(
-                "the guiding model's states are {b:?}, the guided model's {a:?}: autoguidance needs two models of the same data"
-            )));
-        }
-        Ok(())
+        check_same_states(strong, weak)
     }
+}
+
+/// Errors unless `weak` and `strong` model states of one shape.
+pub(crate) fn check_same_states(strong: &dyn VelocityField, weak: &dyn VelocityField) -> Result<()> {
+    let (a, b) = (strong.state_shape(), weak.state_shape());
+    if a != b {
+        return Err(Error::arg(format!(
+            "the guiding model's states are {b:?}, the guided model's {a:?}: autoguidance needs two models of the same data"
+        )));
+    }
+    Ok(())
 }
 
 impl<V: VelocityField, W: VelocityField> VelocityField for Autoguided<V, W> {

@@ -13,6 +13,7 @@ use std::cell::Cell;
 use candle_core::Tensor;
 
 pub use gmm::GmmVelocity;
+pub(crate) use guided::check_same_states;
 pub use guided::{Autoguided, Guided};
 pub use net::VelocityNet;
 
