@@ -34,6 +34,9 @@ const SHIPPED_TEACHER: &[u8] = include_bytes!("../assets/mnist-teacher.safetenso
 pub const TEACHER_COMMAND: &str =
     "flowmap teacher --data mnist --channels 16 --steps 3000 --batch 64 --lr 2e-3 --seed 0 --out teacher.safetensors";
 
+/// The shipped teacher's training steps (at batch 64), as in [`TEACHER_COMMAND`].
+pub const SHIPPED_TEACHER_STEPS: usize = 3000;
+
 /// Writes the shipped teacher to `path` (atomically).
 pub fn write_shipped_teacher(path: &Path) -> Result<()> {
     io::write_atomic(path, |w| w.write_all(SHIPPED_TEACHER))
@@ -51,6 +54,8 @@ pub fn teacher_arch() -> Arch {
 /// The run's budget.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MnistConfig {
+    /// `flowmap bench mnist` (every method, the issue's acceptance checks) rather than the demo.
+    pub bench: bool,
     /// Train the teacher for this many steps (batch 64) instead of starting from the shipped one.
     pub teacher_steps: Option<usize>,
     /// The flow maps, in order.
@@ -64,8 +69,10 @@ pub struct MnistConfig {
     pub nfes: Vec<usize>,
     /// Relative tolerance of the teacher's dopri5 row.
     pub dopri5_tol: f64,
-    /// Train the data-only methods from scratch for the teacher's and a distillation's steps together (an
-    /// equal budget), instead of fine-tuning them from the teacher.
+    /// Train the data-only methods from scratch for the teacher's and a distillation's steps together,
+    /// instead of fine-tuning them from the teacher for a distillation's steps. Either way they see the
+    /// teacher's budget plus a distillation's, and only data: the teacher's weights are flow matching on the
+    /// same digits, the `s → t` limit of every map.
     pub data_only_from_scratch: bool,
     pub seed: u64,
 }
@@ -74,6 +81,7 @@ impl MnistConfig {
     /// `flowmap demo mnist`: inside 15 minutes on two cores.
     pub fn demo() -> Self {
         MnistConfig {
+            bench: false,
             teacher_steps: None,
             methods: vec![Method::Emd, Method::Meanflow, Method::Lmd],
             map_steps: 300,
@@ -87,11 +95,12 @@ impl MnistConfig {
         }
     }
 
-    /// `flowmap bench mnist`: a teacher trained here and every method of the family, the data-only ones
-    /// from scratch at the teacher's and a distillation's budget together.
-    pub fn bench(teacher_steps: usize, map_steps: usize, n_eval: usize, seed: u64) -> Self {
+    /// `flowmap bench mnist`: a teacher trained here (or the shipped one, `None`) and every method of the
+    /// family, the data-only ones from scratch at the teacher's and a distillation's budget together.
+    pub fn bench(teacher_steps: Option<usize>, map_steps: usize, n_eval: usize, seed: u64) -> Self {
         MnistConfig {
-            teacher_steps: Some(teacher_steps),
+            bench: true,
+            teacher_steps,
             methods: Method::ALL.to_vec(),
             map_steps,
             batch_size: 64,
@@ -103,12 +112,31 @@ impl MnistConfig {
             seed,
         }
     }
+
+    /// The teacher's training steps, trained here or shipped.
+    pub fn teacher_budget(&self) -> usize {
+        self.teacher_steps.unwrap_or(SHIPPED_TEACHER_STEPS)
+    }
+}
+
+/// How one model was trained.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Training {
+    pub model: String,
+    /// Steps of this run (the teacher's before it not counted).
+    pub steps: usize,
+    /// Where its weights started: `teacher` (fine-tuned), `scratch`, or `shipped` for the teacher.
+    pub init: String,
+    /// Steps of data (teacher and map together) behind the model.
+    pub total_steps: usize,
+    pub seconds: f64,
 }
 
 /// What the run measured.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MnistReport {
     pub config: MnistConfig,
+    pub training: Vec<Training>,
     pub rows: Vec<ImageRow>,
     pub checkpoints: Vec<String>,
     pub seconds: f64,
@@ -119,6 +147,7 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
     let out = OutDir::create(out)?;
     let data = DataSource::from_spec("mnist")?;
     let teacher_path = out.file("teacher.safetensors");
+    let clock = Instant::now();
     match cfg.teacher_steps {
         None => write_shipped_teacher(&teacher_path)?,
         Some(steps) => {
@@ -136,12 +165,24 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
         }
     }
     let teacher = Teacher::load(&teacher_path.to_string_lossy(), device)?;
+    let mut training = vec![Training {
+        model: "teacher".into(),
+        steps: cfg.teacher_budget(),
+        init: if cfg.teacher_steps.is_some() {
+            "scratch"
+        } else {
+            "shipped"
+        }
+        .into(),
+        total_steps: cfg.teacher_budget(),
+        seconds: clock.elapsed().as_secs_f64(),
+    }];
     let mut checkpoints = vec!["teacher.safetensors".to_string()];
     let mut maps = Vec::new();
     for &method in &cfg.methods {
         let scratch = cfg.data_only_from_scratch && !method.needs_teacher();
         let steps = if scratch {
-            cfg.map_steps + cfg.teacher_steps.unwrap_or(0)
+            cfg.map_steps + cfg.teacher_budget()
         } else {
             cfg.map_steps
         };
@@ -177,8 +218,16 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
             }
         };
         let pb = progress_bar(steps as u64, method.name(), show);
+        let clock = Instant::now();
         let m = job.run(&report::ImageBar::new(&pb, cfg.batch_size))?;
         pb.finish_and_clear();
+        training.push(Training {
+            model: method.name().into(),
+            steps,
+            init: if scratch { "scratch" } else { "teacher" }.into(),
+            total_steps: if scratch { steps } else { steps + cfg.teacher_budget() },
+            seconds: clock.elapsed().as_secs_f64(),
+        });
         let name = format!("{}.safetensors", method.name());
         m.save(&out.file(&name))?;
         checkpoints.push(name);
@@ -214,6 +263,7 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
     }
     let report = MnistReport {
         config: cfg.clone(),
+        training,
         rows,
         checkpoints,
         seconds: start.elapsed().as_secs_f64(),
@@ -224,6 +274,80 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
 }
 
 /// FD against NFE, one curve per model (the teacher's dopri5 and the data floor as levels).
+/// The image issue's acceptance checks, each with its numbers.
+fn acceptance(r: &MnistReport) -> String {
+    let maps: Vec<&ImageRow> = r.rows.iter().filter(|x| x.model != "teacher" && x.nfe > 0).collect();
+    let teacher = |f: &dyn Fn(&ImageRow) -> bool| r.rows.iter().find(|x| x.model == "teacher" && f(x));
+    let dopri5 = teacher(&|x| x.sampler.starts_with("dopri5"));
+    let euler8 = teacher(&|x| x.sampler == "euler×8");
+    let best = |nfe: usize| {
+        maps.iter()
+            .filter(|x| x.nfe == nfe)
+            .min_by(|a, b| a.metrics.fd.total_cmp(&b.metrics.fd))
+            .copied()
+    };
+    let verdict = |ok: bool| if ok { "**met**" } else { "**missed**" };
+    let mut md = String::from("## Acceptance\n\n");
+    if let (Some(b), Some(e)) = (best(1), euler8) {
+        md += &format!(
+            "- FD of the best 1-NFE map ({}: {:.2}) below the teacher's Euler-8 FD ({:.2}): {} ({:.2}×).\n",
+            b.model,
+            b.metrics.fd,
+            e.metrics.fd,
+            verdict(b.metrics.fd < e.metrics.fd),
+            b.metrics.fd / e.metrics.fd
+        );
+    }
+    if let (Some(b), Some(d)) = (best(2), dopri5) {
+        let ratio = b.metrics.fd / d.metrics.fd;
+        md += &format!(
+            "- The best 2-NFE map ({}: {:.2}) within 1.5× of the teacher's dopri5 FD ({:.2}, {} NFE): {} ({ratio:.2}×).\n",
+            b.model,
+            b.metrics.fd,
+            d.metrics.fd,
+            d.nfe,
+            verdict(ratio <= 1.5)
+        );
+    }
+    if let Some(d) = dopri5.and_then(|d| d.metrics.accuracy) {
+        let off: Vec<String> = maps
+            .iter()
+            .filter_map(|x| {
+                let a = x.metrics.accuracy?;
+                (100.0 * (d - a) > 2.0).then(|| format!("{} at {} NFE ({:.1}%)", x.model, x.nfe, 100.0 * a))
+            })
+            .collect();
+        md += &format!(
+            "- Class accuracy of the maps' samples within 2 points of the teacher's dopri5 ({:.1}%): {} ({} of {} rows within){}.\n",
+            100.0 * d,
+            verdict(off.is_empty()),
+            maps.len() - off.len(),
+            maps.len(),
+            if off.is_empty() {
+                String::new()
+            } else {
+                format!("; below it: {}", off.join(", "))
+            }
+        );
+    }
+    let distilled = r.training.iter().find(|t| t.init == "teacher" && t.model != "meanflow");
+    if let (Some(mf), Some(d)) = (r.training.iter().find(|t| t.model == "meanflow"), distilled) {
+        md += &format!(
+            "- MeanFlow from data alone at the budget of teacher plus distillation: {} steps of data \
+             ({}) against the teacher's {} plus a distillation's {}.\n",
+            mf.total_steps,
+            if mf.init == "scratch" {
+                "from scratch"
+            } else {
+                "fine-tuned from the flow-matching teacher"
+            },
+            r.config.teacher_budget(),
+            d.steps
+        );
+    }
+    md + "\n"
+}
+
 fn fd_plot(out: &OutDir, r: &MnistReport) -> Result<()> {
     let mut series: Vec<crate::plot::Series> = Vec::new();
     let mut levels = Vec::new();
@@ -284,9 +408,22 @@ fn write_report(out: &OutDir, r: &MnistReport, clf: &Classifier, figures: &[Stri
         None => format!("the shipped teacher, which `{TEACHER_COMMAND}` reproduces"),
         Some(s) => format!("a teacher trained here for {s} steps at batch 64"),
     };
+    let data_only = if c.data_only_from_scratch {
+        format!(
+            "the data-only ones trained from scratch for the teacher's steps and a distillation's together ({})",
+            c.teacher_budget() + c.map_steps
+        )
+    } else {
+        "the data-only ones fine-tuned from the teacher on data".to_string()
+    };
+    let title = if c.bench {
+        "flowmap bench mnist"
+    } else {
+        "flowmap demo: MNIST"
+    };
     let mut md = format!(
-        "# flowmap demo: MNIST\n\nA class-conditional U-Net teacher ({teacher}) and flow maps {} trained for {} steps at batch {} \
-         (EMD/LMD distilled from the teacher, MeanFlow fine-tuned from it on data).\n\n\
+        "# {title}\n\nA class-conditional U-Net teacher ({teacher}) and flow maps {} trained for {} steps at batch {} \
+         (the teacher-based ones distilled from the teacher, {data_only}).\n\n\
          Metrics on {} samples per row (classes `i mod 10`) against {} held-out digits, in the features of the \
          shipped MNIST classifier (held-out accuracy {:.2}%). FD is a Fréchet distance in those features (not \
          an Inception FID); the first row is the data's own floor.\n\n",
@@ -297,6 +434,17 @@ fn write_report(out: &OutDir, r: &MnistReport, clf: &Classifier, figures: &[Stri
         c.n_eval,
         100.0 * clf.meta.heldout_accuracy
     );
+    md += "| model | started from | steps | steps of data behind it | training seconds |\n|---|---|---:|---:|---:|\n";
+    for t in &r.training {
+        md += &format!(
+            "| {} | {} | {} | {} | {:.0} |\n",
+            t.model, t.init, t.steps, t.total_steps, t.seconds
+        );
+    }
+    md += "\n";
+    if c.bench {
+        md += &acceptance(r);
+    }
     md += &report::image_table(&r.rows);
     md += &format!("\nTotal time: {:.0} s.\n\nCheckpoints: {}.\n\n![FD against NFE](fd-vs-nfe.png)\n\n## Samples (one row per class)\n\n", r.seconds, r.checkpoints.join(", "));
     for f in figures {

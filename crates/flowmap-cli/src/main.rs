@@ -124,16 +124,36 @@ struct MnistBenchArgs {
     #[arg(long, default_value = "bench/mnist")]
     out: PathBuf,
     /// Teacher steps (batch 64).
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 3000, conflicts_with = "shipped_teacher")]
     teacher_steps: usize,
+    /// Start from the shipped teacher (the same recipe at 3000 steps, trained by an earlier build) instead
+    /// of training one.
+    #[arg(long)]
+    shipped_teacher: bool,
     /// Steps of each distillation (the data-only methods train for the teacher's and these together).
     #[arg(long, default_value_t = 1000)]
     map_steps: usize,
+    /// Batch size of the maps.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// The data-only methods (meanflow, self-lmd, shortcut): trained from scratch for the teacher's steps
+    /// and a distillation's, or fine-tuned from the flow-matching teacher for a distillation's.
+    #[arg(long, value_enum, default_value = "scratch")]
+    data_only: DataOnlyInit,
+    /// Methods, comma-separated (default: every one).
+    #[arg(long, value_delimiter = ',')]
+    methods: Vec<String>,
     /// Samples per evaluation row.
     #[arg(long, default_value_t = 2000)]
     n_eval: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DataOnlyInit {
+    Scratch,
+    Finetune,
 }
 
 #[derive(Args)]
@@ -781,10 +801,16 @@ fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(BenchCommand::Mnist(a)) => {
-            if a.teacher_steps == 0 || a.map_steps == 0 || a.n_eval < 10 {
+            if a.teacher_steps == 0 || a.map_steps == 0 || a.batch == 0 || a.n_eval < 10 {
                 bail!("bench budgets must be positive (and --n-eval at least 10)");
             }
-            let cfg = demo_mnist::MnistConfig::bench(a.teacher_steps, a.map_steps, a.n_eval, a.seed);
+            let teacher_steps = (!a.shipped_teacher).then_some(a.teacher_steps);
+            let mut cfg = demo_mnist::MnistConfig::bench(teacher_steps, a.map_steps, a.n_eval, a.seed);
+            cfg.batch_size = a.batch;
+            cfg.data_only_from_scratch = matches!(a.data_only, DataOnlyInit::Scratch);
+            if !a.methods.is_empty() {
+                cfg.methods = a.methods.iter().map(|m| m.parse()).collect::<flowmap::Result<_>>()?;
+            }
             let report = demo_mnist::run(&a.out, &cfg, &device, show)?;
             print!("{}", report::image_table(&report.rows));
             println!("{:.0} s; wrote {}", report.seconds, a.out.join("report.md").display());

@@ -897,6 +897,64 @@ fn loaders_survive_a_short_fuzz_run() {
     );
 }
 
+/// `flowmap bench mnist` at a toy budget: a report with every chosen method's training, the acceptance
+/// checks and the budget behind the data-only map; bad methods and budgets are one-line errors.
+#[test]
+fn bench_mnist_reports_its_budget_and_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mnist");
+    ok(bin()
+        .args(["bench", "mnist", "--shipped-teacher", "--data-only", "finetune"])
+        .args([
+            "--methods",
+            "emd,meanflow",
+            "--map-steps",
+            "2",
+            "--batch",
+            "8",
+            "--n-eval",
+            "10",
+            "--out",
+        ])
+        .arg(&out));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let training = json["training"].as_array().unwrap();
+    let models: Vec<&str> = training.iter().map(|t| t["model"].as_str().unwrap()).collect();
+    assert_eq!(models, ["teacher", "emd", "meanflow"]);
+    assert_eq!(training[2]["init"], "teacher");
+    assert_eq!(
+        training[2]["total_steps"], 3002,
+        "the teacher's 3000 steps and the map's 2"
+    );
+    // The data floor, the teacher's Euler at 1, 2, 4, 8 and dopri5, and each map at four NFE.
+    assert_eq!(json["rows"].as_array().unwrap().len(), 1 + 5 + 2 * 4);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in [
+        "# flowmap bench mnist",
+        "## Acceptance",
+        "Euler-8 FD",
+        "within 1.5×",
+        "3002 steps of data",
+    ] {
+        assert!(md.contains(needle), "report.md lacks '{needle}'");
+    }
+    assert!(out.join("fd-vs-nfe.png").exists() && out.join("meanflow.safetensors").exists());
+    let bad = dir.path().join("bad");
+    fails(
+        bin()
+            .args(["bench", "mnist", "--methods", "emd,nope", "--out"])
+            .arg(&bad),
+        "unknown method 'nope'",
+        &bad,
+    );
+    fails(
+        bin().args(["bench", "mnist", "--map-steps", "0", "--out"]).arg(&bad),
+        "budgets must be positive",
+        &bad,
+    );
+}
+
 /// Classifier-free guidance of a class-conditional teacher: two evaluations per step, `w = 1` the plain
 /// conditional model, and one-line errors for bad scales and models it does not apply to.
 #[test]
