@@ -92,8 +92,8 @@ enum BenchCommand {
     Jvp(JvpArgs),
     /// Training and sampling throughput, latency, GFLOP/s against the sgemm peak; `--peer` runs PyTorch too.
     Speed(SpeedArgs),
-    /// MNIST from scratch: a class-conditional U-Net teacher and every method of the family, FD, precision,
-    /// recall and class accuracy against NFE.
+    /// MNIST: a class-conditional U-Net teacher (trained in the run, or the shipped one) and every method of
+    /// the family, FD, precision, recall and class accuracy against NFE, with the image issue's acceptance.
     Mnist(MnistBenchArgs),
     /// Guidance on MNIST: the teacher under classifier-free guidance and autoguidance, a guidance-distilled
     /// map and guided MeanFlow, FD, precision, recall and class accuracy at each scale.

@@ -226,7 +226,7 @@ fn extent(points: &[(f64, f64)]) -> ((f64, f64), (f64, f64)) {
     (x, y)
 }
 
-/// Curve colours, in order.
+/// Curve colours, in order (no grey: levels are drawn black, then grey).
 const PALETTE: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
@@ -235,7 +235,7 @@ const PALETTE: [RGBColor; 12] = [
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
+    RGBColor(150, 30, 90),
     RGBColor(188, 189, 34),
     RGBColor(23, 190, 207),
     RGBColor(20, 40, 110),
