@@ -1,7 +1,8 @@
 //! 2-D convolution (stride 1, "same" padding, odd square kernels) as one graph node on the CPU: per image,
-//! an im2col copy and one GEMM forward; backward, `Wᵀ·G` and a col2im scatter for the input and
-//! `G·colsᵀ` summed over images for the weight. candle's own CPU convolution backward runs a direct
-//! transposed convolution that takes most of a U-Net training step.
+//! an im2col copy and one GEMM forward. Backward, one im2col of the output gradient `G` serves both
+//! gradients: the input's is the forward convolution of `G` by the flipped, transposed kernel, and the
+//! weight's is that im2col times the input. candle's own CPU convolution backward runs a direct transposed
+//! convolution that takes most of a U-Net training step.
 //!
 //! Images are split into blocks of [`IMAGES_PER_BLOCK`] whatever the thread count, and the weight
 //! gradient's per-block partial sums are added in block order: the same bits on any number of threads.
@@ -96,35 +97,6 @@ fn im2col(g: Geometry, x: &[f32], cols: &mut [f32]) {
                     out[..lo].fill(0.0);
                     out[hi..].fill(0.0);
                     out[lo..hi].copy_from_slice(&src[(lo as isize + shift) as usize..(hi as isize + shift) as usize]);
-                }
-            }
-        }
-    }
-}
-
-/// The adjoint of [`im2col`]: `dx[c, y + ky − p, x + kx − p] += dcols[(c, ky, kx), (y, x)]`, into a
-/// zero-filled `dx`.
-fn col2im(g: Geometry, dcols: &[f32], dx: &mut [f32]) {
-    let (h, w, k, p) = (g.h, g.w, g.k, g.k / 2);
-    let hw = g.hw();
-    for c in 0..g.c_in {
-        let img = &mut dx[c * hw..(c + 1) * hw];
-        for ky in 0..k {
-            for kx in 0..k {
-                let row = &dcols[((c * k + ky) * k + kx) * hw..][..hw];
-                for y in 0..h {
-                    let sy = y as isize + ky as isize - p as isize;
-                    if sy < 0 || sy >= h as isize {
-                        continue;
-                    }
-                    let src = &row[y * w..(y + 1) * w];
-                    let dst = &mut img[sy as usize * w..(sy as usize + 1) * w];
-                    let shift = kx as isize - p as isize;
-                    let (lo, hi) = (0.max(-shift) as usize, (w as isize).min(w as isize - shift) as usize);
-                    let d = &mut dst[(lo as isize + shift) as usize..(hi as isize + shift) as usize];
-                    for (a, b) in d.iter_mut().zip(&src[lo..hi]) {
-                        *a += b;
-                    }
                 }
             }
         }
@@ -232,44 +204,90 @@ impl CustomOp3 for ConvOp {
             candle_core::bail!("conv2d backward needs f32 CPU tensors");
         };
         let (xs, ws, gs) = (xr.slice(), wr.slice(), gr.slice());
+        let kk = k * k;
+        // Rows of the output gradient's im2col matrix, `O·k²`.
+        let g_rows = o * kk;
+        // The input gradient is the forward convolution of `G` by the flipped, transposed kernel
+        // `W'[c, (o, a, b)] = W[o, c, k−1−a, k−1−b]` (stride 1, padding k/2), and the weight gradient comes
+        // from the same im2col of `G`: `D[(o, a, b), c] = Σ_p cols_G[(o, a, b), p] · x[c, p]` is
+        // `dW[o, c, k−1−a, k−1−b]`. One im2col per image, both products with a contraction of `O·k²` or
+        // `H·W`, and no col2im scatter.
+        let w_flip: Vec<f32> = if k == 1 {
+            Vec::new()
+        } else {
+            let mut f = vec![0.0f32; c_in * g_rows];
+            for oc in 0..o {
+                for c in 0..c_in {
+                    let src = &ws[(oc * c_in + c) * kk..][..kk];
+                    let dst = &mut f[c * g_rows + oc * kk..][..kk];
+                    for (d, v) in dst.iter_mut().zip(src.iter().rev()) {
+                        *d = *v;
+                    }
+                }
+            }
+            f
+        };
         let mut dx = vec![0.0f32; bsz * c_in * hw];
         let blocks: Vec<(usize, &mut [f32])> = dx.chunks_mut(IMAGES_PER_BLOCK * c_in * hw).enumerate().collect();
-        // Per block: the input gradient of its images, and its partial weight and bias gradients.
+        // Per block: the input gradient of its images, and its partial weight and bias gradients (for
+        // k > 1, the weight's as `D`, `O·k² × I`).
         let partials = map_blocks(blocks, |(i, dxb)| {
-            let mut cols = vec![0.0f32; rows * hw];
-            let mut dcols = if k == 1 { Vec::new() } else { vec![0.0f32; rows * hw] };
+            let mut cols_g = if k == 1 { Vec::new() } else { vec![0.0f32; g_rows * hw] };
             let mut dw = vec![0.0f32; o * rows + o];
             for (j, dxi) in dxb.chunks_mut(c_in * hw).enumerate() {
                 let n = i * IMAGES_PER_BLOCK + j;
                 let xi = &xs[n * c_in * hw..(n + 1) * c_in * hw];
                 let gi = &gs[n * o * hw..(n + 1) * o * hw];
-                // dW += G · colsᵀ   (O × HW)·(HW × I k²)
-                let cols: &[f32] = if k == 1 {
-                    xi
-                } else {
-                    im2col(g, xi, &mut cols);
-                    &cols
-                };
                 let (dwm, db) = dw.split_at_mut(o * rows);
-                matmul(o, rows, hw, dwm, j > 0, gi, false, cols, true);
                 for (acc, row) in db.iter_mut().zip(gi.chunks(hw)) {
                     *acc += row.iter().sum::<f32>();
                 }
-                // dcols = Wᵀ · G   (I k² × O)·(O × HW), then scattered back to the image.
                 if k == 1 {
-                    matmul(rows, hw, o, dxi, false, ws, true, gi, false);
-                } else {
-                    matmul(rows, hw, o, &mut dcols, false, ws, true, gi, false);
-                    col2im(g, &dcols, dxi);
+                    // dW += G · xᵀ   (O × HW)·(HW × I);   dx = Wᵀ · G   (I × O)·(O × HW)
+                    matmul(o, c_in, hw, dwm, j > 0, gi, false, xi, true);
+                    matmul(c_in, hw, o, dxi, false, ws, true, gi, false);
+                    continue;
                 }
+                im2col(Geometry { c_in: o, ..g }, gi, &mut cols_g);
+                // dx = W' · cols_G   (I × O k²)·(O k² × HW)
+                matmul(c_in, hw, g_rows, dxi, false, &w_flip, false, &cols_g, false);
+                // D += cols_G · xᵀ, written as its transpose `x · cols_Gᵀ` (I × HW)·(HW × O k²) into a
+                // column-major I × O k², so that the packed operand is the small `x`, not `cols_G`.
+                // SAFETY: `dwm` holds I × O k² elements, `xi` I × HW and `cols_g` O k² × HW.
+                unsafe {
+                    super::gemm_strided(
+                        c_in,
+                        g_rows,
+                        hw,
+                        (dwm.as_mut_ptr(), 1, c_in as isize),
+                        j > 0,
+                        (xi.as_ptr(), hw as isize, 1),
+                        (cols_g.as_ptr(), 1, hw as isize),
+                    )
+                };
             }
             dw
         });
-        let dw = sum_in_order(partials).unwrap_or_else(|| vec![0.0; o * rows + o]);
+        let sums = sum_in_order(partials).unwrap_or_else(|| vec![0.0; o * rows + o]);
+        let dw: Vec<f32> = if k == 1 {
+            sums[..o * rows].to_vec()
+        } else {
+            // dW[o, c, ky, kx] = D[(o, k−1−ky, k−1−kx), c]
+            let mut dw = vec![0.0f32; o * rows];
+            for oc in 0..o {
+                for c in 0..c_in {
+                    let dst = &mut dw[(oc * c_in + c) * kk..][..kk];
+                    for (t, d) in dst.iter_mut().enumerate() {
+                        *d = sums[(oc * kk + kk - 1 - t) * c_in + c];
+                    }
+                }
+            }
+            dw
+        };
         let dev = x.device();
         let dx = Tensor::from_vec(dx, (bsz, c_in, h, wd), dev)?;
-        let db = Tensor::from_slice(&dw[o * rows..], o, dev)?;
-        let dw = Tensor::from_slice(&dw[..o * rows], (o, c_in, k, k), dev)?;
+        let db = Tensor::from_slice(&sums[o * rows..], o, dev)?;
+        let dw = Tensor::from_vec(dw, (o, c_in, k, k), dev)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }

@@ -273,10 +273,28 @@ pub(crate) unsafe fn gemm(
     lhs: (*const f32, isize, isize),
     rhs: (*const f32, isize, isize),
 ) {
+    gemm_strided(m, n, k, (dst, n as isize, 1), read_dst, lhs, rhs)
+}
+
+/// [`gemm`] with `dst` given by its (row, column) strides too. A column-major `dst` (row stride 1) keeps
+/// the product's orientation: the gemm crate packs `lhs` (`m × k`) unless its row stride is 1, so the
+/// caller chooses which operand is packed.
+///
+/// # Safety
+/// As for [`gemm`].
+pub(crate) unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, isize, isize),
+    read_dst: bool,
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+) {
     let par = gemm::Parallelism::None;
     gemm::gemm(
-        m, n, k, dst, 1, n as isize, read_dst, lhs.0, lhs.2, lhs.1, rhs.0, rhs.2, rhs.1, 1.0, 1.0, false, false, false,
-        par,
+        m, n, k, dst.0, dst.2, dst.1, read_dst, lhs.0, lhs.2, lhs.1, rhs.0, rhs.2, rhs.1, 1.0, 1.0, false, false,
+        false, par,
     );
 }
 
