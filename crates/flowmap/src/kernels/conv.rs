@@ -76,31 +76,48 @@ impl Geometry {
 }
 
 /// `cols[(c, ky, kx), (y, x)] = x[c, y + ky − p, x + kx − p]` (zero outside the image).
+///
+/// Each row of `cols` is its channel shifted by `(ky − p)·W + kx − p` as one flat copy; the entries that
+/// copy wrapped across an image edge (whole rows past the top or bottom, one column at the left or right
+/// for each pixel of shift) are then set to zero. One long copy per row instead of one per image line.
 fn im2col(g: Geometry, x: &[f32], cols: &mut [f32]) {
-    let (h, w, k, p) = (g.h, g.w, g.k, g.k / 2);
+    let (h, w, k, p) = (g.h, g.w, g.k as isize, (g.k / 2) as isize);
     let hw = g.hw();
     for c in 0..g.c_in {
         let img = &x[c * hw..(c + 1) * hw];
         for ky in 0..k {
             for kx in 0..k {
-                let row = &mut cols[((c * k + ky) * k + kx) * hw..][..hw];
-                for y in 0..h {
-                    let out = &mut row[y * w..(y + 1) * w];
-                    let sy = y as isize + ky as isize - p as isize;
-                    if sy < 0 || sy >= h as isize {
-                        out.fill(0.0);
-                        continue;
+                let row = &mut cols[((c * g.k + ky as usize) * g.k + kx as usize) * hw..][..hw];
+                let (dy, dx) = (ky - p, kx - p);
+                let off = dy * w as isize + dx;
+                let (lo, hi) = valid(off, hw);
+                row[..lo].fill(0.0);
+                row[hi..].fill(0.0);
+                if lo < hi {
+                    row[lo..hi].copy_from_slice(&img[(lo as isize + off) as usize..(hi as isize + off) as usize]);
+                }
+                // Image lines whose source line is above or below the image.
+                let (y0, y1) = valid(dy, h);
+                row[..y0 * w].fill(0.0);
+                row[y1 * w..].fill(0.0);
+                // Columns whose source pixel is left or right of its line.
+                let (x0, x1) = valid(dx, w);
+                if x0 > 0 || x1 < w {
+                    for line in row[y0 * w..y1 * w].chunks_exact_mut(w) {
+                        line[..x0].fill(0.0);
+                        line[x1..].fill(0.0);
                     }
-                    let src = &img[sy as usize * w..(sy as usize + 1) * w];
-                    let shift = kx as isize - p as isize;
-                    let (lo, hi) = (0.max(-shift) as usize, (w as isize).min(w as isize - shift) as usize);
-                    out[..lo].fill(0.0);
-                    out[hi..].fill(0.0);
-                    out[lo..hi].copy_from_slice(&src[(lo as isize + shift) as usize..(hi as isize + shift) as usize]);
                 }
             }
         }
     }
+}
+
+/// The indices `i` in `0..n` with `i + shift` in `0..n`, as `lo..hi` (empty when the shift is `n` or more).
+fn valid(shift: isize, n: usize) -> (usize, usize) {
+    let n = n as isize;
+    let lo = (-shift).clamp(0, n);
+    (lo as usize, (n - shift).clamp(lo, n) as usize)
 }
 
 /// `dst (m × n) = [dst +] lhs · rhs` for row-major contiguous operands, `lhs` given transposed when
@@ -299,7 +316,8 @@ mod tests {
     use candle_core::Var;
 
     /// The fused node against candle's convolution, in values and in all three gradients, at kernel sizes
-    /// 1, 3 and 5, odd and even image sizes and batches that are not a multiple of the block.
+    /// 1, 3 and 5, odd and even image sizes, a kernel wider than its image and batches that are not a
+    /// multiple of the block.
     #[test]
     fn matches_candle_in_values_and_gradients() {
         for (b, ci, co, h, w, k) in [
@@ -307,6 +325,7 @@ mod tests {
             (9, 2, 8, 4, 4, 1),
             (2, 4, 3, 5, 9, 5),
             (1, 1, 2, 3, 3, 3),
+            (2, 2, 3, 2, 3, 5),
         ] {
             let x = Var::from_tensor(&rand(&[b, ci, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&rand(&[co, ci, k, k], 2)).unwrap();
