@@ -102,10 +102,11 @@ fn im2col(g: Geometry, x: &[f32], cols: &mut [f32]) {
                 row[y1 * w..].fill(0.0);
                 // Columns whose source pixel is left or right of its line.
                 let (x0, x1) = valid(dx, w);
-                if x0 > 0 || x1 < w {
-                    for line in row[y0 * w..y1 * w].chunks_exact_mut(w) {
-                        line[..x0].fill(0.0);
-                        line[x1..].fill(0.0);
+                // (A strided store per column: a `fill` per line would call memset for one or two floats.)
+                let lines = &mut row[y0 * w..y1 * w];
+                for col in (0..x0).chain(x1..w) {
+                    for v in lines.iter_mut().skip(col).step_by(w) {
+                        *v = 0.0;
                     }
                 }
             }

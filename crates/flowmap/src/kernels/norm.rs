@@ -65,8 +65,7 @@ fn stats(x: &[f32], d: Dims, eps: f64) -> Vec<(f32, f32)> {
     let per = d.c / d.groups * d.hw;
     x.chunks(per)
         .map(|g| {
-            let mean = g.iter().map(|&v| v as f64).sum::<f64>() / per as f64;
-            let var = g.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / per as f64;
+            let (mean, var) = simd::mean_var(g);
             (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
         })
         .collect()

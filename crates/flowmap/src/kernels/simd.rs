@@ -120,6 +120,30 @@ fn lanes(v: &[f32], init: f32, step: impl Fn(f32, &f32, usize) -> f32, join: imp
     r
 }
 
+/// `Σ f(v[j])` in f64 over 16 interleaved lanes, the lanes then added in order: [`lanes`] for sums that need
+/// f64's range and precision.
+#[inline(always)]
+fn sum_f64(v: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    const L: usize = 16;
+    let mut acc = [0.0f64; L];
+    let whole = v.len() / L * L;
+    for chunk in v[..whole].chunks_exact(L) {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += f(x as f64);
+        }
+    }
+    acc.into_iter().sum::<f64>() + v[whole..].iter().map(|&x| f(x as f64)).sum::<f64>()
+}
+
+multiversion! {
+    /// `(mean, variance)` of `v` (the biased variance, about the mean in a second pass), in f64.
+    pub(crate) fn mean_var(v: &[f32]) -> (f64, f64) {
+        let n = v.len() as f64;
+        let mean = sum_f64(v, |x| x) / n;
+        (mean, sum_f64(v, |x| (x - mean) * (x - mean)) / n)
+    }
+}
+
 multiversion! {
     /// One channel of GroupNorm's forward pass: `dst = act(src·scale + offset)`, SiLU when `silu`.
     pub(crate) fn norm_row(src: &[f32], dst: &mut [f32], scale: f32, offset: f32, silu: bool) {
