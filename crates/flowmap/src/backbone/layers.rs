@@ -51,8 +51,9 @@ impl Jvp for Conv2d {
     }
 }
 
-/// Group normalisation over `(C / G) × H × W` per sample and group, with a per-channel affine map, built
-/// from primitive ops.
+/// Group normalisation over `(C / G) × H × W` per sample and group, with a per-channel affine map: one
+/// fused node on the CPU for its value, gradients and tangent ([`kernels::group_norm`],
+/// [`kernels::group_norm_jvp`]), candle's primitive ops elsewhere.
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
     groups: usize,
@@ -71,29 +72,6 @@ impl GroupNorm {
         })
     }
 
-    /// `(x̂, 1/σ)` with `x̂` grouped as `B × G × n`, and the affine map's `(γ, β)` as `1 × C × 1 × 1`.
-    fn standardise(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, c, h, w) = x.dims4()?;
-        let g = x.reshape((b, self.groups, (c / self.groups) * h * w))?;
-        let centred = g.broadcast_sub(&g.mean_keepdim(2)?)?;
-        let inv = (centred.sqr()?.mean_keepdim(2)? + self.eps)?.sqrt()?.recip()?;
-        Ok((centred.broadcast_mul(&inv)?, inv))
-    }
-
-    fn affine(&self, xhat: &Tensor, shape: &[usize], with_bias: bool) -> Result<Tensor> {
-        let c = shape[1];
-        let y = xhat
-            .reshape(shape)?
-            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?;
-        Ok(if with_bias {
-            y.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?
-        } else {
-            y
-        })
-    }
-}
-
-impl GroupNorm {
     /// `act(GN(x) ⊙ (1 + a) + b)` with `[a, b] = ss` (`B × 2C`; none: `GN(x)`), SiLU when `silu`: one fused
     /// node on the CPU ([`kernels::group_norm`]), candle's primitive ops elsewhere.
     pub fn forward_modulated(&self, x: &Tensor, ss: Option<&Tensor>, silu: bool) -> Result<Tensor> {
@@ -103,6 +81,26 @@ impl GroupNorm {
             None => Tensor::zeros((x.dim(0)?, 2 * self.weight.dim(0)?), x.dtype(), x.device())?,
         };
         kernels::group_norm(x, self.groups, self.eps, &affine, &ss, silu)
+    }
+
+    /// The forward-mode pass of [`GroupNorm::forward_modulated`] in `x` and the scale-shift, with tangents
+    /// `ẋ` and `ṡs` ([`kernels::group_norm_jvp`]: one fused pass on the CPU).
+    pub fn forward_modulated_jvp(
+        &self,
+        x: &Tensor,
+        dx: &Tensor,
+        ss: Option<(&Tensor, &Tensor)>,
+        silu: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let affine = Tensor::cat(&[&self.weight, &self.bias], 0)?;
+        let (ss, dss) = match ss {
+            Some((s, ds)) => (s.clone(), ds.clone()),
+            None => {
+                let z = Tensor::zeros((x.dim(0)?, 2 * self.weight.dim(0)?), x.dtype(), x.device())?;
+                (z.clone(), z)
+            }
+        };
+        kernels::group_norm_jvp(x, dx, self.groups, self.eps, &affine, &ss, &dss, silu)
     }
 }
 
@@ -116,19 +114,7 @@ impl Module for GroupNorm {
 impl Jvp for GroupNorm {
     /// With `x̂ = (x − μ)/σ` per group: `dx̂ = (ẋ − mean ẋ − x̂·mean(x̂ ⊙ ẋ)) / σ`, then `ẏ = γ ⊙ dx̂`.
     fn forward_jvp(&self, x: &Tensor, dx: &Tensor) -> Result<(Tensor, Tensor)> {
-        let gn = GroupNorm {
-            groups: self.groups,
-            weight: self.weight.detach(),
-            bias: self.bias.detach(),
-            eps: self.eps,
-        };
-        let x = x.detach();
-        let (xhat, inv) = gn.standardise(&x)?;
-        let dg = dx.detach().reshape(xhat.shape())?;
-        let dc = dg.broadcast_sub(&dg.mean_keepdim(2)?)?;
-        let proj = (&xhat * &dc)?.mean_keepdim(2)?;
-        let dxhat = (dc - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&inv)?;
-        Ok((gn.affine(&xhat, x.dims(), true)?, gn.affine(&dxhat, x.dims(), false)?))
+        self.forward_modulated_jvp(x, dx, None, false)
     }
 }
 

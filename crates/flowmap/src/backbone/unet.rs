@@ -193,8 +193,6 @@ trait Flow: Sized + Clone {
     fn pool(&self) -> Result<Self>;
     /// Nearest-neighbour 2× upsampling.
     fn upsample(&self) -> Result<Self>;
-    /// `h ⊙ (1 + scale) + shift` with `[scale, shift] = ss`, `B × 2C`.
-    fn modulate(&self, ss: &Self) -> Result<Self>;
     /// `act(GN(h) ⊙ (1 + a) + b)` (SiLU when `silu`; no modulation without `ss`).
     fn norm(&self, n: &GroupNorm, ss: Option<&Self>, silu: bool) -> Result<Self>;
     /// Dropout with the same mask for a value and its tangent.
@@ -208,15 +206,6 @@ fn upsample2(x: &Tensor) -> Result<Tensor> {
     Ok(x.reshape((b, c, h, 1, w, 1))?
         .broadcast_as((b, c, h, 2, w, 2))?
         .reshape((b, c, 2 * h, 2 * w))?)
-}
-
-fn scale_shift(ss: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (b, c2) = ss.dims2()?;
-    let c = c2 / 2;
-    Ok((
-        ss.narrow(1, 0, c)?.reshape((b, c, 1, 1))?,
-        ss.narrow(1, c, c)?.reshape((b, c, 1, 1))?,
-    ))
 }
 
 impl Flow for Tensor {
@@ -237,10 +226,6 @@ impl Flow for Tensor {
     }
     fn upsample(&self) -> Result<Self> {
         upsample2(self)
-    }
-    fn modulate(&self, ss: &Self) -> Result<Self> {
-        let (scale, shift) = scale_shift(ss)?;
-        Ok(self.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?)
     }
     fn norm(&self, n: &GroupNorm, ss: Option<&Self>, silu: bool) -> Result<Self> {
         n.forward_modulated(self, ss, silu)
@@ -282,28 +267,9 @@ impl Flow for Dual {
     fn upsample(&self) -> Result<Self> {
         Ok(Dual(upsample2(&self.0)?, upsample2(&self.1)?))
     }
-    /// `d[h ⊙ (1 + a) + b] = ḣ ⊙ (1 + a) + h ⊙ ȧ + ḃ`.
-    fn modulate(&self, ss: &Self) -> Result<Self> {
-        let (a, b) = scale_shift(&ss.0)?;
-        let (da, db) = scale_shift(&ss.1)?;
-        let one_a = (a + 1.0)?;
-        let y = self.0.broadcast_mul(&one_a)?.broadcast_add(&b)?;
-        let dy = self
-            .1
-            .broadcast_mul(&one_a)?
-            .add(&self.0.broadcast_mul(&da)?)?
-            .broadcast_add(&db)?;
-        Ok(Dual(y, dy))
-    }
     fn norm(&self, n: &GroupNorm, ss: Option<&Self>, silu: bool) -> Result<Self> {
-        let mut h = self.layer(n)?;
-        if let Some(ss) = ss {
-            h = h.modulate(ss)?;
-        }
-        if silu {
-            h = h.silu()?;
-        }
-        Ok(h)
+        let (y, dy) = n.forward_modulated_jvp(&self.0, &self.1, ss.map(|s| (&s.0, &s.1)), silu)?;
+        Ok(Dual(y, dy))
     }
     fn dropout(&self, mask: Option<&Tensor>) -> Result<Self> {
         Ok(match mask {

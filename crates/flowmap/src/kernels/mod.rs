@@ -47,7 +47,7 @@ pub use conv::{conv2d, plain as conv2d_plain};
 pub use dense::{dense, dense_jvp, plain as dense_plain, Activation};
 pub use embed::conditioning;
 pub use mlp::{mlp, Layer};
-pub use norm::{group_norm, plain as group_norm_plain};
+pub use norm::{group_norm, group_norm_jvp, plain as group_norm_plain, plain_jvp as group_norm_plain_jvp};
 pub(crate) use simd::AdamScalars;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);

@@ -47,6 +47,148 @@ pub fn plain(x: &Tensor, groups: usize, eps: f64, affine: &Tensor, ss: &Tensor, 
     Ok(if silu { z.silu()? } else { z })
 }
 
+/// The forward-mode pass of [`group_norm`] in `x` and `ss`, the affine parameters held fixed: `(y, ẏ)` for
+/// tangents `ẋ` (`B × C × H × W`) and `ṡs` (`B × 2C`). With `x̂ = (x − μ)/σ` per group and
+/// `[a, b] = ss`, `[ȧ, ḃ] = ṡs`:
+///
+/// ```text
+/// dx̂ = (ẋ − mean ẋ − x̂ ⊙ mean(x̂ ⊙ ẋ)) / σ,   ż = γ ⊙ dx̂ ⊙ (1 + a) + (γ ⊙ x̂ + β) ⊙ ȧ + ḃ,
+/// ẏ = ż ⊙ silu'(z)  (or ż)
+/// ```
+///
+/// On contiguous f32 CPU tensors one pass per image computes both (images on the kernel threads, the same
+/// bits on any count); elsewhere [`plain_jvp`]. Nothing is recorded for a backward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_jvp(
+    x: &Tensor,
+    dx: &Tensor,
+    groups: usize,
+    eps: f64,
+    affine: &Tensor,
+    ss: &Tensor,
+    dss: &Tensor,
+    silu: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (b, c, h, w) = x.dims4()?;
+    if dx.dims() != x.dims() || ss.dims() != [b, 2 * c] || dss.dims() != [b, 2 * c] || affine.dims() != [2 * c] {
+        return Err(crate::Error::arg(
+            "group norm JVP: shapes of x, ẋ, [γ; β], ss and ṡs do not agree",
+        ));
+    }
+    if c % groups != 0 {
+        return Err(crate::Error::arg(format!(
+            "group norm: {c} channels do not divide into {groups} groups"
+        )));
+    }
+    if !applies(x.device(), x.dtype()) {
+        return plain_jvp(x, dx, groups, eps, affine, ss, dss, silu);
+    }
+    let [x, dx, affine, ss, dss] = [x, dx, affine, ss, dss].map(|t| t.detach().contiguous());
+    let (x, dx, affine, ss, dss) = (x?, dx?, affine?, ss?, dss?);
+    let (Some(xr), Some(dxr), Some(pr), Some(sr), Some(dsr)) = (
+        super::read(&x),
+        super::read(&dx),
+        super::read(&affine),
+        super::read(&ss),
+        super::read(&dss),
+    ) else {
+        return plain_jvp(&x, &dx, groups, eps, &affine, &ss, &dss, silu);
+    };
+    let d = Dims { c, hw: h * w, groups };
+    let (xs, dxs, s, ds) = (xr.slice(), dxr.slice(), sr.slice(), dsr.slice());
+    let (gamma, beta) = pr.slice().split_at(c);
+    let (img, per_group) = (c * d.hw, c / groups);
+    let mut y = vec![0.0f32; xs.len()];
+    let mut dy = vec![0.0f32; xs.len()];
+    let blocks: Vec<_> = y.chunks_mut(img).zip(dy.chunks_mut(img)).enumerate().collect();
+    map_blocks(blocks, |(i, (yi, dyi))| {
+        let (xi, dxi) = (&xs[i * img..(i + 1) * img], &dxs[i * img..(i + 1) * img]);
+        let st = stats(xi, d, eps);
+        let (a, sh) = s[i * 2 * c..(i + 1) * 2 * c].split_at(c);
+        let (da, dsh) = ds[i * 2 * c..(i + 1) * 2 * c].split_at(c);
+        for (g, &(mean, inv)) in st.iter().enumerate() {
+            let range = g * per_group * d.hw..(g + 1) * per_group * d.hw;
+            // (mean ẋ, mean ẋ·x̂) over the group.
+            let (m1, m2) = simd::norm_group_moments(&xi[range.clone()], &dxi[range], mean, inv);
+            for ch in g * per_group..(g + 1) * per_group {
+                let k = gamma[ch] * (1.0 + a[ch]);
+                let p = k * inv;
+                let channel = simd::NormJvpChannel {
+                    mean,
+                    inv,
+                    m1,
+                    a: k,
+                    b: beta[ch] * (1.0 + a[ch]) + sh[ch],
+                    p,
+                    q: da[ch] * gamma[ch] - p * m2,
+                    r: da[ch] * beta[ch] + dsh[ch],
+                    silu,
+                };
+                let r = ch * d.hw..(ch + 1) * d.hw;
+                simd::norm_jvp_row(
+                    &xi[r.clone()],
+                    &dxi[r.clone()],
+                    &mut yi[r.clone()],
+                    &mut dyi[r],
+                    channel,
+                );
+            }
+        }
+    });
+    let dev = x.device();
+    Ok((
+        Tensor::from_vec(y, (b, c, h, w), dev)?,
+        Tensor::from_vec(dy, (b, c, h, w), dev)?,
+    ))
+}
+
+/// The reference forward-mode pass, from candle's primitive ops on detached tensors.
+#[allow(clippy::too_many_arguments)]
+pub fn plain_jvp(
+    x: &Tensor,
+    dx: &Tensor,
+    groups: usize,
+    eps: f64,
+    affine: &Tensor,
+    ss: &Tensor,
+    dss: &Tensor,
+    silu: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (x, dx, affine, ss, dss) = (x.detach(), dx.detach(), affine.detach(), ss.detach(), dss.detach());
+    let (b, c, h, w) = x.dims4()?;
+    let grouped = |t: &Tensor| t.reshape((b, groups, (c / groups) * h * w));
+    let g = grouped(&x)?;
+    let centred = g.broadcast_sub(&g.mean_keepdim(2)?)?;
+    let inv = (centred.sqr()?.mean_keepdim(2)? + eps)?.sqrt()?.recip()?;
+    let xhat = centred.broadcast_mul(&inv)?;
+    let dg = grouped(&dx)?;
+    let dc = dg.broadcast_sub(&dg.mean_keepdim(2)?)?;
+    let proj = (&xhat * &dc)?.mean_keepdim(2)?;
+    let dxhat = (dc - xhat.broadcast_mul(&proj)?)?
+        .broadcast_mul(&inv)?
+        .reshape((b, c, h, w))?;
+    let xhat = xhat.reshape((b, c, h, w))?;
+    let col = |t: &Tensor| t.reshape((1, c, 1, 1));
+    let (gamma, beta) = (col(&affine.narrow(0, 0, c)?)?, col(&affine.narrow(0, c, c)?)?);
+    let per_sample = |t: &Tensor, from: usize| t.narrow(1, from, c)?.reshape((b, c, 1, 1));
+    let (one_a, sh) = ((per_sample(&ss, 0)? + 1.0)?, per_sample(&ss, c)?);
+    let (da, dsh) = (per_sample(&dss, 0)?, per_sample(&dss, c)?);
+    let n = xhat.broadcast_mul(&gamma)?.broadcast_add(&beta)?;
+    let z = n.broadcast_mul(&one_a)?.broadcast_add(&sh)?;
+    let dz = dxhat
+        .broadcast_mul(&gamma)?
+        .broadcast_mul(&one_a)?
+        .add(&n.broadcast_mul(&da)?)?
+        .broadcast_add(&dsh)?;
+    if !silu {
+        return Ok((z, dz));
+    }
+    // silu'(z) = s·(1 + z·(1 − s)), s = σ(z).
+    let s = (z.neg()?.exp()? + 1.0)?.recip()?;
+    let slope = (&s * ((&z * (1.0 - &s)?)? + 1.0)?)?;
+    Ok(((&z * &s)?, (dz * slope)?))
+}
+
 struct NormOp {
     groups: usize,
     eps: f64,
@@ -227,6 +369,54 @@ mod tests {
         }
     }
 
+    /// The fused forward-mode pass against the composed one, and the composed tangent against a central
+    /// difference of the forward pass in f64.
+    #[test]
+    fn jvp_matches_the_composed_ops_and_f64_differences() {
+        use candle_core::DType;
+        for (b, c, h, w, g, silu) in [(3, 8, 5, 4, 4, true), (2, 6, 3, 3, 3, false), (1, 4, 7, 7, 1, true)] {
+            let x = rand(&[b, c, h, w], 1).affine(2.0, 0.5).unwrap();
+            let dx = rand(&[b, c, h, w], 2);
+            let p = rand(&[2 * c], 3);
+            let s = (rand(&[b, 2 * c], 4) * 0.5).unwrap();
+            let ds = rand(&[b, 2 * c], 5);
+            let at = format!("{b} {c} {h} {w} {g} {silu}");
+            let (y, dy) = group_norm_jvp(&x, &dx, g, 1e-5, &p, &s, &ds, silu).unwrap();
+            let (y_ref, dy_ref) = plain_jvp(&x, &dx, g, 1e-5, &p, &s, &ds, silu).unwrap();
+            let err = |a: &Tensor, b: &Tensor| crate::kernels::testing::max_abs(&(a - b).unwrap());
+            assert!(err(&y, &y_ref) < 1e-5, "{at}: y off by {}", err(&y, &y_ref));
+            assert!(err(&dy, &dy_ref) < 1e-4, "{at}: ẏ off by {}", err(&dy, &dy_ref));
+            // f64: the composed tangent against (f(x + εẋ) − f(x − εẋ)) / 2ε.
+            let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let (x, dx, p, s, ds) = (f64s(&x), f64s(&dx), f64s(&p), f64s(&s), f64s(&ds));
+            let eps = 1e-5;
+            let at_shift = |sign: f64| {
+                let xe = (&x + (&dx * (sign * eps)).unwrap()).unwrap();
+                let se = (&s + (&ds * (sign * eps)).unwrap()).unwrap();
+                plain(&xe, g, 1e-5, &p, &se, silu).unwrap()
+            };
+            let fd = ((at_shift(1.0) - at_shift(-1.0)).unwrap() / (2.0 * eps)).unwrap();
+            let (_, dy64) = plain_jvp(&x, &dx, g, 1e-5, &p, &s, &ds, silu).unwrap();
+            let gap = (dy64 - fd)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(gap < 1e-6, "{at}: composed tangent off the f64 difference by {gap}");
+        }
+    }
+
+    #[test]
+    fn jvp_rejects_mismatched_tangents() {
+        let x = rand(&[2, 4, 3, 3], 1);
+        let (p, s) = (rand(&[8], 2), rand(&[2, 8], 3));
+        let err = group_norm_jvp(&x, &rand(&[2, 4, 3, 2], 4), 2, 1e-5, &p, &s, &s, true).unwrap_err();
+        assert!(err.to_string().contains("shapes"), "{err}");
+    }
+
     #[test]
     fn bit_identical_across_thread_counts() {
         let x = Var::from_tensor(&rand(&[6, 8, 4, 4], 5)).unwrap();
@@ -236,6 +426,11 @@ mod tests {
             let y = group_norm(&x, 4, 1e-5, &p, &s, true).unwrap();
             let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             (flat(&y), flat(g.get(&x).unwrap()), flat(g.get(&p).unwrap()))
+        });
+        let dx = rand(&[6, 8, 4, 4], 8);
+        same_on_1_and_4_threads(|| {
+            let (y, dy) = group_norm_jvp(&x, &dx, 4, 1e-5, &p, &s, &s, true).unwrap();
+            (flat(&y), flat(&dy))
         });
     }
 }

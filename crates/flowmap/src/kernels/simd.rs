@@ -241,6 +241,47 @@ multiversion! {
     }
 }
 
+/// Per-channel constants of GroupNorm's forward-mode pass (see [`norm_jvp_row`]).
+#[derive(Clone, Copy)]
+pub(crate) struct NormJvpChannel {
+    pub mean: f32,
+    pub inv: f32,
+    /// The group's `mean ẋ`.
+    pub m1: f32,
+    /// `z = a·x̂ + b`.
+    pub a: f32,
+    pub b: f32,
+    /// `ż = p·(ẋ − m1) + q·x̂ + r`.
+    pub p: f32,
+    pub q: f32,
+    pub r: f32,
+    pub silu: bool,
+}
+
+multiversion! {
+    /// One channel of GroupNorm's forward-mode pass: with `x̂ = (x − μ)·inv`, `z = a·x̂ + b` and
+    /// `ż = p·(ẋ − m1) + q·x̂ + r`; then `y = silu(z)`, `ẏ = ż·s·(1 + z·(1 − s))` with `s = σ(z)`, or `y = z`.
+    pub(crate) fn norm_jvp_row(x: &[f32], dx: &[f32], y: &mut [f32], dy: &mut [f32], c: NormJvpChannel) {
+        let it = y.iter_mut().zip(dy.iter_mut()).zip(x.iter().zip(dx));
+        if c.silu {
+            for ((o, d), (&v, &dv)) in it {
+                let xh = (v - c.mean) * c.inv;
+                let z = c.a * xh + c.b;
+                let dz = c.p * (dv - c.m1) + c.q * xh + c.r;
+                let sg = sigmoid(z);
+                *o = z * sg;
+                *d = dz * (sg * (1.0 + z * (1.0 - sg)));
+            }
+        } else {
+            for ((o, d), (&v, &dv)) in it {
+                let xh = (v - c.mean) * c.inv;
+                *o = c.a * xh + c.b;
+                *d = c.p * (dv - c.m1) + c.q * xh + c.r;
+            }
+        }
+    }
+}
+
 multiversion! {
     /// One group of GroupNorm's backward pass, last sweep: `dx = inv·(g_x̂ − m1 − x̂·m2)`.
     pub(crate) fn norm_group_dx(x: &[f32], gxhat: &[f32], dx: &mut [f32], mean: f32, inv: f32, m1: f32, m2: f32) {
