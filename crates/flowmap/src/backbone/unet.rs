@@ -201,11 +201,9 @@ trait Flow: Sized + Clone {
 }
 
 fn upsample2(x: &Tensor) -> Result<Tensor> {
-    // By broadcasting (its backward sums), not `upsample_nearest2d`, whose backward overwrites gradients.
-    let (b, c, h, w) = x.dims4()?;
-    Ok(x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, 2, w, 2))?
-        .reshape((b, c, 2 * h, 2 * w))?)
+    // Not `upsample_nearest2d`, whose backward overwrites gradients: a fused node on the CPU, a broadcast
+    // (its backward sums) elsewhere.
+    crate::kernels::upsample2(x)
 }
 
 impl Flow for Tensor {

@@ -7,6 +7,8 @@
 //! Images are split into blocks of [`IMAGES_PER_BLOCK`] whatever the thread count, and the weight
 //! gradient's per-block partial sums are added in block order: the same bits on any number of threads.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::{applies, cpu_slice, map_blocks, sum_in_order};
@@ -173,15 +175,20 @@ impl CustomOp3 for ConvOp {
             cpu_slice(bs, bl, "b")?,
         );
         let (hw, rows, o) = (g.hw(), g.rows(), g.c_out);
-        // Each output channel starts at its bias (one pass, instead of zeros and then the bias).
-        let mut y: Vec<f32> = Vec::with_capacity(b * o * hw);
-        for _ in 0..b {
-            for &bv in bias {
-                y.extend(std::iter::repeat_n(bv, hw));
-            }
-        }
-        let blocks: Vec<(usize, &mut [f32])> = y.chunks_mut(IMAGES_PER_BLOCK * o * hw).enumerate().collect();
+        let n_out = b * o * hw;
+        let mut y: Vec<f32> = Vec::with_capacity(n_out);
+        let blocks: Vec<(usize, &mut [MaybeUninit<f32>])> = y.spare_capacity_mut()[..n_out]
+            .chunks_mut(IMAGES_PER_BLOCK * o * hw)
+            .enumerate()
+            .collect();
         map_blocks(blocks, |(i, yb)| {
+            // Each output channel starts at its bias (one pass, instead of zeros and then the bias), on the
+            // block's own thread.
+            for (dst, &bv) in yb.chunks_mut(hw).zip(bias.iter().cycle()) {
+                dst.fill(MaybeUninit::new(bv));
+            }
+            // SAFETY: every element of the block was just written.
+            let yb = unsafe { super::dense::assume_init(yb) };
             let mut cols = if g.k == 1 { Vec::new() } else { vec![0.0f32; rows * hw] };
             for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
                 let n = i * IMAGES_PER_BLOCK + j;
@@ -195,6 +202,8 @@ impl CustomOp3 for ConvOp {
                 matmul(o, hw, rows, yi, true, w, false, cols, false);
             }
         });
+        // SAFETY: the blocks cover all `n_out` elements and each wrote all of its own.
+        unsafe { y.set_len(n_out) };
         Ok((CpuStorage::F32(y), Shape::from((b, o, g.h, g.w))))
     }
 

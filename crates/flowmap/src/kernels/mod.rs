@@ -10,6 +10,11 @@
 //! - [`mlp`]: a whole MLP as one graph node when training, each block of rows going through every layer,
 //!   forward then backward, on one core (hidden gradients never become candle tensors), and under
 //!   [`no_grad`] the same blocks without a node or kept activations;
+//! - [`conv2d`]: a stride-1 "same" convolution as one node: im2col and a GEMM per image forward; backward
+//!   one im2col of the output gradient feeds both the input's and the weight's GEMM;
+//! - [`group_norm`]: GroupNorm, its affine map, the U-Net's per-sample scale-shift and SiLU as one node
+//!   with its backward, and [`group_norm_jvp`], the same with its tangent in one pass;
+//! - [`upsample2`]: nearest-neighbour 2× upsampling and its 2 × 2 sum backward, one pass each;
 //! - [`AdamW`](crate::optim::AdamW) and the weight EMA as one in-place pass per parameter
 //!   ([`crate::optim`]);
 //! - parallel regions on the fast path's own workers (the `pool` module), which spin between the regions of a
@@ -36,6 +41,7 @@ mod pool;
 mod simd;
 #[cfg(test)]
 mod testing;
+mod upsample;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -49,6 +55,7 @@ pub use embed::conditioning;
 pub use mlp::{mlp, Layer};
 pub use norm::{group_norm, group_norm_jvp, plain as group_norm_plain, plain_jvp as group_norm_plain_jvp};
 pub(crate) use simd::AdamScalars;
+pub use upsample::{plain as upsample2_plain, upsample2};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 

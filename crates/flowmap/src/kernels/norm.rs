@@ -98,9 +98,12 @@ pub fn group_norm_jvp(
     let (xs, dxs, s, ds) = (xr.slice(), dxr.slice(), sr.slice(), dsr.slice());
     let (gamma, beta) = pr.slice().split_at(c);
     let (img, per_group) = (c * d.hw, c / groups);
-    let mut y = vec![0.0f32; xs.len()];
-    let mut dy = vec![0.0f32; xs.len()];
-    let blocks: Vec<_> = y.chunks_mut(img).zip(dy.chunks_mut(img)).enumerate().collect();
+    let n = xs.len();
+    let (mut y, mut dy) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let blocks: Vec<_> = (y.spare_capacity_mut()[..n].chunks_mut(img.max(1)))
+        .zip(dy.spare_capacity_mut()[..n].chunks_mut(img.max(1)))
+        .enumerate()
+        .collect();
     map_blocks(blocks, |(i, (yi, dyi))| {
         let (xi, dxi) = (&xs[i * img..(i + 1) * img], &dxs[i * img..(i + 1) * img]);
         let st = stats(xi, d, eps);
@@ -135,6 +138,11 @@ pub fn group_norm_jvp(
             }
         }
     });
+    // SAFETY: the blocks cover all `n` elements of both, and every channel's row wrote all of its own.
+    unsafe {
+        y.set_len(n);
+        dy.set_len(n);
+    }
     let dev = x.device();
     Ok((
         Tensor::from_vec(y, (b, c, h, w), dev)?,
@@ -242,9 +250,9 @@ impl CustomOp3 for NormOp {
             cpu_slice(ss, sl, "ss")?,
         );
         let (gamma, beta) = p.split_at(c);
-        let mut y = vec![0.0f32; x.len()];
-        let img = c * d.hw;
-        let blocks: Vec<(usize, &mut [f32])> = y.chunks_mut(img).enumerate().collect();
+        let (n, img) = (x.len(), c * d.hw);
+        let mut y = Vec::with_capacity(n);
+        let blocks: Vec<_> = y.spare_capacity_mut()[..n].chunks_mut(img.max(1)).enumerate().collect();
         map_blocks(blocks, |(i, yi)| {
             let xi = &x[i * img..(i + 1) * img];
             let st = stats(xi, d, self.eps);
@@ -258,6 +266,8 @@ impl CustomOp3 for NormOp {
                 simd::norm_row(src, dst, scale, offset, self.silu);
             }
         });
+        // SAFETY: the blocks cover all `n` elements, and every channel's row wrote all of its own.
+        unsafe { y.set_len(n) };
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 

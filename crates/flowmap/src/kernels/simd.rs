@@ -146,15 +146,15 @@ multiversion! {
 
 multiversion! {
     /// One channel of GroupNorm's forward pass: `dst = act(src·scale + offset)`, SiLU when `silu`.
-    pub(crate) fn norm_row(src: &[f32], dst: &mut [f32], scale: f32, offset: f32, silu: bool) {
+    pub(crate) fn norm_row(src: &[f32], dst: &mut [MaybeUninit<f32>], scale: f32, offset: f32, silu: bool) {
         if silu {
             for (o, &v) in dst.iter_mut().zip(src) {
                 let z = v * scale + offset;
-                *o = z * sigmoid(z);
+                o.write(z * sigmoid(z));
             }
         } else {
             for (o, &v) in dst.iter_mut().zip(src) {
-                *o = v * scale + offset;
+                o.write(v * scale + offset);
             }
         }
     }
@@ -261,7 +261,13 @@ pub(crate) struct NormJvpChannel {
 multiversion! {
     /// One channel of GroupNorm's forward-mode pass: with `x̂ = (x − μ)·inv`, `z = a·x̂ + b` and
     /// `ż = p·(ẋ − m1) + q·x̂ + r`; then `y = silu(z)`, `ẏ = ż·s·(1 + z·(1 − s))` with `s = σ(z)`, or `y = z`.
-    pub(crate) fn norm_jvp_row(x: &[f32], dx: &[f32], y: &mut [f32], dy: &mut [f32], c: NormJvpChannel) {
+    pub(crate) fn norm_jvp_row(
+        x: &[f32],
+        dx: &[f32],
+        y: &mut [MaybeUninit<f32>],
+        dy: &mut [MaybeUninit<f32>],
+        c: NormJvpChannel,
+    ) {
         let it = y.iter_mut().zip(dy.iter_mut()).zip(x.iter().zip(dx));
         if c.silu {
             for ((o, d), (&v, &dv)) in it {
@@ -269,14 +275,14 @@ multiversion! {
                 let z = c.a * xh + c.b;
                 let dz = c.p * (dv - c.m1) + c.q * xh + c.r;
                 let sg = sigmoid(z);
-                *o = z * sg;
-                *d = dz * (sg * (1.0 + z * (1.0 - sg)));
+                o.write(z * sg);
+                d.write(dz * (sg * (1.0 + z * (1.0 - sg))));
             }
         } else {
             for ((o, d), (&v, &dv)) in it {
                 let xh = (v - c.mean) * c.inv;
-                *o = c.a * xh + c.b;
-                *d = c.p * (dv - c.m1) + c.q * xh + c.r;
+                o.write(c.a * xh + c.b);
+                d.write(c.p * (dv - c.m1) + c.q * xh + c.r);
             }
         }
     }
