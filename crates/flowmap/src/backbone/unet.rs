@@ -220,7 +220,7 @@ impl Flow for Tensor {
         Ok(Tensor::cat(parts, 1)?)
     }
     fn pool(&self) -> Result<Self> {
-        Ok(self.avg_pool2d(2)?)
+        crate::kernels::pool2(self)
     }
     fn upsample(&self) -> Result<Self> {
         upsample2(self)
@@ -260,7 +260,7 @@ impl Flow for Dual {
         Ok(Dual(Tensor::cat(&p, 1)?, Tensor::cat(&t, 1)?))
     }
     fn pool(&self) -> Result<Self> {
-        Ok(Dual(self.0.avg_pool2d(2)?, self.1.avg_pool2d(2)?))
+        Ok(Dual(crate::kernels::pool2(&self.0)?, crate::kernels::pool2(&self.1)?))
     }
     fn upsample(&self) -> Result<Self> {
         Ok(Dual(upsample2(&self.0)?, upsample2(&self.1)?))

@@ -14,7 +14,8 @@
 //!   one im2col of the output gradient feeds both the input's and the weight's GEMM;
 //! - [`group_norm`]: GroupNorm, its affine map, the U-Net's per-sample scale-shift and SiLU as one node
 //!   with its backward, and [`group_norm_jvp`], the same with its tangent in one pass;
-//! - [`upsample2`]: nearest-neighbour 2× upsampling and its 2 × 2 sum backward, one pass each;
+//! - [`upsample2`] and [`pool2`]: nearest-neighbour 2× upsampling and 2 × 2 mean pooling, each the other's
+//!   backward, one pass each;
 //! - [`AdamW`](crate::optim::AdamW) and the weight EMA as one in-place pass per parameter
 //!   ([`crate::optim`]);
 //! - parallel regions on the fast path's own workers (the `pool` module), which spin between the regions of a
@@ -38,10 +39,10 @@ mod embed;
 mod mlp;
 mod norm;
 mod pool;
+mod resample;
 mod simd;
 #[cfg(test)]
 mod testing;
-mod upsample;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -54,8 +55,8 @@ pub use dense::{dense, dense_jvp, plain as dense_plain, Activation};
 pub use embed::conditioning;
 pub use mlp::{mlp, Layer};
 pub use norm::{group_norm, group_norm_jvp, plain as group_norm_plain, plain_jvp as group_norm_plain_jvp};
+pub use resample::{plain_upsample2 as upsample2_plain, pool2, upsample2};
 pub(crate) use simd::AdamScalars;
-pub use upsample::{plain as upsample2_plain, upsample2};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
