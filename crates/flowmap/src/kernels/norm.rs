@@ -407,14 +407,7 @@ mod tests {
             };
             let fd = ((at_shift(1.0) - at_shift(-1.0)).unwrap() / (2.0 * eps)).unwrap();
             let (_, dy64) = plain_jvp(&x, &dx, g, 1e-5, &p, &s, &ds, silu).unwrap();
-            let gap = (dy64 - fd)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let gap = crate::kernels::testing::max_abs_f64(&(dy64 - fd).unwrap());
             assert!(gap < 1e-6, "{at}: composed tangent off the f64 difference by {gap}");
         }
     }

@@ -9,8 +9,16 @@ pub fn rand(shape: &[usize], seed: u64) -> Tensor {
         .unwrap()
 }
 
+/// The largest `|t|` of an f32 tensor.
 pub fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
+    max_abs_f64(&t.to_dtype(DType::F64).unwrap()) as f32
+}
+
+/// The largest `|t|` of an f32 or f64 tensor, in f64.
+pub fn max_abs_f64(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
         .unwrap()
         .flatten_all()
         .unwrap()
