@@ -75,12 +75,25 @@ impl GroupNorm {
     /// `act(GN(x) ⊙ (1 + a) + b)` with `[a, b] = ss` (`B × 2C`; none: `GN(x)`), SiLU when `silu`: one fused
     /// node on the CPU ([`kernels::group_norm`]), candle's primitive ops elsewhere.
     pub fn forward_modulated(&self, x: &Tensor, ss: Option<&Tensor>, silu: bool) -> Result<Tensor> {
-        let affine = Tensor::cat(&[&self.weight, &self.bias], 0)?;
         let ss = match ss {
             Some(s) => s.clone(),
-            None => Tensor::zeros((x.dim(0)?, 2 * self.weight.dim(0)?), x.dtype(), x.device())?,
+            None => self.no_modulation(x)?,
         };
-        kernels::group_norm(x, self.groups, self.eps, &affine, &ss, silu)
+        kernels::group_norm(x, self.groups, self.eps, &self.affine()?, &ss, silu)
+    }
+
+    /// `[γ; β]`, the layout the fused kernels take.
+    fn affine(&self) -> Result<Tensor> {
+        Ok(Tensor::cat(&[&self.weight, &self.bias], 0)?)
+    }
+
+    /// The zero scale-shift `[a, b]` (`B × 2C`) of an unmodulated norm of `x`.
+    fn no_modulation(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::zeros(
+            (x.dim(0)?, 2 * self.weight.dim(0)?),
+            x.dtype(),
+            x.device(),
+        )?)
     }
 
     /// The forward-mode pass of [`GroupNorm::forward_modulated`] in `x` and the scale-shift, with tangents
@@ -92,15 +105,14 @@ impl GroupNorm {
         ss: Option<(&Tensor, &Tensor)>,
         silu: bool,
     ) -> Result<(Tensor, Tensor)> {
-        let affine = Tensor::cat(&[&self.weight, &self.bias], 0)?;
         let (ss, dss) = match ss {
             Some((s, ds)) => (s.clone(), ds.clone()),
             None => {
-                let z = Tensor::zeros((x.dim(0)?, 2 * self.weight.dim(0)?), x.dtype(), x.device())?;
+                let z = self.no_modulation(x)?;
                 (z.clone(), z)
             }
         };
-        kernels::group_norm_jvp(x, dx, self.groups, self.eps, &affine, &ss, &dss, silu)
+        kernels::group_norm_jvp(x, dx, self.groups, self.eps, &self.affine()?, &ss, &dss, silu)
     }
 }
 

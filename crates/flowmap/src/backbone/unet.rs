@@ -30,7 +30,7 @@ pub use super::layers::{Attention, Conv2d, GroupNorm};
 use super::{class_rows, vars_sorted, Arch, Backbone, Role};
 use crate::cond::Cond;
 use crate::jvp::{Jvp, Silu};
-use crate::kernels::Activation;
+use crate::kernels::{self, Activation};
 use crate::nn::{Dense, SinusoidalEmbedding};
 use crate::{Error, Result};
 
@@ -200,12 +200,6 @@ trait Flow: Sized + Clone {
     fn primal(&self) -> &Tensor;
 }
 
-fn upsample2(x: &Tensor) -> Result<Tensor> {
-    // Not `upsample_nearest2d`, whose backward overwrites gradients: a fused node on the CPU, a broadcast
-    // (its backward sums) elsewhere.
-    crate::kernels::upsample2(x)
-}
-
 impl Flow for Tensor {
     fn layer<L: Module + Jvp>(&self, l: &L) -> Result<Self> {
         Ok(l.forward(self)?)
@@ -220,10 +214,12 @@ impl Flow for Tensor {
         Ok(Tensor::cat(parts, 1)?)
     }
     fn pool(&self) -> Result<Self> {
-        crate::kernels::pool2(self)
+        kernels::pool2(self)
     }
     fn upsample(&self) -> Result<Self> {
-        upsample2(self)
+        // Not candle's `upsample_nearest2d`, whose backward overwrites gradients: a fused node on the CPU, a
+        // broadcast (its backward sums) elsewhere.
+        kernels::upsample2(self)
     }
     fn norm(&self, n: &GroupNorm, ss: Option<&Self>, silu: bool) -> Result<Self> {
         n.forward_modulated(self, ss, silu)
@@ -260,10 +256,10 @@ impl Flow for Dual {
         Ok(Dual(Tensor::cat(&p, 1)?, Tensor::cat(&t, 1)?))
     }
     fn pool(&self) -> Result<Self> {
-        Ok(Dual(crate::kernels::pool2(&self.0)?, crate::kernels::pool2(&self.1)?))
+        Ok(Dual(kernels::pool2(&self.0)?, kernels::pool2(&self.1)?))
     }
     fn upsample(&self) -> Result<Self> {
-        Ok(Dual(upsample2(&self.0)?, upsample2(&self.1)?))
+        Ok(Dual(kernels::upsample2(&self.0)?, kernels::upsample2(&self.1)?))
     }
     fn norm(&self, n: &GroupNorm, ss: Option<&Self>, silu: bool) -> Result<Self> {
         let (y, dy) = n.forward_modulated_jvp(&self.0, &self.1, ss.map(|s| (&s.0, &s.1)), silu)?;

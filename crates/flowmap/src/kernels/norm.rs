@@ -32,19 +32,48 @@ pub fn group_norm(x: &Tensor, groups: usize, eps: f64, affine: &Tensor, ss: &Ten
 
 /// The reference, from candle's primitive ops.
 pub fn plain(x: &Tensor, groups: usize, eps: f64, affine: &Tensor, ss: &Tensor, silu: bool) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let g = x.reshape((b, groups, (c / groups) * h * w))?;
-    let centred = g.broadcast_sub(&g.mean_keepdim(2)?)?;
-    let inv = (centred.sqr()?.mean_keepdim(2)? + eps)?.sqrt()?.recip()?;
-    let xhat = centred.broadcast_mul(&inv)?.reshape((b, c, h, w))?;
-    let col = |t: &Tensor| t.reshape((1, c, 1, 1));
-    let n = xhat
-        .broadcast_mul(&col(&affine.narrow(0, 0, c)?)?)?
-        .broadcast_add(&col(&affine.narrow(0, c, c)?)?)?;
-    let a = ss.narrow(1, 0, c)?.reshape((b, c, 1, 1))?;
-    let sh = ss.narrow(1, c, c)?.reshape((b, c, 1, 1))?;
-    let z = n.broadcast_mul(&(a + 1.0)?)?.broadcast_add(&sh)?;
+    let z = Composed::new(x, groups, eps, affine, ss)?.z;
     Ok(if silu { z.silu()? } else { z })
+}
+
+/// The pre-activation `z` of [`plain`] and the pieces of it that [`plain_jvp`] differentiates.
+struct Composed {
+    /// `x̂` grouped as `B × G × (C/G)·H·W`, and `1/σ` as `B × G × 1`.
+    xhat: Tensor,
+    inv: Tensor,
+    /// `γ` as `1 × C × 1 × 1`, `1 + a` as `B × C × 1 × 1`.
+    gamma: Tensor,
+    one_a: Tensor,
+    /// `n = γ ⊙ x̂ + β` and `z = n ⊙ (1 + a) + b`, `B × C × H × W`.
+    n: Tensor,
+    z: Tensor,
+}
+
+impl Composed {
+    fn new(x: &Tensor, groups: usize, eps: f64, affine: &Tensor, ss: &Tensor) -> Result<Self> {
+        let (b, c, h, w) = x.dims4()?;
+        let g = x.reshape((b, groups, (c / groups) * h * w))?;
+        let centred = g.broadcast_sub(&g.mean_keepdim(2)?)?;
+        let inv = (centred.sqr()?.mean_keepdim(2)? + eps)?.sqrt()?.recip()?;
+        let xhat = centred.broadcast_mul(&inv)?;
+        let col = |t: &Tensor| t.reshape((1, c, 1, 1));
+        let gamma = col(&affine.narrow(0, 0, c)?)?;
+        let n = xhat
+            .reshape((b, c, h, w))?
+            .broadcast_mul(&gamma)?
+            .broadcast_add(&col(&affine.narrow(0, c, c)?)?)?;
+        let one_a = (ss.narrow(1, 0, c)?.reshape((b, c, 1, 1))? + 1.0)?;
+        let sh = ss.narrow(1, c, c)?.reshape((b, c, 1, 1))?;
+        let z = n.broadcast_mul(&one_a)?.broadcast_add(&sh)?;
+        Ok(Composed {
+            xhat,
+            inv,
+            gamma,
+            one_a,
+            n,
+            z,
+        })
+    }
 }
 
 /// The forward-mode pass of [`group_norm`] in `x` and `ss`, the affine parameters held fixed: `(y, ẏ)` for
@@ -164,25 +193,22 @@ pub fn plain_jvp(
 ) -> Result<(Tensor, Tensor)> {
     let (x, dx, affine, ss, dss) = (x.detach(), dx.detach(), affine.detach(), ss.detach(), dss.detach());
     let (b, c, h, w) = x.dims4()?;
-    let grouped = |t: &Tensor| t.reshape((b, groups, (c / groups) * h * w));
-    let g = grouped(&x)?;
-    let centred = g.broadcast_sub(&g.mean_keepdim(2)?)?;
-    let inv = (centred.sqr()?.mean_keepdim(2)? + eps)?.sqrt()?.recip()?;
-    let xhat = centred.broadcast_mul(&inv)?;
-    let dg = grouped(&dx)?;
+    let Composed {
+        xhat,
+        inv,
+        gamma,
+        one_a,
+        n,
+        z,
+    } = Composed::new(&x, groups, eps, &affine, &ss)?;
+    let dg = dx.reshape(xhat.shape())?;
     let dc = dg.broadcast_sub(&dg.mean_keepdim(2)?)?;
     let proj = (&xhat * &dc)?.mean_keepdim(2)?;
     let dxhat = (dc - xhat.broadcast_mul(&proj)?)?
         .broadcast_mul(&inv)?
         .reshape((b, c, h, w))?;
-    let xhat = xhat.reshape((b, c, h, w))?;
-    let col = |t: &Tensor| t.reshape((1, c, 1, 1));
-    let (gamma, beta) = (col(&affine.narrow(0, 0, c)?)?, col(&affine.narrow(0, c, c)?)?);
-    let per_sample = |t: &Tensor, from: usize| t.narrow(1, from, c)?.reshape((b, c, 1, 1));
-    let (one_a, sh) = ((per_sample(&ss, 0)? + 1.0)?, per_sample(&ss, c)?);
-    let (da, dsh) = (per_sample(&dss, 0)?, per_sample(&dss, c)?);
-    let n = xhat.broadcast_mul(&gamma)?.broadcast_add(&beta)?;
-    let z = n.broadcast_mul(&one_a)?.broadcast_add(&sh)?;
+    let per_sample = |from: usize| dss.narrow(1, from, c)?.reshape((b, c, 1, 1));
+    let (da, dsh) = (per_sample(0)?, per_sample(c)?);
     let dz = dxhat
         .broadcast_mul(&gamma)?
         .broadcast_mul(&one_a)?
