@@ -42,12 +42,12 @@ pub fn plain(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 #[derive(Clone, Copy)]
-struct Geometry {
-    c_in: usize,
-    c_out: usize,
-    h: usize,
-    w: usize,
-    k: usize,
+pub(super) struct Geometry {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
 }
 
 impl Geometry {
@@ -68,12 +68,16 @@ impl Geometry {
             },
         ))
     }
-    fn hw(&self) -> usize {
+    pub fn hw(&self) -> usize {
         self.h * self.w
     }
     /// Rows of the im2col matrix, `I·k²`.
-    fn rows(&self) -> usize {
+    pub fn rows(&self) -> usize {
         self.c_in * self.k * self.k
+    }
+    /// Rows of the output gradient's im2col matrix, `O·k²`.
+    fn g_rows(&self) -> usize {
+        self.c_out * self.k * self.k
     }
 }
 
@@ -174,7 +178,7 @@ impl CustomOp3 for ConvOp {
             cpu_slice(ws, wl, "w")?,
             cpu_slice(bs, bl, "b")?,
         );
-        let (hw, rows, o) = (g.hw(), g.rows(), g.c_out);
+        let (hw, o) = (g.hw(), g.c_out);
         let n_out = b * o * hw;
         let mut y: Vec<f32> = Vec::with_capacity(n_out);
         let blocks: Vec<(usize, &mut [MaybeUninit<f32>])> = y.spare_capacity_mut()[..n_out]
@@ -189,17 +193,10 @@ impl CustomOp3 for ConvOp {
             }
             // SAFETY: every element of the block was just written.
             let yb = unsafe { super::dense::assume_init(yb) };
-            let mut cols = if g.k == 1 { Vec::new() } else { vec![0.0f32; rows * hw] };
+            let mut cols = g.cols_buffer();
             for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
                 let n = i * IMAGES_PER_BLOCK + j;
-                let xi = &x[n * g.c_in * hw..(n + 1) * g.c_in * hw];
-                let cols: &[f32] = if g.k == 1 {
-                    xi
-                } else {
-                    im2col(g, xi, &mut cols);
-                    &cols
-                };
-                matmul(o, hw, rows, yi, true, w, false, cols, false);
+                forward_image(g, w, &x[n * g.c_in * hw..(n + 1) * g.c_in * hw], &mut cols, yi);
             }
         });
         // SAFETY: the blocks cover all `n_out` elements and each wrote all of its own.
@@ -226,26 +223,91 @@ impl CustomOp3 for ConvOp {
             w: wd,
             k,
         };
-        let (hw, rows) = (g.hw(), g.rows());
+        let hw = g.hw();
         let (Some(xr), Some(wr), Some(gr)) = (super::read(&x), super::read(&w), super::read(&grad)) else {
             candle_core::bail!("conv2d backward needs f32 CPU tensors");
         };
         let (xs, ws, gs) = (xr.slice(), wr.slice(), gr.slice());
-        let kk = k * k;
-        // Rows of the output gradient's im2col matrix, `O·k²`.
-        let g_rows = o * kk;
-        // The input gradient is the forward convolution of `G` by the flipped, transposed kernel
-        // `W'[c, (o, a, b)] = W[o, c, k−1−a, k−1−b]` (stride 1, padding k/2), and the weight gradient comes
-        // from the same im2col of `G`: `D[(o, a, b), c] = Σ_p cols_G[(o, a, b), p] · x[c, p]` is
-        // `dW[o, c, k−1−a, k−1−b]`. One im2col per image, both products with a contraction of `O·k²` or
-        // `H·W`, and no col2im scatter.
-        let w_flip: Vec<f32> = if k == 1 {
+        let back = Backward::new(g, ws);
+        let mut dx = vec![0.0f32; bsz * c_in * hw];
+        let blocks: Vec<(usize, &mut [f32])> = dx.chunks_mut(IMAGES_PER_BLOCK * c_in * hw).enumerate().collect();
+        // Per block: the input gradient of its images, and its partial weight and bias gradients.
+        let partials = map_blocks(blocks, |(i, dxb)| {
+            let mut cols_g = g.g_cols_buffer();
+            let mut dwb = back.partial();
+            for (j, dxi) in dxb.chunks_mut(c_in * hw).enumerate() {
+                let n = i * IMAGES_PER_BLOCK + j;
+                let xi = &xs[n * c_in * hw..(n + 1) * c_in * hw];
+                let gi = &gs[n * o * hw..(n + 1) * o * hw];
+                back.image(xi, gi, &mut cols_g, dxi, &mut dwb, j > 0);
+            }
+            dwb
+        });
+        let (dw, db) = back.finish(partials);
+        let dev = x.device();
+        let dx = Tensor::from_vec(dx, (bsz, c_in, h, wd), dev)?;
+        let db = Tensor::from_vec(db, o, dev)?;
+        let dw = Tensor::from_vec(dw, (o, c_in, k, k), dev)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl Geometry {
+    /// The im2col buffer of one image (none for `k = 1`, whose im2col is the image itself).
+    pub fn cols_buffer(&self) -> Vec<f32> {
+        if self.k == 1 {
             Vec::new()
         } else {
-            let mut f = vec![0.0f32; c_in * g_rows];
-            for oc in 0..o {
-                for c in 0..c_in {
-                    let src = &ws[(oc * c_in + c) * kk..][..kk];
+            vec![0.0f32; self.rows() * self.hw()]
+        }
+    }
+    /// The im2col buffer of one image's output gradient.
+    pub fn g_cols_buffer(&self) -> Vec<f32> {
+        if self.k == 1 {
+            Vec::new()
+        } else {
+            vec![0.0f32; self.g_rows() * self.hw()]
+        }
+    }
+}
+
+/// `y += W ⋆ x` for one image: `x` is `I × H·W`, `y` the `O × H·W` output (holding the bias), `cols` a
+/// [`Geometry::cols_buffer`].
+pub(super) fn forward_image(g: Geometry, w: &[f32], x: &[f32], cols: &mut [f32], y: &mut [f32]) {
+    let cols: &[f32] = if g.k == 1 {
+        x
+    } else {
+        im2col(g, x, cols);
+        cols
+    };
+    matmul(g.c_out, g.hw(), g.rows(), y, true, w, false, cols, false);
+}
+
+/// The backward pass of one image at a time, with the kernel prepared once.
+///
+/// The input gradient is the forward convolution of `G` by the flipped, transposed kernel
+/// `W'[c, (o, a, b)] = W[o, c, k−1−a, k−1−b]` (stride 1, padding k/2), and the weight gradient comes from the
+/// same im2col of `G`: `D[(o, a, b), c] = Σ_p cols_G[(o, a, b), p] · x[c, p]` is `dW[o, c, k−1−a, k−1−b]`.
+/// One im2col per image, both products with a contraction of `O·k²` or `H·W`, and no col2im scatter.
+pub(super) struct Backward<'a> {
+    g: Geometry,
+    /// The kernel as given (for `k = 1`).
+    w: &'a [f32],
+    /// `W'` (`I × O·k²`, for `k > 1`).
+    w_flip: Vec<f32>,
+}
+
+impl<'a> Backward<'a> {
+    pub fn new(g: Geometry, w: &'a [f32]) -> Self {
+        let kk = g.k * g.k;
+        let w_flip = if g.k == 1 {
+            Vec::new()
+        } else {
+            let g_rows = g.g_rows();
+            let mut f = vec![0.0f32; g.c_in * g_rows];
+            for oc in 0..g.c_out {
+                for c in 0..g.c_in {
+                    let src = &w[(oc * g.c_in + c) * kk..][..kk];
                     let dst = &mut f[c * g_rows + oc * kk..][..kk];
                     for (d, v) in dst.iter_mut().zip(src.iter().rev()) {
                         *d = *v;
@@ -254,49 +316,57 @@ impl CustomOp3 for ConvOp {
             }
             f
         };
-        let mut dx = vec![0.0f32; bsz * c_in * hw];
-        let blocks: Vec<(usize, &mut [f32])> = dx.chunks_mut(IMAGES_PER_BLOCK * c_in * hw).enumerate().collect();
-        // Per block: the input gradient of its images, and its partial weight and bias gradients (for
-        // k > 1, the weight's as `D`, `O·k² × I`).
-        let partials = map_blocks(blocks, |(i, dxb)| {
-            let mut cols_g = if k == 1 { Vec::new() } else { vec![0.0f32; g_rows * hw] };
-            let mut dw = vec![0.0f32; o * rows + o];
-            for (j, dxi) in dxb.chunks_mut(c_in * hw).enumerate() {
-                let n = i * IMAGES_PER_BLOCK + j;
-                let xi = &xs[n * c_in * hw..(n + 1) * c_in * hw];
-                let gi = &gs[n * o * hw..(n + 1) * o * hw];
-                let (dwm, db) = dw.split_at_mut(o * rows);
-                for (acc, row) in db.iter_mut().zip(gi.chunks(hw)) {
-                    *acc += row.iter().sum::<f32>();
-                }
-                if k == 1 {
-                    // dW += G · xᵀ   (O × HW)·(HW × I);   dx = Wᵀ · G   (I × O)·(O × HW)
-                    matmul(o, c_in, hw, dwm, j > 0, gi, false, xi, true);
-                    matmul(c_in, hw, o, dxi, false, ws, true, gi, false);
-                    continue;
-                }
-                im2col(Geometry { c_in: o, ..g }, gi, &mut cols_g);
-                // dx = W' · cols_G   (I × O k²)·(O k² × HW)
-                matmul(c_in, hw, g_rows, dxi, false, &w_flip, false, &cols_g, false);
-                // D += cols_G · xᵀ, written as its transpose `x · cols_Gᵀ` (I × HW)·(HW × O k²) into a
-                // column-major I × O k², so that the packed operand is the small `x`, not `cols_G`.
-                // SAFETY: `dwm` holds I × O k² elements, `xi` I × HW and `cols_g` O k² × HW.
-                unsafe {
-                    super::gemm_strided(
-                        c_in,
-                        g_rows,
-                        hw,
-                        (dwm.as_mut_ptr(), 1, c_in as isize),
-                        j > 0,
-                        (xi.as_ptr(), hw as isize, 1),
-                        (cols_g.as_ptr(), 1, hw as isize),
-                    )
-                };
-            }
-            dw
-        });
-        let sums = sum_in_order(partials).unwrap_or_else(|| vec![0.0; o * rows + o]);
-        let dw: Vec<f32> = if k == 1 {
+        Backward { g, w, w_flip }
+    }
+
+    /// A zeroed partial weight-and-bias gradient: `dW` (as `D`, `O·k² × I`, for `k > 1`), then `db`.
+    pub fn partial(&self) -> Vec<f32> {
+        vec![0.0f32; self.g.c_out * self.g.rows() + self.g.c_out]
+    }
+
+    /// One image: `dx = ∂/∂x` of `⟨G, W ⋆ x⟩` written into `dx` (`I × H·W`), and the weight and bias
+    /// gradients added to `dwb` (overwritten when `!acc`). `cols_g` is a [`Geometry::g_cols_buffer`].
+    pub fn image(&self, x: &[f32], gi: &[f32], cols_g: &mut [f32], dx: &mut [f32], dwb: &mut [f32], acc: bool) {
+        let g = self.g;
+        let (o, c_in, hw) = (g.c_out, g.c_in, g.hw());
+        let (dwm, db) = dwb.split_at_mut(o * g.rows());
+        for (d, row) in db.iter_mut().zip(gi.chunks(hw)) {
+            let s = row.iter().sum::<f32>();
+            *d = if acc { *d + s } else { s };
+        }
+        if g.k == 1 {
+            // dW += G · xᵀ   (O × HW)·(HW × I);   dx = Wᵀ · G   (I × O)·(O × HW)
+            matmul(o, c_in, hw, dwm, acc, gi, false, x, true);
+            matmul(c_in, hw, o, dx, false, self.w, true, gi, false);
+            return;
+        }
+        let g_rows = g.g_rows();
+        im2col(Geometry { c_in: o, ..g }, gi, cols_g);
+        // dx = W' · cols_G   (I × O k²)·(O k² × HW)
+        matmul(c_in, hw, g_rows, dx, false, &self.w_flip, false, cols_g, false);
+        // D += cols_G · xᵀ, written as its transpose `x · cols_Gᵀ` (I × HW)·(HW × O k²) into a
+        // column-major I × O k², so that the packed operand is the small `x`, not `cols_G`.
+        // SAFETY: `dwm` holds I × O k² elements, `x` I × HW and `cols_g` O k² × HW.
+        unsafe {
+            super::gemm_strided(
+                c_in,
+                g_rows,
+                hw,
+                (dwm.as_mut_ptr(), 1, c_in as isize),
+                acc,
+                (x.as_ptr(), hw as isize, 1),
+                (cols_g.as_ptr(), 1, hw as isize),
+            )
+        };
+    }
+
+    /// The blocks' partial sums added in block order, as `(dW` in `O × I × k × k`, `db)`.
+    pub fn finish(&self, partials: Vec<Vec<f32>>) -> (Vec<f32>, Vec<f32>) {
+        let g = self.g;
+        let (o, c_in, kk) = (g.c_out, g.c_in, g.k * g.k);
+        let rows = g.rows();
+        let sums = sum_in_order(partials).unwrap_or_else(|| self.partial());
+        let dw: Vec<f32> = if g.k == 1 {
             sums[..o * rows].to_vec()
         } else {
             // dW[o, c, ky, kx] = D[(o, k−1−ky, k−1−kx), c]
@@ -311,11 +381,7 @@ impl CustomOp3 for ConvOp {
             }
             dw
         };
-        let dev = x.device();
-        let dx = Tensor::from_vec(dx, (bsz, c_in, h, wd), dev)?;
-        let db = Tensor::from_slice(&sums[o * rows..], o, dev)?;
-        let dw = Tensor::from_vec(dw, (o, c_in, k, k), dev)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        (dw, sums[o * rows..].to_vec())
     }
 }
 

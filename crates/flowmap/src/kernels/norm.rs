@@ -9,6 +9,8 @@
 //! it reads `x` once per pass. Images are independent; the parameter gradients' per-image partial sums are
 //! added in image order, so the result has the same bits on any number of threads.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::{applies, cpu_slice, map_blocks, simd, sum_in_order};
@@ -230,10 +232,10 @@ struct NormOp {
 }
 
 #[derive(Clone, Copy)]
-struct Dims {
-    c: usize,
-    hw: usize,
-    groups: usize,
+pub(super) struct Dims {
+    pub c: usize,
+    pub hw: usize,
+    pub groups: usize,
 }
 
 /// `(μ, 1/σ)` of each group of one image.
@@ -245,6 +247,67 @@ fn stats(x: &[f32], d: Dims, eps: f64) -> Vec<(f32, f32)> {
             (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
         })
         .collect()
+}
+
+/// One image of the forward pass: `y = act(x̂·k + m)` per channel, `(k, m) = channel(c)`.
+pub(super) fn forward_image(
+    x: &[f32],
+    d: Dims,
+    eps: f64,
+    channel: impl Fn(usize) -> (f32, f32),
+    silu: bool,
+    y: &mut [MaybeUninit<f32>],
+) {
+    let st = stats(x, d, eps);
+    for ch in 0..d.c {
+        let (mean, inv) = st[ch / (d.c / d.groups)];
+        let (k, m) = channel(ch);
+        let scale = inv * k;
+        let offset = m - mean * scale;
+        let r = ch * d.hw..(ch + 1) * d.hw;
+        simd::norm_row(&x[r.clone()], &mut y[r], scale, offset, silu);
+    }
+}
+
+/// One image of the backward pass from the output gradient `g`: writes `dx`, and hands each channel's
+/// `(Σ g_z·n, Σ g_z, Σ g_n·x̂, Σ g_n)` (the gradients of `a`, `shift`, `γ` and `β`) to `sums`, for the
+/// channel's `(γ, β, 1 + a, shift) = channel(c)`. `gxhat` is scratch of the image's size.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward_image(
+    x: &[f32],
+    g: &[f32],
+    d: Dims,
+    eps: f64,
+    silu: bool,
+    channel: impl Fn(usize) -> (f32, f32, f32, f32),
+    mut sums: impl FnMut(usize, [f32; 4]),
+    gxhat: &mut [f32],
+    dx: &mut [f32],
+) {
+    let st = stats(x, d, eps);
+    let per_group = d.c / d.groups;
+    // g_x̂ for the whole image, then the per-group projection.
+    for ch in 0..d.c {
+        let (mean, inv) = st[ch / per_group];
+        let (gamma, beta, one_a, shift) = channel(ch);
+        let c = simd::NormChannel {
+            mean,
+            inv,
+            gamma,
+            beta,
+            one_a,
+            shift,
+            silu,
+        };
+        let r = ch * d.hw..(ch + 1) * d.hw;
+        sums(ch, simd::norm_backward_row(&x[r.clone()], &g[r.clone()], &mut gxhat[r], c));
+    }
+    let per = per_group * d.hw;
+    for (grp, &(mean, inv)) in st.iter().enumerate() {
+        let r = grp * per..(grp + 1) * per;
+        let (m1, m2) = simd::norm_group_moments(&x[r.clone()], &gxhat[r.clone()], mean, inv);
+        simd::norm_group_dx(&x[r.clone()], &gxhat[r.clone()], &mut dx[r], mean, inv, m1, m2);
+    }
 }
 
 impl CustomOp3 for NormOp {
@@ -280,17 +343,12 @@ impl CustomOp3 for NormOp {
         let mut y = Vec::with_capacity(n);
         let blocks: Vec<_> = y.spare_capacity_mut()[..n].chunks_mut(img.max(1)).enumerate().collect();
         map_blocks(blocks, |(i, yi)| {
-            let xi = &x[i * img..(i + 1) * img];
-            let st = stats(xi, d, self.eps);
             let (a, sh) = s[i * 2 * c..(i + 1) * 2 * c].split_at(c);
-            for ch in 0..c {
-                let (mean, inv) = st[ch / (c / d.groups)];
-                let k = gamma[ch] * (1.0 + a[ch]);
-                let scale = inv * k;
-                let offset = beta[ch] * (1.0 + a[ch]) + sh[ch] - mean * scale;
-                let (src, dst) = (&xi[ch * d.hw..(ch + 1) * d.hw], &mut yi[ch * d.hw..(ch + 1) * d.hw]);
-                simd::norm_row(src, dst, scale, offset, self.silu);
-            }
+            let channel = |ch: usize| {
+                let one_a = 1.0 + a[ch];
+                (gamma[ch] * one_a, beta[ch] * one_a + sh[ch])
+            };
+            forward_image(&x[i * img..(i + 1) * img], d, self.eps, channel, self.silu, yi);
         });
         // SAFETY: the blocks cover all `n` elements, and every channel's row wrote all of its own.
         unsafe { y.set_len(n) };
@@ -320,53 +378,24 @@ impl CustomOp3 for NormOp {
         let (xs, p, s, gs) = (xr.slice(), pr.slice(), sr.slice(), gr.slice());
         let (gamma, beta) = p.split_at(c);
         let img = c * d.hw;
-        let per_group = c / d.groups;
         let mut dx = vec![0.0f32; xs.len()];
         let mut dss = vec![0.0f32; b * 2 * c];
         let blocks: Vec<((usize, &mut [f32]), &mut [f32])> =
             dx.chunks_mut(img).enumerate().zip(dss.chunks_mut(2 * c)).collect();
         // Per image: its dx and d[a, b], and its partial dγ, dβ.
         let partials = map_blocks(blocks, |((i, dxi), dssi)| {
-            let xi = &xs[i * img..(i + 1) * img];
-            let gi = &gs[i * img..(i + 1) * img];
-            let st = stats(xi, d, self.eps);
             let (a, sh) = s[i * 2 * c..(i + 1) * 2 * c].split_at(c);
             let mut dp = vec![0.0f32; 2 * c];
-            // g_x̂ for the whole image, then the per-group projection.
             let mut gxhat = vec![0.0f32; img];
-            for ch in 0..c {
-                let (mean, inv) = st[ch / per_group];
-                let range = ch * d.hw..(ch + 1) * d.hw;
-                let channel = simd::NormChannel {
-                    mean,
-                    inv,
-                    gamma: gamma[ch],
-                    beta: beta[ch],
-                    one_a: 1.0 + a[ch],
-                    shift: sh[ch],
-                    silu: self.silu,
-                };
-                let [g_a, g_sh, g_gamma, g_beta] =
-                    simd::norm_backward_row(&xi[range.clone()], &gi[range.clone()], &mut gxhat[range], channel);
+            let channel = |ch: usize| (gamma[ch], beta[ch], 1.0 + a[ch], sh[ch]);
+            let sums = |ch: usize, [g_a, g_sh, g_gamma, g_beta]: [f32; 4]| {
                 dssi[ch] = g_a;
                 dssi[c + ch] = g_sh;
                 dp[ch] = g_gamma;
                 dp[c + ch] = g_beta;
-            }
-            let per = per_group * d.hw;
-            for (g, &(mean, inv)) in st.iter().enumerate() {
-                let range = g * per..(g + 1) * per;
-                let (m1, m2) = simd::norm_group_moments(&xi[range.clone()], &gxhat[range.clone()], mean, inv);
-                simd::norm_group_dx(
-                    &xi[range.clone()],
-                    &gxhat[range.clone()],
-                    &mut dxi[range],
-                    mean,
-                    inv,
-                    m1,
-                    m2,
-                );
-            }
+            };
+            let (xi, gi) = (&xs[i * img..(i + 1) * img], &gs[i * img..(i + 1) * img]);
+            backward_image(xi, gi, d, self.eps, self.silu, channel, sums, &mut gxhat, dxi);
             dp
         });
         let dp = sum_in_order(partials).unwrap_or_else(|| vec![0.0; 2 * c]);
