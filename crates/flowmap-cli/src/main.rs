@@ -170,9 +170,16 @@ struct GuidanceBenchArgs {
     /// The maps' guidance range LO,HI.
     #[arg(long, default_value = "1,4")]
     range: String,
-    /// Steps of each map (batch 32).
+    /// The teacher-based method that distils the guided teacher (emd, lmd, emd-cont, lmd-cont, cm, ctm,
+    /// progressive, direct).
+    #[arg(long, default_value = "emd")]
+    method: String,
+    /// Steps of each map.
     #[arg(long, default_value_t = 1500)]
     map_steps: usize,
+    /// Batch size of each map.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
     /// Steps of the autoguidance model (batch 64).
     #[arg(long, default_value_t = 600)]
     weak_steps: usize,
@@ -838,7 +845,9 @@ fn run_command(cli: Cli) -> Result<()> {
                 teacher: a.teacher.clone(),
                 scales,
                 range: parse_range(&a.range, "--range")?,
+                method: a.method.parse()?,
                 map_steps: a.map_steps,
+                batch_size: a.batch,
                 weak_steps: a.weak_steps,
                 weak_channels: a.weak_channels,
                 n_eval: a.n_eval,

@@ -271,6 +271,57 @@ fn whole_network_gradients_match_with_the_fast_path_off() {
     }
 }
 
+/// A class-conditional U-Net flow map (every norm-activation-convolution one fused node, GroupNorm, the
+/// resampling nodes) against candle's ops: the map and the gradient of every parameter.
+#[test]
+fn whole_unet_gradients_match_with_the_fast_path_off() {
+    use flowmap::backbone::{vars_sorted, Arch, Role, UnetConfig};
+    let _lock = SWITCH.lock().unwrap();
+    let cfg = UnetConfig {
+        channels: 8,
+        channel_mult: vec![1, 2],
+        attention_resolutions: vec![4],
+        groups: 4,
+        time_features: 4,
+        num_classes: Some(3),
+        ..UnetConfig::new(&[2, 8, 8])
+    };
+    let vm = VarMap::new();
+    let arch = Arch::Unet(cfg);
+    let net = arch
+        .build(Role::FlowMap, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
+        .unwrap();
+    // Every parameter drawn, the zero-initialised ones too, so that no path is switched off.
+    let mut rng = Rng::new(3);
+    for (_, v) in vars_sorted(&vm) {
+        v.set(&(rng.normal_tensor(v.shape(), DType::F32, &Device::Cpu).unwrap() * 0.3).unwrap())
+            .unwrap();
+    }
+    let x = rng.normal_tensor(&[6, 2, 8, 8], DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::from_slice(&[0.9f32, 0.7, 0.5, 0.4, 0.2, 0.1], (6, 1), &Device::Cpu).unwrap();
+    let gap = (&t * 0.5).unwrap();
+    let cond = flowmap::Cond::from_classes(&[0, 1, 2, 3, 0, 1], 3, &Device::Cpu).unwrap();
+    let probe = rng.normal_tensor(&[6, 2, 8, 8], DType::F32, &Device::Cpu).unwrap();
+    let run = || {
+        let y = net.forward(&x, &t, Some(&gap), &cond).unwrap();
+        let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, g)
+    };
+    let (y_fast, g_fast) = run();
+    kernels::set_enabled(false);
+    let (y_plain, g_plain) = run();
+    kernels::set_enabled(true);
+    assert!(
+        rel(&y_fast, &y_plain) < 1e-5,
+        "outputs differ by {}",
+        rel(&y_fast, &y_plain)
+    );
+    for (name, v) in vars_sorted(&vm) {
+        let (a, b) = (g_fast.get(&v).unwrap(), g_plain.get(&v).unwrap());
+        assert!(rel(a, b) < 1e-4, "gradient of {name} differs by {}", rel(a, b));
+    }
+}
+
 #[test]
 fn fused_adamw_and_ema_match_candle() {
     let params = ParamsAdamW {

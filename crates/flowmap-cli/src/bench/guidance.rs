@@ -1,8 +1,8 @@
 //! `flowmap bench guidance`: classifier-free guidance and autoguidance on MNIST, at each guidance scale.
 //!
 //! From the shipped class-conditional U-Net teacher (or one given), it trains
-//! - a guidance-distilled EMD map (`distill --guidance-range`): the scale is the map's input, so one map
-//!   serves every scale of its range;
+//! - a guidance-distilled map (`distill --method M --guidance-range`, EMD by default): the scale is the
+//!   map's input, so one map serves every scale of its range;
 //! - a guided MeanFlow map from data (`train --guidance-range`, fine-tuned from the teacher): the target
 //!   velocity `ω·(x1 − x0) + (1 − ω)·F⁻(x_t, t, t | ∅)`, no teacher in the loss;
 //! - a weak model for autoguidance: the teacher's recipe at half the channels and a fraction of the steps;
@@ -44,6 +44,9 @@ pub struct GuidanceConfig {
     pub scales: Vec<f64>,
     /// The range the maps are trained on.
     pub range: [f64; 2],
+    /// The teacher-based method that distils the guided teacher.
+    #[serde(default = "default_method")]
+    pub method: Method,
     /// Steps of each map, at `batch_size`.
     pub map_steps: usize,
     pub batch_size: usize,
@@ -60,12 +63,17 @@ pub struct GuidanceConfig {
     pub seed: u64,
 }
 
+fn default_method() -> Method {
+    Method::Emd
+}
+
 impl Default for GuidanceConfig {
     fn default() -> Self {
         GuidanceConfig {
             teacher: None,
             scales: vec![1.0, 1.5, 2.0, 3.0, 4.0],
             range: [1.0, 4.0],
+            method: Method::Emd,
             map_steps: 1500,
             batch_size: 32,
             lr: 5e-4,
@@ -82,7 +90,8 @@ impl Default for GuidanceConfig {
 /// One measured row: a sampler at one scale.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GuidanceRow {
-    /// What samples: `teacher CFG`, `teacher autoguided`, `EMD map (CFG)`, `MeanFlow (guided, data)`.
+    /// What samples: `teacher CFG`, `teacher autoguided`, `EMD map (guidance distilled)`, `MeanFlow (guided,
+    /// from data)`.
     pub sampler: String,
     pub w: f64,
     #[serde(flatten)]
@@ -112,11 +121,21 @@ pub struct GuidanceReport {
 
 const CFG_TEACHER: &str = "teacher CFG";
 const AUTO_TEACHER: &str = "teacher autoguided";
-const CFG_MAP: &str = "EMD map (guidance distilled)";
 const MEANFLOW: &str = "MeanFlow (guided, from data)";
+
+/// The guidance-distilled map's row label: `EMD map (guidance distilled)`.
+fn distilled_map(method: Method) -> String {
+    format!("{} map (guidance distilled)", method.name().to_uppercase())
+}
 
 pub fn run(out: &Path, cfg: &GuidanceConfig, device: &Device, show: bool) -> Result<GuidanceReport> {
     let start = Instant::now();
+    if !cfg.method.needs_teacher() {
+        return Err(flowmap::Error::arg(format!(
+            "'{}' trains from data; the guidance bench distils the guided teacher with a teacher-based method",
+            cfg.method
+        )));
+    }
     for &w in &cfg.scales {
         flowmap::cond::check_guidance_scale(w)?;
         if w < cfg.range[0] || w > cfg.range[1] {
@@ -182,14 +201,14 @@ pub fn run(out: &Path, cfg: &GuidanceConfig, device: &Device, show: bool) -> Res
         m.save(&out.file(file))?;
         Ok(m)
     };
-    let emd = fit(
-        "emd (guided)",
-        "emd-guided.safetensors",
+    let distilled = fit(
+        &format!("{} (guided)", cfg.method),
+        &format!("{}-guided.safetensors", cfg.method),
         MapJob {
             teacher: Some(&teacher),
             train: train.clone(),
             device: device.clone(),
-            ..MapJob::new(Method::Emd, &data)
+            ..MapJob::new(cfg.method, &data)
         },
     )?;
     let mut objective = DistillConfig::for_method(Method::Meanflow);
@@ -229,7 +248,14 @@ pub fn run(out: &Path, cfg: &GuidanceConfig, device: &Device, show: bool) -> Res
     };
     let euler = Solver::fixed(flowmap::ode::Scheme::Euler, cfg.euler_steps);
     let dopri5 = Solver::dopri5(cfg.dopri5_tol);
-    let path = emd.meta.probability_path()?;
+    let path = distilled.meta.probability_path()?;
+    let cfg_map = distilled_map(cfg.method);
+    // A consistency model is defined at `s = 0` only: its multistep samples take the consistency sampler.
+    let distilled_sampler = if cfg.method.boundary_only() {
+        Sampler::Consistency
+    } else {
+        Sampler::Deterministic
+    };
     let c = Some(classes);
     for &w in &cfg.scales {
         let g = Guided::new(&teacher, w, classes)?;
@@ -238,9 +264,12 @@ pub fn run(out: &Path, cfg: &GuidanceConfig, device: &Device, show: bool) -> Res
         let a = Autoguided::new(&teacher, &weak, w)?;
         let (r, x) = ev.teacher(AUTO_TEACHER, &a, c, &[euler], device)?;
         keep(AUTO_TEACHER, w, r, x)?;
-        for (name, m) in [(CFG_MAP, &emd), (MEANFLOW, &meanflow)] {
+        for (name, m, sampler) in [
+            (&*cfg_map, &distilled, distilled_sampler),
+            (MEANFLOW, &meanflow, Sampler::Deterministic),
+        ] {
             let at = AtGuidance::new(&m.net, w)?;
-            let (r, x) = ev.map(name, &at, c, &[1, 2], Sampler::Deterministic, &*path, device)?;
+            let (r, x) = ev.map(name, &at, c, &[1, 2], sampler, &*path, device)?;
             keep(name, w, r, x)?;
         }
     }
@@ -254,7 +283,7 @@ pub fn run(out: &Path, cfg: &GuidanceConfig, device: &Device, show: bool) -> Res
         .iter()
         .filter_map(|&w| {
             let reference = find(CFG_TEACHER, w, &|r| r.sampler.starts_with("dopri5"))?;
-            let map = find(CFG_MAP, w, &|r| r.nfe == 1)?;
+            let map = find(&cfg_map, w, &|r| r.nfe == 1)?;
             Some(Acceptance {
                 w,
                 fd_ratio: map.fd / reference.fd,
@@ -333,8 +362,8 @@ fn write_report(out: &OutDir, r: &GuidanceReport, clf: &Classifier, figures: &[(
          Classifier-free guidance `v(∅) + w·(v(c) − v(∅))`; autoguidance `v_weak + w·(v − v_weak)` by a \
          {}-channel U-Net of the same recipe trained for {} steps at batch 64. The maps are trained once on \
          w ∈ [{}, {}] for {} steps at batch {} (lr {}), and sampled at each w with the scale as their input: \
-         the EMD map distils the guided teacher, the MeanFlow map is fine-tuned from the teacher on data with \
-         the guided target `ω·(x1 − x0) + (1 − ω)·F⁻(x_t, t, t | ∅)`.\n\n\
+         the {} map distils the guided teacher{}, the MeanFlow map is fine-tuned from the teacher on data \
+         with the guided target `ω·(x1 − x0) + (1 − ω)·F⁻(x_t, t, t | ∅)`.\n\n\
          Scales {}; {} samples per row (classes `i mod 10`) against {} held-out digits, in the features of \
          the shipped MNIST classifier (held-out accuracy {:.2}%). NFE counts network evaluations: a guided \
          teacher step costs two. Data floor (training images against held-out): FD {:.3}, precision {:.3}, \
@@ -346,6 +375,12 @@ fn write_report(out: &OutDir, r: &GuidanceReport, clf: &Classifier, figures: &[(
         c.map_steps,
         c.batch_size,
         c.lr,
+        c.method.name().to_uppercase(),
+        if c.method.boundary_only() {
+            " (at `s = 0`; its 2-step rows use the consistency sampler)"
+        } else {
+            ""
+        },
         scales.join(", "),
         c.n_eval,
         c.n_eval,
@@ -405,10 +440,11 @@ fn write_report(out: &OutDir, r: &GuidanceReport, clf: &Classifier, figures: &[(
         .collect::<Vec<_>>()
         .join(", ");
     md += &format!(
-        "; total {:.0} s. Checkpoints: teacher.safetensors, weak.safetensors, emd-guided.safetensors, meanflow-guided.safetensors \
-         (`flowmap sample --model emd-guided.safetensors --guidance 2 --class all --n 100 --png g.png --out g.npy`).\n\n\
+        "; total {:.0} s. Checkpoints: teacher.safetensors, weak.safetensors, {m}-guided.safetensors, meanflow-guided.safetensors \
+         (`flowmap sample --model {m}-guided.safetensors --guidance 2 --class all --n 100 --png g.png --out g.npy`).\n\n\
          ![FD against class accuracy](fd-vs-accuracy.png)\n\n## Samples (one row per class)\n\n",
-        r.seconds
+        r.seconds,
+        m = c.method,
     );
     for (title, f) in figures {
         md += &format!("**{title}**\n\n![{f}]({f})\n\n");

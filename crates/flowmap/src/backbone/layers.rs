@@ -82,6 +82,26 @@ impl GroupNorm {
         kernels::group_norm(x, self.groups, self.eps, &self.affine()?, &ss, silu)
     }
 
+    /// `conv(act(GN(x) ⊙ (1 + a) + b))`: [`GroupNorm::forward_modulated`] then `conv`, as one node on the
+    /// CPU that recomputes the normalised activation in its backward pass instead of keeping it
+    /// ([`kernels::norm_conv2d`]).
+    pub fn forward_modulated_conv(&self, x: &Tensor, ss: Option<&Tensor>, silu: bool, conv: &Conv2d) -> Result<Tensor> {
+        let ss = match ss {
+            Some(s) => s.clone(),
+            None => self.no_modulation(x)?,
+        };
+        kernels::norm_conv2d(
+            x,
+            self.groups,
+            self.eps,
+            &self.affine()?,
+            &ss,
+            silu,
+            &conv.weight,
+            &conv.bias,
+        )
+    }
+
     /// `[γ; β]`, the layout the fused kernels take.
     fn affine(&self) -> Result<Tensor> {
         Ok(Tensor::cat(&[&self.weight, &self.bias], 0)?)

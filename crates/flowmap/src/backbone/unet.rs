@@ -197,6 +197,10 @@ trait Flow: Sized + Clone {
     fn norm(&self, n: &GroupNorm, ss: Option<&Self>, silu: bool) -> Result<Self>;
     /// Dropout with the same mask for a value and its tangent.
     fn dropout(&self, mask: Option<&Tensor>) -> Result<Self>;
+    /// `conv(dropout(SiLU(GN(h) ⊙ (1 + a) + b)))`, the norm-activation-convolution of every block.
+    fn norm_conv(&self, n: &GroupNorm, ss: Option<&Self>, mask: Option<&Tensor>, conv: &Conv2d) -> Result<Self> {
+        self.norm(n, ss, true)?.dropout(mask)?.layer(conv)
+    }
     fn primal(&self) -> &Tensor;
 }
 
@@ -229,6 +233,13 @@ impl Flow for Tensor {
             Some(m) => (self * m)?,
             None => self.clone(),
         })
+    }
+    /// Without dropout, one node that keeps no normalised activation for the backward pass.
+    fn norm_conv(&self, n: &GroupNorm, ss: Option<&Self>, mask: Option<&Tensor>, conv: &Conv2d) -> Result<Self> {
+        match mask {
+            None => n.forward_modulated_conv(self, ss, true, conv),
+            Some(m) => Flow::norm(self, n, ss, true)?.dropout(Some(m))?.layer(conv),
+        }
     }
     fn primal(&self) -> &Tensor {
         self
@@ -303,12 +314,9 @@ impl ResBlock {
 
     /// `act_emb` is `SiLU(emb)`, shared by every block.
     fn run<V: Flow>(&self, x: &V, act_emb: &V, mask: Option<&Tensor>) -> Result<V> {
-        let h = x.norm(&self.norm1, None, true)?.layer(&self.conv1)?;
+        let h = x.norm_conv(&self.norm1, None, None, &self.conv1)?;
         let ss = act_emb.layer(&self.emb)?;
-        let h = h
-            .norm(&self.norm2, Some(&ss), true)?
-            .dropout(mask)?
-            .layer(&self.conv2)?;
+        let h = h.norm_conv(&self.norm2, Some(&ss), mask, &self.conv2)?;
         let skip = match &self.skip {
             Some(s) => x.layer(s)?,
             None => x.clone(),
@@ -522,7 +530,7 @@ impl Unet {
                 h = h.upsample()?;
             }
         }
-        h.norm(&self.out_norm, None, true)?.layer(&self.out_conv)
+        h.norm_conv(&self.out_norm, None, None, &self.out_conv)
     }
 }
 

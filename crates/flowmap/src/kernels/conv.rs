@@ -15,7 +15,7 @@ use super::{applies, cpu_slice, map_blocks, sum_in_order};
 use crate::Result;
 
 /// Images per parallel block.
-const IMAGES_PER_BLOCK: usize = 4;
+pub(super) const IMAGES_PER_BLOCK: usize = 4;
 
 /// `W ⋆ x + b` for `x`: `B × I × H × W`, `w`: `O × I × k × k` (`k` odd), `b`: `O`, stride 1, padding
 /// `k / 2`. Gradients flow to all three. The fast node runs on contiguous f32 CPU tensors; elsewhere it is
@@ -186,13 +186,7 @@ impl CustomOp3 for ConvOp {
             .enumerate()
             .collect();
         map_blocks(blocks, |(i, yb)| {
-            // Each output channel starts at its bias (one pass, instead of zeros and then the bias), on the
-            // block's own thread.
-            for (dst, &bv) in yb.chunks_mut(hw).zip(bias.iter().cycle()) {
-                dst.fill(MaybeUninit::new(bv));
-            }
-            // SAFETY: every element of the block was just written.
-            let yb = unsafe { super::dense::assume_init(yb) };
+            let yb = fill_bias(yb, bias, hw);
             let mut cols = g.cols_buffer();
             for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
                 let n = i * IMAGES_PER_BLOCK + j;
@@ -250,6 +244,16 @@ impl CustomOp3 for ConvOp {
         let dw = Tensor::from_vec(dw, (o, c_in, k, k), dev)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// A block of whole `O × H·W` outputs, each channel set to its bias (one pass, instead of zeros and then
+/// the bias, on the block's own thread).
+pub(super) fn fill_bias<'a>(yb: &'a mut [MaybeUninit<f32>], bias: &[f32], hw: usize) -> &'a mut [f32] {
+    for (dst, &bv) in yb.chunks_mut(hw).zip(bias.iter().cycle()) {
+        dst.fill(MaybeUninit::new(bv));
+    }
+    // SAFETY: every element of the block was just written.
+    unsafe { super::dense::assume_init(yb) }
 }
 
 impl Geometry {

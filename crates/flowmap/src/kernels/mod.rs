@@ -14,6 +14,8 @@
 //!   one im2col of the output gradient feeds both the input's and the weight's GEMM;
 //! - [`group_norm`]: GroupNorm, its affine map, the U-Net's per-sample scale-shift and SiLU as one node
 //!   with its backward, and [`group_norm_jvp`], the same with its tangent in one pass;
+//! - [`norm_conv2d`]: that GroupNorm and the convolution after it as one node that recomputes the
+//!   normalised activation in its backward pass instead of keeping it;
 //! - [`upsample2`] and [`pool2`]: nearest-neighbour 2× upsampling and 2 × 2 mean pooling, each the other's
 //!   backward, one pass each;
 //! - [`AdamW`](crate::optim::AdamW) and the weight EMA as one in-place pass per parameter
@@ -38,6 +40,7 @@ mod dense;
 mod embed;
 mod mlp;
 mod norm;
+mod norm_conv;
 mod pool;
 mod resample;
 mod simd;
@@ -55,6 +58,7 @@ pub use dense::{dense, dense_jvp, plain as dense_plain, Activation};
 pub use embed::conditioning;
 pub use mlp::{mlp, Layer};
 pub use norm::{group_norm, group_norm_jvp, plain as group_norm_plain, plain_jvp as group_norm_plain_jvp};
+pub use norm_conv::{norm_conv2d, plain as norm_conv2d_plain};
 pub use resample::{plain_upsample2 as upsample2_plain, pool2, upsample2};
 pub(crate) use simd::AdamScalars;
 

@@ -300,7 +300,10 @@ pub(super) fn backward_image(
             silu,
         };
         let r = ch * d.hw..(ch + 1) * d.hw;
-        sums(ch, simd::norm_backward_row(&x[r.clone()], &g[r.clone()], &mut gxhat[r], c));
+        sums(
+            ch,
+            simd::norm_backward_row(&x[r.clone()], &g[r.clone()], &mut gxhat[r], c),
+        );
     }
     let per = per_group * d.hw;
     for (grp, &(mean, inv)) in st.iter().enumerate() {
