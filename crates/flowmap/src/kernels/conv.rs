@@ -178,24 +178,8 @@ impl CustomOp3 for ConvOp {
             cpu_slice(ws, wl, "w")?,
             cpu_slice(bs, bl, "b")?,
         );
-        let (hw, o) = (g.hw(), g.c_out);
-        let n_out = b * o * hw;
-        let mut y: Vec<f32> = Vec::with_capacity(n_out);
-        let blocks: Vec<(usize, &mut [MaybeUninit<f32>])> = y.spare_capacity_mut()[..n_out]
-            .chunks_mut(IMAGES_PER_BLOCK * o * hw)
-            .enumerate()
-            .collect();
-        map_blocks(blocks, |(i, yb)| {
-            let yb = fill_bias(yb, bias, hw);
-            let mut cols = g.cols_buffer();
-            for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
-                let n = i * IMAGES_PER_BLOCK + j;
-                forward_image(g, w, &x[n * g.c_in * hw..(n + 1) * g.c_in * hw], &mut cols, yi);
-            }
-        });
-        // SAFETY: the blocks cover all `n_out` elements and each wrote all of its own.
-        unsafe { y.set_len(n_out) };
-        Ok((CpuStorage::F32(y), Shape::from((b, o, g.h, g.w))))
+        let y = forward_batch(g, b, w, bias, x, None);
+        Ok((CpuStorage::F32(y), Shape::from((b, g.c_out, g.h, g.w))))
     }
 
     fn bwd(
@@ -244,6 +228,55 @@ impl CustomOp3 for ConvOp {
         let dw = Tensor::from_vec(dw, (o, c_in, k, k), dev)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// What a fused node computes from image `n`'s input (`I × H·W`) before the convolution, written into a
+/// buffer of the same size.
+pub(super) type Prepare<'a> = &'a (dyn Fn(usize, &[f32], &mut [f32]) + Sync);
+
+/// The forward pass over `b` images `x` (`b × I × H·W`), each first through `prepare` when given:
+/// `y = W ⋆ prepare(x) + bias` (`b × O × H·W`). Blocks of [`IMAGES_PER_BLOCK`] images go to the threads.
+/// (Splitting a single image's product over output channels instead, for sampling latency, measured
+/// slower: 0.84 → 1.2 ms for one image through the 16-channel U-Net, the hand-offs costing more than the
+/// second core saves.)
+pub(super) fn forward_batch(
+    g: Geometry,
+    b: usize,
+    w: &[f32],
+    bias: &[f32],
+    x: &[f32],
+    prepare: Option<Prepare<'_>>,
+) -> Vec<f32> {
+    let (hw, o, img) = (g.hw(), g.c_out, g.c_in * g.hw());
+    let n_out = b * o * hw;
+    let mut y: Vec<f32> = Vec::with_capacity(n_out);
+    // Image `n`'s input: in `x`, or prepared into `buf`.
+    fn image<'a>(x: &'a [f32], n: usize, img: usize, prepare: Option<Prepare<'_>>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        let xi = &x[n * img..(n + 1) * img];
+        match prepare {
+            Some(p) => {
+                buf.resize(img, 0.0);
+                p(n, xi, buf);
+                buf
+            }
+            None => xi,
+        }
+    }
+    let blocks: Vec<(usize, &mut [MaybeUninit<f32>])> = y.spare_capacity_mut()[..n_out]
+        .chunks_mut(IMAGES_PER_BLOCK * o * hw)
+        .enumerate()
+        .collect();
+    map_blocks(blocks, |(i, yb)| {
+        let yb = fill_bias(yb, bias, hw);
+        let (mut buf, mut cols) = (Vec::new(), g.cols_buffer());
+        for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
+            let xi = image(x, i * IMAGES_PER_BLOCK + j, img, prepare, &mut buf);
+            forward_image(g, w, xi, &mut cols, yi);
+        }
+    });
+    // SAFETY: the blocks cover all `n_out` elements and each wrote all of its own.
+    unsafe { y.set_len(n_out) };
+    y
 }
 
 /// A block of whole `O × H·W` outputs, each channel set to its bias (one pass, instead of zeros and then
@@ -396,8 +429,8 @@ mod tests {
     use candle_core::Var;
 
     /// The fused node against candle's convolution, in values and in all three gradients, at kernel sizes
-    /// 1, 3 and 5, odd and even image sizes, a kernel wider than its image and batches that are not a
-    /// multiple of the block.
+    /// 1, 3 and 5, odd and even image sizes, a kernel wider than its image and batches that are not
+    /// a multiple of the block.
     #[test]
     fn matches_candle_in_values_and_gradients() {
         for (b, ci, co, h, w, k) in [
@@ -426,13 +459,15 @@ mod tests {
 
     #[test]
     fn bit_identical_across_thread_counts() {
-        let x = Var::from_tensor(&rand(&[11, 3, 6, 6], 5)).unwrap();
-        let wt = Var::from_tensor(&rand(&[4, 3, 3, 3], 6)).unwrap();
-        let bias = Var::from_tensor(&rand(&[4], 7)).unwrap();
-        same_on_1_and_4_threads(|| {
-            let y = conv2d(&x, &wt, &bias).unwrap();
-            let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-            (flat(&y), flat(g.get(&x).unwrap()), flat(g.get(&wt).unwrap()))
-        });
+        for b in [11, 3] {
+            let x = Var::from_tensor(&rand(&[b, 3, 6, 6], 5)).unwrap();
+            let wt = Var::from_tensor(&rand(&[20, 3, 3, 3], 6)).unwrap();
+            let bias = Var::from_tensor(&rand(&[20], 7)).unwrap();
+            same_on_1_and_4_threads(|| {
+                let y = conv2d(&x, &wt, &bias).unwrap();
+                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                (flat(&y), flat(g.get(&x).unwrap()), flat(g.get(&wt).unwrap()))
+            });
+        }
     }
 }

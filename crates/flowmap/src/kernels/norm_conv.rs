@@ -149,31 +149,17 @@ impl CustomOp3 for NormConvOp {
         );
         let (b, d, g) = self.shapes(xl, p.len())?;
         let (gamma, beta, w, bias) = split(p, g);
-        let (c, hw, o) = (d.c, d.hw, g.c_out);
-        let n_out = b * o * hw;
-        let mut y: Vec<f32> = Vec::with_capacity(n_out);
-        let blocks: Vec<(usize, &mut [MaybeUninit<f32>])> = y.spare_capacity_mut()[..n_out]
-            .chunks_mut(IMAGES_PER_BLOCK * o * hw)
-            .enumerate()
-            .collect();
-        map_blocks(blocks, |(i, yb)| {
-            let yb = conv::fill_bias(yb, bias, hw);
-            let (mut n, mut cols) = (vec![0.0f32; c * hw], g.cols_buffer());
-            for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
-                let img = i * IMAGES_PER_BLOCK + j;
-                let (a, sh) = s[img * 2 * c..(img + 1) * 2 * c].split_at(c);
-                let channel = |ch: usize| {
-                    let one_a = 1.0 + a[ch];
-                    (gamma[ch] * one_a, beta[ch] * one_a + sh[ch])
-                };
-                let xi = &x[img * c * hw..(img + 1) * c * hw];
-                norm::forward_image(xi, d, self.eps, channel, self.silu, as_uninit(&mut n));
-                conv::forward_image(g, w, &n, &mut cols, yi);
-            }
-        });
-        // SAFETY: the blocks cover all `n_out` elements and each wrote all of its own.
-        unsafe { y.set_len(n_out) };
-        Ok((CpuStorage::F32(y), Shape::from((b, o, g.h, g.w))))
+        let c = d.c;
+        let norm = |img: usize, xi: &[f32], n: &mut [f32]| {
+            let (a, sh) = s[img * 2 * c..(img + 1) * 2 * c].split_at(c);
+            let channel = |ch: usize| {
+                let one_a = 1.0 + a[ch];
+                (gamma[ch] * one_a, beta[ch] * one_a + sh[ch])
+            };
+            norm::forward_image(xi, d, self.eps, channel, self.silu, as_uninit(n));
+        };
+        let y = conv::forward_batch(g, b, w, bias, x, Some(&norm));
+        Ok((CpuStorage::F32(y), Shape::from((b, g.c_out, g.h, g.w))))
     }
 
     fn bwd(
