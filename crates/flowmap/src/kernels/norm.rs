@@ -239,7 +239,7 @@ pub(super) struct Dims {
 }
 
 /// `(μ, 1/σ)` of each group of one image.
-fn stats(x: &[f32], d: Dims, eps: f64) -> Vec<(f32, f32)> {
+pub(super) fn stats(x: &[f32], d: Dims, eps: f64) -> Vec<(f32, f32)> {
     let per = d.c / d.groups * d.hw;
     x.chunks(per)
         .map(|g| {
@@ -249,16 +249,30 @@ fn stats(x: &[f32], d: Dims, eps: f64) -> Vec<(f32, f32)> {
         .collect()
 }
 
-/// One image of the forward pass: `y = act(x̂·k + m)` per channel, `(k, m) = channel(c)`.
+/// The per-channel `(k, m)` of [`forward_image`] for `[γ; β]` and one image's scale-shift `[a, b]`:
+/// `k = γ·(1 + a)`, `m = β·(1 + a) + b`.
+pub(super) fn modulation<'a>(
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    a: &'a [f32],
+    sh: &'a [f32],
+) -> impl Fn(usize) -> (f32, f32) + Copy + 'a {
+    move |ch| {
+        let one_a = 1.0 + a[ch];
+        (gamma[ch] * one_a, beta[ch] * one_a + sh[ch])
+    }
+}
+
+/// One image of the forward pass, with its groups' [`stats`]: `y = act(x̂·k + m)` per channel,
+/// `(k, m) = channel(c)`.
 pub(super) fn forward_image(
     x: &[f32],
     d: Dims,
-    eps: f64,
+    st: &[(f32, f32)],
     channel: impl Fn(usize) -> (f32, f32),
     silu: bool,
     y: &mut [MaybeUninit<f32>],
 ) {
-    let st = stats(x, d, eps);
     for ch in 0..d.c {
         let (mean, inv) = st[ch / (d.c / d.groups)];
         let (k, m) = channel(ch);
@@ -269,7 +283,7 @@ pub(super) fn forward_image(
     }
 }
 
-/// One image of the backward pass from the output gradient `g`: writes `dx`, and hands each channel's
+/// One image of the backward pass from the output gradient `g`, with its groups' [`stats`]: writes `dx`, and hands each channel's
 /// `(Σ g_z·n, Σ g_z, Σ g_n·x̂, Σ g_n)` (the gradients of `a`, `shift`, `γ` and `β`) to `sums`, for the
 /// channel's `(γ, β, 1 + a, shift) = channel(c)`. `gxhat` is scratch of the image's size.
 #[allow(clippy::too_many_arguments)]
@@ -277,14 +291,13 @@ pub(super) fn backward_image(
     x: &[f32],
     g: &[f32],
     d: Dims,
-    eps: f64,
+    st: &[(f32, f32)],
     silu: bool,
     channel: impl Fn(usize) -> (f32, f32, f32, f32),
     mut sums: impl FnMut(usize, [f32; 4]),
     gxhat: &mut [f32],
     dx: &mut [f32],
 ) {
-    let st = stats(x, d, eps);
     let per_group = d.c / d.groups;
     // g_x̂ for the whole image, then the per-group projection.
     for ch in 0..d.c {
@@ -347,11 +360,15 @@ impl CustomOp3 for NormOp {
         let blocks: Vec<_> = y.spare_capacity_mut()[..n].chunks_mut(img.max(1)).enumerate().collect();
         map_blocks(blocks, |(i, yi)| {
             let (a, sh) = s[i * 2 * c..(i + 1) * 2 * c].split_at(c);
-            let channel = |ch: usize| {
-                let one_a = 1.0 + a[ch];
-                (gamma[ch] * one_a, beta[ch] * one_a + sh[ch])
-            };
-            forward_image(&x[i * img..(i + 1) * img], d, self.eps, channel, self.silu, yi);
+            let xi = &x[i * img..(i + 1) * img];
+            forward_image(
+                xi,
+                d,
+                &stats(xi, d, self.eps),
+                modulation(gamma, beta, a, sh),
+                self.silu,
+                yi,
+            );
         });
         // SAFETY: the blocks cover all `n` elements, and every channel's row wrote all of its own.
         unsafe { y.set_len(n) };
@@ -398,7 +415,8 @@ impl CustomOp3 for NormOp {
                 dp[c + ch] = g_beta;
             };
             let (xi, gi) = (&xs[i * img..(i + 1) * img], &gs[i * img..(i + 1) * img]);
-            backward_image(xi, gi, d, self.eps, self.silu, channel, sums, &mut gxhat, dxi);
+            let st = stats(xi, d, self.eps);
+            backward_image(xi, gi, d, &st, self.silu, channel, sums, &mut gxhat, dxi);
             dp
         });
         let dp = sum_in_order(partials).unwrap_or_else(|| vec![0.0; 2 * c]);

@@ -152,11 +152,15 @@ impl CustomOp3 for NormConvOp {
         let c = d.c;
         let norm = |img: usize, xi: &[f32], n: &mut [f32]| {
             let (a, sh) = s[img * 2 * c..(img + 1) * 2 * c].split_at(c);
-            let channel = |ch: usize| {
-                let one_a = 1.0 + a[ch];
-                (gamma[ch] * one_a, beta[ch] * one_a + sh[ch])
-            };
-            norm::forward_image(xi, d, self.eps, channel, self.silu, as_uninit(n));
+            let st = norm::stats(xi, d, self.eps);
+            norm::forward_image(
+                xi,
+                d,
+                &st,
+                norm::modulation(gamma, beta, a, sh),
+                self.silu,
+                as_uninit(n),
+            );
         };
         let y = conv::forward_batch(g, b, w, bias, x, Some(&norm));
         Ok((CpuStorage::F32(y), Shape::from((b, g.c_out, g.h, g.w))))
@@ -201,11 +205,15 @@ impl CustomOp3 for NormConvOp {
                 let xi = &xs[img * c * hw..(img + 1) * c * hw];
                 let gi = &gs[img * o * hw..(img + 1) * o * hw];
                 // n again, then ∂/∂n through the convolution, then through the norm.
-                let channel = |ch: usize| {
-                    let one_a = 1.0 + a[ch];
-                    (gamma[ch] * one_a, beta[ch] * one_a + sh[ch])
-                };
-                norm::forward_image(xi, d, self.eps, channel, self.silu, as_uninit(&mut n));
+                let st = norm::stats(xi, d, self.eps);
+                norm::forward_image(
+                    xi,
+                    d,
+                    &st,
+                    norm::modulation(gamma, beta, a, sh),
+                    self.silu,
+                    as_uninit(&mut n),
+                );
                 back.image(&n, gi, &mut cols_g, &mut dn, &mut dwb, j > 0);
                 let channel = |ch: usize| (gamma[ch], beta[ch], 1.0 + a[ch], sh[ch]);
                 let sums = |ch: usize, [g_a, g_sh, g_gamma, g_beta]: [f32; 4]| {
@@ -214,7 +222,7 @@ impl CustomOp3 for NormConvOp {
                     dp[ch] += g_gamma;
                     dp[c + ch] += g_beta;
                 };
-                norm::backward_image(xi, &dn, d, self.eps, self.silu, channel, sums, &mut gxhat, dxi);
+                norm::backward_image(xi, &dn, d, &st, self.silu, channel, sums, &mut gxhat, dxi);
             }
             (dwb, dp)
         });
