@@ -955,6 +955,52 @@ fn bench_mnist_reports_its_budget_and_checks() {
     );
 }
 
+/// `bench guidance` at a toy budget with a consistency model as the guidance-distilled map: its rows, its
+/// acceptance table and its 2-step rows on the consistency sampler; a data-only method is refused.
+#[test]
+fn bench_guidance_distils_with_the_method_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("guidance");
+    ok(bin()
+        .args(["bench", "guidance", "--method", "cm", "--scales", "1,2"])
+        .args([
+            "--map-steps",
+            "2",
+            "--batch",
+            "4",
+            "--weak-steps",
+            "2",
+            "--n-eval",
+            "10",
+            "--out",
+        ])
+        .arg(&out));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("guidance.json")).unwrap()).unwrap();
+    assert_eq!(json["config"]["method"], "cm");
+    assert_eq!(json["config"]["batch_size"], 4);
+    let rows = json["rows"].as_array().unwrap();
+    let cm: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["model"] == "CM map (guidance distilled)")
+        .collect();
+    // 1 and 2 NFE at each of the two scales, each row with one `sampler`: how it sampled.
+    let samplers: Vec<&str> = cm.iter().map(|r| r["sampler"].as_str().unwrap()).collect();
+    assert_eq!(samplers, ["1-step", "2-step", "1-step", "2-step"]);
+    assert_eq!(json["acceptance"].as_array().unwrap().len(), 2);
+    let md = std::fs::read_to_string(out.join("guidance.md")).unwrap();
+    assert!(md.contains("the CM map distils the guided teacher (at `s = 0`"), "{md}");
+    assert!(out.join("cm-guided.safetensors").exists());
+    let bad = dir.path().join("bad");
+    fails(
+        bin()
+            .args(["bench", "guidance", "--method", "meanflow", "--out"])
+            .arg(&bad),
+        "trains from data",
+        &bad,
+    );
+}
+
 /// Classifier-free guidance of a class-conditional teacher: two evaluations per step, `w = 1` the plain
 /// conditional model, and one-line errors for bad scales and models it does not apply to.
 #[test]

@@ -87,12 +87,10 @@ impl Default for GuidanceConfig {
     }
 }
 
-/// One measured row: a sampler at one scale.
+/// One measured row: a sampler at one scale. The row's `model` says what samples (`teacher CFG`, `teacher
+/// autoguided`, `EMD map (guidance distilled)`, `MeanFlow (guided, from data)`), its `sampler` how.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GuidanceRow {
-    /// What samples: `teacher CFG`, `teacher autoguided`, `EMD map (guidance distilled)`, `MeanFlow (guided,
-    /// from data)`.
-    pub sampler: String,
     pub w: f64,
     #[serde(flatten)]
     pub row: ImageRow,
@@ -231,18 +229,14 @@ pub fn run(out: &Path, cfg: &GuidanceConfig, device: &Device, show: bool) -> Res
     let floor = ev.floor(&data, device)?;
     let mut rows: Vec<GuidanceRow> = vec![];
     let mut figures: Vec<(String, String)> = vec![];
-    let mut keep = |sampler: &str, w: f64, r: Vec<ImageRow>, x: Vec<candle_core::Tensor>| -> Result<()> {
+    let mut keep = |w: f64, r: Vec<ImageRow>, x: Vec<candle_core::Tensor>| -> Result<()> {
         for (row, x) in r.into_iter().zip(x) {
-            let stem = slug(&format!("{sampler} {} w{w}", row.sampler));
+            let stem = slug(&format!("{} {} w{w}", row.model, row.sampler));
             figures.push((
-                format!("{sampler}, {}, w = {w}", row.sampler),
+                format!("{}, {}, w = {w}", row.model, row.sampler),
                 write_grid(&out, &stem, &x)?,
             ));
-            rows.push(GuidanceRow {
-                sampler: sampler.to_string(),
-                w,
-                row,
-            });
+            rows.push(GuidanceRow { w, row });
         }
         Ok(())
     };
@@ -260,22 +254,22 @@ pub fn run(out: &Path, cfg: &GuidanceConfig, device: &Device, show: bool) -> Res
     for &w in &cfg.scales {
         let g = Guided::new(&teacher, w, classes)?;
         let (r, x) = ev.teacher(CFG_TEACHER, &g, c, &[dopri5, euler], device)?;
-        keep(CFG_TEACHER, w, r, x)?;
+        keep(w, r, x)?;
         let a = Autoguided::new(&teacher, &weak, w)?;
         let (r, x) = ev.teacher(AUTO_TEACHER, &a, c, &[euler], device)?;
-        keep(AUTO_TEACHER, w, r, x)?;
+        keep(w, r, x)?;
         for (name, m, sampler) in [
             (&*cfg_map, &distilled, distilled_sampler),
             (MEANFLOW, &meanflow, Sampler::Deterministic),
         ] {
             let at = AtGuidance::new(&m.net, w)?;
             let (r, x) = ev.map(name, &at, c, &[1, 2], sampler, &*path, device)?;
-            keep(name, w, r, x)?;
+            keep(w, r, x)?;
         }
     }
-    let find = |sampler: &str, w: f64, pick: &dyn Fn(&ImageRow) -> bool| {
+    let find = |model: &str, w: f64, pick: &dyn Fn(&ImageRow) -> bool| {
         rows.iter()
-            .find(|r| r.sampler == sampler && r.w == w && pick(&r.row))
+            .find(|r| r.row.model == model && r.w == w && pick(&r.row))
             .map(|r| r.row.metrics.clone())
     };
     let acceptance = cfg
@@ -323,7 +317,7 @@ fn fd_accuracy_plot(out: &OutDir, r: &GuidanceReport) -> Result<()> {
     let mut series: Vec<plot::Series> = vec![];
     let mut tags: Vec<Vec<String>> = vec![];
     for row in &r.rows {
-        let name = format!("{} {}", row.sampler, row.row.sampler);
+        let name = format!("{} {}", row.row.model, row.row.sampler);
         let point = (100.0 * row.row.metrics.accuracy.unwrap_or(f64::NAN), row.row.metrics.fd);
         match series.iter().position(|s| s.name == name) {
             Some(i) => {
@@ -395,7 +389,7 @@ fn write_report(out: &OutDir, r: &GuidanceReport, clf: &Classifier, figures: &[(
         let acc = m.accuracy.map_or("-".into(), |a| format!("{:.1}%", 100.0 * a));
         md += &format!(
             "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {acc} | {:.1} |\n",
-            g.sampler, g.w, g.row.sampler, g.row.nfe, m.fd, m.precision, m.recall, g.row.seconds
+            g.row.model, g.w, g.row.sampler, g.row.nfe, m.fd, m.precision, m.recall, g.row.seconds
         );
     }
     md += "\n## Acceptance\n\nThe guidance-distilled map at 1 NFE against the guided teacher's dopri5 at each w (wanted: FD ratio ≤ 1.5 at every w; class accuracy no more than 1 point below at w = 2).\n\n| w | FD ratio | accuracy gap (points) | FD ratio ≤ 1.5 |\n|---:|---:|---:|---|\n";
@@ -414,7 +408,7 @@ fn write_report(out: &OutDir, r: &GuidanceReport, clf: &Classifier, figures: &[(
         let euler = |s: &str| {
             r.rows
                 .iter()
-                .find(|g| g.sampler == s && g.w == w && g.row.sampler.starts_with("euler"))
+                .find(|g| g.row.model == s && g.w == w && g.row.sampler.starts_with("euler"))
         };
         if let (Some(a), Some(b)) = (euler(CFG_TEACHER), euler(AUTO_TEACHER)) {
             let acc = |g: &GuidanceRow| {
