@@ -30,6 +30,11 @@ impl Conv2d {
 }
 
 impl Conv2d {
+    /// The weight (`O × I × k × k`) and the bias.
+    pub(crate) fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+
     /// Output channels.
     pub fn out_channels(&self) -> usize {
         self.weight.dims()[0]
@@ -102,8 +107,13 @@ impl GroupNorm {
         )
     }
 
+    /// Groups and ε.
+    pub(crate) fn settings(&self) -> (usize, f64) {
+        (self.groups, self.eps)
+    }
+
     /// `[γ; β]`, the layout the fused kernels take.
-    fn affine(&self) -> Result<Tensor> {
+    pub(crate) fn affine(&self) -> Result<Tensor> {
         Ok(Tensor::cat(&[&self.weight, &self.bias], 0)?)
     }
 

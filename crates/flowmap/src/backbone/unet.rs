@@ -197,6 +197,10 @@ trait Flow: Sized + Clone {
     fn norm(&self, n: &GroupNorm, ss: Option<&Self>, silu: bool) -> Result<Self>;
     /// Dropout with the same mask for a value and its tangent.
     fn dropout(&self, mask: Option<&Tensor>) -> Result<Self>;
+    /// The residual block `b` of this value, `SiLU(emb)` being `act_emb`.
+    fn res_block(&self, b: &ResBlock, act_emb: &Self, mask: Option<&Tensor>) -> Result<Self> {
+        b.run(self, act_emb, mask)
+    }
     /// `conv(dropout(SiLU(GN(h) ⊙ (1 + a) + b)))`, the norm-activation-convolution of every block.
     fn norm_conv(&self, n: &GroupNorm, ss: Option<&Self>, mask: Option<&Tensor>, conv: &Conv2d) -> Result<Self> {
         self.norm(n, ss, true)?.dropout(mask)?.layer(conv)
@@ -233,6 +237,23 @@ impl Flow for Tensor {
             Some(m) => (self * m)?,
             None => self.clone(),
         })
+    }
+    /// Without dropout, the whole block as one node ([`kernels::res_block`]).
+    fn res_block(&self, b: &ResBlock, act_emb: &Self, mask: Option<&Tensor>) -> Result<Self> {
+        if mask.is_some() {
+            return b.run(self, act_emb, mask);
+        }
+        let ss = act_emb.layer(&b.emb)?;
+        let (norm1, norm2) = (b.norm1.affine()?, b.norm2.affine()?);
+        let (groups, eps) = b.norm1.settings();
+        let p = kernels::ResBlockParams {
+            norm1: &norm1,
+            conv1: b.conv1.params(),
+            norm2: &norm2,
+            conv2: b.conv2.params(),
+            skip: b.skip.as_ref().map(Conv2d::params),
+        };
+        kernels::res_block(self, &ss, &p, groups, eps)
     }
     /// Without dropout, one node that keeps no normalised activation for the backward pass.
     fn norm_conv(&self, n: &GroupNorm, ss: Option<&Self>, mask: Option<&Tensor>, conv: &Conv2d) -> Result<Self> {
@@ -334,7 +355,7 @@ struct Stage {
 impl Stage {
     fn run<V: Flow>(&self, x: &V, act_emb: &V, net: &Unet) -> Result<V> {
         let mask = net.dropout_mask(x.primal(), self.block.conv2.out_channels())?;
-        let h = self.block.run(x, act_emb, mask.as_ref())?;
+        let h = x.res_block(&self.block, act_emb, mask.as_ref())?;
         match &self.attention {
             Some(a) => h.layer(a),
             None => Ok(h),
@@ -517,10 +538,10 @@ impl Unet {
             }
         }
         let mask = self.dropout_mask(h.primal(), self.mid.0.conv2.out_channels())?;
-        h = self.mid.0.run(&h, &act_emb, mask.as_ref())?;
+        h = h.res_block(&self.mid.0, &act_emb, mask.as_ref())?;
         h = h.layer(&self.mid.1)?;
         let mask = self.dropout_mask(h.primal(), self.mid.2.conv2.out_channels())?;
-        h = self.mid.2.run(&h, &act_emb, mask.as_ref())?;
+        h = h.res_block(&self.mid.2, &act_emb, mask.as_ref())?;
         for (i, stages) in self.up.iter().enumerate() {
             for s in stages {
                 let skip = skips.pop().expect("one skip per block");

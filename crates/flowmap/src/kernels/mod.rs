@@ -15,7 +15,8 @@
 //! - [`group_norm`]: GroupNorm, its affine map, the U-Net's per-sample scale-shift and SiLU as one node
 //!   with its backward, and [`group_norm_jvp`], the same with its tangent in one pass;
 //! - [`norm_conv2d`]: that GroupNorm and the convolution after it as one node that recomputes the
-//!   normalised activation in its backward pass instead of keeping it;
+//!   normalised activation in its backward pass instead of keeping it, and [`res_block`], the U-Net's
+//!   whole residual block (two of those and the skip) as one node;
 //! - [`upsample2`] and [`pool2`]: nearest-neighbour 2× upsampling and 2 × 2 mean pooling, each the other's
 //!   backward, one pass each;
 //! - [`AdamW`](crate::optim::AdamW) and the weight EMA as one in-place pass per parameter
@@ -42,6 +43,7 @@ mod mlp;
 mod norm;
 mod norm_conv;
 mod pool;
+mod res_block;
 mod resample;
 mod simd;
 #[cfg(test)]
@@ -59,6 +61,7 @@ pub use embed::conditioning;
 pub use mlp::{mlp, Layer};
 pub use norm::{group_norm, group_norm_jvp, plain as group_norm_plain, plain_jvp as group_norm_plain_jvp};
 pub use norm_conv::{norm_conv2d, plain as norm_conv2d_plain};
+pub use res_block::{plain as res_block_plain, res_block, ResBlockParams};
 pub use resample::{plain_upsample2 as upsample2_plain, pool2, upsample2};
 pub(crate) use simd::AdamScalars;
 
@@ -247,6 +250,10 @@ pub(crate) fn sum_in_order(parts: Vec<Vec<f32>>) -> Option<Vec<f32>> {
     }
     Some(acc)
 }
+
+/// A block of a backward pass over images: its index and its images' input gradient, beside their
+/// per-sample gradient (a scale-shift's).
+pub(crate) type GradBlock<'a> = ((usize, &'a mut [f32]), &'a mut [f32]);
 
 /// Elements per piece of a parallel elementwise pass over parameters.
 const PARAM_CHUNK: usize = 1 << 14;

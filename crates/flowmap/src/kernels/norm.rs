@@ -400,8 +400,7 @@ impl CustomOp3 for NormOp {
         let img = c * d.hw;
         let mut dx = vec![0.0f32; xs.len()];
         let mut dss = vec![0.0f32; b * 2 * c];
-        let blocks: Vec<((usize, &mut [f32]), &mut [f32])> =
-            dx.chunks_mut(img).enumerate().zip(dss.chunks_mut(2 * c)).collect();
+        let blocks: Vec<super::GradBlock<'_>> = dx.chunks_mut(img).enumerate().zip(dss.chunks_mut(2 * c)).collect();
         // Per image: its dx and d[a, b], and its partial dγ, dβ.
         let partials = map_blocks(blocks, |((i, dxi), dssi)| {
             let (a, sh) = s[i * 2 * c..(i + 1) * 2 * c].split_at(c);

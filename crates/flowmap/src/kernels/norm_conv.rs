@@ -187,7 +187,7 @@ impl CustomOp3 for NormConvOp {
         let back = conv::Backward::new(g, w);
         let mut dx = vec![0.0f32; b * c * hw];
         let mut dss = vec![0.0f32; b * 2 * c];
-        let blocks: Vec<((usize, &mut [f32]), &mut [f32])> = dx
+        let blocks: Vec<super::GradBlock<'_>> = dx
             .chunks_mut(IMAGES_PER_BLOCK * c * hw)
             .enumerate()
             .zip(dss.chunks_mut(IMAGES_PER_BLOCK * 2 * c))

@@ -1,0 +1,554 @@
+//! The U-Net's residual block as one graph node on the CPU:
+//!
+//! ```text
+//! c1 = W1 ⋆ silu(GN1(x)) + b1,   h = W2 ⋆ silu(GN2(c1) ⊙ (1 + a) + b) + b2,   y = skip(x) + h
+//! ```
+//!
+//! with `skip` a 1×1 convolution when the channel count changes and the identity otherwise. As separate
+//! nodes (two [`norm_conv2d`](super::norm_conv2d)s, a skip convolution and an add), candle keeps `c1`, `h`
+//! and `skip(x)` until the backward pass, and in it fills a zero tensor and adds into it for every edge of
+//! the graph. This node keeps `c1` alone (the block's input and output are the graph's anyway), recomputes
+//! both normalised activations image by image in the backward pass, and hands candle one gradient per input.
+//! Images go in blocks of [`conv::IMAGES_PER_BLOCK`] whatever the thread count, and the parameters'
+//! per-block partial sums are added in block order: the same bits on any number of threads.
+
+use std::mem::MaybeUninit;
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use super::conv::{self, Geometry, IMAGES_PER_BLOCK};
+use super::norm::{self, Dims};
+use super::{applies, cpu_slice, map_blocks, sum_in_order};
+use crate::Result;
+
+/// One block's parameters: each GroupNorm's `[γ; β]` and each convolution's weight and bias.
+pub struct ResBlockParams<'a> {
+    pub norm1: &'a Tensor,
+    pub conv1: (&'a Tensor, &'a Tensor),
+    pub norm2: &'a Tensor,
+    pub conv2: (&'a Tensor, &'a Tensor),
+    /// The 1×1 skip convolution (`None`: the identity, same channels in and out).
+    pub skip: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+/// `skip(x) + W2 ⋆ silu(GN2(W1 ⋆ silu(GN1(x)) + b1) ⊙ (1 + a) + b) + b2` with `[a, b] = ss` (`B × 2O`), both
+/// norms with `groups` groups, both convolutions `k × k` (odd, stride 1, "same" padding). Gradients flow
+/// to `x`, `ss` and every parameter. One node on f32 CPU tensors; elsewhere [`plain`].
+pub fn res_block(x: &Tensor, ss: &Tensor, p: &ResBlockParams<'_>, groups: usize, eps: f64) -> Result<Tensor> {
+    let (b, c_in, _, _) = x.dims4()?;
+    let (c_out, c1_in, k, k2) = p.conv1.0.dims4()?;
+    let fits = k == k2
+        && k % 2 == 1
+        && c1_in == c_in
+        && p.conv2.0.dims() == [c_out, c_out, k, k]
+        && c_in % groups == 0
+        && c_out % groups == 0
+        && match p.skip {
+            Some((w, _)) => w.dims() == [c_out, c_in, 1, 1],
+            None => c_in == c_out,
+        };
+    if !(applies(x.device(), x.dtype()) && fits) {
+        return plain(x, ss, p, groups, eps);
+    }
+    if ss.dims() != [b, 2 * c_out] {
+        return Err(crate::Error::arg(format!(
+            "residual block: scale-shift {:?} does not fit {b} images of {c_out} channels",
+            ss.dims()
+        )));
+    }
+    let mut parts = vec![
+        p.norm1.clone(),
+        p.conv1.0.flatten_all()?,
+        p.conv1.1.clone(),
+        p.norm2.clone(),
+        p.conv2.0.flatten_all()?,
+        p.conv2.1.clone(),
+    ];
+    if let Some((w, b)) = p.skip {
+        parts.extend([w.flatten_all()?, b.clone()]);
+    }
+    let params = Tensor::cat(&parts, 0)?;
+    let (x, ss) = (x.contiguous()?, ss.contiguous()?);
+    let tracked = super::grad_enabled() && (x.track_op() || ss.track_op() || params.track_op());
+    let op = ResBlockOp {
+        groups,
+        eps,
+        c_out,
+        k,
+        skip: p.skip.is_some(),
+        c1: tracked.then(|| Mutex::new(Vec::new())),
+    };
+    Ok(if tracked {
+        x.apply_op3(&ss, &params, op)?
+    } else {
+        x.apply_op3_no_bwd(&ss, &params, &op)?
+    })
+}
+
+/// The reference, from candle's primitive ops: the block's layers one after the other.
+pub fn plain(x: &Tensor, ss: &Tensor, p: &ResBlockParams<'_>, groups: usize, eps: f64) -> Result<Tensor> {
+    let zeros = Tensor::zeros((x.dim(0)?, 2 * x.dim(1)?), x.dtype(), x.device())?;
+    let n1 = norm::plain(x, groups, eps, p.norm1, &zeros, true)?;
+    let c1 = conv::plain(&n1, p.conv1.0, p.conv1.1)?;
+    let h = conv::plain(&norm::plain(&c1, groups, eps, p.norm2, ss, true)?, p.conv2.0, p.conv2.1)?;
+    let skip = match p.skip {
+        Some((w, b)) => conv::plain(x, w, b)?,
+        None => x.clone(),
+    };
+    Ok((skip + h)?)
+}
+
+struct ResBlockOp {
+    groups: usize,
+    eps: f64,
+    c_out: usize,
+    k: usize,
+    skip: bool,
+    /// `c1` of the forward pass, kept for the backward one (`None` when no backward pass will run).
+    c1: Option<Mutex<Vec<f32>>>,
+}
+
+/// The shapes of one block: its norms' and convolutions' geometry.
+#[derive(Clone, Copy)]
+struct Shapes {
+    b: usize,
+    d1: Dims,
+    d2: Dims,
+    g1: Geometry,
+    g2: Geometry,
+    gs: Geometry,
+}
+
+impl Shapes {
+    fn hw(&self) -> usize {
+        self.d1.hw
+    }
+    fn c_in(&self) -> usize {
+        self.d1.c
+    }
+    fn c_out(&self) -> usize {
+        self.d2.c
+    }
+}
+
+/// The parameter vector `[γ1; β1; W1; b1; γ2; β2; W2; b2; (Ws; bs)]` cut into its parts.
+struct Parts<'a> {
+    gamma1: &'a [f32],
+    beta1: &'a [f32],
+    w1: &'a [f32],
+    b1: &'a [f32],
+    gamma2: &'a [f32],
+    beta2: &'a [f32],
+    w2: &'a [f32],
+    b2: &'a [f32],
+    ws: &'a [f32],
+    bs: &'a [f32],
+}
+
+impl ResBlockOp {
+    fn shapes(&self, x: &Layout, n_params: usize) -> candle_core::Result<Shapes> {
+        let (b, c, h, w) = x.shape().dims4()?;
+        let (o, k) = (self.c_out, self.k);
+        let want = 2 * c + o * c * k * k + o + 2 * o + o * o * k * k + o + if self.skip { o * c + o } else { 0 };
+        if n_params != want {
+            candle_core::bail!("residual block: {n_params} parameters do not fit {c} → {o} channels, k = {k}");
+        }
+        let dims = |c| Dims {
+            c,
+            hw: h * w,
+            groups: self.groups,
+        };
+        let geometry = |c_in, k| Geometry {
+            c_in,
+            c_out: o,
+            h,
+            w,
+            k,
+        };
+        Ok(Shapes {
+            b,
+            d1: dims(c),
+            d2: dims(o),
+            g1: geometry(c, k),
+            g2: geometry(o, k),
+            gs: geometry(c, 1),
+        })
+    }
+
+    fn parts<'a>(&self, p: &'a [f32], s: &Shapes) -> Parts<'a> {
+        let (c, o) = (s.c_in(), s.c_out());
+        let mut rest = p;
+        let mut take = |n: usize| {
+            let (a, b) = rest.split_at(n);
+            rest = b;
+            a
+        };
+        Parts {
+            gamma1: take(c),
+            beta1: take(c),
+            w1: take(o * s.g1.rows()),
+            b1: take(o),
+            gamma2: take(o),
+            beta2: take(o),
+            w2: take(o * s.g2.rows()),
+            b2: take(o),
+            ws: take(if self.skip { o * c } else { 0 }),
+            bs: take(if self.skip { o } else { 0 }),
+        }
+    }
+}
+
+/// `v` viewed as not yet written (for a kernel that writes all of it).
+fn as_uninit(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and every `f32` is a valid `MaybeUninit<f32>`.
+    unsafe { &mut *(v as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// `silu(GN(x) ⊙ (1 + a) + b)` of one image into `n`, returning the groups' statistics.
+#[allow(clippy::too_many_arguments)]
+fn normalise(
+    x: &[f32],
+    d: Dims,
+    eps: f64,
+    gamma: &[f32],
+    beta: &[f32],
+    a: &[f32],
+    sh: &[f32],
+    n: &mut [f32],
+) -> Vec<(f32, f32)> {
+    let st = norm::stats(x, d, eps);
+    norm::forward_image(x, d, &st, norm::modulation(gamma, beta, a, sh), true, as_uninit(n));
+    st
+}
+
+impl CustomOp3 for ResBlockOp {
+    fn name(&self) -> &'static str {
+        "flowmap-res-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, s, p) = (
+            cpu_slice(xs, xl, "x")?,
+            cpu_slice(ss, sl, "ss")?,
+            cpu_slice(ps, pl, "params")?,
+        );
+        let sh = self.shapes(xl, p.len())?;
+        let pp = self.parts(p, &sh);
+        let (hw, c, o) = (sh.hw(), sh.c_in(), sh.c_out());
+        let zeros = vec![0.0f32; o.max(c)];
+        let n_out = sh.b * o * hw;
+        let mut y = vec![0.0f32; n_out];
+        let mut c1_all = vec![0.0f32; if self.c1.is_some() { n_out } else { 0 }];
+        let keep = self.c1.is_some();
+        let c1_blocks: Vec<Option<&mut [f32]>> = if keep {
+            c1_all.chunks_mut(IMAGES_PER_BLOCK * o * hw).map(Some).collect()
+        } else {
+            (0..sh.b.div_ceil(IMAGES_PER_BLOCK)).map(|_| None).collect()
+        };
+        let blocks: Vec<_> = y
+            .chunks_mut(IMAGES_PER_BLOCK * o * hw)
+            .zip(c1_blocks)
+            .enumerate()
+            .collect();
+        map_blocks(blocks, |(i, (yb, mut c1b))| {
+            let mut n1 = vec![0.0f32; c * hw];
+            let (mut n2, mut c1_own) = (vec![0.0f32; o * hw], vec![0.0f32; o * hw]);
+            let (mut cols1, mut cols2) = (sh.g1.cols_buffer(), sh.g2.cols_buffer());
+            for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
+                let img = i * IMAGES_PER_BLOCK + j;
+                let xi = &x[img * c * hw..(img + 1) * c * hw];
+                let (a, shift) = s[img * 2 * o..(img + 1) * 2 * o].split_at(o);
+                let c1: &mut [f32] = match c1b.as_deref_mut() {
+                    Some(all) => &mut all[j * o * hw..(j + 1) * o * hw],
+                    None => &mut c1_own,
+                };
+                normalise(
+                    xi,
+                    sh.d1,
+                    self.eps,
+                    pp.gamma1,
+                    pp.beta1,
+                    &zeros[..c],
+                    &zeros[..c],
+                    &mut n1,
+                );
+                for (row, &bv) in c1.chunks_mut(hw).zip(pp.b1) {
+                    row.fill(bv);
+                }
+                conv::forward_image(sh.g1, pp.w1, &n1, &mut cols1, c1);
+                normalise(c1, sh.d2, self.eps, pp.gamma2, pp.beta2, a, shift, &mut n2);
+                // y = skip(x) + b2 + W2 ⋆ n2
+                if self.skip {
+                    for (row, &bv) in yi.chunks_mut(hw).zip(pp.bs) {
+                        row.fill(bv);
+                    }
+                    conv::forward_image(sh.gs, pp.ws, xi, &mut [], yi);
+                } else {
+                    yi.copy_from_slice(xi);
+                }
+                for (row, &bv) in yi.chunks_mut(hw).zip(pp.b2) {
+                    row.iter_mut().for_each(|v| *v += bv);
+                }
+                conv::forward_image(sh.g2, pp.w2, &n2, &mut cols2, yi);
+            }
+        });
+        if let Some(kept) = &self.c1 {
+            *kept.lock().expect("kept activation") = c1_all;
+        }
+        Ok((CpuStorage::F32(y), Shape::from((sh.b, o, sh.g1.h, sh.g1.w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        ss: &Tensor,
+        params: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (Some(xr), Some(sr), Some(pr), Some(gr)) =
+            (super::read(x), super::read(ss), super::read(params), super::read(&grad))
+        else {
+            candle_core::bail!("residual block backward needs contiguous f32 CPU tensors");
+        };
+        let (xs, s, p, gs) = (xr.slice(), sr.slice(), pr.slice(), gr.slice());
+        let sh = self.shapes(x.layout(), p.len())?;
+        let pp = self.parts(p, &sh);
+        let (hw, c, o) = (sh.hw(), sh.c_in(), sh.c_out());
+        let Some(kept) = &self.c1 else {
+            candle_core::bail!("residual block backward: the forward pass kept no activation");
+        };
+        let kept = kept.lock().expect("kept activation");
+        let c1_all: &[f32] = &kept;
+        if c1_all.len() != sh.b * o * hw {
+            candle_core::bail!("residual block backward: the kept activation does not fit the input");
+        }
+        let zeros = vec![0.0f32; c];
+        let (back1, back2, backs) = (
+            conv::Backward::new(sh.g1, pp.w1),
+            conv::Backward::new(sh.g2, pp.w2),
+            conv::Backward::new(sh.gs, pp.ws),
+        );
+        let mut dx = vec![0.0f32; sh.b * c * hw];
+        let mut dss = vec![0.0f32; sh.b * 2 * o];
+        let blocks: Vec<super::GradBlock<'_>> = dx
+            .chunks_mut(IMAGES_PER_BLOCK * c * hw)
+            .enumerate()
+            .zip(dss.chunks_mut(IMAGES_PER_BLOCK * 2 * o))
+            .collect();
+        struct Partial {
+            conv1: Vec<f32>,
+            conv2: Vec<f32>,
+            skip: Vec<f32>,
+            norm1: Vec<f32>,
+            norm2: Vec<f32>,
+        }
+        let partials = map_blocks(blocks, |((i, dxb), dssb)| {
+            let mut part = Partial {
+                conv1: back1.partial(),
+                conv2: back2.partial(),
+                skip: if self.skip { backs.partial() } else { Vec::new() },
+                norm1: vec![0.0f32; 2 * c],
+                norm2: vec![0.0f32; 2 * o],
+            };
+            let (mut n1, mut dn1, mut gx1) = (vec![0.0f32; c * hw], vec![0.0f32; c * hw], vec![0.0f32; c * hw]);
+            let (mut n2, mut dn2, mut dc1, mut gx2) = (
+                vec![0.0f32; o * hw],
+                vec![0.0f32; o * hw],
+                vec![0.0f32; o * hw],
+                vec![0.0f32; o * hw],
+            );
+            let mut dskip = vec![0.0f32; if self.skip { c * hw } else { 0 }];
+            let (mut cols1, mut cols2) = (sh.g1.g_cols_buffer(), sh.g2.g_cols_buffer());
+            for (j, (dxi, dssi)) in dxb.chunks_mut(c * hw).zip(dssb.chunks_mut(2 * o)).enumerate() {
+                let img = i * IMAGES_PER_BLOCK + j;
+                let xi = &xs[img * c * hw..(img + 1) * c * hw];
+                let c1 = &c1_all[img * o * hw..(img + 1) * o * hw];
+                let gi = &gs[img * o * hw..(img + 1) * o * hw];
+                let (a, shift) = s[img * 2 * o..(img + 1) * 2 * o].split_at(o);
+                let acc = j > 0;
+                // h = W2 ⋆ n2 + b2: ∂/∂n2, then through GN2 to c1 and the scale-shift.
+                let st2 = normalise(c1, sh.d2, self.eps, pp.gamma2, pp.beta2, a, shift, &mut n2);
+                back2.image(&n2, gi, &mut cols2, &mut dn2, &mut part.conv2, acc);
+                let sums2 = |ch: usize, [g_a, g_sh, g_gamma, g_beta]: [f32; 4]| {
+                    dssi[ch] = g_a;
+                    dssi[o + ch] = g_sh;
+                    part.norm2[ch] += g_gamma;
+                    part.norm2[o + ch] += g_beta;
+                };
+                let channel2 = |ch: usize| (pp.gamma2[ch], pp.beta2[ch], 1.0 + a[ch], shift[ch]);
+                norm::backward_image(c1, &dn2, sh.d2, &st2, true, channel2, sums2, &mut gx2, &mut dc1);
+                // c1 = W1 ⋆ n1 + b1: ∂/∂n1, then through GN1 to x.
+                let st1 = normalise(xi, sh.d1, self.eps, pp.gamma1, pp.beta1, &zeros, &zeros, &mut n1);
+                back1.image(&n1, &dc1, &mut cols1, &mut dn1, &mut part.conv1, acc);
+                let sums1 = |ch: usize, [_, _, g_gamma, g_beta]: [f32; 4]| {
+                    part.norm1[ch] += g_gamma;
+                    part.norm1[c + ch] += g_beta;
+                };
+                let channel1 = |ch: usize| (pp.gamma1[ch], pp.beta1[ch], 1.0, 0.0);
+                norm::backward_image(xi, &dn1, sh.d1, &st1, true, channel1, sums1, &mut gx1, dxi);
+                // The skip path: ∂/∂x += Wsᵀ·g (or g itself).
+                if self.skip {
+                    backs.image(xi, gi, &mut [], &mut dskip, &mut part.skip, acc);
+                    super::simd::add_assign(dxi, &dskip);
+                } else {
+                    super::simd::add_assign(dxi, gi);
+                }
+            }
+            part
+        });
+        let mut conv1 = Vec::new();
+        let mut conv2 = Vec::new();
+        let mut skip = Vec::new();
+        let mut norm1 = Vec::new();
+        let mut norm2 = Vec::new();
+        for part in partials {
+            conv1.push(part.conv1);
+            conv2.push(part.conv2);
+            skip.push(part.skip);
+            norm1.push(part.norm1);
+            norm2.push(part.norm2);
+        }
+        let (dw1, db1) = back1.finish(conv1);
+        let (dw2, db2) = back2.finish(conv2);
+        let sum = |v| sum_in_order(v).unwrap_or_default();
+        let mut dp = sum(norm1);
+        dp.extend(dw1.iter().chain(&db1));
+        dp.extend(sum(norm2));
+        dp.extend(dw2.iter().chain(&db2));
+        if self.skip {
+            let (dws, dbs) = backs.finish(skip);
+            dp.extend(dws.iter().chain(&dbs));
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dss, (sh.b, 2 * o), dev)?),
+            Some(Tensor::from_vec(dp, params.shape(), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::{check_against_plain, flat, rand, same_on_1_and_4_threads};
+    use candle_core::Var;
+
+    struct Vars {
+        x: Var,
+        ss: Var,
+        norm1: Var,
+        w1: Var,
+        b1: Var,
+        norm2: Var,
+        w2: Var,
+        b2: Var,
+        skip: Option<(Var, Var)>,
+    }
+
+    fn vars(b: usize, c: usize, o: usize, hw: usize, k: usize, seed: u64) -> Vars {
+        let v = |shape: &[usize], i: u64, scale: f64| {
+            Var::from_tensor(&(rand(shape, seed * 16 + i) * scale).unwrap()).unwrap()
+        };
+        Vars {
+            x: v(&[b, c, hw, hw + 1], 1, 1.5),
+            ss: v(&[b, 2 * o], 2, 0.5),
+            norm1: v(&[2 * c], 3, 1.0),
+            w1: v(&[o, c, k, k], 4, 0.5),
+            b1: v(&[o], 5, 1.0),
+            norm2: v(&[2 * o], 6, 1.0),
+            w2: v(&[o, o, k, k], 7, 0.5),
+            b2: v(&[o], 8, 1.0),
+            skip: (c != o).then(|| (v(&[o, c, 1, 1], 9, 0.5), v(&[o], 10, 1.0))),
+        }
+    }
+
+    fn params(v: &Vars) -> ResBlockParams<'_> {
+        ResBlockParams {
+            norm1: v.norm1.as_tensor(),
+            conv1: (v.w1.as_tensor(), v.b1.as_tensor()),
+            norm2: v.norm2.as_tensor(),
+            conv2: (v.w2.as_tensor(), v.b2.as_tensor()),
+            skip: v.skip.as_ref().map(|(w, b)| (w.as_tensor(), b.as_tensor())),
+        }
+    }
+
+    /// The fused node against the block's layers from candle's primitive ops, in values and in the
+    /// gradients of the input, the scale-shift and every parameter: with and without the skip convolution,
+    /// one and several groups, batches that are not a multiple of the block.
+    #[test]
+    fn matches_the_layers_in_values_and_gradients() {
+        for (b, c, o, hw, k, groups) in [
+            (5, 4, 6, 5, 3, 2),
+            (3, 4, 4, 4, 3, 4),
+            (9, 6, 3, 3, 1, 3),
+            (1, 2, 2, 6, 3, 1),
+        ] {
+            let v = vars(b, c, o, hw, k, b as u64);
+            let p = params(&v);
+            let fast = res_block(&v.x, &v.ss, &p, groups, 1e-5).unwrap();
+            let slow = plain(&v.x, &v.ss, &p, groups, 1e-5).unwrap();
+            let mut named = vec![
+                ("x", &v.x),
+                ("ss", &v.ss),
+                ("norm1", &v.norm1),
+                ("w1", &v.w1),
+                ("b1", &v.b1),
+                ("norm2", &v.norm2),
+                ("w2", &v.w2),
+                ("b2", &v.b2),
+            ];
+            if let Some((w, bias)) = &v.skip {
+                named.extend([("skip w", w), ("skip b", bias)]);
+            }
+            let probe = rand(&[b, o, hw, hw + 1], 99);
+            check_against_plain(
+                &fast,
+                &slow,
+                &named,
+                &probe,
+                1e-4,
+                &format!("{b} {c} {o} {hw} {k} {groups}"),
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_a_scale_shift_that_does_not_fit() {
+        let v = vars(2, 4, 6, 3, 3, 1);
+        let err = res_block(&v.x, &rand(&[2, 8], 3), &params(&v), 2, 1e-5).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+    }
+
+    #[test]
+    fn bit_identical_across_thread_counts() {
+        for (c, o) in [(4, 6), (4, 4)] {
+            let v = vars(11, c, o, 4, 3, 7);
+            same_on_1_and_4_threads(|| {
+                let y = res_block(&v.x, &v.ss, &params(&v), 2, 1e-5).unwrap();
+                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                (
+                    flat(&y),
+                    flat(g.get(&v.x).unwrap()),
+                    [
+                        flat(g.get(&v.ss).unwrap()),
+                        flat(g.get(&v.w1).unwrap()),
+                        flat(g.get(&v.norm1).unwrap()),
+                    ]
+                    .concat(),
+                )
+            });
+        }
+    }
+}
