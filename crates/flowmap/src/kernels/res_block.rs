@@ -77,7 +77,7 @@ pub fn res_block(x: &Tensor, ss: &Tensor, p: &ResBlockParams<'_>, groups: usize,
         c_out,
         k,
         skip: p.skip.is_some(),
-        c1: tracked.then(|| Mutex::new(Vec::new())),
+        c1: tracked.then(|| Mutex::new(Kept::default())),
     };
     Ok(if tracked {
         x.apply_op3(&ss, &params, op)?
@@ -105,8 +105,16 @@ struct ResBlockOp {
     c_out: usize,
     k: usize,
     skip: bool,
-    /// `c1` of the forward pass, kept for the backward one (`None` when no backward pass will run).
-    c1: Option<Mutex<Vec<f32>>>,
+    /// What the forward pass keeps for the backward one (`None` when no backward pass will run).
+    c1: Option<Mutex<Kept>>,
+}
+
+/// `c1` of every image, and both norms' group statistics `(μ, 1/σ)` (`B × G` each).
+#[derive(Default)]
+struct Kept {
+    c1: Vec<f32>,
+    stats1: Vec<(f32, f32)>,
+    stats2: Vec<(f32, f32)>,
 }
 
 /// The shapes of one block: its norms' and convolutions' geometry.
@@ -205,21 +213,10 @@ fn as_uninit(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
     unsafe { &mut *(v as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
 
-/// `silu(GN(x) ⊙ (1 + a) + b)` of one image into `n`, returning the groups' statistics.
+/// `silu(GN(x) ⊙ (1 + a) + b)` of one image into `n`, with its groups' statistics `st`.
 #[allow(clippy::too_many_arguments)]
-fn normalise(
-    x: &[f32],
-    d: Dims,
-    eps: f64,
-    gamma: &[f32],
-    beta: &[f32],
-    a: &[f32],
-    sh: &[f32],
-    n: &mut [f32],
-) -> Vec<(f32, f32)> {
-    let st = norm::stats(x, d, eps);
-    norm::forward_image(x, d, &st, norm::modulation(gamma, beta, a, sh), true, as_uninit(n));
-    st
+fn normalise(x: &[f32], d: Dims, st: &[(f32, f32)], gamma: &[f32], beta: &[f32], a: &[f32], sh: &[f32], n: &mut [f32]) {
+    norm::forward_image(x, d, st, norm::modulation(gamma, beta, a, sh), true, as_uninit(n));
 }
 
 impl CustomOp3 for ResBlockOp {
@@ -244,65 +241,83 @@ impl CustomOp3 for ResBlockOp {
         let sh = self.shapes(xl, p.len())?;
         let pp = self.parts(p, &sh);
         let (hw, c, o) = (sh.hw(), sh.c_in(), sh.c_out());
-        let zeros = vec![0.0f32; o.max(c)];
-        let n_out = sh.b * o * hw;
-        let mut y = vec![0.0f32; n_out];
-        let mut c1_all = vec![0.0f32; if self.c1.is_some() { n_out } else { 0 }];
+        let zeros = vec![0.0f32; c];
+        let (n_out, groups) = (sh.b * o * hw, self.groups);
         let keep = self.c1.is_some();
-        let c1_blocks: Vec<Option<&mut [f32]>> = if keep {
-            c1_all.chunks_mut(IMAGES_PER_BLOCK * o * hw).map(Some).collect()
+        // The output, and what the backward pass will need: c1 and both norms' group statistics.
+        let mut y: Vec<f32> = Vec::with_capacity(n_out);
+        let mut c1_all: Vec<f32> = Vec::with_capacity(if keep { n_out } else { 0 });
+        let (mut st1_all, mut st2_all) = (
+            vec![(0.0f32, 0.0f32); sh.b * groups],
+            vec![(0.0f32, 0.0f32); sh.b * groups],
+        );
+        let per = IMAGES_PER_BLOCK * o * hw;
+        let c1_blocks: Vec<Option<&mut [MaybeUninit<f32>]>> = if keep {
+            c1_all.spare_capacity_mut()[..n_out].chunks_mut(per).map(Some).collect()
         } else {
             (0..sh.b.div_ceil(IMAGES_PER_BLOCK)).map(|_| None).collect()
         };
-        let blocks: Vec<_> = y
-            .chunks_mut(IMAGES_PER_BLOCK * o * hw)
+        let blocks: Vec<_> = y.spare_capacity_mut()[..n_out]
+            .chunks_mut(per)
             .zip(c1_blocks)
+            .zip(
+                st1_all
+                    .chunks_mut(IMAGES_PER_BLOCK * groups)
+                    .zip(st2_all.chunks_mut(IMAGES_PER_BLOCK * groups)),
+            )
             .enumerate()
             .collect();
-        map_blocks(blocks, |(i, (yb, mut c1b))| {
+        map_blocks(blocks, |(i, ((yb, mut c1b), (st1b, st2b)))| {
             let mut n1 = vec![0.0f32; c * hw];
-            let (mut n2, mut c1_own) = (vec![0.0f32; o * hw], vec![0.0f32; o * hw]);
+            let (mut n2, mut c1_own) = (vec![0.0f32; o * hw], vec![MaybeUninit::new(0.0f32); o * hw]);
             let (mut cols1, mut cols2) = (sh.g1.cols_buffer(), sh.g2.cols_buffer());
             for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
                 let img = i * IMAGES_PER_BLOCK + j;
                 let xi = &x[img * c * hw..(img + 1) * c * hw];
                 let (a, shift) = s[img * 2 * o..(img + 1) * 2 * o].split_at(o);
-                let c1: &mut [f32] = match c1b.as_deref_mut() {
+                let c1 = match c1b.as_deref_mut() {
                     Some(all) => &mut all[j * o * hw..(j + 1) * o * hw],
-                    None => &mut c1_own,
+                    None => &mut c1_own[..],
                 };
-                normalise(
-                    xi,
-                    sh.d1,
-                    self.eps,
-                    pp.gamma1,
-                    pp.beta1,
-                    &zeros[..c],
-                    &zeros[..c],
-                    &mut n1,
-                );
-                for (row, &bv) in c1.chunks_mut(hw).zip(pp.b1) {
-                    row.fill(bv);
-                }
+                let st1 = &mut st1b[j * groups..(j + 1) * groups];
+                st1.copy_from_slice(&norm::stats(xi, sh.d1, self.eps));
+                normalise(xi, sh.d1, st1, pp.gamma1, pp.beta1, &zeros, &zeros, &mut n1);
+                let c1 = conv::fill_bias(c1, pp.b1, hw);
                 conv::forward_image(sh.g1, pp.w1, &n1, &mut cols1, c1);
-                normalise(c1, sh.d2, self.eps, pp.gamma2, pp.beta2, a, shift, &mut n2);
-                // y = skip(x) + b2 + W2 ⋆ n2
-                if self.skip {
-                    for (row, &bv) in yi.chunks_mut(hw).zip(pp.bs) {
-                        row.fill(bv);
+                let st2 = &mut st2b[j * groups..(j + 1) * groups];
+                st2.copy_from_slice(&norm::stats(c1, sh.d2, self.eps));
+                normalise(c1, sh.d2, st2, pp.gamma2, pp.beta2, a, shift, &mut n2);
+                // y = skip(x) + b2 + W2 ⋆ n2, each row started at its bias (and at x for the identity).
+                for (ch, row) in yi.chunks_mut(hw).enumerate() {
+                    if self.skip {
+                        row.fill(MaybeUninit::new(pp.bs[ch] + pp.b2[ch]));
+                    } else {
+                        for (d, &v) in row.iter_mut().zip(&xi[ch * hw..(ch + 1) * hw]) {
+                            *d = MaybeUninit::new(v + pp.b2[ch]);
+                        }
                     }
-                    conv::forward_image(sh.gs, pp.ws, xi, &mut [], yi);
-                } else {
-                    yi.copy_from_slice(xi);
                 }
-                for (row, &bv) in yi.chunks_mut(hw).zip(pp.b2) {
-                    row.iter_mut().for_each(|v| *v += bv);
+                // SAFETY: every element of the image's output was just written.
+                let yi = unsafe { super::dense::assume_init(yi) };
+                if self.skip {
+                    conv::forward_image(sh.gs, pp.ws, xi, &mut [], yi);
                 }
                 conv::forward_image(sh.g2, pp.w2, &n2, &mut cols2, yi);
             }
         });
+        // SAFETY: the blocks cover all `n_out` elements of both, and every image wrote all of its own.
+        unsafe {
+            y.set_len(n_out);
+            if keep {
+                c1_all.set_len(n_out);
+            }
+        }
         if let Some(kept) = &self.c1 {
-            *kept.lock().expect("kept activation") = c1_all;
+            *kept.lock().expect("kept activation") = Kept {
+                c1: c1_all,
+                stats1: st1_all,
+                stats2: st2_all,
+            };
         }
         Ok((CpuStorage::F32(y), Shape::from((sh.b, o, sh.g1.h, sh.g1.w))))
     }
@@ -329,8 +344,9 @@ impl CustomOp3 for ResBlockOp {
             candle_core::bail!("residual block backward: the forward pass kept no activation");
         };
         let kept = kept.lock().expect("kept activation");
-        let c1_all: &[f32] = &kept;
-        if c1_all.len() != sh.b * o * hw {
+        let (c1_all, stats1, stats2) = (&kept.c1[..], &kept.stats1[..], &kept.stats2[..]);
+        let groups = self.groups;
+        if c1_all.len() != sh.b * o * hw || stats1.len() != sh.b * groups {
             candle_core::bail!("residual block backward: the kept activation does not fit the input");
         }
         let zeros = vec![0.0f32; c];
@@ -378,7 +394,8 @@ impl CustomOp3 for ResBlockOp {
                 let (a, shift) = s[img * 2 * o..(img + 1) * 2 * o].split_at(o);
                 let acc = j > 0;
                 // h = W2 ⋆ n2 + b2: ∂/∂n2, then through GN2 to c1 and the scale-shift.
-                let st2 = normalise(c1, sh.d2, self.eps, pp.gamma2, pp.beta2, a, shift, &mut n2);
+                let st2 = &stats2[img * groups..(img + 1) * groups];
+                normalise(c1, sh.d2, st2, pp.gamma2, pp.beta2, a, shift, &mut n2);
                 back2.image(&n2, gi, &mut cols2, &mut dn2, &mut part.conv2, acc);
                 let sums2 = |ch: usize, [g_a, g_sh, g_gamma, g_beta]: [f32; 4]| {
                     dssi[ch] = g_a;
@@ -387,16 +404,17 @@ impl CustomOp3 for ResBlockOp {
                     part.norm2[o + ch] += g_beta;
                 };
                 let channel2 = |ch: usize| (pp.gamma2[ch], pp.beta2[ch], 1.0 + a[ch], shift[ch]);
-                norm::backward_image(c1, &dn2, sh.d2, &st2, true, channel2, sums2, &mut gx2, &mut dc1);
+                norm::backward_image(c1, &dn2, sh.d2, st2, true, channel2, sums2, &mut gx2, &mut dc1);
                 // c1 = W1 ⋆ n1 + b1: ∂/∂n1, then through GN1 to x.
-                let st1 = normalise(xi, sh.d1, self.eps, pp.gamma1, pp.beta1, &zeros, &zeros, &mut n1);
+                let st1 = &stats1[img * groups..(img + 1) * groups];
+                normalise(xi, sh.d1, st1, pp.gamma1, pp.beta1, &zeros, &zeros, &mut n1);
                 back1.image(&n1, &dc1, &mut cols1, &mut dn1, &mut part.conv1, acc);
                 let sums1 = |ch: usize, [_, _, g_gamma, g_beta]: [f32; 4]| {
                     part.norm1[ch] += g_gamma;
                     part.norm1[c + ch] += g_beta;
                 };
                 let channel1 = |ch: usize| (pp.gamma1[ch], pp.beta1[ch], 1.0, 0.0);
-                norm::backward_image(xi, &dn1, sh.d1, &st1, true, channel1, sums1, &mut gx1, dxi);
+                norm::backward_image(xi, &dn1, sh.d1, st1, true, channel1, sums1, &mut gx1, dxi);
                 // The skip path: ∂/∂x += Wsᵀ·g (or g itself).
                 if self.skip {
                     backs.image(xi, gi, &mut [], &mut dskip, &mut part.skip, acc);
