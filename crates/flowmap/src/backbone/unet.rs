@@ -197,9 +197,12 @@ trait Flow: Sized + Clone {
     fn norm(&self, n: &GroupNorm, ss: Option<&Self>, silu: bool) -> Result<Self>;
     /// Dropout with the same mask for a value and its tangent.
     fn dropout(&self, mask: Option<&Tensor>) -> Result<Self>;
-    /// The residual block `b` of this value, `SiLU(emb)` being `act_emb`.
-    fn res_block(&self, b: &ResBlock, act_emb: &Self, mask: Option<&Tensor>) -> Result<Self> {
-        b.run(self, act_emb, mask)
+    /// The residual block `b` of the channels of `parts` concatenated, `SiLU(emb)` being `act_emb`.
+    fn res_block(parts: &[&Self], b: &ResBlock, act_emb: &Self, mask: Option<&Tensor>) -> Result<Self> {
+        match parts {
+            [x] => b.run(x, act_emb, mask),
+            _ => b.run(&Self::cat(parts)?, act_emb, mask),
+        }
     }
     /// `conv(dropout(SiLU(GN(h) ⊙ (1 + a) + b)))`, the norm-activation-convolution of every block.
     fn norm_conv(&self, n: &GroupNorm, ss: Option<&Self>, mask: Option<&Tensor>, conv: &Conv2d) -> Result<Self> {
@@ -238,10 +241,11 @@ impl Flow for Tensor {
             None => self.clone(),
         })
     }
-    /// Without dropout, the whole block as one node ([`kernels::res_block`]).
-    fn res_block(&self, b: &ResBlock, act_emb: &Self, mask: Option<&Tensor>) -> Result<Self> {
+    /// Without dropout, the whole block as one node ([`kernels::res_block`]), which reads the parts
+    /// without concatenating them.
+    fn res_block(parts: &[&Self], b: &ResBlock, act_emb: &Self, mask: Option<&Tensor>) -> Result<Self> {
         if mask.is_some() {
-            return b.run(self, act_emb, mask);
+            return b.run(&Tensor::cat(parts, 1)?, act_emb, mask);
         }
         let ss = act_emb.layer(&b.emb)?;
         let (norm1, norm2) = (b.norm1.affine()?, b.norm2.affine()?);
@@ -253,7 +257,7 @@ impl Flow for Tensor {
             conv2: b.conv2.params(),
             skip: b.skip.as_ref().map(Conv2d::params),
         };
-        kernels::res_block(self, &ss, &p, groups, eps)
+        kernels::res_block(parts, &ss, &p, groups, eps)
     }
     /// Without dropout, one node that keeps no normalised activation for the backward pass.
     fn norm_conv(&self, n: &GroupNorm, ss: Option<&Self>, mask: Option<&Tensor>, conv: &Conv2d) -> Result<Self> {
@@ -353,9 +357,10 @@ struct Stage {
 }
 
 impl Stage {
-    fn run<V: Flow>(&self, x: &V, act_emb: &V, net: &Unet) -> Result<V> {
-        let mask = net.dropout_mask(x.primal(), self.block.conv2.out_channels())?;
-        let h = x.res_block(&self.block, act_emb, mask.as_ref())?;
+    /// The stage on the channels of `parts` concatenated.
+    fn run<V: Flow>(&self, parts: &[&V], act_emb: &V, net: &Unet) -> Result<V> {
+        let mask = net.dropout_mask(parts[0].primal(), self.block.conv2.out_channels())?;
+        let h = V::res_block(parts, &self.block, act_emb, mask.as_ref())?;
         match &self.attention {
             Some(a) => h.layer(a),
             None => Ok(h),
@@ -529,7 +534,7 @@ impl Unet {
         let levels = self.down.len();
         for (level, stages) in self.down.iter().enumerate() {
             for s in stages {
-                h = s.run(&h, &act_emb, self)?;
+                h = s.run(&[&h], &act_emb, self)?;
                 skips.push(h.clone());
             }
             if level + 1 < levels {
@@ -538,14 +543,14 @@ impl Unet {
             }
         }
         let mask = self.dropout_mask(h.primal(), self.mid.0.conv2.out_channels())?;
-        h = h.res_block(&self.mid.0, &act_emb, mask.as_ref())?;
+        h = V::res_block(&[&h], &self.mid.0, &act_emb, mask.as_ref())?;
         h = h.layer(&self.mid.1)?;
         let mask = self.dropout_mask(h.primal(), self.mid.2.conv2.out_channels())?;
-        h = h.res_block(&self.mid.2, &act_emb, mask.as_ref())?;
+        h = V::res_block(&[&h], &self.mid.2, &act_emb, mask.as_ref())?;
         for (i, stages) in self.up.iter().enumerate() {
             for s in stages {
                 let skip = skips.pop().expect("one skip per block");
-                h = s.run(&V::cat(&[&h, &skip])?, &act_emb, self)?;
+                h = s.run(&[&h, &skip], &act_emb, self)?;
             }
             if i + 1 < levels {
                 h = h.upsample()?;

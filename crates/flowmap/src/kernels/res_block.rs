@@ -33,10 +33,35 @@ pub struct ResBlockParams<'a> {
 }
 
 /// `skip(x) + W2 ⋆ silu(GN2(W1 ⋆ silu(GN1(x)) + b1) ⊙ (1 + a) + b) + b2` with `[a, b] = ss` (`B × 2O`), both
-/// norms with `groups` groups, both convolutions `k × k` (odd, stride 1, "same" padding). Gradients flow
-/// to `x`, `ss` and every parameter. One node on f32 CPU tensors; elsewhere [`plain`].
-pub fn res_block(x: &Tensor, ss: &Tensor, p: &ResBlockParams<'_>, groups: usize, eps: f64) -> Result<Tensor> {
-    let (b, c_in, _, _) = x.dims4()?;
+/// norms with `groups` groups, both convolutions `k × k` (odd, stride 1, "same" padding). `x` is given as
+/// one tensor or as two whose channels it concatenates (the U-Net's upward path and its skip connection:
+/// the node reads both, and no concatenated copy is made or kept). Gradients flow to every part of `x`, to
+/// `ss` and to every parameter. One node on f32 CPU tensors; elsewhere [`plain`].
+pub fn res_block(x: &[&Tensor], ss: &Tensor, p: &ResBlockParams<'_>, groups: usize, eps: f64) -> Result<Tensor> {
+    let (xa, xb) = match x {
+        [a] => (*a, None),
+        [a, b] => (*a, Some(*b)),
+        _ => {
+            return Err(crate::Error::arg(
+                "residual block: the input is one tensor or two to concatenate",
+            ))
+        }
+    };
+    let (b, c_a, h, w) = xa.dims4()?;
+    let c_in = match xb {
+        Some(t) => {
+            let (b2, c_b, h2, w2) = t.dims4()?;
+            if (b2, h2, w2) != (b, h, w) {
+                return Err(crate::Error::arg(format!(
+                    "residual block: inputs {:?} and {:?} do not concatenate along channels",
+                    xa.dims(),
+                    t.dims()
+                )));
+            }
+            c_a + c_b
+        }
+        None => c_a,
+    };
     let (c_out, c1_in, k, k2) = p.conv1.0.dims4()?;
     let fits = k == k2
         && k % 2 == 1
@@ -48,7 +73,7 @@ pub fn res_block(x: &Tensor, ss: &Tensor, p: &ResBlockParams<'_>, groups: usize,
             Some((w, _)) => w.dims() == [c_out, c_in, 1, 1],
             None => c_in == c_out,
         };
-    if !(applies(x.device(), x.dtype()) && fits) {
+    if !(applies(xa.device(), xa.dtype()) && fits) {
         return plain(x, ss, p, groups, eps);
     }
     if ss.dims() != [b, 2 * c_out] {
@@ -57,7 +82,10 @@ pub fn res_block(x: &Tensor, ss: &Tensor, p: &ResBlockParams<'_>, groups: usize,
             ss.dims()
         )));
     }
+    // The scale-shift and the parameters as one vector, `[ss; γ1; β1; W1; b1; γ2; β2; W2; b2; (Ws; bs)]`:
+    // the node takes three inputs.
     let mut parts = vec![
+        ss.flatten_all()?,
         p.norm1.clone(),
         p.conv1.0.flatten_all()?,
         p.conv1.1.clone(),
@@ -69,25 +97,32 @@ pub fn res_block(x: &Tensor, ss: &Tensor, p: &ResBlockParams<'_>, groups: usize,
         parts.extend([w.flatten_all()?, b.clone()]);
     }
     let params = Tensor::cat(&parts, 0)?;
-    let (x, ss) = (x.contiguous()?, ss.contiguous()?);
-    let tracked = super::grad_enabled() && (x.track_op() || ss.track_op() || params.track_op());
+    let xa = xa.contiguous()?;
+    // With one input, the second slot holds the first again and gets no gradient.
+    let xb = match xb {
+        Some(t) => t.contiguous()?,
+        None => xa.clone(),
+    };
+    let tracked = super::grad_enabled() && (xa.track_op() || xb.track_op() || params.track_op());
     let op = ResBlockOp {
         groups,
         eps,
         c_out,
         k,
         skip: p.skip.is_some(),
+        two: x.len() == 2,
         c1: tracked.then(|| Mutex::new(Kept::default())),
     };
     Ok(if tracked {
-        x.apply_op3(&ss, &params, op)?
+        xa.apply_op3(&xb, &params, op)?
     } else {
-        x.apply_op3_no_bwd(&ss, &params, &op)?
+        xa.apply_op3_no_bwd(&xb, &params, &op)?
     })
 }
 
 /// The reference, from candle's primitive ops: the block's layers one after the other.
-pub fn plain(x: &Tensor, ss: &Tensor, p: &ResBlockParams<'_>, groups: usize, eps: f64) -> Result<Tensor> {
+pub fn plain(x: &[&Tensor], ss: &Tensor, p: &ResBlockParams<'_>, groups: usize, eps: f64) -> Result<Tensor> {
+    let x = &Tensor::cat(x, 1)?;
     let zeros = Tensor::zeros((x.dim(0)?, 2 * x.dim(1)?), x.dtype(), x.device())?;
     let n1 = norm::plain(x, groups, eps, p.norm1, &zeros, true)?;
     let c1 = conv::plain(&n1, p.conv1.0, p.conv1.1)?;
@@ -105,6 +140,8 @@ struct ResBlockOp {
     c_out: usize,
     k: usize,
     skip: bool,
+    /// Whether the input comes as two tensors to concatenate (else the second slot repeats the first).
+    two: bool,
     /// What the forward pass keeps for the backward one (`None` when no backward pass will run).
     c1: Option<Mutex<Kept>>,
 }
@@ -121,6 +158,8 @@ struct Kept {
 #[derive(Clone, Copy)]
 struct Shapes {
     b: usize,
+    /// Channels of the first input (all of them unless the input comes in two parts).
+    c_a: usize,
     d1: Dims,
     d2: Dims,
     g1: Geometry,
@@ -129,6 +168,20 @@ struct Shapes {
 }
 
 impl Shapes {
+    /// Image `n` of the input: in `xa` when it is one tensor, else its two parts copied into `buf`.
+    fn image<'a>(&self, n: usize, xa: &'a [f32], xb: Option<&[f32]>, buf: &'a mut [f32]) -> &'a [f32] {
+        let (hw, c, c_a) = (self.hw(), self.c_in(), self.c_a);
+        match xb {
+            None => &xa[n * c * hw..(n + 1) * c * hw],
+            Some(xb) => {
+                let c_b = c - c_a;
+                buf[..c_a * hw].copy_from_slice(&xa[n * c_a * hw..(n + 1) * c_a * hw]);
+                buf[c_a * hw..].copy_from_slice(&xb[n * c_b * hw..(n + 1) * c_b * hw]);
+                buf
+            }
+        }
+    }
+
     fn hw(&self) -> usize {
         self.d1.hw
     }
@@ -140,8 +193,9 @@ impl Shapes {
     }
 }
 
-/// The parameter vector `[γ1; β1; W1; b1; γ2; β2; W2; b2; (Ws; bs)]` cut into its parts.
+/// The vector `[ss; γ1; β1; W1; b1; γ2; β2; W2; b2; (Ws; bs)]` cut into its parts.
 struct Parts<'a> {
+    ss: &'a [f32],
     gamma1: &'a [f32],
     beta1: &'a [f32],
     w1: &'a [f32],
@@ -155,10 +209,12 @@ struct Parts<'a> {
 }
 
 impl ResBlockOp {
-    fn shapes(&self, x: &Layout, n_params: usize) -> candle_core::Result<Shapes> {
-        let (b, c, h, w) = x.shape().dims4()?;
+    fn shapes(&self, xa: &Layout, xb: &Layout, n_params: usize) -> candle_core::Result<Shapes> {
+        let (b, c_a, h, w) = xa.shape().dims4()?;
+        let c = if self.two { c_a + xb.shape().dims4()?.1 } else { c_a };
         let (o, k) = (self.c_out, self.k);
-        let want = 2 * c + o * c * k * k + o + 2 * o + o * o * k * k + o + if self.skip { o * c + o } else { 0 };
+        let want =
+            b * 2 * o + 2 * c + o * c * k * k + o + 2 * o + o * o * k * k + o + if self.skip { o * c + o } else { 0 };
         if n_params != want {
             candle_core::bail!("residual block: {n_params} parameters do not fit {c} → {o} channels, k = {k}");
         }
@@ -176,6 +232,7 @@ impl ResBlockOp {
         };
         Ok(Shapes {
             b,
+            c_a,
             d1: dims(c),
             d2: dims(o),
             g1: geometry(c, k),
@@ -193,6 +250,7 @@ impl ResBlockOp {
             a
         };
         Parts {
+            ss: take(s.b * 2 * o),
             gamma1: take(c),
             beta1: take(c),
             w1: take(o * s.g1.rows()),
@@ -226,20 +284,22 @@ impl CustomOp3 for ResBlockOp {
 
     fn cpu_fwd(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ss: &CpuStorage,
-        sl: &Layout,
+        xas: &CpuStorage,
+        xal: &Layout,
+        xbs: &CpuStorage,
+        xbl: &Layout,
         ps: &CpuStorage,
         pl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, s, p) = (
-            cpu_slice(xs, xl, "x")?,
-            cpu_slice(ss, sl, "ss")?,
-            cpu_slice(ps, pl, "params")?,
-        );
-        let sh = self.shapes(xl, p.len())?;
+        let (xa, p) = (cpu_slice(xas, xal, "x")?, cpu_slice(ps, pl, "params")?);
+        let xb = if self.two {
+            Some(cpu_slice(xbs, xbl, "x")?)
+        } else {
+            None
+        };
+        let sh = self.shapes(xal, xbl, p.len())?;
         let pp = self.parts(p, &sh);
+        let s = pp.ss;
         let (hw, c, o) = (sh.hw(), sh.c_in(), sh.c_out());
         let zeros = vec![0.0f32; c];
         let (n_out, groups) = (sh.b * o * hw, self.groups);
@@ -268,12 +328,12 @@ impl CustomOp3 for ResBlockOp {
             .enumerate()
             .collect();
         map_blocks(blocks, |(i, ((yb, mut c1b), (st1b, st2b)))| {
-            let mut n1 = vec![0.0f32; c * hw];
+            let (mut n1, mut xcat) = (vec![0.0f32; c * hw], vec![0.0f32; if self.two { c * hw } else { 0 }]);
             let (mut n2, mut c1_own) = (vec![0.0f32; o * hw], vec![MaybeUninit::new(0.0f32); o * hw]);
             let (mut cols1, mut cols2) = (sh.g1.cols_buffer(), sh.g2.cols_buffer());
             for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
                 let img = i * IMAGES_PER_BLOCK + j;
-                let xi = &x[img * c * hw..(img + 1) * c * hw];
+                let xi = sh.image(img, xa, xb, &mut xcat);
                 let (a, shift) = s[img * 2 * o..(img + 1) * 2 * o].split_at(o);
                 let c1 = match c1b.as_deref_mut() {
                     Some(all) => &mut all[j * o * hw..(j + 1) * o * hw],
@@ -324,21 +384,26 @@ impl CustomOp3 for ResBlockOp {
 
     fn bwd(
         &self,
-        x: &Tensor,
-        ss: &Tensor,
+        xa: &Tensor,
+        xb: &Tensor,
         params: &Tensor,
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let (Some(xr), Some(sr), Some(pr), Some(gr)) =
-            (super::read(x), super::read(ss), super::read(params), super::read(&grad))
-        else {
+        let (Some(xar), Some(xbr), Some(pr), Some(gr)) = (
+            super::read(xa),
+            super::read(xb),
+            super::read(params),
+            super::read(&grad),
+        ) else {
             candle_core::bail!("residual block backward needs contiguous f32 CPU tensors");
         };
-        let (xs, s, p, gs) = (xr.slice(), sr.slice(), pr.slice(), gr.slice());
-        let sh = self.shapes(x.layout(), p.len())?;
+        let (xas, p, gs) = (xar.slice(), pr.slice(), gr.slice());
+        let xbs = if self.two { Some(xbr.slice()) } else { None };
+        let sh = self.shapes(xa.layout(), xb.layout(), p.len())?;
         let pp = self.parts(p, &sh);
+        let s = pp.ss;
         let (hw, c, o) = (sh.hw(), sh.c_in(), sh.c_out());
         let Some(kept) = &self.c1 else {
             candle_core::bail!("residual block backward: the forward pass kept no activation");
@@ -355,12 +420,23 @@ impl CustomOp3 for ResBlockOp {
             conv::Backward::new(sh.g2, pp.w2),
             conv::Backward::new(sh.gs, pp.ws),
         );
-        let mut dx = vec![0.0f32; sh.b * c * hw];
+        // The input gradient, per input tensor, and the scale-shift's.
+        let (c_a, c_b) = (sh.c_a, c - sh.c_a);
+        let mut dxa = vec![0.0f32; sh.b * c_a * hw];
+        let mut dxb = vec![0.0f32; if self.two { sh.b * c_b * hw } else { 0 }];
         let mut dss = vec![0.0f32; sh.b * 2 * o];
-        let blocks: Vec<super::GradBlock<'_>> = dx
-            .chunks_mut(IMAGES_PER_BLOCK * c * hw)
-            .enumerate()
+        let dxb_blocks: Vec<&mut [f32]> = if self.two {
+            dxb.chunks_mut(IMAGES_PER_BLOCK * c_b * hw).collect()
+        } else {
+            (0..sh.b.div_ceil(IMAGES_PER_BLOCK))
+                .map(|_| Default::default())
+                .collect()
+        };
+        let blocks: Vec<_> = dxa
+            .chunks_mut(IMAGES_PER_BLOCK * c_a * hw)
+            .zip(dxb_blocks)
             .zip(dss.chunks_mut(IMAGES_PER_BLOCK * 2 * o))
+            .enumerate()
             .collect();
         struct Partial {
             conv1: Vec<f32>,
@@ -369,7 +445,7 @@ impl CustomOp3 for ResBlockOp {
             norm1: Vec<f32>,
             norm2: Vec<f32>,
         }
-        let partials = map_blocks(blocks, |((i, dxb), dssb)| {
+        let partials = map_blocks(blocks, |(i, ((dxab, dxbb), dssb))| {
             let mut part = Partial {
                 conv1: back1.partial(),
                 conv2: back2.partial(),
@@ -385,10 +461,17 @@ impl CustomOp3 for ResBlockOp {
                 vec![0.0f32; o * hw],
             );
             let mut dskip = vec![0.0f32; if self.skip { c * hw } else { 0 }];
+            let (mut xcat, mut dxcat) = (vec![0.0f32; c * hw], vec![0.0f32; c * hw]);
             let (mut cols1, mut cols2) = (sh.g1.g_cols_buffer(), sh.g2.g_cols_buffer());
-            for (j, (dxi, dssi)) in dxb.chunks_mut(c * hw).zip(dssb.chunks_mut(2 * o)).enumerate() {
+            for (j, dssi) in dssb.chunks_mut(2 * o).enumerate() {
                 let img = i * IMAGES_PER_BLOCK + j;
-                let xi = &xs[img * c * hw..(img + 1) * c * hw];
+                let xi = sh.image(img, xas, xbs, &mut xcat);
+                // ∂/∂x of the concatenated image: straight into the one input's gradient, or into `dxcat`.
+                let dxi: &mut [f32] = if self.two {
+                    &mut dxcat
+                } else {
+                    &mut dxab[j * c * hw..(j + 1) * c * hw]
+                };
                 let c1 = &c1_all[img * o * hw..(img + 1) * o * hw];
                 let gi = &gs[img * o * hw..(img + 1) * o * hw];
                 let (a, shift) = s[img * 2 * o..(img + 1) * 2 * o].split_at(o);
@@ -422,6 +505,11 @@ impl CustomOp3 for ResBlockOp {
                 } else {
                     super::simd::add_assign(dxi, gi);
                 }
+                if self.two {
+                    let (da, db) = dxcat.split_at(c_a * hw);
+                    dxab[j * c_a * hw..(j + 1) * c_a * hw].copy_from_slice(da);
+                    dxbb[j * c_b * hw..(j + 1) * c_b * hw].copy_from_slice(db);
+                }
             }
             part
         });
@@ -440,7 +528,8 @@ impl CustomOp3 for ResBlockOp {
         let (dw1, db1) = back1.finish(conv1);
         let (dw2, db2) = back2.finish(conv2);
         let sum = |v| sum_in_order(v).unwrap_or_default();
-        let mut dp = sum(norm1);
+        let mut dp = dss;
+        dp.extend(sum(norm1));
         dp.extend(dw1.iter().chain(&db1));
         dp.extend(sum(norm2));
         dp.extend(dw2.iter().chain(&db2));
@@ -448,10 +537,12 @@ impl CustomOp3 for ResBlockOp {
             let (dws, dbs) = backs.finish(skip);
             dp.extend(dws.iter().chain(&dbs));
         }
-        let dev = x.device();
+        let (dev, (b, _, h, w)) = (xa.device(), xa.dims4()?);
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dss, (sh.b, 2 * o), dev)?),
+            Some(Tensor::from_vec(dxa, (b, c_a, h, w), dev)?),
+            self.two
+                .then(|| Tensor::from_vec(dxb, (b, c_b, h, w), dev))
+                .transpose()?,
             Some(Tensor::from_vec(dp, params.shape(), dev)?),
         ))
     }
@@ -504,21 +595,24 @@ mod tests {
 
     /// The fused node against the block's layers from candle's primitive ops, in values and in the
     /// gradients of the input, the scale-shift and every parameter: with and without the skip convolution,
-    /// one and several groups, batches that are not a multiple of the block.
+    /// the input as one tensor and as two (split at a group boundary and inside a group), one and several
+    /// groups, batches that are not a multiple of the block.
     #[test]
     fn matches_the_layers_in_values_and_gradients() {
-        for (b, c, o, hw, k, groups) in [
-            (5, 4, 6, 5, 3, 2),
-            (3, 4, 4, 4, 3, 4),
-            (9, 6, 3, 3, 1, 3),
-            (1, 2, 2, 6, 3, 1),
-        ] {
+        let cases = [
+            (5, 4, 6, 5, 3, 2, None),
+            (3, 4, 4, 4, 3, 4, None),
+            (9, 6, 3, 3, 1, 3, None),
+            (1, 2, 2, 6, 3, 1, None),
+            (6, 8, 4, 4, 3, 2, Some(4)),
+            (5, 6, 4, 3, 3, 2, Some(1)),
+        ];
+        for (b, c, o, hw, k, groups, split) in cases {
             let v = vars(b, c, o, hw, k, b as u64);
             let p = params(&v);
-            let fast = res_block(&v.x, &v.ss, &p, groups, 1e-5).unwrap();
-            let slow = plain(&v.x, &v.ss, &p, groups, 1e-5).unwrap();
+            let at = format!("{b} {c} {o} {hw} {k} {groups} {split:?}");
+            let probe = rand(&[b, o, hw, hw + 1], 99);
             let mut named = vec![
-                ("x", &v.x),
                 ("ss", &v.ss),
                 ("norm1", &v.norm1),
                 ("w1", &v.w1),
@@ -530,35 +624,51 @@ mod tests {
             if let Some((w, bias)) = &v.skip {
                 named.extend([("skip w", w), ("skip b", bias)]);
             }
-            let probe = rand(&[b, o, hw, hw + 1], 99);
-            check_against_plain(
-                &fast,
-                &slow,
-                &named,
-                &probe,
-                1e-4,
-                &format!("{b} {c} {o} {hw} {k} {groups}"),
-            );
+            match split {
+                None => {
+                    let fast = res_block(&[&v.x], &v.ss, &p, groups, 1e-5).unwrap();
+                    let slow = plain(&[&v.x], &v.ss, &p, groups, 1e-5).unwrap();
+                    named.push(("x", &v.x));
+                    check_against_plain(&fast, &slow, &named, &probe, 1e-4, &at);
+                }
+                Some(c_a) => {
+                    let part = |from: usize, n: usize| Var::from_tensor(&v.x.narrow(1, from, n).unwrap()).unwrap();
+                    let (xa, xb) = (part(0, c_a), part(c_a, c - c_a));
+                    let fast = res_block(&[&xa, &xb], &v.ss, &p, groups, 1e-5).unwrap();
+                    let slow = plain(&[&xa, &xb], &v.ss, &p, groups, 1e-5).unwrap();
+                    named.extend([("x first part", &xa), ("x second part", &xb)]);
+                    check_against_plain(&fast, &slow, &named, &probe, 1e-4, &at);
+                }
+            }
         }
     }
 
     #[test]
     fn rejects_a_scale_shift_that_does_not_fit() {
         let v = vars(2, 4, 6, 3, 3, 1);
-        let err = res_block(&v.x, &rand(&[2, 8], 3), &params(&v), 2, 1e-5).unwrap_err();
+        let err = res_block(&[&v.x], &rand(&[2, 8], 3), &params(&v), 2, 1e-5).unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
     }
 
     #[test]
     fn bit_identical_across_thread_counts() {
-        for (c, o) in [(4, 6), (4, 4)] {
+        for (c, o, split) in [(4, 6, None), (4, 4, None), (8, 4, Some(2))] {
             let v = vars(11, c, o, 4, 3, 7);
+            let parts: Vec<Var> = match split {
+                None => vec![v.x.clone()],
+                Some(c_a) => vec![
+                    Var::from_tensor(&v.x.narrow(1, 0, c_a).unwrap()).unwrap(),
+                    Var::from_tensor(&v.x.narrow(1, c_a, c - c_a).unwrap()).unwrap(),
+                ],
+            };
+            let refs: Vec<&Tensor> = parts.iter().map(|p| p.as_tensor()).collect();
             same_on_1_and_4_threads(|| {
-                let y = res_block(&v.x, &v.ss, &params(&v), 2, 1e-5).unwrap();
+                let y = res_block(&refs, &v.ss, &params(&v), 2, 1e-5).unwrap();
                 let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                let dx: Vec<f32> = parts.iter().flat_map(|p| flat(g.get(p).unwrap())).collect();
                 (
                     flat(&y),
-                    flat(g.get(&v.x).unwrap()),
+                    dx,
                     [
                         flat(g.get(&v.ss).unwrap()),
                         flat(g.get(&v.w1).unwrap()),
