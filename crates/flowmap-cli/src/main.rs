@@ -172,13 +172,13 @@ struct GuidanceBenchArgs {
     range: String,
     /// The teacher-based method that distils the guided teacher (emd, lmd, emd-cont, lmd-cont, cm, ctm,
     /// progressive, direct).
-    #[arg(long, default_value = "emd")]
+    #[arg(long, default_value = "cm")]
     method: String,
     /// Steps of each map.
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 3000)]
     map_steps: usize,
     /// Batch size of each map.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 64)]
     batch: usize,
     /// Steps of the autoguidance model (batch 64).
     #[arg(long, default_value_t = 600)]

@@ -143,8 +143,10 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// The processor's model name and the widest vector unit the kernels use on it (`AMD EPYC, AVX-512`): hosts
+/// of one model name differ in it, and the figures with them.
 fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
+    let name = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
             s.lines()
@@ -152,7 +154,18 @@ fn cpu_name() -> String {
                 .and_then(|l| l.split(':').nth(1))
                 .map(|m| m.trim().to_string())
         })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    #[cfg(target_arch = "x86_64")]
+    let isa = if std::arch::is_x86_feature_detected!("avx512f") {
+        ", AVX-512"
+    } else if std::arch::is_x86_feature_detected!("avx2") {
+        ", AVX2"
+    } else {
+        ""
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let isa = "";
+    format!("{name}{isa}")
 }
 
 /// Calls `f` until `seconds` have passed (at least 3 times, after 2 warm-up calls); returns calls/s.
