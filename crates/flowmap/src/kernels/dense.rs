@@ -73,6 +73,15 @@ pub(super) unsafe fn assume_init(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     &mut *(v as *mut [MaybeUninit<f32>] as *mut [f32])
 }
 
+/// `v` as a destination for a kernel that writes into not-yet-written memory (the kernels take
+/// `MaybeUninit` so that fresh outputs need no zero fill first).
+///
+/// # Safety
+/// Only initialised values may be written through the view (every kernel here writes `MaybeUninit::new`).
+pub(super) unsafe fn as_uninit(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    &mut *(v as *mut [f32] as *mut [MaybeUninit<f32>])
+}
+
 /// A layer's weight `W` (`out × in`, row-major) as a forward product reads it: in place, or through its
 /// transpose when one was made for the pass ([`forward_weight`]).
 #[derive(Clone, Copy)]

@@ -283,6 +283,19 @@ pub(super) fn forward_image(
     }
 }
 
+/// [`forward_image`] into a buffer that already holds values (a scratch buffer reused image after image).
+pub(super) fn forward_image_into(
+    x: &[f32],
+    d: Dims,
+    st: &[(f32, f32)],
+    channel: impl Fn(usize) -> (f32, f32),
+    silu: bool,
+    y: &mut [f32],
+) {
+    // SAFETY: `forward_image` writes only initialised values.
+    forward_image(x, d, st, channel, silu, unsafe { super::dense::as_uninit(y) })
+}
+
 /// One image of the backward pass from the output gradient `g`, with its groups' [`stats`]: writes `dx`, and hands each channel's
 /// `(Σ g_z·n, Σ g_z, Σ g_n·x̂, Σ g_n)` (the gradients of `a`, `shift`, `γ` and `β`) to `sums`, for the
 /// channel's `(γ, β, 1 + a, shift) = channel(c)`. `gxhat` is scratch of the image's size.

@@ -12,8 +12,6 @@
 //! the affine parameters. Images go in blocks of [`conv::IMAGES_PER_BLOCK`] whatever the thread count, and
 //! the parameters' per-block partial sums are added in block order: the same bits on any number of threads.
 
-use std::mem::MaybeUninit;
-
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::conv::{self, Geometry, IMAGES_PER_BLOCK};
@@ -122,12 +120,6 @@ fn split(p: &[f32], g: Geometry) -> (&[f32], &[f32], &[f32], &[f32]) {
     (gamma, beta, w, bias)
 }
 
-/// `v` viewed as not yet written (for a kernel that writes all of it).
-fn as_uninit(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and every `f32` is a valid `MaybeUninit<f32>`.
-    unsafe { &mut *(v as *mut [f32] as *mut [MaybeUninit<f32>]) }
-}
-
 impl CustomOp3 for NormConvOp {
     fn name(&self) -> &'static str {
         "flowmap-norm-conv2d"
@@ -153,14 +145,7 @@ impl CustomOp3 for NormConvOp {
         let norm = |img: usize, xi: &[f32], n: &mut [f32]| {
             let (a, sh) = s[img * 2 * c..(img + 1) * 2 * c].split_at(c);
             let st = norm::stats(xi, d, self.eps);
-            norm::forward_image(
-                xi,
-                d,
-                &st,
-                norm::modulation(gamma, beta, a, sh),
-                self.silu,
-                as_uninit(n),
-            );
+            norm::forward_image_into(xi, d, &st, norm::modulation(gamma, beta, a, sh), self.silu, n);
         };
         let y = conv::forward_batch(g, b, w, bias, x, Some(&norm));
         Ok((CpuStorage::F32(y), Shape::from((b, g.c_out, g.h, g.w))))
@@ -206,14 +191,7 @@ impl CustomOp3 for NormConvOp {
                 let gi = &gs[img * o * hw..(img + 1) * o * hw];
                 // n again, then ∂/∂n through the convolution, then through the norm.
                 let st = norm::stats(xi, d, self.eps);
-                norm::forward_image(
-                    xi,
-                    d,
-                    &st,
-                    norm::modulation(gamma, beta, a, sh),
-                    self.silu,
-                    as_uninit(&mut n),
-                );
+                norm::forward_image_into(xi, d, &st, norm::modulation(gamma, beta, a, sh), self.silu, &mut n);
                 back.image(&n, gi, &mut cols_g, &mut dn, &mut dwb, j > 0);
                 let channel = |ch: usize| (gamma[ch], beta[ch], 1.0 + a[ch], sh[ch]);
                 let sums = |ch: usize, [g_a, g_sh, g_gamma, g_beta]: [f32; 4]| {

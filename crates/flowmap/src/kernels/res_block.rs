@@ -265,16 +265,10 @@ impl ResBlockOp {
     }
 }
 
-/// `v` viewed as not yet written (for a kernel that writes all of it).
-fn as_uninit(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and every `f32` is a valid `MaybeUninit<f32>`.
-    unsafe { &mut *(v as *mut [f32] as *mut [MaybeUninit<f32>]) }
-}
-
 /// `silu(GN(x) ⊙ (1 + a) + b)` of one image into `n`, with its groups' statistics `st`.
 #[allow(clippy::too_many_arguments)]
 fn normalise(x: &[f32], d: Dims, st: &[(f32, f32)], gamma: &[f32], beta: &[f32], a: &[f32], sh: &[f32], n: &mut [f32]) {
-    norm::forward_image(x, d, st, norm::modulation(gamma, beta, a, sh), true, as_uninit(n));
+    norm::forward_image_into(x, d, st, norm::modulation(gamma, beta, a, sh), true, n);
 }
 
 impl CustomOp3 for ResBlockOp {
