@@ -111,7 +111,7 @@ pub fn res_block(x: &[&Tensor], ss: &Tensor, p: &ResBlockParams<'_>, groups: usi
         k,
         skip: p.skip.is_some(),
         two: x.len() == 2,
-        c1: tracked.then(|| Mutex::new(Kept::default())),
+        kept: tracked.then(|| Mutex::new(Kept::default())),
     };
     Ok(if tracked {
         xa.apply_op3(&xb, &params, op)?
@@ -143,7 +143,7 @@ struct ResBlockOp {
     /// Whether the input comes as two tensors to concatenate (else the second slot repeats the first).
     two: bool,
     /// What the forward pass keeps for the backward one (`None` when no backward pass will run).
-    c1: Option<Mutex<Kept>>,
+    kept: Option<Mutex<Kept>>,
 }
 
 /// `c1` of every image, and both norms' group statistics `(μ, 1/σ)` (`B × G` each).
@@ -297,7 +297,7 @@ impl CustomOp3 for ResBlockOp {
         let (hw, c, o) = (sh.hw(), sh.c_in(), sh.c_out());
         let zeros = vec![0.0f32; c];
         let (n_out, groups) = (sh.b * o * hw, self.groups);
-        let keep = self.c1.is_some();
+        let keep = self.kept.is_some();
         // The output, and what the backward pass will need: c1 and both norms' group statistics.
         let mut y: Vec<f32> = Vec::with_capacity(n_out);
         let mut c1_all: Vec<f32> = Vec::with_capacity(if keep { n_out } else { 0 });
@@ -366,7 +366,7 @@ impl CustomOp3 for ResBlockOp {
                 c1_all.set_len(n_out);
             }
         }
-        if let Some(kept) = &self.c1 {
+        if let Some(kept) = &self.kept {
             *kept.lock().expect("kept activation") = Kept {
                 c1: c1_all,
                 stats1: st1_all,
@@ -399,7 +399,7 @@ impl CustomOp3 for ResBlockOp {
         let pp = self.parts(p, &sh);
         let s = pp.ss;
         let (hw, c, o) = (sh.hw(), sh.c_in(), sh.c_out());
-        let Some(kept) = &self.c1 else {
+        let Some(kept) = &self.kept else {
             candle_core::bail!("residual block backward: the forward pass kept no activation");
         };
         let kept = kept.lock().expect("kept activation");
