@@ -80,10 +80,7 @@ impl GroupNorm {
     /// `act(GN(x) ⊙ (1 + a) + b)` with `[a, b] = ss` (`B × 2C`; none: `GN(x)`), SiLU when `silu`: one fused
     /// node on the CPU ([`kernels::group_norm`]), candle's primitive ops elsewhere.
     pub fn forward_modulated(&self, x: &Tensor, ss: Option<&Tensor>, silu: bool) -> Result<Tensor> {
-        let ss = match ss {
-            Some(s) => s.clone(),
-            None => self.no_modulation(x)?,
-        };
+        let ss = self.scale_shift(x, ss)?;
         kernels::group_norm(x, self.groups, self.eps, &self.affine()?, &ss, silu)
     }
 
@@ -91,20 +88,9 @@ impl GroupNorm {
     /// CPU that recomputes the normalised activation in its backward pass instead of keeping it
     /// ([`kernels::norm_conv2d`]).
     pub fn forward_modulated_conv(&self, x: &Tensor, ss: Option<&Tensor>, silu: bool, conv: &Conv2d) -> Result<Tensor> {
-        let ss = match ss {
-            Some(s) => s.clone(),
-            None => self.no_modulation(x)?,
-        };
-        kernels::norm_conv2d(
-            x,
-            self.groups,
-            self.eps,
-            &self.affine()?,
-            &ss,
-            silu,
-            &conv.weight,
-            &conv.bias,
-        )
+        let ss = self.scale_shift(x, ss)?;
+        let (w, b) = conv.params();
+        kernels::norm_conv2d(x, self.groups, self.eps, &self.affine()?, &ss, silu, w, b)
     }
 
     /// Groups and ε.
@@ -115,6 +101,14 @@ impl GroupNorm {
     /// `[γ; β]`, the layout the fused kernels take.
     pub(crate) fn affine(&self) -> Result<Tensor> {
         Ok(Tensor::cat(&[&self.weight, &self.bias], 0)?)
+    }
+
+    /// The scale-shift `[a, b]` given, or the zero one of an unmodulated norm of `x`.
+    fn scale_shift(&self, x: &Tensor, ss: Option<&Tensor>) -> Result<Tensor> {
+        match ss {
+            Some(s) => Ok(s.clone()),
+            None => self.no_modulation(x),
+        }
     }
 
     /// The zero scale-shift `[a, b]` (`B × 2C`) of an unmodulated norm of `x`.

@@ -263,6 +263,17 @@ pub(super) fn modulation<'a>(
     }
 }
 
+/// The per-channel `(γ, β, 1 + a, b)` that [`backward_image`] takes, for `[γ; β]` and one image's
+/// scale-shift `[a, b]`.
+pub(super) fn backward_channel<'a>(
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    a: &'a [f32],
+    sh: &'a [f32],
+) -> impl Fn(usize) -> (f32, f32, f32, f32) + Copy + 'a {
+    move |ch| (gamma[ch], beta[ch], 1.0 + a[ch], sh[ch])
+}
+
 /// One image of the forward pass, with its groups' [`stats`]: `y = act(x̂·k + m)` per channel,
 /// `(k, m) = channel(c)`.
 pub(super) fn forward_image(
@@ -419,7 +430,7 @@ impl CustomOp3 for NormOp {
             let (a, sh) = s[i * 2 * c..(i + 1) * 2 * c].split_at(c);
             let mut dp = vec![0.0f32; 2 * c];
             let mut gxhat = vec![0.0f32; img];
-            let channel = |ch: usize| (gamma[ch], beta[ch], 1.0 + a[ch], sh[ch]);
+            let channel = backward_channel(gamma, beta, a, sh);
             let sums = |ch: usize, [g_a, g_sh, g_gamma, g_beta]: [f32; 4]| {
                 dssi[ch] = g_a;
                 dssi[c + ch] = g_sh;

@@ -193,7 +193,7 @@ impl CustomOp3 for NormConvOp {
                 let st = norm::stats(xi, d, self.eps);
                 norm::forward_image_into(xi, d, &st, norm::modulation(gamma, beta, a, sh), self.silu, &mut n);
                 back.image(&n, gi, &mut cols_g, &mut dn, &mut dwb, j > 0);
-                let channel = |ch: usize| (gamma[ch], beta[ch], 1.0 + a[ch], sh[ch]);
+                let channel = norm::backward_channel(gamma, beta, a, sh);
                 let sums = |ch: usize, [g_a, g_sh, g_gamma, g_beta]: [f32; 4]| {
                     dssi[ch] = g_a;
                     dssi[c + ch] = g_sh;

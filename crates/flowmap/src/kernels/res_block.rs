@@ -480,7 +480,7 @@ impl CustomOp3 for ResBlockOp {
                     part.norm2[ch] += g_gamma;
                     part.norm2[o + ch] += g_beta;
                 };
-                let channel2 = |ch: usize| (pp.gamma2[ch], pp.beta2[ch], 1.0 + a[ch], shift[ch]);
+                let channel2 = norm::backward_channel(pp.gamma2, pp.beta2, a, shift);
                 norm::backward_image(c1, &dn2, sh.d2, st2, true, channel2, sums2, &mut gx2, &mut dc1);
                 // c1 = W1 ⋆ n1 + b1: ∂/∂n1, then through GN1 to x.
                 let st1 = &stats1[img * groups..(img + 1) * groups];
@@ -490,7 +490,7 @@ impl CustomOp3 for ResBlockOp {
                     part.norm1[ch] += g_gamma;
                     part.norm1[c + ch] += g_beta;
                 };
-                let channel1 = |ch: usize| (pp.gamma1[ch], pp.beta1[ch], 1.0, 0.0);
+                let channel1 = norm::backward_channel(pp.gamma1, pp.beta1, &zeros, &zeros);
                 norm::backward_image(xi, &dn1, sh.d1, st1, true, channel1, sums1, &mut gx1, dxi);
                 // The skip path: ∂/∂x += Wsᵀ·g (or g itself).
                 if self.skip {
@@ -507,18 +507,13 @@ impl CustomOp3 for ResBlockOp {
             }
             part
         });
-        let mut conv1 = Vec::new();
-        let mut conv2 = Vec::new();
-        let mut skip = Vec::new();
-        let mut norm1 = Vec::new();
-        let mut norm2 = Vec::new();
-        for part in partials {
-            conv1.push(part.conv1);
-            conv2.push(part.conv2);
-            skip.push(part.skip);
-            norm1.push(part.norm1);
-            norm2.push(part.norm2);
-        }
+        // One field of every block's partial sums, in block order.
+        let mut partials = partials;
+        let mut field = |f: fn(&mut Partial) -> &mut Vec<f32>| -> Vec<Vec<f32>> {
+            partials.iter_mut().map(|p| std::mem::take(f(p))).collect()
+        };
+        let (conv1, conv2, skip) = (field(|p| &mut p.conv1), field(|p| &mut p.conv2), field(|p| &mut p.skip));
+        let (norm1, norm2) = (field(|p| &mut p.norm1), field(|p| &mut p.norm2));
         let (dw1, db1) = back1.finish(conv1);
         let (dw2, db2) = back2.finish(conv2);
         let sum = |v| sum_in_order(v).unwrap_or_default();
