@@ -20,7 +20,7 @@ use crate::report::{self, progress_bar};
 use flowmap::backbone::{Arch, UnetConfig};
 use flowmap::classifier::Classifier;
 use flowmap::data::DataSource;
-use flowmap::objective::{DistillConfig, MeanFlowVelocity, Method};
+use flowmap::objective::{DistillConfig, Method};
 use flowmap::pipeline::images::{ImageEval, ImageRow};
 use flowmap::pipeline::{self, MapJob, OutDir, Teacher};
 use flowmap::sample::Sampler;
@@ -196,9 +196,7 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
             ..TrainConfig::default()
         };
         let base = MapJob::new(method, &data);
-        let mut objective = DistillConfig::for_method(method);
-        // The batch estimate of the marginal velocity assumes unconditional data: use the conditional one.
-        objective.continuous.meanflow_velocity = MeanFlowVelocity::Conditional;
+        let objective = DistillConfig::for_data(method, &data.state_shape(), true);
         let job = if method.needs_teacher() {
             MapJob {
                 teacher: Some(&teacher),

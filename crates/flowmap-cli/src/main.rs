@@ -1009,7 +1009,6 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
         cfg.guidance_range = Some(parse_guidance_range(r)?);
     }
     cfg.validate()?;
-    let dcfg = a.map.objective(file.distill_config(method)?, method)?;
     if a.data.is_none() && a.labels.is_some() {
         bail!("--labels goes with --data");
     }
@@ -1022,6 +1021,8 @@ fn distill(a: DistillArgs, device: &Device, show: bool) -> Result<()> {
         Some(d) => d,
         None => teacher.data()?,
     };
+    let base = DistillConfig::for_data(method, &teacher.state_shape(), data.num_classes().is_some());
+    let dcfg = a.map.objective(file.distill_config_over(base)?, method)?;
     let guide = a.guide_model.as_deref().map(|p| load_guide(p, device)).transpose()?;
     let job = MapJob {
         teacher: Some(&teacher),
@@ -1077,23 +1078,9 @@ fn train_cmd(a: TrainArgs, device: &Device, show: bool) -> Result<()> {
         cfg.guidance_range = Some(parse_guidance_range(r)?);
     }
     cfg.validate()?;
-    let mut dcfg = a.map.objective(file.distill_config(method)?, method)?;
     let data = open_data(&a.data, &a.labels)?;
-    // MeanFlow's batch estimate of the marginal velocity is for unconditional points; on labelled data or
-    // images (where its posterior weights degenerate) the default is the paper's conditional velocity.
-    let set_in_file = file
-        .distill
-        .as_ref()
-        .and_then(|d| d.get("continuous"))
-        .and_then(|c| c.as_table())
-        .is_some_and(|c| c.contains_key("meanflow_velocity"));
-    if method == Method::Meanflow
-        && a.map.meanflow_velocity.is_none()
-        && !set_in_file
-        && (data.num_classes().is_some() || data.state_shape().len() == 3)
-    {
-        dcfg.continuous.meanflow_velocity = MeanFlowVelocity::Conditional;
-    }
+    let base = DistillConfig::for_data(method, &data.state_shape(), data.num_classes().is_some());
+    let dcfg = a.map.objective(file.distill_config_over(base)?, method)?;
     let job = MapJob {
         objective: dcfg,
         train: cfg,

@@ -621,6 +621,39 @@ fn inapplicable_method_combinations_are_clear_errors() {
     );
 }
 
+/// `train` on images takes the image recipe of its method (`DistillConfig::for_data`): MeanFlow the paper's
+/// conditional velocity and adaptive weight, self-LMD 75% of the batch on the diagonal; on points the
+/// method's own defaults; a flag still overrides either.
+#[test]
+fn train_takes_the_image_defaults_on_images_and_flags_override_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = ["--channels", "4", "--channel-mult", "1,2", "--attention", "none", "--groups", "2"];
+    let distill = |method: &str, data: &str, extra: &[&str]| {
+        let out = dir.path().join(format!("{method}-{data}.safetensors"));
+        let mut cmd = bin();
+        cmd.args(["train", "--method", method, "--data", data, "--steps", "1", "--batch", "4"])
+            .args(extra)
+            .arg("--out")
+            .arg(&out);
+        if data == "mnist" {
+            cmd.args(tiny);
+        }
+        ok(&mut cmd);
+        flowmap::checkpoint::Checkpoint::load(&out).unwrap().meta.training["distill"].clone()
+    };
+    let mf = distill("meanflow", "mnist", &[]);
+    assert_eq!(mf["weighting"]["kind"], "adaptive", "{mf}");
+    assert_eq!(mf["continuous"]["meanflow_velocity"], "conditional", "{mf}");
+    let points = distill("meanflow", "moons", &[]);
+    assert_eq!(points["weighting"]["kind"], "constant", "{points}");
+    assert_eq!(points["continuous"]["meanflow_velocity"], "batch", "{points}");
+    let flagged = distill("meanflow", "mnist", &["--weighting", "constant", "--diagonal-fraction", "0.5"]);
+    assert_eq!(flagged["weighting"]["kind"], "constant", "{flagged}");
+    assert_eq!(flagged["times"]["diagonal_fraction"], 0.5, "{flagged}");
+    assert_eq!(distill("self-lmd", "mnist", &[])["times"]["diagonal_fraction"], 0.75);
+    assert_eq!(distill("self-lmd", "moons", &[])["times"]["diagonal_fraction"], 0.25);
+}
+
 /// Images end to end on a tiny U-Net: teacher on the embedded digits, an EMD map from it, class-conditional
 /// samples as `.npy` in the data's range and as a PNG grid, and an image evaluation; then the image errors.
 #[test]

@@ -26,7 +26,7 @@ use flowmap::backbone::{Arch, UnetConfig};
 use flowmap::classifier::Classifier;
 use flowmap::data::DataSource;
 use flowmap::flow_map::AtGuidance;
-use flowmap::objective::{DistillConfig, MeanFlowVelocity, Method};
+use flowmap::objective::Method;
 use flowmap::ode::Solver;
 use flowmap::pipeline::images::{ImageEval, ImageRow};
 use flowmap::pipeline::{self, MapJob, OutDir, Teacher, TrainedMap};
@@ -213,15 +213,12 @@ pub fn run(out: &Path, cfg: &GuidanceConfig, device: &Device, show: bool) -> Res
             ..MapJob::new(cfg.method, &data)
         },
     )?;
-    let mut objective = DistillConfig::for_method(Method::Meanflow);
-    objective.continuous.meanflow_velocity = MeanFlowVelocity::Conditional;
     let meanflow = fit(
         "meanflow (guided)",
         "meanflow-guided.safetensors",
         MapJob {
             init: Some(&teacher),
             arch: demo_mnist::teacher_arch(),
-            objective,
             train: train.clone(),
             device: device.clone(),
             ..MapJob::new(Method::Meanflow, &data)

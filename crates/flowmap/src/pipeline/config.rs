@@ -74,7 +74,12 @@ impl RunConfig {
     /// sub-table such as `[distill.continuous]` changes only the keys it names, while a table with a `kind`
     /// (`weighting = { kind = "adaptive", c = 1e-3, p = 0.5 }`) replaces the setting whole.
     pub fn distill_config(&self, method: Method) -> Result<DistillConfig> {
-        let base = DistillConfig::for_method(method);
+        self.distill_config_over(DistillConfig::for_method(method))
+    }
+
+    /// The `[distill]` table laid over `base` (a method's defaults for its data,
+    /// [`DistillConfig::for_data`]), as [`RunConfig::distill_config`] does.
+    pub fn distill_config_over(&self, base: DistillConfig) -> Result<DistillConfig> {
         let Some(table) = &self.distill else {
             return Ok(base);
         };

@@ -209,7 +209,7 @@ impl<'a> MapJob<'a> {
             method,
             teacher: None,
             data,
-            objective: DistillConfig::for_method(method),
+            objective: DistillConfig::for_data(method, &data.state_shape(), data.num_classes().is_some()),
             train: TrainConfig::default(),
             arch: Arch::Mlp(crate::backbone::MlpConfig::for_shape(&data.state_shape())),
             path: linear(),
