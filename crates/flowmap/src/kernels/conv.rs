@@ -82,34 +82,44 @@ impl Geometry {
 }
 
 /// `cols[(c, ky, kx), (y, x)] = x[c, y + ky − p, x + kx − p]` (zero outside the image).
+fn im2col(g: Geometry, x: &[f32], cols: &mut [f32]) {
+    im2col_lines(g, x, cols, 0..g.h);
+}
+
+/// [`im2col`] for the output lines `lines` only: `cols` is `I·k² × |lines|·W`.
 ///
 /// Each row of `cols` is its channel shifted by `(ky − p)·W + kx − p` as one flat copy; the entries that
 /// copy wrapped across an image edge (whole rows past the top or bottom, one column at the left or right
 /// for each pixel of shift) are then set to zero. One long copy per row instead of one per image line.
-fn im2col(g: Geometry, x: &[f32], cols: &mut [f32]) {
+fn im2col_lines(g: Geometry, x: &[f32], cols: &mut [f32], lines: std::ops::Range<usize>) {
     let (h, w, k, p) = (g.h, g.w, g.k as isize, (g.k / 2) as isize);
     let hw = g.hw();
+    // The band's pixels are `base..base + n` of the image.
+    let (base, n) = (lines.start * w, lines.len() * w);
+    let band = |(a, b): (usize, usize)| (a.clamp(base, base + n) - base, b.clamp(base, base + n) - base);
     for c in 0..g.c_in {
         let img = &x[c * hw..(c + 1) * hw];
         for ky in 0..k {
             for kx in 0..k {
-                let row = &mut cols[((c * g.k + ky as usize) * g.k + kx as usize) * hw..][..hw];
+                let row = &mut cols[((c * g.k + ky as usize) * g.k + kx as usize) * n..][..n];
                 let (dy, dx) = (ky - p, kx - p);
                 let off = dy * w as isize + dx;
-                let (lo, hi) = valid(off, hw);
+                let (lo, hi) = band(valid(off, hw));
                 row[..lo].fill(0.0);
                 row[hi..].fill(0.0);
                 if lo < hi {
-                    row[lo..hi].copy_from_slice(&img[(lo as isize + off) as usize..(hi as isize + off) as usize]);
+                    let src = (base + lo) as isize + off;
+                    row[lo..hi].copy_from_slice(&img[src as usize..src as usize + (hi - lo)]);
                 }
                 // Image lines whose source line is above or below the image.
                 let (y0, y1) = valid(dy, h);
-                row[..y0 * w].fill(0.0);
-                row[y1 * w..].fill(0.0);
+                let (y0, y1) = band((y0 * w, y1 * w));
+                row[..y0].fill(0.0);
+                row[y1..].fill(0.0);
                 // Columns whose source pixel is left or right of its line.
                 let (x0, x1) = valid(dx, w);
                 // (A strided store per column: a `fill` per line would call memset for one or two floats.)
-                let lines = &mut row[y0 * w..y1 * w];
+                let lines = &mut row[y0..y1];
                 for col in (0..x0).chain(x1..w) {
                     for v in lines.iter_mut().skip(col).step_by(w) {
                         *v = 0.0;
@@ -271,7 +281,7 @@ pub(super) fn forward_batch(
         let (mut buf, mut cols) = (Vec::new(), g.cols_buffer());
         for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
             let xi = image(x, i * IMAGES_PER_BLOCK + j, img, prepare, &mut buf);
-            forward_image(g, w, xi, &mut cols, yi);
+            forward_image_alone(g, w, xi, &mut cols, yi, b == 1);
         }
     });
     // SAFETY: the blocks cover all `n_out` elements and each wrote all of its own.
@@ -318,6 +328,56 @@ pub(super) fn forward_image(g: Geometry, w: &[f32], x: &[f32], cols: &mut [f32],
         cols
     };
     matmul(g.c_out, g.hw(), g.rows(), y, true, w, false, cols, false);
+}
+
+/// Multiply-adds of one image's product at or above which a batch of one image splits it into
+/// [`BANDS`] bands of output lines, one per block of the pool. A batch of one image is one block, so one
+/// core would otherwise do all of it while the other waits (sampling latency). A 32-channel U-Net's
+/// first two levels (7.2 M each) split; the 16-channel one's (1.8 M) stay whole, where an earlier split
+/// over output channels measured slower (0.84 → 1.2 ms), the hand-offs costing more than the second core
+/// saves.
+const SPLIT_MACS: usize = 4 << 20;
+
+/// The bands of a split image product. A constant, not the thread count, so that the products (and
+/// their bits) are the same on any number of threads.
+const BANDS: usize = 2;
+
+/// [`forward_image`] for an image that is the whole batch (`alone`): split into bands of output lines
+/// across the pool when its product is large enough ([`SPLIT_MACS`]), else the same call.
+pub(super) fn forward_image_alone(g: Geometry, w: &[f32], x: &[f32], cols: &mut [f32], y: &mut [f32], alone: bool) {
+    if !alone || g.c_out * g.rows() * g.hw() < SPLIT_MACS || g.h < BANDS {
+        return forward_image(g, w, x, cols, y);
+    }
+    struct Out(*mut f32);
+    // SAFETY: the bands write disjoint columns (pixels) of `y` and nothing else touches it meanwhile.
+    unsafe impl Sync for Out {}
+    let (hw, rows, out) = (g.hw(), g.rows(), Out(y.as_mut_ptr()));
+    let bands: Vec<std::ops::Range<usize>> = (0..BANDS).map(|i| i * g.h / BANDS..(i + 1) * g.h / BANDS).collect();
+    map_blocks(bands, |lines| {
+        let (p0, n) = (lines.start * g.w, lines.len() * g.w);
+        let mut own = Vec::new();
+        let rhs = if g.k == 1 {
+            (x[p0..].as_ptr(), hw as isize, 1)
+        } else {
+            own.resize(rows * n, 0.0);
+            im2col_lines(g, x, &mut own, lines);
+            (own.as_ptr(), n as isize, 1)
+        };
+        // SAFETY: `dst` is the `O × n` block of columns `p0..p0 + n` of `y` (`O × H·W`), which only this
+        // band writes; `w` is `O × rows` and `rhs` `rows × n` under its strides.
+        let out = &out;
+        unsafe {
+            super::gemm_strided(
+                g.c_out,
+                n,
+                rows,
+                (out.0.add(p0), hw as isize, 1),
+                true,
+                (w.as_ptr(), rows as isize, 1),
+                rhs,
+            )
+        };
+    });
 }
 
 /// The backward pass of one image at a time, with the kernel prepared once.
@@ -430,10 +490,14 @@ mod tests {
 
     /// The fused node against candle's convolution, in values and in all three gradients, at kernel sizes
     /// 1, 3 and 5, odd and even image sizes, a kernel wider than its image and batches that are not
-    /// a multiple of the block.
+    /// a multiple of the block, and single images large enough to split into bands of lines (an odd
+    /// line count, and a 1×1 kernel).
     #[test]
     fn matches_candle_in_values_and_gradients() {
         for (b, ci, co, h, w, k) in [
+            (1, 32, 32, 28, 28, 3),
+            (1, 40, 48, 15, 20, 3),
+            (1, 64, 96, 28, 28, 1),
             (5, 3, 4, 7, 6, 3),
             (9, 2, 8, 4, 4, 1),
             (2, 4, 3, 5, 9, 5),
@@ -459,10 +523,10 @@ mod tests {
 
     #[test]
     fn bit_identical_across_thread_counts() {
-        for b in [11, 3] {
-            let x = Var::from_tensor(&rand(&[b, 3, 6, 6], 5)).unwrap();
-            let wt = Var::from_tensor(&rand(&[20, 3, 3, 3], 6)).unwrap();
-            let bias = Var::from_tensor(&rand(&[20], 7)).unwrap();
+        for (b, c, o, h) in [(11, 3, 20, 6), (3, 3, 20, 6), (1, 32, 32, 28)] {
+            let x = Var::from_tensor(&rand(&[b, c, h, h], 5)).unwrap();
+            let wt = Var::from_tensor(&rand(&[o, c, 3, 3], 6)).unwrap();
+            let bias = Var::from_tensor(&rand(&[o], 7)).unwrap();
             same_on_1_and_4_threads(|| {
                 let y = conv2d(&x, &wt, &bias).unwrap();
                 let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();

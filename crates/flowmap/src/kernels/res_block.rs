@@ -337,7 +337,7 @@ impl CustomOp3 for ResBlockOp {
                 st1.copy_from_slice(&norm::stats(xi, sh.d1, self.eps));
                 normalise(xi, sh.d1, st1, pp.gamma1, pp.beta1, &zeros, &zeros, &mut n1);
                 let c1 = conv::fill_bias(c1, pp.b1, hw);
-                conv::forward_image(sh.g1, pp.w1, &n1, &mut cols1, c1);
+                conv::forward_image_alone(sh.g1, pp.w1, &n1, &mut cols1, c1, sh.b == 1);
                 let st2 = &mut st2b[j * groups..(j + 1) * groups];
                 st2.copy_from_slice(&norm::stats(c1, sh.d2, self.eps));
                 normalise(c1, sh.d2, st2, pp.gamma2, pp.beta2, a, shift, &mut n2);
@@ -356,7 +356,7 @@ impl CustomOp3 for ResBlockOp {
                 if self.skip {
                     conv::forward_image(sh.gs, pp.ws, xi, &mut [], yi);
                 }
-                conv::forward_image(sh.g2, pp.w2, &n2, &mut cols2, yi);
+                conv::forward_image_alone(sh.g2, pp.w2, &n2, &mut cols2, yi, sh.b == 1);
             }
         });
         // SAFETY: the blocks cover all `n_out` elements of both, and every image wrote all of its own.
@@ -585,10 +585,12 @@ mod tests {
     /// The fused node against the block's layers from candle's primitive ops, in values and in the
     /// gradients of the input, the scale-shift and every parameter: with and without the skip convolution,
     /// the input as one tensor and as two (split at a group boundary and inside a group), one and several
-    /// groups, batches that are not a multiple of the block.
+    /// groups, batches that are not a multiple of the block, and one image large enough that its
+    /// convolutions split into bands of lines (`conv::forward_image_alone`).
     #[test]
     fn matches_the_layers_in_values_and_gradients() {
         let cases = [
+            (1, 32, 32, 27, 3, 4, None),
             (5, 4, 6, 5, 3, 2, None),
             (3, 4, 4, 4, 3, 4, None),
             (9, 6, 3, 3, 1, 3, None),
@@ -641,8 +643,13 @@ mod tests {
 
     #[test]
     fn bit_identical_across_thread_counts() {
-        for (c, o, split) in [(4, 6, None), (4, 4, None), (8, 4, Some(2))] {
-            let v = vars(11, c, o, 4, 3, 7);
+        for (b, c, o, hw, split) in [
+            (11, 4, 6, 4, None),
+            (11, 4, 4, 4, None),
+            (11, 8, 4, 4, Some(2)),
+            (1, 32, 32, 27, None),
+        ] {
+            let v = vars(b, c, o, hw, 3, 7);
             let parts: Vec<Var> = match split {
                 None => vec![v.x.clone()],
                 Some(c_a) => vec![
