@@ -622,7 +622,7 @@ fn inapplicable_method_combinations_are_clear_errors() {
 }
 
 /// `train` on images takes the image recipe of its method (`DistillConfig::for_data`): MeanFlow the paper's
-/// conditional velocity and adaptive weight, self-LMD 75% of the batch on the diagonal; on points the
+/// conditional velocity and adaptive weight, self-LMD 90% of the batch on the diagonal; on points the
 /// method's own defaults; a flag still overrides either.
 #[test]
 fn train_takes_the_image_defaults_on_images_and_flags_override_them() {
@@ -650,7 +650,8 @@ fn train_takes_the_image_defaults_on_images_and_flags_override_them() {
     let flagged = distill("meanflow", "mnist", &["--weighting", "constant", "--diagonal-fraction", "0.5"]);
     assert_eq!(flagged["weighting"]["kind"], "constant", "{flagged}");
     assert_eq!(flagged["times"]["diagonal_fraction"], 0.5, "{flagged}");
-    assert_eq!(distill("self-lmd", "mnist", &[])["times"]["diagonal_fraction"], 0.75);
+    assert_eq!(distill("self-lmd", "mnist", &[])["times"]["diagonal_fraction"], 0.9);
+    assert_eq!(distill("shortcut", "mnist", &[])["times"]["diagonal_fraction"], 0.75);
     assert_eq!(distill("self-lmd", "moons", &[])["times"]["diagonal_fraction"], 0.25);
 }
 
