@@ -627,14 +627,25 @@ fn inapplicable_method_combinations_are_clear_errors() {
 #[test]
 fn train_takes_the_image_defaults_on_images_and_flags_override_them() {
     let dir = tempfile::tempdir().unwrap();
-    let tiny = ["--channels", "4", "--channel-mult", "1,2", "--attention", "none", "--groups", "2"];
+    let tiny = [
+        "--channels",
+        "4",
+        "--channel-mult",
+        "1,2",
+        "--attention",
+        "none",
+        "--groups",
+        "2",
+    ];
     let distill = |method: &str, data: &str, extra: &[&str]| {
         let out = dir.path().join(format!("{method}-{data}.safetensors"));
         let mut cmd = bin();
-        cmd.args(["train", "--method", method, "--data", data, "--steps", "1", "--batch", "4"])
-            .args(extra)
-            .arg("--out")
-            .arg(&out);
+        cmd.args([
+            "train", "--method", method, "--data", data, "--steps", "1", "--batch", "4",
+        ])
+        .args(extra)
+        .arg("--out")
+        .arg(&out);
         if data == "mnist" {
             cmd.args(tiny);
         }
@@ -647,7 +658,11 @@ fn train_takes_the_image_defaults_on_images_and_flags_override_them() {
     let points = distill("meanflow", "moons", &[]);
     assert_eq!(points["weighting"]["kind"], "constant", "{points}");
     assert_eq!(points["continuous"]["meanflow_velocity"], "batch", "{points}");
-    let flagged = distill("meanflow", "mnist", &["--weighting", "constant", "--diagonal-fraction", "0.5"]);
+    let flagged = distill(
+        "meanflow",
+        "mnist",
+        &["--weighting", "constant", "--diagonal-fraction", "0.5"],
+    );
     assert_eq!(flagged["weighting"]["kind"], "constant", "{flagged}");
     assert_eq!(flagged["times"]["diagonal_fraction"], 0.5, "{flagged}");
     assert_eq!(distill("self-lmd", "mnist", &[])["times"]["diagonal_fraction"], 0.9);

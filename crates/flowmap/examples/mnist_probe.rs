@@ -1,9 +1,12 @@
 //! One flow map on the embedded digits at a chosen recipe, scored at 1, 2, 4 and 8 NFE: the quick loop
 //! behind the image recipes of `flowmap bench mnist` (`cargo run --release --example mnist_probe --
 //! METHOD STEPS [key=value …]`). It starts from the shipped teacher: the teacher-based methods distil it,
-//! the data-only ones are fine-tuned from it. Keys: `lr`, `ema`, `batch`, `diag` (diagonal fraction),
+//! the data-only ones are fine-tuned from it, with the bench's settings (500-step runs at batch 64 and
+//! learning rate 5·10⁻⁴, the method's defaults for images, [`DistillConfig::for_data`]); each key changes
+//! one of them. Keys: `lr`, `ema`, `batch`, `diag` (diagonal fraction),
 //! `times` (uniform or logit-normal:MEAN:STD), `weighting` (constant, normalized, adaptive:C:P), `target`
-//! (current or ema), `eps` (a fixed ε), `tangent_c`, `warmup`, `cm_n`, `cm_rho`, `n` (samples per row), `seed`, `save` (a checkpoint path).
+//! (current or ema), `eps` (a fixed ε), `tangent_c`, `warmup`, `cm_n`, `cm_rho`, `n` (samples per row),
+//! `seed`, `save` (a checkpoint path).
 
 use candle_core::Device;
 use flowmap::classifier::Classifier;
@@ -15,7 +18,10 @@ use flowmap::sample::Sampler;
 use flowmap::train::{Silent, TrainConfig};
 use flowmap::{Error, Result};
 
-const TEACHER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../flowmap-cli/assets/mnist-teacher.safetensors");
+const TEACHER: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../flowmap-cli/assets/mnist-teacher.safetensors"
+);
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,8 +31,7 @@ fn main() -> Result<()> {
     let dev = Device::Cpu;
     let data = DataSource::from_spec("mnist")?;
     let teacher = Teacher::load(TEACHER, &dev)?;
-    let mut objective = DistillConfig::for_method(method);
-    objective.continuous.meanflow_velocity = flowmap::objective::MeanFlowVelocity::Conditional;
+    let mut objective = DistillConfig::for_data(method, &data.state_shape(), true);
     let mut train = TrainConfig {
         steps,
         batch_size: 64,
@@ -57,7 +62,10 @@ fn main() -> Result<()> {
             "times" => {
                 objective.times.distribution = match parts[..] {
                     ["uniform"] => TimeDistribution::Uniform,
-                    ["logit-normal", m, s] => TimeDistribution::LogitNormal { mean: num(m)?, std: num(s)? },
+                    ["logit-normal", m, s] => TimeDistribution::LogitNormal {
+                        mean: num(m)?,
+                        std: num(s)?,
+                    },
                     _ => return Err(usage()),
                 }
             }

@@ -433,9 +433,9 @@ impl DistillConfig {
     /// MeanFlow's batch estimate of the marginal velocity treats the batch as an unconditional data law,
     /// and in image dimensions its posterior weights degenerate to the row's own `x0`: on labelled data or
     /// images it starts from the paper's conditional velocity `x1 − x0`. On images it also takes the
-    /// paper's adaptive weight `1/(‖Δ‖² + 10⁻³)` (`‖Δ‖²` the row's mean squared error; its bias, which ruled it out on points, shrinks with the
-    /// dimension). Fine-tuning the shipped MNIST teacher for 500 steps at batch 64 (`cargo run --release
-    /// --example mnist_probe -- meanflow 500 [weighting=adaptive:1e-3:1]`, 500 samples, seed 0), the plain
+    /// paper's adaptive weight `1/(‖Δ‖² + 10⁻³)` (`‖Δ‖²` the row's mean squared error; its bias, which
+    /// ruled it out on points, shrinks with the dimension). Fine-tuning the shipped MNIST teacher for 500 steps at batch 64 (`cargo run --release
+    /// --example mnist_probe -- meanflow 500 [weighting=constant]`, 500 samples, seed 0), the plain
     /// squared error's high-variance long-jump rows pull the small steps off the data: class accuracy at
     /// 1, 2, 4, 8 NFE 95.2, 92.0, 92.8, 91.2% (FD 90, 48, 47, 48) against 98.6, 94.4, 96.0, 95.6% (FD 110,
     /// 40, 40, 40) with the adaptive weight. (`p = 0.5`: 98.0, 94.8, 94.8, 94.4%; 75% of the batch on the
@@ -444,8 +444,8 @@ impl DistillConfig {
     /// The methods whose diagonal is their own teacher put most of an image batch on the diagonal instead
     /// of 25%: shortcut 75%, as its paper does, self-LMD 90%. In image dimensions the off-diagonal
     /// targets' errors reach the diagonal through the shared weights, and a diagonal that drifts teaches
-    /// the map its drift. The same fine-tune (`-- self-lmd 500 [diag=0.75]`, `-- shortcut 500
-    /// [diag=0.75]`): self-LMD's class accuracy at 1, 2, 4, 8 NFE 84.0, 78.4, 79.0, 74.0% (FD 78, 78, 76,
+    /// the map its drift. The same fine-tune (`-- self-lmd 500 [diag=0.25|0.75]`, `-- shortcut 500
+    /// [diag=0.25]`): self-LMD's class accuracy at 1, 2, 4, 8 NFE 84.0, 78.4, 79.0, 74.0% (FD 78, 78, 76,
     /// 82, speckled digits) against 96.4, 93.6, 92.8, 91.2% (FD 84, 54, 46, 42); shortcut's 96.2, 93.0,
     /// 92.6, 91.8% (FD 83, 49, 47, 46) against 98.0, 95.0, 94.2, 93.2% (FD 83, 42, 37, 35). (Self-LMD with
     /// the adaptive weight collapsed to 58–67%; with the current weights as its target it diverged, as on
