@@ -80,25 +80,13 @@ fn main() -> Result<()> {
             _ => return Err(Error::arg(format!("unknown key '{k}'"))),
         }
     }
-    let base = MapJob::new(method, &data);
-    let job = if method.needs_teacher() {
-        MapJob {
-            teacher: Some(&teacher),
-            objective,
-            train: train.clone(),
-            ..base
-        }
-    } else {
-        MapJob {
-            init: Some(&teacher),
-            arch: match &teacher {
-                Teacher::Net { meta, .. } => meta.arch.clone(),
-                Teacher::Gmm(_) => unreachable!("the shipped teacher is a network"),
-            },
-            objective,
-            train: train.clone(),
-            ..base
-        }
+    // The teacher seeds the student either way, and fixes its architecture.
+    let job = MapJob {
+        teacher: method.needs_teacher().then_some(&teacher),
+        init: (!method.needs_teacher()).then_some(&teacher),
+        objective,
+        train,
+        ..MapJob::new(method, &data)
     };
     let clock = std::time::Instant::now();
     let m = job.run(&Silent)?;

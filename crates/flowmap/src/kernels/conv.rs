@@ -343,7 +343,8 @@ const SPLIT_MACS: usize = 4 << 20;
 const BANDS: usize = 2;
 
 /// [`forward_image`] for an image that is the whole batch (`alone`): split into bands of output lines
-/// across the pool when its product is large enough ([`SPLIT_MACS`]), else the same call.
+/// across the pool when its product is large enough ([`SPLIT_MACS`]), else the same call. The bands' im2col
+/// matrices (`I·k² × |lines|·W` each) share the image's `cols` buffer between them.
 pub(super) fn forward_image_alone(g: Geometry, w: &[f32], x: &[f32], cols: &mut [f32], y: &mut [f32], alone: bool) {
     if !alone || g.c_out * g.rows() * g.hw() < SPLIT_MACS || g.h < BANDS {
         return forward_image(g, w, x, cols, y);
@@ -352,15 +353,23 @@ pub(super) fn forward_image_alone(g: Geometry, w: &[f32], x: &[f32], cols: &mut 
     // SAFETY: the bands write disjoint columns (pixels) of `y` and nothing else touches it meanwhile.
     unsafe impl Sync for Out {}
     let (hw, rows, out) = (g.hw(), g.rows(), Out(y.as_mut_ptr()));
-    let bands: Vec<std::ops::Range<usize>> = (0..BANDS).map(|i| i * g.h / BANDS..(i + 1) * g.h / BANDS).collect();
-    map_blocks(bands, |lines| {
+    let mut rest = cols;
+    let bands: Vec<(std::ops::Range<usize>, &mut [f32])> = (0..BANDS)
+        .map(|i| {
+            let lines = i * g.h / BANDS..(i + 1) * g.h / BANDS;
+            // No im2col for a 1×1 kernel: its `cols` is empty and the band reads the image in place.
+            let len = if g.k == 1 { 0 } else { rows * lines.len() * g.w };
+            let (own, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            rest = tail;
+            (lines, own)
+        })
+        .collect();
+    map_blocks(bands, |(lines, own)| {
         let (p0, n) = (lines.start * g.w, lines.len() * g.w);
-        let mut own = Vec::new();
         let rhs = if g.k == 1 {
             (x[p0..].as_ptr(), hw as isize, 1)
         } else {
-            own.resize(rows * n, 0.0);
-            im2col_lines(g, x, &mut own, lines);
+            im2col_lines(g, x, own, lines);
             (own.as_ptr(), n as isize, 1)
         };
         // SAFETY: `dst` is the `O × n` block of columns `p0..p0 + n` of `y` (`O × H·W`), which only this
