@@ -11,6 +11,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
+use super::scratch::Scratch;
 use super::{applies, cpu_slice, map_blocks, sum_in_order};
 use crate::Result;
 
@@ -83,19 +84,20 @@ impl Geometry {
 
 /// `cols[(c, ky, kx), (y, x)] = x[c, y + ky − p, x + kx − p]` (zero outside the image).
 fn im2col(g: Geometry, x: &[f32], cols: &mut [f32]) {
-    im2col_lines(g, x, cols, 0..g.h);
+    im2col_pixels(g, x, cols, 0..g.hw());
 }
 
-/// [`im2col`] for the output lines `lines` only: `cols` is `I·k² × |lines|·W`.
+/// [`im2col`] for the output pixels `pixels` only (in row-major order, not necessarily whole lines):
+/// `cols` is `I·k² × |pixels|`.
 ///
 /// Each row of `cols` is its channel shifted by `(ky − p)·W + kx − p` as one flat copy; the entries that
 /// copy wrapped across an image edge (whole rows past the top or bottom, one column at the left or right
 /// for each pixel of shift) are then set to zero. One long copy per row instead of one per image line.
-fn im2col_lines(g: Geometry, x: &[f32], cols: &mut [f32], lines: std::ops::Range<usize>) {
+fn im2col_pixels(g: Geometry, x: &[f32], cols: &mut [f32], pixels: std::ops::Range<usize>) {
     let (h, w, k, p) = (g.h, g.w, g.k as isize, (g.k / 2) as isize);
     let hw = g.hw();
     // The band's pixels are `base..base + n` of the image.
-    let (base, n) = (lines.start * w, lines.len() * w);
+    let (base, n) = (pixels.start, pixels.len());
     let band = |(a, b): (usize, usize)| (a.clamp(base, base + n) - base, b.clamp(base, base + n) - base);
     for c in 0..g.c_in {
         let img = &x[c * hw..(c + 1) * hw];
@@ -116,12 +118,14 @@ fn im2col_lines(g: Geometry, x: &[f32], cols: &mut [f32], lines: std::ops::Range
                 let (y0, y1) = band((y0 * w, y1 * w));
                 row[..y0].fill(0.0);
                 row[y1..].fill(0.0);
-                // Columns whose source pixel is left or right of its line.
+                // Columns whose source pixel is left or right of its line. Entry `i` is pixel `base + i`,
+                // in column `(base + i) mod W`.
                 let (x0, x1) = valid(dx, w);
                 // (A strided store per column: a `fill` per line would call memset for one or two floats.)
                 let lines = &mut row[y0..y1];
+                let first = (base + y0) % w;
                 for col in (0..x0).chain(x1..w) {
-                    for v in lines.iter_mut().skip(col).step_by(w) {
+                    for v in lines.iter_mut().skip((col + w - first) % w).step_by(w) {
                         *v = 0.0;
                     }
                 }
@@ -221,7 +225,7 @@ impl CustomOp3 for ConvOp {
         let blocks: Vec<(usize, &mut [f32])> = dx.chunks_mut(IMAGES_PER_BLOCK * c_in * hw).enumerate().collect();
         // Per block: the input gradient of its images, and its partial weight and bias gradients.
         let partials = map_blocks(blocks, |(i, dxb)| {
-            let mut cols_g = g.g_cols_buffer();
+            let mut cols_g = g.g_cols_scratch();
             let mut dwb = back.partial();
             for (j, dxi) in dxb.chunks_mut(c_in * hw).enumerate() {
                 let n = i * IMAGES_PER_BLOCK + j;
@@ -278,7 +282,7 @@ pub(super) fn forward_batch(
         .collect();
     map_blocks(blocks, |(i, yb)| {
         let yb = fill_bias(yb, bias, hw);
-        let (mut buf, mut cols) = (Vec::new(), g.cols_buffer());
+        let (mut buf, mut cols) = (Vec::new(), g.cols_scratch());
         for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
             let xi = image(x, i * IMAGES_PER_BLOCK + j, img, prepare, &mut buf);
             forward_image_alone(g, w, xi, &mut cols, yi, b == 1);
@@ -299,27 +303,28 @@ pub(super) fn fill_bias<'a>(yb: &'a mut [MaybeUninit<f32>], bias: &[f32], hw: us
     unsafe { super::dense::assume_init(yb) }
 }
 
-impl Geometry {
-    /// The im2col buffer of one image (none for `k = 1`, whose im2col is the image itself).
-    pub fn cols_buffer(&self) -> Vec<f32> {
-        if self.k == 1 {
-            Vec::new()
-        } else {
-            vec![0.0f32; self.rows() * self.hw()]
-        }
+/// [`fill_bias`] for an initialised block: each `hw`-long row starts at its channel's bias.
+pub(super) fn fill_bias_init<'a>(yb: &'a mut [f32], bias: &[f32], hw: usize) -> &'a mut [f32] {
+    for (dst, &bv) in yb.chunks_mut(hw).zip(bias.iter().cycle()) {
+        dst.fill(bv);
     }
-    /// The im2col buffer of one image's output gradient.
-    pub fn g_cols_buffer(&self) -> Vec<f32> {
-        if self.k == 1 {
-            Vec::new()
-        } else {
-            vec![0.0f32; self.g_rows() * self.hw()]
-        }
+    yb
+}
+
+impl Geometry {
+    /// The im2col matrix of one image (`I·k² × H·W`; empty for `k = 1`, whose im2col is the image
+    /// itself), from the thread's scratch memory: im2col overwrites it whole.
+    pub fn cols_scratch(&self) -> Scratch {
+        Scratch::new(if self.k == 1 { 0 } else { self.rows() * self.hw() })
+    }
+    /// The im2col matrix of one image's output gradient (`O·k² × H·W`), likewise.
+    pub fn g_cols_scratch(&self) -> Scratch {
+        Scratch::new(if self.k == 1 { 0 } else { self.g_rows() * self.hw() })
     }
 }
 
 /// `y += W ⋆ x` for one image: `x` is `I × H·W`, `y` the `O × H·W` output (holding the bias), `cols` a
-/// [`Geometry::cols_buffer`].
+/// [`Geometry::cols_scratch`].
 pub(super) fn forward_image(g: Geometry, w: &[f32], x: &[f32], cols: &mut [f32], y: &mut [f32]) {
     let cols: &[f32] = if g.k == 1 {
         x
@@ -331,22 +336,41 @@ pub(super) fn forward_image(g: Geometry, w: &[f32], x: &[f32], cols: &mut [f32],
 }
 
 /// Multiply-adds of one image's product at or above which a batch of one image splits it into
-/// [`BANDS`] bands of output lines, one per block of the pool. A batch of one image is one block, so one
+/// [`BANDS`] bands of output pixels, one per block of the pool. A batch of one image is one block, so one
 /// core would otherwise do all of it while the other waits (sampling latency). A 32-channel U-Net's
 /// first two levels (7.2 M each) split; the 16-channel one's (1.8 M) stay whole, where an earlier split
 /// over output channels measured slower (0.84 → 1.2 ms), the hand-offs costing more than the second core
 /// saves.
-const SPLIT_MACS: usize = 4 << 20;
+const SPLIT_MACS: usize = 1 << 18;
 
 /// The bands of a split image product. A constant, not the thread count, so that the products (and
 /// their bits) are the same on any number of threads.
 const BANDS: usize = 2;
 
-/// [`forward_image`] for an image that is the whole batch (`alone`): split into bands of output lines
+/// Band edges fall on multiples of this many pixels: a band whose pixel count is a multiple of the GEMM's
+/// 16-float column blocks has its im2col matrix read in place, where a ragged one (half a 28 × 28 image is
+/// 392 pixels) has the GEMM repack all of it first.
+const BAND_ALIGN: usize = 16;
+
+/// The pixels of band `i` of `hw`, its edges rounded to [`BAND_ALIGN`] where that leaves the bands within
+/// a few percent of each other (not at 7 × 7, where it would split 49 pixels 32 / 17).
+fn band_pixels(i: usize, hw: usize) -> std::ops::Range<usize> {
+    let align = if hw >= 8 * BAND_ALIGN { BAND_ALIGN } else { 1 };
+    let edge = |i: usize| {
+        if i == BANDS {
+            hw
+        } else {
+            ((i * hw / BANDS + align / 2) / align * align).min(hw)
+        }
+    };
+    edge(i)..edge(i + 1)
+}
+
+/// [`forward_image`] for an image that is the whole batch (`alone`): split into bands of output pixels
 /// across the pool when its product is large enough ([`SPLIT_MACS`]), else the same call. The bands' im2col
-/// matrices (`I·k² × |lines|·W` each) share the image's `cols` buffer between them.
+/// matrices (`I·k² × |band|` each) share the image's `cols` buffer between them.
 pub(super) fn forward_image_alone(g: Geometry, w: &[f32], x: &[f32], cols: &mut [f32], y: &mut [f32], alone: bool) {
-    if !alone || g.c_out * g.rows() * g.hw() < SPLIT_MACS || g.h < BANDS {
+    if !alone || g.c_out * g.rows() * g.hw() < SPLIT_MACS || g.hw() < BANDS * BAND_ALIGN {
         return forward_image(g, w, x, cols, y);
     }
     struct Out(*mut f32);
@@ -356,20 +380,20 @@ pub(super) fn forward_image_alone(g: Geometry, w: &[f32], x: &[f32], cols: &mut 
     let mut rest = cols;
     let bands: Vec<(std::ops::Range<usize>, &mut [f32])> = (0..BANDS)
         .map(|i| {
-            let lines = i * g.h / BANDS..(i + 1) * g.h / BANDS;
+            let pixels = band_pixels(i, hw);
             // No im2col for a 1×1 kernel: its `cols` is empty and the band reads the image in place.
-            let len = if g.k == 1 { 0 } else { rows * lines.len() * g.w };
+            let len = if g.k == 1 { 0 } else { rows * pixels.len() };
             let (own, tail) = std::mem::take(&mut rest).split_at_mut(len);
             rest = tail;
-            (lines, own)
+            (pixels, own)
         })
         .collect();
-    map_blocks(bands, |(lines, own)| {
-        let (p0, n) = (lines.start * g.w, lines.len() * g.w);
+    map_blocks(bands, |(pixels, own)| {
+        let (p0, n) = (pixels.start, pixels.len());
         let rhs = if g.k == 1 {
             (x[p0..].as_ptr(), hw as isize, 1)
         } else {
-            im2col_lines(g, x, own, lines);
+            im2col_pixels(g, x, own, pixels);
             (own.as_ptr(), n as isize, 1)
         };
         // SAFETY: `dst` is the `O × n` block of columns `p0..p0 + n` of `y` (`O × H·W`), which only this
@@ -431,7 +455,7 @@ impl<'a> Backward<'a> {
     }
 
     /// One image: `dx = ∂/∂x` of `⟨G, W ⋆ x⟩` written into `dx` (`I × H·W`), and the weight and bias
-    /// gradients added to `dwb` (overwritten when `!acc`). `cols_g` is a [`Geometry::g_cols_buffer`].
+    /// gradients added to `dwb` (overwritten when `!acc`). `cols_g` is a [`Geometry::g_cols_scratch`].
     pub fn image(&self, x: &[f32], gi: &[f32], cols_g: &mut [f32], dx: &mut [f32], dwb: &mut [f32], acc: bool) {
         let g = self.g;
         let (o, c_in, hw) = (g.c_out, g.c_in, g.hw());
@@ -499,14 +523,15 @@ mod tests {
 
     /// The fused node against candle's convolution, in values and in all three gradients, at kernel sizes
     /// 1, 3 and 5, odd and even image sizes, a kernel wider than its image and batches that are not
-    /// a multiple of the block, and single images large enough to split into bands of lines (an odd
-    /// line count, and a 1×1 kernel).
+    /// a multiple of the block, and single images large enough to split into bands of pixels (a band
+    /// edge inside a line, a 7 × 7 image's unaligned halves, and a 1×1 kernel).
     #[test]
     fn matches_candle_in_values_and_gradients() {
         for (b, ci, co, h, w, k) in [
             (1, 32, 32, 28, 28, 3),
             (1, 40, 48, 15, 20, 3),
             (1, 64, 96, 28, 28, 1),
+            (1, 64, 64, 7, 7, 3),
             (5, 3, 4, 7, 6, 3),
             (9, 2, 8, 4, 4, 1),
             (2, 4, 3, 5, 9, 5),
@@ -532,7 +557,7 @@ mod tests {
 
     #[test]
     fn bit_identical_across_thread_counts() {
-        for (b, c, o, h) in [(11, 3, 20, 6), (3, 3, 20, 6), (1, 32, 32, 28)] {
+        for (b, c, o, h) in [(11, 3, 20, 6), (3, 3, 20, 6), (1, 32, 32, 28), (1, 64, 64, 7)] {
             let x = Var::from_tensor(&rand(&[b, c, h, h], 5)).unwrap();
             let wt = Var::from_tensor(&rand(&[o, c, 3, 3], 6)).unwrap();
             let bias = Var::from_tensor(&rand(&[o], 7)).unwrap();

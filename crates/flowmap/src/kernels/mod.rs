@@ -45,6 +45,7 @@ mod norm_conv;
 mod pool;
 mod res_block;
 mod resample;
+mod scratch;
 mod simd;
 #[cfg(test)]
 mod testing;

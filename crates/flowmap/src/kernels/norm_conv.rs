@@ -16,6 +16,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::conv::{self, Geometry, IMAGES_PER_BLOCK};
 use super::norm::{self, Dims};
+use super::scratch::Scratch;
 use super::{applies, cpu_slice, map_blocks, sum_in_order};
 use crate::Result;
 
@@ -180,8 +181,9 @@ impl CustomOp3 for NormConvOp {
         // Per block: its images' dx and d[a, b], and its partial gradients of the convolution's `W` and
         // bias and of `[γ; β]`.
         let partials = map_blocks(blocks, |((i, dxb), dssb)| {
-            let (mut n, mut dn, mut gxhat) = (vec![0.0f32; c * hw], vec![0.0f32; c * hw], vec![0.0f32; c * hw]);
-            let mut cols_g = g.g_cols_buffer();
+            // Scratch, written before it is read.
+            let (mut n, mut dn, mut gxhat) = (Scratch::new(c * hw), Scratch::new(c * hw), Scratch::new(c * hw));
+            let mut cols_g = g.g_cols_scratch();
             let mut dwb = back.partial();
             let mut dp = vec![0.0f32; 2 * c];
             for (j, (dxi, dssi)) in dxb.chunks_mut(c * hw).zip(dssb.chunks_mut(2 * c)).enumerate() {

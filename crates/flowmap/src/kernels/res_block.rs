@@ -19,6 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::conv::{self, Geometry, IMAGES_PER_BLOCK};
 use super::norm::{self, Dims};
+use super::scratch::Scratch;
 use super::{applies, cpu_slice, map_blocks, sum_in_order};
 use crate::Result;
 
@@ -271,6 +272,56 @@ fn normalise(x: &[f32], d: Dims, st: &[(f32, f32)], gamma: &[f32], beta: &[f32],
     norm::forward_image_into(x, d, st, norm::modulation(gamma, beta, a, sh), true, n);
 }
 
+/// Elements of one image at or above which an image that is the whole batch splits its GroupNorm between
+/// two blocks of the pool (a 32-channel U-Net's 28 × 28 level, 25 K; the hand-off costs more than half
+/// of a smaller norm).
+const SPLIT_NORM: usize = 16 << 10;
+
+/// The groups' statistics `st` of one image and its [`normalise`]d activation `n`. An image that is the
+/// whole batch (`alone`) and large enough ([`SPLIT_NORM`]) splits its groups between two blocks of the
+/// pool; each group's arithmetic is the same either way, and so are the bits.
+#[allow(clippy::too_many_arguments)]
+fn stats_normalise(
+    x: &[f32],
+    d: Dims,
+    eps: f64,
+    (gamma, beta, a, sh): (&[f32], &[f32], &[f32], &[f32]),
+    st: &mut [(f32, f32)],
+    n: &mut [f32],
+    alone: bool,
+) {
+    let per = d.c / d.groups;
+    let run = |g: std::ops::Range<usize>, st: &mut [(f32, f32)], n: &mut [f32]| {
+        let part = Dims {
+            c: g.len() * per,
+            hw: d.hw,
+            groups: g.len(),
+        };
+        let ch = g.start * per..g.end * per;
+        let x = &x[ch.start * d.hw..ch.end * d.hw];
+        st.copy_from_slice(&norm::stats(x, part, eps));
+        normalise(
+            x,
+            part,
+            st,
+            &gamma[ch.clone()],
+            &beta[ch.clone()],
+            &a[ch.clone()],
+            &sh[ch],
+            n,
+        );
+    };
+    if !alone || d.c * d.hw < SPLIT_NORM || d.groups < 2 {
+        return run(0..d.groups, st, n);
+    }
+    let half = d.groups / 2;
+    let (st0, st1) = st.split_at_mut(half);
+    let (n0, n1) = n.split_at_mut(half * per * d.hw);
+    map_blocks(vec![(0..half, st0, n0), (half..d.groups, st1, n1)], |(g, st, n)| {
+        run(g, st, n)
+    });
+}
+
 impl CustomOp3 for ResBlockOp {
     fn name(&self) -> &'static str {
         "flowmap-res-block"
@@ -322,25 +373,33 @@ impl CustomOp3 for ResBlockOp {
             .enumerate()
             .collect();
         map_blocks(blocks, |(i, ((yb, mut c1b), (st1b, st2b)))| {
-            let (mut n1, mut xcat) = (vec![0.0f32; c * hw], vec![0.0f32; if self.two { c * hw } else { 0 }]);
-            let (mut n2, mut c1_own) = (vec![0.0f32; o * hw], vec![MaybeUninit::new(0.0f32); o * hw]);
-            let (mut cols1, mut cols2) = (sh.g1.cols_buffer(), sh.g2.cols_buffer());
+            // Every element of these is written before it is read.
+            let (mut n1, mut xcat) = (Scratch::new(c * hw), Scratch::new(if self.two { c * hw } else { 0 }));
+            let (mut n2, mut c1_own) = (Scratch::new(o * hw), Scratch::new(if keep { 0 } else { o * hw }));
+            let (mut cols1, mut cols2) = (sh.g1.cols_scratch(), sh.g2.cols_scratch());
             for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
                 let img = i * IMAGES_PER_BLOCK + j;
                 let xi = sh.image(img, xa, xb, &mut xcat);
                 let (a, shift) = s[img * 2 * o..(img + 1) * 2 * o].split_at(o);
-                let c1 = match c1b.as_deref_mut() {
-                    Some(all) => &mut all[j * o * hw..(j + 1) * o * hw],
-                    None => &mut c1_own[..],
-                };
+                let alone = sh.b == 1;
                 let st1 = &mut st1b[j * groups..(j + 1) * groups];
-                st1.copy_from_slice(&norm::stats(xi, sh.d1, self.eps));
-                normalise(xi, sh.d1, st1, pp.gamma1, pp.beta1, &zeros, &zeros, &mut n1);
-                let c1 = conv::fill_bias(c1, pp.b1, hw);
-                conv::forward_image_alone(sh.g1, pp.w1, &n1, &mut cols1, c1, sh.b == 1);
+                let m1 = (pp.gamma1, pp.beta1, &zeros[..], &zeros[..]);
+                stats_normalise(xi, sh.d1, self.eps, m1, st1, &mut n1, alone);
+                let c1 = match c1b.as_deref_mut() {
+                    Some(all) => conv::fill_bias(&mut all[j * o * hw..(j + 1) * o * hw], pp.b1, hw),
+                    None => conv::fill_bias_init(&mut c1_own, pp.b1, hw),
+                };
+                conv::forward_image_alone(sh.g1, pp.w1, &n1, &mut cols1, c1, alone);
                 let st2 = &mut st2b[j * groups..(j + 1) * groups];
-                st2.copy_from_slice(&norm::stats(c1, sh.d2, self.eps));
-                normalise(c1, sh.d2, st2, pp.gamma2, pp.beta2, a, shift, &mut n2);
+                stats_normalise(
+                    c1,
+                    sh.d2,
+                    self.eps,
+                    (pp.gamma2, pp.beta2, a, shift),
+                    st2,
+                    &mut n2,
+                    alone,
+                );
                 // y = skip(x) + b2 + W2 ⋆ n2, each row started at its bias (and at x for the identity).
                 for (ch, row) in yi.chunks_mut(hw).enumerate() {
                     if self.skip {
@@ -354,9 +413,9 @@ impl CustomOp3 for ResBlockOp {
                 // SAFETY: every element of the image's output was just written.
                 let yi = unsafe { super::dense::assume_init(yi) };
                 if self.skip {
-                    conv::forward_image(sh.gs, pp.ws, xi, &mut [], yi);
+                    conv::forward_image_alone(sh.gs, pp.ws, xi, &mut [], yi, alone);
                 }
-                conv::forward_image_alone(sh.g2, pp.w2, &n2, &mut cols2, yi, sh.b == 1);
+                conv::forward_image_alone(sh.g2, pp.w2, &n2, &mut cols2, yi, alone);
             }
         });
         // SAFETY: the blocks cover all `n_out` elements of both, and every image wrote all of its own.
@@ -447,16 +506,19 @@ impl CustomOp3 for ResBlockOp {
                 norm1: vec![0.0f32; 2 * c],
                 norm2: vec![0.0f32; 2 * o],
             };
-            let (mut n1, mut dn1, mut gx1) = (vec![0.0f32; c * hw], vec![0.0f32; c * hw], vec![0.0f32; c * hw]);
+            // Scratch: every element is written before it is read (the norms and the convolutions'
+            // backward passes overwrite their outputs).
+            let (mut n1, mut dn1, mut gx1) = (Scratch::new(c * hw), Scratch::new(c * hw), Scratch::new(c * hw));
             let (mut n2, mut dn2, mut dc1, mut gx2) = (
-                vec![0.0f32; o * hw],
-                vec![0.0f32; o * hw],
-                vec![0.0f32; o * hw],
-                vec![0.0f32; o * hw],
+                Scratch::new(o * hw),
+                Scratch::new(o * hw),
+                Scratch::new(o * hw),
+                Scratch::new(o * hw),
             );
-            let mut dskip = vec![0.0f32; if self.skip { c * hw } else { 0 }];
-            let (mut xcat, mut dxcat) = (vec![0.0f32; c * hw], vec![0.0f32; c * hw]);
-            let (mut cols1, mut cols2) = (sh.g1.g_cols_buffer(), sh.g2.g_cols_buffer());
+            let mut dskip = Scratch::new(if self.skip { c * hw } else { 0 });
+            let two = if self.two { c * hw } else { 0 };
+            let (mut xcat, mut dxcat) = (Scratch::new(two), Scratch::new(two));
+            let (mut cols1, mut cols2) = (sh.g1.g_cols_scratch(), sh.g2.g_cols_scratch());
             for (j, dssi) in dssb.chunks_mut(2 * o).enumerate() {
                 let img = i * IMAGES_PER_BLOCK + j;
                 let xi = sh.image(img, xas, xbs, &mut xcat);
@@ -585,12 +647,15 @@ mod tests {
     /// The fused node against the block's layers from candle's primitive ops, in values and in the
     /// gradients of the input, the scale-shift and every parameter: with and without the skip convolution,
     /// the input as one tensor and as two (split at a group boundary and inside a group), one and several
-    /// groups, batches that are not a multiple of the block, and one image large enough that its
-    /// convolutions split into bands of lines (`conv::forward_image_alone`).
+    /// groups, batches that are not a multiple of the block, and single images large enough that their
+    /// convolutions split into bands of pixels (`conv::forward_image_alone`: a band edge inside a line,
+    /// the skip convolution, a 7 × 8 image's unaligned bands) and their norms into halves of the groups.
     #[test]
     fn matches_the_layers_in_values_and_gradients() {
         let cases = [
             (1, 32, 32, 27, 3, 4, None),
+            (1, 48, 32, 20, 3, 4, None),
+            (1, 64, 64, 7, 3, 4, None),
             (5, 4, 6, 5, 3, 2, None),
             (3, 4, 4, 4, 3, 4, None),
             (9, 6, 3, 3, 1, 3, None),
@@ -648,6 +713,7 @@ mod tests {
             (11, 4, 4, 4, None),
             (11, 8, 4, 4, Some(2)),
             (1, 32, 32, 27, None),
+            (1, 48, 32, 20, Some(16)),
         ] {
             let v = vars(b, c, o, hw, 3, 7);
             let parts: Vec<Var> = match split {
