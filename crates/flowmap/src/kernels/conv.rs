@@ -337,10 +337,12 @@ pub(super) fn forward_image(g: Geometry, w: &[f32], x: &[f32], cols: &mut [f32],
 
 /// Multiply-adds of one image's product at or above which a batch of one image splits it into
 /// [`BANDS`] bands of output pixels, one per block of the pool. A batch of one image is one block, so one
-/// core would otherwise do all of it while the other waits (sampling latency). A 32-channel U-Net's
-/// first two levels (7.2 M each) split; the 16-channel one's (1.8 M) stay whole, where an earlier split
-/// over output channels measured slower (0.84 → 1.2 ms), the hand-offs costing more than the second core
-/// saves.
+/// core would otherwise do all of it while the other waits (sampling latency). Every 3×3 product of the
+/// 16- and 32-channel U-Nets splits, down to the 16-channel 7 × 7 level (0.45 M), and so do the larger
+/// 1×1 skips. Measured with `examples/latency_probe`, alternating binaries: a 4 M threshold (the 32-channel
+/// net's first two levels only) → 1.5 M took the 32-channel latency 1.53 → 1.39 ms and the 16-channel one
+/// 0.72 → 0.60 ms; 256 K took the 16-channel one on to 0.57 ms, the 32-channel one unchanged. (An
+/// earlier 1.5 M split, before the scratch memory and the aligned bands, measured no better than noise.)
 const SPLIT_MACS: usize = 1 << 18;
 
 /// The bands of a split image product. A constant, not the thread count, so that the products (and
