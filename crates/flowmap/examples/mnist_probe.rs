@@ -3,7 +3,8 @@
 //! METHOD STEPS [key=value …]`). It starts from the shipped teacher: the teacher-based methods distil it,
 //! the data-only ones are fine-tuned from it, with the bench's settings (500-step runs at batch 64 and
 //! learning rate 5·10⁻⁴, the method's defaults for images, [`DistillConfig::for_data`]); each key changes
-//! one of them. Keys: `lr`, `ema`, `batch`, `diag` (diagonal fraction),
+//! one of them. Keys: `lr`, `ema`, `batch`, `diag` (diagonal fraction), `grid` and `grid_steps` (rows on
+//! few-step grids' jumps),
 //! `times` (uniform or logit-normal:MEAN:STD), `weighting` (constant, normalized, adaptive:C:P), `target`
 //! (current or ema), `eps` (a fixed ε), `tangent_c`, `warmup`, `cm_n`, `cm_rho`, `n` (samples per row),
 //! `seed`, `save` (a checkpoint path).
@@ -53,6 +54,8 @@ fn main() -> Result<()> {
             "n" => n = num(v)? as usize,
             "save" => save = Some(v.to_string()),
             "diag" => objective.times.diagonal_fraction = num(v)?,
+            "grid" => objective.times.grid_fraction = num(v)?,
+            "grid_steps" => objective.times.grid_steps = num(v)? as usize,
             "cm_n" => objective.continuous.cm_intervals = num(v)? as usize,
             "cm_rho" => objective.continuous.cm_time_power = num(v)?,
             "tangent_c" => objective.continuous.tangent_c = num(v)?,

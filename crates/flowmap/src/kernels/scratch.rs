@@ -17,6 +17,11 @@ use std::ops::{Deref, DerefMut};
 /// Buffers a thread keeps at most; more are freed.
 const KEEP: usize = 8;
 
+/// The largest buffer a thread keeps (8 MB): every temporary of a 28 × 28 U-Net up to 64 channels fits,
+/// and a thread holds at most 64 MB between calls. Larger images' buffers are allocated per call, as
+/// before, where their zeroing is a smaller share of the work.
+const KEEP_FLOATS: usize = 2 << 20;
+
 thread_local! {
     static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
 }
@@ -69,7 +74,7 @@ impl DerefMut for Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
-        if buf.is_empty() {
+        if buf.is_empty() || buf.len() > KEEP_FLOATS {
             return;
         }
         // A thread being torn down has no list left: the buffer is simply freed.
@@ -110,5 +115,10 @@ mod tests {
         assert_eq!(c.len(), 5000);
         drop((b, c));
         assert!(Scratch::new(0).is_empty());
+        // A buffer above the cap is freed, not kept.
+        let kept = || super::FREE.with(|f| f.borrow().iter().map(Vec::len).max());
+        let before = kept();
+        drop(Scratch::new(super::KEEP_FLOATS + 1));
+        assert_eq!(kept(), before);
     }
 }
