@@ -35,8 +35,9 @@ pub(crate) struct Scratch {
 
 impl Scratch {
     pub fn new(len: usize) -> Scratch {
-        if len == 0 {
-            return Scratch { buf: Vec::new(), len };
+        if len == 0 || len > KEEP_FLOATS {
+            // Too large to keep: its own allocation, leaving the thread's kept buffers alone.
+            return Scratch { buf: vec![0.0; len], len };
         }
         let mut buf = FREE
             .try_with(|f| {
