@@ -280,7 +280,6 @@ const SPLIT_NORM: usize = 16 << 10;
 /// The groups' statistics `st` of one image and its [`normalise`]d activation `n`. An image that is the
 /// whole batch (`alone`) and large enough ([`SPLIT_NORM`]) splits its groups between two blocks of the
 /// pool; each group's arithmetic is the same either way, and so are the bits.
-#[allow(clippy::too_many_arguments)]
 fn stats_normalise(
     x: &[f32],
     d: Dims,
@@ -377,11 +376,11 @@ impl CustomOp3 for ResBlockOp {
             let (mut n1, mut xcat) = (Scratch::new(c * hw), Scratch::new(if self.two { c * hw } else { 0 }));
             let (mut n2, mut c1_own) = (Scratch::new(o * hw), Scratch::new(if keep { 0 } else { o * hw }));
             let (mut cols1, mut cols2) = (sh.g1.cols_scratch(), sh.g2.cols_scratch());
+            let alone = sh.b == 1;
             for (j, yi) in yb.chunks_mut(o * hw).enumerate() {
                 let img = i * IMAGES_PER_BLOCK + j;
                 let xi = sh.image(img, xa, xb, &mut xcat);
                 let (a, shift) = s[img * 2 * o..(img + 1) * 2 * o].split_at(o);
-                let alone = sh.b == 1;
                 let st1 = &mut st1b[j * groups..(j + 1) * groups];
                 let m1 = (pp.gamma1, pp.beta1, &zeros[..], &zeros[..]);
                 stats_normalise(xi, sh.d1, self.eps, m1, st1, &mut n1, alone);

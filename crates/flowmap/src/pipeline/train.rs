@@ -381,15 +381,13 @@ impl<'a> MapJob<'a> {
             fault: ctl.fault,
             monitor: (every > 0).then_some((every, &mut hook as &mut dyn FnMut(usize) -> Result<()>)),
         };
+        // The objective's learning rate; the recorded configuration keeps the run's and the scale apart.
+        let train = TrainConfig {
+            lr: self.train.lr * self.objective.lr_scale,
+            ..self.train.clone()
+        };
         let log = fit_controlled(
-            &objective,
-            &trainable,
-            self.data,
-            &self.train,
-            device,
-            progress,
-            &config,
-            ctl,
+            &objective, &trainable, self.data, &train, device, progress, &config, ctl,
         )?;
         let meta = CheckpointMeta {
             kind: if method.boundary_only() {
