@@ -44,11 +44,7 @@ pub fn write_shipped_teacher(path: &Path) -> Result<()> {
 
 /// The U-Net of the demo's teacher (and of [`TEACHER_COMMAND`]).
 pub fn teacher_arch() -> Arch {
-    Arch::Unet(UnetConfig {
-        channels: 16,
-        num_classes: Some(10),
-        ..UnetConfig::new(&[1, 28, 28])
-    })
+    Arch::Unet(UnetConfig::mnist(16))
 }
 
 /// The run's budget.

@@ -17,11 +17,7 @@ fn main() -> flowmap::Result<()> {
     let seconds = args.get(1).copied().unwrap_or(5.0);
     flowmap::set_compute_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
     let dev = Device::Cpu;
-    let arch = Arch::Unet(UnetConfig {
-        channels,
-        num_classes: Some(10),
-        ..UnetConfig::new(&[1, 28, 28])
-    });
+    let arch = Arch::Unet(UnetConfig::mnist(channels));
     let vars = VarMap::new();
     let map = FlowMapNet::new(&arch, VarBuilder::from_varmap(&vars, DType::F32, &dev))?;
     arch.seed_params(&vars, 0)?;

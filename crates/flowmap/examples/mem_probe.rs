@@ -39,11 +39,7 @@ fn main() -> flowmap::Result<()> {
     let batch = args.first().copied().unwrap_or(128);
     let channels = args.get(1).copied().unwrap_or(16);
     let dev = Device::Cpu;
-    let arch = Arch::Unet(UnetConfig {
-        channels,
-        num_classes: Some(10),
-        ..UnetConfig::new(&[1, 28, 28])
-    });
+    let arch = Arch::Unet(UnetConfig::mnist(channels));
     let vars = VarMap::new();
     let net = arch.build(Role::Velocity, VarBuilder::from_varmap(&vars, DType::F32, &dev))?;
     arch.seed_params(&vars, 0)?;

@@ -39,11 +39,7 @@ pub const WORKLOADS: [&str; 6] = [
 
 /// The benchmark's U-Net: the default one at `channels`, class-conditional, on `1 × 28 × 28`.
 pub fn arch(channels: usize) -> Arch {
-    Arch::Unet(UnetConfig {
-        channels,
-        num_classes: Some(CLASSES),
-        ..UnetConfig::new(&[1, 28, 28])
-    })
+    Arch::Unet(UnetConfig::mnist(channels))
 }
 
 /// One round of the U-Net rows at each channel count and batch.

@@ -105,6 +105,16 @@ mod defaults {
 }
 
 impl UnetConfig {
+    /// The default U-Net at `channels` first-level channels for MNIST's class-conditional `1 × 28 × 28`
+    /// digits (ten classes): the demo's teacher at 16 channels, the benchmarks' larger net at 32.
+    pub fn mnist(channels: usize) -> Self {
+        UnetConfig {
+            channels,
+            num_classes: Some(10),
+            ..UnetConfig::new(&[1, 28, 28])
+        }
+    }
+
     /// The default (small) U-Net on states of shape `[C, H, W]`: 32 channels, multipliers 1, 2, 2, one block
     /// per level, attention at the lowest resolution of a 28 × 28 image.
     pub fn new(state_shape: &[usize]) -> Self {
