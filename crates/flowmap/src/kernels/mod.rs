@@ -22,7 +22,12 @@
 //! - [`AdamW`](crate::optim::AdamW) and the weight EMA as one in-place pass per parameter
 //!   ([`crate::optim`]);
 //! - parallel regions on the fast path's own workers (the `pool` module), which spin between the regions of a
-//!   training step instead of falling asleep after each.
+//!   training step instead of falling asleep after each;
+//! - kernel temporaries (im2col matrices, normalised activations) from per-thread scratch memory (the
+//!   `scratch` module) instead of a zeroed allocation per call; and a batch of one image, which is one
+//!   block of the pool, splits its larger convolutions into bands of pixels and its GroupNorms by groups
+//!   across the cores (sampling latency), a split fixed by size so the bits do not depend on the thread
+//!   count.
 //!
 //! GEMMs go through the `gemm` crate with its AVX-512 or AVX2 kernels, whichever the CPU has (the same crate
 //! candle's CPU matmul uses).
