@@ -15,7 +15,7 @@
 //! output projection, softmax built from primitive ops. GroupNorm is built from primitive ops too: candle's
 //! fused norms have no backward.
 //!
-//! The network is written once ([`Unet::body`]) over a value type that is either a tensor (the forward pass,
+//! The network is written once (`Unet::body`) over a value type that is either a tensor (the forward pass,
 //! on candle's autograd graph) or a tensor with its tangent (the exact forward-mode JVP): every layer has
 //! both rules, and the traversal cannot drift between them.
 //!

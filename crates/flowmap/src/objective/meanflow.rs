@@ -34,7 +34,7 @@ use crate::{state, Error, Result};
 ///
 /// With guidance scales on the condition (`train --guidance-range`), `v_c` is replaced by the guided
 /// field of the paper's §4.2, `ṽ = ω·v_c + (1 − ω)·sg F_θ⁻(x_t, t, t | ∅)` on labelled rows
-/// ([`guided_data_velocity`](super::guided_data_velocity)), and `ω` is the map's input: one network that
+/// (`objective::guided_data_velocity`), and `ω` is the map's input: one network that
 /// samples the guided field at any `ω` of its range in one evaluation.
 pub struct MeanFlow {
     pub cfg: DistillConfig,
