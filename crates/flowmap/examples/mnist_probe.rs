@@ -3,7 +3,7 @@
 //! METHOD STEPS [key=value …]`). It starts from the shipped teacher: the teacher-based methods distil it,
 //! the data-only ones are fine-tuned from it, with the bench's settings (500-step runs at batch 64 and
 //! learning rate 5·10⁻⁴, the method's defaults for images, [`DistillConfig::for_data`]); each key changes
-//! one of them. Keys: `lr`, `ema`, `batch`, `diag` (diagonal fraction), `grid` and `grid_steps` (rows on
+//! one of them. `lr` is the run's learning rate, which an objective's `lr_scale` then scales. Keys: `lr`, `ema`, `batch`, `diag` (diagonal fraction), `grid` and `grid_steps` (rows on
 //! few-step grids' jumps),
 //! `times` (uniform or logit-normal:MEAN:STD), `weighting` (constant, normalized, adaptive:C:P), `target`
 //! (current or ema), `eps` (a fixed ε), `tangent_c`, `warmup`, `cm_n`, `cm_rho`, `n` (samples per row),

@@ -303,14 +303,6 @@ pub(super) fn fill_bias<'a>(yb: &'a mut [MaybeUninit<f32>], bias: &[f32], hw: us
     unsafe { super::dense::assume_init(yb) }
 }
 
-/// [`fill_bias`] for an initialised block: each `hw`-long row starts at its channel's bias.
-pub(super) fn fill_bias_init<'a>(yb: &'a mut [f32], bias: &[f32], hw: usize) -> &'a mut [f32] {
-    for (dst, &bv) in yb.chunks_mut(hw).zip(bias.iter().cycle()) {
-        dst.fill(bv);
-    }
-    yb
-}
-
 impl Geometry {
     /// The im2col matrix of one image (`I·k² × H·W`; empty for `k = 1`, whose im2col is the image
     /// itself), from the thread's scratch memory: im2col overwrites it whole.

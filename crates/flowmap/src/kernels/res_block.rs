@@ -273,8 +273,10 @@ fn normalise(x: &[f32], d: Dims, st: &[(f32, f32)], gamma: &[f32], beta: &[f32],
 }
 
 /// Elements of one image at or above which an image that is the whole batch splits its GroupNorm between
-/// two blocks of the pool (a 32-channel U-Net's 28 × 28 level, 25 K; the hand-off costs more than half
-/// of a smaller norm).
+/// two blocks of the pool: a 32-channel U-Net's 28 × 28 level (25 K) splits, its 14 × 14 one (12.5 K) and
+/// the 16-channel net's norms do not. Set by judgement, not swept: splitting the 32-channel level took that
+/// net's latency 1.58 → 1.52 ms (`examples/latency_probe -- 32 3`, four alternating pairs); no other
+/// threshold was measured.
 const SPLIT_NORM: usize = 16 << 10;
 
 /// The groups' statistics `st` of one image and its [`normalise`]d activation `n`. An image that is the
@@ -386,7 +388,8 @@ impl CustomOp3 for ResBlockOp {
                 stats_normalise(xi, sh.d1, self.eps, m1, st1, &mut n1, alone);
                 let c1 = match c1b.as_deref_mut() {
                     Some(all) => conv::fill_bias(&mut all[j * o * hw..(j + 1) * o * hw], pp.b1, hw),
-                    None => conv::fill_bias_init(&mut c1_own, pp.b1, hw),
+                    // SAFETY: `fill_bias` writes only initialised values.
+                    None => conv::fill_bias(unsafe { super::dense::as_uninit(&mut c1_own) }, pp.b1, hw),
                 };
                 conv::forward_image_alone(sh.g1, pp.w1, &n1, &mut cols1, c1, alone);
                 let st2 = &mut st2b[j * groups..(j + 1) * groups];

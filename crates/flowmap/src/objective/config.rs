@@ -370,7 +370,9 @@ pub struct DistillConfig {
     #[serde(default)]
     pub continuous: ContinuousConfig,
     /// The objective's learning rate relative to the run's (`TrainConfig::lr`): the training loop steps at
-    /// `lr · lr_scale`. 1 for every objective but those whose measurements asked for less.
+    /// `lr · lr_scale`. 1 for every objective but those whose measurements asked for less (see
+    /// [`DistillConfig::for_data`]). A fixed setting, unlike the loop's own recovery factor, which a
+    /// rollback after non-finite values lowers during the run (it multiplies this one).
     #[serde(default = "unit_lr_scale")]
     pub lr_scale: f64,
 }
@@ -444,8 +446,9 @@ impl DistillConfig {
     /// and in image dimensions its posterior weights degenerate to the row's own `x0`: on labelled data or
     /// images it starts from the paper's conditional velocity `x1 − x0`. On images it also takes the
     /// paper's adaptive weight `1/(‖Δ‖² + 10⁻³)` (`‖Δ‖²` the row's mean squared error; its bias, which
-    /// ruled it out on points, shrinks with the dimension). Fine-tuning the shipped MNIST teacher for 500 steps at batch 64 (`cargo run --release
-    /// --example mnist_probe -- meanflow 500 [weighting=constant]`, 500 samples, seed 0), the plain
+    /// ruled it out on points, shrinks with the dimension). Fine-tuning the shipped MNIST teacher for 500
+    /// steps at batch 64 (`cargo run --release --example mnist_probe -- meanflow 500
+    /// [weighting=constant]`, 500 samples, seed 0), the plain
     /// squared error's high-variance long-jump rows pull the small steps off the data: class accuracy at
     /// 1, 2, 4, 8 NFE 95.2, 92.0, 92.8, 91.2% (FD 90, 48, 47, 48) against 98.6, 94.4, 96.0, 95.6% (FD 110,
     /// 40, 40, 40) with the adaptive weight. (`p = 0.5`: 98.0, 94.8, 94.8, 94.4%; 75% of the batch on the
@@ -472,8 +475,7 @@ impl DistillConfig {
     /// 1, 2, 4, 8 NFE (FD 126, 55, 42, 37), and 99.2, 95.8, 94.6, 94.2% (FD 132, 50, 40, 37) on a second
     /// seed (`mnist_probe -- lmd-cont 500 tangent_c=0.01 lr=2e-4 grid=0.25 [seed=1]`, before the scale
     /// existed). The price is a softer 1-NFE map (recall 0.23; 0.82 in `bench mnist` before, at precision
-    /// 0.69 against 0.95 now); half the grid rows (0.5) made
-    /// it softer still (FD 177).
+    /// 0.69 against 0.95 now); half the grid rows (0.5) made it softer still (FD 177).
     pub fn for_data(method: Method, state_shape: &[usize], labelled: bool) -> Self {
         let mut c = DistillConfig::for_method(method);
         let image = state_shape.len() == 3;
