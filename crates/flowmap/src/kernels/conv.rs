@@ -11,6 +11,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
+use super::direct;
 use super::scratch::Scratch;
 use super::{applies, cpu_slice, map_blocks, sum_in_order};
 use crate::Result;
@@ -307,7 +308,11 @@ impl Geometry {
     /// The im2col matrix of one image (`I·k² × H·W`; empty for `k = 1`, whose im2col is the image
     /// itself), from the thread's scratch memory: im2col overwrites it whole.
     pub fn cols_scratch(&self) -> Scratch {
-        Scratch::new(if self.k == 1 { 0 } else { self.rows() * self.hw() })
+        Scratch::new(if self.k == 1 || direct::applies(self, self.hw()) {
+            0
+        } else {
+            self.rows() * self.hw()
+        })
     }
     /// The im2col matrix of one image's output gradient (`O·k² × H·W`), likewise.
     pub fn g_cols_scratch(&self) -> Scratch {
@@ -316,8 +321,20 @@ impl Geometry {
 }
 
 /// `y += W ⋆ x` for one image: `x` is `I × H·W`, `y` the `O × H·W` output (holding the bias), `cols` a
-/// [`Geometry::cols_scratch`].
+/// [`Geometry::cols_scratch`]. A 3×3 kernel on a CPU with AVX-512 reads the image in place
+/// ([`direct::conv3x3`], the same bits); otherwise im2col and a GEMM.
 pub(super) fn forward_image(g: Geometry, w: &[f32], x: &[f32], cols: &mut [f32], y: &mut [f32]) {
+    let hw = g.hw();
+    if direct::applies(&g, hw) {
+        assert!(y.len() >= g.c_out * hw);
+        // SAFETY: `applies` holds and `y` is the `O × H·W` output.
+        return unsafe { direct::conv3x3(g, w, x, y.as_mut_ptr(), hw, 0..hw, true) };
+    }
+    forward_image_gemm(g, w, x, cols, y)
+}
+
+/// [`forward_image`] by im2col and a GEMM (`cols` is `I·k² × H·W` for `k > 1`).
+fn forward_image_gemm(g: Geometry, w: &[f32], x: &[f32], cols: &mut [f32], y: &mut [f32]) {
     let cols: &[f32] = if g.k == 1 {
         x
     } else {
@@ -375,8 +392,13 @@ pub(super) fn forward_image_alone(g: Geometry, w: &[f32], x: &[f32], cols: &mut 
     let bands: Vec<(std::ops::Range<usize>, &mut [f32])> = (0..BANDS)
         .map(|i| {
             let pixels = band_pixels(i, hw);
-            // No im2col for a 1×1 kernel: its `cols` is empty and the band reads the image in place.
-            let len = if g.k == 1 { 0 } else { rows * pixels.len() };
+            // No im2col for a 1×1 kernel or the direct 3×3 one: their `cols` is empty and the band reads
+            // the image in place.
+            let len = if g.k == 1 || direct::applies(&g, hw) {
+                0
+            } else {
+                rows * pixels.len()
+            };
             let (own, tail) = std::mem::take(&mut rest).split_at_mut(len);
             rest = tail;
             (pixels, own)
@@ -384,6 +406,12 @@ pub(super) fn forward_image_alone(g: Geometry, w: &[f32], x: &[f32], cols: &mut 
         .collect();
     map_blocks(bands, |(pixels, own)| {
         let (p0, n) = (pixels.start, pixels.len());
+        let out = &out;
+        if direct::applies(&g, hw) {
+            debug_assert!(direct::applies(&g, n));
+            // SAFETY: as below; the band writes only its own pixels of `y`.
+            return unsafe { direct::conv3x3(g, w, x, out.0, hw, pixels, true) };
+        }
         let rhs = if g.k == 1 {
             (x[p0..].as_ptr(), hw as isize, 1)
         } else {
@@ -392,7 +420,6 @@ pub(super) fn forward_image_alone(g: Geometry, w: &[f32], x: &[f32], cols: &mut 
         };
         // SAFETY: `dst` is the `O × n` block of columns `p0..p0 + n` of `y` (`O × H·W`), which only this
         // band writes; `w` is `O × rows` and `rhs` `rows × n` under its strides.
-        let out = &out;
         unsafe {
             super::gemm_strided(
                 g.c_out,
@@ -465,9 +492,20 @@ impl<'a> Backward<'a> {
             return;
         }
         let g_rows = g.g_rows();
-        im2col(Geometry { c_in: o, ..g }, gi, cols_g);
-        // dx = W' · cols_G   (I × O k²)·(O k² × HW)
-        matmul(c_in, hw, g_rows, dx, false, &self.w_flip, false, cols_g, false);
+        let gt = Geometry {
+            c_in: o,
+            c_out: c_in,
+            ..g
+        };
+        im2col(gt, gi, cols_g);
+        // dx = W' · cols_G   (I × O k²)·(O k² × HW), or the same product read from `G` in place.
+        if direct::applies(&gt, hw) {
+            assert!(dx.len() >= c_in * hw);
+            // SAFETY: `applies` holds and `dx` is `I × H·W`.
+            unsafe { direct::conv3x3(gt, &self.w_flip, gi, dx.as_mut_ptr(), hw, 0..hw, false) };
+        } else {
+            matmul(c_in, hw, g_rows, dx, false, &self.w_flip, false, cols_g, false);
+        }
         // D += cols_G · xᵀ, written as its transpose `x · cols_Gᵀ` (I × HW)·(HW × O k²) into a
         // column-major I × O k², so that the packed operand is the small `x`, not `cols_G`.
         // SAFETY: `dwm` holds I × O k² elements, `x` I × HW and `cols_g` O k² × HW.
@@ -546,6 +584,88 @@ mod tests {
                 1e-4,
                 &format!("{b} {ci} {co} {h} {w} {k}"),
             );
+        }
+    }
+
+    /// The direct 3×3 kernel against im2col and the GEMM, bit for bit: whole images and bands of pixels
+    /// (aligned, ragged, a single line), channel counts off the register blocks (1, 3, 12, 17 outputs),
+    /// one input channel, and depths past the GEMM's 512-long chunk in both of its chunking rules (a
+    /// 7 × 7 image with at most 64 outputs, and larger), added to the output or written over it.
+    #[test]
+    fn direct_kernel_matches_the_gemm_bit_for_bit() {
+        if !direct::applies(
+            &Geometry {
+                c_in: 1,
+                c_out: 2,
+                h: 4,
+                w: 4,
+                k: 3,
+            },
+            16,
+        ) {
+            eprintln!("no AVX-512: the direct kernel does not run here");
+            return;
+        }
+        let cases: &[(usize, usize, usize, usize, std::ops::Range<usize>)] = &[
+            (16, 16, 28, 28, 0..784),
+            (32, 32, 14, 14, 0..196),
+            (32, 32, 7, 7, 0..49),
+            (64, 32, 14, 14, 0..196),
+            (64, 32, 7, 7, 0..49),
+            (128, 64, 7, 7, 0..49),
+            (96, 80, 14, 14, 0..196),
+            (1, 16, 28, 28, 0..784),
+            (16, 3, 28, 28, 0..784),
+            (12, 12, 5, 9, 0..45),
+            (5, 17, 3, 2, 0..6),
+            (32, 32, 28, 28, 384..784),
+            (32, 32, 28, 28, 0..392),
+            (32, 32, 7, 7, 24..49),
+            (20, 9, 20, 21, 203..420),
+            (8, 8, 6, 6, 7..9),
+        ];
+        for (ci, co, h, w, pixels) in cases.iter().cloned() {
+            let g = Geometry {
+                c_in: ci,
+                c_out: co,
+                h,
+                w,
+                k: 3,
+            };
+            let hw = g.hw();
+            let x = flat(&rand(&[ci * hw], 1));
+            let wt = flat(&rand(&[co * ci * 9], 2));
+            let y0 = flat(&rand(&[co * hw], 3));
+            for acc in [true, false] {
+                let mut fast = y0.clone();
+                // SAFETY: `fast` is `O × H·W`.
+                unsafe { direct::conv3x3(g, &wt, &x, fast.as_mut_ptr(), hw, pixels.clone(), acc) };
+                let mut slow = y0.clone();
+                let n = pixels.len();
+                let mut cols = vec![0.0f32; g.rows() * n];
+                im2col_pixels(g, &x, &mut cols, pixels.clone());
+                // SAFETY: as in `forward_image_alone`.
+                unsafe {
+                    super::super::gemm_strided(
+                        co,
+                        n,
+                        g.rows(),
+                        (slow.as_mut_ptr().add(pixels.start), hw as isize, 1),
+                        acc,
+                        (wt.as_ptr(), g.rows() as isize, 1),
+                        (cols.as_ptr(), n as isize, 1),
+                    )
+                };
+                let differ = fast
+                    .iter()
+                    .zip(&slow)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    differ, 0,
+                    "{ci} → {co} at {h} × {w}, pixels {pixels:?}, acc {acc}: {differ} outputs differ"
+                );
+            }
         }
     }
 

@@ -43,6 +43,7 @@
 
 mod conv;
 mod dense;
+mod direct;
 mod embed;
 mod mlp;
 mod norm;
