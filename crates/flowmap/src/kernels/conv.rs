@@ -316,7 +316,13 @@ impl Geometry {
     }
     /// The im2col matrix of one image's output gradient (`O·k² × H·W`), likewise.
     pub fn g_cols_scratch(&self) -> Scratch {
-        Scratch::new(if self.k == 1 { 0 } else { self.g_rows() * self.hw() })
+        Scratch::new(if self.k == 1 {
+            0
+        } else if direct::applies_weight_grad(self) {
+            direct::weight_grad_scratch(self)
+        } else {
+            self.g_rows() * self.hw()
+        })
     }
 }
 
@@ -497,15 +503,19 @@ impl<'a> Backward<'a> {
             c_out: c_in,
             ..g
         };
-        im2col(gt, gi, cols_g);
-        // dx = W' · cols_G   (I × O k²)·(O k² × HW), or the same product read from `G` in place.
-        if direct::applies(&gt, hw) {
+        if direct::applies_weight_grad(&g) {
+            // Both products read `G` in place: the input gradient by the direct kernel (it applies
+            // whenever this one does), the weight gradient from a zero-bordered copy of `G`.
+            debug_assert!(direct::applies(&gt, hw));
             assert!(dx.len() >= c_in * hw);
             // SAFETY: `applies` holds and `dx` is `I × H·W`.
             unsafe { direct::conv3x3(gt, &self.w_flip, gi, dx.as_mut_ptr(), hw, 0..hw, false) };
-        } else {
-            matmul(c_in, hw, g_rows, dx, false, &self.w_flip, false, cols_g, false);
+            direct::weight_grad(g, x, gi, cols_g, dwm, acc);
+            return;
         }
+        im2col(gt, gi, cols_g);
+        // dx = W' · cols_G   (I × O k²)·(O k² × HW)
+        matmul(c_in, hw, g_rows, dx, false, &self.w_flip, false, cols_g, false);
         // D += cols_G · xᵀ, written as its transpose `x · cols_Gᵀ` (I × HW)·(HW × O k²) into a
         // column-major I × O k², so that the packed operand is the small `x`, not `cols_G`.
         // SAFETY: `dwm` holds I × O k² elements, `x` I × HW and `cols_g` O k² × HW.
@@ -664,6 +674,85 @@ mod tests {
                 assert_eq!(
                     differ, 0,
                     "{ci} → {co} at {h} × {w}, pixels {pixels:?}, acc {acc}: {differ} outputs differ"
+                );
+            }
+        }
+    }
+
+    /// The direct weight gradient against im2col of `G` and the GEMM, bit for bit, at the U-Net's shapes,
+    /// input channels off the 16-lane vectors (3, 20, 40), one to three vectors of them, output counts off
+    /// the blocks of three, depths past the GEMM's chunks, added to a partial sum or written over it.
+    #[test]
+    fn direct_weight_gradient_matches_the_gemm_bit_for_bit() {
+        if !direct::applies_weight_grad(&Geometry {
+            c_in: 16,
+            c_out: 16,
+            h: 4,
+            w: 4,
+            k: 3,
+        }) {
+            eprintln!("no AVX-512: the direct kernel does not run here");
+            return;
+        }
+        for (ci, co, h, w) in [
+            (16, 16, 28, 28),
+            (32, 32, 14, 14),
+            (32, 32, 7, 7),
+            (64, 32, 14, 14),
+            (48, 16, 28, 28),
+            (3, 16, 28, 28),
+            (20, 7, 9, 13),
+            (40, 5, 6, 5),
+            (16, 32, 40, 40),
+        ] {
+            let g = Geometry {
+                c_in: ci,
+                c_out: co,
+                h,
+                w,
+                k: 3,
+            };
+            let hw = g.hw();
+            let x = flat(&rand(&[ci * hw], 1));
+            let gi = flat(&rand(&[co * hw], 2));
+            let d0 = flat(&rand(&[co * 9 * ci], 3));
+            for acc in [true, false] {
+                let mut fast = d0.clone();
+                let mut scratch = vec![f32::NAN; direct::weight_grad_scratch(&g)];
+                direct::weight_grad(g, &x, &gi, &mut scratch, &mut fast, acc);
+                let mut slow = d0.clone();
+                let mut cols = vec![0.0f32; g.g_rows() * hw];
+                im2col(
+                    Geometry {
+                        c_in: co,
+                        c_out: ci,
+                        ..g
+                    },
+                    &gi,
+                    &mut cols,
+                );
+                // SAFETY: as in `Backward::image`.
+                unsafe {
+                    super::super::gemm_strided(
+                        ci,
+                        g.g_rows(),
+                        hw,
+                        (slow.as_mut_ptr(), 1, ci as isize),
+                        acc,
+                        (x.as_ptr(), hw as isize, 1),
+                        (cols.as_ptr(), 1, hw as isize),
+                    )
+                };
+                let differ = fast
+                    .iter()
+                    .zip(&slow)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    differ,
+                    0,
+                    "{ci} → {co} at {h} × {w}, acc {acc}: {differ} of {} differ",
+                    fast.len()
                 );
             }
         }

@@ -88,11 +88,63 @@ pub(super) unsafe fn conv3x3(
     });
 }
 
+/// Whether [`weight_grad`] computes `g`'s weight gradient on this CPU: a 3×3 kernel, at least two input
+/// channels and three pixels, a product of more than 256 outputs (the GEMM takes other routes below
+/// those), and AVX-512.
+pub(super) fn applies_weight_grad(g: &Geometry) -> bool {
+    g.k == 3 && g.c_in >= 2 && g.hw() >= 3 && g.c_in * g.c_out * 9 > 256 && avx512()
+}
+
+/// Floats of scratch memory [`weight_grad`] takes: the output gradient padded by a zero border
+/// (`O × (H+2)·(W+2)`) and the input transposed to pixel-major rows of `I` rounded up to 16.
+pub(super) fn weight_grad_scratch(g: &Geometry) -> usize {
+    g.c_out * (g.h + 2) * (g.w + 2) + g.hw() * g.c_in.next_multiple_of(16)
+}
+
+/// `D[(o, ky, kx), c] (+)= Σ_p G[o, p + (ky − 1)·W + kx − 1] · x[c, p]` (zero off the image) for one image:
+/// `x` is `I × H·W`, `gi` the output gradient `O × H·W`, `d` the `O·9 × I` matrix stored column-major
+/// (`d[j·I + c]`), added to when `acc`. `scratch` holds [`weight_grad_scratch`] floats (overwritten).
+///
+/// Bit-identical to the GEMM `D (+)= cols_G · xᵀ` over `im2col(G)`: per output, the sum over pixels in
+/// order from zero in the GEMM's depth chunks, the shifts past the image multiplying a stored `+0`.
+pub(super) fn weight_grad(g: Geometry, x: &[f32], gi: &[f32], scratch: &mut [f32], d: &mut [f32], acc: bool) {
+    assert!(applies_weight_grad(&g));
+    let (hw, o, c_in) = (g.hw(), g.c_out, g.c_in);
+    assert!(x.len() >= c_in * hw && gi.len() >= o * hw && d.len() >= o * 9 * c_in);
+    let (wp, lp, cs) = (g.w + 2, (g.h + 2) * (g.w + 2), c_in.next_multiple_of(16));
+    let (gpad, rest) = scratch.split_at_mut(o * lp);
+    let xt = &mut rest[..hw * cs];
+    for (dst, src) in gpad.chunks_mut(lp).zip(gi.chunks(hw)) {
+        dst[..wp].fill(0.0);
+        dst[lp - wp..].fill(0.0);
+        for (line, row) in dst[wp..lp - wp].chunks_mut(wp).zip(src.chunks(g.w)) {
+            line[0] = 0.0;
+            line[1..=g.w].copy_from_slice(row);
+            line[wp - 1] = 0.0;
+        }
+    }
+    for (p, row) in xt.chunks_mut(cs).enumerate() {
+        for (c, v) in row[..c_in].iter_mut().enumerate() {
+            *v = x[c * hw + p];
+        }
+        row[c_in..].fill(0.0);
+    }
+    let kc = depth_chunk(c_in, o * 9, hw);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `applies_weight_grad` checked AVX-512; the buffers have the sizes asserted above.
+    unsafe {
+        avx512::weight_grad(g, gpad, xt, d, acc, kc)
+    };
+}
+
 /// Per vector of 16 output pixels, for each of the nine taps `(ky, kx)`, the lanes whose source pixel is
 /// on the image (and whose output pixel is in the range), as a 16-bit mask.
 struct MaskCache {
-    entries: Vec<((usize, usize, Range<usize>), Vec<u16>)>,
+    entries: Vec<(MaskKey, Vec<u16>)>,
 }
+
+/// An image's height and width, and the pixel range.
+type MaskKey = (usize, usize, Range<usize>);
 
 thread_local! {
     static MASKS: RefCell<MaskCache> = const { RefCell::new(MaskCache { entries: Vec::new() }) };
@@ -274,6 +326,113 @@ mod avx512 {
                     *s
                 };
                 _mm512_mask_storeu_ps(dst, m, out);
+            }
+        }
+    }
+
+    /// The weight gradient's blocks: `NV` vectors of 16 input channels by `NO` output channels' nine taps,
+    /// each summed over the pixels of every depth chunk in order.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weight_grad(g: Geometry, gpad: &[f32], xt: &[f32], d: &mut [f32], acc: bool, kc: usize) {
+        let (hw, o, c_in) = (g.hw(), g.c_out, g.c_in);
+        let cs = c_in.next_multiple_of(16);
+        let vectors = cs / 16;
+        let mut v0 = 0;
+        while v0 < vectors {
+            let nv = (vectors - v0).min(3);
+            // One input vector: three output channels at a time (27 accumulators); more: one.
+            let per = if nv == 1 { 3 } else { 1 };
+            let mut o0 = 0;
+            while o0 < o {
+                let no = (o - o0).min(per);
+                let mut p0 = 0;
+                while p0 < hw {
+                    let p1 = (p0 + kc).min(hw);
+                    let b = GradBlock {
+                        g,
+                        gpad: gpad.as_ptr(),
+                        xt: xt.as_ptr().add(16 * v0),
+                        d: d.as_mut_ptr(),
+                        c0: 16 * v0,
+                        o0,
+                        pixels: p0..p1,
+                        acc: acc || p0 > 0,
+                    };
+                    match (nv, no) {
+                        (1, 1) => grad_block::<1, 1>(&b),
+                        (1, 2) => grad_block::<1, 2>(&b),
+                        (1, _) => grad_block::<1, 3>(&b),
+                        (2, _) => grad_block::<2, 1>(&b),
+                        _ => grad_block::<3, 1>(&b),
+                    }
+                    p0 = p1;
+                }
+                o0 += no;
+            }
+            v0 += nv;
+        }
+    }
+
+    struct GradBlock {
+        g: Geometry,
+        gpad: *const f32,
+        /// The transposed input at the block's first channel.
+        xt: *const f32,
+        d: *mut f32,
+        c0: usize,
+        o0: usize,
+        pixels: Range<usize>,
+        acc: bool,
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn grad_block<const NV: usize, const NO: usize>(b: &GradBlock) {
+        let g = b.g;
+        let (wp, lp, cs) = (g.w + 2, (g.h + 2) * (g.w + 2), g.c_in.next_multiple_of(16));
+        let mut sum = [[[_mm512_setzero_ps(); NV]; 9]; NO];
+        let (mut r, mut col) = (b.pixels.start / g.w, b.pixels.start % g.w);
+        for p in b.pixels.clone() {
+            let mut xv = [_mm512_setzero_ps(); NV];
+            for (v, xv) in xv.iter_mut().enumerate() {
+                *xv = _mm512_loadu_ps(b.xt.add(p * cs + 16 * v));
+            }
+            // Tap (ky, kx) of pixel (r, col) is G[r + ky − 1, col + kx − 1]: padded row r + ky, column col + kx.
+            let base = r * wp + col;
+            for (j, taps) in sum.iter_mut().enumerate() {
+                let gp = b.gpad.add((b.o0 + j) * lp + base);
+                for (t, s) in taps.iter_mut().enumerate() {
+                    let gv = _mm512_set1_ps(*gp.add((t / 3) * wp + t % 3));
+                    for (s, xv) in s.iter_mut().zip(&xv) {
+                        *s = _mm512_fmadd_ps(*xv, gv, *s);
+                    }
+                }
+            }
+            col += 1;
+            if col == g.w {
+                col = 0;
+                r += 1;
+            }
+        }
+        // D[j, c] at j·I + c, channels past I left alone.
+        for (j, taps) in sum.iter().enumerate() {
+            for (t, s) in taps.iter().enumerate() {
+                let row = b.d.add(((b.o0 + j) * 9 + t) * g.c_in);
+                for (v, s) in s.iter().enumerate() {
+                    let c = b.c0 + 16 * v;
+                    let m: __mmask16 = if c + 16 <= g.c_in {
+                        0xffff
+                    } else {
+                        (1u16 << (g.c_in - c)) - 1
+                    };
+                    let dst = row.wrapping_add(c);
+                    let out = if b.acc {
+                        _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), *s)
+                    } else {
+                        *s
+                    };
+                    _mm512_mask_storeu_ps(dst, m, out);
+                }
             }
         }
     }
