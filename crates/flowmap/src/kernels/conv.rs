@@ -440,6 +440,32 @@ pub(super) fn forward_image_alone(g: Geometry, w: &[f32], x: &[f32], cols: &mut 
     });
 }
 
+/// The sum of each `len`-long row of `rows`, handed to `out` with the row's index: each row added in order
+/// from its first element as `Iterator::sum` adds it (the same bits), eight rows at a time so that their
+/// additions overlap instead of each waiting on the one before (a bias gradient's 784-long chains were 3%
+/// of a training step).
+fn row_sums(rows: &[f32], len: usize, mut out: impl FnMut(usize, f32)) {
+    let n = rows.len() / len;
+    let zero: f32 = std::iter::empty::<f32>().sum();
+    let mut r = 0;
+    while r + 8 <= n {
+        let lines: [&[f32]; 8] = std::array::from_fn(|j| &rows[(r + j) * len..(r + j + 1) * len]);
+        let mut s = [zero; 8];
+        for p in 0..len {
+            for (s, line) in s.iter_mut().zip(&lines) {
+                *s += line[p];
+            }
+        }
+        for (j, s) in s.into_iter().enumerate() {
+            out(r + j, s);
+        }
+        r += 8;
+    }
+    for r in r..n {
+        out(r, rows[r * len..(r + 1) * len].iter().sum());
+    }
+}
+
 /// The backward pass of one image at a time, with the kernel prepared once.
 ///
 /// The input gradient is the forward convolution of `G` by the flipped, transposed kernel
@@ -487,10 +513,7 @@ impl<'a> Backward<'a> {
         let g = self.g;
         let (o, c_in, hw) = (g.c_out, g.c_in, g.hw());
         let (dwm, db) = dwb.split_at_mut(o * g.rows());
-        for (d, row) in db.iter_mut().zip(gi.chunks(hw)) {
-            let s = row.iter().sum::<f32>();
-            *d = if acc { *d + s } else { s };
-        }
+        row_sums(&gi[..o * hw], hw, |ch, s| db[ch] = if acc { db[ch] + s } else { s });
         if g.k == 1 {
             // dW += G · xᵀ   (O × HW)·(HW × I);   dx = Wᵀ · G   (I × O)·(O × HW)
             matmul(o, c_in, hw, dwm, acc, gi, false, x, true);
@@ -754,6 +777,22 @@ mod tests {
                     "{ci} → {co} at {h} × {w}, acc {acc}: {differ} of {} differ",
                     fast.len()
                 );
+            }
+        }
+    }
+
+    /// The interleaved row sums are `Iterator::sum`'s, bit for bit, whole blocks of eight rows or not, with
+    /// a row of negative zeros (whose sum's sign depends on the starting value).
+    #[test]
+    fn row_sums_add_in_iterator_order() {
+        for (n, len) in [(16, 784), (13, 49), (3, 5), (9, 1)] {
+            let mut rows = flat(&rand(&[n * len], 8));
+            rows[..len].fill(-0.0);
+            let mut got = vec![f32::NAN; n];
+            row_sums(&rows, len, |r, s| got[r] = s);
+            for (r, g) in got.iter().enumerate() {
+                let want: f32 = rows[r * len..(r + 1) * len].iter().sum();
+                assert_eq!(g.to_bits(), want.to_bits(), "row {r} of {n} × {len}");
             }
         }
     }

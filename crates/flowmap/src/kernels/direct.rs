@@ -123,11 +123,16 @@ pub(super) fn weight_grad(g: Geometry, x: &[f32], gi: &[f32], scratch: &mut [f32
             line[wp - 1] = 0.0;
         }
     }
-    for (p, row) in xt.chunks_mut(cs).enumerate() {
-        for (c, v) in row[..c_in].iter_mut().enumerate() {
-            *v = x[c * hw + p];
+    // Channel by channel, so that the reads run along the image.
+    for (c, line) in x.chunks(hw).take(c_in).enumerate() {
+        for (dst, &v) in xt[c..].iter_mut().step_by(cs).zip(line) {
+            *dst = v;
         }
-        row[c_in..].fill(0.0);
+    }
+    if cs > c_in {
+        for row in xt.chunks_mut(cs) {
+            row[c_in..].fill(0.0);
+        }
     }
     let kc = depth_chunk(c_in, o * 9, hw);
     #[cfg(target_arch = "x86_64")]
