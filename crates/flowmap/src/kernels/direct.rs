@@ -123,17 +123,11 @@ pub(super) fn weight_grad(g: Geometry, x: &[f32], gi: &[f32], scratch: &mut [f32
             line[wp - 1] = 0.0;
         }
     }
-    // Channel by channel, so that the reads run along the image.
-    for (c, line) in x.chunks(hw).take(c_in).enumerate() {
-        for (dst, &v) in xt[c..].iter_mut().step_by(cs).zip(line) {
-            *dst = v;
-        }
-    }
-    if cs > c_in {
-        for row in xt.chunks_mut(cs) {
-            row[c_in..].fill(0.0);
-        }
-    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `applies_weight_grad` checked AVX-512; `x` is `I × H·W` and `xt` `H·W × cs`.
+    unsafe {
+        avx512::transpose(&x[..c_in * hw], c_in, hw, xt)
+    };
     let kc = depth_chunk(c_in, o * 9, hw);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `applies_weight_grad` checked AVX-512; the buffers have the sizes asserted above.
@@ -437,6 +431,90 @@ mod avx512 {
                         *s
                     };
                     _mm512_mask_storeu_ps(dst, m, out);
+                }
+            }
+        }
+    }
+
+    /// `xt[p, c] = x[c, p]` for `x`: `I × H·W`, `xt`: `H·W × I'` with `I'` = `I` rounded up to 16 (the
+    /// channels past `I` zero), by 16 × 16 tiles transposed in registers.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose(x: &[f32], c_in: usize, hw: usize, xt: &mut [f32]) {
+        let cs = c_in.next_multiple_of(16);
+        assert!(x.len() >= c_in * hw && xt.len() >= hw * cs);
+        let whole = hw / 16 * 16;
+        for c0 in (0..cs).step_by(16) {
+            let nc = (c_in - c0).min(16);
+            for p0 in (0..whole).step_by(16) {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (i, r) in r.iter_mut().take(nc).enumerate() {
+                    *r = _mm512_loadu_ps(x.as_ptr().add((c0 + i) * hw + p0));
+                }
+                transpose16(&mut r);
+                for (j, r) in r.iter().enumerate() {
+                    _mm512_storeu_ps(xt.as_mut_ptr().add((p0 + j) * cs + c0), *r);
+                }
+            }
+            for p in whole..hw {
+                for i in 0..16 {
+                    xt[p * cs + c0 + i] = if i < nc { x[(c0 + i) * hw + p] } else { 0.0 };
+                }
+            }
+        }
+    }
+
+    /// Transposes the 16 × 16 matrix whose rows are `r`: interleave pairs of rows by single lanes, then by
+    /// pairs of lanes, then swap 128-bit quarters twice.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn transpose16(r: &mut [__m512; 16]) {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        let pd = _mm512_castps_pd;
+        let ps = _mm512_castpd_ps;
+        for i in 0..4 {
+            let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+            r[4 * i] = ps(_mm512_unpacklo_pd(pd(a), pd(c)));
+            r[4 * i + 1] = ps(_mm512_unpackhi_pd(pd(a), pd(c)));
+            r[4 * i + 2] = ps(_mm512_unpacklo_pd(pd(b), pd(d)));
+            r[4 * i + 3] = ps(_mm512_unpackhi_pd(pd(b), pd(d)));
+        }
+        for h in 0..2 {
+            for i in 0..4 {
+                t[8 * h + i] = _mm512_shuffle_f32x4::<0x88>(r[8 * h + i], r[8 * h + 4 + i]);
+                t[8 * h + 4 + i] = _mm512_shuffle_f32x4::<0xdd>(r[8 * h + i], r[8 * h + 4 + i]);
+            }
+        }
+        for i in 0..8 {
+            r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[8 + i]);
+            r[8 + i] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[8 + i]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The register transpose against the plain one, at channel counts on and off the 16-lane tiles and
+    /// pixel counts with and without a tail.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn transpose_matches_the_plain_one() {
+        if !super::avx512() {
+            return;
+        }
+        for (c_in, hw) in [(16usize, 784usize), (32, 49), (3, 37), (20, 16), (48, 5)] {
+            let x: Vec<f32> = (0..c_in * hw).map(|i| i as f32).collect();
+            let cs = c_in.next_multiple_of(16);
+            let mut xt = vec![f32::NAN; hw * cs];
+            // SAFETY: AVX-512 checked above; the sizes are the function's.
+            unsafe { super::avx512::transpose(&x, c_in, hw, &mut xt) };
+            for p in 0..hw {
+                for c in 0..cs {
+                    let want = if c < c_in { x[c * hw + p] } else { 0.0 };
+                    assert_eq!(xt[p * cs + c], want, "{c_in} × {hw}: pixel {p}, channel {c}");
                 }
             }
         }
