@@ -1,8 +1,12 @@
 //! 2-D convolution (stride 1, "same" padding, odd square kernels) as one graph node on the CPU: per image,
-//! an im2col copy and one GEMM forward. Backward, one im2col of the output gradient `G` serves both
-//! gradients: the input's is the forward convolution of `G` by the flipped, transposed kernel, and the
-//! weight's is that im2col times the input. candle's own CPU convolution backward runs a direct transposed
-//! convolution that takes most of a U-Net training step.
+//! one product forward. Backward, the input gradient is the forward convolution of the output gradient `G`
+//! by the flipped, transposed kernel, and the weight gradient is `G`'s shifts times the input. candle's own
+//! CPU convolution backward runs a direct transposed convolution that takes most of a U-Net training step.
+//!
+//! On a CPU with AVX-512 a 3×3 kernel reads its operands in place ([`super::direct`]): the convolution and
+//! the input gradient at the nine shifts of the image under masks, the weight gradient from a zero-bordered
+//! copy of `G`. Elsewhere (other kernel sizes, other CPUs) each product is an im2col copy and a GEMM, one
+//! im2col of `G` serving both gradients. The two routes give the same bits.
 //!
 //! Images are split into blocks of [`IMAGES_PER_BLOCK`] whatever the thread count, and the weight
 //! gradient's per-block partial sums are added in block order: the same bits on any number of threads.
@@ -469,9 +473,10 @@ fn row_sums(rows: &[f32], len: usize, mut out: impl FnMut(usize, f32)) {
 /// The backward pass of one image at a time, with the kernel prepared once.
 ///
 /// The input gradient is the forward convolution of `G` by the flipped, transposed kernel
-/// `W'[c, (o, a, b)] = W[o, c, k−1−a, k−1−b]` (stride 1, padding k/2), and the weight gradient comes from the
-/// same im2col of `G`: `D[(o, a, b), c] = Σ_p cols_G[(o, a, b), p] · x[c, p]` is `dW[o, c, k−1−a, k−1−b]`.
-/// One im2col per image, both products with a contraction of `O·k²` or `H·W`, and no col2im scatter.
+/// `W'[c, (o, a, b)] = W[o, c, k−1−a, k−1−b]` (stride 1, padding k/2), and the weight gradient comes from
+/// `G`'s shifts: `D[(o, a, b), c] = Σ_p cols_G[(o, a, b), p] · x[c, p]` is `dW[o, c, k−1−a, k−1−b]`. Both
+/// products have a contraction of `O·k²` or `H·W` and need no col2im scatter; on the GEMM route one im2col
+/// of `G` serves both, on the direct route neither needs one.
 pub(super) struct Backward<'a> {
     g: Geometry,
     /// The kernel as given (for `k = 1`).

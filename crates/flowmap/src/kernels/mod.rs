@@ -10,8 +10,10 @@
 //! - [`mlp`]: a whole MLP as one graph node when training, each block of rows going through every layer,
 //!   forward then backward, on one core (hidden gradients never become candle tensors), and under
 //!   [`no_grad`] the same blocks without a node or kept activations;
-//! - [`conv2d`]: a stride-1 "same" convolution as one node: im2col and a GEMM per image forward; backward
-//!   one im2col of the output gradient feeds both the input's and the weight's GEMM;
+//! - [`conv2d`]: a stride-1 "same" convolution as one node. A 3×3 kernel on an AVX-512 CPU reads the image
+//!   in place, register block by register block, forward and for both gradients (`direct`); otherwise
+//!   im2col and a GEMM per image forward, and backward one im2col of the output gradient feeds both the
+//!   input's and the weight's GEMM. The two routes give the same bits;
 //! - [`group_norm`]: GroupNorm, its affine map, the U-Net's per-sample scale-shift and SiLU as one node
 //!   with its backward, and [`group_norm_jvp`], the same with its tangent in one pass;
 //! - [`norm_conv2d`]: that GroupNorm and the convolution after it as one node that recomputes the
@@ -30,7 +32,7 @@
 //!   count.
 //!
 //! GEMMs go through the `gemm` crate with its AVX-512 or AVX2 kernels, whichever the CPU has (the same crate
-//! candle's CPU matmul uses).
+//! candle's CPU matmul uses); the direct convolution sums in the same order and the same depth chunks.
 //! A forward pass that runs as several blocks of rows transposes each weight once and lets every block's
 //! product read `Wᵀ` directly, instead of each product repacking `W` (the batch-256 profile spent 17% of
 //! an EMD step packing weights).
