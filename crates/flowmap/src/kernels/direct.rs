@@ -1,18 +1,22 @@
-//! The 3×3 convolution of one image read straight from the image, without an im2col matrix: the AVX-512
-//! path of the convolution's forward product and of its input gradient.
+//! The 3×3 convolution read straight from its operands, without an im2col matrix: the AVX-512 route of the
+//! convolution's forward product and of both its gradients.
 //!
 //! The im2col route copies each image nine times over (`I·9 × H·W` floats) and then has the GEMM pack that
 //! matrix again wherever its pixel count is not a multiple of 16 (the 14 × 14 and 7 × 7 levels); in a
-//! 16-channel U-Net training step at batch 128 the copies and the packing were 16% of the cycles. Here a
-//! register block of 3 × 16 output pixels and up to 8 output channels reads its inputs at the nine shifts
-//! of the image with masked loads (a mask zeroes the lanes whose source pixel is off the image, and the
-//! lanes past the range), multiplies by the broadcast weights, and adds into the output once.
+//! 16-channel U-Net training step at batch 128 the copies were 10% of the cycles and the packing 6%. Here:
+//! - the forward product (and the input gradient, the same product of the output gradient with the flipped
+//!   kernel): a register block of 3 × 16 output pixels and up to 8 output channels reads its inputs at the
+//!   nine shifts of the image with masked loads (a mask zeroes the lanes whose source pixel is off the
+//!   image, and the lanes past the range), multiplies them by the broadcast weights, and adds into the
+//!   output once;
+//! - the weight gradient: 16 to 48 input channels in the lanes (the input transposed to pixel-major rows)
+//!   times one to three output channels' nine taps broadcast from a copy of the output gradient with a
+//!   zero border, pixel after pixel.
 //!
-//! The arithmetic is the GEMM's to the bit: each output is the sum over `(c, ky, kx)` in that order, one
-//! fused multiply-add at a time from zero, in the depth chunks the `gemm` crate would use for the same
-//! product ([`depth_chunk`]), each chunk's sum added to the output in turn. So switching between the two
-//! paths (a CPU without AVX-512 takes the im2col route) changes no result, and the tests check it bit for
-//! bit.
+//! The arithmetic is the GEMM's to the bit: each output is its sum (over `(c, ky, kx)`, or over pixels) in
+//! the GEMM's order, one fused multiply-add at a time from zero, in the depth chunks the `gemm` crate uses
+//! for the same product ([`depth_chunk`]), each chunk's sum added to the output in turn. So the two routes
+//! (a CPU without AVX-512 takes im2col) give the same results, and the tests check it bit for bit.
 
 use std::cell::RefCell;
 use std::ops::Range;
