@@ -317,6 +317,31 @@ impl Flow for Dual {
             None => self.clone(),
         })
     }
+    /// Without dropout, the whole block's value and tangent in one pass per image
+    /// ([`kernels::res_block_jvp`], the same bits as the layers one by one) where it applies.
+    fn res_block(parts: &[&Self], b: &ResBlock, act_emb: &Self, mask: Option<&Tensor>) -> Result<Self> {
+        if mask.is_none() {
+            let ss = act_emb.layer(&b.emb)?;
+            let (norm1, norm2) = (b.norm1.affine()?, b.norm2.affine()?);
+            let (groups, eps) = b.norm1.settings();
+            let p = kernels::ResBlockParams {
+                norm1: &norm1,
+                conv1: b.conv1.params(),
+                norm2: &norm2,
+                conv2: b.conv2.params(),
+                skip: b.skip.as_ref().map(Conv2d::params),
+            };
+            let x: Vec<&Tensor> = parts.iter().map(|d| &d.0).collect();
+            let dx: Vec<&Tensor> = parts.iter().map(|d| &d.1).collect();
+            if let Some((y, dy)) = kernels::res_block_jvp(&x, &dx, &ss.0, &ss.1, &p, groups, eps)? {
+                return Ok(Dual(y, dy));
+            }
+        }
+        match parts {
+            [x] => b.run(x, act_emb, mask),
+            _ => b.run(&Self::cat(parts)?, act_emb, mask),
+        }
+    }
     fn primal(&self) -> &Tensor {
         &self.0
     }

@@ -70,7 +70,7 @@ pub use embed::conditioning;
 pub use mlp::{mlp, Layer};
 pub use norm::{group_norm, group_norm_jvp, plain as group_norm_plain, plain_jvp as group_norm_plain_jvp};
 pub use norm_conv::{norm_conv2d, plain as norm_conv2d_plain};
-pub use res_block::{plain as res_block_plain, res_block, ResBlockParams};
+pub use res_block::{plain as res_block_plain, res_block, res_block_jvp, ResBlockParams};
 pub use resample::{plain_upsample2 as upsample2_plain, pool2, upsample2};
 pub(crate) use simd::AdamScalars;
 

@@ -128,7 +128,7 @@ pub fn group_norm_jvp(
     let d = Dims { c, hw: h * w, groups };
     let (xs, dxs, s, ds) = (xr.slice(), dxr.slice(), sr.slice(), dsr.slice());
     let (gamma, beta) = pr.slice().split_at(c);
-    let (img, per_group) = (c * d.hw, c / groups);
+    let img = c * d.hw;
     let n = xs.len();
     let (mut y, mut dy) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let blocks: Vec<_> = (y.spare_capacity_mut()[..n].chunks_mut(img.max(1)))
@@ -137,37 +137,11 @@ pub fn group_norm_jvp(
         .collect();
     map_blocks(blocks, |(i, (yi, dyi))| {
         let (xi, dxi) = (&xs[i * img..(i + 1) * img], &dxs[i * img..(i + 1) * img]);
-        let st = stats(xi, d, eps);
-        let (a, sh) = s[i * 2 * c..(i + 1) * 2 * c].split_at(c);
-        let (da, dsh) = ds[i * 2 * c..(i + 1) * 2 * c].split_at(c);
-        for (g, &(mean, inv)) in st.iter().enumerate() {
-            let range = g * per_group * d.hw..(g + 1) * per_group * d.hw;
-            // (mean ẋ, mean ẋ·x̂) over the group.
-            let (m1, m2) = simd::norm_group_moments(&xi[range.clone()], &dxi[range], mean, inv);
-            for ch in g * per_group..(g + 1) * per_group {
-                let k = gamma[ch] * (1.0 + a[ch]);
-                let p = k * inv;
-                let channel = simd::NormJvpChannel {
-                    mean,
-                    inv,
-                    m1,
-                    a: k,
-                    b: beta[ch] * (1.0 + a[ch]) + sh[ch],
-                    p,
-                    q: da[ch] * gamma[ch] - p * m2,
-                    r: da[ch] * beta[ch] + dsh[ch],
-                    silu,
-                };
-                let r = ch * d.hw..(ch + 1) * d.hw;
-                simd::norm_jvp_row(
-                    &xi[r.clone()],
-                    &dxi[r.clone()],
-                    &mut yi[r.clone()],
-                    &mut dyi[r],
-                    channel,
-                );
-            }
-        }
+        let ((a, sh), (da, dsh)) = (
+            s[i * 2 * c..(i + 1) * 2 * c].split_at(c),
+            ds[i * 2 * c..(i + 1) * 2 * c].split_at(c),
+        );
+        jvp_image(xi, dxi, d, eps, [gamma, beta, a, sh, da, dsh], silu, yi, dyi);
     });
     // SAFETY: the blocks cover all `n` elements of both, and every channel's row wrote all of its own.
     unsafe {
@@ -179,6 +153,44 @@ pub fn group_norm_jvp(
         Tensor::from_vec(y, (b, c, h, w), dev)?,
         Tensor::from_vec(dy, (b, c, h, w), dev)?,
     ))
+}
+
+/// One image of [`group_norm_jvp`]: its value and tangent into `y` and `dy` (`C × H·W` each), from the
+/// image `x`, its tangent `dx`, and per channel `[γ, β, a, b, ȧ, ḃ]`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn jvp_image(
+    x: &[f32],
+    dx: &[f32],
+    d: Dims,
+    eps: f64,
+    [gamma, beta, a, sh, da, dsh]: [&[f32]; 6],
+    silu: bool,
+    y: &mut [MaybeUninit<f32>],
+    dy: &mut [MaybeUninit<f32>],
+) {
+    let per_group = d.c / d.groups;
+    for (g, &(mean, inv)) in stats(x, d, eps).iter().enumerate() {
+        let range = g * per_group * d.hw..(g + 1) * per_group * d.hw;
+        // (mean ẋ, mean ẋ·x̂) over the group.
+        let (m1, m2) = simd::norm_group_moments(&x[range.clone()], &dx[range], mean, inv);
+        for ch in g * per_group..(g + 1) * per_group {
+            let k = gamma[ch] * (1.0 + a[ch]);
+            let p = k * inv;
+            let channel = simd::NormJvpChannel {
+                mean,
+                inv,
+                m1,
+                a: k,
+                b: beta[ch] * (1.0 + a[ch]) + sh[ch],
+                p,
+                q: da[ch] * gamma[ch] - p * m2,
+                r: da[ch] * beta[ch] + dsh[ch],
+                silu,
+            };
+            let r = ch * d.hw..(ch + 1) * d.hw;
+            simd::norm_jvp_row(&x[r.clone()], &dx[r.clone()], &mut y[r.clone()], &mut dy[r], channel);
+        }
+    }
 }
 
 /// The reference forward-mode pass, from candle's primitive ops on detached tensors.
