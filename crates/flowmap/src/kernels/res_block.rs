@@ -285,11 +285,12 @@ pub fn res_block_jvp(
                 }
                 None => (xi, dxi),
             };
+            // (`h + skip` is `skip + h` to the bit: IEEE addition commutes.)
             for (d, &v) in yi.iter_mut().zip(sv) {
-                *d = v + *d;
+                *d += v;
             }
             for (d, &v) in dyi.iter_mut().zip(sdv) {
-                *d = v + *d;
+                *d += v;
             }
         }
     });
