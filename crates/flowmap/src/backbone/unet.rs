@@ -260,14 +260,7 @@ impl Flow for Tensor {
         let ss = act_emb.layer(&b.emb)?;
         let (norm1, norm2) = (b.norm1.affine()?, b.norm2.affine()?);
         let (groups, eps) = b.norm1.settings();
-        let p = kernels::ResBlockParams {
-            norm1: &norm1,
-            conv1: b.conv1.params(),
-            norm2: &norm2,
-            conv2: b.conv2.params(),
-            skip: b.skip.as_ref().map(Conv2d::params),
-        };
-        kernels::res_block(parts, &ss, &p, groups, eps)
+        kernels::res_block(parts, &ss, &b.fused_params(&norm1, &norm2), groups, eps)
     }
     /// Without dropout, one node that keeps no normalised activation for the backward pass.
     fn norm_conv(&self, n: &GroupNorm, ss: Option<&Self>, mask: Option<&Tensor>, conv: &Conv2d) -> Result<Self> {
@@ -324,13 +317,7 @@ impl Flow for Dual {
             let ss = act_emb.layer(&b.emb)?;
             let (norm1, norm2) = (b.norm1.affine()?, b.norm2.affine()?);
             let (groups, eps) = b.norm1.settings();
-            let p = kernels::ResBlockParams {
-                norm1: &norm1,
-                conv1: b.conv1.params(),
-                norm2: &norm2,
-                conv2: b.conv2.params(),
-                skip: b.skip.as_ref().map(Conv2d::params),
-            };
+            let p = b.fused_params(&norm1, &norm2);
             let x: Vec<&Tensor> = parts.iter().map(|d| &d.0).collect();
             let dx: Vec<&Tensor> = parts.iter().map(|d| &d.1).collect();
             if let Some((y, dy)) = kernels::res_block_jvp(&x, &dx, &ss.0, &ss.1, &p, groups, eps)? {
@@ -370,6 +357,17 @@ impl ResBlock {
                 .then(|| Conv2d::new(c_in, c_out, 1, vb.pp("skip")))
                 .transpose()?,
         })
+    }
+
+    /// The parameters as the fused nodes take them, with each norm's `[γ; β]` given.
+    fn fused_params<'a>(&'a self, norm1: &'a Tensor, norm2: &'a Tensor) -> kernels::ResBlockParams<'a> {
+        kernels::ResBlockParams {
+            norm1,
+            conv1: self.conv1.params(),
+            norm2,
+            conv2: self.conv2.params(),
+            skip: self.skip.as_ref().map(Conv2d::params),
+        }
     }
 
     /// `act_emb` is `SiLU(emb)`, shared by every block.

@@ -625,6 +625,25 @@ mod tests {
         }
     }
 
+    fn k3(c_in: usize, c_out: usize, h: usize, w: usize) -> Geometry {
+        Geometry {
+            c_in,
+            c_out,
+            h,
+            w,
+            k: 3,
+        }
+    }
+
+    fn same_bits(fast: &[f32], slow: &[f32], at: &str) {
+        let differ = fast
+            .iter()
+            .zip(slow)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(differ, 0, "{at}: {differ} of {} outputs differ", fast.len());
+    }
+
     /// The direct 3×3 kernel against im2col and the GEMM, bit for bit: whole images and bands of pixels
     /// (aligned, ragged, a single line), channel counts off the register blocks (1, 3, 12, 17 outputs),
     /// one input channel, and depths past the GEMM's 512-long chunk in both of its chunking rules (a
@@ -663,13 +682,7 @@ mod tests {
             (8, 8, 6, 6, 7..9),
         ];
         for (ci, co, h, w, pixels) in cases.iter().cloned() {
-            let g = Geometry {
-                c_in: ci,
-                c_out: co,
-                h,
-                w,
-                k: 3,
-            };
+            let g = k3(ci, co, h, w);
             let hw = g.hw();
             let x = flat(&rand(&[ci * hw], 1));
             let wt = flat(&rand(&[co * ci * 9], 2));
@@ -694,14 +707,10 @@ mod tests {
                         (cols.as_ptr(), n as isize, 1),
                     )
                 };
-                let differ = fast
-                    .iter()
-                    .zip(&slow)
-                    .filter(|(a, b)| a.to_bits() != b.to_bits())
-                    .count();
-                assert_eq!(
-                    differ, 0,
-                    "{ci} → {co} at {h} × {w}, pixels {pixels:?}, acc {acc}: {differ} outputs differ"
+                same_bits(
+                    &fast,
+                    &slow,
+                    &format!("{ci} → {co} at {h} × {w}, pixels {pixels:?}, acc {acc}"),
                 );
             }
         }
@@ -733,13 +742,7 @@ mod tests {
             (40, 5, 6, 5),
             (16, 32, 40, 40),
         ] {
-            let g = Geometry {
-                c_in: ci,
-                c_out: co,
-                h,
-                w,
-                k: 3,
-            };
+            let g = k3(ci, co, h, w);
             let hw = g.hw();
             let x = flat(&rand(&[ci * hw], 1));
             let gi = flat(&rand(&[co * hw], 2));
@@ -771,17 +774,7 @@ mod tests {
                         (cols.as_ptr(), 1, hw as isize),
                     )
                 };
-                let differ = fast
-                    .iter()
-                    .zip(&slow)
-                    .filter(|(a, b)| a.to_bits() != b.to_bits())
-                    .count();
-                assert_eq!(
-                    differ,
-                    0,
-                    "{ci} → {co} at {h} × {w}, acc {acc}: {differ} of {} differ",
-                    fast.len()
-                );
+                same_bits(&fast, &slow, &format!("{ci} → {co} at {h} × {w}, acc {acc}"));
             }
         }
     }

@@ -33,6 +33,27 @@ pub struct ResBlockParams<'a> {
     pub skip: Option<(&'a Tensor, &'a Tensor)>,
 }
 
+impl ResBlockParams<'_> {
+    /// Whether the fused nodes take these parameters for `c_in` input channels in `groups` groups: both
+    /// convolutions `k × k` with `k` odd and their channels chained, the channels dividing into the groups,
+    /// and the skip a 1×1 convolution (or, without one, as many channels out as in).
+    fn fit(&self, c_in: usize, groups: usize) -> bool {
+        let Ok((o, c1_in, k, k2)) = self.conv1.0.dims4() else {
+            return false;
+        };
+        k == k2
+            && k % 2 == 1
+            && c1_in == c_in
+            && self.conv2.0.dims() == [o, o, k, k]
+            && c_in % groups == 0
+            && o % groups == 0
+            && match self.skip {
+                Some((w, _)) => w.dims() == [o, c_in, 1, 1],
+                None => c_in == o,
+            }
+    }
+}
+
 /// `skip(x) + W2 ⋆ silu(GN2(W1 ⋆ silu(GN1(x)) + b1) ⊙ (1 + a) + b) + b2` with `[a, b] = ss` (`B × 2O`), both
 /// norms with `groups` groups, both convolutions `k × k` (odd, stride 1, "same" padding). `x` is given as
 /// one tensor or as two whose channels it concatenates (the U-Net's upward path and its skip connection:
@@ -63,18 +84,8 @@ pub fn res_block(x: &[&Tensor], ss: &Tensor, p: &ResBlockParams<'_>, groups: usi
         }
         None => c_a,
     };
-    let (c_out, c1_in, k, k2) = p.conv1.0.dims4()?;
-    let fits = k == k2
-        && k % 2 == 1
-        && c1_in == c_in
-        && p.conv2.0.dims() == [c_out, c_out, k, k]
-        && c_in % groups == 0
-        && c_out % groups == 0
-        && match p.skip {
-            Some((w, _)) => w.dims() == [c_out, c_in, 1, 1],
-            None => c_in == c_out,
-        };
-    if !(applies(xa.device(), xa.dtype()) && fits) {
+    let (c_out, k) = (p.conv1.0.dim(0)?, p.conv1.0.dim(2)?);
+    if !(applies(xa.device(), xa.dtype()) && p.fit(c_in, groups)) {
         return plain(x, ss, p, groups, eps);
     }
     if ss.dims() != [b, 2 * c_out] {
@@ -156,19 +167,8 @@ pub fn res_block_jvp(
         }
         c += ci;
     }
-    let (o, c1_in, k, k2) = p.conv1.0.dims4()?;
-    let fits = k == k2
-        && k % 2 == 1
-        && c1_in == c
-        && p.conv2.0.dims() == [o, o, k, k]
-        && c % groups == 0
-        && o % groups == 0
-        && ss.dims() == [b, 2 * o]
-        && match p.skip {
-            Some((ws, _)) => ws.dims() == [o, c, 1, 1],
-            None => c == o,
-        };
-    if !(applies(x[0].device(), x[0].dtype()) && fits) {
+    let (o, k) = (p.conv1.0.dim(0)?, p.conv1.0.dim(2)?);
+    if !(applies(x[0].device(), x[0].dtype()) && p.fit(c, groups) && ss.dims() == [b, 2 * o]) {
         return Ok(None);
     }
     let mut tensors = vec![ss, dss, p.norm1, p.conv1.0, p.conv1.1, p.norm2, p.conv2.0, p.conv2.1];
