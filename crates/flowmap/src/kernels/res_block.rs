@@ -193,23 +193,7 @@ pub fn res_block_jvp(
     };
     let (xs, dxs) = rest.split_at(x.len());
     let hw = h * w;
-    let dims = |c| Dims { c, hw, groups };
-    let geometry = |c_in, k| Geometry {
-        c_in,
-        c_out: o,
-        h,
-        w,
-        k,
-    };
-    let sh = Shapes {
-        b,
-        c_a,
-        d1: dims(c),
-        d2: dims(o),
-        g1: geometry(c, k),
-        g2: geometry(o, k),
-        gs: geometry(c, 1),
-    };
+    let sh = Shapes::new(b, c_a, c, o, (h, w), k, groups);
     let (gamma1, beta1) = norm1.split_at(c);
     let (gamma2, beta2) = norm2.split_at(o);
     let zeros = vec![0.0f32; c];
@@ -354,6 +338,28 @@ struct Shapes {
 }
 
 impl Shapes {
+    /// `b` images of `c` channels (`c_a` of them in the first part) in `groups` groups, into `o` channels by
+    /// `k × k` convolutions, each image `h × w`.
+    fn new(b: usize, c_a: usize, c: usize, o: usize, (h, w): (usize, usize), k: usize, groups: usize) -> Shapes {
+        let dims = |c| Dims { c, hw: h * w, groups };
+        let geometry = |c_in, k| Geometry {
+            c_in,
+            c_out: o,
+            h,
+            w,
+            k,
+        };
+        Shapes {
+            b,
+            c_a,
+            d1: dims(c),
+            d2: dims(o),
+            g1: geometry(c, k),
+            g2: geometry(o, k),
+            gs: geometry(c, 1),
+        }
+    }
+
     /// Image `n` of the input: in `xa` when it is one tensor, else its two parts copied into `buf`.
     fn image<'a>(&self, n: usize, xa: &'a [f32], xb: Option<&[f32]>, buf: &'a mut [f32]) -> &'a [f32] {
         let (hw, c, c_a) = (self.hw(), self.c_in(), self.c_a);
@@ -404,27 +410,7 @@ impl ResBlockOp {
         if n_params != want {
             candle_core::bail!("residual block: {n_params} parameters do not fit {c} → {o} channels, k = {k}");
         }
-        let dims = |c| Dims {
-            c,
-            hw: h * w,
-            groups: self.groups,
-        };
-        let geometry = |c_in, k| Geometry {
-            c_in,
-            c_out: o,
-            h,
-            w,
-            k,
-        };
-        Ok(Shapes {
-            b,
-            c_a,
-            d1: dims(c),
-            d2: dims(o),
-            g1: geometry(c, k),
-            g2: geometry(o, k),
-            gs: geometry(c, 1),
-        })
+        Ok(Shapes::new(b, c_a, c, o, (h, w), k, self.groups))
     }
 
     fn parts<'a>(&self, p: &'a [f32], s: &Shapes) -> Parts<'a> {
