@@ -45,8 +45,9 @@ impl ResBlockParams<'_> {
             && k % 2 == 1
             && c1_in == c_in
             && self.conv2.0.dims() == [o, o, k, k]
-            && c_in % groups == 0
-            && o % groups == 0
+            && groups > 0
+            && c_in.is_multiple_of(groups)
+            && o.is_multiple_of(groups)
             && match self.skip {
                 Some((w, _)) => w.dims() == [o, c_in, 1, 1],
                 None => c_in == o,
