@@ -57,6 +57,11 @@ fn depth_chunk(m: usize, n: usize, k: usize) -> usize {
     }
 }
 
+/// `0..n` cut into consecutive runs of `size`, the last one shorter: register blocks and depth chunks.
+fn runs(n: usize, size: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..n).step_by(size).map(move |a| a..(a + size).min(n))
+}
+
 /// `y[o, p] (+)= Σ_{c, ky, kx} w[o, c, ky, kx] · x[c, p + (ky − 1)·W + kx − 1]` (zero off the image) for
 /// the output pixels `p` in `pixels` of one image: `x` is `I × H·W`, `w` is `O × I·9`, and `y` points at
 /// pixel 0 of output channel 0 with channel stride `y_cs`. With `acc` the products are added to `y`, else
@@ -65,8 +70,9 @@ fn depth_chunk(m: usize, n: usize, k: usize) -> usize {
 /// Bit-identical to `im2col` of those pixels followed by the GEMM `y (+)= w · cols`.
 ///
 /// # Safety
-/// [`applies`] holds for `g` and `pixels`, `pixels` lies in `0..H·W`, and `y` is valid for reads and
-/// writes at `y + o·y_cs + p` for every output channel `o` and pixel `p` in `pixels`.
+/// [`applies`] holds for `g` and `pixels`, `pixels` lies in `0..H·W`, `w` and `x` hold at least `O·I·9`
+/// and `I·H·W` floats, and `y` is valid for reads and writes at `y + o·y_cs + p` for every output channel
+/// `o` and pixel `p` in `pixels`.
 pub(super) unsafe fn conv3x3(
     g: Geometry,
     w: &[f32],
@@ -198,7 +204,7 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Geometry, CHANNELS, VECTORS};
+    use super::{runs, Geometry, CHANNELS, VECTORS};
 
     /// The whole product, register block by register block: pixel blocks of [`VECTORS`] vectors (the last
     /// one shorter), each through every block of [`CHANNELS`] output channels (the last one narrower), each
@@ -222,33 +228,24 @@ mod avx512 {
         for (t, s) in shifts.iter_mut().enumerate() {
             *s = ((t / 3) as isize - 1) * g.w as isize + (t % 3) as isize - 1;
         }
-        let vectors = pixels.len().div_ceil(16);
-        let mut v0 = 0;
-        while v0 < vectors {
-            let nv = (vectors - v0).min(VECTORS);
-            let mut o0 = 0;
-            while o0 < o {
-                let no = (o - o0).min(CHANNELS);
+        for vs in runs(pixels.len().div_ceil(16), VECTORS) {
+            for os in runs(o, CHANNELS) {
                 let block = Block {
                     x: x.as_ptr(),
                     hw,
-                    w: w.as_ptr().add(o0 * k),
+                    w: w.as_ptr().add(os.start * k),
                     k,
-                    y: y.add(o0 * y_cs),
+                    y: y.add(os.start * y_cs),
                     y_cs,
-                    p0: pixels.start + 16 * v0,
-                    masks: masks.as_ptr().add(9 * v0),
+                    p0: pixels.start + 16 * vs.start,
+                    masks: masks.as_ptr().add(9 * vs.start),
                     shifts: &shifts,
                 };
-                let mut d0 = 0;
-                while d0 < k {
-                    let d1 = (d0 + kc).min(k);
-                    dispatch(&block, nv, no, d0..d1, acc || d0 > 0);
-                    d0 = d1;
+                for depth in runs(k, kc) {
+                    let acc = acc || depth.start > 0;
+                    dispatch(&block, vs.len(), os.len(), depth, acc);
                 }
-                o0 += no;
             }
-            v0 += nv;
         }
     }
 
@@ -339,40 +336,30 @@ mod avx512 {
     pub(super) unsafe fn weight_grad(g: Geometry, gpad: &[f32], xt: &[f32], d: &mut [f32], acc: bool, kc: usize) {
         let (hw, o, c_in) = (g.hw(), g.c_out, g.c_in);
         let cs = c_in.next_multiple_of(16);
-        let vectors = cs / 16;
-        let mut v0 = 0;
-        while v0 < vectors {
-            let nv = (vectors - v0).min(3);
+        for vs in runs(cs / 16, 3) {
             // One input vector: three output channels at a time (27 accumulators); more: one.
-            let per = if nv == 1 { 3 } else { 1 };
-            let mut o0 = 0;
-            while o0 < o {
-                let no = (o - o0).min(per);
-                let mut p0 = 0;
-                while p0 < hw {
-                    let p1 = (p0 + kc).min(hw);
+            let per = if vs.len() == 1 { 3 } else { 1 };
+            for os in runs(o, per) {
+                for pixels in runs(hw, kc) {
                     let b = GradBlock {
                         g,
                         gpad: gpad.as_ptr(),
-                        xt: xt.as_ptr().add(16 * v0),
+                        xt: xt.as_ptr().add(16 * vs.start),
                         d: d.as_mut_ptr(),
-                        c0: 16 * v0,
-                        o0,
-                        pixels: p0..p1,
-                        acc: acc || p0 > 0,
+                        c0: 16 * vs.start,
+                        o0: os.start,
+                        acc: acc || pixels.start > 0,
+                        pixels,
                     };
-                    match (nv, no) {
+                    match (vs.len(), os.len()) {
                         (1, 1) => grad_block::<1, 1>(&b),
                         (1, 2) => grad_block::<1, 2>(&b),
                         (1, _) => grad_block::<1, 3>(&b),
                         (2, _) => grad_block::<2, 1>(&b),
                         _ => grad_block::<3, 1>(&b),
                     }
-                    p0 = p1;
                 }
-                o0 += no;
             }
-            v0 += nv;
         }
     }
 

@@ -229,19 +229,30 @@ pub fn res_block_jvp(
             // SAFETY (each `as_uninit` below): the views are written with initialised values only.
             let (v1, dv1) = unsafe { (super::dense::as_uninit(&mut n1), super::dense::as_uninit(&mut dn1)) };
             norm::jvp_image(xi, dxi, sh.d1, eps, [gamma1, beta1, z, z, z, z], true, v1, dv1);
-            // The convolution's value from its bias, its tangent from zero, as `Conv2d`'s JVP computes them.
-            let conv =
-                |g: Geometry, wt: &[f32], bias: Option<&[f32]>, src: &[f32], cols: &mut [f32], dst: &mut [f32]| {
-                    match bias {
-                        Some(bias) => {
-                            conv::fill_bias(unsafe { super::dense::as_uninit(dst) }, bias, hw);
-                        }
-                        None => dst.fill(0.0),
+            // A convolution into `dst`, as `Conv2d`'s JVP computes it: the value from its bias, the tangent
+            // (no bias) from zero.
+            let conv = |g: Geometry,
+                        wt: &[f32],
+                        bias: Option<&[f32]>,
+                        src: &[f32],
+                        cols: &mut [f32],
+                        dst: &mut [MaybeUninit<f32>]| {
+                let dst = match bias {
+                    Some(bias) => conv::fill_bias(dst, bias, hw),
+                    None => {
+                        dst.fill(MaybeUninit::new(0.0));
+                        // SAFETY: every element was just written.
+                        unsafe { super::dense::assume_init(dst) }
                     }
-                    conv::forward_image_alone(g, wt, src, cols, dst, alone);
                 };
-            conv(sh.g1, w1, Some(b1), &n1, &mut cols1, &mut c1);
-            conv(sh.g1, w1, None, &dn1, &mut cols1, &mut dc1);
+                conv::forward_image_alone(g, wt, src, cols, dst, alone);
+            };
+            conv(sh.g1, w1, Some(b1), &n1, &mut cols1, unsafe {
+                super::dense::as_uninit(&mut c1)
+            });
+            conv(sh.g1, w1, None, &dn1, &mut cols1, unsafe {
+                super::dense::as_uninit(&mut dc1)
+            });
             let (a, shift) = ss[img * 2 * o..(img + 1) * 2 * o].split_at(o);
             let (da, dshift) = dss[img * 2 * o..(img + 1) * 2 * o].split_at(o);
             let (v2, dv2) = unsafe { (super::dense::as_uninit(&mut n2), super::dense::as_uninit(&mut dn2)) };
@@ -255,17 +266,19 @@ pub fn res_block_jvp(
                 v2,
                 dv2,
             );
-            let yi = conv::fill_bias(yi, b2, hw);
-            conv::forward_image_alone(sh.g2, w2, &n2, &mut cols2, yi, alone);
-            dyi.fill(MaybeUninit::new(0.0));
-            // SAFETY: every element was just written.
-            let dyi = unsafe { super::dense::assume_init(dyi) };
-            conv::forward_image_alone(sh.g2, w2, &dn2, &mut cols2, dyi, alone);
+            conv(sh.g2, w2, Some(b2), &n2, &mut cols2, &mut *yi);
+            conv(sh.g2, w2, None, &dn2, &mut cols2, &mut *dyi);
+            // SAFETY: both were just written whole.
+            let (yi, dyi) = unsafe { (super::dense::assume_init(yi), super::dense::assume_init(dyi)) };
             // y = skip(x) + h, ẏ = skip(ẋ) + ḣ, the skip's value from its bias and its tangent from zero.
             let (sv, sdv): (&[f32], &[f32]) = match skip {
                 Some((ws, bs)) => {
-                    conv(sh.gs, ws, Some(bs), xi, &mut [], &mut s1);
-                    conv(sh.gs, ws, None, dxi, &mut [], &mut ds1);
+                    conv(sh.gs, ws, Some(bs), xi, &mut [], unsafe {
+                        super::dense::as_uninit(&mut s1)
+                    });
+                    conv(sh.gs, ws, None, dxi, &mut [], unsafe {
+                        super::dense::as_uninit(&mut ds1)
+                    });
                     (&s1, &ds1)
                 }
                 None => (xi, dxi),
