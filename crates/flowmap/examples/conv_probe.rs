@@ -1,5 +1,5 @@
 //! Times the fused 3×3 convolution, forward and forward + backward, at the shapes of the default 16-channel
-//! U-Net on 28 × 28 digits (`cargo run --release --example conv_probe -- [batch] [reps]`): the probe behind
+//! U-Net on 28 × 28 digits (`cargo run --release --example conv_probe -- [batch] [reps] [channels] [threads]`): the probe behind
 //! the convolution's block sizes.
 
 use std::time::Instant;
@@ -11,10 +11,12 @@ fn main() -> flowmap::Result<()> {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let batch = args.first().copied().unwrap_or(128);
     let reps = args.get(1).copied().unwrap_or(10);
-    flowmap::set_compute_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let base = args.get(2).copied().unwrap_or(16);
+    let threads = args.get(3).copied();
+    flowmap::set_compute_threads(threads.unwrap_or(std::thread::available_parallelism().map_or(1, |n| n.get())));
     let dev = Device::Cpu;
     let mut total = (0.0, 0.0);
-    for (c, hw) in [(16usize, 28usize), (32, 14), (32, 7)] {
+    for (c, hw) in [(base, 28usize), (2 * base, 14), (2 * base, 7)] {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, c, hw, hw), &dev)?)?;
         let w = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (c, c, 3, 3), &dev)? * 0.1)?)?;
         let b = Var::from_tensor(&Tensor::zeros(c, DType::F32, &dev)?)?;

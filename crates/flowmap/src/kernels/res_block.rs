@@ -662,17 +662,21 @@ impl CustomOp3 for ResBlockOp {
         );
         // The input gradient, per input tensor, and the scale-shift's.
         let (c_a, c_b) = (sh.c_a, c - sh.c_a);
-        let mut dxa = vec![0.0f32; sh.b * c_a * hw];
-        let mut dxb = vec![0.0f32; if self.two { sh.b * c_b * hw } else { 0 }];
+        // The input gradients are zeroed block by block on the workers, not here: a `vec![0.0; n]` of them
+        // was a serial memset of the whole batch (0.75% of a 32-channel teacher step at batch 128).
+        let (n_a, n_b) = (sh.b * c_a * hw, if self.two { sh.b * c_b * hw } else { 0 });
+        let (mut dxa, mut dxb) = (Vec::<f32>::with_capacity(n_a), Vec::<f32>::with_capacity(n_b));
         let mut dss = vec![0.0f32; sh.b * 2 * o];
-        let dxb_blocks: Vec<&mut [f32]> = if self.two {
-            dxb.chunks_mut(IMAGES_PER_BLOCK * c_b * hw).collect()
+        let dxb_blocks: Vec<&mut [MaybeUninit<f32>]> = if self.two {
+            dxb.spare_capacity_mut()[..n_b]
+                .chunks_mut(IMAGES_PER_BLOCK * c_b * hw)
+                .collect()
         } else {
             (0..sh.b.div_ceil(IMAGES_PER_BLOCK))
                 .map(|_| Default::default())
                 .collect()
         };
-        let blocks: Vec<_> = dxa
+        let blocks: Vec<_> = dxa.spare_capacity_mut()[..n_a]
             .chunks_mut(IMAGES_PER_BLOCK * c_a * hw)
             .zip(dxb_blocks)
             .zip(dss.chunks_mut(IMAGES_PER_BLOCK * 2 * o))
@@ -686,6 +690,7 @@ impl CustomOp3 for ResBlockOp {
             norm2: Vec<f32>,
         }
         let partials = map_blocks(blocks, |(i, ((dxab, dxbb), dssb))| {
+            let (dxab, dxbb) = (zeroed(dxab), zeroed(dxbb));
             let mut part = Partial {
                 conv1: back1.partial(),
                 conv2: back2.partial(),
@@ -775,6 +780,11 @@ impl CustomOp3 for ResBlockOp {
             let (dws, dbs) = backs.finish(skip);
             dp.extend(dws.iter().chain(&dbs));
         }
+        // SAFETY: every block zeroed its part of the spare capacity (`zeroed`), and the blocks cover it.
+        unsafe {
+            dxa.set_len(n_a);
+            dxb.set_len(n_b);
+        }
         let (dev, (b, _, h, w)) = (xa.device(), xa.dims4()?);
         Ok((
             Some(Tensor::from_vec(dxa, (b, c_a, h, w), dev)?),
@@ -784,6 +794,13 @@ impl CustomOp3 for ResBlockOp {
             Some(Tensor::from_vec(dp, params.shape(), dev)?),
         ))
     }
+}
+
+/// `v` filled with zeros, as initialised floats.
+fn zeroed(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    v.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was just written.
+    unsafe { super::dense::assume_init(v) }
 }
 
 #[cfg(test)]
