@@ -645,7 +645,8 @@ mod tests {
     }
 
     /// The direct 3×3 kernel against im2col and the GEMM, bit for bit: whole images and bands of pixels
-    /// (aligned, ragged, a single line), channel counts off the register blocks (1, 3, 12, 17 outputs),
+    /// (aligned, ragged, a single line), pixel counts whose 16-pixel vectors leave one over a block of three
+    /// (49, 13, 4: a first block of four), channel counts off the register blocks (1, 3, 12, 17 outputs),
     /// one input channel, and depths past the GEMM's 512-long chunk in both of its chunking rules (a
     /// 7 × 7 image with at most 64 outputs, and larger), added to the output or written over it.
     #[test]

@@ -66,10 +66,10 @@ fn runs(n: usize, size: usize) -> impl Iterator<Item = Range<usize>> {
 
 /// `n` vectors of pixels cut into register blocks of [`VECTORS`], except that where that would leave one
 /// vector alone at the end (28 × 28: 49 vectors, 14 × 14: 13, 7 × 7: 4) the first block takes four. A lone
-/// vector's block does eight multiply-adds per vector load and eight weight loads; at the 7 × 7 level (one
-/// block of four instead of three and one) the 64-channel forward product went 2.57 → 2.25 ms at batch
-/// 128 (`examples/conv_probe -- 128 10 32 1`, five alternating runs of each binary). The blocks' shapes
-/// do not touch the arithmetic: each output is still its own sum in the same order.
+/// vector's block does eight multiply-adds per vector load and eight weight loads. The 64-channel forward
+/// products at batch 128 went 9.8 → 9.5 ms at 14 × 14 and 2.6 → 2.4 ms at 7 × 7 (`examples/conv_probe --
+/// 128 10 32 1`, four alternating runs of each binary). The blocks' shapes do not touch the arithmetic:
+/// each output is still its own sum in the same order.
 fn vector_runs(n: usize) -> impl Iterator<Item = Range<usize>> {
     let first = if n >= 4 && n % VECTORS == 1 { 4 } else { n.min(VECTORS) };
     std::iter::once(0..first).chain(runs(n - first, VECTORS).map(move |r| r.start + first..r.end + first))
