@@ -1672,7 +1672,7 @@ fn eval_images(
     device: &Device,
 ) -> Result<()> {
     let clf = load_classifier(a.classifier.as_deref(), device)?;
-    let ev = pipeline::images::ImageEval::new(&clf, data, a.n, a.seed, device)?;
+    let ev = pipeline::images::ImageEval::new(&clf, data, a.n, a.seed, device)?.with_grid_power(a.grid_power)?;
     let out = OutDir::create(&a.out)?;
     let classes = model.num_classes();
     let mut rows = vec![ev.floor(data, device)?];

@@ -728,6 +728,40 @@ fn images_end_to_end_and_their_errors() {
         "{table}"
     );
     assert!(root.join("eval").join("grid-0-nfe1.png").exists());
+    // `--grid-power` walks a flow map's images on the power grid too (it once fell back to the uniform one).
+    // A map seeded from the shipped teacher is one Euler step of it, so the grid shows in its samples.
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/mnist-teacher.safetensors");
+    ok(bin()
+        .args(["distill", "--method", "emd", "--steps", "1", "--batch", "4"])
+        .arg("--teacher")
+        .arg(&shipped)
+        .arg("--out")
+        .arg(root.join("euler.safetensors")));
+    let map_row = |extra: &[&str], dir: &str| -> String {
+        let table = ok(bin()
+            .args(["eval", "--nfe", "2", "--n", "20"])
+            .args(extra)
+            .arg("--model")
+            .arg(root.join("euler.safetensors"))
+            .arg("--out")
+            .arg(root.join(dir)));
+        let row = table.lines().find(|l| l.starts_with("| flow map")).unwrap_or_default();
+        row.to_string()
+    };
+    let (uniform, power) = (
+        map_row(&[], "eval-uniform"),
+        map_row(&["--grid-power", "2"], "eval-rho"),
+    );
+    assert!(
+        uniform.contains("| 2-step |") && power.contains("| 2-step, ρ=2 |"),
+        "{uniform}\n{power}"
+    );
+    let fd = |row: &str| row.split('|').nth(4).map(str::trim).map(str::to_string);
+    assert_ne!(
+        fd(&uniform),
+        fd(&power),
+        "the grid through t = 0.25 gives other samples than through 0.5"
+    );
 
     let out = root.join("bad.npy");
     let model = root.join("m.safetensors");

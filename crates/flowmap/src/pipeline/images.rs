@@ -40,6 +40,8 @@ pub struct ImageEval<'a> {
     /// Generated images per row.
     pub n: usize,
     pub seed: u64,
+    /// A flow map's k-step grid is `TimeGrid::power(k, grid_power)`; 1 (the default) is uniform.
+    pub grid_power: f64,
 }
 
 impl<'a> ImageEval<'a> {
@@ -59,6 +61,16 @@ impl<'a> ImageEval<'a> {
             reference: Reference::new(classifier, &x)?,
             n,
             seed,
+            grid_power: 1.0,
+        })
+    }
+
+    /// The same evaluation with flow maps walked on the grids `TimeGrid::power(k, rho)`.
+    pub fn with_grid_power(self, rho: f64) -> Result<Self> {
+        TimeGrid::power(1, rho)?;
+        Ok(ImageEval {
+            grid_power: rho,
+            ..self
         })
     }
 
@@ -133,8 +145,8 @@ impl<'a> ImageEval<'a> {
         Ok((metrics, nfe, Tensor::cat(&kept, 0)?))
     }
 
-    /// A flow map at each NFE (uniform grids walked by `sampler`); the rows and the first
-    /// [`KEPT_SAMPLES`] samples of each.
+    /// A flow map at each NFE (the grids `TimeGrid::power(k, self.grid_power)`, uniform by default, walked
+    /// by `sampler`); the rows and the first [`KEPT_SAMPLES`] samples of each.
     #[allow(clippy::too_many_arguments)]
     pub fn map(
         &self,
@@ -149,13 +161,18 @@ impl<'a> ImageEval<'a> {
         let (mut rows, mut samples) = (vec![], vec![]);
         for &k in nfes {
             let start = Instant::now();
-            let grid = TimeGrid::uniform(k)?;
+            let grid = TimeGrid::power(k, self.grid_power)?;
             let (metrics, nfe, kept) = self.score(&map.state_shape(), classes, Some(path), device, |z, cx| {
                 sample::sample_with(map, z, &grid, sampler, cx)
             })?;
+            let rho = if self.grid_power == 1.0 || k == 1 {
+                String::new()
+            } else {
+                format!(", ρ={}", self.grid_power)
+            };
             rows.push(ImageRow {
                 model: name.into(),
-                sampler: format!("{k}-step"),
+                sampler: format!("{k}-step{rho}"),
                 nfe,
                 metrics,
                 seconds: start.elapsed().as_secs_f64(),
