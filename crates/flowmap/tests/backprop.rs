@@ -11,8 +11,9 @@ fn values(t: &Tensor) -> Vec<f32> {
 #[test]
 fn gradients_sum_over_every_consumer_and_come_back_contiguous() {
     let dev = Device::Cpu;
-    let x = Var::from_tensor(&Tensor::new(&[[1f32, -2., 3.], [0.5, 4., -1.]], &dev).unwrap()).unwrap();
-    let w = Tensor::new(&[[2f32, 3.], [-1., 5.], [7., 0.25]], &dev).unwrap();
+    let (xs, ws) = ([[1f32, -2., 3.], [0.5, 4., -1.]], [[2f32, 3.], [-1., 5.], [7., 0.25]]);
+    let x = Var::from_tensor(&Tensor::new(&xs, &dev).unwrap()).unwrap();
+    let w = Tensor::new(&ws, &dev).unwrap();
     // One consumer through a transpose (a strided gradient), one elementwise, one through a sum of rows:
     // d/dx [Σ xᵀ ⊙ w + Σ 2x + Σ_j (Σ_i x_ij)²] = wᵀ + 2 + 2·colsum(x).
     let a = (x.t().unwrap() * &w).unwrap().sum_all().unwrap();
@@ -22,10 +23,10 @@ fn gradients_sum_over_every_consumer_and_come_back_contiguous() {
     let grads = loss.backward().unwrap();
     let g = grads.get(&x).expect("a gradient for x");
     assert!(g.is_contiguous());
-    let colsum = [1.5f32, 2.0, 2.0];
+    let colsum = |j: usize| xs[0][j] + xs[1][j];
     let want: Vec<f32> = (0..2)
         .flat_map(|i| (0..3).map(move |j| (i, j)))
-        .map(|(i, j)| [[2f32, -1., 7.], [3., 5., 0.25]][i][j] + 2.0 + 2.0 * colsum[j])
+        .map(|(i, j)| ws[j][i] + 2.0 + 2.0 * colsum(j))
         .collect();
     assert_eq!(values(g), want);
 }
@@ -34,7 +35,7 @@ fn gradients_sum_over_every_consumer_and_come_back_contiguous() {
 fn a_single_consumer_gets_exactly_its_gradient() {
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::new(&[0.5f32, -1.5, 2.0, -0.0], &dev).unwrap()).unwrap();
-    // y = 3x: the gradient 3 everywhere, stored as it came (no zeros added first).
+    // y = 3x: the gradient 3 everywhere.
     let loss = (x.as_tensor() * 3.0).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
     assert_eq!(values(grads.get(&x).unwrap()), vec![3.0; 4]);
@@ -42,4 +43,17 @@ fn a_single_consumer_gets_exactly_its_gradient() {
     let loss = (x.as_tensor() + x.as_tensor()).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
     assert_eq!(values(grads.get(&x).unwrap()), vec![2.0; 4]);
+}
+
+/// What the patch changes, and so what shows it is in the build: a first gradient of `−0.0` is stored as it
+/// came, where adding it into a tensor of zeros gave `+0.0` (`0 + (−0) = +0`).
+#[test]
+fn a_first_gradient_is_stored_not_added_into_zeros() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &dev).unwrap()).unwrap();
+    let c = Tensor::new(&[-0.0f32, 3.0], &dev).unwrap();
+    let grads = (x.as_tensor() * &c).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = values(grads.get(&x).unwrap());
+    assert_eq!(g, vec![0.0, 3.0]);
+    assert!(g[0].is_sign_negative(), "the gradient ∂(x·c)/∂x = c keeps c's −0.0");
 }

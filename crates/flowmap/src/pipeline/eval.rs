@@ -54,6 +54,16 @@ fn tensor_to_vec(x: &Tensor) -> Result<Vec<f64>> {
     Ok(x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
 }
 
+/// How a row's sampler label names a flow map's `k`-step power grid: `", ρ=…"`, or nothing where the grid is
+/// uniform (`ρ = 1`) or a single step (where every power gives the same grid).
+pub(super) fn grid_suffix(k: usize, rho: f64) -> String {
+    if rho == 1.0 || k == 1 {
+        String::new()
+    } else {
+        format!(", ρ={rho}")
+    }
+}
+
 /// Samples of a flow map at each NFE (grids `TimeGrid::power(k, s.grid_power)`, walked by `sampler` under
 /// `cx`, whose seed is replaced by `s.seed`), scored against `reference`.
 #[allow(clippy::too_many_arguments)]
@@ -84,11 +94,7 @@ pub fn eval_map(
             Sampler::Consistency => "consistency".to_string(),
             Sampler::Gamma { gamma } => format!("γ={gamma}"),
         };
-        let grid = if s.grid_power == 1.0 || k == 1 {
-            String::new()
-        } else {
-            format!(", ρ={}", s.grid_power)
-        };
+        let grid = grid_suffix(k, s.grid_power);
         rows.push(EvalRow {
             model: name.into(),
             sampler: format!("{k}-step {walk}{grid}"),

@@ -165,14 +165,9 @@ impl<'a> ImageEval<'a> {
             let (metrics, nfe, kept) = self.score(&map.state_shape(), classes, Some(path), device, |z, cx| {
                 sample::sample_with(map, z, &grid, sampler, cx)
             })?;
-            let rho = if self.grid_power == 1.0 || k == 1 {
-                String::new()
-            } else {
-                format!(", ρ={}", self.grid_power)
-            };
             rows.push(ImageRow {
                 model: name.into(),
-                sampler: format!("{k}-step{rho}"),
+                sampler: format!("{k}-step{}", super::eval::grid_suffix(k, self.grid_power)),
                 nfe,
                 metrics,
                 seconds: start.elapsed().as_secs_f64(),
