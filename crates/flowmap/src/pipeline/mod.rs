@@ -5,6 +5,7 @@
 mod config;
 mod eval;
 pub mod images;
+mod model;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
 pub use config::RunConfig;
+pub use model::Model;
 pub use eval::{
     euler_and_dopri5, eval_map, eval_teacher, exact_map_report, map_errors, semigroup, teacher_solvers, EvalRow,
     EvalSettings, ExactMapReport,

@@ -1,0 +1,136 @@
+//! Flags and helpers shared by several commands.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use clap::Args;
+use flowmap::data::DataSource;
+use flowmap::pipeline::RunConfig;
+use flowmap::train::TrainConfig;
+
+use crate::supervise;
+
+#[derive(Args, Clone)]
+pub struct TrainFlags {
+    /// Optimisation steps.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Batch size.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Peak learning rate (AdamW, warm-up then cosine decay).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// EMA decay of the weights.
+    #[arg(long)]
+    pub ema: Option<f64>,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// A TOML file with `[train]` (and for distill `[distill]`) tables; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub long: supervise::LongRunFlags,
+}
+
+/// `--method`'s long help, from the method registry.
+pub fn methods_help(teacher: bool) -> String {
+    let what = if teacher {
+        "Objective (distils the teacher)"
+    } else {
+        "Teacher-free objective"
+    };
+    format!("{what}:\n{}", flowmap::objective::registry::describe(teacher))
+}
+
+/// A comma-separated list of positive sizes.
+pub fn parse_sizes(s: &str, flag: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .map(|x| match x.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("{flag}: '{}' is not a positive integer", x.trim()),
+        })
+        .collect()
+}
+
+pub fn read_config(path: &Option<PathBuf>) -> Result<RunConfig> {
+    Ok(match path {
+        None => RunConfig::default(),
+        Some(p) => RunConfig::from_file(p)?,
+    })
+}
+
+pub fn train_config(f: &TrainFlags, base: Option<TrainConfig>) -> TrainConfig {
+    let mut c = base.unwrap_or_default();
+    if let Some(v) = f.steps {
+        c.steps = v;
+    }
+    if let Some(v) = f.batch {
+        c.batch_size = v;
+    }
+    if let Some(v) = f.lr {
+        c.lr = v;
+    }
+    if let Some(v) = f.ema {
+        c.ema_decay = v;
+    }
+    c.seed = f.seed;
+    c
+}
+
+/// The data named by `--data`, with `--labels` for an `.npy` image array.
+pub fn open_data(spec: &str, labels: &Option<PathBuf>) -> Result<DataSource> {
+    Ok(match labels {
+        Some(l) => DataSource::from_spec(&DataSource::npy_with_labels(Path::new(spec), l))?,
+        None => DataSource::from_spec(spec)?,
+    })
+}
+
+pub fn check_output(path: &Path, ext: &str) -> Result<()> {
+    if path.extension().and_then(|e| e.to_str()) != Some(ext) {
+        bail!("output {} must end in .{ext}", path.display());
+    }
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!("output folder {} does not exist", dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// `LO,HI` or `W` (the range `[W, W]`) of `--guidance-range`.
+pub fn parse_guidance_range(s: &str) -> Result<[f64; 2]> {
+    parse_range(s, "--guidance-range")
+}
+
+/// A guidance range `LO,HI` or `W` given to `flag`.
+pub fn parse_range(s: &str, flag: &str) -> Result<[f64; 2]> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let num = |p: &str| -> Result<f64> {
+        p.parse::<f64>()
+            .map_err(|_| anyhow::anyhow!("{flag} {s}: '{p}' is not a number (expected LO,HI or W)"))
+    };
+    let range = match parts[..] {
+        [w] => [num(w)?; 2],
+        [lo, hi] => [num(lo)?, num(hi)?],
+        _ => bail!("{flag} {s}: expected LO,HI or W"),
+    };
+    flowmap::backbone::check_guidance_range(range)?;
+    Ok(range)
+}
+
+pub fn parse_nfes(s: &str) -> Result<Vec<usize>> {
+    let v = s
+        .split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .map_err(|_| anyhow::anyhow!("bad --nfe entry '{p}' (expected e.g. 1,2,4,8)"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if v.iter().any(|&k| k == 0) {
+        bail!("--nfe values must be at least 1");
+    }
+    Ok(v)
+}

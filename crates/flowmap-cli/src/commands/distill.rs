@@ -1,0 +1,135 @@
+//! `flowmap distill`: distil a flow map from a teacher (a checkpoint, a plain state dict, or `gmm:SPEC.json`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use clap::Args;
+use flowmap::objective::{DistillConfig, Method};
+use candle_core::Device;
+use flowmap::checkpoint::{Foreign, ModelKind};
+use flowmap::data::DataSource;
+use flowmap::pipeline::{MapJob, RunConfig, Teacher};
+use flowmap::teacher::VelocityField;
+
+use super::common::{check_output, methods_help, open_data, parse_guidance_range, read_config, train_config, TrainFlags};
+use super::guidance::load_guide;
+use super::map_flags::MapFlags;
+use super::Ctx;
+use crate::report::{self, progress_bar};
+use crate::supervise;
+
+#[derive(Args)]
+pub struct DistillArgs {
+    /// Teacher checkpoint, or `gmm:SPEC.json` for the analytic mixture teacher.
+    #[arg(long)]
+    pub teacher: String,
+    /// Objective: emd, lmd, emd-cont, lmd-cont, cm, ctm, progressive or direct.
+    #[arg(long, long_help = methods_help(true))]
+    pub method: String,
+    /// Output checkpoint (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Data for x_t (default: the teacher's own data).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Distil classifier-free guidance into the map: LO,HI (or one value W); each training pair draws w from
+    /// the range and the map takes w as an input (`sample --guidance w`, one NFE per step).
+    #[arg(long, allow_hyphen_values = true)]
+    pub guidance_range: Option<String>,
+    /// Autoguidance distilled into the map: with --guidance-range, the teacher is guided by this weaker
+    /// model of the same data, v_weak + w·(v − v_weak), instead of by its null class (conditional or
+    /// unconditional teachers).
+    #[arg(long)]
+    pub guide_model: Option<PathBuf>,
+    #[command(flatten)]
+    pub train: TrainFlags,
+    #[command(flatten)]
+    pub map: MapFlags,
+}
+
+pub fn run(a: DistillArgs, cx: &Ctx) -> Result<()> {
+    let (device, show) = (&cx.device, cx.show);
+    let method = Method::parse_distill(&a.method)?;
+    check_output(&a.out, "safetensors")?;
+    let file = read_config(&a.train.config)?;
+    let mut cfg = train_config(&a.train, file.train.clone());
+    if let Some(r) = &a.guidance_range {
+        cfg.guidance_range = Some(parse_guidance_range(r)?);
+    }
+    cfg.validate()?;
+    if a.data.is_none() && a.labels.is_some() {
+        bail!("--labels goes with --data");
+    }
+    let given = a.data.as_ref().map(|spec| open_data(spec, &a.labels)).transpose()?;
+    let teacher = load_teacher(&a.teacher, given.as_ref(), &a.map, &file, device)?;
+    if matches!(teacher, Teacher::Net { .. }) && a.map.arch.any() {
+        bail!("a network teacher fixes the student's backbone (it starts as the teacher); drop the --arch flags");
+    }
+    let data = match given {
+        Some(d) => d,
+        None => teacher.data()?,
+    };
+    let base = DistillConfig::for_data(method, &teacher.state_shape(), data.num_classes().is_some());
+    let dcfg = a.map.objective(file.distill_config_over(base)?, method)?;
+    let guide = a.guide_model.as_deref().map(|p| load_guide(p, device)).transpose()?;
+    let job = MapJob {
+        teacher: Some(&teacher),
+        guide: guide.as_ref(),
+        objective: dcfg,
+        train: cfg,
+        arch: a.map.arch(&teacher.state_shape(), data.num_classes(), &file)?,
+        device: device.clone(),
+        ..MapJob::new(method, &data)
+    };
+    run_map(&job, &a.out, &a.train.long, show)
+}
+
+/// The teacher of `distill`: `gmm:SPEC.json`, a flowmap checkpoint, or a plain safetensors state dict (a
+/// PyTorch model's, say) whose architecture the `--config` file's `[arch]` table gives and whose data
+/// `--data` names. The library decides which the file is ([`Teacher::open`]).
+fn load_teacher(
+    spec: &str,
+    data: Option<&DataSource>,
+    flags: &MapFlags,
+    file: &RunConfig,
+    device: &Device,
+) -> Result<Teacher> {
+    Ok(Teacher::open(spec, device, || {
+        let why = "has no flowmap metadata (a state dict saved by another framework?)";
+        let (Some(data), Some(_)) = (data, file.arch_kind()?) else {
+            return Err(flowmap::Error::arg(format!(
+                "{spec} {why}: give its architecture with --config FILE (an [arch] table with its kind, e.g. kind = \"unet\") and its data with --data"
+            )));
+        };
+        let arch = flags
+            .arch(&data.state_shape(), data.num_classes(), file)
+            .map_err(|e| flowmap::Error::arg(e.to_string()))?;
+        Ok(Foreign {
+            kind: ModelKind::Teacher,
+            arch,
+            data: data.name(),
+            scale: data.scale(),
+        })
+    })?)
+}
+
+/// Runs a flow-map job behind a progress bar and saves its map.
+pub fn run_map(job: &MapJob<'_>, out: &Path, long: &supervise::LongRunFlags, show: bool) -> Result<()> {
+    let (method, steps) = (job.method, job.train.steps);
+    let mut sup = supervise::Supervisor::new(long, out)?;
+    let pb = progress_bar(steps as u64, method.name(), show);
+    let bar = report::bar_for(&pb, &job.data.state_shape(), job.train.batch_size);
+    let m = sup.run(|ctl| job.run_controlled(&*bar, ctl))?;
+    pb.finish_and_clear();
+    m.save(out)?;
+    let (first, last) = m.log.first_last();
+    eprintln!(
+        "{method}: {steps} steps in {:.1}s, loss {first:.4} → {last:.4}; wrote {}",
+        m.log.seconds,
+        out.display()
+    );
+    Ok(())
+}

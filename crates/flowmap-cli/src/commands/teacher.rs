@@ -1,0 +1,59 @@
+//! `flowmap teacher`: train a velocity network by conditional flow matching.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use flowmap::backbone::MlpConfig;
+use flowmap::pipeline;
+
+use super::common::{check_output, open_data, read_config, train_config, TrainFlags};
+use super::Ctx;
+use crate::arch::ArchFlags;
+use crate::report::{self, progress_bar};
+use crate::supervise;
+
+#[derive(Args)]
+pub struct TeacherArgs {
+    /// Data spec: checkerboard, moons, 8gaussians, spirals, rings, swissroll, gmm:SPEC.json, FILE.npy, FILE.csv, mnist.
+    #[arg(long)]
+    pub data: String,
+    /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Output checkpoint (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub train: TrainFlags,
+    /// Backbone settings (an MLP defaults to width 256, depth 3, 16 time frequencies up to 64).
+    #[command(flatten)]
+    pub arch: ArchFlags,
+}
+
+pub fn run(a: TeacherArgs, cx: &Ctx) -> Result<()> {
+    let (device, show) = (&cx.device, cx.show);
+    check_output(&a.out, "safetensors")?;
+    let file = read_config(&a.train.config)?;
+    let cfg = train_config(&a.train, file.train.clone());
+    cfg.validate()?;
+    let data = open_data(&a.data, &a.labels)?;
+    let shape = data.state_shape();
+    let arch = a
+        .arch
+        .build(&shape, data.num_classes(), &file, MlpConfig::for_shape(&shape))?;
+    let mut sup = supervise::Supervisor::new(&a.train.long, &a.out)?;
+    let pb = progress_bar(cfg.steps as u64, "teacher", show);
+    let bar = report::bar_for(&pb, &shape, cfg.batch_size);
+    let trained = sup.run(|ctl| pipeline::train_teacher_controlled(&data, &arch, &cfg, device, &*bar, ctl))?;
+    pb.finish_and_clear();
+    trained.save(&a.out)?;
+    let (first, last) = trained.log.first_last();
+    eprintln!(
+        "teacher: {} steps in {:.1}s, loss {first:.4} → {last:.4}; wrote {}",
+        cfg.steps,
+        trained.log.seconds,
+        a.out.display()
+    );
+    Ok(())
+}
