@@ -97,7 +97,7 @@ impl MnistConfig {
         MnistConfig {
             bench: true,
             teacher_steps,
-            methods: Method::ALL.to_vec(),
+            methods: Method::all().collect(),
             map_steps,
             batch_size: 64,
             lr: 5e-4,

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use flowmap::io;
 use flowmap::objective::Method;
 
-use super::common::{parse_range, parse_sizes};
+use super::common::{methods_help, parse_range, parse_sizes};
 use super::Ctx;
 use crate::{bench, demo_mnist, report};
 
@@ -63,7 +63,7 @@ pub struct MnistBenchArgs {
     /// Batch size of the maps.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
-    /// The data-only methods (meanflow, self-lmd, shortcut): trained from scratch for the teacher's steps
+    /// The data-only methods (those `flowmap train` takes): trained from scratch for the teacher's steps
     /// and a distillation's, or fine-tuned from the flow-matching teacher for a distillation's.
     #[arg(long, value_enum, default_value = "scratch")]
     pub data_only: DataOnlyInit,
@@ -95,9 +95,8 @@ pub struct GuidanceBenchArgs {
     /// The maps' guidance range LO,HI.
     #[arg(long, default_value = "1,4")]
     pub range: String,
-    /// The teacher-based method that distils the guided teacher (emd, lmd, emd-cont, lmd-cont, cm, ctm,
-    /// progressive, direct).
-    #[arg(long, default_value = "cm")]
+    /// The teacher-based method that distils the guided teacher.
+    #[arg(long, default_value = "cm", long_help = methods_help(true))]
     pub method: String,
     /// Steps of each map.
     #[arg(long, default_value_t = 3000)]

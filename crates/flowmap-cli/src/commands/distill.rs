@@ -23,7 +23,7 @@ pub struct DistillArgs {
     /// Teacher checkpoint, or `gmm:SPEC.json` for the analytic mixture teacher.
     #[arg(long)]
     pub teacher: String,
-    /// Objective: emd, lmd, emd-cont, lmd-cont, cm, ctm, progressive or direct.
+    /// The objective that distils the teacher (`--help` lists them).
     #[arg(long, long_help = methods_help(true))]
     pub method: String,
     /// Output checkpoint (.safetensors).

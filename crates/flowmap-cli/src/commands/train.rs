@@ -14,7 +14,7 @@ use super::Ctx;
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Teacher-free objective: meanflow, self-lmd or shortcut.
+    /// The teacher-free objective (`--help` lists them).
     #[arg(long, long_help = methods_help(false))]
     pub method: String,
     /// Data spec (as for `teacher`).

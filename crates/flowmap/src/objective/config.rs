@@ -1,132 +1,10 @@
 //! Configuration shared by the distillation objectives: step size ε, the (t, s) distribution, the
 //! weighting and the target network. Serialised into checkpoints and readable from TOML.
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde::{Deserialize, Serialize};
 
+use super::registry::Method;
 use crate::{Error, Result, Rng};
-
-/// A flow-map training method: distillation from a teacher, or training from data alone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    /// Eulerian map distillation, discrete: move the start point along the teacher.
-    Emd,
-    /// Lagrangian map distillation, discrete: move the end point along the teacher.
-    Lmd,
-    /// Eulerian map distillation in continuous time (a JVP along the teacher's flow).
-    EmdCont,
-    /// Lagrangian map distillation in continuous time (a JVP in `s`).
-    LmdCont,
-    /// Consistency distillation: the map restricted to `s = 0`.
-    Cm,
-    /// Consistency trajectory model: the teacher solved part of the way, then the target map.
-    Ctm,
-    /// Progressive flow-map matching: two half steps of a frozen map teach one full step.
-    Progressive,
-    /// Direct regression on the teacher's dopri5 solutions.
-    Direct,
-    /// MeanFlow, from data alone.
-    Meanflow,
-    /// Lagrangian self-distillation, from data alone.
-    SelfLmd,
-    /// Shortcut self-consistency, from data alone.
-    Shortcut,
-}
-
-impl Method {
-    pub const ALL: [Method; 11] = [
-        Method::Emd,
-        Method::Lmd,
-        Method::EmdCont,
-        Method::LmdCont,
-        Method::Cm,
-        Method::Ctm,
-        Method::Progressive,
-        Method::Direct,
-        Method::Meanflow,
-        Method::SelfLmd,
-        Method::Shortcut,
-    ];
-
-    /// The method's entry in the registry ([`super::registry`]).
-    pub fn info(self) -> &'static super::registry::MethodInfo {
-        super::registry::info(self)
-    }
-
-    /// The name on the command line and in checkpoints.
-    pub fn name(self) -> &'static str {
-        self.info().name
-    }
-
-    /// Whether the method distils a teacher (`flowmap distill`) or trains from data (`flowmap train`).
-    pub fn needs_teacher(self) -> bool {
-        self.info().needs_teacher
-    }
-
-    /// Whether the objective takes a tangent of the map (a JVP, exact or by finite differences).
-    pub fn needs_tangent(self) -> bool {
-        self.info().needs_tangent
-    }
-
-    /// Whether the trained map is defined only for `s = 0` (a consistency model).
-    pub fn boundary_only(self) -> bool {
-        self.info().boundary_only
-    }
-
-    fn list(teacher: bool) -> String {
-        Method::ALL
-            .iter()
-            .filter(|m| m.needs_teacher() == teacher)
-            .map(|m| m.name())
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// Parses a method for `flowmap distill` (teacher-based methods).
-    pub fn parse_distill(s: &str) -> Result<Self> {
-        let m: Method = s.parse()?;
-        if !m.needs_teacher() {
-            return Err(Error::arg(format!(
-                "'{s}' trains from data without a teacher: use `flowmap train --method {s} --data SPEC`"
-            )));
-        }
-        Ok(m)
-    }
-
-    /// Parses a method for `flowmap train` (teacher-free methods).
-    pub fn parse_train(s: &str) -> Result<Self> {
-        let m: Method = s.parse()?;
-        if m.needs_teacher() {
-            return Err(Error::arg(format!(
-                "'{s}' distils a teacher: use `flowmap distill --teacher T --method {s}` (teacher-free methods: {})",
-                Method::list(false)
-            )));
-        }
-        Ok(m)
-    }
-}
-
-impl fmt::Display for Method {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Method {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
-            Error::arg(format!(
-                "unknown method '{s}' (distillation: {}; from data: {})",
-                Method::list(true),
-                Method::list(false)
-            ))
-        })
-    }
-}
 
 /// The step fraction ε of the teacher step in the discrete objectives.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -359,6 +237,13 @@ impl Default for ContinuousConfig {
     }
 }
 
+/// What a method's recipe may depend on: whether the data are images (`C × H × W` states) and labelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataKind {
+    pub image: bool,
+    pub labelled: bool,
+}
+
 /// Configuration of the flow-map objectives.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -406,104 +291,21 @@ impl Default for DistillConfig {
 }
 
 impl DistillConfig {
-    /// The defaults for `method`: [`DistillConfig::default`], except where a measurement prescribes
-    /// otherwise. MeanFlow trains with the plain squared error (see [`crate::objective::MeanFlow`] for why
-    /// its paper's adaptive weight is biased in low dimension) on uniform pairs with 25% of the batch on the
-    /// diagonal: `flowmap train --method meanflow --data checkerboard --steps 8000 --batch 512` gave 2-NFE
-    /// energy distance 0.0012, against 0.0035 with logit-normal(0, 1) times and 75% on the diagonal
-    /// (`--times logit-normal --diagonal-fraction 0.75`, close to the paper's logit-normal(−0.4, 1)) and
-    /// 0.0014 with uniform times and 75%.
-    /// Its target starts from the batch's estimate of the marginal velocity ([`MeanFlowVelocity::Batch`])
-    /// rather than `x1 − x0`: `flowmap train --method meanflow --data checkerboard --steps 8000 --batch 512
-    /// --seed 1 [--meanflow-velocity conditional]`, 200,000-point energy distance at 1, 2 and 4 NFE on the
-    /// grid `ρ = 2` (`flowmap eval --grid-power 2`): 0.00049, 0.00015, 0.00013 against 0.00111, 0.00049,
-    /// 0.00040 with `x1 − x0`, for 17% more time per step.
-    /// The consistency model takes its targets from the EMA of the weights, as in Song et al. 2023's
-    /// consistency distillation: on checkerboard (4,300 steps at batch 512, 200,000-point energy distance,
-    /// `flowmap distill --method cm [--target ema]`) 1-NFE 0.00026 and 0.00025 over two seeds against 0.00029
-    /// and 0.00030 with the current weights, 2-NFE (through `t = 0.3`) 0.00019 and 0.00020 against 0.00022;
-    /// an adaptive (pseudo-Huber-like, `p = 0.5`) weight and grids of 32 or 128 intervals did not help.
-    /// Self-LMD takes its targets from the EMA of the weights: with the current weights its own diagonal
-    /// feeds back into its targets and it diverged on checkerboard within 7,000 steps (`flowmap bench
-    /// compare`), while with the EMA it trained stably for 10,000 steps (2-NFE energy distance 0.0058).
+    /// The defaults for `method` on unlabelled points: [`DistillConfig::for_data`] with a 2-D state.
     pub fn for_method(method: Method) -> Self {
-        let mut c = DistillConfig::default();
-        match method {
-            Method::Meanflow => {
-                c.weighting = Weighting::Constant;
-                c.continuous.meanflow_velocity = MeanFlowVelocity::Batch;
-            }
-            Method::SelfLmd | Method::Cm => c.target = TargetNet::Ema,
-            _ => {}
-        }
-        c
+        DistillConfig::for_data(method, &[2], false)
     }
 
     /// The defaults for `method` on data whose examples have shape `state_shape` (`[d]` for points,
-    /// `[C, H, W]` for images), labelled or not: [`DistillConfig::for_method`], then what the data changes.
-    ///
-    /// MeanFlow's batch estimate of the marginal velocity treats the batch as an unconditional data law,
-    /// and in image dimensions its posterior weights degenerate to the row's own `x0`: on labelled data or
-    /// images it starts from the paper's conditional velocity `x1 − x0`. On images it also takes the
-    /// paper's adaptive weight `1/(‖Δ‖² + 10⁻³)` (`‖Δ‖²` the row's mean squared error; its bias, which
-    /// ruled it out on points, shrinks with the dimension). Fine-tuning the shipped MNIST teacher for 500
-    /// steps at batch 64 (`cargo run --release --example mnist_probe -- meanflow 500
-    /// [weighting=constant]`, 500 samples, seed 0), the plain
-    /// squared error's high-variance long-jump rows pull the small steps off the data: class accuracy at
-    /// 1, 2, 4, 8 NFE 95.2, 92.0, 92.8, 91.2% (FD 90, 48, 47, 48) against 98.6, 94.4, 96.0, 95.6% (FD 110,
-    /// 40, 40, 40) with the adaptive weight. (`p = 0.5`: 98.0, 94.8, 94.8, 94.4%; 75% of the batch on the
-    /// diagonal with the plain loss: 94.4, 89.6, 91.0, 90.2%.)
-    ///
-    /// The methods whose diagonal is their own teacher put most of an image batch on the diagonal instead
-    /// of 25%: shortcut 75%, as its paper does, self-LMD 90%. In image dimensions the off-diagonal
-    /// targets' errors reach the diagonal through the shared weights, and a diagonal that drifts teaches
-    /// the map its drift. The same fine-tune (`-- self-lmd 500 [diag=0.25|0.75]`, `-- shortcut 500
-    /// [diag=0.25]`): self-LMD's class accuracy at 1, 2, 4, 8 NFE 84.0, 78.4, 79.0, 74.0% (FD 78, 78, 76,
-    /// 82, speckled digits) against 96.4, 93.6, 92.8, 91.2% (FD 84, 54, 46, 42); shortcut's 96.2, 93.0,
-    /// 92.6, 91.8% (FD 83, 49, 47, 46) against 98.0, 95.0, 94.2, 93.2% (FD 83, 42, 37, 35). (Self-LMD with
-    /// the adaptive weight collapsed to 58–67%; with the current weights as its target it diverged, as on
-    /// checkerboard; with a fixed ε = 0.1 it reached 81–91%.) Self-LMD's accuracy keeps rising with the
-    /// fraction, at some cost in FD: at 0.5, 96.0, 93.2, 92.0, 91.0% (FD 67, 53, 47, 46); at 0.9, 97.6,
-    /// 95.0, 94.0, 94.0% (FD 88, 59, 50, 45); `bench mnist` at 0.75 had it 1–2 points below the teacher's
-    /// dopri5 at 4 and 8 NFE.
-    ///
-    /// Continuous LMD on images steps at 0.4 of the run's learning rate, with `tangent_c = 0.01`. Its
-    /// normalised tangent step is unstable at large gaps in image dimensions: at the bench's 5·10⁻⁴ its
-    /// class accuracy at 1 and 2 NFE was 87.2 and 89.4% (FD 65, 49). At 2·10⁻⁴ with `c = 0.01`, 500 steps:
-    /// 96.8, 91.0% (FD 76, 48) (`mnist_probe -- lmd-cont 500 tangent_c=0.01 lr=2e-4`, before the scale
-    /// existed). A quarter of the off-diagonal rows on the few-step grids' jumps (`grid_fraction = 0.25`)
-    /// lifted that short run's 2-NFE accuracy to 96.0% (98.8, 96.0, 94.6, 93.8% at 1, 2, 4, 8 NFE, FD 126,
-    /// 55, 42, 37) and was the recipe until the bench's budget grew to 2,000 steps, where it costs more than
-    /// it gives: `bench mnist` at 2,000 steps had lmd-cont at 1-NFE FD 109 and, on the uniform 4-step grid
-    /// alone, 90.5% accuracy, and over three evaluation seeds (`flowmap eval --n 1000 --seed 0|1|2`) its
-    /// 4-step accuracy is 90.5, 92.1, 91.6% against the teacher's dopri5 on the same noise 94.4, 94.9,
-    /// 92.8% (3, 5, 6 and 8 steps, or 4 steps on a ρ = √2 or √½ power grid, are within 2 points: the
-    /// exact grid jumps the rows trained are where the map is worst). Without the grid rows
-    /// (`mnist_probe -- lmd-cont 2000 grid=0`, the same three seeds): 1-NFE FD 85–86 at 98.8–99.4%, 2-NFE
-    /// FD 40–42 at 96.4–97.1%, 4-NFE FD 26–27 at 94.3, 95.1, 94.9%, 8-NFE FD 24–25 at 93.4–94.5% (FD with
-    /// them: 106–109, 43–45, 25–27 and 23–25). At 1,000 steps it is a trade: without the grid rows 1-NFE FD
-    /// 75 against 214–218 and a higher accuracy at every NFE (4 steps: 95.6–96.0% against 93.5–94.4%), but
-    /// 2-NFE FD 59 against 32–34 and 4-NFE 31–33 against 26–29.
+    /// `[C, H, W]` for images), labelled or not: [`DistillConfig::default`], then the method's own recipe
+    /// (its registry entry's `recipe`, written beside its loss with the measurements that chose it).
     pub fn for_data(method: Method, state_shape: &[usize], labelled: bool) -> Self {
-        let mut c = DistillConfig::for_method(method);
-        let image = state_shape.len() == 3;
-        if method == Method::Meanflow {
-            if labelled || image {
-                c.continuous.meanflow_velocity = MeanFlowVelocity::Conditional;
-            }
-            if image {
-                c.weighting = Weighting::Adaptive { c: 1e-3, p: 1.0 };
-            }
-        }
-        match method {
-            Method::SelfLmd if image => c.times.diagonal_fraction = 0.9,
-            Method::Shortcut if image => c.times.diagonal_fraction = 0.75,
-            Method::LmdCont if image => {
-                c.lr_scale = 0.4;
-                c.continuous.tangent_c = 0.01;
-            }
-            _ => {}
-        }
+        let mut c = DistillConfig::default();
+        let data = DataKind {
+            image: state_shape.len() == 3,
+            labelled,
+        };
+        (method.info().recipe)(&mut c, data);
         c
     }
 

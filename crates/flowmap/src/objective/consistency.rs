@@ -1,11 +1,19 @@
 use candle_core::Tensor;
 
-use super::{column, row_mse, DistillConfig, Objective, StepContext, Weighting};
+use super::{column, row_mse, DataKind, DistillConfig, Objective, StepContext, TargetNet, Weighting};
 use crate::flow_map::FlowMap;
 use crate::kernels::no_grad;
 use crate::ode::{self, Scheme};
 use crate::teacher::VelocityField;
 use crate::Result;
+
+/// The consistency model's defaults: its targets come from the EMA of the weights, as in Song et al. 2023's
+/// consistency distillation. On checkerboard (4,300 steps at batch 512, `flowmap distill --method cm
+/// [--target ema]`, 200,000-point energy distance) 1-NFE 0.00026 and 0.00025 over two seeds against 0.00029 and
+/// 0.00030 with the current weights; an adaptive weight and grids of 32 or 128 intervals did not help.
+pub(crate) fn recipe(c: &mut DistillConfig, _: DataKind) {
+    c.target = TargetNet::Ema;
+}
 
 /// Consistency distillation (Song et al. 2023, "Consistency Models"): the flow map restricted to the
 /// boundary `s = 0`, `f(x, t, 0)`, anchored by `f(x, 0, 0) = x`.

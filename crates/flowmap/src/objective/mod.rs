@@ -27,9 +27,10 @@ use crate::kernels::no_grad;
 use candle_core::Tensor;
 
 pub use config::{
-    ContinuousConfig, DistillConfig, EpsSchedule, JvpMode, MeanFlowTangent, MeanFlowVelocity, Method, TargetNet,
+    ContinuousConfig, DataKind, DistillConfig, EpsSchedule, JvpMode, MeanFlowTangent, MeanFlowVelocity, TargetNet,
     TimeDistribution, TimeSampling, Weighting,
 };
+pub use registry::Method;
 pub use consistency::ConsistencyDistillation;
 pub use continuous::{EmdContinuous, LmdContinuous};
 pub use ctm::ConsistencyTrajectory;

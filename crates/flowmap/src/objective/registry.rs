@@ -1,12 +1,19 @@
 //! The registry of flow-map methods: one entry per method with what the rest of flowmap asks of it (its
-//! name on the command line, a one-line summary, whether it distils a teacher, takes a tangent or learns
-//! only `s = 0`) and how its objective is built. [`Method`]'s properties, the command line's `--method`
-//! errors and [`super::build`] read this table; adding a method is its objective file, one variant of
-//! [`Method`] and one line here.
+//! name on the command line and in checkpoints, a one-line summary, whether it distils a teacher, takes a
+//! tangent or learns only `s = 0`, its recipe of defaults) and how its objective is built. [`Method`]'s
+//! properties and parsing, [`DistillConfig::for_data`], [`super::build`], the command line's help and
+//! errors and the benchmarks' method lists all read this table; adding a method is its objective file, its
+//! variant of [`Method`] and its line here.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
 
 use super::{
-    ConsistencyDistillation, ConsistencyTrajectory, DirectRegression, DistillConfig, Emd, EmdContinuous, Lmd,
-    LmdContinuous, MeanFlow, Method, Objective, Progressive, SelfLmd, Shortcut,
+    consistency, continuous, meanflow, self_distill, ConsistencyDistillation, ConsistencyTrajectory, DataKind,
+    DirectRegression, DistillConfig, Emd, EmdContinuous, Lmd, LmdContinuous, MeanFlow, Objective, Progressive,
+    SelfLmd, Shortcut,
 };
 use crate::backbone::Arch;
 use crate::flow_map::FlowMap;
@@ -29,6 +36,116 @@ impl<'a> BuildArgs<'a, '_> {
     }
 }
 
+/// A flow-map training method: distillation from a teacher, or training from data alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Eulerian map distillation, discrete: move the start point along the teacher.
+    Emd,
+    /// Lagrangian map distillation, discrete: move the end point along the teacher.
+    Lmd,
+    /// Eulerian map distillation in continuous time (a JVP along the teacher's flow).
+    EmdCont,
+    /// Lagrangian map distillation in continuous time (a JVP in `s`).
+    LmdCont,
+    /// Consistency distillation: the map restricted to `s = 0`.
+    Cm,
+    /// Consistency trajectory model: the teacher solved part of the way, then the target map.
+    Ctm,
+    /// Progressive flow-map matching: two half steps of a frozen map teach one full step.
+    Progressive,
+    /// Direct regression on the teacher's dopri5 solutions.
+    Direct,
+    /// MeanFlow, from data alone.
+    Meanflow,
+    /// Lagrangian self-distillation, from data alone.
+    SelfLmd,
+    /// Shortcut self-consistency, from data alone.
+    Shortcut,
+}
+
+impl Method {
+    /// The method's entry in the registry ([`super::registry`]).
+    pub fn info(self) -> &'static MethodInfo {
+        info(self)
+    }
+
+    /// The name on the command line and in checkpoints.
+    pub fn name(self) -> &'static str {
+        self.info().name
+    }
+
+    /// Whether the method distils a teacher (`flowmap distill`) or trains from data (`flowmap train`).
+    pub fn needs_teacher(self) -> bool {
+        self.info().needs_teacher
+    }
+
+    /// Whether the objective takes a tangent of the map (a JVP, exact or by finite differences).
+    pub fn needs_tangent(self) -> bool {
+        self.info().needs_tangent
+    }
+
+    /// Whether the trained map is defined only for `s = 0` (a consistency model).
+    pub fn boundary_only(self) -> bool {
+        self.info().boundary_only
+    }
+
+    /// Every method, in the registry's order.
+    pub fn all() -> impl Iterator<Item = Method> {
+        METHODS.iter().map(|i| i.method)
+    }
+
+    fn list(teacher: bool) -> String {
+        Method::all()
+            .filter(|m| m.needs_teacher() == teacher)
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Parses a method for `flowmap distill` (teacher-based methods).
+    pub fn parse_distill(s: &str) -> Result<Self> {
+        let m: Method = s.parse()?;
+        if !m.needs_teacher() {
+            return Err(Error::arg(format!(
+                "'{s}' trains from data without a teacher: use `flowmap train --method {s} --data SPEC`"
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Parses a method for `flowmap train` (teacher-free methods).
+    pub fn parse_train(s: &str) -> Result<Self> {
+        let m: Method = s.parse()?;
+        if m.needs_teacher() {
+            return Err(Error::arg(format!(
+                "'{s}' distils a teacher: use `flowmap distill --teacher T --method {s}` (teacher-free methods: {})",
+                Method::list(false)
+            )));
+        }
+        Ok(m)
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Method {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Method::all().find(|m| m.name() == s).ok_or_else(|| {
+            Error::arg(format!(
+                "unknown method '{s}' (distillation: {}; from data: {})",
+                Method::list(true),
+                Method::list(false)
+            ))
+        })
+    }
+}
+
 /// A boxed flow-map objective.
 pub type BoxedObjective<'a> = Box<dyn Objective<Model = dyn FlowMap> + 'a>;
 
@@ -45,23 +162,29 @@ pub struct MethodInfo {
     pub needs_tangent: bool,
     /// Learns the map only for `s = 0` (a consistency model, sampled by re-noising).
     pub boundary_only: bool,
+    /// The method's defaults where its measurements chose other settings than [`DistillConfig::default`],
+    /// by the kind of data ([`DistillConfig::for_data`]).
+    pub recipe: fn(&mut DistillConfig, DataKind),
     pub build: for<'a, 's> fn(&BuildArgs<'a, 's>) -> Result<BoxedObjective<'a>>,
 }
 
 #[rustfmt::skip]
-pub const METHODS: [MethodInfo; 11] = [
-    MethodInfo { method: Method::Emd, name: "emd", summary: "Eulerian map distillation: the start point moves one teacher step", needs_teacher: true, needs_tangent: false, boundary_only: false, build: |a| Ok(Box::new(Emd::new(a.teacher()?, a.cfg))) },
-    MethodInfo { method: Method::Lmd, name: "lmd", summary: "Lagrangian map distillation: the end point moves one teacher step", needs_teacher: true, needs_tangent: false, boundary_only: false, build: |a| Ok(Box::new(Lmd::new(a.teacher()?, a.cfg))) },
-    MethodInfo { method: Method::EmdCont, name: "emd-cont", summary: "Eulerian map distillation in continuous time (a JVP along the teacher)", needs_teacher: true, needs_tangent: true, boundary_only: false, build: |a| Ok(Box::new(EmdContinuous { teacher: a.teacher()?, cfg: a.cfg })) },
-    MethodInfo { method: Method::LmdCont, name: "lmd-cont", summary: "Lagrangian map distillation in continuous time (a JVP in s)", needs_teacher: true, needs_tangent: true, boundary_only: false, build: |a| Ok(Box::new(LmdContinuous { teacher: a.teacher()?, cfg: a.cfg })) },
-    MethodInfo { method: Method::Cm, name: "cm", summary: "consistency distillation: the map to s = 0 only", needs_teacher: true, needs_tangent: false, boundary_only: true, build: |a| Ok(Box::new(ConsistencyDistillation { teacher: a.teacher()?, cfg: a.cfg })) },
-    MethodInfo { method: Method::Ctm, name: "ctm", summary: "consistency trajectory model: the teacher solved part of the way, then the target map", needs_teacher: true, needs_tangent: false, boundary_only: false, build: |a| Ok(Box::new(ConsistencyTrajectory { teacher: a.teacher()?, cfg: a.cfg })) },
-    MethodInfo { method: Method::Progressive, name: "progressive", summary: "progressive flow-map matching: two half steps of a frozen map teach one", needs_teacher: true, needs_tangent: false, boundary_only: false, build: build_progressive },
-    MethodInfo { method: Method::Direct, name: "direct", summary: "direct regression on the teacher's dopri5 solutions", needs_teacher: true, needs_tangent: false, boundary_only: false, build: |a| Ok(Box::new(DirectRegression { teacher: a.teacher()?, cfg: a.cfg, tol: 1e-4 })) },
-    MethodInfo { method: Method::Meanflow, name: "meanflow", summary: "MeanFlow: the average-velocity identity with one JVP, from data", needs_teacher: false, needs_tangent: true, boundary_only: false, build: |a| Ok(Box::new(MeanFlow { cfg: a.cfg })) },
-    MethodInfo { method: Method::SelfLmd, name: "self-lmd", summary: "Lagrangian self-distillation: the map's own diagonal as the teacher, from data", needs_teacher: false, needs_tangent: false, boundary_only: false, build: |a| Ok(Box::new(SelfLmd { cfg: a.cfg })) },
-    MethodInfo { method: Method::Shortcut, name: "shortcut", summary: "shortcut models: two half jumps teach one, from data", needs_teacher: false, needs_tangent: false, boundary_only: false, build: |a| Ok(Box::new(Shortcut { cfg: a.cfg })) },
+pub const METHODS: &[MethodInfo] = &[
+    MethodInfo { method: Method::Emd, name: "emd", summary: "Eulerian map distillation: the start point moves one teacher step", needs_teacher: true, needs_tangent: false, boundary_only: false, recipe: no_recipe, build: |a| Ok(Box::new(Emd::new(a.teacher()?, a.cfg))) },
+    MethodInfo { method: Method::Lmd, name: "lmd", summary: "Lagrangian map distillation: the end point moves one teacher step", needs_teacher: true, needs_tangent: false, boundary_only: false, recipe: no_recipe, build: |a| Ok(Box::new(Lmd::new(a.teacher()?, a.cfg))) },
+    MethodInfo { method: Method::EmdCont, name: "emd-cont", summary: "Eulerian map distillation in continuous time (a JVP along the teacher)", needs_teacher: true, needs_tangent: true, boundary_only: false, recipe: no_recipe, build: |a| Ok(Box::new(EmdContinuous { teacher: a.teacher()?, cfg: a.cfg })) },
+    MethodInfo { method: Method::LmdCont, name: "lmd-cont", summary: "Lagrangian map distillation in continuous time (a JVP in s)", needs_teacher: true, needs_tangent: true, boundary_only: false, recipe: continuous::lmd_cont_recipe, build: |a| Ok(Box::new(LmdContinuous { teacher: a.teacher()?, cfg: a.cfg })) },
+    MethodInfo { method: Method::Cm, name: "cm", summary: "consistency distillation: the map to s = 0 only", needs_teacher: true, needs_tangent: false, boundary_only: true, recipe: consistency::recipe, build: |a| Ok(Box::new(ConsistencyDistillation { teacher: a.teacher()?, cfg: a.cfg })) },
+    MethodInfo { method: Method::Ctm, name: "ctm", summary: "consistency trajectory model: the teacher solved part of the way, then the target map", needs_teacher: true, needs_tangent: false, boundary_only: false, recipe: no_recipe, build: |a| Ok(Box::new(ConsistencyTrajectory { teacher: a.teacher()?, cfg: a.cfg })) },
+    MethodInfo { method: Method::Progressive, name: "progressive", summary: "progressive flow-map matching: two half steps of a frozen map teach one", needs_teacher: true, needs_tangent: false, boundary_only: false, recipe: no_recipe, build: build_progressive },
+    MethodInfo { method: Method::Direct, name: "direct", summary: "direct regression on the teacher's dopri5 solutions", needs_teacher: true, needs_tangent: false, boundary_only: false, recipe: no_recipe, build: |a| Ok(Box::new(DirectRegression { teacher: a.teacher()?, cfg: a.cfg, tol: 1e-4 })) },
+    MethodInfo { method: Method::Meanflow, name: "meanflow", summary: "MeanFlow: the average-velocity identity with one JVP, from data", needs_teacher: false, needs_tangent: true, boundary_only: false, recipe: meanflow::recipe, build: |a| Ok(Box::new(MeanFlow { cfg: a.cfg })) },
+    MethodInfo { method: Method::SelfLmd, name: "self-lmd", summary: "Lagrangian self-distillation: the map's own diagonal as the teacher, from data", needs_teacher: false, needs_tangent: false, boundary_only: false, recipe: self_distill::self_lmd_recipe, build: |a| Ok(Box::new(SelfLmd { cfg: a.cfg })) },
+    MethodInfo { method: Method::Shortcut, name: "shortcut", summary: "shortcut models: two half jumps teach one, from data", needs_teacher: false, needs_tangent: false, boundary_only: false, recipe: self_distill::shortcut_recipe, build: |a| Ok(Box::new(Shortcut { cfg: a.cfg })) },
 ];
+
+/// The recipe of a method that keeps [`DistillConfig::default`] on every kind of data.
+fn no_recipe(_: &mut DistillConfig, _: DataKind) {}
 
 fn build_progressive<'a>(a: &BuildArgs<'a, '_>) -> Result<BoxedObjective<'a>> {
     let (live, arch) = a
@@ -93,11 +216,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_method_has_one_entry_in_order() {
-        assert_eq!(METHODS.len(), Method::ALL.len());
-        for (i, m) in Method::ALL.iter().enumerate() {
-            assert_eq!(METHODS[i].method, *m);
-            assert_eq!(METHODS.iter().filter(|e| e.method == *m).count(), 1);
+    fn every_method_has_one_entry_and_parses_from_its_name() {
+        for info in METHODS {
+            assert_eq!(METHODS.iter().filter(|e| e.method == info.method).count(), 1, "{}", info.name);
+            assert_eq!(METHODS.iter().filter(|e| e.name == info.name).count(), 1, "{}", info.name);
+            assert_eq!(info.name.parse::<Method>().unwrap(), info.method);
+            assert_eq!(info.method.name(), info.name);
+            // The serialised name (checkpoints) is the command line's.
+            assert_eq!(serde_json::to_value(info.method).unwrap(), info.name);
         }
     }
 }
