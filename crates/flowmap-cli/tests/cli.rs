@@ -392,7 +392,7 @@ fn bad_inputs_get_one_clear_line() {
             .args(["teacher", "--data", "checkerboard", "--steps", "0"])
             .arg("--out")
             .arg(&c_out),
-        "--steps must be at least 1",
+        "training needs at least 1 step",
         &c_out,
     );
     std::fs::write(
@@ -550,7 +550,7 @@ fn inapplicable_method_combinations_are_clear_errors() {
             ])
             .arg("--out")
             .arg(&out),
-        "unknown MeanFlow velocity 'marginal'",
+        "invalid value 'marginal' for '--meanflow-velocity",
         &out,
     );
     fails(
@@ -1227,4 +1227,31 @@ fn bin_stderr(cmd: &mut Command) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "command failed: {err}");
     err
+}
+
+/// Every registered method and data spec is in the help a user reads (`distill`/`train --help`, `--data`'s
+/// help) and in the README's tables: the lists are generated from the registries, or checked against them here.
+#[test]
+fn every_registered_method_and_data_spec_is_in_the_help_and_the_readme() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md")).unwrap();
+    let help = |cmd: &str| ok(bin().args([cmd, "--help"]));
+    let (distill, train, teacher) = (help("distill"), help("train"), help("teacher"));
+    for method in flowmap::objective::Method::all() {
+        let name = method.name();
+        let listed = if method.needs_teacher() { &distill } else { &train };
+        assert!(listed.contains(&format!("  {name} ")), "`{name}` is missing from its command's --help");
+        assert!(readme.contains(&format!("| `{name}` |")), "`{name}` is missing from the README's method table");
+    }
+    for form in flowmap::data::specs() {
+        assert!(teacher.contains(&form.syntax), "`{}` is missing from --data's help", form.syntax);
+        for syntax in form.syntax.split(", ") {
+            assert!(readme.contains(&format!("`{syntax}`")), "`{syntax}` is missing from the README's data table");
+        }
+    }
+    // An unknown spec's error names every form too.
+    let e = bin().args(["teacher", "--data", "nope", "--out"]).arg(std::env::temp_dir().join("x.safetensors")).output().unwrap();
+    let e = String::from_utf8_lossy(&e.stderr);
+    for form in flowmap::data::specs() {
+        assert!(e.contains(&form.syntax), "the unknown-spec error omits `{}`: {e}", form.syntax);
+    }
 }

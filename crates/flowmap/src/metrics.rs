@@ -25,7 +25,9 @@ fn dist(a: &[f64], b: &[f64]) -> f64 {
 
 fn mean_pair<F: Fn(&[f64], &[f64]) -> f64 + Sync>(x: &[f64], y: &[f64], d: usize, same: bool, f: F) -> f64 {
     let ys: Vec<&[f64]> = rows(y, d).collect();
-    let total: f64 = x
+    // Row sums in parallel, then added in row order: rayon's own `sum` reduces in an order that depends on
+    // how the work was split and stolen, which moved the last bits from run to run.
+    let row_sums: Vec<f64> = x
         .par_chunks_exact(d)
         .enumerate()
         .map(|(i, a)| {
@@ -35,7 +37,8 @@ fn mean_pair<F: Fn(&[f64], &[f64]) -> f64 + Sync>(x: &[f64], y: &[f64], d: usize
                 .map(|(_, b)| f(a, b))
                 .sum::<f64>()
         })
-        .sum();
+        .collect();
+    let total: f64 = row_sums.iter().sum();
     let (n, m) = (x.len() / d, ys.len());
     let pairs = if same { n * (n - 1) } else { n * m };
     total / pairs as f64
@@ -481,6 +484,20 @@ mod tests {
         let (p, q) = (gaussian(2000, 1, 0.0, 9), gaussian(1500, 1, 0.3, 10));
         let (exact, fast) = (energy_distance_pairs(&p, &q, 1), energy_distance(&p, &q, 1));
         assert!((exact - fast).abs() < 1e-12, "1-D: pairs {exact}, sorted {fast}");
+    }
+
+    #[test]
+    fn mmd_is_the_same_bits_at_any_thread_count_and_on_every_run() {
+        let d = 2;
+        let (x, y) = (gaussian(700, d, 0.0, 11), gaussian(600, d, 0.5, 12));
+        let at = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| mmd2_rbf(&x, &y, d, &MMD_BANDWIDTHS))
+        };
+        let one = at(1);
+        for threads in [2, 3, 4, 2, 3, 4] {
+            assert_eq!(at(threads).to_bits(), one.to_bits(), "{threads} threads");
+        }
     }
 
     #[test]

@@ -113,7 +113,7 @@ fn gradients_reach_every_parameter() {
     };
     let loss = FlowMatching::new().loss(&mut cx).unwrap();
     assert_all_grads(&tv, &loss, "flow matching");
-    for method in Method::ALL {
+    for method in Method::all() {
         let mut rng = Rng::new(2);
         let mut cx = StepContext::<dyn FlowMap> {
             model: &student,

@@ -270,7 +270,7 @@ fn meanflow_loss_is_stationary_at_the_exact_map_and_its_adaptive_weight_is_not()
     // MeanFlow's target is linear in the conditional velocity x1 − x0, so at Φ the expected gradient of the
     // plain squared error vanishes; the adaptive weight 1/(‖Δ‖² + c) favours the rows whose noisy target
     // lies close to the prediction and moves the stationary point away from Φ (in two dimensions, enough to
-    // wreck training: see examples/meanflow_bias.rs).
+    // wreck training: see flowmap-cli/examples/meanflow_bias.rs).
     let g = mixture();
     let n = 8192;
     let grad_along = |weighting: Weighting, along: MeanFlowTangent, delta0: f64| -> f64 {

@@ -12,6 +12,7 @@ pub mod fuzz;
 pub mod guidance;
 mod speed;
 mod speed_unet;
+mod timing;
 
 pub use speed::{speed, SpeedOptions};
 

@@ -20,7 +20,7 @@ use flowmap::objective::{DistillConfig, Emd, FlowMatching, MeanFlow, MeanFlowVel
 use flowmap::sample::{sample_map, TimeGrid};
 use flowmap::{Cond, Result};
 
-use super::speed::{nets, rate, steps_per_second, SpeedRow};
+use super::timing::{nets, rate, steps_per_second, SpeedRow};
 
 /// Classes of the benchmark's networks (the digits).
 const CLASSES: usize = 10;

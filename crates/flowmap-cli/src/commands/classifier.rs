@@ -5,14 +5,14 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::common::{check_output, open_data};
+use super::common::{check_output, data_help, open_data};
 use super::Ctx;
 use crate::report::{progress_bar, Bar};
 
 #[derive(Args)]
 pub struct ClassifierArgs {
     /// Labelled images (e.g. mnist, the embedded digits).
-    #[arg(long)]
+    #[arg(long, long_help = data_help("Labelled images"))]
     pub data: String,
     /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
     #[arg(long)]

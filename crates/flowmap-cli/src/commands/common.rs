@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use clap::Args;
 use flowmap::data::DataSource;
+use flowmap::objective::Method;
 use flowmap::pipeline::RunConfig;
 use flowmap::train::TrainConfig;
 
@@ -34,6 +35,28 @@ pub struct TrainFlags {
     pub long: supervise::LongRunFlags,
 }
 
+/// A method for `flowmap distill` (one that needs a teacher).
+pub fn distill_method(s: &str) -> Result<Method> {
+    let m: Method = s.parse()?;
+    if !m.needs_teacher() {
+        bail!("'{s}' trains from data without a teacher: use `flowmap train --method {s} --data SPEC`");
+    }
+    Ok(m)
+}
+
+/// A method for `flowmap train` (one that trains from data alone).
+pub fn train_method(s: &str) -> Result<Method> {
+    let m: Method = s.parse()?;
+    if m.needs_teacher() {
+        let free: Vec<&str> = Method::all().filter(|m| !m.needs_teacher()).map(Method::name).collect();
+        bail!(
+            "'{s}' distils a teacher: use `flowmap distill --teacher T --method {s}` (teacher-free methods: {})",
+            free.join(", ")
+        );
+    }
+    Ok(m)
+}
+
 /// `--method`'s long help, from the method registry.
 pub fn methods_help(teacher: bool) -> String {
     let what = if teacher {
@@ -42,6 +65,11 @@ pub fn methods_help(teacher: bool) -> String {
         "Teacher-free objective"
     };
     format!("{what}:\n{}", flowmap::objective::registry::describe(teacher))
+}
+
+/// `--data`'s long help: `what`, then every data spec the library knows.
+pub fn data_help(what: &str) -> String {
+    format!("{what}, a spec:\n{}", flowmap::data::describe_specs())
 }
 
 /// A comma-separated list of positive sizes.

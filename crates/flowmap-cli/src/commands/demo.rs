@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use super::Ctx;
 use crate::demo::{self, DemoConfig};
@@ -13,7 +13,8 @@ use crate::report::{self, eval_table};
 #[derive(Args)]
 pub struct DemoArgs {
     /// Which demo: the 2-D one (default) or mnist (class-conditional U-Net on the embedded digits).
-    pub which: Option<String>,
+    #[arg(value_enum, default_value = "2d")]
+    pub which: Which,
     /// Output folder (default demo-out, or demo-mnist for mnist).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -29,11 +30,21 @@ pub struct DemoArgs {
     pub seed: u64,
 }
 
+/// Which demo.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Which {
+    /// Checkerboard and a Gaussian mixture: a teacher, EMD and LMD maps, the exact map's error.
+    #[value(name = "2d")]
+    TwoD,
+    /// Class-conditional MNIST digits: the shipped U-Net teacher and three maps.
+    Mnist,
+}
+
 pub fn run(a: DemoArgs, cx: &Ctx) -> Result<()> {
     let (device, show) = (&cx.device, cx.show);
-    match a.which.as_deref() {
-        None | Some("2d") => {}
-        Some("mnist") => {
+    match a.which {
+        Which::TwoD => {}
+        Which::Mnist => {
             if a.gmm_steps.is_some() {
                 bail!("--gmm-steps applies to the 2-D demo");
             }
@@ -54,7 +65,6 @@ pub fn run(a: DemoArgs, cx: &Ctx) -> Result<()> {
             println!("{:.0} s; report: {}", report.seconds, out.join("report.md").display());
             return Ok(());
         }
-        Some(other) => bail!("unknown demo '{other}' (expected 2d or mnist)"),
     }
     let out = a.out.unwrap_or_else(|| PathBuf::from("demo-out"));
     let d = DemoConfig::default();

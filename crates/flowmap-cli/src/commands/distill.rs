@@ -4,14 +4,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::Args;
-use flowmap::objective::{DistillConfig, Method};
+use flowmap::objective::DistillConfig;
 use candle_core::Device;
 use flowmap::checkpoint::{Foreign, ModelKind};
 use flowmap::data::DataSource;
 use flowmap::pipeline::{MapJob, RunConfig, Teacher};
 use flowmap::teacher::VelocityField;
 
-use super::common::{check_output, methods_help, open_data, parse_guidance_range, read_config, train_config, TrainFlags};
+use super::common::{TrainFlags, check_output, data_help, distill_method, methods_help, open_data, parse_guidance_range, read_config, train_config};
 use super::guidance::load_guide;
 use super::map_flags::MapFlags;
 use super::Ctx;
@@ -30,7 +30,7 @@ pub struct DistillArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Data for x_t (default: the teacher's own data).
-    #[arg(long)]
+    #[arg(long, long_help = data_help("Data for x_t (default: the teacher's own data)"))]
     pub data: Option<String>,
     /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
     #[arg(long)]
@@ -52,7 +52,7 @@ pub struct DistillArgs {
 
 pub fn run(a: DistillArgs, cx: &Ctx) -> Result<()> {
     let (device, show) = (&cx.device, cx.show);
-    let method = Method::parse_distill(&a.method)?;
+    let method = distill_method(&a.method)?;
     check_output(&a.out, "safetensors")?;
     let file = read_config(&a.train.config)?;
     let mut cfg = train_config(&a.train, file.train.clone());

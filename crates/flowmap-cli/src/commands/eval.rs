@@ -12,7 +12,7 @@ use flowmap::pipeline::{self, EvalSettings, Model, OutDir, Teacher};
 use flowmap::sample::{SampleContext, Sampler, TimeGrid};
 use flowmap::Cond;
 
-use super::common::{open_data, parse_nfes};
+use super::common::{data_help, open_data, parse_nfes};
 use super::guidance::{guidance_label, guided, map_at, GuidanceFlags};
 use super::model::map_sampler;
 use super::Ctx;
@@ -24,8 +24,8 @@ pub struct EvalArgs {
     /// Flow-map or teacher checkpoint.
     #[arg(long)]
     pub model: String,
-    /// Held-out data spec (default: the model's training data).
-    #[arg(long)]
+    /// Held-out data (default: the model's training data).
+    #[arg(long, long_help = data_help("Held-out data (default: the model's training data)"))]
     pub data: Option<String>,
     /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
     #[arg(long)]

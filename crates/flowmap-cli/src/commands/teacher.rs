@@ -7,7 +7,7 @@ use clap::Args;
 use flowmap::backbone::MlpConfig;
 use flowmap::pipeline;
 
-use super::common::{check_output, open_data, read_config, train_config, TrainFlags};
+use super::common::{TrainFlags, check_output, data_help, open_data, read_config, train_config};
 use super::Ctx;
 use crate::arch::ArchFlags;
 use crate::report::{self, progress_bar};
@@ -15,8 +15,8 @@ use crate::supervise;
 
 #[derive(Args)]
 pub struct TeacherArgs {
-    /// Data spec: checkerboard, moons, 8gaussians, spirals, rings, swissroll, gmm:SPEC.json, FILE.npy, FILE.csv, mnist.
-    #[arg(long)]
+    /// The data (`--help` lists the specs).
+    #[arg(long, long_help = data_help("The data"))]
     pub data: String,
     /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
     #[arg(long)]

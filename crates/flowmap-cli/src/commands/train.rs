@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use flowmap::objective::{DistillConfig, Method};
+use flowmap::objective::DistillConfig;
 use flowmap::pipeline::MapJob;
 
-use super::common::{check_output, methods_help, open_data, parse_guidance_range, read_config, train_config, TrainFlags};
+use super::common::{TrainFlags, check_output, data_help, methods_help, open_data, parse_guidance_range, read_config, train_config, train_method};
 use super::distill::run_map;
 use super::map_flags::MapFlags;
 use super::Ctx;
@@ -17,8 +17,8 @@ pub struct TrainArgs {
     /// The teacher-free objective (`--help` lists them).
     #[arg(long, long_help = methods_help(false))]
     pub method: String,
-    /// Data spec (as for `teacher`).
-    #[arg(long)]
+    /// The data (`--help` lists the specs).
+    #[arg(long, long_help = data_help("The data"))]
     pub data: String,
     /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
     #[arg(long)]
@@ -39,7 +39,7 @@ pub struct TrainArgs {
 
 pub fn run(a: TrainArgs, cx: &Ctx) -> Result<()> {
     let (device, show) = (&cx.device, cx.show);
-    let method = Method::parse_train(&a.method)?;
+    let method = train_method(&a.method)?;
     check_output(&a.out, "safetensors")?;
     let file = read_config(&a.train.config)?;
     let mut cfg = train_config(&a.train, file.train.clone());

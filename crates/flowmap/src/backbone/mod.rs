@@ -126,10 +126,10 @@ pub(crate) fn guidance_rows(
             Ok(Some(e.forward(&(w.to_dtype(x.dtype())? * GUIDANCE_INPUT_SCALE)?)?))
         }
         (Some((_, [lo, hi])), None) => Err(crate::Error::arg(format!(
-            "this flow map has classifier-free guidance distilled into it (w in [{lo}, {hi}]): give a guidance scale (--guidance w)"
+            "this flow map has classifier-free guidance distilled into it (w in [{lo}, {hi}]): give it a guidance scale w"
         ))),
         (None, Some(_)) => Err(crate::Error::arg(
-            "this network has no guidance input: it was not distilled with a guidance range (--guidance-range)",
+            "this network has no guidance input: it was not distilled with a guidance range",
         )),
     }
 }

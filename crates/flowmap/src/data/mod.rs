@@ -1,5 +1,5 @@
-//! Data sources, named by one spec string: `checkerboard`, `moons`, `8gaussians`, `spirals`, `rings`,
-//! `swissroll`, `gmm:SPEC.json`, `FILE.npy`, `FILE.csv`, `mnist` (the embedded subset) or `mnist:FILE`.
+//! Data sources, named by one spec string; [`specs`] lists every form (toy densities, `gmm:SPEC.json`,
+//! `mnist`, `mnist:FILE`, image folders, `FILE.npy`, `FILE.csv`).
 //!
 //! Points are `x0` in the project's convention: data at `t = 0`. A finite set may carry class labels
 //! (MNIST does); batches then carry them as their [`Cond`].
@@ -11,7 +11,7 @@ pub mod mnist;
 pub mod npy;
 mod toy;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -99,58 +99,122 @@ pub struct Batch {
 /// Fraction of a finite point set kept out of training for evaluation.
 pub const HELDOUT_FRACTION: f64 = 0.1;
 
-impl DataSource {
-    /// Parses a data spec (see the module docs) and loads what it names.
-    pub fn from_spec(spec: &str) -> Result<Self> {
-        if let Ok(toy) = spec.parse::<Toy>() {
-            return Ok(DataSource::Toy(toy));
-        }
-        if let Some(path) = spec.strip_prefix("gmm:") {
-            return Ok(DataSource::Mixture(GaussianMixture::from_file(Path::new(path))?));
-        }
-        if spec == "mnist" {
-            return Self::images("mnist", mnist::Mnist::embedded()?);
-        }
-        if let Some(path) = spec.strip_prefix("mnist:") {
-            return Self::images(spec, mnist::Mnist::from_file(Path::new(path))?);
-        }
-        let (file, labels) = match spec.split_once("#labels=") {
-            Some((f, l)) => (f, Some(Path::new(l))),
-            None => (spec, None),
-        };
-        let path = PathBuf::from(file);
-        if path.is_dir() {
+/// One form of data spec: its syntax, what it names, and its parser, which returns `None` for a spec
+/// that is not of its form. [`DataSource::from_spec`] tries the forms in order; the command line's help
+/// and its errors list them; a test checks that the README names each.
+pub struct SpecForm {
+    pub syntax: String,
+    pub summary: &'static str,
+    pub parse: fn(&str) -> Option<Result<DataSource>>,
+}
+
+/// Every form of data spec, in the order they are tried. Adding a data source is its file and one entry here.
+pub fn specs() -> Vec<SpecForm> {
+    let form = |syntax: &str, summary, parse| SpecForm {
+        syntax: syntax.to_string(),
+        summary,
+        parse,
+    };
+    let toys: Vec<&str> = Toy::ALL.iter().map(|t| t.name()).collect();
+    vec![
+        form(&toys.join(", "), "2-D toy densities, sampled afresh for every batch", |s| {
+            s.parse::<Toy>().ok().map(|t| Ok(DataSource::Toy(t)))
+        }),
+        form("gmm:SPEC.json", "a Gaussian mixture in any dimension, its exact velocity and flow map known", |s| {
+            let path = s.strip_prefix("gmm:")?;
+            Some(GaussianMixture::from_file(Path::new(path)).map(DataSource::Mixture))
+        }),
+        form("mnist", "the 10,000 embedded MNIST digits with their labels", |s| {
+            (s == "mnist").then(|| DataSource::images("mnist", mnist::Mnist::embedded()?))
+        }),
+        form("mnist:FILE", "an IDX image file, with the labels file beside it when there is one", |s| {
+            let path = s.strip_prefix("mnist:")?;
+            Some(mnist::Mnist::from_file(Path::new(path)).and_then(|m| DataSource::images(s, m)))
+        }),
+        form("DIR", "an image folder DIR/CLASS/*.png|jpg, classes in name order", |s| {
+            let (file, labels) = split_labels(s);
+            if !Path::new(file).is_dir() {
+                return None;
+            }
             if labels.is_some() {
-                return Err(Error::data(format!(
-                    "{spec}: an image folder's labels are its class folders"
-                )));
+                return Some(Err(Error::data(format!("{s}: an image folder's labels are its class folders"))));
             }
-            let (set, _) = images::read_folder(&path)?;
-            return Self::image_set(spec, set);
-        }
-        if path.extension().and_then(|e| e.to_str()) == Some("npy") {
-            let nd = npy::read_npy_nd(&path)?;
-            if nd.shape.len() >= 3 {
-                return Self::image_set(spec, images::read_npy_images(&path, labels)?);
+            Some(images::read_folder(Path::new(file)).and_then(|(set, _)| DataSource::image_set(s, set)))
+        }),
+        form("FILE.npy", "points N × D, or images N × H × W or N × C × H × W (labels: FILE.npy#labels=LABELS.npy)", |s| {
+            let (file, labels) = split_labels(s);
+            let path = Path::new(file);
+            if path.extension().and_then(|e| e.to_str()) != Some("npy") {
+                return None;
+            }
+            let load = || {
+                if npy::read_npy_nd(path)?.shape.len() >= 3 {
+                    return DataSource::image_set(s, images::read_npy_images(path, labels)?);
+                }
+                no_labels(s, labels)?;
+                let matrix = read_npy(path)?;
+                let shape = vec![matrix.cols];
+                DataSource::points(s, matrix, shape, None, None)
+            };
+            Some(load())
+        }),
+        form("FILE.csv", "points, one a row (an optional header)", |s| {
+            let (file, labels) = split_labels(s);
+            let path = Path::new(file);
+            if path.extension().and_then(|e| e.to_str()) != Some("csv") {
+                return None;
+            }
+            let load = || {
+                no_labels(s, labels)?;
+                let matrix = read_csv(path)?;
+                let shape = vec![matrix.cols];
+                DataSource::points(s, matrix, shape, None, None)
+            };
+            Some(load())
+        }),
+    ]
+}
+
+/// `syntax — summary` lines of every data spec, for help texts.
+pub fn describe_specs() -> String {
+    specs()
+        .iter()
+        .map(|f| format!("  {} — {}", f.syntax, f.summary))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A file spec and its `#labels=LABELS.npy` suffix.
+fn split_labels(spec: &str) -> (&str, Option<&Path>) {
+    match spec.split_once("#labels=") {
+        Some((f, l)) => (f, Some(Path::new(l))),
+        None => (spec, None),
+    }
+}
+
+/// Labels go with images only.
+fn no_labels(spec: &str, labels: Option<&Path>) -> Result<()> {
+    match labels {
+        Some(_) => Err(Error::data(format!(
+            "{spec}: labels go with images (an N × H × W or N × C × H × W .npy)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+impl DataSource {
+    /// Parses a data spec and loads what it names: the first form of [`specs`] that recognises it.
+    pub fn from_spec(spec: &str) -> Result<Self> {
+        for form in specs() {
+            if let Some(data) = (form.parse)(spec) {
+                return data;
             }
         }
-        if labels.is_some() {
-            return Err(Error::data(format!(
-                "{spec}: labels go with images (an N × H × W or N × C × H × W .npy)"
-            )));
-        }
-        let matrix = match path.extension().and_then(|e| e.to_str()) {
-            Some("npy") => read_npy(&path)?,
-            Some("csv") => read_csv(&path)?,
-            _ => {
-                return Err(Error::data(format!(
-                    "unknown data spec '{spec}' (expected one of {}, gmm:SPEC.json, FILE.npy, FILE.csv, mnist)",
-                    Toy::ALL.map(Toy::name).join(", ")
-                )))
-            }
-        };
-        let shape = vec![matrix.cols];
-        Self::points(spec, matrix, shape, None, None)
+        let names: Vec<String> = specs().iter().map(|f| f.syntax.clone()).collect();
+        Err(Error::data(format!(
+            "unknown data spec '{spec}' (expected one of {})",
+            names.join(", ")
+        )))
     }
 
     /// The spec of an `.npy` image array with its labels (`IMAGES.npy#labels=LABELS.npy`).

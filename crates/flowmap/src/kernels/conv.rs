@@ -16,6 +16,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::direct;
+pub(super) use super::geometry::Geometry;
 use super::scratch::Scratch;
 use super::{applies, cpu_slice, map_blocks, sum_in_order};
 use crate::Result;
@@ -45,46 +46,6 @@ pub fn plain(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let k = w.dim(2)?;
     let y = x.conv2d(w, k / 2, 1, 1, 1)?;
     Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?)
-}
-
-#[derive(Clone, Copy)]
-pub(super) struct Geometry {
-    pub c_in: usize,
-    pub c_out: usize,
-    pub h: usize,
-    pub w: usize,
-    pub k: usize,
-}
-
-impl Geometry {
-    fn of(x: &Layout, w: &Layout) -> candle_core::Result<(usize, Geometry)> {
-        let (b, c_in, h, wd) = x.shape().dims4()?;
-        let (c_out, c_in2, k, _) = w.shape().dims4()?;
-        if c_in != c_in2 {
-            candle_core::bail!("conv2d: input has {c_in} channels, the kernel expects {c_in2}");
-        }
-        Ok((
-            b,
-            Geometry {
-                c_in,
-                c_out,
-                h,
-                w: wd,
-                k,
-            },
-        ))
-    }
-    pub fn hw(&self) -> usize {
-        self.h * self.w
-    }
-    /// Rows of the im2col matrix, `I·k²`.
-    pub fn rows(&self) -> usize {
-        self.c_in * self.k * self.k
-    }
-    /// Rows of the output gradient's im2col matrix, `O·k²`.
-    fn g_rows(&self) -> usize {
-        self.c_out * self.k * self.k
-    }
 }
 
 /// `cols[(c, ky, kx), (y, x)] = x[c, y + ky − p, x + kx − p]` (zero outside the image).
@@ -358,7 +319,7 @@ fn forward_image_gemm(g: Geometry, w: &[f32], x: &[f32], cols: &mut [f32], y: &m
 /// [`BANDS`] bands of output pixels, one per block of the pool. A batch of one image is one block, so one
 /// core would otherwise do all of it while the other waits (sampling latency). Every 3×3 product of the
 /// 16- and 32-channel U-Nets splits, down to the 16-channel 7 × 7 level (0.45 M), and so do the larger
-/// 1×1 skips. Measured with `examples/latency_probe`, alternating binaries: a 4 M threshold (the 32-channel
+/// 1×1 skips. Measured with `flowmap-cli/examples/latency_probe`, alternating binaries: a 4 M threshold (the 32-channel
 /// net's first two levels only) → 1.5 M took the 32-channel latency 1.53 → 1.39 ms and the 16-channel one
 /// 0.72 → 0.60 ms; 256 K took the 16-channel one on to 0.57 ms, the 32-channel one unchanged. (An
 /// earlier 1.5 M split, before the scratch memory and the aligned bands, measured no better than noise.)

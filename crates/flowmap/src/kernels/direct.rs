@@ -21,7 +21,7 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
-use super::conv::Geometry;
+use super::geometry::Geometry;
 
 /// Output channels per register block (8 × 3 accumulators of 16 lanes, plus the three input vectors).
 const CHANNELS: usize = 8;
@@ -67,7 +67,7 @@ fn runs(n: usize, size: usize) -> impl Iterator<Item = Range<usize>> {
 /// `n` vectors of pixels cut into register blocks of [`VECTORS`], except that where that would leave one
 /// vector alone at the end (28 × 28: 49 vectors, 14 × 14: 13, 7 × 7: 4) the first block takes four. A lone
 /// vector's block does eight multiply-adds per vector load and eight weight loads. The 64-channel forward
-/// products at batch 128 went 9.8 → 9.5 ms at 14 × 14 and 2.6 → 2.4 ms at 7 × 7 (`examples/conv_probe --
+/// products at batch 128 went 9.8 → 9.5 ms at 14 × 14 and 2.6 → 2.4 ms at 7 × 7 (`flowmap-cli/examples/conv_probe --
 /// 128 10 32 1`, four alternating runs of each binary). The blocks' shapes do not touch the arithmetic:
 /// each output is still its own sum in the same order.
 fn vector_runs(n: usize) -> impl Iterator<Item = Range<usize>> {

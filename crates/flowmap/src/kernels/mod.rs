@@ -47,6 +47,7 @@ mod conv;
 mod dense;
 mod direct;
 mod embed;
+mod geometry;
 mod mlp;
 mod norm;
 mod norm_conv;

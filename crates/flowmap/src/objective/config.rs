@@ -163,7 +163,7 @@ pub enum MeanFlowTangent {
     /// work: the JVP term then carries no sampling noise of `v_c`, and its mean is exact once the diagonal
     /// has learned the marginal velocity. Measured on the analytic mixture it does worse, because until
     /// then the diagonal's error biases the target: relative flow-map error 0.071 against 0.040 after
-    /// 4,000 steps and 0.044 against 0.018 after 12,000 (`cargo run --release --example meanflow_bias --
+    /// 4,000 steps and 0.044 against 0.018 after 12,000 (`cargo run --release -p flowmap-cli --example meanflow_bias --
     /// model-tangent|plain [STEPS]`), so the conditional velocity stays the default.
     Model,
 }

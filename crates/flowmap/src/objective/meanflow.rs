@@ -46,7 +46,7 @@ pub(crate) fn recipe(c: &mut DistillConfig, data: DataKind) {
 /// close to the current prediction. With thousands of dimensions `‖Δ‖²` barely varies between rows and the
 /// bias is small; in two it dominates — on the analytic three-Gaussian mixture the relative flow-map error
 /// after 4,000 steps is 1.04 with `p = 1` (0.83 with the paper's time sampling as well) and 0.040 with the
-/// plain loss (`cargo run --release --example meanflow_bias -- adaptive|paper|plain`).
+/// plain loss (`cargo run --release -p flowmap-cli --example meanflow_bias -- adaptive|paper|plain`).
 /// The rows with `s = t` (the diagonal fraction) reduce to conditional flow matching. With
 /// [`MeanFlowTangent::Model`](super::MeanFlowTangent) the JVP moves `x` along the target network's own
 /// diagonal `F_θ⁻(x_t, t, t)` instead of `v_c` (same loss, lower-variance but, until the diagonal is learned,
@@ -77,7 +77,7 @@ impl Objective for MeanFlow {
             MeanFlowVelocity::Conditional => cx.path.conditional_velocity(cx.x0, cx.x1, &t)?,
             MeanFlowVelocity::Batch if cx.path.name() != "linear" || !c.is_none() => {
                 return Err(Error::arg(format!(
-                    "MeanFlow's batch velocity assumes the linear path and an unconditional model (got the {} path{}); use --meanflow-velocity conditional",
+                    "MeanFlow's batch velocity assumes the linear path and an unconditional model (got the {} path{}); use the conditional velocity (meanflow_velocity = conditional)",
                     cx.path.name(),
                     if c.is_none() { "" } else { " and class labels" }
                 )))

@@ -293,7 +293,7 @@ pub(crate) fn tangent(map: &dyn FlowMap, mode: JvpMode, at: &Point<'_>, along: &
         JvpMode::Exact => map
             .as_tangent()
             .ok_or_else(|| {
-                Error::arg("this model has no exact tangent; train it with finite-difference tangents (--jvp fd)")
+                Error::arg("this model has no exact tangent; train it with finite-difference tangents (the jvp setting)")
             })?
             .average_velocity_jvp(at, along),
         JvpMode::FiniteDifference { h } => {

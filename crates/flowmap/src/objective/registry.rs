@@ -102,29 +102,6 @@ impl Method {
             .collect::<Vec<_>>()
             .join(", ")
     }
-
-    /// Parses a method for `flowmap distill` (teacher-based methods).
-    pub fn parse_distill(s: &str) -> Result<Self> {
-        let m: Method = s.parse()?;
-        if !m.needs_teacher() {
-            return Err(Error::arg(format!(
-                "'{s}' trains from data without a teacher: use `flowmap train --method {s} --data SPEC`"
-            )));
-        }
-        Ok(m)
-    }
-
-    /// Parses a method for `flowmap train` (teacher-free methods).
-    pub fn parse_train(s: &str) -> Result<Self> {
-        let m: Method = s.parse()?;
-        if m.needs_teacher() {
-            return Err(Error::arg(format!(
-                "'{s}' distils a teacher: use `flowmap distill --teacher T --method {s}` (teacher-free methods: {})",
-                Method::list(false)
-            )));
-        }
-        Ok(m)
-    }
 }
 
 impl fmt::Display for Method {

@@ -106,7 +106,7 @@ pub fn train_teacher_controlled(
     check_fits(arch, data)?;
     if cfg.guidance_range.is_some() {
         return Err(Error::arg(
-            "a teacher is guided when it is sampled (--guidance w); a guidance range distils guidance into a flow map",
+            "a teacher is guided when it is sampled; a guidance range distils guidance into a flow map",
         ));
     }
     let (live, ema) = (VarMap::new(), VarMap::new());
@@ -275,7 +275,7 @@ impl<'a> MapJob<'a> {
             (None, None) => None,
             (None, Some(_)) => {
                 return Err(Error::arg(
-                    "a guiding model is distilled with a guidance range (--guidance-range LO,HI)",
+                    "a guiding model is distilled with a guidance range",
                 ))
             }
             (Some(_), _) if arch.guidance().is_some() => {
@@ -300,7 +300,7 @@ impl<'a> MapJob<'a> {
             (Some(range), None) => {
                 let Some(classes) = arch.num_classes() else {
                     return Err(Error::arg(match self.teacher {
-                        Some(_) => "a guidance range needs a class-conditional teacher (trained on labelled data), or a guiding model (--guide-model)",
+                        Some(_) => "a guidance range needs a class-conditional teacher (trained on labelled data), or a guiding model",
                         None => "a guidance range from data needs labelled data: the guided field mixes the conditional and the unconditional velocity",
                     }));
                 };
@@ -338,7 +338,7 @@ impl<'a> MapJob<'a> {
         let ema_net = FlowMapNet::new(&arch, VarBuilder::from_varmap(&ema, DType::F32, device))?;
         if method.needs_tangent() && self.objective.continuous.jvp == JvpMode::Exact && net.as_tangent().is_none() {
             return Err(Error::arg(format!(
-                "'{method}' takes a tangent, and the {} backbone has no exact one: use finite differences (--jvp fd)",
+                "'{method}' takes a tangent, and the {} backbone has no exact one: use finite-difference tangents (the jvp setting)",
                 arch.name()
             )));
         }

@@ -60,7 +60,7 @@ impl<V: VelocityField> VelocityField for Guided<V> {
     fn velocity(&self, x: &Tensor, t: &Tensor, c: &Cond) -> Result<Tensor> {
         let labels = c
             .class_labels()
-            .ok_or_else(|| Error::arg("classifier-free guidance needs class labels (use --class)"))?;
+            .ok_or_else(|| Error::arg("classifier-free guidance needs class labels in the condition"))?;
         let b = x.dim(0)?;
         let null = Cond::null(b, self.num_classes, x.device())?;
         let per_row = match self.w {

@@ -71,10 +71,10 @@ impl Default for TrainConfig {
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         if self.steps == 0 {
-            return Err(Error::arg("--steps must be at least 1"));
+            return Err(Error::arg("training needs at least 1 step (steps = 0)"));
         }
         if self.batch_size == 0 {
-            return Err(Error::arg("--batch must be at least 1"));
+            return Err(Error::arg("the batch size must be at least 1 (batch_size = 0)"));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(Error::arg(format!("learning rate must be positive, got {}", self.lr)));
@@ -611,7 +611,7 @@ fn check_batch_fits(per_sample: usize, batch: usize) -> Result<()> {
     if need > available {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         return Err(Error::arg(format!(
-            "a training batch of {batch} needs at least {:.1} GiB (estimated), more than the {:.1} GiB available: lower --batch",
+            "a training batch of {batch} needs at least {:.1} GiB (estimated), more than the {:.1} GiB available: lower the batch size",
             gib(need),
             gib(available)
         )));

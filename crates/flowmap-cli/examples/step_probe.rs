@@ -1,6 +1,6 @@
 //! Times U-Net teacher training steps (flow matching, AdamW + EMA, labels dropped with probability 0.1) on
 //! the embedded digits, the `unet-teacher` row of `flowmap bench speed` without the rest of the bench:
-//! the loop to run under `perf` (`cargo run --release --example step_probe -- [channels] [batch] [steps]
+//! the loop to run under `perf` (`cargo run --release -p flowmap-cli --example step_probe -- [channels] [batch] [steps]
 //! [threads]`), with the CLI's allocator.
 
 use candle_core::{DType, Device};

@@ -1,5 +1,5 @@
 //! Times a class-conditional U-Net flow map's forward pass and its exact JVP along `(v, 1, 0)` at one
-//! batch, the `unet-jvp` row of `flowmap bench speed` (`cargo run --release --example jvp_probe --
+//! batch, the `unet-jvp` row of `flowmap bench speed` (`cargo run --release -p flowmap-cli --example jvp_probe --
 //! [channels] [batch] [seconds]`): a loop to run under `perf record` when the tangent path is tuned.
 
 use std::time::Instant;

@@ -3,7 +3,7 @@
 //! Trains MeanFlow from samples of the analytic three-Gaussian mixture and prints the relative flow-map
 //! error `E‖f − Φ‖² / E‖Φ − x‖²` against the exact solution operator every quarter of the run.
 //!
-//! `cargo run --release --example meanflow_bias -- [plain|model-tangent|adaptive|paper] [STEPS]`
+//! `cargo run --release -p flowmap-cli --example meanflow_bias -- [plain|model-tangent|adaptive|paper] [STEPS]`
 //! - `plain`: flowmap's default (`DistillConfig::for_method(Method::Meanflow)`): squared error, uniform pairs;
 //! - `model-tangent`: the same with the JVP along the network's own diagonal velocity instead of `x1 − x0`;
 //! - `adaptive`: the same with the paper's weight `1/(‖Δ‖² + 1e-3)` (p = 1);

@@ -1,5 +1,5 @@
 //! One flow map on the embedded digits at a chosen recipe, scored at 1, 2, 4 and 8 NFE: the quick loop
-//! behind the image recipes of `flowmap bench mnist` (`cargo run --release --example mnist_probe --
+//! behind the image recipes of `flowmap bench mnist` (`cargo run --release -p flowmap-cli --example mnist_probe --
 //! METHOD STEPS [key=value …]`). It starts from the shipped teacher: the teacher-based methods distil it,
 //! the data-only ones are fine-tuned from it, with the bench's settings (500-step runs at batch 64 and
 //! learning rate 5·10⁻⁴, the method's defaults for images, [`DistillConfig::for_data`]); each key changes

@@ -1,6 +1,6 @@
 //! Times the fused 3×3 convolution, forward and forward + backward, at the shapes of the default U-Net on
 //! 28 × 28 digits with `channels` at the first level (16, the demo's, by default): the probe behind the
-//! convolution's block sizes (`cargo run --release --example conv_probe -- [batch] [reps] [channels]
+//! convolution's block sizes (`cargo run --release -p flowmap-cli --example conv_probe -- [batch] [reps] [channels]
 //! [threads]`).
 
 use std::time::Instant;

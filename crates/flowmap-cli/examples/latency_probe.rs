@@ -1,5 +1,5 @@
 //! Times one image through a class-conditional U-Net flow map at 1 NFE, the `unet-latency-1nfe` row of
-//! `flowmap bench speed` (`cargo run --release --example latency_probe -- [channels] [seconds]`): a loop
+//! `flowmap bench speed` (`cargo run --release -p flowmap-cli --example latency_probe -- [channels] [seconds]`): a loop
 //! to run under `perf record` when the single-image path is tuned.
 
 use std::time::Instant;
