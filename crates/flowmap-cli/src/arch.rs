@@ -3,13 +3,13 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use flowmap::backbone::{Arch, MlpConfig, UnetConfig};
+use flowmap::backbone::Arch;
 use flowmap::pipeline::RunConfig;
 
 /// Backbone flags shared by `teacher`, `distill` (a fresh student) and `train`.
 #[derive(Args, Clone, Debug, Default)]
 pub struct ArchFlags {
-    /// Backbone: mlp or unet (default: unet for images, mlp for points).
+    /// Backbone: one of the library's backbones, mlp or unet (default: unet for images, mlp for points).
     #[arg(long)]
     pub arch: Option<String>,
     /// Train an unconditional model on labelled data (default: class-conditional when the data has labels).
@@ -62,110 +62,70 @@ fn list(s: &str, flag: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
+/// A command's own defaults for some backbones, laid over the backbone's (the flow-map student's MLP
+/// embeds time with fewer, lower frequencies than a teacher's).
+pub type Defaults<'a> = &'a [(&'a str, &'a [(&'a str, toml::Value)])];
+
 impl ArchFlags {
-    /// The architecture of a fresh network on states of `shape` with `classes` (labelled data), starting
-    /// from `mlp` for an MLP (commands differ in their MLP defaults).
-    pub fn build(&self, shape: &[usize], classes: Option<usize>, file: &RunConfig, mlp: MlpConfig) -> Result<Arch> {
-        let image = shape.len() == 3;
+    /// The architecture of a fresh network on states of `shape` with `classes` (labelled data): the named
+    /// backbone's defaults (the flag, else the `[arch]` table's kind, else the library's choice for the
+    /// shape), the command's `defaults` for it, the `[arch]` table, then the flags. The library's backbone
+    /// registry decides which settings a backbone has; a flag it does not have is an error.
+    pub fn build(&self, shape: &[usize], classes: Option<usize>, file: &RunConfig, defaults: Defaults) -> Result<Arch> {
         let kind = match (&self.arch, file.arch_kind()?) {
             (Some(k), _) => k.clone(),
             (None, Some(k)) => k,
-            (None, None) => (if image { "unet" } else { "mlp" }).to_string(),
+            (None, None) => Arch::default_kind(shape).to_string(),
         };
         let classes = if self.unconditional { None } else { classes };
-        let base = match kind.as_str() {
-            "mlp" => Arch::Mlp(MlpConfig {
-                num_classes: classes,
-                ..mlp
-            }),
-            "unet" => Arch::Unet(UnetConfig {
-                num_classes: classes,
-                ..UnetConfig::new(shape)
-            }),
-            other => bail!("unknown architecture '{other}' (expected mlp or unet)"),
-        };
-        let mut arch = file.arch_over(base)?;
-        match &mut arch {
-            Arch::Mlp(c) => {
-                self.refuse(
-                    &[
-                        "channels",
-                        "channel-mult",
-                        "blocks",
-                        "attention",
-                        "heads",
-                        "groups",
-                        "dropout",
-                    ],
-                    "mlp",
-                )?;
-                set(&mut c.hidden, self.hidden);
-                set(&mut c.depth, self.depth);
-                set(&mut c.time_features, self.time_features);
-                set(&mut c.max_frequency, self.max_frequency);
-            }
-            Arch::Unet(c) => {
-                self.refuse(&["hidden", "depth"], "unet")?;
-                set(&mut c.channels, self.channels);
-                set(&mut c.blocks, self.blocks);
-                set(&mut c.heads, self.heads);
-                set(&mut c.groups, self.groups);
-                set(&mut c.dropout, self.dropout);
-                set(&mut c.time_features, self.time_features);
-                set(&mut c.max_frequency, self.max_frequency);
-                if let Some(m) = &self.channel_mult {
-                    c.channel_mult = list(m, "--channel-mult")?;
-                }
-                if let Some(a) = &self.attention {
-                    c.attention_resolutions = list(a, "--attention")?;
-                }
-                c.validate()?;
+        let mut base = Arch::for_data(&kind, shape, classes)?;
+        if let Some((_, over)) = defaults.iter().find(|(k, _)| *k == kind) {
+            let table: toml::Table = over.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            base = base.with_settings(&table, "defaults")?;
+        }
+        let arch = file.arch_over(base)?;
+        let settings = self.settings()?;
+        let known = arch.setting_names();
+        for (key, (flag, _)) in &settings {
+            if !known.contains(key) {
+                bail!("--{flag} does not apply to the {kind} backbone");
             }
         }
-        Ok(arch)
+        let table: toml::Table = settings.into_iter().map(|(k, (_, v))| (k, v)).collect();
+        Ok(arch.with_settings(&table, "arch flags")?)
     }
 
-    /// Errors when a flag of another backbone is given.
-    fn refuse(&self, flags: &[&str], kind: &str) -> Result<()> {
-        for &f in flags {
-            let given = match f {
-                "hidden" => self.hidden.is_some(),
-                "depth" => self.depth.is_some(),
-                "channels" => self.channels.is_some(),
-                "channel-mult" => self.channel_mult.is_some(),
-                "blocks" => self.blocks.is_some(),
-                "attention" => self.attention.is_some(),
-                "heads" => self.heads.is_some(),
-                "groups" => self.groups.is_some(),
-                "dropout" => self.dropout.is_some(),
-                _ => false,
-            };
-            if given {
-                bail!("--{f} does not apply to the {kind} backbone");
+    /// The settings the flags give: `(key, (flag, value))` by the key's name in the architecture.
+    fn settings(&self) -> Result<std::collections::BTreeMap<String, (&'static str, toml::Value)>> {
+        let mut s = std::collections::BTreeMap::new();
+        let mut put = |key: &str, flag: &'static str, v: Option<toml::Value>| {
+            if let Some(v) = v {
+                s.insert(key.to_string(), (flag, v));
             }
+        };
+        let int = |v: Option<usize>| v.map(|n| toml::Value::Integer(n as i64));
+        let float = |v: Option<f64>| v.map(toml::Value::Float);
+        let ints = |v: Vec<usize>| toml::Value::Array(v.into_iter().map(|n| toml::Value::Integer(n as i64)).collect());
+        put("hidden", "hidden", int(self.hidden));
+        put("depth", "depth", int(self.depth));
+        put("time_features", "time-features", int(self.time_features));
+        put("max_frequency", "max-frequency", float(self.max_frequency));
+        put("channels", "channels", int(self.channels));
+        put("blocks", "blocks", int(self.blocks));
+        put("heads", "heads", int(self.heads));
+        put("groups", "groups", int(self.groups));
+        put("dropout", "dropout", float(self.dropout));
+        if let Some(m) = &self.channel_mult {
+            put("channel_mult", "channel-mult", Some(ints(list(m, "--channel-mult")?)));
         }
-        Ok(())
+        if let Some(a) = &self.attention {
+            put("attention_resolutions", "attention", Some(ints(list(a, "--attention")?)));
+        }
+        Ok(s)
     }
 
     /// Whether any setting of a fresh network was given (a network teacher fixes the student's).
     pub fn any(&self) -> bool {
-        self.arch.is_some()
-            || self.hidden.is_some()
-            || self.depth.is_some()
-            || self.time_features.is_some()
-            || self.max_frequency.is_some()
-            || self.channels.is_some()
-            || self.channel_mult.is_some()
-            || self.blocks.is_some()
-            || self.attention.is_some()
-            || self.heads.is_some()
-            || self.groups.is_some()
-            || self.dropout.is_some()
-    }
-}
-
-fn set<T>(slot: &mut T, v: Option<T>) {
-    if let Some(v) = v {
-        *slot = v;
+        self.arch.is_some() || !self.settings().map(|s| s.is_empty()).unwrap_or(false)
     }
 }

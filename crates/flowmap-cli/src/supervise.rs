@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Result};
 use clap::Args;
-use flowmap::train::{Fault, Recovery, RunControl, TrainState};
+use flowmap::train::{Recovery, RunControl, TrainState};
 
 /// Set by the first SIGINT or SIGTERM: the training loop finishes its step, saves and stops.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -46,6 +46,30 @@ pub struct LongRunFlags {
     /// Testing: make the loss of every step from K on NaN.
     #[arg(long, value_name = "K", hide = true)]
     pub inject_nan_from: Option<usize>,
+}
+
+/// A NaN injected into the loss on purpose, to test recovery from the command line (the hidden
+/// `--inject-nan-*` flags), through the training loop's loss hook.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// The first time step `step` runs (a rolled-back run passes it again, cleanly).
+    Once { step: usize, fired: bool },
+    /// Every step from `k` on.
+    From(usize),
+}
+
+impl Fault {
+    /// The loss of `step` as the fault leaves it.
+    fn apply(&mut self, step: usize, loss: f64) -> f64 {
+        match self {
+            Fault::Once { step: k, fired } if *k == step && !*fired => {
+                *fired = true;
+                f64::NAN
+            }
+            Fault::From(k) if step >= *k => f64::NAN,
+            _ => loss,
+        }
+    }
 }
 
 /// `OUT.state.safetensors` for `OUT.safetensors`.
@@ -99,7 +123,7 @@ impl Supervisor {
             checkpoint_minutes: flags.checkpoint_minutes,
             recovery,
             fault: match (flags.inject_nan_at, flags.inject_nan_from) {
-                (Some(k), _) => Some(Fault::Once(k)),
+                (Some(k), _) => Some(Fault::Once { step: k, fired: false }),
                 (_, Some(k)) => Some(Fault::From(k)),
                 _ => None,
             },
@@ -120,6 +144,11 @@ impl Supervisor {
             *written = Some(s.meta.step);
             Ok(())
         };
+        let mut fault = self.fault;
+        let mut inject = |step: usize, loss: f64| match fault.as_mut() {
+            Some(f) => f.apply(step, loss),
+            None => loss,
+        };
         let ctl = RunControl {
             checkpoint_every: self.checkpoint_every,
             checkpoint_minutes: self.checkpoint_minutes,
@@ -127,7 +156,7 @@ impl Supervisor {
             resume: self.resume.take(),
             stop: Some(&STOP),
             recovery: self.recovery,
-            fault: self.fault,
+            loss_hook: self.fault.is_some().then_some(&mut inject as &mut dyn FnMut(usize, f64) -> f64),
             monitor: None,
         };
         match train(ctl) {

@@ -16,7 +16,7 @@ use flowmap::data::{DataSource, Toy};
 use flowmap::objective::{DistillConfig, Method};
 use flowmap::optim::AdamW;
 use flowmap::pipeline::{self, MapJob, Teacher};
-use flowmap::train::{Fault, Progress, Recovery, RunControl, TrainConfig, TrainState};
+use flowmap::train::{Progress, Recovery, RunControl, TrainConfig, TrainState};
 use flowmap::Error;
 
 fn small_mlp() -> Arch {
@@ -240,7 +240,19 @@ fn resuming_with_other_settings_is_refused_by_name_and_more_steps_are_allowed() 
 #[test]
 fn a_nan_rolls_back_halves_the_learning_rate_and_the_run_goes_on() {
     let data = DataSource::Toy(Toy::Moons);
-    let run = |fault, recovery| {
+    // The loss of step 25 made NaN the first time it runs, through the loop's loss hook.
+    let nan_once_at_25 = || {
+        let mut fired = false;
+        move |step: usize, loss: f64| {
+            if step == 25 && !fired {
+                fired = true;
+                return f64::NAN;
+            }
+            loss
+        }
+    };
+    let run = |fault: bool, recovery| {
+        let mut hook = nan_once_at_25();
         pipeline::train_teacher_controlled(
             &data,
             &small_mlp(),
@@ -248,7 +260,7 @@ fn a_nan_rolls_back_halves_the_learning_rate_and_the_run_goes_on() {
             &Device::Cpu,
             &flowmap::train::Silent,
             RunControl {
-                fault,
+                loss_hook: fault.then_some(&mut hook as &mut dyn FnMut(usize, f64) -> f64),
                 recovery,
                 ..RunControl::default()
             },
@@ -258,7 +270,7 @@ fn a_nan_rolls_back_halves_the_learning_rate_and_the_run_goes_on() {
         keep_every: 10,
         ..Recovery::default()
     };
-    let t = run(Some(Fault::Once(25)), every10).unwrap();
+    let t = run(true, every10).unwrap();
     assert_eq!(t.log.steps, 40);
     assert_eq!(t.log.events.len(), 1, "{:?}", t.log.events);
     let e = &t.log.events[0];
@@ -268,7 +280,7 @@ fn a_nan_rolls_back_halves_the_learning_rate_and_the_run_goes_on() {
         "{}",
         e.what
     );
-    let clean = run(None, every10).unwrap();
+    let clean = run(false, every10).unwrap();
     assert!(
         bits(&t.vars, &t.log).0 != bits(&clean.vars, &clean.log).0,
         "the rolled-back run drew fresh batches"
@@ -282,7 +294,7 @@ fn a_nan_rolls_back_halves_the_learning_rate_and_the_run_goes_on() {
         keep_every: 0,
         ..Recovery::default()
     };
-    match run(Some(Fault::Once(25)), off) {
+    match run(true, off) {
         Err(Error::Diverged { step, reason }) => assert_eq!((step, reason.as_str()), (25, "the loss is NaN")),
         other => panic!("expected divergence, got {:?}", other.map(|_| ())),
     }
@@ -304,7 +316,7 @@ fn repeated_nans_stop_the_run_and_save_its_last_good_state() {
         &flowmap::train::Silent,
         RunControl {
             save_state: Some(&mut save),
-            fault: Some(Fault::From(25)),
+            loss_hook: Some(&mut |step: usize, loss: f64| if step >= 25 { f64::NAN } else { loss }),
             recovery: Recovery {
                 keep_every: 10,
                 ..Recovery::default()

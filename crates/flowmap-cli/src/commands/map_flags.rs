@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use flowmap::backbone::{Arch, MlpConfig};
+use flowmap::backbone::Arch;
 use flowmap::objective::{
     DistillConfig, EpsSchedule, JvpMode, MeanFlowTangent, MeanFlowVelocity, Method, TargetNet, TimeDistribution,
     Weighting,
@@ -94,12 +94,9 @@ impl MapFlags {
     }
 
     pub fn arch(&self, shape: &[usize], classes: Option<usize>, file: &RunConfig) -> Result<Arch> {
-        let mlp = MlpConfig {
-            time_features: 8,
-            max_frequency: 4.0,
-            ..MlpConfig::for_shape(shape)
-        };
-        self.arch.build(shape, classes, file, mlp)
+        // A fresh MLP student embeds time with 8 frequencies up to 4 (a teacher's: 16 up to 64).
+        let mlp = [("time_features", toml::Value::Integer(8)), ("max_frequency", toml::Value::Float(4.0))];
+        self.arch.build(shape, classes, file, &[("mlp", &mlp)])
     }
 }
 

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use flowmap::backbone::MlpConfig;
 use flowmap::pipeline;
 
 use super::common::{TrainFlags, check_output, data_help, open_data, read_config, train_config};
@@ -39,9 +38,7 @@ pub fn run(a: TeacherArgs, cx: &Ctx) -> Result<()> {
     cfg.validate()?;
     let data = open_data(&a.data, &a.labels)?;
     let shape = data.state_shape();
-    let arch = a
-        .arch
-        .build(&shape, data.num_classes(), &file, MlpConfig::for_shape(&shape))?;
+    let arch = a.arch.build(&shape, data.num_classes(), &file, &[])?;
     let mut sup = supervise::Supervisor::new(&a.train.long, &a.out)?;
     let pb = progress_bar(cfg.steps as u64, "teacher", show);
     let bar = report::bar_for(&pb, &shape, cfg.batch_size);

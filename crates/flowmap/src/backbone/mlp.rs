@@ -312,3 +312,46 @@ pub fn init_from_teacher(student: &VarMap, teacher: &VarMap) -> Result<()> {
     }
     Ok(())
 }
+
+impl super::BackboneConfig for MlpConfig {
+    const NAME: &'static str = "mlp";
+
+    fn for_data(shape: &[usize], classes: Option<usize>) -> Self {
+        MlpConfig {
+            num_classes: classes,
+            ..MlpConfig::for_shape(shape)
+        }
+    }
+
+    fn build(&self, role: Role, vb: VarBuilder) -> Result<std::sync::Arc<dyn super::Backbone>> {
+        Ok(std::sync::Arc::new(Mlp::new(self, role, vb)?))
+    }
+
+    fn state_shape(&self) -> Vec<usize> {
+        MlpConfig::state_shape(self)
+    }
+
+    fn num_classes(&self) -> Option<usize> {
+        self.num_classes
+    }
+
+    fn guidance(&self) -> Option<[f64; 2]> {
+        self.guidance
+    }
+
+    fn set_guidance(&mut self, range: Option<[f64; 2]>) {
+        self.guidance = range;
+    }
+
+    fn activations_per_sample(&self) -> usize {
+        self.hidden * self.depth * 6 + self.dim * 4
+    }
+
+    fn seed_params(&self, vars: &VarMap, seed: u64) -> Result<()> {
+        seed_params(vars, seed)
+    }
+
+    fn init_from_teacher(&self, student: &VarMap, teacher: &VarMap) -> Result<()> {
+        init_from_teacher(student, teacher)
+    }
+}

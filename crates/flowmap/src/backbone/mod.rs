@@ -8,7 +8,8 @@
 //! A backbone may have a forward-mode tangent rule (the MLP does); one without it still trains by every
 //! discrete objective, and by the continuous ones with finite-difference tangents.
 //!
-//! Adding a network is one file implementing [`Backbone`] and one variant of [`Arch`].
+//! Adding a network is one file (the network implementing [`Backbone`], its configuration implementing
+//! [`BackboneConfig`]) and one line of the `backbones!` registry below, which generates [`Arch`].
 
 pub mod layers;
 pub mod mlp;
@@ -26,6 +27,7 @@ pub use unet::{Unet, UnetConfig};
 
 use crate::cond::Cond;
 use crate::Result;
+
 
 /// What a backbone is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,26 +149,90 @@ pub fn check_guidance_range([lo, hi]: [f64; 2]) -> Result<()> {
     Ok(())
 }
 
-/// A backbone's architecture: which network, and its settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Arch {
+/// What every backbone's configuration provides: a backbone is its file, holding its network and its
+/// configuration type implementing this trait, and one line of [`backbones!`] below.
+pub trait BackboneConfig {
+    /// The name recorded in checkpoints (the `kind` of [`Arch`]'s tagged value) and on the command line.
+    const NAME: &'static str;
+    /// The default network for states of `shape`, class-conditional with `classes`.
+    fn for_data(shape: &[usize], classes: Option<usize>) -> Self
+    where
+        Self: Sized;
+    /// Errors when the settings do not describe a network that can be built.
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Builds the network for `role` with its parameters in `vb`.
+    fn build(&self, role: Role, vb: VarBuilder) -> Result<Arc<dyn Backbone>>;
+    /// The shape of one state, e.g. `[D]` or `[C, H, W]`.
+    fn state_shape(&self) -> Vec<usize>;
+    /// The number of classes of a class-conditional network (labels `0..C`, `C` the null class).
+    fn num_classes(&self) -> Option<usize>;
+    /// The range of guidance scales a guidance-distilled flow map was trained on.
+    fn guidance(&self) -> Option<[f64; 2]>;
+    /// Sets the guidance input's range (its columns come last in the first layer that reads the
+    /// conditioning, so [`BackboneConfig::init_from_teacher`] starts them at zero).
+    fn set_guidance(&mut self, range: Option<[f64; 2]>);
+    /// A lower bound on the f32 values one training step keeps per sample for the backward pass, for the
+    /// model (the loop doubles it for the target).
+    fn activations_per_sample(&self) -> usize;
+    /// Draws every parameter in `vars` from the run's `seed` (candle's initialisers are unseeded).
+    fn seed_params(&self, vars: &VarMap, seed: u64) -> Result<()>;
+    /// Sets a flow map's parameters from a teacher's of the same architecture so that the flow map starts
+    /// as one Euler step of the teacher, `F(x, t, s, c) = v(x, t, c)`.
+    fn init_from_teacher(&self, student: &VarMap, teacher: &VarMap) -> Result<()>;
+}
+
+/// The registry of backbones: each line is the [`Arch`] variant, its configuration type, and what the
+/// variant says of itself. It generates [`Arch`] (a tagged value in every checkpoint) and its dispatch.
+macro_rules! backbones {
+    ($($(#[$doc:meta])* $variant:ident($config:ty),)+) => {
+        /// A backbone's architecture: which network, and its settings.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "kind", rename_all = "snake_case")]
+        pub enum Arch {
+            $($(#[$doc])* $variant($config),)+
+        }
+
+        $(impl From<$config> for Arch {
+            fn from(c: $config) -> Self {
+                Arch::$variant(c)
+            }
+        })+
+
+        /// Calls `$f` with the configuration inside an [`Arch`], whatever its backbone.
+        macro_rules! with_config {
+            ($arch:expr, $c:ident => $body:expr) => {
+                match $arch {
+                    $(Arch::$variant($c) => $body,)+
+                }
+            };
+        }
+
+        impl Arch {
+            /// The names of every backbone, in the registry's order.
+            pub const NAMES: &'static [&'static str] = &[$(<$config as BackboneConfig>::NAME),+];
+
+            /// The backbone named `kind` with its defaults for states of `shape`, class-conditional with
+            /// `classes`.
+            pub fn for_data(kind: &str, shape: &[usize], classes: Option<usize>) -> Result<Arch> {
+                $(if kind == <$config as BackboneConfig>::NAME {
+                    return Ok(Arch::$variant(<$config as BackboneConfig>::for_data(shape, classes)));
+                })+
+                Err(crate::Error::arg(format!(
+                    "unknown architecture '{kind}' (expected {})",
+                    Arch::NAMES.join(" or ")
+                )))
+            }
+        }
+    };
+}
+
+backbones! {
     /// A time-conditioned MLP on the flattened state.
     Mlp(MlpConfig),
     /// A U-Net on `C × H × W` images.
     Unet(UnetConfig),
-}
-
-impl From<UnetConfig> for Arch {
-    fn from(c: UnetConfig) -> Self {
-        Arch::Unet(c)
-    }
-}
-
-impl From<MlpConfig> for Arch {
-    fn from(c: MlpConfig) -> Self {
-        Arch::Mlp(c)
-    }
 }
 
 impl From<&MlpConfig> for Arch {
@@ -182,96 +248,97 @@ impl From<&Arch> for Arch {
 }
 
 impl Arch {
+    /// The backbone a network on states of `shape` gets when none is named: a U-Net for images
+    /// (`C × H × W`), an MLP otherwise.
+    pub fn default_kind(shape: &[usize]) -> &'static str {
+        if shape.len() == 3 {
+            UnetConfig::NAME
+        } else {
+            MlpConfig::NAME
+        }
+    }
+
+    /// The names of the settings this architecture has (its keys in a checkpoint and an `[arch]` table).
+    pub fn setting_names(&self) -> Vec<String> {
+        match toml::Value::try_from(self) {
+            Ok(toml::Value::Table(t)) => t.keys().filter(|k| *k != "kind").cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// This architecture with `settings` laid over it, key by key (an unknown key or a value of the wrong
+    /// type is an error that names it), then validated.
+    pub fn with_settings(&self, settings: &toml::Table, what: &str) -> Result<Arch> {
+        let mut merged = toml::Value::try_from(self).map_err(|e| crate::Error::Config(e.to_string()))?;
+        if let toml::Value::Table(m) = &mut merged {
+            for (k, v) in settings {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        let arch: Arch = merged
+            .try_into()
+            .map_err(|e: toml::de::Error| crate::Error::Config(format!("{what}: {}", e.message())))?;
+        arch.validate()?;
+        Ok(arch)
+    }
+
+    /// Errors when the settings do not describe a network that can be built.
+    pub fn validate(&self) -> Result<()> {
+        with_config!(self, c => c.validate())
+    }
+
     /// A lower bound on the bytes one training step holds per sample (f32 activations kept for the
     /// backward pass, for the model and its target); the training loop refuses a batch whose total
     /// clearly exceeds the memory available.
     pub fn train_bytes_per_sample(&self) -> usize {
-        let floats = match self {
-            Arch::Mlp(m) => m.hidden * m.depth * 6 + m.dim * 4,
-            Arch::Unet(u) => {
-                let (h, w) = (u.state_shape[1], u.state_shape[2]);
-                let mut total = 0;
-                for (level, &mult) in u.channel_mult.iter().enumerate() {
-                    let side = (h >> level) * (w >> level);
-                    // Each residual block keeps about six maps (norm, activation, convolution, twice),
-                    // down and up paths each, plus attention's score matrix where there is attention.
-                    total += u.channels * mult * side * 6 * (2 * u.blocks + 1);
-                    if u.attention_resolutions.contains(&(h >> level)) {
-                        total += u.heads * side * side * 2;
-                    }
-                }
-                total
-            }
-        };
-        floats * 4 * 2
+        with_config!(self, c => c.activations_per_sample()) * 4 * 2
     }
 
     /// The name recorded in checkpoints (`mlp`, `unet`).
     pub fn name(&self) -> &'static str {
-        match self {
-            Arch::Mlp(_) => "mlp",
-            Arch::Unet(_) => "unet",
+        fn name_of<C: BackboneConfig>(_: &C) -> &'static str {
+            C::NAME
         }
+        with_config!(self, c => name_of(c))
     }
 
     /// Builds the backbone for `role` with its parameters in `vb`.
     pub fn build(&self, role: Role, vb: VarBuilder) -> Result<Arc<dyn Backbone>> {
-        Ok(match self {
-            Arch::Mlp(c) => Arc::new(Mlp::new(c, role, vb)?),
-            Arch::Unet(c) => Arc::new(Unet::new(c, role, vb)?),
-        })
+        with_config!(self, c => c.build(role, vb))
     }
 
     /// The shape of one state, e.g. `[D]` or `[C, H, W]`.
     pub fn state_shape(&self) -> Vec<usize> {
-        match self {
-            Arch::Mlp(c) => c.state_shape(),
-            Arch::Unet(c) => c.state_shape.clone(),
-        }
+        with_config!(self, c => c.state_shape())
     }
 
     /// The number of classes of a class-conditional backbone (labels `0..C`, and `C` for the null class).
     pub fn num_classes(&self) -> Option<usize> {
-        match self {
-            Arch::Mlp(c) => c.num_classes,
-            Arch::Unet(c) => c.num_classes,
-        }
+        with_config!(self, c => c.num_classes())
     }
 
     /// The range of guidance scales a guidance-distilled flow map was trained on (its extra input `w`).
     pub fn guidance(&self) -> Option<[f64; 2]> {
-        match self {
-            Arch::Mlp(c) => c.guidance,
-            Arch::Unet(c) => c.guidance,
-        }
+        with_config!(self, c => c.guidance())
     }
 
     /// The same architecture with a guidance input trained on `range` (the input's columns come last in
     /// the first layer that reads the conditioning, so [`Arch::init_from_teacher`] starts them at zero).
     pub fn with_guidance(&self, range: [f64; 2]) -> Self {
         let mut a = self.clone();
-        match &mut a {
-            Arch::Mlp(c) => c.guidance = Some(range),
-            Arch::Unet(c) => c.guidance = Some(range),
-        }
+        with_config!(&mut a, c => c.set_guidance(Some(range)));
         a
     }
 
     /// Draws every parameter in `vars` from the run's `seed` (candle's initialisers are unseeded).
     pub fn seed_params(&self, vars: &VarMap, seed: u64) -> Result<()> {
-        match self {
-            Arch::Mlp(_) => mlp::seed_params(vars, seed),
-            Arch::Unet(_) => unet::seed_params(vars, seed),
-        }
+        with_config!(self, c => c.seed_params(vars, seed))
     }
 
     /// Sets a flow map's parameters from a teacher's of the same architecture so that the flow map starts
     /// as one Euler step of the teacher, `F(x, t, s, c) = v(x, t, c)`.
     pub fn init_from_teacher(&self, student: &VarMap, teacher: &VarMap) -> Result<()> {
-        match self {
-            Arch::Mlp(_) => mlp::init_from_teacher(student, teacher),
-            Arch::Unet(_) => unet::init_from_teacher(student, teacher),
-        }
+        with_config!(self, c => c.init_from_teacher(student, teacher))
     }
 }
 

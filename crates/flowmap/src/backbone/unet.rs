@@ -687,3 +687,61 @@ pub fn seed_params(vars: &VarMap, seed: u64) -> Result<()> {
 pub fn init_from_teacher(student: &VarMap, teacher: &VarMap) -> Result<()> {
     super::mlp::init_from_teacher(student, teacher)
 }
+
+impl super::BackboneConfig for UnetConfig {
+    const NAME: &'static str = "unet";
+
+    fn for_data(shape: &[usize], classes: Option<usize>) -> Self {
+        UnetConfig {
+            num_classes: classes,
+            ..UnetConfig::new(shape)
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        UnetConfig::validate(self)
+    }
+
+    fn build(&self, role: Role, vb: VarBuilder) -> Result<std::sync::Arc<dyn super::Backbone>> {
+        Ok(std::sync::Arc::new(Unet::new(self, role, vb)?))
+    }
+
+    fn state_shape(&self) -> Vec<usize> {
+        self.state_shape.clone()
+    }
+
+    fn num_classes(&self) -> Option<usize> {
+        self.num_classes
+    }
+
+    fn guidance(&self) -> Option<[f64; 2]> {
+        self.guidance
+    }
+
+    fn set_guidance(&mut self, range: Option<[f64; 2]>) {
+        self.guidance = range;
+    }
+
+    /// Each residual block keeps about six maps (norm, activation, convolution, twice), down and up paths
+    /// each, plus attention's score matrix where there is attention.
+    fn activations_per_sample(&self) -> usize {
+        let (h, w) = (self.state_shape[1], self.state_shape[2]);
+        let mut total = 0;
+        for (level, &mult) in self.channel_mult.iter().enumerate() {
+            let side = (h >> level) * (w >> level);
+            total += self.channels * mult * side * 6 * (2 * self.blocks + 1);
+            if self.attention_resolutions.contains(&(h >> level)) {
+                total += self.heads * side * side * 2;
+            }
+        }
+        total
+    }
+
+    fn seed_params(&self, vars: &VarMap, seed: u64) -> Result<()> {
+        seed_params(vars, seed)
+    }
+
+    fn init_from_teacher(&self, student: &VarMap, teacher: &VarMap) -> Result<()> {
+        init_from_teacher(student, teacher)
+    }
+}

@@ -48,6 +48,12 @@ impl<'a> Progressive<'a> {
             None => (candle_core::DType::F32, candle_core::Device::Cpu),
         };
         let net = FlowMapNet::new(arch, VarBuilder::from_varmap(&frozen_vars, dtype, &device))?;
+        // Stage 0 takes its targets from the teacher and never reads the snapshot, but a training state
+        // saves it: it starts as the student, not as whatever the variables were initialised to, so that
+        // states are the same bits on every run.
+        for ((_, f), (_, l)) in vars_sorted(&frozen_vars).iter().zip(vars_sorted(live).iter()) {
+            f.set(l.as_tensor())?;
+        }
         let frozen = Frozen::Snapshot {
             live: live.clone(),
             vars: frozen_vars,

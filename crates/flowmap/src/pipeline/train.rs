@@ -378,7 +378,7 @@ impl<'a> MapJob<'a> {
             resume: ctl.resume,
             stop: ctl.stop,
             recovery: ctl.recovery,
-            fault: ctl.fault,
+            loss_hook: ctl.loss_hook.map(|f| f as &mut dyn FnMut(usize, f64) -> f64),
             monitor: (every > 0).then_some((every, &mut hook as &mut dyn FnMut(usize) -> Result<()>)),
         };
         // The objective's learning rate; the recorded configuration keeps the run's and the scale apart.

@@ -2,25 +2,30 @@
 //! weights and the data stream; an [`Objective`] supplies the loss. Under a [`RunControl`] it also writes
 //! its whole state ([`TrainState`]) on a schedule, resumes from one bit-exactly, stops cleanly on request
 //! and recovers from non-finite values by rolling back.
+//!
+//! In pieces: this file holds the settings ([`TrainConfig`]), what a run reports ([`TrainLog`], [`Progress`])
+//! and what it trains ([`Trainable`]); `control` how it is supervised ([`RunControl`], [`Recovery`]);
+//! `step` one step's condition and loss; `learner` the parameters, the progression, the checkpointer and
+//! the rollback guard, composed by [`fit_controlled`]; `state` the saved state.
 
+mod control;
+mod learner;
 mod state;
+mod step;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
-
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{ParamsAdamW, VarMap};
+use candle_core::Device;
+use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
+pub use control::{LossHook, Recovery, RunControl, StateSink, StepHook};
+pub use learner::fit_controlled;
 pub use state::{StateMeta, TrainState};
 
-use crate::backbone::{vars_sorted, Backbone};
-use crate::cond::Cond;
+use crate::backbone::Backbone;
 use crate::data::DataSource;
-use crate::objective::{Objective, ObjectiveState, StepContext};
-use crate::optim::{AdamW, Ema};
+use crate::objective::Objective;
 use crate::path::ProbabilityPath;
-use crate::{Error, Result, Rng};
+use crate::{Error, Result};
 
 /// Optimisation settings shared by every objective.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -192,88 +197,6 @@ pub struct Trainable<'a, M: ?Sized> {
     pub backbone: Option<&'a dyn Backbone>,
 }
 
-/// Recovery from a non-finite loss or gradient: the loop keeps a good state in memory every `keep_every`
-/// steps; on a NaN or an infinity it rolls back to it, multiplies the learning rate by `lr_factor`, draws
-/// fresh batches and goes on. A run that has rolled back `max_rollbacks` times within `window` steps
-/// stops at the next non-finite value, with [`Error::Diverged`] (its last good state written, if it writes
-/// states).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Recovery {
-    /// `0` turns recovery off: the first non-finite value ends the run.
-    pub keep_every: usize,
-    pub lr_factor: f64,
-    pub max_rollbacks: usize,
-    pub window: usize,
-}
-
-impl Default for Recovery {
-    fn default() -> Self {
-        Recovery {
-            keep_every: 50,
-            lr_factor: 0.5,
-            max_rollbacks: 3,
-            window: 1000,
-        }
-    }
-}
-
-impl Recovery {
-    pub fn validate(&self) -> Result<()> {
-        if !(self.lr_factor > 0.0 && self.lr_factor < 1.0) {
-            return Err(Error::arg(format!(
-                "the learning-rate factor after a rollback must lie in (0, 1), got {}",
-                self.lr_factor
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// A fault injected on purpose, to test recovery: the loss of the named steps is made NaN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    /// The first time step `k` runs (a rolled-back run passes it again, cleanly).
-    Once(usize),
-    /// Every step from `k` on.
-    From(usize),
-}
-
-/// Where a run's states go.
-pub type StateSink<'a> = &'a mut dyn FnMut(&TrainState) -> Result<()>;
-/// Called with a step number.
-pub type StepHook<'a> = &'a mut dyn FnMut(usize) -> Result<()>;
-
-/// How a run keeps what it has done: states written on a schedule, a resumed state, a stop flag (an
-/// interrupt), recovery from non-finite values and a monitor. [`RunControl::default`] writes nothing and
-/// recovers with [`Recovery::default`].
-#[derive(Default)]
-pub struct RunControl<'a> {
-    /// Write the state every this many steps.
-    pub checkpoint_every: Option<usize>,
-    /// Write the state when this many minutes have passed since the last.
-    pub checkpoint_minutes: Option<f64>,
-    /// Where states go: on the schedule above, when stopped, at the end of a run that writes states, and
-    /// (the last good one) when recovery gives up.
-    pub save_state: Option<StateSink<'a>>,
-    /// The state to continue from.
-    pub resume: Option<TrainState>,
-    /// When set (by a signal handler, say), the run finishes its step, writes its state and returns
-    /// [`Error::Interrupted`].
-    pub stop: Option<&'a AtomicBool>,
-    pub recovery: Recovery,
-    pub fault: Option<Fault>,
-    /// `(every, hook)`: `hook(step)` before the first step and after every `every` steps.
-    pub monitor: Option<(usize, StepHook<'a>)>,
-}
-
-impl RunControl<'_> {
-    /// Whether the state is written at the end of the run too (so that it can be lengthened): when states
-    /// are written on a schedule, or the run was resumed.
-    fn writes_final_state(&self, resumed: bool) -> bool {
-        self.save_state.is_some() && (self.checkpoint_every.is_some() || self.checkpoint_minutes.is_some() || resumed)
-    }
-}
-
 /// Runs `cfg.steps` steps of `objective` on batches from `data` (states with their labels, if any),
 /// reporting each step to `progress`.
 pub fn fit<O: Objective>(
@@ -315,292 +238,6 @@ pub fn fit_with_hook<O: Objective>(
     )
 }
 
-/// The loop's whole mutable state, apart from the parameters themselves.
-struct Loop {
-    step: usize,
-    rng: Rng,
-    log: TrainLog,
-    acc: f64,
-    acc_n: usize,
-    lr_scale: f64,
-    rollbacks: Vec<usize>,
-}
-
-/// [`fit`] under `ctl`: the run's `config` (a JSON value naming everything that fixes its result) is
-/// written into its states, and a resumed state must carry the same.
-#[allow(clippy::too_many_arguments)]
-pub fn fit_controlled<O: Objective>(
-    objective: &O,
-    trainable: &Trainable<'_, O::Model>,
-    data: &DataSource,
-    cfg: &TrainConfig,
-    device: &Device,
-    progress: &dyn Progress,
-    config: &serde_json::Value,
-    mut ctl: RunControl<'_>,
-) -> Result<TrainLog> {
-    cfg.validate()?;
-    ctl.recovery.validate()?;
-    if let (Some(b), true) = (trainable.backbone, device.is_cpu()) {
-        check_batch_fits(b.arch().train_bytes_per_sample(), cfg.batch_size)?;
-    }
-    let live = vars_sorted(trainable.params);
-    let mut opt = AdamW::new(
-        live.clone(),
-        ParamsAdamW {
-            lr: cfg.lr_at(0, 0.0),
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: cfg.weight_decay,
-        },
-    )?;
-    let ema = match trainable.ema {
-        Some((ema_vars, _)) => Some((
-            Ema::new(ema_vars, trainable.params, cfg.ema_decay)?,
-            vars_sorted(ema_vars),
-        )),
-        None => None,
-    };
-    let target = match (trainable.ema_target, trainable.ema) {
-        (true, Some((_, m))) => m,
-        (true, None) => return Err(Error::arg("an EMA target needs EMA parameters")),
-        (false, _) => trainable.model,
-    };
-    let ema_vars: &[(String, Var)] = ema.as_ref().map_or(&[], |e| &e.1);
-    let mut lp = Loop {
-        step: 0,
-        rng: Rng::new(cfg.seed),
-        log: TrainLog::default(),
-        acc: 0.0,
-        acc_n: 0,
-        lr_scale: 1.0,
-        rollbacks: Vec::new(),
-    };
-    let (mut elapsed_before, mut resumed) = (0.0, false);
-    if let Some(state) = ctl.resume.take() {
-        state.check_config(config)?;
-        restore(&state, &live, ema_vars, &mut opt, objective)?;
-        lp = Loop {
-            step: state.meta.step,
-            rng: Rng::from_state(&state.meta.rng)?,
-            log: state.meta.log.clone(),
-            acc: state.meta.acc,
-            acc_n: state.meta.acc_n,
-            lr_scale: state.meta.lr_scale,
-            rollbacks: state.meta.rollbacks.clone(),
-        };
-        elapsed_before = state.meta.elapsed;
-        resumed = true;
-    }
-    let log_every = if cfg.max_seconds.is_some() {
-        50
-    } else {
-        (cfg.steps / 200).max(1)
-    };
-    let start = Instant::now();
-    let elapsed = |start: &Instant| elapsed_before + start.elapsed().as_secs_f64();
-    let capture = |lp: &Loop, opt: &AdamW, secs: f64| -> Result<TrainState> {
-        let copy = |vars: &[(String, Var)]| -> Result<Vec<(String, Tensor)>> {
-            vars.iter()
-                .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
-                .collect()
-        };
-        let obj = objective.save_state()?;
-        let adam = opt.state()?;
-        Ok(TrainState {
-            live: copy(&live)?,
-            ema: copy(ema_vars)?,
-            meta: StateMeta {
-                format: state::FORMAT,
-                step: lp.step,
-                adam_step: adam.step,
-                rng: lp.rng.state(),
-                log: lp.log.clone(),
-                acc: lp.acc,
-                acc_n: lp.acc_n,
-                elapsed: secs,
-                lr_scale: lp.lr_scale,
-                rollbacks: lp.rollbacks.clone(),
-                objective: obj.value,
-                config: config.clone(),
-                version: env!("CARGO_PKG_VERSION").into(),
-            },
-            adam,
-            objective: obj.tensors,
-        })
-    };
-    let keep = ctl.recovery.keep_every;
-    let mut good = if keep > 0 {
-        Some(capture(&lp, &opt, elapsed(&start))?)
-    } else {
-        None
-    };
-    let mut last_write = Instant::now();
-    let mut faulted = false;
-    if let Some((_, hook)) = ctl.monitor.as_mut() {
-        hook(lp.step)?;
-    }
-    while lp.step < cfg.steps {
-        let step = lp.step;
-        if ctl.stop.is_some_and(|f| f.load(Ordering::SeqCst)) {
-            if let Some(save) = ctl.save_state.as_mut() {
-                save(&capture(&lp, &opt, elapsed(&start))?)?;
-            }
-            return Err(Error::Interrupted { step });
-        }
-        let frac = cfg.progress(step, elapsed(&start));
-        if cfg.max_seconds.is_some() && frac >= 1.0 {
-            break;
-        }
-        opt.set_learning_rate(cfg.lr_at(step, frac) * lp.lr_scale);
-        if let Some(b) = trainable.backbone {
-            b.set_dropout_seed(Some(cfg.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
-        }
-        let rng = &mut lp.rng;
-        let batch = data.sample_batch(cfg.batch_size, rng, DType::F32, device)?;
-        let cond = match trainable.classes {
-            Some(c) if cfg.label_dropout > 0.0 => batch.cond.drop_labels(cfg.label_dropout, c, rng)?,
-            Some(_) => batch.cond,
-            None => Cond::none(),
-        };
-        let cond = match cfg.guidance_range {
-            Some([lo, hi]) => {
-                let n = batch.x0.dim(0)?;
-                let w: Vec<f32> = (0..n).map(|_| (lo + (hi - lo) * rng.uniform()) as f32).collect();
-                cond.with_guidance(&Tensor::from_vec(w, (n, 1), device)?)?
-            }
-            None => cond,
-        };
-        let x1 = rng.normal_tensor(batch.x0.shape(), DType::F32, device)?;
-        let mut cx = StepContext {
-            model: trainable.model,
-            target,
-            x0: &batch.x0,
-            x1: &x1,
-            cond: &cond,
-            classes: trainable.classes,
-            path: trainable.path,
-            progress: frac,
-            step,
-            rng,
-        };
-        let loss = objective.loss(&mut cx)?;
-        let mut value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let inject = match ctl.fault {
-            Some(Fault::Once(k)) if k == step && !faulted => {
-                faulted = true;
-                true
-            }
-            Some(Fault::From(k)) => step >= k,
-            _ => false,
-        };
-        if inject {
-            value = f64::NAN;
-        }
-        let failure = if !value.is_finite() {
-            Some(format!("the loss is {value}"))
-        } else {
-            let grads = loss.backward()?;
-            if opt.grads_finite(&grads)? {
-                opt.step(&grads)?;
-                if let Some((ema, _)) = &ema {
-                    ema.update(step)?;
-                }
-                None
-            } else {
-                Some("a gradient is not finite".to_string())
-            }
-        };
-        if let Some(reason) = failure {
-            let r = ctl.recovery;
-            lp.rollbacks.retain(|&k| k + r.window > step);
-            let Some(back) = good.as_ref().filter(|_| lp.rollbacks.len() < r.max_rollbacks) else {
-                let mut reason = reason;
-                if good.is_some() {
-                    reason = format!(
-                        "{reason}, after {} rollbacks within {} steps",
-                        lp.rollbacks.len(),
-                        r.window
-                    );
-                }
-                // The last good state, with the stream moved on (a resumed run draws fresh batches) and the
-                // learning rate as reduced.
-                if let (Some(save), Some(mut g)) = (ctl.save_state.as_mut(), good.take()) {
-                    g.meta.rng = lp.rng.state();
-                    g.meta.lr_scale = lp.lr_scale;
-                    save(&g)?;
-                }
-                return Err(Error::Diverged { step, reason });
-            };
-            restore(back, &live, ema_vars, &mut opt, objective)?;
-            lp.rollbacks.push(step);
-            lp.lr_scale *= r.lr_factor;
-            lp.step = back.meta.step;
-            lp.log = back.meta.log.clone();
-            lp.acc = back.meta.acc;
-            lp.acc_n = back.meta.acc_n;
-            let event = TrainEvent {
-                step,
-                what: format!(
-                    "{reason}: rolled back to step {}, learning rate ×{}",
-                    lp.step, lp.lr_scale
-                ),
-            };
-            progress.event(&event);
-            lp.log.events.push(event);
-            continue;
-        }
-        lp.acc += value;
-        lp.acc_n += 1;
-        lp.step = step + 1;
-        let mut logged = None;
-        if lp.step.is_multiple_of(log_every) {
-            let mean = lp.acc / lp.acc_n as f64;
-            lp.log.losses.push((lp.step, mean));
-            logged = Some(mean);
-            lp.acc = 0.0;
-            lp.acc_n = 0;
-        }
-        progress.step(lp.step, logged);
-        let keep_now = keep > 0 && lp.step.is_multiple_of(keep);
-        let due = ctl.checkpoint_every.is_some_and(|n| n > 0 && lp.step.is_multiple_of(n))
-            || ctl
-                .checkpoint_minutes
-                .is_some_and(|m| last_write.elapsed().as_secs_f64() >= m * 60.0);
-        let write_now = due && lp.step < cfg.steps && ctl.save_state.is_some();
-        if keep_now || write_now {
-            // One capture serves both the state kept for recovery and the one written.
-            let state = capture(&lp, &opt, elapsed(&start))?;
-            if let (true, Some(save)) = (write_now, ctl.save_state.as_mut()) {
-                save(&state)?;
-                last_write = Instant::now();
-            }
-            if keep_now {
-                good = Some(state);
-            }
-        }
-        if let Some((every, hook)) = ctl.monitor.as_mut() {
-            if lp.step.is_multiple_of(*every) {
-                hook(lp.step)?;
-            }
-        }
-    }
-    if ctl.writes_final_state(resumed) {
-        let state = capture(&lp, &opt, elapsed(&start))?;
-        if let Some(save) = ctl.save_state.as_mut() {
-            save(&state)?;
-        }
-    }
-    let mut log = lp.log;
-    if lp.acc_n > 0 {
-        log.losses.push((lp.step, lp.acc / lp.acc_n as f64));
-    }
-    log.steps = lp.step;
-    log.seconds = elapsed(&start);
-    Ok(log)
-}
-
 /// Errors, before anything is allocated, when a batch of `batch` samples of `per_sample` bytes cannot fit
 /// in the memory available (Linux's `MemAvailable`; elsewhere nothing is checked).
 fn check_batch_fits(per_sample: usize, batch: usize) -> Result<()> {
@@ -627,36 +264,3 @@ pub fn available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Sets the parameters, the EMA, the optimiser and the objective to `state`'s.
-fn restore<O: Objective>(
-    state: &TrainState,
-    live: &[(String, Var)],
-    ema: &[(String, Var)],
-    opt: &mut AdamW,
-    objective: &O,
-) -> Result<()> {
-    set_vars(live, &state.live, "parameters")?;
-    set_vars(ema, &state.ema, "EMA parameters")?;
-    opt.load_state(&state.adam)?;
-    objective.load_state(&ObjectiveState {
-        tensors: state.objective.clone(),
-        value: state.meta.objective.clone(),
-    })
-}
-
-fn set_vars(vars: &[(String, Var)], values: &[(String, Tensor)], what: &str) -> Result<()> {
-    let same = vars.len() == values.len()
-        && vars
-            .iter()
-            .zip(values)
-            .all(|((a, v), (b, t))| a == b && v.dims() == t.dims());
-    if !same {
-        return Err(Error::arg(format!(
-            "the training state's {what} do not match the model's (another architecture?)"
-        )));
-    }
-    for ((_, v), (_, t)) in vars.iter().zip(values) {
-        v.set(&t.to_device(v.device())?.to_dtype(v.dtype())?)?;
-    }
-    Ok(())
-}
