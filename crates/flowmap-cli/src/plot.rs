@@ -10,7 +10,7 @@ use plotters::style::FontStyle;
 
 use flowmap::{Error, Result};
 
-static FONT: &[u8] = include_bytes!("../../../assets/DejaVuSans.ttf");
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
 fn init_font() {

@@ -16,10 +16,10 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::backbone::unet::Conv2d;
+use crate::layers::Conv2d;
 use crate::data::{DataSource, Scale};
 use crate::kernels::{self, Activation};
-use crate::nn::Dense;
+use crate::layers::Dense;
 use crate::train::Progress;
 use crate::{Error, Result, Rng};
 
@@ -93,6 +93,7 @@ pub struct Classifier {
 const KEY: &str = "flowmap_classifier";
 
 /// The classifier trained on the embedded MNIST digits, shipped with the project.
+#[cfg(feature = "mnist-assets")]
 const EMBEDDED_MNIST: &[u8] = include_bytes!("../assets/mnist-classifier.safetensors");
 
 impl Classifier {
@@ -161,8 +162,17 @@ impl Classifier {
     }
 
     /// The classifier trained on the embedded MNIST digits.
+    #[cfg(feature = "mnist-assets")]
     pub fn embedded_mnist(device: &Device) -> Result<Self> {
         Self::from_bytes(EMBEDDED_MNIST, Path::new("<embedded mnist classifier>"), device)
+    }
+
+    /// Without the `mnist-assets` feature there is no shipped classifier: an error that says so.
+    #[cfg(not(feature = "mnist-assets"))]
+    pub fn embedded_mnist(_device: &Device) -> Result<Self> {
+        Err(crate::Error::data(
+            "the shipped MNIST classifier is in flowmap's `mnist-assets` feature, which this build leaves out; load one with Classifier::load",
+        ))
     }
 
     pub fn load(path: &Path, device: &Device) -> Result<Self> {

@@ -13,10 +13,13 @@
 //! times and a condition [`Cond`] (class labels with a reserved null class, or none).
 //!
 //! Modules follow the mathematics: [`path`] (interpolants), [`ode`] (solvers), [`teacher`] (velocity
-//! fields), [`flow_map`] (maps, including Φ itself, and their tangents), [`backbone`] (the networks inside
-//! teachers and maps), [`objective`] (losses), [`train`] (the one training loop), [`sample`] (the one
+//! fields), [`flow_map`] (maps, including Φ itself, and their tangents), [`layers`] (the building blocks,
+//! each with its forward-mode tangent rule), [`backbone`] (the networks inside teachers and maps, registered
+//! in one list), [`objective`] (losses, and the method registry), [`train`] (the one training loop), [`sample`] (the one
 //! sampler), [`metrics`], [`data`], [`checkpoint`] and [`pipeline`] (the end-to-end jobs, returning plain
-//! values). Reports, plots, the demo and the benchmarks live in the application, `flowmap-cli`.
+//! values). [`kernels`] holds the fast CPU paths (candle custom ops, each beside its plain reference) and
+//! every `unsafe` block of the crate. Reports, plots, the demo and the benchmarks live in the application,
+//! `flowmap-cli`.
 
 pub mod backbone;
 pub mod checkpoint;
@@ -28,10 +31,9 @@ mod error;
 pub mod flow_map;
 pub mod image_metrics;
 pub mod io;
-pub mod jvp;
 pub mod kernels;
+pub mod layers;
 pub mod metrics;
-pub mod nn;
 pub mod objective;
 pub mod ode;
 pub mod optim;

@@ -10,7 +10,7 @@ use flowmap::backbone::unet::{Attention, Conv2d, GroupNorm};
 use flowmap::backbone::{vars_sorted, Arch, Backbone, Role, UnetConfig};
 use flowmap::cond::Cond;
 use flowmap::flow_map::{FlowMap, FlowMapNet};
-use flowmap::jvp::Jvp;
+use flowmap::layers::Jvp;
 use flowmap::teacher::{VelocityField, VelocityNet};
 use flowmap::Rng;
 

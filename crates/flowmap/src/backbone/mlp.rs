@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{vars_sorted, Arch, Backbone, Role};
 use crate::cond::Cond;
-use crate::jvp::Jvp;
+use crate::layers::Jvp;
 use crate::kernels::{self, Activation};
-use crate::nn::{Dense, SinusoidalEmbedding};
+use crate::layers::{Dense, SinusoidalEmbedding};
 use crate::{state, Error, Result};
 
 /// Architecture of the time-conditioned MLP.

@@ -11,7 +11,6 @@
 //! Adding a network is one file (the network implementing [`Backbone`], its configuration implementing
 //! [`BackboneConfig`]) and one line of the `backbones!` registry below, which generates [`Arch`].
 
-pub mod layers;
 pub mod mlp;
 pub mod unet;
 
@@ -103,11 +102,11 @@ pub(crate) fn guidance_embedding(
     range: Option<[f64; 2]>,
     features: usize,
     vb: &VarBuilder,
-) -> Result<Option<(crate::nn::SinusoidalEmbedding, [f64; 2])>> {
+) -> Result<Option<(crate::layers::SinusoidalEmbedding, [f64; 2])>> {
     range
         .map(|r| {
             Ok((
-                crate::nn::SinusoidalEmbedding::new(features, GUIDANCE_MAX_FREQUENCY, vb)?,
+                crate::layers::SinusoidalEmbedding::new(features, GUIDANCE_MAX_FREQUENCY, vb)?,
                 r,
             ))
         })
@@ -117,7 +116,7 @@ pub(crate) fn guidance_embedding(
 /// The guidance features of a `b`-row batch, `[sin/cos(ω w/4)]`, when the network has a guidance input;
 /// an error when the network and the condition disagree about having one.
 pub(crate) fn guidance_rows(
-    embedding: Option<&(crate::nn::SinusoidalEmbedding, [f64; 2])>,
+    embedding: Option<&(crate::layers::SinusoidalEmbedding, [f64; 2])>,
     cond: &Cond,
     x: &Tensor,
 ) -> Result<Option<Tensor>> {
@@ -150,7 +149,7 @@ pub fn check_guidance_range([lo, hi]: [f64; 2]) -> Result<()> {
 }
 
 /// What every backbone's configuration provides: a backbone is its file, holding its network and its
-/// configuration type implementing this trait, and one line of [`backbones!`] below.
+/// configuration type implementing this trait, and one line of the `backbones!` registry below.
 pub trait BackboneConfig {
     /// The name recorded in checkpoints (the `kind` of [`Arch`]'s tagged value) and on the command line.
     const NAME: &'static str;

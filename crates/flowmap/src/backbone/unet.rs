@@ -26,12 +26,12 @@ use candle_core::{Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-pub use super::layers::{Attention, Conv2d, GroupNorm};
+pub use crate::layers::{Attention, Conv2d, GroupNorm};
 use super::{class_rows, vars_sorted, Arch, Backbone, Role};
 use crate::cond::Cond;
-use crate::jvp::{Jvp, Silu};
+use crate::layers::{Jvp, Silu};
 use crate::kernels::{self, Activation};
-use crate::nn::{Dense, SinusoidalEmbedding};
+use crate::layers::{Dense, SinusoidalEmbedding};
 use crate::{Error, Result};
 
 /// Architecture of the U-Net.

@@ -1,14 +1,16 @@
 //! MNIST in the IDX format (`*-idx3-ubyte` images, `*-idx1-ubyte` labels), gzip-compressed or not.
 //!
-//! The repository embeds a 10,000-digit subset (see `data/README.md`), so `mnist` works on a fresh clone.
+//! The repository embeds a 10,000-digit subset (see `crates/flowmap/assets/mnist/README.md`), so `mnist` works on a fresh clone.
 
 use std::io::Read;
 use std::path::Path;
 
 use crate::{Error, Result};
 
-static EMBEDDED_IMAGES: &[u8] = include_bytes!("../../../../data/mnist10k-images-idx3-ubyte.gz");
-static EMBEDDED_LABELS: &[u8] = include_bytes!("../../../../data/mnist10k-labels-idx1-ubyte.gz");
+#[cfg(feature = "mnist-assets")]
+static EMBEDDED_IMAGES: &[u8] = include_bytes!("../../assets/mnist/mnist10k-images-idx3-ubyte.gz");
+#[cfg(feature = "mnist-assets")]
+static EMBEDDED_LABELS: &[u8] = include_bytes!("../../assets/mnist/mnist10k-labels-idx1-ubyte.gz");
 
 /// Images as bytes, `count × rows × cols`, with their labels when known.
 #[derive(Clone, Debug)]
@@ -21,11 +23,20 @@ pub struct Mnist {
 }
 
 impl Mnist {
-    /// The embedded 10,000-digit subset.
+    /// The embedded 10,000-digit subset (the `mnist-assets` feature, on by default).
+    #[cfg(feature = "mnist-assets")]
     pub fn embedded() -> Result<Self> {
         let mut m = parse_images(&gunzip_if_needed(EMBEDDED_IMAGES, "embedded images")?)?;
         m.labels = Some(parse_labels(&gunzip_if_needed(EMBEDDED_LABELS, "embedded labels")?)?);
         Ok(m)
+    }
+
+    /// Without the `mnist-assets` feature there are no embedded digits: an error that says so.
+    #[cfg(not(feature = "mnist-assets"))]
+    pub fn embedded() -> Result<Self> {
+        Err(Error::data(
+            "the embedded MNIST digits are in flowmap's `mnist-assets` feature, which this build leaves out; read an IDX file with `mnist:FILE`",
+        ))
     }
 
     /// Images from an IDX file (e.g. `train-images-idx3-ubyte[.gz]`), with the labels of the matching
@@ -135,6 +146,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "mnist-assets")]
     fn embedded_subset_matches_its_readme() {
         let m = Mnist::embedded().unwrap();
         assert_eq!((m.count, m.rows, m.cols), (10_000, 28, 28));

@@ -146,7 +146,7 @@ pub enum TargetNet {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum JvpMode {
-    /// Exact forward-mode JVP through the network ([`crate::jvp`]).
+    /// Exact forward-mode JVP through the network ([`crate::layers::Jvp`]).
     Exact,
     /// Central finite differences with step `h`.
     FiniteDifference { h: f64 },

@@ -49,7 +49,7 @@ pub struct TrainConfig {
     /// needs both). Unconditional models ignore it.
     pub label_dropout: f64,
     /// Distil classifier-free guidance into a flow map: every training row draws a scale `w` uniformly
-    /// from `[lo, hi]` (its condition's [`Cond::guidance`]), which the map takes as an input and the
+    /// from `[lo, hi]` (its condition's [`crate::Cond::guidance`]), which the map takes as an input and the
     /// per-row guided teacher applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_range: Option<[f64; 2]>,

@@ -45,7 +45,7 @@ impl Module for Dense {
     }
 }
 
-impl crate::jvp::Jvp for Dense {
+impl super::Jvp for Dense {
     /// `ẏ = act'(z) ⊙ (ẋ Wᵀ)` with `z = x·Wᵀ + b`; one GEMM computes `[x; ẋ]·Wᵀ`.
     fn forward_jvp(&self, x: &Tensor, dx: &Tensor) -> Result<(Tensor, Tensor)> {
         if let Some(out) = kernels::dense_jvp(x, dx, &self.weight, &self.bias, self.act)? {
@@ -58,7 +58,7 @@ impl crate::jvp::Jvp for Dense {
         let dz = both.narrow(0, b, b)?;
         match self.act {
             Activation::Identity => Ok((z, dz)),
-            Activation::Silu => crate::jvp::Silu.forward_jvp(&z, &dz),
+            Activation::Silu => super::Silu.forward_jvp(&z, &dz),
         }
     }
 }
@@ -97,7 +97,7 @@ impl SinusoidalEmbedding {
     }
 }
 
-impl crate::jvp::Jvp for SinusoidalEmbedding {
+impl super::Jvp for SinusoidalEmbedding {
     /// `d/dt [sin ωt, cos ωt] = [ω cos ωt, −ω sin ωt]·ṫ`.
     fn forward_jvp(&self, t: &Tensor, dt: &Tensor) -> Result<(Tensor, Tensor)> {
         let arg = t.detach().broadcast_mul(&self.freqs)?;

@@ -1,3 +1,10 @@
+//! Network building blocks, every one in this module: small plain structs built from a `VarBuilder`,
+//! implementing `Module` (their forward pass, from primitive candle ops or a fused kernel with its backward)
+//! and [`Jvp`] (their forward-mode tangent rule).
+//!
+//! - [`Dense`], [`SinusoidalEmbedding`] and [`Silu`] (`dense.rs` and here): the MLP's layers;
+//! - [`Conv2d`], [`GroupNorm`] and [`Attention`] (`image.rs`): the U-Net's and the classifier's.
+//!
 //! Forward-mode differentiation: Jacobian–vector products `(y, ẏ) = (f(x), Df(x)·ẋ)` in one pass.
 //!
 //! candle has reverse mode only, and finite differences in f32 are noisy, so each of flowmap's layers
@@ -9,9 +16,15 @@
 //! This is the layer-level rule; the flow-map view, the derivative of `F(x, t, s)` along a direction
 //! `(ẋ, ṫ, ṡ)`, is [`crate::flow_map::TangentMap`], beside the maps themselves.
 
+mod dense;
+mod image;
+
 use candle_core::{Module, Tensor};
 
 use crate::Result;
+
+pub use dense::{Dense, SinusoidalEmbedding};
+pub use image::{Attention, Conv2d, GroupNorm};
 
 /// A layer with a forward-mode derivative.
 pub trait Jvp {
