@@ -524,6 +524,24 @@ fn jpeg(w: u32, h: u32) -> Vec<u8> {
 }
 
 /// The Markdown report.
+/// [`run`] into `out`, then its rows written as `fuzz.json` and `fuzz.md`; returns the rows and the table.
+pub fn report(
+    out: &Path,
+    only: &[String],
+    seconds: f64,
+    seed: u64,
+    progress: &dyn Fn(&str),
+) -> Result<(Vec<LoaderRow>, String)> {
+    flowmap::io::create_dir(out)?;
+    let rows = run(out, only, seconds, seed, progress)?;
+    let json = serde_json::json!({ "seconds_per_loader": seconds, "seed": seed, "loaders": rows });
+    let text = serde_json::to_string_pretty(&json).map_err(|e| flowmap::Error::data(e.to_string()))?;
+    flowmap::io::write_text(&out.join("fuzz.json"), &text)?;
+    let md = table(&rows);
+    flowmap::io::write_text(&out.join("fuzz.md"), &md)?;
+    Ok((rows, md))
+}
+
 pub fn table(rows: &[LoaderRow]) -> String {
     let mut s = String::from(
         "| loader | cases | loaded | errors | panics | over memory | max peak | peak / file size | seconds |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",

@@ -71,6 +71,24 @@ impl Default for SpeedOptions {
 /// The workloads, as named in the report and by the peer.
 pub const WORKLOADS: [&str; 5] = ["teacher", "emd", "sample-1nfe", "sample-euler32", "latency-1nfe"];
 
+impl SpeedReport {
+    /// One line per row, with PyTorch's figure and the ratio where the peer ran.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        for r in &self.rows {
+            let peer = match (r.peer, r.ratio) {
+                (Some(p), Some(x)) => format!("  PyTorch {p:10.1}  ratio {x:5.2}"),
+                _ => String::new(),
+            };
+            s += &format!(
+                "{:15} width {:4} batch {:5}: {:10.1} {}{peer}\n",
+                r.workload, r.width, r.batch, r.value, r.unit
+            );
+        }
+        s
+    }
+}
+
 /// The whole report, as written to `speed.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SpeedReport {

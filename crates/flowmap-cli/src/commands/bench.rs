@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use flowmap::io;
 use flowmap::objective::Method;
 
 use super::common::{methods_help, parse_range, parse_sizes};
@@ -216,16 +215,7 @@ impl BenchCommand {
                     seed: a.seed,
                 };
                 let report = bench::speed(&a.out, &opts, &device, show)?;
-                for r in &report.rows {
-                    let peer = match (r.peer, r.ratio) {
-                        (Some(p), Some(x)) => format!("  PyTorch {p:10.1}  ratio {x:5.2}"),
-                        _ => String::new(),
-                    };
-                    println!(
-                        "{:15} width {:4} batch {:5}: {:10.1} {}{peer}",
-                        r.workload, r.width, r.batch, r.value, r.unit
-                    );
-                }
+                print!("{}", report.summary());
                 println!(
                     "peer: {}; wrote {}",
                     report.peer_status,
@@ -288,16 +278,11 @@ impl BenchCommand {
                 if !(a.seconds >= 0.0 && a.seconds.is_finite()) {
                     bail!("--seconds must be a non-negative number, got {}", a.seconds);
                 }
-                io::create_dir(&a.out)?;
-                let rows = bench::fuzz::run(&a.out, &a.loader, a.seconds, a.seed, &|name| {
+                let (rows, md) = bench::fuzz::report(&a.out, &a.loader, a.seconds, a.seed, &|name| {
                     if show {
                         eprintln!("fuzzing {name} for {} s", a.seconds);
                     }
                 })?;
-                let json = serde_json::json!({ "seconds_per_loader": a.seconds, "seed": a.seed, "loaders": rows });
-                io::write_text(&a.out.join("fuzz.json"), &serde_json::to_string_pretty(&json)?)?;
-                let md = bench::fuzz::table(&rows);
-                io::write_text(&a.out.join("fuzz.md"), &md)?;
                 print!("{md}");
                 let bad: u64 = rows.iter().map(|r| r.panics + r.over_memory).sum();
                 if bad > 0 {
