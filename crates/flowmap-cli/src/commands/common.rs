@@ -35,6 +35,40 @@ pub struct TrainFlags {
     pub long: supervise::LongRunFlags,
 }
 
+/// `--data` and `--labels`: what a command trains on.
+#[derive(Args, Clone)]
+pub struct DataFlags {
+    /// The data (`--help` lists the specs).
+    #[arg(long, long_help = data_help("The data"))]
+    pub data: String,
+    /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+}
+
+impl DataFlags {
+    pub fn open(&self) -> Result<DataSource> {
+        open_data(&self.data, &self.labels)
+    }
+}
+
+/// What a training command settles before it trains: its output checked, the `--config` file read, and the
+/// run's settings (the file's `[train]` table, then the flags, then a guidance range), validated.
+pub fn run_settings(
+    out: &Path,
+    flags: &TrainFlags,
+    guidance_range: Option<&str>,
+) -> Result<(RunConfig, TrainConfig)> {
+    check_output(out, "safetensors")?;
+    let file = read_config(&flags.config)?;
+    let mut cfg = train_config(flags, file.train.clone());
+    if let Some(r) = guidance_range {
+        cfg.guidance_range = Some(parse_guidance_range(r)?);
+    }
+    cfg.validate()?;
+    Ok((file, cfg))
+}
+
 /// A method for `flowmap distill` (one that needs a teacher).
 pub fn distill_method(s: &str) -> Result<Method> {
     let m: Method = s.parse()?;

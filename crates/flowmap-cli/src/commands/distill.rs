@@ -11,7 +11,7 @@ use flowmap::data::DataSource;
 use flowmap::pipeline::{MapJob, RunConfig, Teacher};
 use flowmap::teacher::VelocityField;
 
-use super::common::{TrainFlags, check_output, data_help, distill_method, methods_help, open_data, parse_guidance_range, read_config, train_config};
+use super::common::{TrainFlags, data_help, distill_method, methods_help, open_data, run_settings};
 use super::guidance::load_guide;
 use super::map_flags::MapFlags;
 use super::Ctx;
@@ -53,13 +53,7 @@ pub struct DistillArgs {
 pub fn run(a: DistillArgs, cx: &Ctx) -> Result<()> {
     let (device, show) = (&cx.device, cx.show);
     let method = distill_method(&a.method)?;
-    check_output(&a.out, "safetensors")?;
-    let file = read_config(&a.train.config)?;
-    let mut cfg = train_config(&a.train, file.train.clone());
-    if let Some(r) = &a.guidance_range {
-        cfg.guidance_range = Some(parse_guidance_range(r)?);
-    }
-    cfg.validate()?;
+    let (file, cfg) = run_settings(&a.out, &a.train, a.guidance_range.as_deref())?;
     if a.data.is_none() && a.labels.is_some() {
         bail!("--labels goes with --data");
     }

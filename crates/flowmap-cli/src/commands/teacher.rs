@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use flowmap::pipeline;
 
-use super::common::{TrainFlags, check_output, data_help, open_data, read_config, train_config};
+use super::common::{DataFlags, TrainFlags, run_settings};
 use super::Ctx;
 use crate::arch::ArchFlags;
 use crate::report::{self, progress_bar};
@@ -14,12 +14,8 @@ use crate::supervise;
 
 #[derive(Args)]
 pub struct TeacherArgs {
-    /// The data (`--help` lists the specs).
-    #[arg(long, long_help = data_help("The data"))]
-    pub data: String,
-    /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
-    #[arg(long)]
-    pub labels: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataFlags,
     /// Output checkpoint (.safetensors).
     #[arg(long)]
     pub out: PathBuf,
@@ -32,11 +28,8 @@ pub struct TeacherArgs {
 
 pub fn run(a: TeacherArgs, cx: &Ctx) -> Result<()> {
     let (device, show) = (&cx.device, cx.show);
-    check_output(&a.out, "safetensors")?;
-    let file = read_config(&a.train.config)?;
-    let cfg = train_config(&a.train, file.train.clone());
-    cfg.validate()?;
-    let data = open_data(&a.data, &a.labels)?;
+    let (file, cfg) = run_settings(&a.out, &a.train, None)?;
+    let data = a.data.open()?;
     let shape = data.state_shape();
     let arch = a.arch.build(&shape, data.num_classes(), &file, &[])?;
     let mut sup = supervise::Supervisor::new(&a.train.long, &a.out)?;

@@ -7,7 +7,7 @@ use clap::Args;
 use flowmap::objective::DistillConfig;
 use flowmap::pipeline::MapJob;
 
-use super::common::{TrainFlags, check_output, data_help, methods_help, open_data, parse_guidance_range, read_config, train_config, train_method};
+use super::common::{DataFlags, TrainFlags, methods_help, run_settings, train_method};
 use super::distill::run_map;
 use super::map_flags::MapFlags;
 use super::Ctx;
@@ -17,12 +17,8 @@ pub struct TrainArgs {
     /// The teacher-free objective (`--help` lists them).
     #[arg(long, long_help = methods_help(false))]
     pub method: String,
-    /// The data (`--help` lists the specs).
-    #[arg(long, long_help = data_help("The data"))]
-    pub data: String,
-    /// Labels of an .npy image array: a 1-D .npy of N integers (class-conditional training).
-    #[arg(long)]
-    pub labels: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataFlags,
     /// Output checkpoint (.safetensors).
     #[arg(long)]
     pub out: PathBuf,
@@ -40,14 +36,8 @@ pub struct TrainArgs {
 pub fn run(a: TrainArgs, cx: &Ctx) -> Result<()> {
     let (device, show) = (&cx.device, cx.show);
     let method = train_method(&a.method)?;
-    check_output(&a.out, "safetensors")?;
-    let file = read_config(&a.train.config)?;
-    let mut cfg = train_config(&a.train, file.train.clone());
-    if let Some(r) = &a.guidance_range {
-        cfg.guidance_range = Some(parse_guidance_range(r)?);
-    }
-    cfg.validate()?;
-    let data = open_data(&a.data, &a.labels)?;
+    let (file, cfg) = run_settings(&a.out, &a.train, a.guidance_range.as_deref())?;
+    let data = a.data.open()?;
     let base = DistillConfig::for_data(method, &data.state_shape(), data.num_classes().is_some());
     let dcfg = a.map.objective(file.distill_config_over(base)?, method)?;
     let job = MapJob {
