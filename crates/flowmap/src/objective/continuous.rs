@@ -52,9 +52,6 @@ pub struct EmdContinuous<'a> {
 impl<'a> Objective for EmdContinuous<'a> {
     type Model = dyn FlowMap;
 
-    fn name(&self) -> &'static str {
-        "emd-cont"
-    }
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let r = ramp(&self.cfg, cx.progress);
@@ -98,9 +95,6 @@ pub struct LmdContinuous<'a> {
 impl<'a> Objective for LmdContinuous<'a> {
     type Model = dyn FlowMap;
 
-    fn name(&self) -> &'static str {
-        "lmd-cont"
-    }
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let r = ramp(&self.cfg, cx.progress);

@@ -23,9 +23,6 @@ impl FlowMatching {
 impl Objective for FlowMatching {
     type Model = dyn VelocityField;
 
-    fn name(&self) -> &'static str {
-        "fm"
-    }
 
     fn loss(&self, cx: &mut StepContext<'_, dyn VelocityField>) -> Result<Tensor> {
         let b = cx.x0.dim(0)?;

@@ -32,9 +32,6 @@ impl<'a> Lmd<'a> {
 impl<'a> Objective for Lmd<'a> {
     type Model = dyn FlowMap;
 
-    fn name(&self) -> &'static str {
-        "lmd"
-    }
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let eps = self.cfg.eps.at(cx.progress);

@@ -66,9 +66,6 @@ pub struct MeanFlow {
 impl Objective for MeanFlow {
     type Model = dyn FlowMap;
 
-    fn name(&self) -> &'static str {
-        "meanflow"
-    }
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let (x, t, s, _) = draw_pairs(&self.cfg, cx)?;

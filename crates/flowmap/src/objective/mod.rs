@@ -77,8 +77,6 @@ pub struct StepContext<'a, M: ?Sized> {
 /// A training objective for models of type `Model` (a velocity field or a flow map).
 pub trait Objective {
     type Model: ?Sized;
-    /// The method's name, as on the command line.
-    fn name(&self) -> &'static str;
     /// The scalar loss of one batch.
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor>;
     /// What the objective carries from one step to the next (progressive's frozen map), for a training
@@ -327,9 +325,6 @@ pub fn build<'a>(
 
 impl<M: ?Sized, O: Objective<Model = M> + ?Sized> Objective for Box<O> {
     type Model = M;
-    fn name(&self) -> &'static str {
-        (**self).name()
-    }
     fn loss(&self, cx: &mut StepContext<'_, M>) -> Result<Tensor> {
         (**self).loss(cx)
     }

@@ -91,9 +91,6 @@ impl<'a> Progressive<'a> {
 impl<'a> Objective for Progressive<'a> {
     type Model = dyn FlowMap;
 
-    fn name(&self) -> &'static str {
-        "progressive"
-    }
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         if let Frozen::Snapshot { live, vars, .. } = &self.frozen {

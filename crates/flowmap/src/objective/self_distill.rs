@@ -46,9 +46,6 @@ pub struct SelfLmd {
 impl Objective for SelfLmd {
     type Model = dyn FlowMap;
 
-    fn name(&self) -> &'static str {
-        "self-lmd"
-    }
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let eps = self.cfg.eps.at(cx.progress);
@@ -70,9 +67,6 @@ pub struct Shortcut {
 impl Objective for Shortcut {
     type Model = dyn FlowMap;
 
-    fn name(&self) -> &'static str {
-        "shortcut"
-    }
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         pair_loss(&self.cfg, cx, DiagonalTarget::Data, |cx, rows| {
