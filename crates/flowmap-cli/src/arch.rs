@@ -9,8 +9,8 @@ use flowmap::pipeline::RunConfig;
 /// Backbone flags shared by `teacher`, `distill` (a fresh student) and `train`.
 #[derive(Args, Clone, Debug, Default)]
 pub struct ArchFlags {
-    /// Backbone: one of the library's backbones, mlp or unet (default: unet for images, mlp for points).
-    #[arg(long)]
+    /// Backbone (default: unet for images, mlp for points).
+    #[arg(long, help = format!("Backbone: {} (default: unet for images, mlp for points)", Arch::NAMES.join(", ")))]
     pub arch: Option<String>,
     /// Train an unconditional model on labelled data (default: class-conditional when the data has labels).
     #[arg(long)]

@@ -1229,10 +1229,11 @@ fn bin_stderr(cmd: &mut Command) -> String {
     err
 }
 
-/// Every registered method and data spec is in the help a user reads (`distill`/`train --help`, `--data`'s
-/// help) and in the README's tables: the lists are generated from the registries, or checked against them here.
+/// Every registered method, data spec and backbone is in the help a user reads (`distill`/`train --help`,
+/// `--data`'s and `--arch`'s help) and in the README: the lists are generated from the registries, or checked
+/// against them here.
 #[test]
-fn every_registered_method_and_data_spec_is_in_the_help_and_the_readme() {
+fn every_registered_method_data_spec_and_backbone_is_in_the_help_and_the_readme() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md")).unwrap();
     let help = |cmd: &str| ok(bin().args([cmd, "--help"]));
     let (distill, train, teacher) = (help("distill"), help("train"), help("teacher"));
@@ -1247,6 +1248,10 @@ fn every_registered_method_and_data_spec_is_in_the_help_and_the_readme() {
         for syntax in form.syntax.split(", ") {
             assert!(readme.contains(&format!("`{syntax}`")), "`{syntax}` is missing from the README's data table");
         }
+    }
+    for name in flowmap::backbone::Arch::NAMES {
+        assert!(teacher.contains(name), "backbone `{name}` is missing from --arch's help");
+        assert!(readme.contains(&format!("`{name}`")), "backbone `{name}` is missing from the README");
     }
     // An unknown spec's error names every form too.
     let e = bin().args(["teacher", "--data", "nope", "--out"]).arg(std::env::temp_dir().join("x.safetensors")).output().unwrap();
