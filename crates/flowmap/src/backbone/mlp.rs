@@ -350,8 +350,4 @@ impl super::BackboneConfig for MlpConfig {
     fn seed_params(&self, vars: &VarMap, seed: u64) -> Result<()> {
         seed_params(vars, seed)
     }
-
-    fn init_from_teacher(&self, student: &VarMap, teacher: &VarMap) -> Result<()> {
-        init_from_teacher(student, teacher)
-    }
 }

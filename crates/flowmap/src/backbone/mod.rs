@@ -178,8 +178,12 @@ pub trait BackboneConfig {
     /// Draws every parameter in `vars` from the run's `seed` (candle's initialisers are unseeded).
     fn seed_params(&self, vars: &VarMap, seed: u64) -> Result<()>;
     /// Sets a flow map's parameters from a teacher's of the same architecture so that the flow map starts
-    /// as one Euler step of the teacher, `F(x, t, s, c) = v(x, t, c)`.
-    fn init_from_teacher(&self, student: &VarMap, teacher: &VarMap) -> Result<()>;
+    /// as one Euler step of the teacher, `F(x, t, s, c) = v(x, t, c)`. The default is the rule every
+    /// backbone here follows ([`mlp::init_from_teacher`]): the gap's (and guidance's) columns come last in
+    /// the first layer that reads the conditioning and start at zero; every other tensor is the teacher's.
+    fn init_from_teacher(&self, student: &VarMap, teacher: &VarMap) -> Result<()> {
+        mlp::init_from_teacher(student, teacher)
+    }
 }
 
 /// The registry of backbones: each line is the [`Arch`] variant, its configuration type, and what the

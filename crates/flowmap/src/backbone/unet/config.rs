@@ -206,12 +206,6 @@ pub fn seed_params(vars: &VarMap, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// The same column-extension rule as the MLP's: the embedding network's first layer of a flow map has the
-/// gap's columns last; they start at zero, every other tensor is the teacher's.
-pub fn init_from_teacher(student: &VarMap, teacher: &VarMap) -> Result<()> {
-    crate::backbone::mlp::init_from_teacher(student, teacher)
-}
-
 impl crate::backbone::BackboneConfig for UnetConfig {
     const NAME: &'static str = "unet";
 
@@ -263,9 +257,5 @@ impl crate::backbone::BackboneConfig for UnetConfig {
 
     fn seed_params(&self, vars: &VarMap, seed: u64) -> Result<()> {
         seed_params(vars, seed)
-    }
-
-    fn init_from_teacher(&self, student: &VarMap, teacher: &VarMap) -> Result<()> {
-        init_from_teacher(student, teacher)
     }
 }

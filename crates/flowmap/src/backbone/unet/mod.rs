@@ -28,7 +28,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 pub use crate::layers::{Attention, Conv2d, GroupNorm};
-pub use config::{init_from_teacher, seed_params, UnetConfig};
+pub use config::{seed_params, UnetConfig};
 use super::{class_rows, Arch, Backbone, Role};
 use crate::cond::Cond;
 use crate::kernels::{self, Activation};
