@@ -119,7 +119,11 @@ impl ArchFlags {
             put("channel_mult", "channel-mult", Some(ints(list(m, "--channel-mult")?)));
         }
         if let Some(a) = &self.attention {
-            put("attention_resolutions", "attention", Some(ints(list(a, "--attention")?)));
+            put(
+                "attention_resolutions",
+                "attention",
+                Some(ints(list(a, "--attention")?)),
+            );
         }
         Ok(s)
     }

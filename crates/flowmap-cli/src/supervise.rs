@@ -156,7 +156,10 @@ impl Supervisor {
             resume: self.resume.take(),
             stop: Some(&STOP),
             recovery: self.recovery,
-            loss_hook: self.fault.is_some().then_some(&mut inject as &mut dyn FnMut(usize, f64) -> f64),
+            loss_hook: self
+                .fault
+                .is_some()
+                .then_some(&mut inject as &mut dyn FnMut(usize, f64) -> f64),
             monitor: None,
         };
         match train(ctl) {

@@ -1240,23 +1240,50 @@ fn every_registered_method_data_spec_and_backbone_is_in_the_help_and_the_readme(
     for method in flowmap::objective::Method::all() {
         let name = method.name();
         let listed = if method.needs_teacher() { &distill } else { &train };
-        assert!(listed.contains(&format!("  {name} ")), "`{name}` is missing from its command's --help");
-        assert!(readme.contains(&format!("| `{name}` |")), "`{name}` is missing from the README's method table");
+        assert!(
+            listed.contains(&format!("  {name} ")),
+            "`{name}` is missing from its command's --help"
+        );
+        assert!(
+            readme.contains(&format!("| `{name}` |")),
+            "`{name}` is missing from the README's method table"
+        );
     }
     for form in flowmap::data::specs() {
-        assert!(teacher.contains(&form.syntax), "`{}` is missing from --data's help", form.syntax);
+        assert!(
+            teacher.contains(&form.syntax),
+            "`{}` is missing from --data's help",
+            form.syntax
+        );
         for syntax in form.syntax.split(", ") {
-            assert!(readme.contains(&format!("`{syntax}`")), "`{syntax}` is missing from the README's data table");
+            assert!(
+                readme.contains(&format!("`{syntax}`")),
+                "`{syntax}` is missing from the README's data table"
+            );
         }
     }
     for name in flowmap::backbone::Arch::NAMES {
-        assert!(teacher.contains(name), "backbone `{name}` is missing from --arch's help");
-        assert!(readme.contains(&format!("`{name}`")), "backbone `{name}` is missing from the README");
+        assert!(
+            teacher.contains(name),
+            "backbone `{name}` is missing from --arch's help"
+        );
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "backbone `{name}` is missing from the README"
+        );
     }
     // An unknown spec's error names every form too.
-    let e = bin().args(["teacher", "--data", "nope", "--out"]).arg(std::env::temp_dir().join("x.safetensors")).output().unwrap();
+    let e = bin()
+        .args(["teacher", "--data", "nope", "--out"])
+        .arg(std::env::temp_dir().join("x.safetensors"))
+        .output()
+        .unwrap();
     let e = String::from_utf8_lossy(&e.stderr);
     for form in flowmap::data::specs() {
-        assert!(e.contains(&form.syntax), "the unknown-spec error omits `{}`: {e}", form.syntax);
+        assert!(
+            e.contains(&form.syntax),
+            "the unknown-spec error omits `{}`: {e}",
+            form.syntax
+        );
     }
 }

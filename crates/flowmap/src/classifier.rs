@@ -16,9 +16,9 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::Conv2d;
 use crate::data::{DataSource, Scale};
 use crate::kernels::{self, Activation};
+use crate::layers::Conv2d;
 use crate::layers::Dense;
 use crate::train::Progress;
 use crate::{Error, Result, Rng};

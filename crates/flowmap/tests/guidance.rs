@@ -218,10 +218,7 @@ fn a_guided_map_seeded_from_its_teacher_is_one_teacher_step_at_every_scale() {
     }
     // The map needs its scale; an unguided network refuses one.
     let e = map.average_velocity(&x, &t, &s, &c).unwrap_err().to_string();
-    assert!(
-        e.contains("give it a guidance scale"),
-        "{e}"
-    );
+    assert!(e.contains("give it a guidance scale"), "{e}");
     let c_w = c.with_uniform_guidance(2.0, 9, &Device::Cpu).unwrap();
     let e = teacher.velocity(&x, &t, &c_w).unwrap_err().to_string();
     assert!(e.contains("no guidance input"), "{e}");

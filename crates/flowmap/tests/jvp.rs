@@ -9,9 +9,9 @@ use flowmap::backbone::mlp::seed_params;
 use flowmap::backbone::MlpConfig;
 use flowmap::flow_map::FiniteDifference;
 use flowmap::flow_map::FlowMapNet;
-use flowmap::layers::{Jvp, Silu};
 use flowmap::kernels::Activation;
 use flowmap::layers::{Dense, SinusoidalEmbedding};
+use flowmap::layers::{Jvp, Silu};
 use flowmap::Rng;
 
 const H: f64 = 1e-5;

@@ -10,8 +10,8 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::timing::{nets, rate, steps_per_second};
 pub use super::timing::SpeedRow;
+use super::timing::{nets, rate, steps_per_second};
 use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::data::{DataSource, Toy};
 use flowmap::objective::{DistillConfig, Emd, FlowMatching};

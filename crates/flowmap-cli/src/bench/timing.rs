@@ -1,18 +1,18 @@
 //! What the speed benchmarks share: a row of measurements, a call-rate timer, training steps per second and
 //! the nets they time. `speed` (the MLP rows and the report) and `speed_unet` (the U-Net rows) both use it.
 
-use std::time::Instant;
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
-use serde::{Deserialize, Serialize};
 use flowmap::backbone::Arch;
 use flowmap::data::DataSource;
 use flowmap::flow_map::{FlowMap, FlowMapNet};
 use flowmap::path::LinearPath;
-use flowmap::train::Silent;
 use flowmap::teacher::{VelocityField, VelocityNet};
+use flowmap::train::Silent;
 use flowmap::train::{fit, TrainConfig, Trainable};
 use flowmap::Result;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
 
 /// One measurement.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -138,4 +138,3 @@ pub(super) fn nets(arch: &Arch, seed: u64, device: &Device) -> Result<Nets> {
         map_ema_net,
     })
 }
-

@@ -54,11 +54,7 @@ impl DataFlags {
 
 /// What a training command settles before it trains: its output checked, the `--config` file read, and the
 /// run's settings (the file's `[train]` table, then the flags, then a guidance range), validated.
-pub fn run_settings(
-    out: &Path,
-    flags: &TrainFlags,
-    guidance_range: Option<&str>,
-) -> Result<(RunConfig, TrainConfig)> {
+pub fn run_settings(out: &Path, flags: &TrainFlags, guidance_range: Option<&str>) -> Result<(RunConfig, TrainConfig)> {
     check_output(out, "safetensors")?;
     let file = read_config(&flags.config)?;
     let mut cfg = train_config(flags, file.train.clone());

@@ -3,15 +3,15 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use clap::Args;
-use flowmap::objective::DistillConfig;
 use candle_core::Device;
+use clap::Args;
 use flowmap::checkpoint::{Foreign, ModelKind};
 use flowmap::data::DataSource;
+use flowmap::objective::DistillConfig;
 use flowmap::pipeline::{MapJob, RunConfig, Teacher};
 use flowmap::teacher::VelocityField;
 
-use super::common::{TrainFlags, data_help, distill_method, methods_help, open_data, run_settings};
+use super::common::{data_help, distill_method, methods_help, open_data, run_settings, TrainFlags};
 use super::guidance::load_guide;
 use super::map_flags::MapFlags;
 use super::Ctx;

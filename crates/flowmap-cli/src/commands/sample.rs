@@ -6,13 +6,13 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
 use flowmap::data;
+use flowmap::io;
 use flowmap::pipeline::Model;
 use flowmap::sample::{self, SampleContext, TimeGrid};
-use flowmap::io;
 
+use super::common::check_output;
 use super::guidance::{guidance_label, guided, map_at, GuidanceFlags};
 use super::model::{class_cond, class_cond_from, map_sampler, teacher_solver, to_data_range};
-use super::common::check_output;
 use super::Ctx;
 use crate::grid;
 

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use flowmap::pipeline;
 
-use super::common::{DataFlags, TrainFlags, run_settings};
+use super::common::{run_settings, DataFlags, TrainFlags};
 use super::Ctx;
 use crate::arch::ArchFlags;
 use crate::report::{self, progress_bar};

@@ -7,7 +7,7 @@ use clap::Args;
 use flowmap::objective::DistillConfig;
 use flowmap::pipeline::MapJob;
 
-use super::common::{DataFlags, TrainFlags, methods_help, run_settings, train_method};
+use super::common::{methods_help, run_settings, train_method, DataFlags, TrainFlags};
 use super::distill::run_map;
 use super::map_flags::MapFlags;
 use super::Ctx;

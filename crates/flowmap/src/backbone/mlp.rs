@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{vars_sorted, Arch, Backbone, Role};
 use crate::cond::Cond;
-use crate::layers::Jvp;
 use crate::kernels::{self, Activation};
+use crate::layers::Jvp;
 use crate::layers::{Dense, SinusoidalEmbedding};
 use crate::{state, Error, Result};
 

@@ -27,7 +27,6 @@ pub use unet::{Unet, UnetConfig};
 use crate::cond::Cond;
 use crate::Result;
 
-
 /// What a backbone is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {

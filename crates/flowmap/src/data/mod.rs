@@ -117,47 +117,67 @@ pub fn specs() -> Vec<SpecForm> {
     };
     let toys: Vec<&str> = Toy::ALL.iter().map(|t| t.name()).collect();
     vec![
-        form(&toys.join(", "), "2-D toy densities, sampled afresh for every batch", |s| {
-            s.parse::<Toy>().ok().map(|t| Ok(DataSource::Toy(t)))
-        }),
-        form("gmm:SPEC.json", "a Gaussian mixture in any dimension, its exact velocity and flow map known", |s| {
-            let path = s.strip_prefix("gmm:")?;
-            Some(GaussianMixture::from_file(Path::new(path)).map(DataSource::Mixture))
-        }),
+        form(
+            &toys.join(", "),
+            "2-D toy densities, sampled afresh for every batch",
+            |s| s.parse::<Toy>().ok().map(|t| Ok(DataSource::Toy(t))),
+        ),
+        form(
+            "gmm:SPEC.json",
+            "a Gaussian mixture in any dimension, its exact velocity and flow map known",
+            |s| {
+                let path = s.strip_prefix("gmm:")?;
+                Some(GaussianMixture::from_file(Path::new(path)).map(DataSource::Mixture))
+            },
+        ),
         form("mnist", "the 10,000 embedded MNIST digits with their labels", |s| {
             (s == "mnist").then(|| DataSource::images("mnist", mnist::Mnist::embedded()?))
         }),
-        form("mnist:FILE", "an IDX image file, with the labels file beside it when there is one", |s| {
-            let path = s.strip_prefix("mnist:")?;
-            Some(mnist::Mnist::from_file(Path::new(path)).and_then(|m| DataSource::images(s, m)))
-        }),
-        form("DIR", "an image folder DIR/CLASS/*.png|jpg, classes in name order", |s| {
-            let (file, labels) = split_labels(s);
-            if !Path::new(file).is_dir() {
-                return None;
-            }
-            if labels.is_some() {
-                return Some(Err(Error::data(format!("{s}: an image folder's labels are its class folders"))));
-            }
-            Some(images::read_folder(Path::new(file)).and_then(|(set, _)| DataSource::image_set(s, set)))
-        }),
-        form("FILE.npy", "points N × D, or images N × H × W or N × C × H × W (labels: FILE.npy#labels=LABELS.npy)", |s| {
-            let (file, labels) = split_labels(s);
-            let path = Path::new(file);
-            if path.extension().and_then(|e| e.to_str()) != Some("npy") {
-                return None;
-            }
-            let load = || {
-                if npy::read_npy_nd(path)?.shape.len() >= 3 {
-                    return DataSource::image_set(s, images::read_npy_images(path, labels)?);
+        form(
+            "mnist:FILE",
+            "an IDX image file, with the labels file beside it when there is one",
+            |s| {
+                let path = s.strip_prefix("mnist:")?;
+                Some(mnist::Mnist::from_file(Path::new(path)).and_then(|m| DataSource::images(s, m)))
+            },
+        ),
+        form(
+            "DIR",
+            "an image folder DIR/CLASS/*.png|jpg, classes in name order",
+            |s| {
+                let (file, labels) = split_labels(s);
+                if !Path::new(file).is_dir() {
+                    return None;
                 }
-                no_labels(s, labels)?;
-                let matrix = read_npy(path)?;
-                let shape = vec![matrix.cols];
-                DataSource::points(s, matrix, shape, None, None)
-            };
-            Some(load())
-        }),
+                if labels.is_some() {
+                    return Some(Err(Error::data(format!(
+                        "{s}: an image folder's labels are its class folders"
+                    ))));
+                }
+                Some(images::read_folder(Path::new(file)).and_then(|(set, _)| DataSource::image_set(s, set)))
+            },
+        ),
+        form(
+            "FILE.npy",
+            "points N × D, or images N × H × W or N × C × H × W (labels: FILE.npy#labels=LABELS.npy)",
+            |s| {
+                let (file, labels) = split_labels(s);
+                let path = Path::new(file);
+                if path.extension().and_then(|e| e.to_str()) != Some("npy") {
+                    return None;
+                }
+                let load = || {
+                    if npy::read_npy_nd(path)?.shape.len() >= 3 {
+                        return DataSource::image_set(s, images::read_npy_images(path, labels)?);
+                    }
+                    no_labels(s, labels)?;
+                    let matrix = read_npy(path)?;
+                    let shape = vec![matrix.cols];
+                    DataSource::points(s, matrix, shape, None, None)
+                };
+                Some(load())
+            },
+        ),
         form("FILE.csv", "points, one a row (an optional header)", |s| {
             let (file, labels) = split_labels(s);
             let path = Path::new(file);

@@ -5,9 +5,9 @@
 use candle_core::{Module, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::Dense;
 use super::Jvp;
 use crate::kernels::{self, Activation};
-use super::Dense;
 use crate::Result;
 
 /// A 2-D convolution with PyTorch's parameter layout (`weight`: `O × I × k × k`, `bias`: `O`), stride 1 and

@@ -37,7 +37,6 @@ pub struct ConsistencyDistillation<'a> {
 impl<'a> Objective for ConsistencyDistillation<'a> {
     type Model = dyn FlowMap;
 
-
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let b = cx.x0.dim(0)?;
         let n = intervals(self.cfg.continuous.cm_intervals, cx.progress);

@@ -52,7 +52,6 @@ pub struct EmdContinuous<'a> {
 impl<'a> Objective for EmdContinuous<'a> {
     type Model = dyn FlowMap;
 
-
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let r = ramp(&self.cfg, cx.progress);
         pair_loss(
@@ -94,7 +93,6 @@ pub struct LmdContinuous<'a> {
 
 impl<'a> Objective for LmdContinuous<'a> {
     type Model = dyn FlowMap;
-
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let r = ramp(&self.cfg, cx.progress);

@@ -23,7 +23,6 @@ pub struct ConsistencyTrajectory<'a> {
 impl<'a> Objective for ConsistencyTrajectory<'a> {
     type Model = dyn FlowMap;
 
-
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, rows| {
             let (x, t, s) = (&rows.x, &rows.t, &rows.s);

@@ -21,7 +21,6 @@ pub struct DirectRegression<'a> {
 impl<'a> Objective for DirectRegression<'a> {
     type Model = dyn FlowMap;
 
-
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |_, rows| {
             let (x, t, s) = (&rows.x, &rows.t, &rows.s);

@@ -32,7 +32,6 @@ impl<'a> Emd<'a> {
 impl<'a> Objective for Emd<'a> {
     type Model = dyn FlowMap;
 
-
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let eps = self.cfg.eps.at(cx.progress);
         pair_loss(

@@ -23,7 +23,6 @@ impl FlowMatching {
 impl Objective for FlowMatching {
     type Model = dyn VelocityField;
 
-
     fn loss(&self, cx: &mut StepContext<'_, dyn VelocityField>) -> Result<Tensor> {
         let b = cx.x0.dim(0)?;
         let t = column(&cx.rng.uniform_vec(b), cx.x0)?;

@@ -66,7 +66,6 @@ pub struct MeanFlow {
 impl Objective for MeanFlow {
     type Model = dyn FlowMap;
 
-
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let (x, t, s, _) = draw_pairs(&self.cfg, cx)?;
         let c = cx.cond;

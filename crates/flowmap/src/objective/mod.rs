@@ -30,7 +30,6 @@ pub use config::{
     ContinuousConfig, DataKind, DistillConfig, EpsSchedule, JvpMode, MeanFlowTangent, MeanFlowVelocity, TargetNet,
     TimeDistribution, TimeSampling, Weighting,
 };
-pub use registry::Method;
 pub use consistency::ConsistencyDistillation;
 pub use continuous::{EmdContinuous, LmdContinuous};
 pub use ctm::ConsistencyTrajectory;
@@ -40,6 +39,7 @@ pub use fm::FlowMatching;
 pub use lmd::Lmd;
 pub use meanflow::{batch_velocity, MeanFlow};
 pub use progressive::Progressive;
+pub use registry::Method;
 pub use self_distill::{SelfLmd, Shortcut};
 
 use crate::cond::Cond;
@@ -291,7 +291,9 @@ pub(crate) fn tangent(map: &dyn FlowMap, mode: JvpMode, at: &Point<'_>, along: &
         JvpMode::Exact => map
             .as_tangent()
             .ok_or_else(|| {
-                Error::arg("this model has no exact tangent; train it with finite-difference tangents (the jvp setting)")
+                Error::arg(
+                    "this model has no exact tangent; train it with finite-difference tangents (the jvp setting)",
+                )
             })?
             .average_velocity_jvp(at, along),
         JvpMode::FiniteDifference { h } => {

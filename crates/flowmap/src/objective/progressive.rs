@@ -91,7 +91,6 @@ impl<'a> Progressive<'a> {
 impl<'a> Objective for Progressive<'a> {
     type Model = dyn FlowMap;
 
-
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         if let Frozen::Snapshot { live, vars, .. } = &self.frozen {
             let stage = cx.step / self.cfg.continuous.progressive_stage_steps.max(1);

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     consistency, continuous, meanflow, self_distill, ConsistencyDistillation, ConsistencyTrajectory, DataKind,
-    DirectRegression, DistillConfig, Emd, EmdContinuous, Lmd, LmdContinuous, MeanFlow, Objective, Progressive,
-    SelfLmd, Shortcut,
+    DirectRegression, DistillConfig, Emd, EmdContinuous, Lmd, LmdContinuous, MeanFlow, Objective, Progressive, SelfLmd,
+    Shortcut,
 };
 use crate::backbone::Arch;
 use crate::flow_map::FlowMap;
@@ -195,8 +195,18 @@ mod tests {
     #[test]
     fn every_method_has_one_entry_and_parses_from_its_name() {
         for info in METHODS {
-            assert_eq!(METHODS.iter().filter(|e| e.method == info.method).count(), 1, "{}", info.name);
-            assert_eq!(METHODS.iter().filter(|e| e.name == info.name).count(), 1, "{}", info.name);
+            assert_eq!(
+                METHODS.iter().filter(|e| e.method == info.method).count(),
+                1,
+                "{}",
+                info.name
+            );
+            assert_eq!(
+                METHODS.iter().filter(|e| e.name == info.name).count(),
+                1,
+                "{}",
+                info.name
+            );
             assert_eq!(info.name.parse::<Method>().unwrap(), info.method);
             assert_eq!(info.method.name(), info.name);
             // The serialised name (checkpoints) is the command line's.

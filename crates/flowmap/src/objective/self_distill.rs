@@ -46,7 +46,6 @@ pub struct SelfLmd {
 impl Objective for SelfLmd {
     type Model = dyn FlowMap;
 
-
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         let eps = self.cfg.eps.at(cx.progress);
         pair_loss(&self.cfg, cx, DiagonalTarget::Data, |cx, r| {
@@ -66,7 +65,6 @@ pub struct Shortcut {
 
 impl Objective for Shortcut {
     type Model = dyn FlowMap;
-
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
         pair_loss(&self.cfg, cx, DiagonalTarget::Data, |cx, rows| {

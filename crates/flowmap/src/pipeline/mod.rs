@@ -15,11 +15,11 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
 pub use config::RunConfig;
-pub use model::Model;
 pub use eval::{
     euler_and_dopri5, eval_map, eval_teacher, exact_map_report, map_errors, semigroup, teacher_solvers, EvalRow,
     EvalSettings, ExactMapReport,
 };
+pub use model::Model;
 pub use train::{check_guide, train_teacher, train_teacher_controlled, MapJob, TrainedMap, TrainedTeacher};
 
 use crate::checkpoint::{Checkpoint, CheckpointMeta};

@@ -273,11 +273,7 @@ impl<'a> MapJob<'a> {
         // one: `guided_data_velocity`).
         let guided_teacher: Option<Box<dyn VelocityField + '_>> = match (self.train.guidance_range, self.guide) {
             (None, None) => None,
-            (None, Some(_)) => {
-                return Err(Error::arg(
-                    "a guiding model is distilled with a guidance range",
-                ))
-            }
+            (None, Some(_)) => return Err(Error::arg("a guiding model is distilled with a guidance range")),
             (Some(_), _) if arch.guidance().is_some() => {
                 return Err(Error::arg(match self.teacher {
                     Some(_) => "the teacher already has a guidance input",

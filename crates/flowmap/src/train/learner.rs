@@ -351,10 +351,7 @@ pub fn fit_controlled<O: Objective>(
     };
     let start = Instant::now();
     let elapsed = || elapsed_before + start.elapsed().as_secs_f64();
-    let mut guard = Guard {
-        recovery,
-        good: None,
-    };
+    let mut guard = Guard { recovery, good: None };
     if recovery.keep_every > 0 {
         guard.good = Some(params.capture(&at, objective, elapsed(), config)?);
     }

@@ -27,13 +27,13 @@ mod config;
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-pub use crate::layers::{Attention, Conv2d, GroupNorm};
-pub use config::{seed_params, UnetConfig};
 use super::{class_rows, Arch, Backbone, Role};
 use crate::cond::Cond;
 use crate::kernels::{self, Activation};
-use crate::layers::{Dense, Jvp, SinusoidalEmbedding, Silu};
+pub use crate::layers::{Attention, Conv2d, GroupNorm};
+use crate::layers::{Dense, Jvp, Silu, SinusoidalEmbedding};
 use crate::{Error, Result};
+pub use config::{seed_params, UnetConfig};
 
 /// A value flowing through the network: a tensor (forward pass) or a tensor and its tangent (JVP).
 trait Flow: Sized + Clone {

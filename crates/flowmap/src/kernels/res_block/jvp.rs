@@ -96,7 +96,12 @@ pub fn res_block_jvp(
             let dxi = sh.image(img, dxs[0], dxs.get(1).copied(), &mut dxcat);
             let z = &zeros[..];
             // SAFETY (each `as_uninit` below): the views are written with initialised values only.
-            let (v1, dv1) = unsafe { (crate::kernels::dense::as_uninit(&mut n1), crate::kernels::dense::as_uninit(&mut dn1)) };
+            let (v1, dv1) = unsafe {
+                (
+                    crate::kernels::dense::as_uninit(&mut n1),
+                    crate::kernels::dense::as_uninit(&mut dn1),
+                )
+            };
             norm::jvp_image(xi, dxi, sh.d1, eps, [gamma1, beta1, z, z, z, z], true, v1, dv1);
             // A convolution into `dst`, as `Conv2d`'s JVP computes it: the value from its bias, the tangent
             // (no bias) from zero.
@@ -120,7 +125,12 @@ pub fn res_block_jvp(
             });
             let (a, shift) = ss[img * 2 * o..(img + 1) * 2 * o].split_at(o);
             let (da, dshift) = dss[img * 2 * o..(img + 1) * 2 * o].split_at(o);
-            let (v2, dv2) = unsafe { (crate::kernels::dense::as_uninit(&mut n2), crate::kernels::dense::as_uninit(&mut dn2)) };
+            let (v2, dv2) = unsafe {
+                (
+                    crate::kernels::dense::as_uninit(&mut n2),
+                    crate::kernels::dense::as_uninit(&mut dn2),
+                )
+            };
             norm::jvp_image(
                 &c1,
                 &dc1,
@@ -134,7 +144,12 @@ pub fn res_block_jvp(
             conv(sh.g2, w2, Some(b2), &n2, &mut cols2, &mut *yi);
             conv(sh.g2, w2, None, &dn2, &mut cols2, &mut *dyi);
             // SAFETY: both were just written whole.
-            let (yi, dyi) = unsafe { (crate::kernels::dense::assume_init(yi), crate::kernels::dense::assume_init(dyi)) };
+            let (yi, dyi) = unsafe {
+                (
+                    crate::kernels::dense::assume_init(yi),
+                    crate::kernels::dense::assume_init(dyi),
+                )
+            };
             // y = skip(x) + h, ẏ = skip(ẋ) + ḣ, the skip's value from its bias and its tangent from zero.
             let (sv, sdv): (&[f32], &[f32]) = match skip {
                 Some((ws, bs)) => {

@@ -15,9 +15,8 @@ struct Vars {
 }
 
 fn vars(b: usize, c: usize, o: usize, hw: usize, k: usize, seed: u64) -> Vars {
-    let v = |shape: &[usize], i: u64, scale: f64| {
-        Var::from_tensor(&(rand(shape, seed * 16 + i) * scale).unwrap()).unwrap()
-    };
+    let v =
+        |shape: &[usize], i: u64, scale: f64| Var::from_tensor(&(rand(shape, seed * 16 + i) * scale).unwrap()).unwrap();
     Vars {
         x: v(&[b, c, hw, hw + 1], 1, 1.5),
         ss: v(&[b, 2 * o], 2, 0.5),
