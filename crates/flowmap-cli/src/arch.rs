@@ -62,16 +62,19 @@ fn list(s: &str, flag: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
-/// A command's own defaults for some backbones, laid over the backbone's (the flow-map student's MLP
-/// embeds time with fewer, lower frequencies than a teacher's).
-pub type Defaults<'a> = &'a [(&'a str, &'a [(&'a str, toml::Value)])];
-
 impl ArchFlags {
     /// The architecture of a fresh network on states of `shape` with `classes` (labelled data): the named
     /// backbone's defaults (the flag, else the `[arch]` table's kind, else the library's choice for the
-    /// shape), the command's `defaults` for it, the `[arch]` table, then the flags. The library's backbone
-    /// registry decides which settings a backbone has; a flag it does not have is an error.
-    pub fn build(&self, shape: &[usize], classes: Option<usize>, file: &RunConfig, defaults: Defaults) -> Result<Arch> {
+    /// shape), the command's own `defaults` for that backbone by name (the flow-map student's MLP embeds time
+    /// with fewer, lower frequencies than a teacher's), the `[arch]` table, then the flags. The library's
+    /// backbone registry decides which settings a backbone has; a flag it does not have is an error.
+    pub fn build(
+        &self,
+        shape: &[usize],
+        classes: Option<usize>,
+        file: &RunConfig,
+        defaults: &[(&str, toml::Table)],
+    ) -> Result<Arch> {
         let kind = match (&self.arch, file.arch_kind()?) {
             (Some(k), _) => k.clone(),
             (None, Some(k)) => k,
@@ -79,9 +82,8 @@ impl ArchFlags {
         };
         let classes = if self.unconditional { None } else { classes };
         let mut base = Arch::for_data(&kind, shape, classes)?;
-        if let Some((_, over)) = defaults.iter().find(|(k, _)| *k == kind) {
-            let table: toml::Table = over.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-            base = base.with_settings(&table, "defaults")?;
+        if let Some((_, table)) = defaults.iter().find(|(k, _)| *k == kind) {
+            base = base.with_settings(table, "defaults")?;
         }
         let arch = file.arch_over(base)?;
         let settings = self.settings()?;
@@ -92,7 +94,9 @@ impl ArchFlags {
             }
         }
         let table: toml::Table = settings.into_iter().map(|(k, (_, v))| (k, v)).collect();
-        Ok(arch.with_settings(&table, "arch flags")?)
+        let arch = arch.with_settings(&table, "arch flags")?;
+        arch.validate()?;
+        Ok(arch)
     }
 
     /// The settings the flags give: `(key, (flag, value))` by the key's name in the architecture.
@@ -130,6 +134,7 @@ impl ArchFlags {
 
     /// Whether any setting of a fresh network was given (a network teacher fixes the student's).
     pub fn any(&self) -> bool {
-        self.arch.is_some() || !self.settings().map(|s| s.is_empty()).unwrap_or(false)
+        // A flag that does not parse was given too.
+        self.arch.is_some() || self.settings().map_or(true, |s| !s.is_empty())
     }
 }

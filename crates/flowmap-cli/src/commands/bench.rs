@@ -191,7 +191,7 @@ impl BenchCommand {
                 if !(a.budget_seconds > 0.0) {
                     bail!("--budget-seconds must be positive");
                 }
-                let rows = bench::compare(&a.out, a.budget_seconds, a.seed, &device, show)?;
+                let rows = bench::compare(&a.out, a.budget_seconds, a.seed, device, show)?;
                 println!("{} rows; wrote {}", rows.len(), a.out.join("compare.md").display());
                 Ok(())
             }
@@ -214,7 +214,7 @@ impl BenchCommand {
                     python: a.python,
                     seed: a.seed,
                 };
-                let report = bench::speed(&a.out, &opts, &device, show)?;
+                let report = bench::speed(&a.out, &opts, device, show)?;
                 print!("{}", report.summary());
                 println!(
                     "peer: {}; wrote {}",
@@ -234,7 +234,7 @@ impl BenchCommand {
                 if !a.methods.is_empty() {
                     cfg.methods = a.methods.iter().map(|m| m.parse()).collect::<flowmap::Result<_>>()?;
                 }
-                let report = demo_mnist::run(&a.out, &cfg, &device, show)?;
+                let report = demo_mnist::run(&a.out, &cfg, device, show)?;
                 print!("{}", report::image_table(&report.rows));
                 println!("{:.0} s; wrote {}", report.seconds, a.out.join("report.md").display());
                 Ok(())
@@ -270,7 +270,7 @@ impl BenchCommand {
                     seed: a.seed,
                     ..Default::default()
                 };
-                let report = bench::guidance::run(&a.out, &cfg, &device, show)?;
+                let report = bench::guidance::run(&a.out, &cfg, device, show)?;
                 println!("{:.0} s; wrote {}", report.seconds, a.out.join("guidance.md").display());
                 Ok(())
             }
@@ -294,7 +294,7 @@ impl BenchCommand {
                 Ok(())
             }
             BenchCommand::Jvp(a) => {
-                for r in bench::jvp(&a.out, &device)? {
+                for r in bench::jvp(&a.out, device)? {
                     println!(
                         "batch {:5} hidden {:4}: forward {:.3} ms, JVP {:.3} ms ({:.2}×), FD {:.3} ms ({:.2}×)",
                         r.batch, r.hidden, r.forward_ms, r.jvp_ms, r.jvp_ratio, r.fd_jvp_ms, r.fd_ratio
@@ -308,7 +308,7 @@ impl BenchCommand {
                     .split(',')
                     .map(|m| m.trim().parse::<Method>())
                     .collect::<flowmap::Result<Vec<_>>>()?;
-                let rows = bench::ablation(&a.out, &methods, a.steps, a.batch, a.seed, &device, show)?;
+                let rows = bench::ablation(&a.out, &methods, a.steps, a.batch, a.seed, device, show)?;
                 for r in rows {
                     println!(
                         "{:4} {:34} rel {:.3e}  semigroup {:.3e}  {:.1}s",

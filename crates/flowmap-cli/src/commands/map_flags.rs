@@ -95,11 +95,11 @@ impl MapFlags {
 
     pub fn arch(&self, shape: &[usize], classes: Option<usize>, file: &RunConfig) -> Result<Arch> {
         // A fresh MLP student embeds time with 8 frequencies up to 4 (a teacher's: 16 up to 64).
-        let mlp = [
-            ("time_features", toml::Value::Integer(8)),
-            ("max_frequency", toml::Value::Float(4.0)),
-        ];
-        self.arch.build(shape, classes, file, &[("mlp", &mlp)])
+        let mlp = toml::toml! {
+            time_features = 8
+            max_frequency = 4.0
+        };
+        self.arch.build(shape, classes, file, &[("mlp", mlp)])
     }
 }
 

@@ -269,7 +269,8 @@ impl Arch {
     }
 
     /// This architecture with `settings` laid over it, key by key (an unknown key or a value of the wrong
-    /// type is an error that names it), then validated.
+    /// type is an error that names it, prefixed by `what`). Not validated: settings laid on in turn may
+    /// only make sense together ([`Arch::validate`]).
     pub fn with_settings(&self, settings: &toml::Table, what: &str) -> Result<Arch> {
         let mut merged = toml::Value::try_from(self).map_err(|e| crate::Error::Config(e.to_string()))?;
         if let toml::Value::Table(m) = &mut merged {
@@ -277,11 +278,9 @@ impl Arch {
                 m.insert(k.clone(), v.clone());
             }
         }
-        let arch: Arch = merged
+        merged
             .try_into()
-            .map_err(|e: toml::de::Error| crate::Error::Config(format!("{what}: {}", e.message())))?;
-        arch.validate()?;
-        Ok(arch)
+            .map_err(|e: toml::de::Error| crate::Error::Config(format!("{what}: {}", e.message())))
     }
 
     /// Errors when the settings do not describe a network that can be built.

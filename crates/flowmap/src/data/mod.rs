@@ -161,36 +161,19 @@ pub fn specs() -> Vec<SpecForm> {
             "FILE.npy",
             "points N × D, or images N × H × W or N × C × H × W (labels: FILE.npy#labels=LABELS.npy)",
             |s| {
-                let (file, labels) = split_labels(s);
-                let path = Path::new(file);
-                if path.extension().and_then(|e| e.to_str()) != Some("npy") {
-                    return None;
-                }
+                let (path, labels) = file_with_extension(s, "npy")?;
                 let load = || {
                     if npy::read_npy_nd(path)?.shape.len() >= 3 {
                         return DataSource::image_set(s, images::read_npy_images(path, labels)?);
                     }
-                    no_labels(s, labels)?;
-                    let matrix = read_npy(path)?;
-                    let shape = vec![matrix.cols];
-                    DataSource::points(s, matrix, shape, None, None)
+                    flat_points(s, labels, || read_npy(path))
                 };
                 Some(load())
             },
         ),
         form("FILE.csv", "points, one a row (an optional header)", |s| {
-            let (file, labels) = split_labels(s);
-            let path = Path::new(file);
-            if path.extension().and_then(|e| e.to_str()) != Some("csv") {
-                return None;
-            }
-            let load = || {
-                no_labels(s, labels)?;
-                let matrix = read_csv(path)?;
-                let shape = vec![matrix.cols];
-                DataSource::points(s, matrix, shape, None, None)
-            };
-            Some(load())
+            let (path, labels) = file_with_extension(s, "csv")?;
+            Some(flat_points(s, labels, || read_csv(path)))
         }),
     ]
 }
@@ -212,14 +195,24 @@ fn split_labels(spec: &str) -> (&str, Option<&Path>) {
     }
 }
 
-/// Labels go with images only.
-fn no_labels(spec: &str, labels: Option<&Path>) -> Result<()> {
-    match labels {
-        Some(_) => Err(Error::data(format!(
+/// The file of a spec whose name ends in `.{ext}`, with its labels' path; `None` for any other spec.
+fn file_with_extension<'a>(spec: &'a str, ext: &str) -> Option<(&'a Path, Option<&'a Path>)> {
+    let (file, labels) = split_labels(spec);
+    let path = Path::new(file);
+    (path.extension().and_then(|e| e.to_str()) == Some(ext)).then_some((path, labels))
+}
+
+/// A set of `D`-vectors that `read` loads, once it is clear that no labels were given (labels go with
+/// images).
+fn flat_points(spec: &str, labels: Option<&Path>, read: impl FnOnce() -> Result<Matrix>) -> Result<DataSource> {
+    if labels.is_some() {
+        return Err(Error::data(format!(
             "{spec}: labels go with images (an N × H × W or N × C × H × W .npy)"
-        ))),
-        None => Ok(()),
+        )));
     }
+    let matrix = read()?;
+    let shape = vec![matrix.cols];
+    DataSource::points(spec, matrix, shape, None, None)
 }
 
 impl DataSource {

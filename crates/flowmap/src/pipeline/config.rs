@@ -59,15 +59,7 @@ impl RunConfig {
                 )));
             }
         }
-        let mut merged = toml::Value::try_from(&base).map_err(|e| Error::Config(e.to_string()))?;
-        if let toml::Value::Table(m) = &mut merged {
-            for (k, v) in table {
-                m.insert(k.clone(), v.clone());
-            }
-        }
-        merged
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Config(format!("[arch]: {}", e.message())))
+        base.with_settings(table, "[arch]")
     }
 
     /// `method`'s defaults ([`DistillConfig::for_method`]) with the `[distill]` table laid over them: a

@@ -59,11 +59,6 @@ impl Model {
             Model::Teacher(_) => None,
         }
     }
-
-    /// Whether the model is a map trained only for `s = 0` (a consistency model).
-    pub fn boundary_only(&self) -> bool {
-        matches!(self, Model::Map(_, ck) if ck.meta.kind.boundary_only())
-    }
 }
 
 impl Teacher {

@@ -173,12 +173,12 @@ impl Progression {
         })
     }
 
-    /// Step `step` is done with loss `value`: counts it, and every `log_every` steps closes the logging
-    /// interval and returns its mean loss.
-    fn record(&mut self, step: usize, value: f64, log_every: usize) -> Option<f64> {
+    /// The step in progress is done with loss `value`: counts it, and every `log_every` steps closes the
+    /// logging interval and returns its mean loss.
+    fn record(&mut self, value: f64, log_every: usize) -> Option<f64> {
         self.acc += value;
         self.acc_n += 1;
-        self.step = step + 1;
+        self.step += 1;
         if !self.step.is_multiple_of(log_every) {
             return None;
         }
@@ -274,7 +274,7 @@ impl Guard {
             }
             // The last good state, with the stream moved on (a resumed run draws fresh batches) and the
             // learning rate as reduced.
-            if let (true, Some(mut g)) = (states.sink.is_some(), self.good.take()) {
+            if let Some(mut g) = self.good.take() {
                 g.meta.rng = at.rng.state();
                 g.meta.lr_scale = at.lr_scale;
                 states.write(&g)?;
@@ -393,7 +393,7 @@ pub fn fit_controlled<O: Objective>(
             at.log.events.push(event);
             continue;
         }
-        let logged = at.record(step, value, log_every);
+        let logged = at.record(value, log_every);
         progress.step(at.step, logged);
         let (keep_now, write_now) = (guard.keeps(at.step), states.due(at.step, cfg.steps));
         if keep_now || write_now {
