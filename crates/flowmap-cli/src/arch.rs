@@ -75,17 +75,9 @@ impl ArchFlags {
         file: &RunConfig,
         defaults: &[(&str, toml::Table)],
     ) -> Result<Arch> {
-        let kind = match (&self.arch, file.arch_kind()?) {
-            (Some(k), _) => k.clone(),
-            (None, Some(k)) => k,
-            (None, None) => Arch::default_kind(shape).to_string(),
-        };
         let classes = if self.unconditional { None } else { classes };
-        let mut base = Arch::for_data(&kind, shape, classes)?;
-        if let Some((_, table)) = defaults.iter().find(|(k, _)| *k == kind) {
-            base = base.with_settings(table, "defaults")?;
-        }
-        let arch = file.arch_over(base)?;
+        let arch = file.base_arch(self.arch.as_deref(), shape, classes, defaults)?;
+        let kind = arch.name();
         let settings = self.settings()?;
         let known = arch.setting_names();
         for (key, (flag, _)) in &settings {

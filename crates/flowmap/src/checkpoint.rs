@@ -130,7 +130,8 @@ impl CheckpointMeta {
     }
 }
 
-const KEY: &str = "flowmap";
+/// The safetensors metadata key of a flowmap checkpoint's [`CheckpointMeta`].
+pub const KEY: &str = "flowmap";
 
 /// Saves the parameters in `vars` with `meta`, atomically.
 pub fn save(path: &Path, vars: &VarMap, meta: &CheckpointMeta) -> Result<()> {

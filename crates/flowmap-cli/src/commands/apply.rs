@@ -12,7 +12,8 @@ use flowmap::pipeline::Model;
 
 use super::common::check_output;
 use super::guidance::{guided, map_at, GuidanceFlags};
-use super::model::{class_cond, to_data_range, write_tensor};
+use super::model::{class_cond, write_tensor};
+use flowmap::pipeline::to_data_range;
 use super::Ctx;
 
 #[derive(Args)]
@@ -97,7 +98,7 @@ pub fn run(a: ApplyArgs, cx: &Ctx) -> Result<()> {
             data::to_batch(&pts.data, pts.rows, &shape, DType::F32, device)?,
         )
     };
-    let (c, _) = class_cond(a.class.as_deref(), rows, model.num_classes(), device)?;
+    let c = class_cond(a.class.as_deref(), rows, model.num_classes(), device)?;
     let col = |v: f64| Tensor::full(v as f32, (rows, 1), device);
     let (t, s) = (col(a.t)?, col(a.s)?);
     let y = match &model {
@@ -108,12 +109,12 @@ pub fn run(a: ApplyArgs, cx: &Ctx) -> Result<()> {
                     a.s
                 );
             }
-            flowmap::flow_map::FlowMap::map(&*map_at(net, ck, &a.guide)?, &x, &t, &s, &c)?
+            flowmap::flow_map::FlowMap::map(&*map_at(net, &a.guide)?, &x, &t, &s, &c)?
         }
         Model::Teacher(tch) => {
             let solver = ode::parse_solver(&a.solver, a.steps, a.tol)?;
             let weak = a.guide.load(device)?;
-            let field = guided(tch, a.guide.guidance, weak.as_ref(), model.num_classes())?;
+            let field = guided(tch, a.guide.guidance, weak.as_ref())?;
             flowmap::flow_map::FlowMap::map(&SolverMap::new(&*field, solver), &x, &t, &s, &c)?
         }
     };

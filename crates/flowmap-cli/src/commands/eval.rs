@@ -66,8 +66,8 @@ pub fn run(a: EvalArgs, cx: &Ctx) -> Result<()> {
     // The guidance flags are checked before the output folder exists.
     let weak = a.guide.load(device)?;
     match &model {
-        Model::Map(net, ck) => drop(map_at(net, ck, &a.guide)?),
-        Model::Teacher(t) => drop(guided(t, a.guide.guidance, weak.as_ref(), model.num_classes())?),
+        Model::Map(net, _) => drop(map_at(net, &a.guide)?),
+        Model::Teacher(t) => drop(guided(t, a.guide.guidance, weak.as_ref())?),
     }
     let data = match (&a.data, &model) {
         (Some(spec), _) => open_data(spec, &a.labels)?,
@@ -215,7 +215,7 @@ pub fn eval_images(
             };
             ev.map(
                 &name,
-                &*map_at(net, ck, &a.guide)?,
+                &*map_at(net, &a.guide)?,
                 classes,
                 nfes,
                 sampler,
@@ -230,7 +230,7 @@ pub fn eval_images(
                 Some(g) => format!("teacher ({g})"),
                 None => "teacher".into(),
             };
-            let field = guided(t, a.guide.guidance, weak, classes)?;
+            let field = guided(t, a.guide.guidance, weak)?;
             ev.teacher(&name, &*field, classes, &solvers, device)?
         }
     };

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::Args;
-use flowmap::checkpoint::Checkpoint;
-use flowmap::pipeline::{self, Teacher};
+use flowmap::flow_map::{FlowMap, FlowMapNet};
+use flowmap::pipeline::{self, Generation, Generator, Model, Teacher};
 use flowmap::teacher::VelocityField;
 
 /// Guidance at sampling time.
@@ -40,46 +40,33 @@ pub fn load_guide(path: &Path, device: &Device) -> Result<Teacher> {
 }
 
 /// The teacher `t` as `--guidance` asks: classifier-free guidance at `w`, autoguidance by `weak` (the
-/// loaded `--guide-model`), or as it is.
-pub fn guided<'a>(
-    t: &'a Teacher,
-    w: Option<f64>,
-    weak: Option<&'a Teacher>,
-    classes: Option<usize>,
-) -> Result<Box<dyn VelocityField + 'a>> {
-    let Some(w) = w else { return Ok(Box::new(t)) };
-    if let Some(weak) = weak {
-        pipeline::check_guide(t, weak)?;
-        return Ok(Box::new(flowmap::teacher::Autoguided::new(t, weak, w)?));
-    }
-    let Some(c) = classes else {
-        bail!("--guidance {w}: the model is unconditional; classifier-free guidance needs a class-conditional teacher (trained on labelled data), or guide it by a weaker model with --guide-model");
-    };
-    Ok(Box::new(flowmap::teacher::Guided::new(t, w, c)?))
+/// loaded `--guide-model`), or as it is ([`pipeline::guided`]).
+pub fn guided<'a>(t: &'a Teacher, w: Option<f64>, weak: Option<&'a Teacher>) -> Result<Box<dyn VelocityField + 'a>> {
+    Ok(pipeline::guided(t, w, weak)?)
 }
 
 /// A flow map as it is evaluated: a guidance-distilled one at `--guidance w` (which it needs), any other
-/// as it is (it has no guidance input, so `--guidance` is an error).
-pub fn map_at<'a>(
-    net: &'a flowmap::flow_map::FlowMapNet,
-    ck: &Checkpoint,
-    g: &GuidanceFlags,
-) -> Result<Box<dyn flowmap::flow_map::FlowMap + 'a>> {
+/// as it is ([`pipeline::map_at`]); `--guide-model` is for teachers.
+pub fn map_at<'a>(net: &'a FlowMapNet, g: &GuidanceFlags) -> Result<Box<dyn FlowMap + 'a>> {
     if g.guide_model.is_some() {
         bail!(
             "--guide-model guides a teacher; a flow map has its guidance distilled in (distil it with --guide-model)"
         );
     }
-    match (ck.meta.arch.guidance(), g.guidance) {
-        (None, None) => Ok(Box::new(net)),
-        (None, Some(w)) => bail!(
-            "--guidance {w}: this flow map was distilled without guidance, so it has no guidance input; guide its teacher instead, or distil with --guidance-range"
-        ),
-        (Some([lo, hi]), None) => {
-            bail!("this flow map has guidance distilled into it (w in [{lo}, {hi}]): pass --guidance w")
-        }
-        (Some(_), Some(w)) => Ok(Box::new(flowmap::flow_map::AtGuidance::new(net, w)?)),
+    Ok(pipeline::map_at(net, g.guidance)?)
+}
+
+/// `model` set up to generate as `g` asks, under the guidance flags.
+pub fn generator<'a>(
+    model: &'a Model,
+    g: &Generation,
+    weak: Option<&'a Teacher>,
+    flags: &GuidanceFlags,
+) -> Result<Generator<'a>> {
+    if let Model::Map(net, _) = model {
+        drop(map_at(net, flags)?);
     }
+    Ok(model.generator(g, weak)?)
 }
 
 /// What `--guidance` names in reports: `guidance w = …` or `autoguidance w = …`.

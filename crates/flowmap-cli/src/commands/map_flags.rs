@@ -94,12 +94,7 @@ impl MapFlags {
     }
 
     pub fn arch(&self, shape: &[usize], classes: Option<usize>, file: &RunConfig) -> Result<Arch> {
-        // A fresh MLP student embeds time with 8 frequencies up to 4 (a teacher's: 16 up to 64).
-        let mlp = toml::toml! {
-            time_features = 8
-            max_frequency = 4.0
-        };
-        self.arch.build(shape, classes, file, &[("mlp", mlp)])
+        self.arch.build(shape, classes, file, &flowmap::pipeline::student_defaults())
     }
 }
 

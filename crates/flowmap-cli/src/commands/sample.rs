@@ -7,12 +7,12 @@ use candle_core::{DType, Tensor};
 use clap::Args;
 use flowmap::data;
 use flowmap::io;
-use flowmap::pipeline::Model;
-use flowmap::sample::{self, SampleContext, TimeGrid};
+use flowmap::pipeline::{to_data_range, Classes, Generation, Model};
+use flowmap::sample::{self, Sampler, TimeGrid};
 
 use super::common::check_output;
-use super::guidance::{guidance_label, guided, map_at, GuidanceFlags};
-use super::model::{class_cond, class_cond_from, map_sampler, teacher_solver, to_data_range};
+use super::guidance::{generator, guidance_label, GuidanceFlags};
+use super::model::{class_cond, parse_class};
 use super::Ctx;
 use crate::grid;
 
@@ -73,55 +73,32 @@ pub fn run(a: SampleArgs, cx: &Ctx) -> Result<()> {
     if a.png.is_some() && shape.len() != 3 {
         bail!("--png writes image grids; this model's states have shape {shape:?}");
     }
-    // Checked once up front: the rows of a grid, and a bad --class before anything is written.
-    let (_, rows) = class_cond(a.class.as_deref(), 1, model.num_classes(), device)?;
-    // Samples stream to the file chunk by chunk (256 images or 65,536 points at a time), so memory stays
-    // bounded for any --n; the grid keeps the first GRID_MAX.
-    const GRID_MAX: usize = 4096;
-    let chunk = sample::chunk_rows(&shape).min(65_536);
-    let map_setup = match &model {
-        Model::Map(_, ck) => {
-            let grid = match &a.grid {
-                Some(g) => g.parse::<TimeGrid>()?,
-                None => TimeGrid::power(a.nfe, a.grid_power)?,
-            };
-            let sampler = map_sampler(a.sampler.as_deref(), ck, grid.steps() > 1)?;
-            Some((grid, sampler, ck.meta.probability_path()?))
-        }
-        Model::Teacher(_) => {
-            if a.grid.is_some() || a.grid_power != 1.0 {
-                bail!("--grid and --grid-power apply to flow maps; teachers take --solver and --nfe");
-            }
-            None
-        }
-    };
-    let solver = match &model {
-        Model::Teacher(_) => Some(teacher_solver(&a.solver, a.nfe)?),
-        Model::Map(..) => None,
-    };
-    let weak = a.guide.load(device)?;
-    let field = match &model {
-        Model::Teacher(t) => Some(guided(t, a.guide.guidance, weak.as_ref(), model.num_classes())?),
-        Model::Map(..) => None,
-    };
-    let map = match &model {
-        Model::Map(net, ck) => Some(map_at(net, ck, &a.guide)?),
-        Model::Teacher(_) => None,
+    let classes = parse_class(a.class.as_deref())?;
+    class_cond(a.class.as_deref(), 1, model.num_classes(), device)?;
+    if matches!(model, Model::Teacher(_)) && (a.grid.is_some() || a.grid_power != 1.0) {
+        bail!("--grid and --grid-power apply to flow maps; teachers take --solver and --nfe");
+    }
+    let g = Generation {
+        nfe: a.nfe,
+        grid: a.grid.as_deref().map(str::parse::<TimeGrid>).transpose()?,
+        grid_power: a.grid_power,
+        solver: a.solver.clone(),
+        sampler: a.sampler.as_deref().map(Sampler::parse).transpose()?,
+        classes: classes.clone(),
+        guidance: a.guide.guidance,
+        seed: a.seed,
     };
     if a.guide.guidance.is_some() && a.guide.guide_model.is_none() && a.class.as_deref() == Some("null") {
         bail!("--guidance needs classes to guide towards; --class null is the unconditional model (guide it with --guide-model)");
     }
-    let what = match (&map_setup, solver) {
-        (Some((grid, sampler, _)), _) => match guidance_label(&a.guide) {
-            Some(g) => format!("flow map on grid {grid}, {sampler:?} sampler, {g}"),
-            None => format!("flow map on grid {grid}, {sampler:?} sampler"),
-        },
-        (None, Some(solver)) => match guidance_label(&a.guide) {
-            Some(g) => format!("teacher, {solver}, {g}"),
-            None => format!("teacher, {solver}"),
-        },
-        (None, None) => unreachable!("a model is a map or a teacher"),
-    };
+    let weak = a.guide.load(device)?;
+    let generator = generator(&model, &g, weak.as_ref(), &a.guide)?;
+    let rows = Classes::grid_rows(classes.as_ref(), model.num_classes());
+    let what = generator.describe(guidance_label(&a.guide).as_deref());
+    // Samples stream to the file chunk by chunk (256 images or 65,536 points at a time), so memory stays
+    // bounded for any --n; the grid keeps the first GRID_MAX.
+    const GRID_MAX: usize = 4096;
+    let chunk = sample::chunk_rows(&shape).min(65_536);
     let scale = model.scale();
     let mut kept: Vec<Tensor> = Vec::new();
     let mut kept_rows = 0;
@@ -129,35 +106,20 @@ pub fn run(a: SampleArgs, cx: &Ctx) -> Result<()> {
     let header = data::npy::npy_f32_header(&flowmap::state::batch_shape(a.n, &shape));
     io::write_atomic(&a.out, |w| {
         w.write_all(&header)?;
-        let run = |z: &Tensor, seed: u64, start: usize| -> flowmap::Result<sample::Sampled> {
-            let (cond, _) = class_cond_from(a.class.as_deref(), start, z.dim(0)?, model.num_classes(), device)
-                .map_err(|e| flowmap::Error::arg(e.to_string()))?;
-            match (&model, &map_setup, solver) {
-                (Model::Map(..), Some((grid, sampler, path)), _) => {
-                    let cx = SampleContext::new(seed).with_path(&**path).with_cond(&cond);
-                    sample::sample_with(&**map.as_ref().expect("a map"), z, grid, *sampler, &cx)
-                }
-                (Model::Teacher(_), _, Some(solver)) => {
-                    sample::sample_ode(field.as_deref().expect("a teacher's field"), z, solver, &cond)
-                }
-                _ => unreachable!("set up above"),
-            }
-        };
         let sink = |x: &Tensor| -> flowmap::Result<()> {
             if a.png.is_some() && kept_rows < GRID_MAX {
                 let take = x.dim(0)?.min(GRID_MAX - kept_rows);
                 kept.push(x.narrow(0, 0, take)?);
                 kept_rows += take;
             }
-            let v = to_data_range(x, scale)
-                .map_err(|e| flowmap::Error::arg(e.to_string()))?
+            let v = to_data_range(x, scale)?
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
             w.write_all(&bytes).map_err(|e| flowmap::Error::io(&a.out, e))
         };
-        nfe = sample::stream(a.n, &shape, a.seed, chunk, device, run, sink).map_err(std::io::Error::other)?;
+        nfe = generator.stream(a.n, chunk, device, sink).map_err(std::io::Error::other)?;
         Ok(())
     })?;
     if let Some(p) = &a.png {

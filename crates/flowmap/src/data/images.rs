@@ -20,8 +20,16 @@ pub struct ImageSet {
 /// An `.npy` image array, and its labels from `labels` when given.
 pub fn read_npy_images(path: &Path, labels: Option<&Path>) -> Result<ImageSet> {
     let a = read_npy_nd(path)?;
-    let name = path.display();
-    let (count, shape) = match a.shape[..] {
+    let name = path.display().to_string();
+    let count = a.shape.first().copied().unwrap_or(0);
+    let labels = labels.map(|l| read_labels(l, count)).transpose()?;
+    image_set(&name, &a.shape, &a.data, a.dtype == NpyType::U8, labels)
+}
+
+/// Images of array shape `N × H × W` or `N × C × H × W` with values `data` (uint8 pixels `0..=255`, or
+/// floats in their own range, mapped to `[−1, 1]`) and `N` labels when given; `name` names them in errors.
+pub fn image_set(name: &str, shape: &[usize], data: &[f64], uint8: bool, labels: Option<Vec<u32>>) -> Result<ImageSet> {
+    let (count, shape) = match shape[..] {
         [n, h, w] => (n, [1, h, w]),
         [n, c, h, w] => (n, [c, h, w]),
         ref other => {
@@ -30,15 +38,16 @@ pub fn read_npy_images(path: &Path, labels: Option<&Path>) -> Result<ImageSet> {
             )))
         }
     };
-    let scale = match a.dtype {
-        NpyType::U8 => Scale::U8,
-        _ => Scale::of(&a.data, &name.to_string())?,
-    };
-    if let Some(bad) = a.data.iter().find(|v| !v.is_finite()) {
+    let scale = if uint8 { Scale::U8 } else { Scale::of(data, name)? };
+    if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
         return Err(Error::data(format!("{name}: contains a non-finite value ({bad})")));
     }
-    let values = a.data.iter().map(|&v| scale.to_model(v)).collect();
-    let labels = labels.map(|l| read_labels(l, count)).transpose()?;
+    if let Some(l) = &labels {
+        if l.len() != count {
+            return Err(Error::data(format!("{name}: {} labels for {count} images", l.len())));
+        }
+    }
+    let values = data.iter().map(|&v| scale.to_model(v)).collect();
     Ok(ImageSet {
         count,
         shape,

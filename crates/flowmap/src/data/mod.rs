@@ -230,6 +230,32 @@ impl DataSource {
         )))
     }
 
+    /// Data held in memory (a NumPy array, say), recorded in checkpoints as `name`: points of array shape
+    /// `N × D`, used as given, or images `N × H × W` / `N × C × H × W` (uint8 pixels, or floats in their own
+    /// range) mapped to `[−1, 1]`, with `N` class labels when given (images only). It is split into
+    /// training and held-out rows as a file of the same values would be.
+    pub fn from_array(
+        name: &str,
+        shape: &[usize],
+        data: Vec<f64>,
+        uint8: bool,
+        labels: Option<Vec<u32>>,
+    ) -> Result<Self> {
+        if crate::state::numel(shape) != data.len() {
+            return Err(Error::data(format!(
+                "{name}: an array of shape {shape:?} holds {} values, not {}",
+                crate::state::numel(shape),
+                data.len()
+            )));
+        }
+        match shape {
+            [n, d] => flat_points(name, labels.is_some().then_some(Path::new("labels")), || {
+                Ok(Matrix::new(*n, *d, data))
+            }),
+            _ => Self::image_set(name, images::image_set(name, shape, &data, uint8, labels)?),
+        }
+    }
+
     /// The spec of an `.npy` image array with its labels (`IMAGES.npy#labels=LABELS.npy`).
     pub fn npy_with_labels(images: &Path, labels: &Path) -> String {
         format!("{}#labels={}", images.display(), labels.display())

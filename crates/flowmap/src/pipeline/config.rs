@@ -62,6 +62,29 @@ impl RunConfig {
         base.with_settings(table, "[arch]")
     }
 
+    /// The backbone a run starts from, before settings of its own: the `kind` given, else the `[arch]`
+    /// table's, else the data's default ([`crate::backbone::Arch::default_kind`]), built for `shape` and
+    /// `classes`, with the job's `defaults` for that kind and then the `[arch]` table laid over it.
+    pub fn base_arch(
+        &self,
+        kind: Option<&str>,
+        shape: &[usize],
+        classes: Option<usize>,
+        defaults: &[(&str, toml::Table)],
+    ) -> Result<crate::backbone::Arch> {
+        use crate::backbone::Arch;
+        let kind = match (kind, self.arch_kind()?) {
+            (Some(k), _) => k.to_string(),
+            (None, Some(k)) => k,
+            (None, None) => Arch::default_kind(shape).to_string(),
+        };
+        let mut base = Arch::for_data(&kind, shape, classes)?;
+        if let Some((_, table)) = defaults.iter().find(|(k, _)| *k == kind) {
+            base = base.with_settings(table, "defaults")?;
+        }
+        self.arch_over(base)
+    }
+
     /// `method`'s defaults ([`DistillConfig::for_method`]) with the `[distill]` table laid over them: a
     /// sub-table such as `[distill.continuous]` changes only the keys it names, while a table with a `kind`
     /// (`weighting = { kind = "adaptive", c = 1e-3, p = 0.5 }`) replaces the setting whole.
@@ -165,4 +188,14 @@ mod tests {
             assert!(err.contains(needle), "'{err}' does not name '{needle}'");
         }
     }
+}
+
+/// The backbone defaults of a fresh flow-map student, by backbone: an MLP student embeds time with 8
+/// frequencies up to 4 (a teacher's MLP: 16 up to 64).
+pub fn student_defaults() -> Vec<(&'static str, toml::Table)> {
+    let mlp = toml::toml! {
+        time_features = 8
+        max_frequency = 4.0
+    };
+    vec![("mlp", mlp)]
 }

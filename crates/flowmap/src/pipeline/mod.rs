@@ -4,6 +4,7 @@
 
 mod config;
 mod eval;
+mod generate;
 pub mod images;
 mod model;
 mod train;
@@ -14,11 +15,12 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
-pub use config::RunConfig;
+pub use config::{student_defaults, RunConfig};
 pub use eval::{
     euler_and_dopri5, eval_map, eval_teacher, exact_map_report, map_errors, semigroup, teacher_solvers, EvalRow,
     EvalSettings, ExactMapReport,
 };
+pub use generate::{guided, map_at, map_sampler, teacher_solver, to_data_range, Classes, Generation, Generator};
 pub use model::Model;
 pub use train::{check_guide, train_teacher, train_teacher_controlled, MapJob, TrainedMap, TrainedTeacher};
 

@@ -1,11 +1,11 @@
 //! Loading any model file: what a path or spec holds is decided here, once, for every caller.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
-use super::Teacher;
-use crate::checkpoint::{Checkpoint, Foreign, ModelKind};
+use super::{Teacher, TrainedMap, TrainedTeacher};
+use crate::checkpoint::{self, Checkpoint, CheckpointMeta, Foreign, ModelKind};
 use crate::data::Scale;
 use crate::flow_map::{FlowMap, FlowMapNet};
 use crate::teacher::VelocityField;
@@ -33,6 +33,33 @@ impl Model {
             }
             ModelKind::Teacher => Model::Teacher(Teacher::from_checkpoint(ck, device)?),
         })
+    }
+
+    /// Writes the model as a flowmap checkpoint (the analytic teacher has no weights to write: an error).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        match self {
+            Model::Map(_, ck) => {
+                let mut named: Vec<(String, candle_core::Tensor)> =
+                    ck.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                named.sort_by(|a, b| a.0.cmp(&b.0));
+                let json = serde_json::to_string(&ck.meta).expect("metadata serialises");
+                checkpoint::write_named(path, &named, checkpoint::KEY, &json)
+            }
+            Model::Teacher(Teacher::Net { vars, meta, .. }) => checkpoint::save(path, vars, meta),
+            Model::Teacher(Teacher::Gmm(_)) => Err(crate::Error::arg(
+                "the analytic Gaussian-mixture teacher is its SPEC.json; it has no weights to save",
+            )),
+        }
+    }
+
+    /// The checkpoint metadata: kind, architecture, path, data and the training record (none for the
+    /// analytic teacher).
+    pub fn meta(&self) -> Option<&CheckpointMeta> {
+        match self {
+            Model::Map(_, ck) => Some(&ck.meta),
+            Model::Teacher(Teacher::Net { meta, .. }) => Some(meta),
+            Model::Teacher(Teacher::Gmm(_)) => None,
+        }
     }
 
     /// The shape of one state.
@@ -71,5 +98,31 @@ impl Teacher {
             return Teacher::load(spec, device);
         }
         Teacher::from_checkpoint(Checkpoint::load_foreign(path, describe()?)?, device)
+    }
+}
+
+impl From<TrainedTeacher> for Model {
+    fn from(t: TrainedTeacher) -> Self {
+        Model::Teacher(t.into_teacher())
+    }
+}
+
+impl From<TrainedMap> for Model {
+    /// The trained EMA map, held as the checkpoint it would be saved as.
+    fn from(m: TrainedMap) -> Self {
+        let tensors = m
+            .vars
+            .data()
+            .lock()
+            .expect("variables lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let ck = Checkpoint {
+            path: PathBuf::new(),
+            meta: m.meta,
+            tensors,
+        };
+        Model::Map(m.net, ck)
     }
 }
