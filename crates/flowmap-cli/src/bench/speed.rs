@@ -27,7 +27,7 @@ use flowmap::{Error, Result};
 /// U-Net workloads with the U-Net twin they import.
 pub const TORCH_PEER: &str = include_str!("../../../../bench/peer/torch_peer.py");
 pub const TORCH_UNET_PEER: &str = include_str!("../../../../bench/peer/torch_unet_peer.py");
-pub const TORCH_UNET: &str = include_str!("../../../../bench/peer/flowmap_unet.py");
+pub const TORCH_UNET: &str = include_str!("../../../../python/flowmap/torch.py");
 
 /// What `flowmap bench speed` measures.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -4,6 +4,7 @@
 
 mod config;
 mod eval;
+mod evaluate;
 mod generate;
 pub mod images;
 mod model;
@@ -20,6 +21,7 @@ pub use eval::{
     euler_and_dopri5, eval_map, eval_teacher, exact_map_report, map_errors, semigroup, teacher_solvers, EvalRow,
     EvalSettings, ExactMapReport,
 };
+pub use evaluate::{check_evaluate, evaluate, Evaluate, Evaluation};
 pub use generate::{guided, map_at, map_sampler, teacher_solver, to_data_range, Classes, Generation, Generator};
 pub use model::Model;
 pub use train::{check_guide, train_teacher, train_teacher_controlled, MapJob, TrainedMap, TrainedTeacher};

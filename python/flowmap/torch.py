@@ -1,9 +1,16 @@
-"""The PyTorch twin of flowmap's U-Net (`crates/flowmap/src/backbone/unet.rs`).
+"""PyTorch twins of flowmap's backbones: the MLP (`crates/flowmap/src/backbone/mlp.rs`) and the U-Net
+(`crates/flowmap/src/backbone/unet/`).
 
 The same layers, in the same order, with the same parameter names and shapes, so that one safetensors file
-loads in both: `Unet.from_flowmap("teacher.safetensors")` reads a flowmap checkpoint (its architecture from
-the `flowmap` metadata entry), and `save_flowmap(model, path, ...)` writes a file that
-`flowmap distill --teacher PATH` or `flowmap sample --model PATH` reads as it is.
+loads in both: `flowmap.torch.load("model.safetensors")` gives an `nn.Module` for any flowmap teacher or map
+checkpoint (its architecture from the `flowmap` metadata entry), and `flowmap.torch.save(module, path, ...)`
+writes a file that `flowmap.distill(teacher=...)`, `flowmap distill --teacher PATH` or `flowmap sample
+--model PATH` reads as it is. This file needs only torch (and safetensors to read and write files); the
+benchmarks copy it beside their PyTorch peers.
+
+    import flowmap.torch as fmt
+    model = fmt.load("map.safetensors")           # a FlowMap: model(x, t, s, labels=None, w=None)
+    x = fmt.sample(model, 16, nfe=2)               # 16 samples in two steps, in [-1, 1] for images
 
 Conventions (flowmap's): time runs from data t = 0 to noise t = 1; a flow map goes down, 0 <= s <= t <= 1;
 images are B x C x H x W in [-1, 1]; class labels are in 0..C, and C is the null class (no label).
@@ -143,6 +150,59 @@ class Out(nn.Module):
         return self.conv(F.silu(self.norm(h)))
 
 
+
+MLP_DEFAULTS = dict(hidden=256, depth=3, time_features=16, max_frequency=64.0, num_classes=None, guidance=None)
+
+
+class Mlp(nn.Module):
+    """flowmap's MLP on flattened states: `[x, emb(t), e_c, emb(t - s), emb(w / 4)]` through `depth` SiLU
+    layers of width `hidden` and a linear output. `flow_map=True` adds the embedding of the gap t - s."""
+
+    def __init__(self, cfg, flow_map=False):
+        super().__init__()
+        self.cfg = cfg = dict(cfg)
+        self.flow_map = flow_map
+        self.state_shape = list(cfg.get("state_shape") or [cfg["dim"]])
+        self.time = TimeEmbedding(cfg["time_features"], cfg["max_frequency"])
+        e = 2 * max(cfg["time_features"], 1)
+        in_dim = cfg["dim"] + (2 if flow_map else 1) * e
+        self.class_embedding = None
+        if cfg.get("num_classes") is not None:
+            self.class_embedding = nn.Embedding(cfg["num_classes"] + 1, e)
+            in_dim += e
+        self.guidance = None
+        if cfg.get("guidance") is not None:
+            self.guidance = TimeEmbedding(cfg["time_features"], 16.0)
+            in_dim += e
+        for i in range(cfg["depth"]):
+            setattr(self, f"layer{i}", nn.Linear(in_dim, cfg["hidden"]))
+            in_dim = cfg["hidden"]
+        setattr(self, f"layer{cfg['depth']}", nn.Linear(in_dim, cfg["dim"]))
+
+    def forward(self, x, t, gap=None, labels=None, w=None):
+        """`x`: B x D (or B x state shape); `t`, `gap`: B x 1; `labels`: B integers (the null class when
+        None); `w`: B x 1 guidance scales (guidance-distilled flow maps only)."""
+        if (gap is not None) != self.flow_map:
+            raise ValueError("a flow map's network takes the gap t - s, a teacher's does not")
+        h = x.reshape(x.shape[0], -1)
+        parts = [h, self.time(t)]
+        if self.class_embedding is not None:
+            if labels is None:
+                labels = torch.full((t.shape[0],), self.cfg["num_classes"], dtype=torch.long, device=t.device)
+            parts.append(self.class_embedding(labels))
+        if self.flow_map:
+            parts.append(self.time(gap))
+        if self.guidance is not None:
+            if w is None:
+                raise ValueError(f"this flow map has guidance distilled into it (w in {self.cfg['guidance']}): pass w")
+            parts.append(self.guidance(w * 0.25))
+        h = torch.cat(parts, dim=1)
+        depth = self.cfg["depth"]
+        for i in range(depth):
+            h = F.silu(getattr(self, f"layer{i}")(h))
+        return getattr(self, f"layer{depth}")(h).reshape(x.shape)
+
+
 class Unet(nn.Module):
     """flowmap's U-Net. `flow_map=True` adds the embedding of the gap t - s (a flow map's network)."""
 
@@ -252,30 +312,118 @@ class Unet(nn.Module):
 
 
 class FlowMap(nn.Module):
-    """f(x, t, s) = x + (s - t) * F(x, t, s), with F a flow-map U-Net."""
+    """f(x, t, s) = x + (s - t) * F(x, t, s), with F a flow-map network (an `Mlp` or `Unet` built with
+    `flow_map=True`). `t`, `s`: B x 1 (or numbers)."""
 
     def __init__(self, net):
         super().__init__()
-        assert net.flow_map
+        if not net.flow_map:
+            raise ValueError("a FlowMap wraps a flow-map network (built with flow_map=True)")
         self.net = net
 
     def forward(self, x, t, s, labels=None, w=None):
-        return x + (s - t)[:, :, None, None] * self.net(x, t, t - s, labels, w)
+        t, s = _column(t, x), _column(s, x)
+        gap = (s - t).reshape(-1, *([1] * (x.dim() - 1)))
+        return x + gap * self.net(x, t, t - s, labels, w)
 
 
-def save_flowmap(model, path, data="mnist", version="torch-twin", scale=None, training=None):
-    """Writes `model` as a flowmap checkpoint: its `state_dict` plus the `flowmap` metadata entry (kind,
-    architecture, path, data), so flowmap reads it with no other file."""
+class Teacher(nn.Module):
+    """The velocity v(x, t) of a teacher network (an `Mlp` or `Unet` built with `flow_map=False`)."""
+
+    def __init__(self, net):
+        super().__init__()
+        if net.flow_map:
+            raise ValueError("a Teacher wraps a velocity network (built with flow_map=False)")
+        self.net = net
+
+    def forward(self, x, t, labels=None):
+        return self.net(x, _column(t, x), None, labels)
+
+
+def _column(t, x):
+    """`t` as a B x 1 tensor on `x`'s device."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    return t.reshape(-1, 1).expand(x.shape[0], 1) if t.numel() == 1 else t.reshape(-1, 1)
+
+
+def _network(arch, flow_map):
+    arch = dict(arch)
+    kind = arch.pop("kind")
+    if kind == "unet":
+        return Unet(config(arch.pop("state_shape"), **arch), flow_map=flow_map)
+    if kind == "mlp":
+        unknown = set(arch) - set(MLP_DEFAULTS) - {"dim", "state_shape"}
+        if unknown:
+            raise ValueError(f"unknown MLP settings: {sorted(unknown)}")
+        return Mlp(dict(MLP_DEFAULTS, **arch), flow_map=flow_map)
+    raise ValueError(f"unknown architecture '{kind}' (expected mlp or unet)")
+
+
+def load(path, map_location="cpu"):
+    """The model of a flowmap checkpoint as an `nn.Module`, weights loaded: a `FlowMap` for a flow map or
+    consistency model, a `Teacher` for a teacher. Its checkpoint metadata is on `.meta`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, "pt") as f:
+        raw = (f.metadata() or {}).get("flowmap")
+    if raw is None:
+        raise ValueError(f"{path} has no flowmap metadata: build the network and load its state dict yourself")
+    meta = json.loads(raw)
+    flow_map = meta["kind"] != "teacher"
+    net = _network(meta["arch"], flow_map)
+    net.load_state_dict(load_file(path, device=str(map_location)))
+    model = FlowMap(net) if flow_map else Teacher(net)
+    model.meta = meta
+    return model
+
+
+def build(arch, kind="teacher"):
+    """A fresh network of `arch` (a flowmap `[arch]` table with its `kind`, `mlp` or `unet`, and
+    `state_shape` for a U-Net or `dim` for an MLP) wrapped as a `Teacher` or a `FlowMap`."""
+    flow_map = kind != "teacher"
+    net = _network(arch, flow_map)
+    return FlowMap(net) if flow_map else Teacher(net)
+
+
+@torch.no_grad()
+def sample(model, n, nfe=1, labels=None, w=None, seed=0, device="cpu"):
+    """`n` samples of a `FlowMap` in `nfe` deterministic steps on the uniform grid 1 -> 0 (or of a `Teacher`
+    by `nfe` Euler steps), from seeded noise. Images come out in [-1, 1]."""
+    net = model.net
+    shape = list(getattr(net, "state_shape", None) or net.cfg["state_shape"])
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn([n] + shape, generator=g).to(device)
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1).expand(n)
+    if w is not None:
+        w = torch.full((n, 1), float(w), device=device)
+    times = [1.0 - i / nfe for i in range(nfe + 1)]
+    for t, s in zip(times[:-1], times[1:]):
+        if isinstance(model, FlowMap):
+            x = model(x, t, s, labels, w)
+        else:
+            x = x + (s - t) * model(x, t, labels)
+    return x
+
+
+def save(module, path, data, scale=None, path_name="linear", training=None, version="torch"):
+    """Writes `module` (a `Teacher`, a `FlowMap`, or a bare `Mlp`/`Unet`) as a flowmap checkpoint: its
+    `state_dict` plus the `flowmap` metadata entry (kind, architecture, path, data), so that flowmap reads it
+    with no other file. `data` is the spec of the data it was trained on (`"mnist"`, `"checkerboard"`, a
+    file); `scale` the `{"lo": ..., "hi": ...}` image range it was mapped from (MNIST: 0 and 255)."""
     from safetensors.torch import save_file
 
-    arch = dict(kind="unet", **model.cfg)
-    for optional in ("num_classes", "guidance"):
+    net = module.net if isinstance(module, (FlowMap, Teacher)) else module
+    kind = "unet" if isinstance(net, Unet) else "mlp"
+    arch = dict(kind=kind, **net.cfg)
+    for optional in ("num_classes", "guidance", "state_shape"):
         if arch.get(optional) is None:
             arch.pop(optional, None)
     meta = dict(
-        kind="flow_map" if model.flow_map else "teacher",
+        kind="flow_map" if net.flow_map else "teacher",
         arch=arch,
-        path="linear",
+        path=path_name,
         data=data,
         mixture=None,
         training=training if training is not None else {"trained_by": "pytorch"},
@@ -283,5 +431,11 @@ def save_flowmap(model, path, data="mnist", version="torch-twin", scale=None, tr
     )
     if scale is not None:
         meta["scale"] = scale
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    prefix = "net." if isinstance(module, (FlowMap, Teacher)) else ""
+    tensors = {k[len(prefix):]: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(tensors, path, metadata={"flowmap": json.dumps(meta)})
+
+
+def save_flowmap(model, path, data="mnist", version="torch-twin", scale=None, training=None):
+    """`save` for a bare U-Net twin (the benchmarks' name)."""
+    save(model, path, data=data, scale=scale, training=training, version=version)
