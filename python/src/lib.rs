@@ -58,9 +58,7 @@ impl PyData {
             .map(|l| {
                 l.as_array()
                     .iter()
-                    .map(|&v| {
-                        u32::try_from(v).map_err(|_| arg_err(format!("label {v} is not a non-negative integer")))
-                    })
+                    .map(|&v| u32::try_from(v).map_err(|_| arg_err(format!("label {v} is not a non-negative integer"))))
                     .collect::<PyResult<Vec<u32>>>()
             })
             .transpose()?;
@@ -133,7 +131,9 @@ impl PyModel {
     fn teacher(&self) -> PyResult<&Teacher> {
         match &self.inner {
             Model::Teacher(t) => Ok(t),
-            Model::Map(..) => Err(arg_err("a flow map is not a teacher (a teacher checkpoint was expected)")),
+            Model::Map(..) => Err(arg_err(
+                "a flow map is not a teacher (a teacher checkpoint was expected)",
+            )),
         }
     }
 }
@@ -232,7 +232,9 @@ impl PyModel {
             .detach(|| self.inner.generator(&g, guide)?.sample(n, device))
             .map_err(to_py)?;
         let dims = x.dims().to_vec();
-        let v = py.detach(|| x.flatten_all()?.to_vec1::<f32>()).map_err(|e| to_py(e.into()))?;
+        let v = py
+            .detach(|| x.flatten_all()?.to_vec1::<f32>())
+            .map_err(|e| to_py(e.into()))?;
         array_out(py, v, &dims)
     }
 
@@ -291,7 +293,10 @@ impl PyModel {
             .map_err(to_py)?;
         let y = pipeline::to_data_range(&y, scale).map_err(to_py)?;
         let dims = y.dims().to_vec();
-        let v = y.flatten_all().and_then(|y| y.to_vec1::<f32>()).map_err(|e| to_py(e.into()))?;
+        let v = y
+            .flatten_all()
+            .and_then(|y| y.to_vec1::<f32>())
+            .map_err(|e| to_py(e.into()))?;
         array_out(py, v, &dims)
     }
 
@@ -316,7 +321,10 @@ impl PyModel {
             .detach(|| pipeline::guided(teacher, guidance, None)?.velocity(&xb, &tc, &cond))
             .map_err(to_py)?;
         let dims = v.dims().to_vec();
-        let flat = v.flatten_all().and_then(|v| v.to_vec1::<f32>()).map_err(|e| to_py(e.into()))?;
+        let flat = v
+            .flatten_all()
+            .and_then(|v| v.to_vec1::<f32>())
+            .map_err(|e| to_py(e.into()))?;
         array_out(py, flat, &dims)
     }
 }
@@ -356,14 +364,16 @@ impl RunSetup {
         checkpoint_every: Option<usize>,
         resume: Option<PyRef<'_, PyTrainState>>,
     ) -> PyResult<Self> {
-        let config: RunConfig = serde_json::from_str(config_json)
-            .map_err(|e| to_py(flowmap::Error::Config(e.to_string())))?;
+        let config: RunConfig =
+            serde_json::from_str(config_json).map_err(|e| to_py(flowmap::Error::Config(e.to_string())))?;
         if config.distill.is_some() {
             // A misspelt or ill-typed objective setting fails now, whichever method it is used with.
             config.distill_config(Method::Emd).map_err(to_py)?;
         }
         if checkpoint_every.is_some() && state.is_none() {
-            return Err(arg_err("a checkpoint schedule writes the training state: give state=PATH"));
+            return Err(arg_err(
+                "a checkpoint schedule writes the training state: give state=PATH",
+            ));
         }
         Ok(RunSetup {
             config,
@@ -422,7 +432,12 @@ impl RunSetup {
             Err(flowmap::Error::Interrupted { step }) => {
                 // A callback that raised stops the run as an interrupt does; its own error wins.
                 reporter.take_error(py)?;
-                Err(errors::interrupted(py, step, state.as_deref(), last.map(|s| PyTrainState { inner: s })))
+                Err(errors::interrupted(
+                    py,
+                    step,
+                    state.as_deref(),
+                    last.map(|s| PyTrainState { inner: s }),
+                ))
             }
             Err(e) => Err(to_py(e)),
         }
@@ -583,7 +598,9 @@ fn evaluate(
                 }
             };
             Ok(match pipeline::evaluate(m, data, &e, device)? {
-                pipeline::Evaluation::Points { rows, exact, .. } => serde_json::json!({ "rows": rows, "exact_map": exact }),
+                pipeline::Evaluation::Points { rows, exact, .. } => {
+                    serde_json::json!({ "rows": rows, "exact_map": exact })
+                }
                 pipeline::Evaluation::Images { rows, .. } => serde_json::json!({ "rows": rows }),
             })
         })

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use flowmap::train::{Progress, TrainEvent};
+use flowmap::train::Progress;
 use pyo3::prelude::*;
 
 pub struct Reporter {
@@ -53,7 +53,7 @@ impl Reporter {
 
 impl Progress for Reporter {
     fn step(&self, step: usize, loss: Option<f64>) {
-        if step % self.every != 0 && loss.is_none() {
+        if !step.is_multiple_of(self.every) && loss.is_none() {
             return;
         }
         Python::attach(|py| {
@@ -72,9 +72,5 @@ impl Progress for Reporter {
                 }
             }
         });
-    }
-
-    fn event(&self, event: &TrainEvent) {
-        let _ = event;
     }
 }

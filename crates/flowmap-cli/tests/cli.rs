@@ -775,7 +775,11 @@ fn images_end_to_end_and_their_errors() {
             .args(extra);
         c
     };
-    fails(&mut sample(&["--class", "10"]), "--class: class 10 is out of range", &out);
+    fails(
+        &mut sample(&["--class", "10"]),
+        "--class: class 10 is out of range",
+        &out,
+    );
     fails(&mut sample(&["--class", "seven"]), "not a class number", &out);
     let m2d = fixture().root.join("m.safetensors");
     fails(

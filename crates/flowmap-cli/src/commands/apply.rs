@@ -13,8 +13,8 @@ use flowmap::pipeline::Model;
 use super::common::check_output;
 use super::guidance::{guided, map_at, GuidanceFlags};
 use super::model::{class_cond, write_tensor};
-use flowmap::pipeline::to_data_range;
 use super::Ctx;
+use flowmap::pipeline::to_data_range;
 
 #[derive(Args)]
 pub struct ApplyArgs {

@@ -4,17 +4,17 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use clap::Args;
-use flowmap::data::{DataSource, Toy};
+use flowmap::classifier::Classifier;
+use flowmap::data::DataSource;
 use flowmap::io;
-use flowmap::pipeline::{self, EvalSettings, Model, OutDir, Teacher};
-use flowmap::sample::{SampleContext, Sampler, TimeGrid};
-use flowmap::Cond;
+use flowmap::pipeline::images::ImageRow;
+use flowmap::pipeline::{self, EvalRow, Evaluate, Evaluation, ExactMapReport, Model, OutDir};
+use flowmap::sample::Sampler;
 
 use super::common::{data_help, open_data, parse_nfes};
-use super::guidance::{guidance_label, guided, map_at, GuidanceFlags};
-use super::model::map_sampler;
+use super::guidance::{guided, map_at, GuidanceFlags};
 use super::Ctx;
 use crate::report::{self, eval_table};
 use crate::{grid, plot};
@@ -75,67 +75,60 @@ pub fn run(a: EvalArgs, cx: &Ctx) -> Result<()> {
         (None, Model::Map(_, ck)) => pipeline::data_of(&ck.meta)?,
         (None, Model::Teacher(t)) => t.data()?,
     };
-    let dim = flowmap::state::numel(&model.state_shape());
-    if data.dim() != dim {
-        bail!(
-            "data '{}' has dimension {}, but the model expects {dim}",
-            data.name(),
-            data.dim()
-        );
-    }
-    // Every flag is checked before the output folder exists: a flow map's sampler and grid, and that a
-    // teacher was given neither.
-    TimeGrid::power(1, a.grid_power)?;
-    let sampler = match &model {
-        Model::Map(_, ck) => Some(map_sampler(a.sampler.as_deref(), ck, nfes.iter().any(|&k| k > 1))?),
-        Model::Teacher(_) if a.sampler.is_some() => {
-            bail!("--sampler applies to flow maps; a teacher is scored with Euler and dopri5")
+    if let Model::Teacher(_) = &model {
+        if a.sampler.is_some() {
+            bail!("--sampler applies to flow maps; a teacher is scored with Euler and dopri5");
         }
-        Model::Teacher(_) if a.grid_power != 1.0 => {
-            bail!("--grid-power applies to flow maps; a teacher is scored with Euler and dopri5")
+        if a.grid_power != 1.0 {
+            bail!("--grid-power applies to flow maps; a teacher is scored with Euler and dopri5");
         }
-        Model::Teacher(_) => None,
-    };
-    if model.state_shape().len() == 3 {
-        return eval_images(&a, &model, weak.as_ref(), &data, &nfes, sampler, device);
     }
-    if a.classifier.is_some() {
+    let images = model.state_shape().len() == 3;
+    if a.classifier.is_some() && !images {
         bail!("--classifier applies to image models");
     }
-    let out = OutDir::create(&a.out)?;
-    let reference = data.heldout(a.n, a.seed);
-    let n_ref = reference.len() / dim;
-    let settings = EvalSettings {
+    let clf = images
+        .then(|| load_classifier(a.classifier.as_deref(), device))
+        .transpose()?;
+    let e = Evaluate {
+        nfes,
         n: a.n,
         seed: a.seed,
-        max_points: if dim <= 16 { 10_000 } else { 2000 },
+        sampler: a.sampler.as_deref().map(Sampler::parse).transpose()?,
         grid_power: a.grid_power,
+        guidance: a.guide.guidance,
+        guide: weak.as_ref(),
+        classifier: clf.as_ref(),
     };
-    let checker = matches!(data, DataSource::Toy(Toy::Checkerboard));
-    let (rows, samples) = match (&model, sampler) {
-        (Model::Map(net, ck), Some(sampler)) => {
-            let path = ck.meta.probability_path()?;
-            let cx = SampleContext::new(a.seed).with_path(&*path);
-            pipeline::eval_map(
-                "flow map", net, &nfes, sampler, &cx, &reference, checker, &settings, device,
-            )?
+    // Every setting is checked before the output folder exists.
+    pipeline::check_evaluate(&model, &data, &e)?;
+    let result = pipeline::evaluate(&model, &data, &e, device)?;
+    let out = OutDir::create(&a.out)?;
+    match result {
+        Evaluation::Images { rows, samples } => {
+            write_images(&a, &model, &data, clf.as_ref().expect("images"), rows, &samples, &out)
         }
-        (Model::Map(..), None) => unreachable!("a flow map's sampler is resolved above"),
-        (Model::Teacher(t), _) => {
-            // Euler at each NFE, then the adaptive solver: the teacher's own best.
-            let solvers = pipeline::euler_and_dopri5(nfes.as_ref(), 1e-5);
-            pipeline::eval_teacher(
-                "teacher",
-                t,
-                &solvers,
-                &Cond::none(),
-                &reference,
-                checker,
-                &settings,
-                device,
-            )?
-        }
-    };
+        Evaluation::Points {
+            rows,
+            samples,
+            reference,
+            exact,
+        } => write_points(&a, &data, rows, &samples, &reference, exact, &out),
+    }
+}
+
+/// The report of a points evaluation: `metrics.json`, `metrics.md` and the samples beside the data.
+fn write_points(
+    a: &EvalArgs,
+    data: &DataSource,
+    rows: Vec<EvalRow>,
+    samples: &[Vec<f64>],
+    reference: &[f64],
+    exact: Option<ExactMapReport>,
+    out: &OutDir,
+) -> Result<()> {
+    let dim = data.dim();
+    let n_ref = reference.len() / dim;
     let mut md = format!(
         "# flowmap eval: {}\n\n{} samples per row against {n_ref} held-out points of '{}'.\n\n",
         a.model,
@@ -143,31 +136,26 @@ pub fn run(a: EvalArgs, cx: &Ctx) -> Result<()> {
         data.name()
     );
     md += &eval_table(&rows);
-    // Where the data is a Gaussian mixture its exact flow map is known: measure the map against it.
-    let exact_report = match (&model, &data) {
-        (Model::Map(net, ck), DataSource::Mixture(mix)) if !ck.meta.kind.boundary_only() => {
-            let r = pipeline::exact_map_report(net, mix, 2000, a.seed, device)?;
-            md += &format!(
-                "\nAgainst the mixture's exact flow map Φ: relative error E‖f − Φ‖²/E‖Φ − x‖² = {:.3e} with (t, s) uniform, {:.3e} averaged over an 11-point grid; semigroup error {:.3e}.\n",
-                r.relative_error_uniform, r.relative_error_grid, r.semigroup
-            );
-            eprintln!(
-                "exact-map relative error {:.3e} (uniform pairs), semigroup error {:.3e}",
-                r.relative_error_uniform, r.semigroup
-            );
-            Some(r)
-        }
-        _ => None,
-    };
-    let json = serde_json::json!({ "rows": rows, "exact_map": exact_report });
+    // Where the data is a Gaussian mixture its exact flow map is known: the map against it.
+    if let Some(r) = &exact {
+        md += &format!(
+            "\nAgainst the mixture's exact flow map Φ: relative error E‖f − Φ‖²/E‖Φ − x‖² = {:.3e} with (t, s) uniform, {:.3e} averaged over an 11-point grid; semigroup error {:.3e}.\n",
+            r.relative_error_uniform, r.relative_error_grid, r.semigroup
+        );
+        eprintln!(
+            "exact-map relative error {:.3e} (uniform pairs), semigroup error {:.3e}",
+            r.relative_error_uniform, r.semigroup
+        );
+    }
+    let json = serde_json::json!({ "rows": rows, "exact_map": exact });
     io::write_text(&out.file("metrics.json"), &serde_json::to_string_pretty(&json)?)?;
     if dim >= 2 {
         let mut panels = vec![plot::Panel {
             title: "data (held out)".into(),
-            points: &reference,
+            points: reference,
             dim,
         }];
-        for (r, s) in rows.iter().zip(&samples) {
+        for (r, s) in rows.iter().zip(samples) {
             panels.push(plot::Panel {
                 title: format!("NFE {}", r.nfe),
                 points: s,
@@ -190,50 +178,18 @@ pub fn load_classifier(path: Option<&Path>, device: &Device) -> Result<flowmap::
     })
 }
 
-/// `eval` on images: FD, precision, recall and class accuracy at each NFE beside the data's floor, and a
-/// grid per row.
-pub fn eval_images(
+/// The report of an image evaluation: FD, precision, recall and class accuracy at each NFE beside the
+/// data's floor, and a grid per row.
+fn write_images(
     a: &EvalArgs,
     model: &Model,
-    weak: Option<&Teacher>,
     data: &DataSource,
-    nfes: &[usize],
-    sampler: Option<Sampler>,
-    device: &Device,
+    clf: &Classifier,
+    rows: Vec<ImageRow>,
+    samples: &[Tensor],
+    out: &OutDir,
 ) -> Result<()> {
-    let clf = load_classifier(a.classifier.as_deref(), device)?;
-    let ev = pipeline::images::ImageEval::new(&clf, data, a.n, a.seed, device)?.with_grid_power(a.grid_power)?;
-    let out = OutDir::create(&a.out)?;
     let classes = model.num_classes();
-    let mut rows = vec![ev.floor(data, device)?];
-    let (r, samples) = match (model, sampler) {
-        (Model::Map(net, ck), Some(sampler)) => {
-            let path = ck.meta.probability_path()?;
-            let name = match guidance_label(&a.guide) {
-                Some(g) => format!("flow map ({g})"),
-                None => "flow map".into(),
-            };
-            ev.map(
-                &name,
-                &*map_at(net, &a.guide)?,
-                classes,
-                nfes,
-                sampler,
-                &*path,
-                device,
-            )?
-        }
-        (Model::Map(..), None) => unreachable!("a flow map's sampler is resolved before"),
-        (Model::Teacher(t), _) => {
-            let solvers = pipeline::euler_and_dopri5(nfes.as_ref(), 1e-5);
-            let name = match guidance_label(&a.guide) {
-                Some(g) => format!("teacher ({g})"),
-                None => "teacher".into(),
-            };
-            let field = guided(t, a.guide.guidance, weak)?;
-            ev.teacher(&name, &*field, classes, &solvers, device)?
-        }
-    };
     let mut md = format!(
         "# flowmap eval: {}
 
@@ -247,13 +203,12 @@ pub fn eval_images(
         100.0 * clf.meta.heldout_accuracy
     );
     let grid_rows = classes.unwrap_or(10);
-    for (i, (row, x)) in r.iter().zip(&samples).enumerate() {
+    for (i, (row, x)) in rows[1..].iter().zip(samples).enumerate() {
         let name = format!("grid-{i}-nfe{}.png", row.nfe);
         let shown = x.narrow(0, 0, x.dim(0)?.min(grid_rows * 10))?;
         grid::write_grid(&out.file(&name), &shown, grid_rows)?;
         md += &format!("![{} NFE {}]({name}) ", row.sampler, row.nfe);
     }
-    rows.extend(r);
     let table = report::image_table(&rows);
     md = format!("{md}\n\n{table}");
     io::write_text(

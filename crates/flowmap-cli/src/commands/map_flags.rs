@@ -94,7 +94,8 @@ impl MapFlags {
     }
 
     pub fn arch(&self, shape: &[usize], classes: Option<usize>, file: &RunConfig) -> Result<Arch> {
-        self.arch.build(shape, classes, file, &flowmap::pipeline::student_defaults())
+        self.arch
+            .build(shape, classes, file, &flowmap::pipeline::student_defaults())
     }
 }
 

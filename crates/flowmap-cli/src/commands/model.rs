@@ -5,10 +5,8 @@ use std::path::Path;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use flowmap::checkpoint::Checkpoint;
 use flowmap::data;
 use flowmap::pipeline::Classes;
-use flowmap::sample::Sampler;
 use flowmap::Cond;
 
 pub fn write_tensor(path: &Path, x: &Tensor) -> Result<()> {
@@ -26,10 +24,4 @@ pub fn parse_class(spec: Option<&str>) -> Result<Option<Classes>> {
 /// The condition of `n` samples of a model with `classes` under `--class`.
 pub fn class_cond(spec: Option<&str>, n: usize, classes: Option<usize>, device: &Device) -> Result<Cond> {
     Classes::cond(parse_class(spec)?.as_ref(), 0, n, classes, device).map_err(|e| anyhow::anyhow!("--class: {e}"))
-}
-
-/// The sampler `--sampler` names, or the map's own ([`flowmap::pipeline::map_sampler`]).
-pub fn map_sampler(name: Option<&str>, ck: &Checkpoint, multi_step: bool) -> Result<Sampler> {
-    let asked = name.map(Sampler::parse).transpose()?;
-    Ok(flowmap::pipeline::map_sampler(asked, ck.meta.kind, multi_step)?)
 }

@@ -119,7 +119,9 @@ pub fn run(a: SampleArgs, cx: &Ctx) -> Result<()> {
             let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
             w.write_all(&bytes).map_err(|e| flowmap::Error::io(&a.out, e))
         };
-        nfe = generator.stream(a.n, chunk, device, sink).map_err(std::io::Error::other)?;
+        nfe = generator
+            .stream(a.n, chunk, device, sink)
+            .map_err(std::io::Error::other)?;
         Ok(())
     })?;
     if let Some(p) = &a.png {

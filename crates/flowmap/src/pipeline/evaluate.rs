@@ -87,7 +87,11 @@ pub fn check_evaluate(model: &Model, data: &DataSource, e: &Evaluate<'_>) -> Res
     }
     TimeGrid::power(1, e.grid_power)?;
     match model {
-        Model::Map(_, ck) => Ok(Some(map_sampler(e.sampler, ck.meta.kind, e.nfes.iter().any(|&k| k > 1))?)),
+        Model::Map(_, ck) => Ok(Some(map_sampler(
+            e.sampler,
+            ck.meta.kind,
+            e.nfes.iter().any(|&k| k > 1),
+        )?)),
         Model::Teacher(_) if e.sampler.is_some() => Err(Error::arg(
             "a sampler applies to flow maps; a teacher is scored with Euler and dopri5",
         )),
@@ -155,11 +159,20 @@ pub fn evaluate(model: &Model, data: &DataSource, e: &Evaluate<'_>, device: &Dev
         (Model::Map(net, ck), Some(sampler)) => {
             let path = ck.meta.probability_path()?;
             let cx = SampleContext::new(e.seed).with_path(&*path);
-            eval_map("flow map", net, &e.nfes, sampler, &cx, &reference, checker, &settings, device)?
+            eval_map(
+                "flow map", net, &e.nfes, sampler, &cx, &reference, checker, &settings, device,
+            )?
         }
-        (Model::Teacher(t), _) => {
-            eval_teacher("teacher", t, &solvers, &Cond::none(), &reference, checker, &settings, device)?
-        }
+        (Model::Teacher(t), _) => eval_teacher(
+            "teacher",
+            t,
+            &solvers,
+            &Cond::none(),
+            &reference,
+            checker,
+            &settings,
+            device,
+        )?,
         (Model::Map(..), None) => unreachable!("a flow map's sampler is resolved by check_evaluate"),
     };
     // Where the data is a Gaussian mixture its exact flow map is known: measure the map against it.

@@ -49,7 +49,13 @@ impl Classes {
     /// The condition of samples `start..start + n` of a model with `classes` classes (`None`: an
     /// unconditional model, which takes no classes but the null one). `None` for `spec` is [`Classes::All`]
     /// for a conditional model and no condition for an unconditional one.
-    pub fn cond(spec: Option<&Classes>, start: usize, n: usize, classes: Option<usize>, device: &Device) -> Result<Cond> {
+    pub fn cond(
+        spec: Option<&Classes>,
+        start: usize,
+        n: usize,
+        classes: Option<usize>,
+        device: &Device,
+    ) -> Result<Cond> {
         let Some(c) = classes else {
             return match spec {
                 None | Some(Classes::Null) => Ok(Cond::none()),
@@ -296,7 +302,13 @@ impl Generator<'_> {
 
     /// Samples `start..start + z.dim(0)` from the noise `z`, with `seed` for any re-noising.
     fn run(&self, z: &Tensor, seed: u64, start: usize, device: &Device) -> Result<Sampled> {
-        let cond = Classes::cond(self.g.classes.as_ref(), start, z.dim(0)?, self.model.num_classes(), device)?;
+        let cond = Classes::cond(
+            self.g.classes.as_ref(),
+            start,
+            z.dim(0)?,
+            self.model.num_classes(),
+            device,
+        )?;
         match &self.engine {
             Engine::Map {
                 map,
@@ -325,7 +337,15 @@ impl Generator<'_> {
             return Err(Error::arg("the number of samples must be at least 1"));
         }
         let shape = self.model.state_shape();
-        sample::stream(n, &shape, self.g.seed, chunk, device, |z, seed, start| self.run(z, seed, start, device), sink)
+        sample::stream(
+            n,
+            &shape,
+            self.g.seed,
+            chunk,
+            device,
+            |z, seed, start| self.run(z, seed, start, device),
+            sink,
+        )
     }
 
     /// `n` samples, `n ×` the state shape, in the data's own value range, and the NFE per sample.
