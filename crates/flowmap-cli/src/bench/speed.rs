@@ -652,7 +652,7 @@ fn unet_markdown(r: &SpeedReport) -> String {
     let mut md = String::from(
         "\n## U-Net\n\nClass-conditional U-Nets (`flowmap::backbone::UnetConfig` defaults: channel multipliers 1, 2, \
          2, one block per level, attention at 7 × 7) on 1 × 28 × 28 digits, beside the PyTorch twin \
-         (`bench/peer/flowmap_unet.py`, the same layers and parameter names). `unet-teacher` = one flow-matching \
+         (`python/flowmap/torch.py`, the same layers and parameter names). `unet-teacher` = one flow-matching \
          step; `unet-emd` = one EMD step from a frozen teacher; `unet-meanflow` = one MeanFlow step from data with \
          its exact JVP (PyTorch: `torch.func.jvp`); `unet-sample-1nfe` = one flow-map step from noise; \
          `unet-latency-1nfe` = one image; `unet-jvp` = the JVP's time over a forward pass's at batch 128. Memory: \

@@ -1,6 +1,6 @@
 //! The U-Net rows of `flowmap bench speed`: class-conditional U-Nets on the embedded 28 × 28 digits, at the
 //! demo's size and larger, beside the PyTorch twin (`bench/peer/torch_unet_peer.py`, the same layers and
-//! parameter names, `bench/peer/flowmap_unet.py`).
+//! parameter names, `python/flowmap/torch.py`).
 //!
 //! - `unet-teacher`, `unet-emd`, `unet-meanflow`: training steps per second (AdamW + EMA, labels dropped
 //!   with probability 0.1); MeanFlow from data with its exact JVP along `(x1 − x0, 1, 0)`;

@@ -53,7 +53,15 @@ pub fn map_at<'a>(net: &'a FlowMapNet, g: &GuidanceFlags) -> Result<Box<dyn Flow
             "--guide-model guides a teacher; a flow map has its guidance distilled in (distil it with --guide-model)"
         );
     }
-    Ok(pipeline::map_at(net, g.guidance)?)
+    match (net.arch().guidance(), g.guidance) {
+        (None, Some(w)) => bail!(
+            "--guidance {w}: this flow map was distilled without guidance, so it has no guidance input; guide its teacher instead, or distil with --guidance-range"
+        ),
+        (Some([lo, hi]), None) => {
+            bail!("this flow map has guidance distilled into it (w in [{lo}, {hi}]): pass --guidance w")
+        }
+        _ => Ok(pipeline::map_at(net, g.guidance)?),
+    }
 }
 
 /// `model` set up to generate as `g` asks, under the guidance flags.
