@@ -103,6 +103,10 @@ def data(source, labels=None, name=None):
 
     >>> d = flowmap.data(images_uint8, labels=digits)   # N × 28 × 28, N labels
     """
+    return _to_data(source, labels, name)
+
+
+def _to_data(source, labels=None, name=None):
     if isinstance(source, Data):
         if labels is not None:
             raise InvalidArgument("labels go with an array, not with a Data")
@@ -313,7 +317,7 @@ def load(path, device="cpu"):
 # ------------------------------------------------------------------------------------------------- training
 
 
-def _progress(progress, every, total, label):
+def _progress(progress, total, label):
     """The callback the native loop calls as `(step, loss)` (and `(None, None)` when done)."""
     if progress is None or progress is False:
         return None
@@ -422,7 +426,7 @@ def train_teacher(
     >>> teacher = flowmap.train_teacher("moons", steps=3000, hidden=256)
     """
     _threads(threads)
-    d = globals()["data"](data, labels)
+    d = _to_data(data, labels)
     cfg = _run_config(config, _train_settings(steps, batch, lr, ema, seed, minutes, label_dropout), None, arch_settings)
     total = cfg.get("train", {}).get("steps") or _json.loads(_flowmap.train_defaults())["steps"]
     native = _flowmap.train_teacher(
@@ -430,8 +434,7 @@ def train_teacher(
         _json.dumps(cfg),
         arch,
         device,
-        _progress(progress, 1, total, "teacher"),
-        1,
+        _progress(progress, total, "teacher"),
         None if state is None else _os.fspath(state),
         checkpoint_every,
         _resume(resume),
@@ -439,11 +442,13 @@ def train_teacher(
     return Model(native)
 
 
-def _train_map(method, data, teacher, guide, init, guidance_range, settings, arch, arch_settings, common):
-    (steps, batch, lr, ema, seed, minutes, label_dropout, config, device, threads, progress, state, every, resume) = common
-    _threads(threads)
-    train_settings = _train_settings(steps, batch, lr, ema, seed, minutes, label_dropout, guidance_range)
-    cfg = _run_config(config, train_settings, settings, arch_settings)
+def _train_map(method, data, teacher, guide, init, guidance_range, settings, arch, arch_settings, run):
+    """`train_map` of the native module with the run keywords `run` of `distill` and `train`."""
+    _threads(run["threads"])
+    train_settings = _train_settings(
+        run["steps"], run["batch"], run["lr"], run["ema"], run["seed"], run["minutes"], run["label_dropout"], guidance_range
+    )
+    cfg = _run_config(run["config"], train_settings, settings, arch_settings)
     total = cfg.get("train", {}).get("steps") or _json.loads(_flowmap.train_defaults())["steps"]
     native = _flowmap.train_map(
         method,
@@ -451,14 +456,13 @@ def _train_map(method, data, teacher, guide, init, guidance_range, settings, arc
         None if teacher is None else teacher._native,
         _json.dumps(cfg),
         arch,
-        device,
+        run["device"],
         None if guide is None else guide._native,
         None if init is None else init._native,
-        _progress(progress, 1, total, method),
-        1,
-        None if state is None else _os.fspath(state),
-        every,
-        _resume(resume),
+        _progress(run["progress"], total, method),
+        None if run["state"] is None else _os.fspath(run["state"]),
+        run["checkpoint_every"],
+        _resume(run["resume"]),
     )
     return Model(native)
 
@@ -503,11 +507,13 @@ def distill(
         teacher = load(teacher, device)
     if isinstance(guide, (str, _os.PathLike)):
         guide = load(guide, device)
-    d = None if data is None else globals()["data"](data, labels)
+    d = None if data is None else _to_data(data, labels)
     if data is None and labels is not None:
         raise InvalidArgument("labels go with data")
-    common = (steps, batch, lr, ema, seed, minutes, label_dropout, config, device, threads, progress, state, checkpoint_every, resume)
-    return _train_map(method, d, teacher, guide, None, guidance_range, settings, None, {}, common)
+    run = dict(steps=steps, batch=batch, lr=lr, ema=ema, seed=seed, minutes=minutes, label_dropout=label_dropout,
+               config=config, device=device, threads=threads, progress=progress, state=state,
+               checkpoint_every=checkpoint_every, resume=resume)
+    return _train_map(method, d, teacher, guide, None, guidance_range, settings, None, {}, run)
 
 
 def train(
@@ -544,9 +550,11 @@ def train(
     """
     if isinstance(init, (str, _os.PathLike)):
         init = load(init, device)
-    d = globals()["data"](data, labels)
-    common = (steps, batch, lr, ema, seed, minutes, label_dropout, config, device, threads, progress, state, checkpoint_every, resume)
-    return _train_map(method, d, None, None, init, guidance_range, settings, arch, arch_settings, common)
+    d = _to_data(data, labels)
+    run = dict(steps=steps, batch=batch, lr=lr, ema=ema, seed=seed, minutes=minutes, label_dropout=label_dropout,
+               config=config, device=device, threads=threads, progress=progress, state=state,
+               checkpoint_every=checkpoint_every, resume=resume)
+    return _train_map(method, d, None, None, init, guidance_range, settings, arch, arch_settings, run)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -588,7 +596,7 @@ def evaluate(model, data=None, labels=None, nfe=(1, 2, 4, 8), n=10_000, seed=0, 
         model = load(model)
     if isinstance(guide, (str, _os.PathLike)):
         guide = load(guide)
-    d = None if data is None else globals()["data"](data, labels)
+    d = None if data is None else _to_data(data, labels)
     nfes = [int(nfe)] if isinstance(nfe, int) else [int(k) for k in nfe]
     raw = _json.loads(
         _flowmap.evaluate(

@@ -30,7 +30,6 @@ pub fn to_py(e: flowmap::Error) -> PyErr {
         E::Io { .. } => "FlowmapIOError",
         E::Data(_) => "DataError",
         E::InvalidArgument(_) => "InvalidArgument",
-        E::Checkpoint { msg, .. } if msg.contains("No such file") => "FileNotFound",
         E::Checkpoint { .. } => "CheckpointError",
         E::Config(_) => "ConfigError",
         E::Diverged { .. } => "DivergedError",

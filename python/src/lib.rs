@@ -26,6 +26,21 @@ use convert::{array_out, batch_in, column};
 use errors::{arg_err, to_py};
 use progress::Reporter;
 
+/// Rust's allocations in this module go through mimalloc, as the CLI's do, and freed memory stays in the
+/// process: a training step frees and re-allocates the same activation buffers every step, and pages given
+/// back to the OS return zero-filled at the next fault (the CLI's `alloc.rs` has the measurement). With the
+/// system allocator, training through Python ran 9.5% slower than the CLI (`bench/python/overhead.py`).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+extern "C" {
+    /// mimalloc's option setter (declared by `libmimalloc-sys` only with its `extended` feature).
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// `mi_option_purge_delay` in mimalloc's `mi_option_e`; -1 never purges.
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
 /// A data source: a spec (`checkerboard`, `mnist`, a file) or an array held in memory.
 #[pyclass(module = "flowmap._flowmap", name = "Data", frozen)]
 pub struct PyData {
@@ -92,7 +107,7 @@ impl PyData {
     }
 }
 
-/// A trained training state (an interrupted run's, say): resume from it, or write it.
+/// A run's whole training state (an interrupted run's, say): resume from it, or write it.
 #[pyclass(module = "flowmap._flowmap", name = "TrainState", frozen)]
 pub struct PyTrainState {
     pub(crate) inner: TrainState,
@@ -359,7 +374,6 @@ impl RunSetup {
     fn new(
         config_json: &str,
         progress: Option<Py<PyAny>>,
-        progress_every: usize,
         state: Option<PathBuf>,
         checkpoint_every: Option<usize>,
         resume: Option<PyRef<'_, PyTrainState>>,
@@ -377,7 +391,7 @@ impl RunSetup {
         }
         Ok(RunSetup {
             config,
-            reporter: Reporter::new(progress, progress_every),
+            reporter: Reporter::new(progress),
             state,
             checkpoint_every,
             resume: resume.map(|r| r.inner.clone()),
@@ -460,7 +474,7 @@ fn build_arch(
 
 /// Trains a teacher by conditional flow matching.
 #[pyfunction]
-#[pyo3(signature = (data, config_json, arch, device, progress, progress_every, state, checkpoint_every, resume))]
+#[pyo3(signature = (data, config_json, arch, device, progress, state, checkpoint_every, resume))]
 #[allow(clippy::too_many_arguments)]
 fn train_teacher(
     py: Python<'_>,
@@ -469,13 +483,12 @@ fn train_teacher(
     arch: Option<&str>,
     device: &str,
     progress: Option<Py<PyAny>>,
-    progress_every: usize,
     state: Option<PathBuf>,
     checkpoint_every: Option<usize>,
     resume: Option<PyRef<'_, PyTrainState>>,
 ) -> PyResult<PyModel> {
     let device = flowmap::parse_device(device).map_err(to_py)?;
-    let setup = RunSetup::new(config_json, progress, progress_every, state, checkpoint_every, resume)?;
+    let setup = RunSetup::new(config_json, progress, state, checkpoint_every, resume)?;
     let cfg = setup.train_config()?;
     let arch = build_arch(&setup.config, arch, &data.inner, &[])?;
     let data = &data.inner;
@@ -491,7 +504,7 @@ fn train_teacher(
 
 /// Trains a flow map by `method`: distilling `teacher`, or from `data` alone.
 #[pyfunction]
-#[pyo3(signature = (method, data, teacher, config_json, arch, device, guide, init, progress, progress_every, state, checkpoint_every, resume))]
+#[pyo3(signature = (method, data, teacher, config_json, arch, device, guide, init, progress, state, checkpoint_every, resume))]
 #[allow(clippy::too_many_arguments)]
 fn train_map(
     py: Python<'_>,
@@ -504,14 +517,13 @@ fn train_map(
     guide: Option<PyRef<'_, PyModel>>,
     init: Option<PyRef<'_, PyModel>>,
     progress: Option<Py<PyAny>>,
-    progress_every: usize,
     state: Option<PathBuf>,
     checkpoint_every: Option<usize>,
     resume: Option<PyRef<'_, PyTrainState>>,
 ) -> PyResult<PyModel> {
     let method: Method = method.parse().map_err(to_py)?;
     let device = flowmap::parse_device(device).map_err(to_py)?;
-    let setup = RunSetup::new(config_json, progress, progress_every, state, checkpoint_every, resume)?;
+    let setup = RunSetup::new(config_json, progress, state, checkpoint_every, resume)?;
     let cfg = setup.train_config()?;
     let teacher = teacher.as_ref().map(|t| t.teacher()).transpose()?;
     let guide = guide.as_ref().map(|t| t.teacher()).transpose()?;
@@ -637,6 +649,8 @@ fn version() -> &'static str {
 
 #[pymodule]
 fn _flowmap(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // SAFETY: sets a documented mimalloc option; any value is valid for this one.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     m.add_class::<PyData>()?;
     m.add_class::<PyModel>()?;
     m.add_class::<PyTrainState>()?;

@@ -1,5 +1,5 @@
-//! Progress and Ctrl-C while the GIL is released: every `every` steps the training thread re-attaches to
-//! call the user's callback (`callback(step, loss)`) and to run Python's signal handlers; a
+//! Progress and Ctrl-C while the GIL is released: after every step the training thread re-attaches to run
+//! Python's signal handlers and to call the user's callback (`callback(step, loss)`); a
 //! `KeyboardInterrupt` (or an exception from the callback) asks the loop to stop after its step, with its
 //! state saved, and is raised once the run has returned.
 
@@ -11,17 +11,15 @@ use pyo3::prelude::*;
 
 pub struct Reporter {
     callback: Option<Py<PyAny>>,
-    every: usize,
     stop: AtomicBool,
     /// The error a callback raised (an interrupt is reported as the run's own).
     error: Mutex<Option<PyErr>>,
 }
 
 impl Reporter {
-    pub fn new(callback: Option<Py<PyAny>>, every: usize) -> Self {
+    pub fn new(callback: Option<Py<PyAny>>) -> Self {
         Reporter {
             callback,
-            every: every.max(1),
             stop: AtomicBool::new(false),
             error: Mutex::new(None),
         }
@@ -53,9 +51,6 @@ impl Reporter {
 
 impl Progress for Reporter {
     fn step(&self, step: usize, loss: Option<f64>) {
-        if !step.is_multiple_of(self.every) && loss.is_none() {
-            return;
-        }
         Python::attach(|py| {
             if py.check_signals().is_err() {
                 // The run saves its state and returns `Interrupted`, raised as `TrainingInterrupted`.
