@@ -186,3 +186,10 @@ def test_images_in_their_own_range(image_teacher, digits):
     assert grid.shape == (20, 1, 28, 28)
     g = t.sample(4, nfe=2, classes=1, guidance=2.0)
     assert np.isfinite(g).all()
+
+
+def test_progress_true_draws_a_tqdm_bar(capsys):
+    pytest.importorskip("tqdm")
+    flowmap.train_teacher("moons", steps=30, batch=32, progress=True)
+    err = capsys.readouterr().err
+    assert "teacher:" in err and "/30 " in err  # a bar of the run's 30 steps, cleared when done
