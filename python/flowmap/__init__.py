@@ -369,13 +369,14 @@ def _train_settings(steps, batch, lr, ema, seed, minutes, label_dropout, guidanc
     gr = None
     if guidance_range is not None:
         gr = [float(guidance_range)] * 2 if isinstance(guidance_range, (int, float)) else [float(v) for v in guidance_range]
+    if minutes is not None and steps is not None:
+        raise InvalidArgument("give steps or minutes, not both")
     return dict(
         steps=steps,
         batch_size=batch,
         lr=lr,
         ema_decay=ema,
         seed=seed,
-        max_seconds=None if minutes is None else 60.0 * minutes,
         label_dropout=label_dropout,
         guidance_range=gr,
     )
@@ -418,7 +419,8 @@ def train_teacher(
 
     `data`: a spec, an array (with `labels`) or a `Data`. `arch`: `"mlp"` or `"unet"` (default: an MLP for
     points, a U-Net for images), its settings as keywords (`hidden=512`, `channels=64`, …). `steps`,
-    `batch`, `lr` (AdamW peak, warm-up then cosine decay), `ema`, `seed`, `minutes` (a wall-clock budget),
+    `batch`, `lr` (AdamW peak, warm-up then cosine decay), `ema`, `seed`, `minutes` (a wall-clock budget:
+    the steps that fit, planned by a short probe, so `steps=` that count reproduces the run),
     `label_dropout`; `config` a TOML file or dict with `[train]`/`[arch]` tables (keywords win).
     `state=PATH` with `checkpoint_every=N` writes the training state; `resume` (a path or a `TrainState`)
     continues a run bit for bit. `progress`: True (tqdm if installed), False, or `callback(step, loss)`.
@@ -428,12 +430,13 @@ def train_teacher(
     _threads(threads)
     d = _to_data(data, labels)
     cfg = _run_config(config, _train_settings(steps, batch, lr, ema, seed, minutes, label_dropout), None, arch_settings)
-    total = cfg.get("train", {}).get("steps") or _json.loads(_flowmap.train_defaults())["steps"]
+    total = None if minutes is not None else cfg.get("train", {}).get("steps") or _json.loads(_flowmap.train_defaults())["steps"]
     native = _flowmap.train_teacher(
         d._native,
         _json.dumps(cfg),
         arch,
         device,
+        minutes,
         _progress(progress, total, "teacher"),
         None if state is None else _os.fspath(state),
         checkpoint_every,
@@ -449,7 +452,7 @@ def _train_map(method, data, teacher, guide, init, guidance_range, settings, arc
         run["steps"], run["batch"], run["lr"], run["ema"], run["seed"], run["minutes"], run["label_dropout"], guidance_range
     )
     cfg = _run_config(run["config"], train_settings, settings, arch_settings)
-    total = cfg.get("train", {}).get("steps") or _json.loads(_flowmap.train_defaults())["steps"]
+    total = None if run["minutes"] is not None else cfg.get("train", {}).get("steps") or _json.loads(_flowmap.train_defaults())["steps"]
     native = _flowmap.train_map(
         method,
         None if data is None else data._native,
@@ -459,7 +462,8 @@ def _train_map(method, data, teacher, guide, init, guidance_range, settings, arc
         run["device"],
         None if guide is None else guide._native,
         None if init is None else init._native,
-        _progress(run["progress"], total, method),
+        run["minutes"],
+        _progress(run["progress"], total, method or "distill"),
         None if run["state"] is None else _os.fspath(run["state"]),
         run["checkpoint_every"],
         _resume(run["resume"]),
@@ -470,7 +474,7 @@ def _train_map(method, data, teacher, guide, init, guidance_range, settings, arc
 def distill(
     teacher,
     *,
-    method,
+    method=None,
     data=None,
     labels=None,
     steps=None,
@@ -494,6 +498,10 @@ def distill(
     """Distils `teacher` (a `Model`, a checkpoint path, or `"gmm:mix.json"`) into a flow map by `method`
     (`flowmap.methods()` lists them: `emd`, `lmd`, `emd-cont`, `lmd-cont`, `cm`, `ctm`, `progressive`,
     `direct`, …). The student starts as the teacher (one Euler step) and learns `f(x, t, s) ≈ Φ_{t→s}(x)`.
+    Without `method`, the recommended one-step recipe for the data (today `cm`, consistency distillation;
+    the checkpoint's `metadata["training"]["recommended"]` gives the measurement that chose it).
+    `minutes=M` instead of `steps` plans the steps that fit in M minutes (a short probe times a step); the
+    same call with `steps=` that count reproduces the run bit for bit.
 
     `data` (default: the teacher's own) gives the states `x_t`. `guidance_range=(lo, hi)` distils
     classifier-free guidance into the map (it then takes `guidance=w`), by the null class or by `guide`, a

@@ -84,13 +84,14 @@ def train_teacher(
     config_json: str,
     arch: Optional[str],
     device: str,
+    minutes: Optional[float],
     progress: Progress,
     state: Optional[str],
     checkpoint_every: Optional[int],
     resume: Optional[TrainState],
 ) -> Model: ...
 def train_map(
-    method: str,
+    method: Optional[str],
     data: Optional[Data],
     teacher: Optional[Model],
     config_json: str,
@@ -98,6 +99,7 @@ def train_map(
     device: str,
     guide: Optional[Model],
     init: Optional[Model],
+    minutes: Optional[float],
     progress: Progress,
     state: Optional[str],
     checkpoint_every: Optional[int],

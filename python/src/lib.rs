@@ -16,7 +16,7 @@ use pyo3::prelude::*;
 
 use flowmap::data::DataSource;
 use flowmap::flow_map::FlowMap;
-use flowmap::objective::Method;
+use flowmap::objective::{registry, DataKind, Method};
 use flowmap::pipeline::{self, Classes, Generation, MapJob, Model, RunConfig, Teacher};
 use flowmap::sample::{Sampler, TimeGrid};
 use flowmap::teacher::VelocityField;
@@ -474,7 +474,7 @@ fn build_arch(
 
 /// Trains a teacher by conditional flow matching.
 #[pyfunction]
-#[pyo3(signature = (data, config_json, arch, device, progress, state, checkpoint_every, resume))]
+#[pyo3(signature = (data, config_json, arch, device, minutes, progress, state, checkpoint_every, resume))]
 #[allow(clippy::too_many_arguments)]
 fn train_teacher(
     py: Python<'_>,
@@ -482,6 +482,7 @@ fn train_teacher(
     config_json: &str,
     arch: Option<&str>,
     device: &str,
+    minutes: Option<f64>,
     progress: Option<Py<PyAny>>,
     state: Option<PathBuf>,
     checkpoint_every: Option<usize>,
@@ -489,9 +490,15 @@ fn train_teacher(
 ) -> PyResult<PyModel> {
     let device = flowmap::parse_device(device).map_err(to_py)?;
     let setup = RunSetup::new(config_json, progress, state, checkpoint_every, resume)?;
-    let cfg = setup.train_config()?;
+    let mut cfg = setup.train_config()?;
     let arch = build_arch(&setup.config, arch, &data.inner, &[])?;
     let data = &data.inner;
+    if let Some(m) = minutes {
+        let plan = py
+            .detach(|| pipeline::plan_teacher(m * 60.0, data, &arch, &cfg, &device))
+            .map_err(to_py)?;
+        cfg.steps = plan.steps;
+    }
     let dev = device.clone();
     let trained = setup.run(py, move |reporter, ctl| {
         pipeline::train_teacher_controlled(data, &arch, &cfg, &dev, reporter, ctl)
@@ -504,11 +511,11 @@ fn train_teacher(
 
 /// Trains a flow map by `method`: distilling `teacher`, or from `data` alone.
 #[pyfunction]
-#[pyo3(signature = (method, data, teacher, config_json, arch, device, guide, init, progress, state, checkpoint_every, resume))]
+#[pyo3(signature = (method, data, teacher, config_json, arch, device, guide, init, minutes, progress, state, checkpoint_every, resume))]
 #[allow(clippy::too_many_arguments)]
 fn train_map(
     py: Python<'_>,
-    method: &str,
+    method: Option<&str>,
     data: Option<PyRef<'_, PyData>>,
     teacher: Option<PyRef<'_, PyModel>>,
     config_json: &str,
@@ -516,12 +523,13 @@ fn train_map(
     device: &str,
     guide: Option<PyRef<'_, PyModel>>,
     init: Option<PyRef<'_, PyModel>>,
+    minutes: Option<f64>,
     progress: Option<Py<PyAny>>,
     state: Option<PathBuf>,
     checkpoint_every: Option<usize>,
     resume: Option<PyRef<'_, PyTrainState>>,
 ) -> PyResult<PyModel> {
-    let method: Method = method.parse().map_err(to_py)?;
+    let named: Option<Method> = method.map(str::parse).transpose().map_err(to_py)?;
     let device = flowmap::parse_device(device).map_err(to_py)?;
     let setup = RunSetup::new(config_json, progress, state, checkpoint_every, resume)?;
     let cfg = setup.train_config()?;
@@ -535,7 +543,16 @@ fn train_map(
             owned = py.detach(|| t.data()).map_err(to_py)?;
             &owned
         }
-        (None, None) => return Err(arg_err(format!("'{method}' trains from data: give the data"))),
+        (None, None) => return Err(arg_err("training from data needs the data")),
+    };
+    // Without a method, a distillation takes the recommended one-step recipe for its kind of data.
+    let (method, recipe) = match (named, teacher) {
+        (Some(m), _) => (m, None),
+        (None, Some(_)) => {
+            let r = registry::recommended(DataKind::of(&data.state_shape(), data.num_classes().is_some()));
+            (r.method, Some(r.why))
+        }
+        (None, None) => return Err(arg_err("name the method that trains from data (flowmap.methods() lists them)")),
     };
     if teacher.is_some() && arch.is_some() {
         return Err(arg_err(
@@ -550,7 +567,7 @@ fn train_map(
     if let Some(r) = cfg.guidance_range {
         flowmap::backbone::check_guidance_range(r).map_err(to_py)?;
     }
-    let job = MapJob {
+    let mut job = MapJob {
         teacher,
         guide,
         init,
@@ -558,8 +575,13 @@ fn train_map(
         train: cfg,
         arch: student,
         device: device.clone(),
+        recipe,
         ..MapJob::new(method, data)
     };
+    if let Some(m) = minutes {
+        let plan = py.detach(|| job.plan_budget(m * 60.0)).map_err(to_py)?;
+        job.train.steps = plan.steps;
+    }
     let trained = setup.run(py, |reporter, ctl| job.run_controlled(reporter, ctl))?;
     Ok(PyModel {
         inner: trained.into(),

@@ -1,5 +1,7 @@
 """The package's API on points and images: training, sampling, maps, evaluation, files."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -193,3 +195,23 @@ def test_progress_true_draws_a_tqdm_bar(capsys):
     flowmap.train_teacher("moons", steps=30, batch=32, progress=True)
     err = capsys.readouterr().err
     assert "teacher:" in err and "/30 " in err  # a bar of the run's 30 steps, cleared when done
+
+
+def test_a_time_budget_plans_steps_that_reproduce_it():
+    """`minutes` plans the steps that fit; the same call with that many `steps` gives the same bits."""
+    t0 = time.perf_counter()
+    planned = flowmap.train_teacher("moons", minutes=0.05, batch=64, progress=False, hidden=32)
+    took = time.perf_counter() - t0
+    steps = planned.metadata["training"]["train"]["steps"]
+    assert steps > 30 and took < 3 * 0.05 * 60
+    again = flowmap.train_teacher("moons", steps=steps, batch=64, progress=False, hidden=32)
+    assert np.array_equal(planned.sample(200, nfe=4), again.sample(200, nfe=4))
+    with pytest.raises(ValueError, match="steps or minutes"):
+        flowmap.train_teacher("moons", minutes=1, steps=10)
+
+
+def test_distill_without_a_method_takes_the_recommended_recipe(teacher):
+    m = flowmap.distill(teacher, steps=10, batch=64, progress=False)
+    training = m.metadata["training"]
+    assert training["objective"] == "cm" and m.kind == "consistency_model"
+    assert "energy distance" in training["recommended"]

@@ -16,6 +16,10 @@ pub struct TrainFlags {
     /// Optimisation steps.
     #[arg(long)]
     pub steps: Option<usize>,
+    /// A wall-clock budget in minutes instead of --steps: a short probe times a step, and the run gets the
+    /// steps that fit (its schedule that of a run with that many --steps, which reproduces it bit for bit).
+    #[arg(long, conflicts_with_all = ["steps", "resume"])]
+    pub minutes: Option<f64>,
     /// Batch size.
     #[arg(long)]
     pub batch: Option<usize>,
@@ -63,6 +67,28 @@ pub fn run_settings(out: &Path, flags: &TrainFlags, guidance_range: Option<&str>
     }
     cfg.validate()?;
     Ok((file, cfg))
+}
+
+/// `cfg` with the steps that fit in `--minutes` (`probe` plans them), reported in one line; as it is without.
+pub fn budgeted(
+    flags: &TrainFlags,
+    mut cfg: TrainConfig,
+    what: &str,
+    plan: impl FnOnce(f64) -> flowmap::Result<flowmap::pipeline::BudgetPlan>,
+) -> Result<TrainConfig> {
+    if let Some(m) = flags.minutes {
+        let p = plan(m * 60.0)?;
+        eprintln!(
+            "{what}: {m} minutes plan {} steps ({:.1} ms per step over a {}-step probe of {:.1} s); --steps {} reproduces the run",
+            p.steps,
+            1e3 * p.seconds_per_step,
+            p.probe_steps,
+            p.probe_seconds,
+            p.steps
+        );
+        cfg.steps = p.steps;
+    }
+    Ok(cfg)
 }
 
 /// A method for `flowmap distill` (one that needs a teacher).

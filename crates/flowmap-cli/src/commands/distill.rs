@@ -7,11 +7,11 @@ use candle_core::Device;
 use clap::Args;
 use flowmap::checkpoint::{Foreign, ModelKind};
 use flowmap::data::DataSource;
-use flowmap::objective::DistillConfig;
+use flowmap::objective::{registry, DataKind, DistillConfig};
 use flowmap::pipeline::{MapJob, RunConfig, Teacher};
 use flowmap::teacher::VelocityField;
 
-use super::common::{data_help, distill_method, methods_help, open_data, run_settings, TrainFlags};
+use super::common::{budgeted, data_help, distill_method, methods_help, open_data, run_settings, TrainFlags};
 use super::guidance::load_guide;
 use super::map_flags::MapFlags;
 use super::Ctx;
@@ -23,9 +23,10 @@ pub struct DistillArgs {
     /// Teacher checkpoint, or `gmm:SPEC.json` for the analytic mixture teacher.
     #[arg(long)]
     pub teacher: String,
-    /// The objective that distils the teacher (`--help` lists them).
+    /// The objective that distils the teacher (`--help` lists them); without it, the recommended one-step
+    /// recipe for the teacher's kind of data.
     #[arg(long, long_help = methods_help(true))]
-    pub method: String,
+    pub method: Option<String>,
     /// Output checkpoint (.safetensors).
     #[arg(long)]
     pub out: PathBuf,
@@ -52,7 +53,7 @@ pub struct DistillArgs {
 
 pub fn run(a: DistillArgs, cx: &Ctx) -> Result<()> {
     let (device, show) = (&cx.device, cx.show);
-    let method = distill_method(&a.method)?;
+    let named = a.method.as_deref().map(distill_method).transpose()?;
     let (file, cfg) = run_settings(&a.out, &a.train, a.guidance_range.as_deref())?;
     if a.data.is_none() && a.labels.is_some() {
         bail!("--labels goes with --data");
@@ -66,6 +67,21 @@ pub fn run(a: DistillArgs, cx: &Ctx) -> Result<()> {
         Some(d) => d,
         None => teacher.data()?,
     };
+    let kind = DataKind::of(&teacher.state_shape(), data.num_classes().is_some());
+    let (method, recipe) = match named {
+        Some(m) => (m, None),
+        None => {
+            let r = registry::recommended(kind);
+            let what = if kind.image { "images" } else { "points" };
+            eprintln!(
+                "distill: no --method given: the recommended one-step recipe for {what}, {} ({}): {}",
+                r.method,
+                r.method.info().summary,
+                r.why
+            );
+            (r.method, Some(r.why))
+        }
+    };
     let base = DistillConfig::for_data(method, &teacher.state_shape(), data.num_classes().is_some());
     let dcfg = a.map.objective(file.distill_config_over(base)?, method)?;
     let guide = a.guide_model.as_deref().map(|p| load_guide(p, device)).transpose()?;
@@ -76,9 +92,10 @@ pub fn run(a: DistillArgs, cx: &Ctx) -> Result<()> {
         train: cfg,
         arch: a.map.arch(&teacher.state_shape(), data.num_classes(), &file)?,
         device: device.clone(),
+        recipe,
         ..MapJob::new(method, &data)
     };
-    run_map(&job, &a.out, &a.train.long, show)
+    run_map(job, &a.out, &a.train, show)
 }
 
 /// The teacher of `distill`: `gmm:SPEC.json`, a flowmap checkpoint, or a plain safetensors state dict (a
@@ -110,10 +127,11 @@ fn load_teacher(
     })?)
 }
 
-/// Runs a flow-map job behind a progress bar and saves its map.
-pub fn run_map(job: &MapJob<'_>, out: &Path, long: &supervise::LongRunFlags, show: bool) -> Result<()> {
+/// Runs a flow-map job (for `--minutes`, planned first) behind a progress bar and saves its map.
+pub fn run_map(mut job: MapJob<'_>, out: &Path, flags: &TrainFlags, show: bool) -> Result<()> {
+    job.train = budgeted(flags, job.train.clone(), job.method.name(), |secs| job.plan_budget(secs))?;
     let (method, steps) = (job.method, job.train.steps);
-    let mut sup = supervise::Supervisor::new(long, out)?;
+    let mut sup = supervise::Supervisor::new(&flags.long, out)?;
     let pb = progress_bar(steps as u64, method.name(), show);
     let bar = report::bar_for(&pb, &job.data.state_shape(), job.train.batch_size);
     let m = sup.run(|ctl| job.run_controlled(&*bar, ctl))?;

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use flowmap::pipeline;
 
-use super::common::{run_settings, DataFlags, TrainFlags};
+use super::common::{budgeted, run_settings, DataFlags, TrainFlags};
 use super::Ctx;
 use crate::arch::ArchFlags;
 use crate::report::{self, progress_bar};
@@ -32,6 +32,9 @@ pub fn run(a: TeacherArgs, cx: &Ctx) -> Result<()> {
     let data = a.data.open()?;
     let shape = data.state_shape();
     let arch = a.arch.build(&shape, data.num_classes(), &file, &[])?;
+    let cfg = budgeted(&a.train, cfg.clone(), "teacher", |secs| {
+        pipeline::plan_teacher(secs, &data, &arch, &cfg, device)
+    })?;
     let mut sup = supervise::Supervisor::new(&a.train.long, &a.out)?;
     let pb = progress_bar(cfg.steps as u64, "teacher", show);
     let bar = report::bar_for(&pb, &shape, cfg.batch_size);

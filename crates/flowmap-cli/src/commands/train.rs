@@ -47,5 +47,5 @@ pub fn run(a: TrainArgs, cx: &Ctx) -> Result<()> {
         device: device.clone(),
         ..MapJob::new(method, &data)
     };
-    run_map(&job, &a.out, &a.train.long, show)
+    run_map(job, &a.out, &a.train, show)
 }

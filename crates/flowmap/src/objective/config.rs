@@ -244,6 +244,16 @@ pub struct DataKind {
     pub labelled: bool,
 }
 
+impl DataKind {
+    /// The kind of data with states of `state_shape`, labelled or not.
+    pub fn of(state_shape: &[usize], labelled: bool) -> Self {
+        DataKind {
+            image: state_shape.len() == 3,
+            labelled,
+        }
+    }
+}
+
 /// Configuration of the flow-map objectives.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -301,11 +311,7 @@ impl DistillConfig {
     /// (its registry entry's `recipe`, written beside its loss with the measurements that chose it).
     pub fn for_data(method: Method, state_shape: &[usize], labelled: bool) -> Self {
         let mut c = DistillConfig::default();
-        let data = DataKind {
-            image: state_shape.len() == 3,
-            labelled,
-        };
-        (method.info().recipe)(&mut c, data);
+        (method.info().recipe)(&mut c, DataKind::of(state_shape, labelled));
         c
     }
 

@@ -170,6 +170,31 @@ fn build_progressive<'a>(a: &BuildArgs<'a, '_>) -> Result<BoxedObjective<'a>> {
     Ok(Box::new(Progressive::new(a.teacher()?, a.cfg, live, arch)?))
 }
 
+/// The recommended distillation for data of `kind` when no method is named: the teacher-based method
+/// whose one-step samples measured best, and the measurement that chose it.
+///
+/// Consistency distillation (`cm`) on both kinds. Points: `flowmap bench compare` (every method 30 s, energy
+/// distance on 200,000 checkerboard samples) put its one-step ED at 0.000225, the next teacher-based method
+/// (LMD) at 0.000607 and EMD at 0.003420 (dopri5: 0.000066); at two steps it also led (0.000150). Images:
+/// `flowmap bench mnist` (2,000 map steps from the shipped teacher) put its one-step FD at 28.0 against
+/// 33–88 for every other method (dopri5: 18.8). It learns the map to `s = 0` only and samples several
+/// steps by re-noising; a full map `f(x, t, s)` is any other method (`emd`, `lmd`, …).
+pub fn recommended(kind: DataKind) -> Recommendation {
+    let why = if kind.image {
+        "one-step FD 28.0 against 33–88 for every other method (flowmap bench mnist; teacher dopri5 18.8)"
+    } else {
+        "one-step energy distance 0.000225 against 0.000607–0.019 for the other distillations (flowmap bench compare, checkerboard; teacher dopri5 0.000066)"
+    };
+    Recommendation { method: Method::Cm, why }
+}
+
+/// A recommended method and the measurement behind it ([`recommended`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Recommendation {
+    pub method: Method,
+    pub why: &'static str,
+}
+
 /// The registry entry of `method`.
 pub fn info(method: Method) -> &'static MethodInfo {
     METHODS

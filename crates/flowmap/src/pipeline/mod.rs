@@ -24,7 +24,10 @@ pub use eval::{
 pub use evaluate::{check_evaluate, evaluate, Evaluate, Evaluation};
 pub use generate::{guided, map_at, map_sampler, teacher_solver, to_data_range, Classes, Generation, Generator};
 pub use model::Model;
-pub use train::{check_guide, train_teacher, train_teacher_controlled, MapJob, TrainedMap, TrainedTeacher};
+pub use train::{
+    check_guide, plan_budget, plan_teacher, train_teacher, train_teacher_controlled, BudgetPlan, MapJob, TrainedMap,
+    TrainedTeacher, PROBE_STEPS,
+};
 
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::cond::Cond;

@@ -16,6 +16,7 @@ use crate::path::ProbabilityPath;
 use crate::teacher::{Autoguided, Guided, VelocityField, VelocityNet};
 use crate::train::{fit_controlled, Progress, RunControl, TrainConfig, TrainLog, TrainState, Trainable};
 use crate::{Error, Result};
+use serde::Serialize;
 
 /// Errors unless `weak` can guide `strong`: the same states, classes and probability path.
 pub fn check_guide(strong: &Teacher, weak: &Teacher) -> Result<()> {
@@ -37,6 +38,80 @@ pub fn check_guide(strong: &Teacher, weak: &Teacher) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A run planned for a wall-clock budget ([`plan_budget`]): the steps it runs, and the probe that timed them.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct BudgetPlan {
+    pub budget_seconds: f64,
+    /// Steps of the same job run (and thrown away) to time one step.
+    pub probe_steps: usize,
+    /// Wall-clock seconds the probe took, set-up included (spent from the budget).
+    pub probe_seconds: f64,
+    /// Seconds per training step, as the probe's loop measured it.
+    pub seconds_per_step: f64,
+    /// The steps that fit in what the probe left of the budget (at least 1).
+    pub steps: usize,
+}
+
+/// Steps of a probe: enough to time steps past the first ones' one-off costs (allocations, first kernel
+/// launches), few enough to cost little of a budget.
+pub const PROBE_STEPS: usize = 30;
+
+/// The time of each step of a probe.
+struct StepClock(std::cell::RefCell<Vec<std::time::Instant>>);
+
+impl Progress for StepClock {
+    fn step(&self, _: usize, _: Option<f64>) {
+        self.0.borrow_mut().push(std::time::Instant::now());
+    }
+}
+
+/// Plans a run for `budget_seconds` of wall clock: `probe(k, progress)` runs `k` steps of the same job (a
+/// throwaway run), reporting each to `progress`, and the steady rate over the probe's second half prices a
+/// step. The run gets the steps that fit in what is left of the budget at that rate, so its schedule
+/// (warm-up, decay, curricula) is the one of a run with that many `steps`, and that run reproduces it bit
+/// for bit; a budget in steps is also one that a slower or faster machine repeats.
+pub fn plan_budget(
+    budget_seconds: f64,
+    probe: impl FnOnce(usize, &dyn Progress) -> Result<()>,
+) -> Result<BudgetPlan> {
+    if !(budget_seconds > 0.0 && budget_seconds.is_finite()) {
+        return Err(Error::arg(format!("a time budget must be positive, got {budget_seconds} s")));
+    }
+    let start = std::time::Instant::now();
+    let clock = StepClock(Default::default());
+    probe(PROBE_STEPS, &clock)?;
+    let probe_seconds = start.elapsed().as_secs_f64();
+    let times = clock.0.into_inner();
+    let half = times.len() / 2;
+    let seconds_per_step = match (times.get(half), times.last()) {
+        (Some(a), Some(b)) if times.len() - 1 > half => (*b - *a).as_secs_f64() / (times.len() - 1 - half) as f64,
+        _ => probe_seconds / PROBE_STEPS as f64,
+    }
+    .max(1e-9);
+    let left = (budget_seconds - probe_seconds).max(0.0);
+    Ok(BudgetPlan {
+        budget_seconds,
+        probe_steps: PROBE_STEPS,
+        probe_seconds,
+        seconds_per_step,
+        steps: ((left / seconds_per_step).floor() as usize).max(1),
+    })
+}
+
+/// [`plan_budget`] for [`train_teacher`]: the probe trains the same teacher for a few steps.
+pub fn plan_teacher(
+    budget_seconds: f64,
+    data: &DataSource,
+    arch: &Arch,
+    cfg: &TrainConfig,
+    device: &Device,
+) -> Result<BudgetPlan> {
+    plan_budget(budget_seconds, |k, clock| {
+        let probe = TrainConfig { steps: k, ..cfg.clone() };
+        train_teacher(data, arch, &probe, device, clock).map(drop)
+    })
 }
 
 /// A trained teacher: the EMA network (used for sampling and distillation) and its training log.
@@ -200,6 +275,9 @@ pub struct MapJob<'a> {
     /// Autoguidance: with a guidance range, the teacher is guided by this weaker model of the same data
     /// (`v_w = v_weak + w·(v − v_weak)`, [`Autoguided`]) instead of by its null class.
     pub guide: Option<&'a Teacher>,
+    /// Why the method was chosen, where the caller did not name it (the recommended recipe): recorded in
+    /// the checkpoint's training record.
+    pub recipe: Option<&'static str>,
 }
 
 impl<'a> MapJob<'a> {
@@ -216,7 +294,28 @@ impl<'a> MapJob<'a> {
             device: Device::Cpu,
             init: None,
             guide: None,
+            recipe: None,
         }
+    }
+
+    /// [`plan_budget`] for this job: the probe runs it for a few steps.
+    pub fn plan_budget(&self, budget_seconds: f64) -> Result<BudgetPlan> {
+        plan_budget(budget_seconds, |k, clock| {
+            let probe = MapJob {
+                method: self.method,
+                teacher: self.teacher,
+                data: self.data,
+                objective: self.objective,
+                train: TrainConfig { steps: k, ..self.train.clone() },
+                arch: self.arch.clone(),
+                path: self.path.clone(),
+                device: self.device.clone(),
+                init: self.init,
+                guide: self.guide,
+                recipe: self.recipe,
+            };
+            probe.run(clock).map(drop)
+        })
     }
 
     /// Runs the job, reporting each step to `progress`.
@@ -365,6 +464,10 @@ impl<'a> MapJob<'a> {
             training["guide"] = serde_json::Value::String(g.describe());
         }
         let config = run_config(&training, &arch, self.data);
+        // Why the method was chosen is a note, not a setting: a resumed run that names the method matches.
+        if let Some(why) = self.recipe {
+            training["recommended"] = serde_json::Value::String(why.to_string());
+        }
         let mut hook = |step: usize| monitor(step, &ema_net);
         // The job's monitor sees the EMA map; the loop's is built here (a `ctl.monitor` is not used).
         let ctl = RunControl {
