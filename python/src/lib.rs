@@ -552,7 +552,11 @@ fn train_map(
             let r = registry::recommended(DataKind::of(&data.state_shape(), data.num_classes().is_some()));
             (r.method, Some(r.why))
         }
-        (None, None) => return Err(arg_err("name the method that trains from data (flowmap.methods() lists them)")),
+        (None, None) => {
+            return Err(arg_err(
+                "name the method that trains from data (flowmap.methods() lists them)",
+            ))
+        }
     };
     if teacher.is_some() && arch.is_some() {
         return Err(arg_err(

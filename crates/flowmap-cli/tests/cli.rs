@@ -1291,3 +1291,69 @@ fn every_registered_method_data_spec_and_backbone_is_in_the_help_and_the_readme(
         );
     }
 }
+
+/// `--minutes` plans the steps that fit and says how many; `--steps` that many gives the same bytes.
+/// `distill` without `--method` takes the recommended recipe, says so first and records it.
+#[test]
+fn time_budgets_and_the_recommended_recipe() {
+    let f = fixture();
+    let d = tempfile::tempdir().unwrap();
+    let teacher = |out: &Path, budget: &[&str]| {
+        let o = bin()
+            .args([
+                "teacher", "--data", "moons", "--batch", "32", "--hidden", "16", "--depth", "1",
+            ])
+            .args(budget)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let said = teacher(&d.path().join("a.safetensors"), &["--minutes", "0.02"]);
+    let steps: usize = said
+        .split(" plan ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no plan in: {said}"));
+    assert!(steps >= 1 && said.contains(&format!("--steps {steps} reproduces the run")));
+    teacher(&d.path().join("b.safetensors"), &["--steps", &steps.to_string()]);
+    assert_eq!(
+        std::fs::read(d.path().join("a.safetensors")).unwrap(),
+        std::fs::read(d.path().join("b.safetensors")).unwrap()
+    );
+    fails(
+        bin()
+            .args(["teacher", "--data", "moons", "--minutes", "1", "--steps", "5"])
+            .arg("--out")
+            .arg(d.path().join("c.safetensors")),
+        "cannot be used with",
+        &d.path().join("c.safetensors"),
+    );
+    let out = d.path().join("r.safetensors");
+    let o = bin()
+        .args(["distill", "--steps", "5", "--batch", "32"])
+        .arg("--teacher")
+        .arg(f.root.join("t.safetensors"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.lines()
+            .next()
+            .unwrap()
+            .contains("recommended one-step recipe for points, cm"),
+        "{err}"
+    );
+    let ck = flowmap::checkpoint::Checkpoint::load(&out).unwrap();
+    assert_eq!(ck.meta.training["objective"], "cm");
+    assert!(ck.meta.training["recommended"]
+        .as_str()
+        .unwrap()
+        .contains("bench compare"));
+}

@@ -129,7 +129,9 @@ fn load_teacher(
 
 /// Runs a flow-map job (for `--minutes`, planned first) behind a progress bar and saves its map.
 pub fn run_map(mut job: MapJob<'_>, out: &Path, flags: &TrainFlags, show: bool) -> Result<()> {
-    job.train = budgeted(flags, job.train.clone(), job.method.name(), |secs| job.plan_budget(secs))?;
+    job.train = budgeted(flags, job.train.clone(), job.method.name(), |secs| {
+        job.plan_budget(secs)
+    })?;
     let (method, steps) = (job.method, job.train.steps);
     let mut sup = supervise::Supervisor::new(&flags.long, out)?;
     let pb = progress_bar(steps as u64, method.name(), show);

@@ -185,7 +185,10 @@ pub fn recommended(kind: DataKind) -> Recommendation {
     } else {
         "one-step energy distance 0.000225 against 0.000607–0.019 for the other distillations (flowmap bench compare, checkerboard; teacher dopri5 0.000066)"
     };
-    Recommendation { method: Method::Cm, why }
+    Recommendation {
+        method: Method::Cm,
+        why,
+    }
 }
 
 /// A recommended method and the measurement behind it ([`recommended`]).

@@ -72,12 +72,11 @@ impl Progress for StepClock {
 /// step. The run gets the steps that fit in what is left of the budget at that rate, so its schedule
 /// (warm-up, decay, curricula) is the one of a run with that many `steps`, and that run reproduces it bit
 /// for bit; a budget in steps is also one that a slower or faster machine repeats.
-pub fn plan_budget(
-    budget_seconds: f64,
-    probe: impl FnOnce(usize, &dyn Progress) -> Result<()>,
-) -> Result<BudgetPlan> {
+pub fn plan_budget(budget_seconds: f64, probe: impl FnOnce(usize, &dyn Progress) -> Result<()>) -> Result<BudgetPlan> {
     if !(budget_seconds > 0.0 && budget_seconds.is_finite()) {
-        return Err(Error::arg(format!("a time budget must be positive, got {budget_seconds} s")));
+        return Err(Error::arg(format!(
+            "a time budget must be positive, got {budget_seconds} s"
+        )));
     }
     let start = std::time::Instant::now();
     let clock = StepClock(Default::default());
@@ -109,7 +108,10 @@ pub fn plan_teacher(
     device: &Device,
 ) -> Result<BudgetPlan> {
     plan_budget(budget_seconds, |k, clock| {
-        let probe = TrainConfig { steps: k, ..cfg.clone() };
+        let probe = TrainConfig {
+            steps: k,
+            ..cfg.clone()
+        };
         train_teacher(data, arch, &probe, device, clock).map(drop)
     })
 }
@@ -306,7 +308,10 @@ impl<'a> MapJob<'a> {
                 teacher: self.teacher,
                 data: self.data,
                 objective: self.objective,
-                train: TrainConfig { steps: k, ..self.train.clone() },
+                train: TrainConfig {
+                    steps: k,
+                    ..self.train.clone()
+                },
                 arch: self.arch.clone(),
                 path: self.path.clone(),
                 device: self.device.clone(),
