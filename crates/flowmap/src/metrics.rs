@@ -395,6 +395,23 @@ pub fn semigroup_error(map: &dyn FlowMap, p: &PathPoints<'_>, n: usize) -> Resul
 
 /// `E‖f − Φ‖² / E‖Φ − x‖²` with an independent `(t, s)` uniform on the triangle for each row.
 pub fn relative_error_uniform(map: &dyn FlowMap, exact: &dyn FlowMap, p: &PathPoints<'_>, seed: u64) -> Result<f64> {
+    relative_error_drawn(map, exact, p, seed, false)
+}
+
+/// [`relative_error_uniform`] on the boundary `s = 0` (the same draws of `t`): the error of a consistency
+/// model, which maps only there.
+pub fn relative_error_to_data(map: &dyn FlowMap, exact: &dyn FlowMap, p: &PathPoints<'_>, seed: u64) -> Result<f64> {
+    relative_error_drawn(map, exact, p, seed, true)
+}
+
+/// The relative error at one `(t, s)` pair per row: `t ≥ s` from two uniform draws, or `s = 0`.
+fn relative_error_drawn(
+    map: &dyn FlowMap,
+    exact: &dyn FlowMap,
+    p: &PathPoints<'_>,
+    seed: u64,
+    to_data: bool,
+) -> Result<f64> {
     let (x0, c) = (p.x0, p.cond);
     let n = x0.dim(0)?;
     let mut rng = Rng::derive(seed, "pairs");
@@ -402,7 +419,7 @@ pub fn relative_error_uniform(map: &dyn FlowMap, exact: &dyn FlowMap, p: &PathPo
     for _ in 0..n {
         let (a, b) = (rng.uniform(), rng.uniform());
         t.push(a.max(b));
-        s.push(a.min(b));
+        s.push(if to_data { 0.0 } else { a.min(b) });
     }
     let tt = crate::data::to_tensor(&t, n, 1, x0.dtype(), x0.device())?;
     let ss = crate::data::to_tensor(&s, n, 1, x0.dtype(), x0.device())?;

@@ -8,6 +8,7 @@
 //! by distilling the analytic Gaussian-mixture teacher at a fixed budget and scoring the result against
 //! its exact flow map.
 
+pub mod convergence;
 pub mod fuzz;
 pub mod guidance;
 mod speed;

@@ -16,6 +16,9 @@ pub enum BenchCommand {
     Ablation(AblationArgs),
     /// Every method at an equal wall-clock budget, on checkerboard and on the analytic mixture teacher.
     Compare(CompareArgs),
+    /// Every method's error against the exact Φ of an analytic mixture against its training budget
+    /// (log–log, with the fitted rate).
+    Convergence(ConvergenceArgs),
     /// The cost of the exact forward-mode JVP against a forward pass and finite differences.
     Jvp(JvpArgs),
     /// Training and sampling throughput, latency, GFLOP/s against the sgemm peak; `--peer` runs PyTorch too.
@@ -157,6 +160,22 @@ pub struct JvpArgs {
     pub out: PathBuf,
 }
 #[derive(Args)]
+pub struct ConvergenceArgs {
+    /// Output folder.
+    #[arg(long, default_value = "bench-out/convergence")]
+    pub out: PathBuf,
+    /// Methods, comma-separated (default: every method).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
+    /// Training budgets in steps, comma-separated: each a separate run.
+    #[arg(long, default_value = "125,250,500,1000,2000,4000")]
+    pub steps: String,
+    #[arg(long, default_value_t = 512)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+#[derive(Args)]
 pub struct CompareArgs {
     /// Output folder.
     #[arg(long, default_value = "bench-out/compare")]
@@ -187,6 +206,27 @@ impl BenchCommand {
     pub fn run(self, cx: &Ctx) -> Result<()> {
         let (device, show) = (&cx.device, cx.show);
         match self {
+            BenchCommand::Convergence(a) => {
+                let methods = if a.methods.is_empty() {
+                    Method::all().collect::<Vec<_>>()
+                } else {
+                    a.methods
+                        .iter()
+                        .map(|m| m.trim().parse::<Method>())
+                        .collect::<flowmap::Result<Vec<_>>>()?
+                };
+                let budgets = parse_sizes(&a.steps, "--steps")?;
+                if a.batch == 0 {
+                    bail!("--batch must be at least 1");
+                }
+                let (_, fits) =
+                    bench::convergence::convergence(&a.out, &methods, &budgets, a.batch, a.seed, device, show)?;
+                for f in fits {
+                    println!("{:12} rate {:+.2}  final error {:.2e}", f.method, f.rate, f.final_error);
+                }
+                println!("wrote {}", a.out.join("convergence.md").display());
+                Ok(())
+            }
             BenchCommand::Compare(a) => {
                 if !(a.budget_seconds > 0.0) {
                     bail!("--budget-seconds must be positive");
