@@ -445,6 +445,17 @@ def train_teacher(
     return Model(native)
 
 
+_RUN_KEYWORDS = (
+    "steps", "batch", "lr", "ema", "seed", "minutes", "label_dropout", "config", "device", "threads", "progress",
+    "state", "checkpoint_every", "resume",
+)
+
+
+def _run_keywords(arguments):
+    """The run keywords shared by `distill` and `train`, from a call's arguments."""
+    return {k: arguments[k] for k in _RUN_KEYWORDS}
+
+
 def _train_map(method, data, teacher, guide, init, guidance_range, settings, arch, arch_settings, run):
     """`train_map` of the native module with the run keywords `run` of `distill` and `train`."""
     _threads(run["threads"])
@@ -518,10 +529,7 @@ def distill(
     d = None if data is None else _to_data(data, labels)
     if data is None and labels is not None:
         raise InvalidArgument("labels go with data")
-    run = dict(steps=steps, batch=batch, lr=lr, ema=ema, seed=seed, minutes=minutes, label_dropout=label_dropout,
-               config=config, device=device, threads=threads, progress=progress, state=state,
-               checkpoint_every=checkpoint_every, resume=resume)
-    return _train_map(method, d, teacher, guide, None, guidance_range, settings, None, {}, run)
+    return _train_map(method, d, teacher, guide, None, guidance_range, settings, None, {}, _run_keywords(locals()))
 
 
 def train(
@@ -559,10 +567,7 @@ def train(
     if isinstance(init, (str, _os.PathLike)):
         init = load(init, device)
     d = _to_data(data, labels)
-    run = dict(steps=steps, batch=batch, lr=lr, ema=ema, seed=seed, minutes=minutes, label_dropout=label_dropout,
-               config=config, device=device, threads=threads, progress=progress, state=state,
-               checkpoint_every=checkpoint_every, resume=resume)
-    return _train_map(method, d, None, None, init, guidance_range, settings, arch, arch_settings, run)
+    return _train_map(method, d, None, None, init, guidance_range, settings, arch, arch_settings, _run_keywords(locals()))
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

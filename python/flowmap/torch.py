@@ -151,6 +151,23 @@ class Out(nn.Module):
 
 
 
+def _conditioning(net, t, gap, labels, w):
+    """What a network is conditioned on, in flowmap's order: `emb(t)`, the class embedding (the null class
+    when `labels` is None), `emb(t - s)` for a flow map, and `emb(w / 4)` for a guidance-distilled one."""
+    parts = [net.time(t)]
+    if net.class_embedding is not None:
+        if labels is None:
+            labels = torch.full((t.shape[0],), net.cfg["num_classes"], dtype=torch.long, device=t.device)
+        parts.append(net.class_embedding(labels))
+    if net.flow_map:
+        parts.append(net.time(gap))
+    if net.guidance is not None:
+        if w is None:
+            raise ValueError(f"this flow map has guidance distilled into it (w in {net.cfg['guidance']}): pass w")
+        parts.append(net.guidance(w * 0.25))
+    return parts
+
+
 MLP_DEFAULTS = dict(hidden=256, depth=3, time_features=16, max_frequency=64.0, num_classes=None, guidance=None)
 
 
@@ -184,19 +201,7 @@ class Mlp(nn.Module):
         None); `w`: B x 1 guidance scales (guidance-distilled flow maps only)."""
         if (gap is not None) != self.flow_map:
             raise ValueError("a flow map's network takes the gap t - s, a teacher's does not")
-        h = x.reshape(x.shape[0], -1)
-        parts = [h, self.time(t)]
-        if self.class_embedding is not None:
-            if labels is None:
-                labels = torch.full((t.shape[0],), self.cfg["num_classes"], dtype=torch.long, device=t.device)
-            parts.append(self.class_embedding(labels))
-        if self.flow_map:
-            parts.append(self.time(gap))
-        if self.guidance is not None:
-            if w is None:
-                raise ValueError(f"this flow map has guidance distilled into it (w in {self.cfg['guidance']}): pass w")
-            parts.append(self.guidance(w * 0.25))
-        h = torch.cat(parts, dim=1)
+        h = torch.cat([x.reshape(x.shape[0], -1)] + _conditioning(self, t, gap, labels, w), dim=1)
         depth = self.cfg["depth"]
         for i in range(depth):
             h = F.silu(getattr(self, f"layer{i}")(h))
@@ -250,17 +255,7 @@ class Unet(nn.Module):
         self.out = Out(ch, c_img, cfg["groups"])
 
     def embedding(self, t, gap, labels, w=None):
-        parts = [self.time(t)]
-        if self.class_embedding is not None:
-            if labels is None:
-                labels = torch.full((t.shape[0],), self.cfg["num_classes"], dtype=torch.long, device=t.device)
-            parts.append(self.class_embedding(labels))
-        if self.flow_map:
-            parts.append(self.time(gap))
-        if self.guidance is not None:
-            if w is None:
-                raise ValueError(f"this flow map has guidance distilled into it (w in {self.cfg['guidance']}): pass w")
-            parts.append(self.guidance(w * 0.25))
+        parts = _conditioning(self, t, gap, labels, w)
         return F.silu(self.emb[1](F.silu(self.emb[0](torch.cat(parts, dim=1)))))
 
     def forward(self, x, t, gap=None, labels=None, w=None):

@@ -285,7 +285,7 @@ pub fn loglog_lines_with_levels(
             .y_desc(ylabel)
             .label_style(("sans-serif", 14))
             .y_label_formatter(&|v| format!("{v:.0e}"))
-            .x_label_formatter(&|v| format!("{v:.0}"))
+            .x_label_formatter(&|v| one_two_five(*v))
             .draw()
             .map_err(|e| perr(path, e))?;
         draw_curves(&mut chart, series, &[], |p| p.0 > 0.0 && p.1 > 0.0, path)?;
@@ -304,6 +304,16 @@ pub fn loglog_lines_with_levels(
         }
         draw_legend(&mut chart, SeriesLabelPosition::UpperRight, path)
     })
+}
+
+/// A log axis's label at 1, 2 and 5 times a power of ten, none elsewhere (all of them crowd a decade).
+fn one_two_five(v: f64) -> String {
+    let mantissa = v / 10f64.powf(v.log10().floor());
+    if [1.0, 2.0, 5.0, 10.0].iter().any(|m| (mantissa - m).abs() < 1e-6) {
+        format!("{v:.0}")
+    } else {
+        String::new()
+    }
 }
 
 /// A heat map of `log10(value)` over `(t, s)` cells of an `n`-point grid (`t` across, `s` up; `s < t` only).

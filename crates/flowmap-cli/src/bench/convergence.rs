@@ -8,22 +8,17 @@
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::plot;
 use crate::report::{progress_bar, Bar};
 use flowmap::backbone::{Arch, MlpConfig};
-use flowmap::data::{self, DataSource, GaussianMixture};
-use flowmap::flow_map::SolverMap;
 use flowmap::metrics;
 use flowmap::objective::Method;
-use flowmap::ode::Solver;
-use flowmap::path::LinearPath;
-use flowmap::pipeline::{MapJob, OutDir, Teacher};
-use flowmap::teacher::GmmVelocity;
+use flowmap::pipeline::{MapJob, OutDir};
 use flowmap::train::TrainConfig;
-use flowmap::{Cond, Result};
+use flowmap::Result;
 
 /// One run: a method at one budget.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -80,35 +75,35 @@ pub fn convergence(
     show: bool,
 ) -> Result<(Vec<ConvergenceRow>, Vec<ConvergenceFit>)> {
     let out = OutDir::create(out)?;
-    let mixture = GaussianMixture::three_widths();
-    let teacher = Teacher::Gmm(GmmVelocity::new(mixture.clone()));
-    let data = DataSource::Mixture(mixture);
+    let probe = super::MixtureProbe::new(seed, device)?;
+    let (teacher, data, points) = (&probe.teacher, &probe.data, probe.points());
+    let exact = probe.exact();
     let n = 2000;
-    let x0 = data::to_tensor(&data.heldout(n, seed), n, 2, DType::F32, device)?;
-    let x1 = flowmap::sample::noise(n, &[2], seed + 7, device)?;
-    let points = metrics::PathPoints {
-        x0: &x0,
-        x1: &x1,
-        cond: Cond::none_ref(),
-        path: &LinearPath,
-    };
-    let exact = SolverMap::new(&teacher, Solver::dopri5(1e-6));
+    // Every student is fresh (the analytic teacher has no weights to start from), with the CLI's defaults
+    // for one: an MLP 256×3 whose time embedding has 8 frequencies up to 4.
+    let mut student = Arch::Mlp(MlpConfig::new(2));
+    if let Some((_, table)) = flowmap::pipeline::student_defaults()
+        .iter()
+        .find(|(k, _)| *k == student.name())
+    {
+        student = student.with_settings(table, "student defaults")?;
+    }
     let mut rows = vec![];
     for &method in methods {
         for &steps in budgets {
             let pb = progress_bar(steps as u64, &format!("{method} {steps}"), show);
             let start = Instant::now();
             let job = MapJob {
-                teacher: method.needs_teacher().then_some(&teacher),
+                teacher: method.needs_teacher().then_some(teacher),
                 train: TrainConfig {
                     steps,
                     batch_size: batch,
                     seed,
                     ..TrainConfig::default()
                 },
-                arch: Arch::Mlp(MlpConfig::new(2)),
+                arch: student.clone(),
                 device: device.clone(),
-                ..MapJob::new(method, &data)
+                ..MapJob::new(method, data)
             };
             let m = job.run(&Bar(&pb))?;
             pb.finish_and_clear();
@@ -164,7 +159,7 @@ pub fn convergence(
     )?;
     let budgets_text: Vec<String> = budgets.iter().map(|b| b.to_string()).collect();
     let mut md = format!(
-        "# Convergence to the exact flow map\n\nProduced by `flowmap bench convergence --steps {} --batch {batch} --seed {seed}`. The analytic three-component Gaussian mixture (`GaussianMixture::three_widths`): teacher-based methods distil its exact velocity, the others train from its samples; an MLP 256×3 student, batch {batch}, each budget a separate run with its full schedule. Error: `E‖f − Φ‖²/E‖Φ − x‖²` against dopri5 (tolerance 1e-6) on {n} held-out states, `(t, s)` uniform on the triangle (`cm`, which maps only to `s = 0`, at `s = 0`). Rate: the slope of the least-squares line through `(ln steps, ln error)`.\n\n![convergence](convergence.png)\n\n| method | {} | rate | error at {} steps |\n|---|{}---:|---:|\n",
+        "# Convergence to the exact flow map\n\nProduced by `flowmap bench convergence --steps {} --batch {batch} --seed {seed}`. The analytic three-component Gaussian mixture (`GaussianMixture::three_widths`): teacher-based methods distil its exact velocity, the others train from its samples; a fresh MLP 256×3 student (time embedding: 8 frequencies up to 4, the CLI's for a fresh student), batch {batch}, each budget a separate run with its full schedule. Error: `E‖f − Φ‖²/E‖Φ − x‖²` against dopri5 (tolerance 1e-6) on {n} held-out states, `(t, s)` uniform on the triangle (`cm`, which maps only to `s = 0`, at `s = 0`). Rate: the slope of the least-squares line through `(ln steps, ln error)`.\n\n![convergence](convergence.png)\n\n| method | {} | rate | error at {} steps |\n|---|{}---:|---:|\n",
         budgets_text.join(","),
         budgets_text.iter().map(|b| format!("{b} steps")).collect::<Vec<_>>().join(" | "),
         budgets.last().copied().unwrap_or(0),

@@ -38,6 +38,44 @@ use flowmap::train::TrainConfig;
 use flowmap::Cond;
 use flowmap::Result;
 
+/// The analytic three-component mixture as a measuring stick: its exact velocity (the teacher), its data,
+/// and 2,000 held-out states with noise beside them, at which a map is compared with the exact Φ.
+pub struct MixtureProbe {
+    pub teacher: Teacher,
+    pub data: DataSource,
+    x0: candle_core::Tensor,
+    x1: candle_core::Tensor,
+}
+
+impl MixtureProbe {
+    pub fn new(seed: u64, device: &Device) -> Result<Self> {
+        let mixture = GaussianMixture::three_widths();
+        let data = DataSource::Mixture(mixture.clone());
+        let n = 2000;
+        Ok(MixtureProbe {
+            teacher: Teacher::Gmm(GmmVelocity::new(mixture)),
+            x0: data::to_tensor(&data.heldout(n, seed), n, 2, DType::F32, device)?,
+            x1: flowmap::sample::noise(n, &[2], seed + 7, device)?,
+            data,
+        })
+    }
+
+    /// The held-out states on the linear path.
+    pub fn points(&self) -> metrics::PathPoints<'_> {
+        metrics::PathPoints {
+            x0: &self.x0,
+            x1: &self.x1,
+            cond: Cond::none_ref(),
+            path: &LinearPath,
+        }
+    }
+
+    /// The exact Φ: dopri5 at tolerance 1e-6 on the exact velocity.
+    pub fn exact(&self) -> SolverMap<&Teacher> {
+        SolverMap::new(&self.teacher, Solver::dopri5(1e-6))
+    }
+}
+
 /// One ablation row.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AblationRow {
@@ -89,19 +127,9 @@ pub fn ablation(
     show: bool,
 ) -> Result<Vec<AblationRow>> {
     let out = OutDir::create(out)?;
-    let mixture = GaussianMixture::three_widths();
-    let teacher = Teacher::Gmm(GmmVelocity::new(mixture.clone()));
-    let data = DataSource::Mixture(mixture);
-    let n = 2000;
-    let x0 = data::to_tensor(&data.heldout(n, seed), n, 2, DType::F32, device)?;
-    let x1 = flowmap::sample::noise(n, &[2], seed + 7, device)?;
-    let points = metrics::PathPoints {
-        x0: &x0,
-        x1: &x1,
-        cond: Cond::none_ref(),
-        path: &LinearPath,
-    };
-    let exact = SolverMap::new(&teacher, Solver::dopri5(1e-6));
+    let probe = MixtureProbe::new(seed, device)?;
+    let (teacher, data, points) = (&probe.teacher, &probe.data, probe.points());
+    let exact = probe.exact();
     let mut rows = vec![];
     for &method in methods {
         for (variant, cfg) in ablation_variants() {
@@ -118,12 +146,12 @@ pub fn ablation(
             );
             let start = Instant::now();
             let job = MapJob {
-                teacher: Some(&teacher),
+                teacher: Some(teacher),
                 objective: cfg,
                 train: tc,
                 arch: Arch::Mlp(MlpConfig::new(2)),
                 device: device.clone(),
-                ..MapJob::new(method, &data)
+                ..MapJob::new(method, data)
             };
             let m = job.run(&Bar(&pb))?;
             let seconds = start.elapsed().as_secs_f64();
