@@ -1,6 +1,6 @@
 //! `flowmap._flowmap`: the native module of the Python package. It is a thin layer over the library's
 //! end-to-end API (`flowmap::pipeline`): arrays in and out through the `numpy` crate, the GIL released
-//! around every long call, progress and Ctrl-C through a [`Progress`] that briefly re-attaches, and the
+//! around every long call, progress and Ctrl-C through a [`Progress`](flowmap::train::Progress) that briefly re-attaches, and the
 //! library's errors as the Python classes of `flowmap.errors`. Defaults, argument names and docstrings live
 //! in the Python package (`flowmap/__init__.py`); this module takes every setting explicitly.
 
