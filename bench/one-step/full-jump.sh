@@ -7,7 +7,7 @@
 #   [SEED=0 STEPS=3000 N=100000 METHODS='emd lmd' FRACTIONS='0 0.1 0.25 0.5'] bench/one-step/full-jump.sh [target/release/flowmap]
 set -euo pipefail
 BIN=${1:-target/release/flowmap}
-OUT=$(dirname "$0")
+OUT=${OUT:-$(dirname "$0")}
 STEPS=${STEPS:-3000}
 N=${N:-100000}
 SEED=${SEED:-0}
