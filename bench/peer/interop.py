@@ -19,16 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:  # the benchmarks copy the twins beside this script as flowmap_unet.py
-    from flowmap_unet import FlowMap, Unet  # noqa: E402
-except ImportError:  # in the repository: the package's module, loaded without installing the package
-    import importlib.util
-
-    _twin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python", "flowmap", "torch.py")
-    _spec = importlib.util.spec_from_file_location("flowmap_torch_twin", _twin)
-    _mod = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_mod)
-    FlowMap, Unet = _mod.FlowMap, _mod.Unet
+from flowmap_unet import FlowMap, Unet  # noqa: E402 (bench/peer/flowmap_unet.py: the package's twins)
 
 
 def main():

@@ -21,16 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:  # the benchmarks copy the twins beside this script as flowmap_unet.py
-    from flowmap_unet import FlowMap, Unet, config, save_flowmap  # noqa: E402
-except ImportError:  # in the repository: the package's module, loaded without installing the package
-    import importlib.util
-
-    _twin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python", "flowmap", "torch.py")
-    _spec = importlib.util.spec_from_file_location("flowmap_torch_twin", _twin)
-    _mod = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_mod)
-    FlowMap, Unet, config, save_flowmap = _mod.FlowMap, _mod.Unet, _mod.config, _mod.save_flowmap
+from flowmap_unet import FlowMap, Unet, config, save_flowmap  # noqa: E402 (bench/peer/flowmap_unet.py: the package's twins)
 
 SETTINGS = dict(channels=8, channel_mult=[1, 2], blocks=1, attention_resolutions=[4], heads=2, groups=4,
                 time_features=4, max_frequency=20.0, num_classes=3)

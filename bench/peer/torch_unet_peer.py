@@ -33,16 +33,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:  # the benchmarks copy the twins beside this script as flowmap_unet.py
-    from flowmap_unet import Unet, config  # noqa: E402
-except ImportError:  # in the repository: the package's module, loaded without installing the package
-    import importlib.util
-
-    _twin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python", "flowmap", "torch.py")
-    _spec = importlib.util.spec_from_file_location("flowmap_torch_twin", _twin)
-    _mod = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_mod)
-    Unet, config = _mod.Unet, _mod.config
+from flowmap_unet import Unet, config  # noqa: E402 (bench/peer/flowmap_unet.py: the package's twins)
 from torch_peer import ema_update  # noqa: E402
 from torch_peer import timed as timed_with_count  # noqa: E402
 
