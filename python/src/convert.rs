@@ -1,7 +1,7 @@
 //! Arrays between NumPy and candle: states in (checked against the model's shape, images mapped from the
 //! data's range), results out (the buffer moved into NumPy, not copied).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
@@ -35,17 +35,12 @@ pub fn batch_in(
         return Err(arg_err(format!("the states hold a non-finite value ({bad})")));
     }
     let t = Tensor::from_vec(values, dims.to_vec(), device).map_err(|e| to_py(e.into()))?;
-    let t = match scale {
-        Some(s) => t
-            .affine(2.0 / (s.hi - s.lo), -2.0 * s.lo / (s.hi - s.lo) - 1.0)
-            .map_err(|e| to_py(e.into()))?,
-        None => t,
-    };
-    Ok(t)
+    flowmap::pipeline::to_model_range(&t, scale).map_err(to_py)
 }
 
-/// A `rows × 1` column of times from `v` (one value, broadcast, or one per row).
-pub fn column(v: &PyReadonlyArray1<'_, f32>, rows: usize, what: &str, device: &Device) -> PyResult<Tensor> {
+/// A column of `rows` times from `v` (one value, broadcast, or one per row): the values, and the `rows × 1`
+/// tensor of them.
+pub fn column(v: &PyReadonlyArray1<'_, f32>, rows: usize, what: &str, device: &Device) -> PyResult<(Vec<f32>, Tensor)> {
     let v = v.as_array().to_vec();
     let col = match v.len() {
         1 => vec![v[0]; rows],
@@ -55,7 +50,6 @@ pub fn column(v: &PyReadonlyArray1<'_, f32>, rows: usize, what: &str, device: &D
     if let Some(bad) = col.iter().find(|x| !x.is_finite()) {
         return Err(arg_err(format!("{what} holds a non-finite value ({bad})")));
     }
-    Tensor::from_vec(col, (rows, 1), device)
-        .and_then(|t| t.to_dtype(DType::F32))
-        .map_err(|e| to_py(e.into()))
+    let t = Tensor::from_slice(&col, (rows, 1), device).map_err(|e| to_py(e.into()))?;
+    Ok((col, t))
 }

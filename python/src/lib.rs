@@ -241,8 +241,7 @@ impl PyModel {
         };
         let guide = guide.as_ref().map(|m| m.teacher()).transpose()?;
         let device = &self.device;
-        // Every setting is checked before the GIL is released.
-        drop(self.inner.generator(&g, guide).map_err(to_py)?);
+        // The generator is built (every setting checked) on the detached thread: it is not `Sync`.
         let (x, _) = py
             .detach(|| self.inner.generator(&g, guide)?.sample(n, device))
             .map_err(to_py)?;
@@ -275,9 +274,9 @@ impl PyModel {
         let scale = self.inner.scale();
         let xb = batch_in(&x, &shape, scale, device)?;
         let rows = xb.dim(0).map_err(|e| to_py(e.into()))?;
-        let (tc, sc) = (column(&t, rows, "t", device)?, column(&s, rows, "s", device)?);
-        let (tv, sv) = (t.as_array().to_vec(), s.as_array().to_vec());
-        if let Some(i) = (0..tv.len()).find(|&i| sv[i] > tv[i]) {
+        // Both columns have `rows` entries here (a single value is broadcast).
+        let ((tv, tc), (sv, sc)) = (column(&t, rows, "t", device)?, column(&s, rows, "s", device)?);
+        if let Some(i) = (0..rows).find(|&i| sv[i] > tv[i]) {
             return Err(arg_err(format!(
                 "s = {} is greater than t = {} (row {i}): flow maps go down in time (0 ≤ s ≤ t ≤ 1)",
                 sv[i], tv[i]
@@ -330,7 +329,7 @@ impl PyModel {
         let device = &self.device;
         let xb = batch_in(&x, &self.inner.state_shape(), self.inner.scale(), device)?;
         let rows = xb.dim(0).map_err(|e| to_py(e.into()))?;
-        let tc = column(&t, rows, "t", device)?;
+        let (_, tc) = column(&t, rows, "t", device)?;
         let cond = self.cond(classes, class_list, rows)?;
         let v = py
             .detach(|| pipeline::guided(teacher, guidance, None)?.velocity(&xb, &tc, &cond))
@@ -378,12 +377,7 @@ impl RunSetup {
         checkpoint_every: Option<usize>,
         resume: Option<PyRef<'_, PyTrainState>>,
     ) -> PyResult<Self> {
-        let config: RunConfig =
-            serde_json::from_str(config_json).map_err(|e| to_py(flowmap::Error::Config(e.to_string())))?;
-        if config.distill.is_some() {
-            // A misspelt or ill-typed objective setting fails now, whichever method it is used with.
-            config.distill_config(Method::Emd).map_err(to_py)?;
-        }
+        let config = RunConfig::from_json(config_json).map_err(to_py)?;
         if checkpoint_every.is_some() && state.is_none() {
             return Err(arg_err(
                 "a checkpoint schedule writes the training state: give state=PATH",
@@ -440,12 +434,12 @@ impl RunSetup {
         reporter.finish(py);
         match result {
             Ok(v) => {
-                reporter.take_error(py)?;
+                reporter.take_error()?;
                 Ok(v)
             }
             Err(flowmap::Error::Interrupted { step }) => {
                 // A callback that raised stops the run as an interrupt does; its own error wins.
-                reporter.take_error(py)?;
+                reporter.take_error()?;
                 Err(errors::interrupted(
                     py,
                     step,
@@ -568,9 +562,6 @@ fn train_map(
     let objective = setup.config.distill_config_over(base).map_err(to_py)?;
     objective.validate().map_err(to_py)?;
     let student = build_arch(&setup.config, arch, data, &pipeline::student_defaults())?;
-    if let Some(r) = cfg.guidance_range {
-        flowmap::backbone::check_guidance_range(r).map_err(to_py)?;
-    }
     let mut job = MapJob {
         teacher,
         guide,

@@ -41,7 +41,7 @@ impl Reporter {
     }
 
     /// The error a callback raised, if one did.
-    pub fn take_error(&self, _py: Python<'_>) -> PyResult<()> {
+    pub fn take_error(&self) -> PyResult<()> {
         match self.error.lock().expect("progress lock").take() {
             Some(e) => Err(e),
             None => Ok(()),

@@ -215,3 +215,13 @@ def test_distill_without_a_method_takes_the_recommended_recipe(teacher):
     training = m.metadata["training"]
     assert training["objective"] == "cm" and m.kind == "consistency_model"
     assert "energy distance" in training["recommended"]
+
+
+def test_one_time_broadcasts_against_per_row_times(fmap):
+    """t as one number and s one per row (and the other way round) pair row by row."""
+    x = fmap.sample(3, nfe=1, seed=7)
+    y = fmap(x, t=1.0, s=[0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(y[2], x[2])
+    np.testing.assert_array_equal(y[0], fmap(x[:1], 1.0, 0.0)[0])
+    with pytest.raises(ValueError, match="s = 0.9 is greater than t = 0.5"):
+        fmap(x, t=[1.0, 0.5, 1.0], s=0.9)

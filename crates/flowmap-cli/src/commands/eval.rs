@@ -100,8 +100,7 @@ pub fn run(a: EvalArgs, cx: &Ctx) -> Result<()> {
         guide: weak.as_ref(),
         classifier: clf.as_ref(),
     };
-    // Every setting is checked before the output folder exists.
-    pipeline::check_evaluate(&model, &data, &e)?;
+    // `evaluate` checks every setting before it computes; the output folder is made after it.
     let result = pipeline::evaluate(&model, &data, &e, device)?;
     let out = OutDir::create(&a.out)?;
     match result {

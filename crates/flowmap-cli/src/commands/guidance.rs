@@ -76,13 +76,3 @@ pub fn generator<'a>(
     }
     Ok(model.generator(g, weak)?)
 }
-
-/// What `--guidance` names in reports: `guidance w = …` or `autoguidance w = …`.
-pub fn guidance_label(g: &GuidanceFlags) -> Option<String> {
-    let kind = if g.guide_model.is_some() {
-        "autoguidance"
-    } else {
-        "guidance"
-    };
-    g.guidance.map(|w| format!("{kind} w = {w}"))
-}

@@ -11,7 +11,7 @@ use flowmap::pipeline::{to_data_range, Classes, Generation, Model};
 use flowmap::sample::{self, Sampler, TimeGrid};
 
 use super::common::check_output;
-use super::guidance::{generator, guidance_label, GuidanceFlags};
+use super::guidance::{generator, GuidanceFlags};
 use super::model::{class_cond, parse_class};
 use super::Ctx;
 use crate::grid;
@@ -94,7 +94,7 @@ pub fn run(a: SampleArgs, cx: &Ctx) -> Result<()> {
     let weak = a.guide.load(device)?;
     let generator = generator(&model, &g, weak.as_ref(), &a.guide)?;
     let rows = Classes::grid_rows(classes.as_ref(), model.num_classes());
-    let what = generator.describe(guidance_label(&a.guide).as_deref());
+    let what = generator.describe();
     // Samples stream to the file chunk by chunk (256 images or 65,536 points at a time), so memory stays
     // bounded for any --n; the grid keeps the first GRID_MAX.
     const GRID_MAX: usize = 4096;

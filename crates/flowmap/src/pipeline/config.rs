@@ -28,9 +28,20 @@ pub struct RunConfig {
 impl RunConfig {
     pub fn from_toml(text: &str) -> Result<Self> {
         let cfg: Self = toml::from_str(text).map_err(|e| Error::Config(e.message().to_string()))?;
-        // Catch a misspelt or ill-typed `[distill]` key now, whichever method it is used with.
-        cfg.distill_config(Method::Emd)?;
-        Ok(cfg)
+        cfg.checked()
+    }
+
+    /// The same configuration as a JSON object (`{"train": {…}, "distill": {…}, "arch": {…}}`), as the
+    /// Python package passes it.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let cfg: Self = serde_json::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        cfg.checked()
+    }
+
+    /// Catches a misspelt or ill-typed `[distill]` key now, whichever method it is used with.
+    fn checked(self) -> Result<Self> {
+        self.distill_config(Method::Emd)?;
+        Ok(self)
     }
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

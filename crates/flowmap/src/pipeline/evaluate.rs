@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 
 use super::eval::{euler_and_dopri5, eval_map, eval_teacher, exact_map_report, EvalRow, EvalSettings, ExactMapReport};
-use super::generate::{guided, map_at, map_sampler};
+use super::generate::{guidance_label, guided, map_at, map_sampler};
 use super::images::{ImageEval, ImageRow};
 use super::{Model, Teacher};
 use crate::classifier::Classifier;
@@ -102,16 +102,10 @@ pub fn check_evaluate(model: &Model, data: &DataSource, e: &Evaluate<'_>) -> Res
     }
 }
 
-/// The label of a guided row: `guidance w = …` or `autoguidance w = …`.
-fn guidance_label(e: &Evaluate<'_>) -> Option<String> {
-    let kind = if e.guide.is_some() { "autoguidance" } else { "guidance" };
-    e.guidance.map(|w| format!("{kind} w = {w}"))
-}
-
 /// Scores `model` on held-out `data` at each NFE of `e`.
 pub fn evaluate(model: &Model, data: &DataSource, e: &Evaluate<'_>, device: &Device) -> Result<Evaluation> {
     let sampler = check_evaluate(model, data, e)?;
-    let named = |what: &str| match guidance_label(e) {
+    let named = |what: &str| match guidance_label(e.guidance, e.guide.is_some()) {
         Some(g) => format!("{what} ({g})"),
         None => what.to_string(),
     };

@@ -104,6 +104,15 @@ pub fn to_data_range(x: &Tensor, scale: Option<Scale>) -> Result<Tensor> {
     })
 }
 
+/// `x` (in the data's own value range) in the model's `[−1, 1]`, where the model was trained on images: the
+/// inverse of [`to_data_range`].
+pub fn to_model_range(x: &Tensor, scale: Option<Scale>) -> Result<Tensor> {
+    Ok(match scale {
+        Some(s) => x.affine(2.0 / (s.hi - s.lo), -2.0 * s.lo / (s.hi - s.lo) - 1.0)?,
+        None => x.clone(),
+    })
+}
+
 /// The sampler asked for, or the map's own: a consistency model is defined at `s = 0` only, so its
 /// multi-step samples re-noise between jumps (and a sampler that would evaluate it at `s > 0` is an error);
 /// every other map walks its grid deterministically.
@@ -175,6 +184,13 @@ pub fn map_at(net: &FlowMapNet, w: Option<f64>) -> Result<Box<dyn FlowMap + '_>>
     }
 }
 
+/// How guidance at scale `w` is named in reports: `guidance w = …`, or `autoguidance w = …` where a weaker
+/// model guides.
+pub fn guidance_label(w: Option<f64>, by_model: bool) -> Option<String> {
+    let kind = if by_model { "autoguidance" } else { "guidance" };
+    w.map(|w| format!("{kind} w = {w}"))
+}
+
 /// How to generate: the NFE budget and what spends it, the classes, guidance and the seed.
 #[derive(Clone, Debug)]
 pub struct Generation {
@@ -230,6 +246,8 @@ pub struct Generator<'a> {
     model: &'a Model,
     engine: Engine<'a>,
     g: Generation,
+    /// Whether a guiding model guides the teacher (autoguidance), for [`Generator::describe`].
+    autoguided: bool,
 }
 
 impl Model {
@@ -283,18 +301,20 @@ impl Model {
             model: self,
             engine,
             g: g.clone(),
+            autoguided: guide.is_some(),
         })
     }
 }
 
 impl Generator<'_> {
-    /// What generates, for reports: `flow map on grid 1,0, Deterministic sampler` or `teacher, euler×8`.
-    pub fn describe(&self, guidance: Option<&str>) -> String {
+    /// What generates, for reports: `flow map on grid 1,0, Deterministic sampler` or `teacher, euler×8`, and
+    /// its guidance ([`guidance_label`]).
+    pub fn describe(&self) -> String {
         let what = match &self.engine {
             Engine::Map { grid, sampler, .. } => format!("flow map on grid {grid}, {sampler:?} sampler"),
             Engine::Teacher { solver, .. } => format!("teacher, {solver}"),
         };
-        match guidance {
+        match guidance_label(self.g.guidance, self.autoguided) {
             Some(g) => format!("{what}, {g}"),
             None => what,
         }

@@ -22,7 +22,10 @@ pub use eval::{
     EvalSettings, ExactMapReport,
 };
 pub use evaluate::{check_evaluate, evaluate, Evaluate, Evaluation};
-pub use generate::{guided, map_at, map_sampler, teacher_solver, to_data_range, Classes, Generation, Generator};
+pub use generate::{
+    guidance_label, guided, map_at, map_sampler, teacher_solver, to_data_range, to_model_range, Classes, Generation,
+    Generator,
+};
 pub use model::Model;
 pub use train::{
     check_guide, plan_budget, plan_teacher, train_teacher, train_teacher_controlled, BudgetPlan, MapJob, TrainedMap,

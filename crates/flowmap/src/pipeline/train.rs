@@ -261,6 +261,7 @@ impl TrainedMap {
 /// A network teacher seeds the student with its own weights by its architecture's rule
 /// ([`Arch::init_from_teacher`]: the student starts as one teacher Euler step) and fixes the student's
 /// architecture and path; the analytic teacher and the data-only methods get a fresh network of `arch`.
+#[derive(Clone)]
 pub struct MapJob<'a> {
     pub method: Method,
     pub teacher: Option<&'a Teacher>,
@@ -304,20 +305,11 @@ impl<'a> MapJob<'a> {
     pub fn plan_budget(&self, budget_seconds: f64) -> Result<BudgetPlan> {
         plan_budget(budget_seconds, |k, clock| {
             let probe = MapJob {
-                method: self.method,
-                teacher: self.teacher,
-                data: self.data,
-                objective: self.objective,
                 train: TrainConfig {
                     steps: k,
                     ..self.train.clone()
                 },
-                arch: self.arch.clone(),
-                path: self.path.clone(),
-                device: self.device.clone(),
-                init: self.init,
-                guide: self.guide,
-                recipe: self.recipe,
+                ..self.clone()
             };
             probe.run(clock).map(drop)
         })
