@@ -392,8 +392,9 @@ impl RunSetup {
         })
     }
 
-    fn train_config(&self) -> PyResult<flowmap::train::TrainConfig> {
-        let cfg = self.config.train.clone().unwrap_or_default();
+    /// `base` (the defaults, or a recipe's) with the `train` settings laid over it, validated.
+    fn train_config(&self, base: flowmap::train::TrainConfig) -> PyResult<flowmap::train::TrainConfig> {
+        let cfg = self.config.train_config_over(base).map_err(to_py)?;
         cfg.validate().map_err(to_py)?;
         Ok(cfg)
     }
@@ -484,7 +485,7 @@ fn train_teacher(
 ) -> PyResult<PyModel> {
     let device = flowmap::parse_device(device).map_err(to_py)?;
     let setup = RunSetup::new(config_json, progress, state, checkpoint_every, resume)?;
-    let mut cfg = setup.train_config()?;
+    let mut cfg = setup.train_config(Default::default())?;
     let arch = build_arch(&setup.config, arch, &data.inner, &[])?;
     let data = &data.inner;
     if let Some(m) = minutes {
@@ -526,7 +527,6 @@ fn train_map(
     let named: Option<Method> = method.map(str::parse).transpose().map_err(to_py)?;
     let device = flowmap::parse_device(device).map_err(to_py)?;
     let setup = RunSetup::new(config_json, progress, state, checkpoint_every, resume)?;
-    let cfg = setup.train_config()?;
     let teacher = teacher.as_ref().map(|t| t.teacher()).transpose()?;
     let guide = guide.as_ref().map(|t| t.teacher()).transpose()?;
     let init = init.as_ref().map(|t| t.teacher()).transpose()?;
@@ -540,11 +540,11 @@ fn train_map(
         (None, None) => return Err(arg_err("training from data needs the data")),
     };
     // Without a method, a distillation takes the recommended one-step recipe for its kind of data.
-    let (method, recipe) = match (named, teacher) {
+    let (method, recommendation) = match (named, teacher) {
         (Some(m), _) => (m, None),
         (None, Some(_)) => {
             let r = registry::recommended(DataKind::of(&data.state_shape(), data.num_classes().is_some()));
-            (r.method, Some(r.why))
+            (r.method, Some(r))
         }
         (None, None) => {
             return Err(arg_err(
@@ -552,6 +552,8 @@ fn train_map(
             ))
         }
     };
+    let cfg = setup.train_config(recommendation.as_ref().map(|r| r.train.clone()).unwrap_or_default())?;
+    let recipe = recommendation.map(|r| r.why);
     if teacher.is_some() && arch.is_some() {
         return Err(arg_err(
             "a network teacher fixes the student's backbone (it starts as the teacher); drop arch",

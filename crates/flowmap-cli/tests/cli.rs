@@ -1356,4 +1356,28 @@ fn time_budgets_and_the_recommended_recipe() {
         .as_str()
         .unwrap()
         .contains("bench compare"));
+    // On images the recipe brings its training settings (batch 64, learning rate 5e-4, EMA decay 0.99,
+    // where the general defaults are 1,024, 2e-3 and 0.999); a flag still overrides one of them.
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/mnist-teacher.safetensors");
+    let image = d.path().join("i.safetensors");
+    let o = bin()
+        .args(["distill", "--steps", "1", "--ema", "0.5", "--quiet"])
+        .arg("--teacher")
+        .arg(&shipped)
+        .arg("--out")
+        .arg(&image)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("recommended one-step recipe for images, cm"), "{err}");
+    let train = &flowmap::checkpoint::Checkpoint::load(&image).unwrap().meta.training["train"];
+    assert_eq!(
+        (&train["batch_size"], &train["lr"], &train["ema_decay"]),
+        (
+            &serde_json::json!(64),
+            &serde_json::json!(5e-4),
+            &serde_json::json!(0.5)
+        )
+    );
 }

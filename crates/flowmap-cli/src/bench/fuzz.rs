@@ -450,9 +450,7 @@ fn targets(dir: &Path) -> Result<Vec<Target>> {
             ],
             load: |p| {
                 let c = RunConfig::from_file(p).map_err(err)?;
-                if let Some(t) = &c.train {
-                    t.validate().map_err(err)?;
-                }
+                c.train_config().map_err(err)?.validate().map_err(err)?;
                 c.distill_config(flowmap::objective::Method::Emd).map_err(err)?;
                 let shape = [1usize, 28, 28];
                 let base = match c.arch_kind().map_err(err)?.as_deref() {

@@ -57,16 +57,28 @@ impl DataFlags {
 }
 
 /// What a training command settles before it trains: its output checked, the `--config` file read, and the
-/// run's settings (the file's `[train]` table, then the flags, then a guidance range), validated.
+/// run's settings ([`train_settings`] over the defaults).
 pub fn run_settings(out: &Path, flags: &TrainFlags, guidance_range: Option<&str>) -> Result<(RunConfig, TrainConfig)> {
     check_output(out, "safetensors")?;
     let file = read_config(&flags.config)?;
-    let mut cfg = train_config(flags, file.train.clone());
+    let cfg = train_settings(&file, flags, guidance_range, TrainConfig::default())?;
+    Ok((file, cfg))
+}
+
+/// A run's training settings: `base` (the defaults, or a recipe's), then the file's `[train]` table, then
+/// the flags, then a guidance range, validated.
+pub fn train_settings(
+    file: &RunConfig,
+    flags: &TrainFlags,
+    guidance_range: Option<&str>,
+    base: TrainConfig,
+) -> Result<TrainConfig> {
+    let mut cfg = train_config(flags, file.train_config_over(base)?);
     if let Some(r) = guidance_range {
         cfg.guidance_range = Some(parse_guidance_range(r)?);
     }
     cfg.validate()?;
-    Ok((file, cfg))
+    Ok(cfg)
 }
 
 /// `cfg` with the steps that fit in `--minutes` (`probe` plans them), reported in one line; as it is without.
@@ -145,8 +157,7 @@ pub fn read_config(path: &Option<PathBuf>) -> Result<RunConfig> {
     })
 }
 
-pub fn train_config(f: &TrainFlags, base: Option<TrainConfig>) -> TrainConfig {
-    let mut c = base.unwrap_or_default();
+pub fn train_config(f: &TrainFlags, mut c: TrainConfig) -> TrainConfig {
     if let Some(v) = f.steps {
         c.steps = v;
     }

@@ -11,7 +11,9 @@ use flowmap::objective::{registry, DataKind, DistillConfig};
 use flowmap::pipeline::{MapJob, RunConfig, Teacher};
 use flowmap::teacher::VelocityField;
 
-use super::common::{budgeted, data_help, distill_method, methods_help, open_data, run_settings, TrainFlags};
+use super::common::{
+    budgeted, check_output, data_help, distill_method, methods_help, open_data, read_config, train_settings, TrainFlags,
+};
 use super::guidance::load_guide;
 use super::map_flags::MapFlags;
 use super::Ctx;
@@ -54,11 +56,14 @@ pub struct DistillArgs {
 pub fn run(a: DistillArgs, cx: &Ctx) -> Result<()> {
     let (device, show) = (&cx.device, cx.show);
     let named = a.method.as_deref().map(distill_method).transpose()?;
-    let (file, cfg) = run_settings(&a.out, &a.train, a.guidance_range.as_deref())?;
+    // The teacher (and so the kind of data, which picks a recipe) is read before the training settings,
+    // which lie over the recipe's; the output is checked first, before anything slow.
+    check_output(&a.out, "safetensors")?;
     if a.data.is_none() && a.labels.is_some() {
         bail!("--labels goes with --data");
     }
     let given = a.data.as_ref().map(|spec| open_data(spec, &a.labels)).transpose()?;
+    let file = read_config(&a.train.config)?;
     let teacher = load_teacher(&a.teacher, given.as_ref(), &a.map, &file, device)?;
     if matches!(teacher, Teacher::Net { .. }) && a.map.arch.any() {
         bail!("a network teacher fixes the student's backbone (it starts as the teacher); drop the --arch flags");
@@ -68,20 +73,31 @@ pub fn run(a: DistillArgs, cx: &Ctx) -> Result<()> {
         None => teacher.data()?,
     };
     let kind = DataKind::of(&teacher.state_shape(), data.num_classes().is_some());
-    let (method, recipe) = match named {
+    let (method, recommendation) = match named {
         Some(m) => (m, None),
         None => {
             let r = registry::recommended(kind);
-            let what = if kind.image { "images" } else { "points" };
-            eprintln!(
-                "distill: no --method given: the recommended one-step recipe for {what}, {} ({}): {}",
-                r.method,
-                r.method.info().summary,
-                r.why
-            );
-            (r.method, Some(r.why))
+            (r.method, Some(r))
         }
     };
+    if let Some(r) = &recommendation {
+        let what = if kind.image { "images" } else { "points" };
+        eprintln!(
+            "distill: no --method given: the recommended one-step recipe for {what}, {method} ({}; batch {}, learning rate {}, EMA decay {}): {}",
+            method.info().summary,
+            r.train.batch_size,
+            r.train.lr,
+            r.train.ema_decay,
+            r.why
+        );
+    }
+    let cfg = train_settings(
+        &file,
+        &a.train,
+        a.guidance_range.as_deref(),
+        recommendation.as_ref().map(|r| r.train.clone()).unwrap_or_default(),
+    )?;
+    let recipe = recommendation.map(|r| r.why);
     let base = DistillConfig::for_data(method, &teacher.state_shape(), data.num_classes().is_some());
     let dcfg = a.map.objective(file.distill_config_over(base)?, method)?;
     let guide = a.guide_model.as_deref().map(|p| load_guide(p, device)).transpose()?;

@@ -18,6 +18,7 @@ use super::{
 use crate::backbone::Arch;
 use crate::flow_map::FlowMap;
 use crate::teacher::VelocityField;
+use crate::train::TrainConfig;
 use crate::{Error, Result};
 
 /// What building an objective may use: the teacher (teacher-based methods), the method's settings and the
@@ -171,30 +172,44 @@ fn build_progressive<'a>(a: &BuildArgs<'a, '_>) -> Result<BoxedObjective<'a>> {
 }
 
 /// The recommended distillation for data of `kind` when no method is named: the teacher-based method
-/// whose one-step samples measured best, and the measurement that chose it.
+/// whose one-step samples measured best, the training settings it was measured with, and the measurement
+/// that chose it.
 ///
 /// Consistency distillation (`cm`) on both kinds. Points: `flowmap bench compare` (every method 30 s, energy
 /// distance on 200,000 checkerboard samples) put its one-step ED at 0.000225, the next teacher-based method
 /// (LMD) at 0.000607 and EMD at 0.003420 (dopri5: 0.000066); at two steps it also led (0.000150). Images:
-/// `flowmap bench mnist` (2,000 map steps from the shipped teacher) put its one-step FD at 28.0 against
-/// 33–88 for every other method (dopri5: 18.8). It learns the map to `s = 0` only and samples several
-/// steps by re-noising; a full map `f(x, t, s)` is any other method (`emd`, `lmd`, …).
+/// `flowmap bench mnist` (2,000 map steps from the shipped teacher at batch 64, peak learning rate 5·10⁻⁴,
+/// EMA decay 0.99) put its one-step FD at 28.0 against 33–88 for every other method (dopri5: 18.8); those
+/// are the image recipe's settings, where the general defaults (batch 1,024) cost 30× more per step. It
+/// learns the map to `s = 0` only and samples several steps by re-noising; a full map `f(x, t, s)` is any
+/// other method (`emd`, `lmd`, …).
 pub fn recommended(kind: DataKind) -> Recommendation {
-    let why = if kind.image {
-        "one-step FD 28.0 against 33–88 for every other method (flowmap bench mnist; teacher dopri5 18.8)"
+    if kind.image {
+        Recommendation {
+            method: Method::Cm,
+            train: TrainConfig {
+                batch_size: 64,
+                lr: 5e-4,
+                ema_decay: 0.99,
+                ..TrainConfig::default()
+            },
+            why: "one-step FD 28.0 against 33–88 for every other method (flowmap bench mnist; teacher dopri5 18.8)",
+        }
     } else {
-        "one-step energy distance 0.000225 against 0.000607–0.019 for the other distillations (flowmap bench compare, checkerboard; teacher dopri5 0.000066)"
-    };
-    Recommendation {
-        method: Method::Cm,
-        why,
+        Recommendation {
+            method: Method::Cm,
+            train: TrainConfig::default(),
+            why: "one-step energy distance 0.000225 against 0.000607–0.019 for the other distillations (flowmap bench compare, checkerboard; teacher dopri5 0.000066)",
+        }
     }
 }
 
-/// A recommended method and the measurement behind it ([`recommended`]).
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// A recommended method, its training settings (which a run's own settings override) and the measurement
+/// behind it ([`recommended`]).
+#[derive(Clone, Debug, PartialEq)]
 pub struct Recommendation {
     pub method: Method,
+    pub train: TrainConfig,
     pub why: &'static str,
 }
 

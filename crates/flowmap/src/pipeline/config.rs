@@ -14,8 +14,9 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
+    /// The `[train]` table as written; [`RunConfig::train_config_over`] lays it over a run's defaults.
     #[serde(default)]
-    pub train: Option<TrainConfig>,
+    pub train: Option<toml::Table>,
     /// The `[distill]` table as written; [`RunConfig::distill_config`] lays it over a method's defaults.
     #[serde(default)]
     pub distill: Option<toml::Table>,
@@ -38,8 +39,9 @@ impl RunConfig {
         cfg.checked()
     }
 
-    /// Catches a misspelt or ill-typed `[distill]` key now, whichever method it is used with.
+    /// Catches a misspelt or ill-typed `[train]` or `[distill]` key now, whichever method it is used with.
     fn checked(self) -> Result<Self> {
+        self.train_config()?;
         self.distill_config(Method::Emd)?;
         Ok(self)
     }
@@ -96,6 +98,17 @@ impl RunConfig {
         self.arch_over(base)
     }
 
+    /// [`TrainConfig::default`] with the `[train]` table laid over it.
+    pub fn train_config(&self) -> Result<TrainConfig> {
+        self.train_config_over(TrainConfig::default())
+    }
+
+    /// The `[train]` table laid over `base` (the defaults of a run, such as a recommended recipe's): keys
+    /// the table leaves out keep `base`'s values.
+    pub fn train_config_over(&self, base: TrainConfig) -> Result<TrainConfig> {
+        over(base, self.train.as_ref(), "[train]")
+    }
+
     /// `method`'s defaults ([`DistillConfig::for_method`]) with the `[distill]` table laid over them: a
     /// sub-table such as `[distill.continuous]` changes only the keys it names, while a table with a `kind`
     /// (`weighting = { kind = "adaptive", c = 1e-3, p = 0.5 }`) replaces the setting whole.
@@ -106,15 +119,20 @@ impl RunConfig {
     /// The `[distill]` table laid over `base` (a method's defaults for its data,
     /// [`DistillConfig::for_data`]), as [`RunConfig::distill_config`] does.
     pub fn distill_config_over(&self, base: DistillConfig) -> Result<DistillConfig> {
-        let Some(table) = &self.distill else {
-            return Ok(base);
-        };
-        let mut merged = toml::Value::try_from(base).map_err(|e| Error::Config(e.to_string()))?;
-        overlay(&mut merged, table);
-        merged
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Config(format!("[distill]: {}", e.message())))
+        over(base, self.distill.as_ref(), "[distill]")
     }
+}
+
+/// `base` with `table` (the table `name` of a file) laid over it ([`overlay`]).
+fn over<T: Serialize + serde::de::DeserializeOwned>(base: T, table: Option<&toml::Table>, name: &str) -> Result<T> {
+    let Some(table) = table else {
+        return Ok(base);
+    };
+    let mut merged = toml::Value::try_from(base).map_err(|e| Error::Config(e.to_string()))?;
+    overlay(&mut merged, table);
+    merged
+        .try_into()
+        .map_err(|e: toml::de::Error| Error::Config(format!("{name}: {}", e.message())))
 }
 
 /// Lays `over` onto `base` key by key, recursing into sub-tables; a table with a `kind` key (a tagged
@@ -146,8 +164,20 @@ mod tests {
             "[train]\nsteps = 7\n[distill]\neps = { kind = \"fixed\", eps = 0.1 }\n[distill.continuous]\ncm_intervals = 128\n",
         )
         .unwrap();
-        assert_eq!(cfg.train.as_ref().unwrap().steps, 7);
-        assert_eq!(cfg.train.as_ref().unwrap().lr, TrainConfig::default().lr);
+        assert_eq!(cfg.train_config().unwrap().steps, 7);
+        assert_eq!(cfg.train_config().unwrap().lr, TrainConfig::default().lr);
+        // Over another base (a recipe's), the keys the table leaves out keep that base's values.
+        let base = TrainConfig {
+            batch_size: 64,
+            lr: 5e-4,
+            ..TrainConfig::default()
+        };
+        let over = cfg.train_config_over(base.clone()).unwrap();
+        assert_eq!(over, TrainConfig { steps: 7, ..base });
+        assert!(RunConfig::from_toml("[train]\nbatch = 3\n")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field `batch`"));
         // MeanFlow's own default weighting survives a table that does not mention it.
         let mf = cfg.distill_config(Method::Meanflow).unwrap();
         let mut want = DistillConfig::for_method(Method::Meanflow);
