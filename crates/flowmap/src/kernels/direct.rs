@@ -37,7 +37,12 @@ pub(super) fn applies(g: &Geometry, pixels: usize) -> bool {
     g.k == 3 && g.c_out >= 2 && pixels >= 2 && avx512()
 }
 
+/// The direct kernels sum in f32; under bf16 products ([`super::Precision`]) convolutions take im2col and
+/// the bf16 GEMM instead.
 fn avx512() -> bool {
+    if super::precision() != super::Precision::F32 {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f")

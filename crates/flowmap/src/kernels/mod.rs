@@ -43,6 +43,7 @@
 //! candle's own ops, unchanged. Tests check that the two paths agree to f32 rounding, in values and in
 //! gradients.
 
+mod bf16;
 mod conv;
 mod dense;
 mod direct;
@@ -92,7 +93,84 @@ pub(crate) fn applies(device: &Device, dtype: DType) -> bool {
     enabled() && device.is_cpu() && dtype == DType::F32
 }
 
+/// The precision of the fast path's matrix products (the GEMMs of dense layers, MLPs and convolutions).
+///
+/// `Bf16` is mixed precision: the operands of each product are rounded to bf16 and the products summed in
+/// f32 ([`bf16`]'s kernels, on a CPU with AVX-512 BF16), while everything else (weights and their
+/// optimiser, the EMA, norms, activations, the time embedding, losses, tangents outside the products)
+/// stays f32. On a CPU without the instructions, and off the fast path, `Bf16` computes in f32
+/// ([`Precision::effective`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// What this CPU computes when asked for `self`: `Bf16` only where the bf16 kernels run.
+    pub fn effective(self) -> Precision {
+        match self {
+            Precision::Bf16 if bf16::available() => Precision::Bf16,
+            _ => Precision::F32,
+        }
+    }
+
+    /// One line on what `self` runs as here: the kernel, or the f32 fallback and why.
+    pub fn describe(self) -> String {
+        match (self, self.effective()) {
+            (Precision::F32, _) => "f32".to_string(),
+            (_, Precision::Bf16) => "bf16 matrix products with f32 sums (AVX-512 BF16 vdpbf16ps kernels)".to_string(),
+            (_, Precision::F32) => {
+                "bf16 asked for, but this CPU has no AVX-512 BF16: the products run in f32".to_string()
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(crate::Error::arg(format!(
+                "unknown precision '{s}' (expected f32 or bf16)"
+            ))),
+        }
+    }
+}
+
+/// Runs `f` with the fast path's matrix products in `precision` on this thread and on the fast path's
+/// workers while they run its blocks.
+pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
+    let before = PRECISION.with(|c| c.replace(precision.effective()));
+    let out = f();
+    PRECISION.with(|c| c.set(before));
+    out
+}
+
+/// The precision of this thread's products ([`with_precision`]): what runs, after the CPU's fallback.
+pub fn precision() -> Precision {
+    PRECISION.with(|c| c.get())
+}
+
 thread_local! {
+    static PRECISION: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::F32) };
     static THREADS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -179,6 +257,9 @@ fn on_pool<T: Send, R: Send>(blocks: Vec<T>, pinned: bool, f: impl Fn(T) -> R + 
     if n <= 1 || threads <= 1 {
         return blocks.into_iter().map(f).collect();
     }
+    // The workers compute in the caller's precision.
+    let p = precision();
+    let f = move |b: T| with_precision(p, || f(b));
     let pool = pool::Pool::get(threads).filter(|_| !pinned || n <= threads);
     let Some(pool) = pool else {
         if pinned {
@@ -320,6 +401,9 @@ pub(crate) unsafe fn gemm_strided(
     lhs: (*const f32, isize, isize),
     rhs: (*const f32, isize, isize),
 ) {
+    if precision() == Precision::Bf16 {
+        return bf16::gemm(m, n, k, dst, read_dst, lhs, rhs);
+    }
     let par = gemm::Parallelism::None;
     gemm::gemm(
         m, n, k, dst.0, dst.2, dst.1, read_dst, lhs.0, lhs.2, lhs.1, rhs.0, rhs.2, rhs.1, 1.0, 1.0, false, false,

@@ -300,8 +300,25 @@ impl Guard {
 
 /// [`super::fit`] under `ctl`: the run's `config` (a JSON value naming everything that fixes its result) is
 /// written into its states, and a resumed state must carry the same.
+/// The run computes its matrix products in `cfg.precision` ([`crate::kernels::with_precision`]).
 #[allow(clippy::too_many_arguments)]
 pub fn fit_controlled<O: Objective>(
+    objective: &O,
+    trainable: &Trainable<'_, O::Model>,
+    data: &DataSource,
+    cfg: &TrainConfig,
+    device: &candle_core::Device,
+    progress: &dyn Progress,
+    config: &serde_json::Value,
+    ctl: RunControl<'_>,
+) -> Result<TrainLog> {
+    crate::kernels::with_precision(cfg.precision, || {
+        fit_in_precision(objective, trainable, data, cfg, device, progress, config, ctl)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fit_in_precision<O: Objective>(
     objective: &O,
     trainable: &Trainable<'_, O::Model>,
     data: &DataSource,

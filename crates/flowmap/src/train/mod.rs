@@ -53,6 +53,15 @@ pub struct TrainConfig {
     /// per-row guided teacher applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_range: Option<[f64; 2]>,
+    /// The precision of the matrix products ([`crate::kernels::Precision`]): f32, or bf16 operands with f32
+    /// sums (mixed precision; weights, optimiser, EMA and checkpoints stay f32). An f32 run's records do
+    /// not name it, so they read as before.
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub precision: crate::kernels::Precision,
+}
+
+fn is_f32(p: &crate::kernels::Precision) -> bool {
+    *p == crate::kernels::Precision::F32
 }
 
 impl Default for TrainConfig {
@@ -69,6 +78,7 @@ impl Default for TrainConfig {
             max_seconds: None,
             label_dropout: 0.1,
             guidance_range: None,
+            precision: crate::kernels::Precision::F32,
         }
     }
 }
