@@ -87,12 +87,24 @@ def timed(fn, min_seconds, min_iters=3, warmup=3):
             return iters / elapsed, iters
 
 
+# `--autocast bf16`: every model's forward pass runs under `torch.autocast("cpu", dtype=torch.bfloat16)`,
+# as a PyTorch user turns on mixed precision; losses, the optimiser and the EMA stay f32.
+AUTOCAST = [False]
+
+
+def autocast(model):
+    """`model` with its forward pass under bf16 autocast when `--autocast bf16` asked for it."""
+    if AUTOCAST[0]:
+        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    return model
+
+
 def make_models(args, width):
     torch.manual_seed(args.seed)
     common = dict(dim=2, width=width, depth=args.depth, time_features=args.time_features,
                   max_frequency=args.max_frequency)
-    teacher = ConditionedMlp(with_gap=False, **common)
-    student = ConditionedMlp(with_gap=True, **common)
+    teacher = autocast(ConditionedMlp(with_gap=False, **common))
+    student = autocast(ConditionedMlp(with_gap=True, **common))
     return teacher, student
 
 
@@ -178,9 +190,12 @@ def bench_sampling(args, width, batch):
 
 
 def sgemm_peak(seconds):
+    """GEMM GFLOP/s at two shapes, in f32 (bf16 operands under `--autocast bf16`)."""
     best = {}
     for m, k, n in [(4096, 256, 256), (4096, 512, 512)]:
         a, b = torch.randn(m, k), torch.randn(k, n)
+        if AUTOCAST[0]:
+            a, b = a.bfloat16(), b.bfloat16()
         rate, _ = timed(lambda: a @ b, seconds)
         best[f"{m}x{k}x{n}"] = 2.0 * m * k * n * rate / 1e9
     return best
@@ -196,7 +211,9 @@ def main():
     p.add_argument("--max-frequency", type=float, default=64.0)
     p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per row")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--autocast", choices=["none", "bf16"], default="none")
     args = p.parse_args()
+    AUTOCAST[0] = args.autocast == "bf16"
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     data = checkerboard(100_000, gen)

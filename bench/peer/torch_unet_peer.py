@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flowmap_unet import Unet, config  # noqa: E402 (bench/peer/flowmap_unet.py: the package's twins)
-from torch_peer import ema_update  # noqa: E402
+import torch_peer  # noqa: E402
+from torch_peer import autocast, ema_update  # noqa: E402
 from torch_peer import timed as timed_with_count  # noqa: E402
 
 CLASSES = 10
@@ -79,7 +80,7 @@ def timed(fn, min_seconds):
 def nets(channels, seed, flow_map):
     torch.manual_seed(seed)
     cfg = config([1, 28, 28], channels=channels, num_classes=CLASSES)
-    model = Unet(cfg, flow_map=flow_map).zero_init_()
+    model = autocast(Unet(cfg, flow_map=flow_map).zero_init_())
     ema = Unet(cfg, flow_map=flow_map)
     ema.load_state_dict(model.state_dict())
     return cfg, model, ema
@@ -227,7 +228,8 @@ def memory_of(args, name, ch, b):
     in this process, memory freed by earlier rows would be reused and not counted."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--threads", str(args.threads),
-                          "--seed", str(args.seed), "--memory-row", f"{name},{ch},{b}"],
+                          "--seed", str(args.seed), "--autocast", args.autocast,
+                          "--memory-row", f"{name},{ch},{b}"],
                          env=env, capture_output=True, text=True)
     try:
         return float(out.stdout.strip().splitlines()[-1])
@@ -254,7 +256,9 @@ def main():
     p.add_argument("--batches", default="32,128,256")
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--autocast", choices=["none", "bf16"], default="none")
     args = p.parse_args()
+    torch_peer.AUTOCAST[0] = args.autocast == "bf16"
     torch.set_num_threads(args.threads)
     if args.memory_row:
         return memory_row(args, args.memory_row)
@@ -267,20 +271,32 @@ def main():
         rows.append(dict(workload=workload, width=ch, batch=b, per_second=per_second, seconds=seconds,
                          ratio=ratio, peak_rss_mb=mb))
 
+    failures = []
+
+    def attempt(workload, ch, b, fn):
+        """`fn()`, or None with the error kept for the report (a row PyTorch cannot run)."""
+        try:
+            return fn()
+        except RuntimeError as e:
+            failures.append(f"{workload} {ch} {b}: {type(e).__name__}: {str(e).splitlines()[0]}")
+            return None
+
     for ch in channels:
         for b in batches:
             for name in STEPS:
-                r = timed(STEPS[name](args, ch, b, data), args.seconds)
-                row(name, ch, b, per_second=r, mb=memory_of(args, name, ch, b))
+                r = attempt(name, ch, b, lambda: timed(STEPS[name](args, ch, b, data), args.seconds))
+                if r is not None:
+                    row(name, ch, b, per_second=r, mb=memory_of(args, name, ch, b))
             reset_peak()
             r = timed(one_step_sampler(ch, b, args.seed), args.seconds)
             row("unet-sample-1nfe", ch, b, per_second=r * b, mb=peak_mb())
         reset_peak()
         r = timed(one_step_sampler(ch, 1, args.seed), args.seconds)
         row("unet-latency-1nfe", ch, 1, seconds=1.0 / r, mb=peak_mb())
-        fwd, jvp = bench_jvp(args, ch, 128)
-        row("unet-jvp", ch, 128, ratio=fwd / jvp)
-    print(json.dumps(dict(torch=torch.__version__, threads=args.threads, rows=rows)))
+        fj = attempt("unet-jvp", ch, 128, lambda: bench_jvp(args, ch, 128))
+        if fj is not None:
+            row("unet-jvp", ch, 128, ratio=fj[0] / fj[1])
+    print(json.dumps(dict(torch=torch.__version__, threads=args.threads, rows=rows, failures=failures)))
 
 
 if __name__ == "__main__":

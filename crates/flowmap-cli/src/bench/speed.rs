@@ -14,6 +14,7 @@ pub use super::timing::SpeedRow;
 use super::timing::{nets, rate, steps_per_second};
 use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::data::{DataSource, Toy};
+use flowmap::kernels::{with_precision, Precision};
 use flowmap::objective::{DistillConfig, Emd, FlowMatching};
 use flowmap::ode::{Scheme, Solver};
 use flowmap::pipeline::OutDir;
@@ -49,6 +50,10 @@ pub struct SpeedOptions {
     /// The Python interpreter for the peer.
     pub python: String,
     pub seed: u64,
+    /// The precision of flowmap's matrix products, and the peer's: `bf16` runs PyTorch's forward passes
+    /// under `torch.autocast("cpu", dtype=torch.bfloat16)`.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for SpeedOptions {
@@ -64,6 +69,7 @@ impl Default for SpeedOptions {
             rounds: 2,
             python: "python3".into(),
             seed: 0,
+            precision: Precision::F32,
         }
     }
 }
@@ -236,19 +242,23 @@ pub fn speed(out: &Path, opts: &SpeedOptions, device: &Device, show: bool) -> Re
             }
             Ok(())
         };
-        peak()?;
-        let mut r = if mlp { measure(opts, device, &bar)? } else { vec![] };
-        if unet {
-            r.extend(super::speed_unet::measure(
-                &opts.unet_channels,
-                &opts.unet_batches,
-                opts.seconds,
-                opts.seed,
-                device,
-                &bar,
-            )?);
-        }
-        peak()?;
+        // Every figure (the GEMM peak too) in the run's precision.
+        let r = with_precision(opts.precision, || -> Result<Vec<SpeedRow>> {
+            peak()?;
+            let mut r = if mlp { measure(opts, device, &bar)? } else { vec![] };
+            if unet {
+                r.extend(super::speed_unet::measure(
+                    &opts.unet_channels,
+                    &opts.unet_batches,
+                    opts.seconds,
+                    opts.seed,
+                    device,
+                    &bar,
+                )?);
+            }
+            peak()?;
+            Ok(r)
+        })?;
         if rows.is_empty() {
             rows = r;
         } else {
@@ -267,8 +277,13 @@ pub fn speed(out: &Path, opts: &SpeedOptions, device: &Device, show: bool) -> Re
                     }
                     row.peer_peak_mb = peer.memory(&row.workload, row.width, row.batch);
                 }
+                let failed = if peer.failures.is_empty() {
+                    String::new()
+                } else {
+                    format!("; PyTorch failed on {}", peer.failures.join("; "))
+                };
                 (
-                    format!("PyTorch {} at {} threads", peer.torch, peer.threads),
+                    format!("PyTorch {} at {} threads{failed}", peer.torch, peer.threads),
                     (!peer.sgemm_gflops.is_empty()).then_some(peer.sgemm_gflops),
                 )
             }
@@ -427,6 +442,10 @@ struct PeerReport {
     #[serde(default)]
     sgemm_gflops: BTreeMap<String, f64>,
     rows: Vec<PeerRow>,
+    /// Rows PyTorch could not run, `workload channels batch: error` (bf16 autocast under
+    /// `torch.func.jvp`, for one).
+    #[serde(default)]
+    failures: Vec<String>,
 }
 
 fn min_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
@@ -480,6 +499,7 @@ impl PeerReport {
     fn join(mut self, other: PeerReport) -> PeerReport {
         self.rows.extend(other.rows);
         self.sgemm_gflops.extend(other.sgemm_gflops);
+        self.failures.extend(other.failures);
         self
     }
 }
@@ -506,6 +526,14 @@ fn run_peers(opts: &SpeedOptions, threads: usize, mlp: bool, unet: bool) -> std:
             .args(["--threads", &threads.to_string()])
             .args(["--seconds", &opts.seconds.to_string()])
             .args(["--seed", &opts.seed.to_string()])
+            .args([
+                "--autocast",
+                if opts.precision == Precision::Bf16 {
+                    "bf16"
+                } else {
+                    "none"
+                },
+            ])
             .args(args)
             .output()
             .map_err(|e| format!("peer failed to start: {e}"))?;
@@ -570,10 +598,28 @@ fn cell(v: Option<f64>, f: &dyn Fn(f64) -> String) -> String {
 
 fn speed_markdown(r: &SpeedReport) -> String {
     let mut md = format!(
-        "# Speed\n\nProduced by `flowmap bench speed`. CPU: {} ({} threads). Peer: {}.\n\n",
-        r.cpu, r.threads, r.peer_status
+        "# Speed\n\nProduced by `flowmap bench speed{}`. CPU: {} ({} threads). Precision: {}{}. Peer: {}.\n\n",
+        if r.options.precision == Precision::F32 {
+            ""
+        } else {
+            " --precision bf16"
+        },
+        r.cpu,
+        r.threads,
+        r.options.precision.describe(),
+        if r.options.precision == Precision::F32 {
+            ""
+        } else {
+            " (PyTorch under `torch.autocast(\"cpu\", dtype=torch.bfloat16)`)"
+        },
+        r.peer_status
     );
-    md += "sgemm, GFLOP/s (flowmap's GEMM";
+    md += if r.options.precision == Precision::F32 {
+        "sgemm"
+    } else {
+        "GEMM in the run's precision"
+    };
+    md += ", GFLOP/s (flowmap's GEMM";
     if r.peer_sgemm_gflops.is_some() {
         md += " / PyTorch's";
     }

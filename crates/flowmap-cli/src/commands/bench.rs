@@ -152,6 +152,10 @@ pub struct SpeedArgs {
     pub python: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Precision of the matrix products: f32, or bf16 (flowmap's bf16 kernels; the peer under
+    /// `torch.autocast("cpu", dtype=torch.bfloat16)`).
+    #[arg(long, value_name = "f32|bf16", default_value = "f32")]
+    pub precision: flowmap::kernels::Precision,
 }
 #[derive(Args)]
 pub struct JvpArgs {
@@ -253,6 +257,7 @@ impl BenchCommand {
                     rounds: a.rounds,
                     python: a.python,
                     seed: a.seed,
+                    precision: a.precision,
                 };
                 let report = bench::speed(&a.out, &opts, device, show)?;
                 print!("{}", report.summary());
