@@ -57,6 +57,7 @@ class Model:
         solver: str,
         sampler: Optional[str],
         seed: int,
+        precision: str,
     ) -> npt.NDArray[np.float32]: ...
     def map(
         self,

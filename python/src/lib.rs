@@ -207,7 +207,7 @@ impl PyModel {
     }
 
     /// `n` samples in the data's own range (see the package's `Model.sample`).
-    #[pyo3(signature = (n, nfe, classes, class_list, guidance, guide, grid, grid_power, solver, sampler, seed))]
+    #[pyo3(signature = (n, nfe, classes, class_list, guidance, guide, grid, grid_power, solver, sampler, seed, precision))]
     #[allow(clippy::too_many_arguments)]
     fn sample<'py>(
         &self,
@@ -223,6 +223,7 @@ impl PyModel {
         solver: &str,
         sampler: Option<&str>,
         seed: u64,
+        precision: &str,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let classes = match (classes, class_list) {
             (_, Some(l)) => Some(Classes::Each(l)),
@@ -238,6 +239,7 @@ impl PyModel {
             classes,
             guidance,
             seed,
+            precision: precision.parse().map_err(to_py)?,
         };
         let guide = guide.as_ref().map(|m| m.teacher()).transpose()?;
         let device = &self.device;

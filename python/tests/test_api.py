@@ -225,3 +225,17 @@ def test_one_time_broadcasts_against_per_row_times(fmap):
     np.testing.assert_array_equal(y[0], fmap(x[:1], 1.0, 0.0)[0])
     with pytest.raises(ValueError, match="s = 0.9 is greater than t = 0.5"):
         fmap(x, t=[1.0, 0.5, 1.0], s=0.9)
+
+
+def test_bf16_precision_trains_samples_and_is_recorded(tmp_path):
+    """`precision="bf16"`: the checkpoint records it, samples stay close to f32's (bf16 rounding), and an
+    unknown precision is a ValueError naming it."""
+    t16 = flowmap.train_teacher("moons", steps=30, batch=64, hidden=32, depth=1, precision="bf16", progress=False)
+    assert t16.metadata["training"]["train"]["precision"] == "bf16"
+    t32 = flowmap.train_teacher("moons", steps=30, batch=64, hidden=32, depth=1, progress=False)
+    assert "precision" not in t32.metadata["training"]["train"]
+    a = t32.sample(256, nfe=4, seed=1)
+    b = t32.sample(256, nfe=4, seed=1, precision="bf16")
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        t32.sample(4, precision="fp16")

@@ -54,6 +54,10 @@ pub struct SampleArgs {
     pub guide: GuidanceFlags,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Precision of the networks' matrix products: f32, or bf16 operands with f32 sums (on a CPU without
+    /// AVX-512 BF16 the products stay f32, said in one line).
+    #[arg(long, value_name = "f32|bf16", default_value = "f32")]
+    pub precision: flowmap::kernels::Precision,
 }
 
 pub fn run(a: SampleArgs, cx: &Ctx) -> Result<()> {
@@ -87,7 +91,11 @@ pub fn run(a: SampleArgs, cx: &Ctx) -> Result<()> {
         classes: classes.clone(),
         guidance: a.guide.guidance,
         seed: a.seed,
+        precision: a.precision,
     };
+    if a.precision != flowmap::kernels::Precision::F32 {
+        eprintln!("precision: {}", a.precision.describe());
+    }
     if a.guide.guidance.is_some() && a.guide.guide_model.is_none() && a.class.as_deref() == Some("null") {
         bail!("--guidance needs classes to guide towards; --class null is the unconditional model (guide it with --guide-model)");
     }

@@ -210,6 +210,8 @@ pub struct Generation {
     /// input of a guidance-distilled map.
     pub guidance: Option<f64>,
     pub seed: u64,
+    /// The precision of the networks' matrix products ([`crate::kernels::Precision`]).
+    pub precision: crate::kernels::Precision,
 }
 
 impl Default for Generation {
@@ -223,6 +225,7 @@ impl Default for Generation {
             classes: None,
             guidance: None,
             seed: 0,
+            precision: crate::kernels::Precision::F32,
         }
     }
 }
@@ -310,18 +313,26 @@ impl Generator<'_> {
     /// What generates, for reports: `flow map on grid 1,0, Deterministic sampler` or `teacher, euler×8`, and
     /// its guidance ([`guidance_label`]).
     pub fn describe(&self) -> String {
-        let what = match &self.engine {
+        let mut what = match &self.engine {
             Engine::Map { grid, sampler, .. } => format!("flow map on grid {grid}, {sampler:?} sampler"),
             Engine::Teacher { solver, .. } => format!("teacher, {solver}"),
         };
+        if self.g.precision.effective() != crate::kernels::Precision::F32 {
+            what += ", bf16 products";
+        }
         match guidance_label(self.g.guidance, self.autoguided) {
             Some(g) => format!("{what}, {g}"),
             None => what,
         }
     }
 
-    /// Samples `start..start + z.dim(0)` from the noise `z`, with `seed` for any re-noising.
+    /// Samples `start..start + z.dim(0)` from the noise `z`, with `seed` for any re-noising, in the
+    /// generation's precision.
     fn run(&self, z: &Tensor, seed: u64, start: usize, device: &Device) -> Result<Sampled> {
+        crate::kernels::with_precision(self.g.precision, || self.run_in_precision(z, seed, start, device))
+    }
+
+    fn run_in_precision(&self, z: &Tensor, seed: u64, start: usize, device: &Device) -> Result<Sampled> {
         let cond = Classes::cond(
             self.g.classes.as_ref(),
             start,
