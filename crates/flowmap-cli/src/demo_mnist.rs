@@ -20,7 +20,7 @@ use crate::report::{self, progress_bar};
 use flowmap::backbone::{Arch, UnetConfig};
 use flowmap::classifier::Classifier;
 use flowmap::data::DataSource;
-use flowmap::objective::{DistillConfig, Method};
+use flowmap::objective::{registry, DataKind, DistillConfig, Method};
 use flowmap::pipeline::images::{ImageEval, ImageRow};
 use flowmap::pipeline::{self, MapJob, OutDir, Teacher};
 use flowmap::sample::Sampler;
@@ -58,6 +58,10 @@ pub struct MnistConfig {
     pub methods: Vec<Method>,
     /// Steps of each flow map.
     pub map_steps: usize,
+    /// Steps of the recommended one-step recipe for images ([`registry::recommended`], with its own
+    /// batch, learning rate and EMA), trained first as the map `distill` gives without `--method`; 0: none.
+    #[serde(default)]
+    pub recommended_steps: usize,
     pub batch_size: usize,
     pub lr: f64,
     /// Samples per evaluation row (and held-out reference images).
@@ -81,6 +85,7 @@ impl MnistConfig {
             teacher_steps: None,
             methods: vec![Method::Emd, Method::Meanflow, Method::Lmd],
             map_steps: 300,
+            recommended_steps: 1000,
             batch_size: 32,
             lr: 5e-4,
             n_eval: 500,
@@ -99,6 +104,7 @@ impl MnistConfig {
             teacher_steps,
             methods: Method::all().collect(),
             map_steps,
+            recommended_steps: 0,
             batch_size: 64,
             lr: 5e-4,
             n_eval,
@@ -126,6 +132,9 @@ pub struct Training {
     /// Steps of data (teacher and map together) behind the model.
     pub total_steps: usize,
     pub seconds: f64,
+    /// The recommended recipe (`distill` without `--method`), trained at its own budget.
+    #[serde(default)]
+    pub recommended: bool,
 }
 
 /// What the run measured.
@@ -172,24 +181,40 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
         .into(),
         total_steps: cfg.teacher_budget(),
         seconds: clock.elapsed().as_secs_f64(),
+        recommended: false,
     }];
     let mut checkpoints = vec!["teacher.safetensors".to_string()];
     let mut maps = Vec::new();
-    for &method in &cfg.methods {
+    let recommended = registry::recommended(DataKind::of(&data.state_shape(), true));
+    let runs = (cfg.recommended_steps > 0)
+        .then_some((recommended.method, true))
+        .into_iter()
+        .chain(cfg.methods.iter().map(|&m| (m, false)));
+    for (method, is_recommended) in runs {
         let scratch = cfg.data_only_from_scratch && !method.needs_teacher();
-        let steps = if scratch {
+        let steps = if is_recommended {
+            cfg.recommended_steps
+        } else if scratch {
             cfg.map_steps + cfg.teacher_budget()
         } else {
             cfg.map_steps
         };
-        let train = TrainConfig {
-            steps,
-            batch_size: cfg.batch_size,
-            lr: if scratch { 2e-3 } else { cfg.lr },
-            warmup_steps: (steps / 20).max(1),
-            ema_decay: if scratch { 0.999 } else { 0.99 },
-            seed: cfg.seed,
-            ..TrainConfig::default()
+        let train = if is_recommended {
+            TrainConfig {
+                steps,
+                seed: cfg.seed,
+                ..recommended.train.clone()
+            }
+        } else {
+            TrainConfig {
+                steps,
+                batch_size: cfg.batch_size,
+                lr: if scratch { 2e-3 } else { cfg.lr },
+                warmup_steps: (steps / 20).max(1),
+                ema_decay: if scratch { 0.999 } else { 0.99 },
+                seed: cfg.seed,
+                ..TrainConfig::default()
+            }
         };
         let base = MapJob::new(method, &data);
         let objective = DistillConfig::for_data(method, &data.state_shape(), true);
@@ -211,9 +236,13 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
                 ..base
             }
         };
+        let job = MapJob {
+            recipe: is_recommended.then_some(recommended.why),
+            ..job
+        };
         let pb = progress_bar(steps as u64, method.name(), show);
         let clock = Instant::now();
-        let m = job.run(&report::ImageBar::new(&pb, cfg.batch_size))?;
+        let m = job.run(&report::ImageBar::new(&pb, job.train.batch_size))?;
         pb.finish_and_clear();
         training.push(Training {
             model: method.name().into(),
@@ -221,6 +250,7 @@ pub fn run(out: &Path, cfg: &MnistConfig, device: &Device, show: bool) -> Result
             init: if scratch { "scratch" } else { "teacher" }.into(),
             total_steps: if scratch { steps } else { steps + cfg.teacher_budget() },
             seconds: clock.elapsed().as_secs_f64(),
+            recommended: is_recommended,
         });
         let name = format!("{}.safetensors", method.name());
         m.save(&out.file(&name))?;
@@ -303,6 +333,17 @@ fn acceptance(r: &MnistReport) -> String {
             verdict(ratio <= 1.5)
         );
     }
+    if let (Some(b), Some(d), false) = (best(1), dopri5, r.config.bench) {
+        let ratio = b.metrics.fd / d.metrics.fd;
+        md += &format!(
+            "- The best 1-NFE map ({}: {:.2}) within 2× of the teacher's dopri5 FD ({:.2}, {} NFE): {} ({ratio:.2}×).\n",
+            b.model,
+            b.metrics.fd,
+            d.metrics.fd,
+            d.nfe,
+            verdict(ratio <= 2.0)
+        );
+    }
     if let Some(d) = dopri5.and_then(|d| d.metrics.accuracy) {
         let off: Vec<String> = maps
             .iter()
@@ -324,7 +365,10 @@ fn acceptance(r: &MnistReport) -> String {
             }
         );
     }
-    let distilled = r.training.iter().find(|t| t.init == "teacher" && t.model != "meanflow");
+    let distilled = r
+        .training
+        .iter()
+        .find(|t| t.init == "teacher" && t.model != "meanflow" && !t.recommended);
     if let (Some(mf), Some(d)) = (r.training.iter().find(|t| t.model == "meanflow"), distilled) {
         md += &format!(
             "- MeanFlow from data alone at the budget of teacher plus distillation: {} steps of data \
@@ -428,6 +472,14 @@ fn write_report(out: &OutDir, r: &MnistReport, clf: &Classifier, figures: &[Stri
         c.n_eval,
         100.0 * clf.meta.heldout_accuracy
     );
+    if let Some(t) = r.training.iter().find(|t| t.recommended) {
+        let rec = registry::recommended(DataKind::of(&[1, 28, 28], true)).train;
+        md += &format!(
+            "`{}` is the recommended one-step recipe for images (`flowmap distill` without `--method`), trained with \
+             its own settings (batch {}, learning rate {}, EMA decay {}) for {} steps.\n\n",
+            t.model, rec.batch_size, rec.lr, rec.ema_decay, t.steps
+        );
+    }
     md += "| model | started from | steps | steps of data behind it | training seconds |\n|---|---|---:|---:|---:|\n";
     for t in &r.training {
         md += &format!(
@@ -436,9 +488,7 @@ fn write_report(out: &OutDir, r: &MnistReport, clf: &Classifier, figures: &[Stri
         );
     }
     md += "\n";
-    if c.bench {
-        md += &acceptance(r);
-    }
+    md += &acceptance(r);
     md += &report::image_table(&r.rows);
     md += &format!("\nTotal time: {:.0} s.\n\nCheckpoints: {}.\n\n![FD against NFE](fd-vs-nfe.png)\n\n## Samples (one row per class)\n\n", r.seconds, r.checkpoints.join(", "));
     for f in figures {

@@ -18,8 +18,11 @@ pub struct DemoArgs {
     /// Output folder (default demo-out, or demo-mnist for mnist).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Train the teacher for this many steps instead of starting from the shipped one (mnist), or the 2-D
+    /// teacher's steps.
     #[arg(long)]
     pub teacher_steps: Option<usize>,
+    /// Steps of every map (mnist's default: 1,000 for the recommended recipe, 300 for EMD, MeanFlow and LMD).
     #[arg(long)]
     pub distill_steps: Option<usize>,
     #[arg(long)]
@@ -36,7 +39,7 @@ pub enum Which {
     /// Checkerboard and a Gaussian mixture: a teacher, EMD and LMD maps, the exact map's error.
     #[value(name = "2d")]
     TwoD,
-    /// Class-conditional MNIST digits: the shipped U-Net teacher and three maps.
+    /// Class-conditional MNIST digits: the shipped U-Net teacher, the recommended recipe and three maps.
     Mnist,
 }
 
@@ -52,6 +55,7 @@ pub fn run(a: DemoArgs, cx: &Ctx) -> Result<()> {
             let cfg = demo_mnist::MnistConfig {
                 teacher_steps: a.teacher_steps,
                 map_steps: a.distill_steps.unwrap_or(d.map_steps),
+                recommended_steps: a.distill_steps.unwrap_or(d.recommended_steps),
                 n_eval: a.n_eval.unwrap_or(d.n_eval),
                 seed: a.seed,
                 ..d
