@@ -188,3 +188,55 @@ fn precision_names_parse_and_unknown_ones_are_refused() {
         .describe()
         .contains(if has_bf16() { "vdpbf16ps" } else { "run in f32" }));
 }
+
+/// The exact JVP (MeanFlow's and the continuous objectives' tangent) runs its products in bf16 too: the
+/// tangent stays within bf16 rounding of the f32 one (itself checked against f64 differences), for an
+/// MLP and a U-Net flow map.
+#[test]
+fn bf16_tangents_stay_within_bf16_rounding_of_f32() {
+    use flowmap::flow_map::{FlowMapNet, Point, Tangent, TangentMap};
+    let unet = UnetConfig {
+        channels: 16,
+        channel_mult: vec![1, 2],
+        attention_resolutions: vec![4],
+        groups: 4,
+        time_features: 4,
+        ..UnetConfig::new(&[2, 8, 8])
+    };
+    for (name, arch, shape) in [
+        ("mlp", Arch::Mlp(MlpConfig::new(2)), vec![300, 2]),
+        ("unet", Arch::Unet(unet), vec![4, 2, 8, 8]),
+    ] {
+        let vm = VarMap::new();
+        let net = FlowMapNet::new(arch, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let mut rng = Rng::new(5);
+        for (_, v) in vars_sorted(&vm) {
+            v.set(&(rng.normal_tensor(v.shape(), DType::F32, &Device::Cpu).unwrap() * 0.3).unwrap())
+                .unwrap();
+        }
+        let x = rng.normal_tensor(&shape[..], DType::F32, &Device::Cpu).unwrap();
+        let dx = rng.normal_tensor(&shape[..], DType::F32, &Device::Cpu).unwrap();
+        let t = Tensor::rand(0.3f32, 1.0, (shape[0], 1), &Device::Cpu).unwrap();
+        let s = (&t * 0.4).unwrap();
+        let at = Point {
+            x: &x,
+            t: &t,
+            s: &s,
+            cond: Cond::none_ref(),
+        };
+        let along = Tangent {
+            x: dx,
+            t: t.ones_like().unwrap(),
+            s: t.zeros_like().unwrap(),
+        };
+        let (_, d32) = net.average_velocity_jvp(&at, &along).unwrap();
+        let (_, d16) = with_precision(Precision::Bf16, || net.average_velocity_jvp(&at, &along).unwrap());
+        let e = rel(&d16, &d32);
+        eprintln!("{name}: bf16 tangent differs from f32 by {e:.2e} (relative to the largest)");
+        if has_bf16() {
+            assert!(e > 0.0 && e < 3e-2, "{name}: tangents differ by {e}");
+        } else {
+            assert_eq!(e, 0.0);
+        }
+    }
+}

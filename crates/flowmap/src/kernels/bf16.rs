@@ -128,11 +128,15 @@ pub(crate) unsafe fn gemm(
                 let j0 = pj * NR;
                 let cols = NR.min(n - j0);
                 tile_kernel(kp, a.as_ptr(), panel.as_ptr(), &mut tile);
-                for (i, row) in tile.chunks_exact(NR).take(rows).enumerate() {
-                    let d = dst.0.offset((i0 + i) as isize * dst.1 + j0 as isize * dst.2);
-                    for (j, &v) in row[..cols].iter().enumerate() {
-                        let p = d.offset(j as isize * dst.2);
-                        *p = if add { *p + v } else { v };
+                let d = dst.0.offset(i0 as isize * dst.1 + j0 as isize * dst.2);
+                if dst.2 == 1 {
+                    store_rows(&tile, d, dst.1, rows, cols, add);
+                } else {
+                    for (i, row) in tile.chunks_exact(NR).take(rows).enumerate() {
+                        for (j, &v) in row[..cols].iter().enumerate() {
+                            let p = d.offset(i as isize * dst.1 + j as isize * dst.2);
+                            *p = if add { *p + v } else { v };
+                        }
                     }
                 }
             }
@@ -265,6 +269,32 @@ fn mask16(n: usize) -> __mmask16 {
     } else {
         ((1u32 << n) - 1) as __mmask16
     }
+}
+
+/// The first `rows × cols` of `tile` written to (or, with `add`, added to) a destination whose rows are
+/// contiguous, `row_stride` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_rows(tile: &[f32; MR * NR], d: *mut f32, row_stride: isize, rows: usize, cols: usize, add: bool) {
+    let (m0, m1) = (mask16(cols), mask16(cols.saturating_sub(16)));
+    for i in 0..rows {
+        let p = d.offset(i as isize * row_stride);
+        for (half, m) in [(0, m0), (16, m1)] {
+            if m == 0 {
+                continue;
+            }
+            let mut v = _mm512_loadu_ps(tile.as_ptr().add(i * NR + half));
+            if add {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, p.add(half)));
+            }
+            _mm512_mask_storeu_ps(p.add(half), m, v);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn store_rows(_: &[f32; MR * NR], _: *mut f32, _: isize, _: usize, _: usize, _: bool) {
+    unreachable!("bf16 products run only where `available`")
 }
 
 /// `tile = a · b` over `kp` pairs: `a` is `[kp][MR]`, `b` `[kp][NR]`, `tile` `MR × NR` row-major.
