@@ -11,7 +11,7 @@
 //! The micro-kernel keeps an `MR × NR` tile in 24 zmm registers and, per pair of `k`, loads two panel
 //! vectors and broadcasts each row's pair from memory. A product sums over `k` in one fixed order whatever
 //! the strides and the thread count, so its bits are reproducible; they differ from the f32 product's by the
-//! operands' rounding (relative 2⁻⁹ per operand).
+//! operands' rounding (relative 2⁻⁸ at most per operand).
 //!
 //! [`available`] says whether this CPU has the instructions; elsewhere [`super::gemm_strided`] keeps f32.
 
@@ -21,9 +21,9 @@ use std::arch::x86_64::*;
 use super::scratch::Scratch;
 
 /// Rows of an `lhs` block (the tile's height).
-pub(crate) const MR: usize = 12;
+const MR: usize = 12;
 /// Columns of an `rhs` panel (the tile's width: two zmm registers of 16 f32).
-pub(crate) const NR: usize = 32;
+const NR: usize = 32;
 /// Depth of a block of `k` (even, so that no pair straddles two blocks): the packed panels of a block stay
 /// in the L2 cache (`KC/2 × n` lanes, 256 KB at n = 256), and the partial sums of the blocks are added to
 /// the destination in order.
