@@ -138,29 +138,37 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// The processor's model name and the widest vector unit the kernels use on it (`AMD EPYC, AVX-512`): hosts
-/// of one model name differ in it, and the figures with them.
+/// The processor's model name and its vector units that the kernels can use (`AMD EPYC, AVX-512, AVX-512
+/// BF16`): hosts of one model name differ in them, and the figures with them. AMX is named where the CPU
+/// has it, though no flowmap kernel uses it yet.
 fn cpu_name() -> String {
-    let name = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    #[cfg(target_arch = "x86_64")]
-    let isa = if std::arch::is_x86_feature_detected!("avx512f") {
-        ", AVX-512"
-    } else if std::arch::is_x86_feature_detected!("avx2") {
-        ", AVX2"
-    } else {
-        ""
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|m| m.trim().to_string())
     };
-    #[cfg(not(target_arch = "x86_64"))]
-    let isa = "";
-    format!("{name}{isa}")
+    let name = field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let flags = field("flags").unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let widest = if has("avx512f") {
+        Some("AVX-512")
+    } else if has("avx2") {
+        Some("AVX2")
+    } else {
+        None
+    };
+    let units: Vec<&str> = widest
+        .into_iter()
+        .chain(has("avx512_bf16").then_some("AVX-512 BF16"))
+        .chain(has("amx_bf16").then_some("AMX (unused)"))
+        .collect();
+    if units.is_empty() {
+        name
+    } else {
+        format!("{name}, {}", units.join(", "))
+    }
 }
 
 /// sgemm GFLOP/s for `m × k` times `k × n` as flowmap's layers run it: an identity [`flowmap::kernels::dense`]
