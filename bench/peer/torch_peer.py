@@ -75,19 +75,41 @@ def ema_update(ema, live, decay):
             e.lerp_(p, 1.0 - decay)
 
 
+# `--device`: where the peer runs (cpu, cuda, cuda:N). It becomes torch's default device, so every tensor,
+# model and generator is made there; timings wait for the device's queued work.
+def use_device(spec):
+    torch.set_default_device(spec)
+
+
+def device_type():
+    return torch.get_default_device().type
+
+
+def generator(seed):
+    """A seeded generator on the default device (a CPU generator cannot draw CUDA tensors)."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
+
+
+def sync():
+    if device_type() == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, min_seconds, min_iters=3, warmup=3):
     for _ in range(warmup):
         fn()
+    sync()
     iters, start = 0, time.perf_counter()
     while True:
         fn()
+        sync()
         iters += 1
         elapsed = time.perf_counter() - start
         if iters >= min_iters and elapsed >= min_seconds:
             return iters / elapsed, iters
 
 
-# `--autocast bf16`: every model's forward pass runs under `torch.autocast("cpu", dtype=torch.bfloat16)`,
+# `--autocast bf16`: every model's forward pass runs under `torch.autocast(device, dtype=torch.bfloat16)`,
 # as a PyTorch user turns on mixed precision; losses, the optimiser and the EMA stay f32.
 AUTOCAST = [False]
 
@@ -95,7 +117,7 @@ AUTOCAST = [False]
 def autocast(model):
     """`model` with its forward pass under bf16 autocast when `--autocast bf16` asked for it."""
     if AUTOCAST[0]:
-        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+        model.forward = torch.autocast(device_type(), dtype=torch.bfloat16)(model.forward)
     return model
 
 
@@ -169,7 +191,7 @@ def bench_emd(args, width, batch, data, gen):
 
 def bench_sampling(args, width, batch):
     teacher, model = make_models(args, width)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = generator(args.seed)
     x = torch.randn(batch, 2, generator=gen)
     one = torch.ones(batch, 1)
     zero = torch.zeros(batch, 1)
@@ -212,10 +234,12 @@ def main():
     p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--autocast", choices=["none", "bf16"], default="none")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = p.parse_args()
     AUTOCAST[0] = args.autocast == "bf16"
+    use_device(args.device)
     torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = generator(args.seed)
     data = checkerboard(100_000, gen)
     rows = []
     for width in [int(w) for w in args.widths.split(",")]:
@@ -231,6 +255,7 @@ def main():
     print(json.dumps(dict(
         torch=torch.__version__,
         threads=torch.get_num_threads(),
+        device=str(torch.get_default_device()),
         sgemm_gflops=sgemm_peak(args.seconds),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         rows=rows,

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flowmap_unet import Unet, config  # noqa: E402 (bench/peer/flowmap_unet.py: the package's twins)
 import torch_peer  # noqa: E402
-from torch_peer import autocast, ema_update  # noqa: E402
+from torch_peer import autocast, device_type, ema_update, generator, use_device  # noqa: E402
 from torch_peer import timed as timed_with_count  # noqa: E402
 
 CLASSES = 10
@@ -67,7 +67,9 @@ def reset_peak():
 
 
 def peak_mb():
-    """The resident set's growth since `reset_peak`, MB."""
+    """The resident set's growth since `reset_peak`, MB (None on a GPU, whose memory it does not see)."""
+    if device_type() != "cpu":
+        return None
     peak = status_mb("VmHWM:")
     return None if peak is None or START[0] is None else peak - START[0]
 
@@ -90,7 +92,7 @@ class Batches:
     """Images in [-1, 1] and labels (the content does not matter for speed)."""
 
     def __init__(self, seed):
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = generator(seed)
         self.data = torch.rand(4096, 1, 28, 28, generator=self.gen) * 2 - 1
         self.labels = torch.randint(0, CLASSES, (4096,), generator=self.gen)
 
@@ -185,7 +187,7 @@ def step_meanflow(args, ch, b, data):
 
 def one_step_sampler(ch, b, seed):
     _, model, _ = nets(ch, seed, True)
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     x = torch.randn(b, 1, 28, 28, generator=gen)
     one, zero = torch.ones(b, 1), torch.zeros(b, 1)
     labels = torch.arange(b) % CLASSES
@@ -201,7 +203,7 @@ def bench_jvp(args, ch, b):
     _, model, _ = nets(ch, args.seed, True)
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = generator(args.seed)
     x = torch.randn(b, 1, 28, 28, generator=gen)
     v = torch.randn(b, 1, 28, 28, generator=gen)
     t, s = times(b, gen)
@@ -226,6 +228,8 @@ def memory_of(args, name, ch, b):
     """The resident-set growth of one training step of the row, in a fresh process whose glibc returns
     every block of 64 KiB or more to the OS when it is freed (so the resident set follows the live heap):
     in this process, memory freed by earlier rows would be reused and not counted."""
+    if device_type() != "cpu":
+        return None  # the resident set says nothing of a GPU's memory
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--threads", str(args.threads),
                           "--seed", str(args.seed), "--autocast", args.autocast,
@@ -257,8 +261,10 @@ def main():
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--autocast", choices=["none", "bf16"], default="none")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = p.parse_args()
     torch_peer.AUTOCAST[0] = args.autocast == "bf16"
+    use_device(args.device)
     torch.set_num_threads(args.threads)
     if args.memory_row:
         return memory_row(args, args.memory_row)
@@ -296,7 +302,8 @@ def main():
         fj = attempt("unet-jvp", ch, 128, lambda: bench_jvp(args, ch, 128))
         if fj is not None:
             row("unet-jvp", ch, 128, ratio=fj[0] / fj[1])
-    print(json.dumps(dict(torch=torch.__version__, threads=args.threads, rows=rows, failures=failures)))
+    print(json.dumps(dict(torch=torch.__version__, threads=args.threads, device=args.device, rows=rows,
+                          failures=failures)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ mod demo;
 mod demo_mnist;
 mod grid;
 mod plot;
+mod ranks;
 mod report;
 mod supervise;
 
@@ -99,6 +100,7 @@ fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<ranks::Quiet>() => ExitCode::FAILURE,
         Err(e) if e.is::<supervise::Interrupted>() => {
             eprintln!("{e}");
             ExitCode::from(supervise::INTERRUPTED)
@@ -126,19 +128,53 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn run_command(cli: Cli) -> Result<()> {
+    // Under `mpirun -np N`, this process is one rank of a data-parallel run (MPI is initialised on this
+    // thread, which makes every MPI call of the run).
+    let ranks = ranks::Ranks::from_launch()?;
+    let rank = ranks::rank_of(ranks.as_ref());
     let cx = Ctx {
         device: flowmap::parse_device(&cli.device)?,
-        show: !cli.quiet,
+        show: !cli.quiet && rank == 0,
+        ranks,
     };
-    match cli.command {
-        Command::Teacher(a) => commands::teacher::run(a, &cx),
-        Command::Distill(a) => commands::distill::run(a, &cx),
-        Command::Train(a) => commands::train::run(a, &cx),
-        Command::Sample(a) => commands::sample::run(a, &cx),
-        Command::Apply(a) => commands::apply::run(a, &cx),
-        Command::Eval(a) => commands::eval::run(a, &cx),
-        Command::Classifier(a) => commands::classifier::run(a, &cx),
-        Command::Demo(a) => commands::demo::run(a, &cx),
-        Command::Bench(b) => b.run(&cx),
+    let refuse = |why: &str| Err(flowmap::Error::Ranks(why.to_string()).into());
+    let result = match &cx.ranks {
+        Some(_)
+            if !matches!(
+                cli.command,
+                Command::Teacher(_) | Command::Distill(_) | Command::Train(_)
+            ) =>
+        {
+            refuse("only teacher, distill and train run data-parallel; run `flowmap` as one process for the others")
+        }
+        Some(_) if !cx.device.is_cpu() => refuse(
+            "data-parallel runs are CPU-only for now (one process per CPU or machine); run a GPU job as one process",
+        ),
+        _ => dispatch(cli.command, &cx),
+    };
+    match (result, &cx.ranks) {
+        // Every rank failed at the same point: rank 0's message is the job's.
+        (Err(e), Some(_)) if ranks::is_collective(&e) && rank != 0 => Err(ranks::Quiet.into()),
+        (Err(e), Some(r)) if !ranks::is_collective(&e) => {
+            // This rank alone failed: its message, then every rank ends (the others may be waiting for it).
+            let msg = e.to_string();
+            eprintln!("error: rank {rank}: {}", msg.lines().next().unwrap_or(""));
+            r.abort(1)
+        }
+        (result, _) => result,
+    }
+}
+
+fn dispatch(command: Command, cx: &Ctx) -> Result<()> {
+    match command {
+        Command::Teacher(a) => commands::teacher::run(a, cx),
+        Command::Distill(a) => commands::distill::run(a, cx),
+        Command::Train(a) => commands::train::run(a, cx),
+        Command::Sample(a) => commands::sample::run(a, cx),
+        Command::Apply(a) => commands::apply::run(a, cx),
+        Command::Eval(a) => commands::eval::run(a, cx),
+        Command::Classifier(a) => commands::classifier::run(a, cx),
+        Command::Demo(a) => commands::demo::run(a, cx),
+        Command::Bench(b) => b.run(cx),
     }
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Result};
 use clap::Args;
+use flowmap::dist::Collective;
 use flowmap::train::{Recovery, RunControl, TrainState};
 
 /// Set by the first SIGINT or SIGTERM: the training loop finishes its step, saves and stops.
@@ -46,6 +47,9 @@ pub struct LongRunFlags {
     /// Testing: make the loss of every step from K on NaN.
     #[arg(long, value_name = "K", hide = true)]
     pub inject_nan_from: Option<usize>,
+    /// Testing: stop after K steps as an interrupt does (the state written, exit status 130).
+    #[arg(long, value_name = "K", hide = true)]
+    pub inject_stop_at: Option<usize>,
 }
 
 /// A NaN injected into the loss on purpose, to test recovery from the command line (the hidden
@@ -84,6 +88,7 @@ pub struct Supervisor {
     checkpoint_minutes: Option<f64>,
     recovery: Recovery,
     fault: Option<Fault>,
+    stop_at: Option<usize>,
     pub path: PathBuf,
     resume: Option<TrainState>,
     /// The step of the last state written, if any.
@@ -127,6 +132,7 @@ impl Supervisor {
                 (_, Some(k)) => Some(Fault::From(k)),
                 _ => None,
             },
+            stop_at: flags.inject_stop_at,
             path: state_path(out),
             resume,
             written: None,
@@ -135,7 +141,14 @@ impl Supervisor {
 
     /// Runs `train` under a [`RunControl`] that writes this run's states and watches for interrupts, and
     /// turns an interrupt or a divergence into a message that says how to go on.
-    pub fn run<T>(&mut self, train: impl FnOnce(RunControl<'_>) -> flowmap::Result<T>) -> Result<T> {
+    ///
+    /// In a data-parallel run (`ranks`), every rank trains under the collective and rank 0 alone writes
+    /// the states.
+    pub fn run<T>(
+        &mut self,
+        ranks: Option<&dyn Collective>,
+        train: impl FnOnce(RunControl<'_>) -> flowmap::Result<T>,
+    ) -> Result<T> {
         install_handler()?;
         let path = self.path.clone();
         let written = &mut self.written;
@@ -144,23 +157,29 @@ impl Supervisor {
             *written = Some(s.meta.step);
             Ok(())
         };
-        let mut fault = self.fault;
-        let mut inject = |step: usize, loss: f64| match fault.as_mut() {
-            Some(f) => f.apply(step, loss),
-            None => loss,
+        let (mut fault, stop_at) = (self.fault, self.stop_at);
+        let mut inject = |step: usize, loss: f64| {
+            if stop_at == Some(step + 1) {
+                STOP.store(true, Ordering::SeqCst);
+            }
+            match fault.as_mut() {
+                Some(f) => f.apply(step, loss),
+                None => loss,
+            }
         };
         let ctl = RunControl {
             checkpoint_every: self.checkpoint_every,
             checkpoint_minutes: self.checkpoint_minutes,
-            save_state: Some(&mut save),
+            save_state: ranks
+                .is_none_or(|c| c.rank() == 0)
+                .then_some(&mut save as &mut dyn FnMut(&TrainState) -> flowmap::Result<()>),
             resume: self.resume.take(),
             stop: Some(&STOP),
             recovery: self.recovery,
-            loss_hook: self
-                .fault
-                .is_some()
+            loss_hook: (self.fault.is_some() || self.stop_at.is_some())
                 .then_some(&mut inject as &mut dyn FnMut(usize, f64) -> f64),
             monitor: None,
+            collective: ranks,
         };
         match train(ctl) {
             Ok(v) => Ok(v),

@@ -30,6 +30,10 @@ pub enum Error {
     /// Training stopped on request (an interrupt) after `step` steps, its state saved.
     #[error("training interrupted after step {step}")]
     Interrupted { step: usize },
+    /// The ranks of a data-parallel run cannot train together (they disagree on the run, or its batch does
+    /// not split over them); every rank returns this error at the same point.
+    #[error("{0}")]
+    Ranks(String),
     /// An error raised inside candle.
     #[error("tensor error: {0}")]
     Candle(String),

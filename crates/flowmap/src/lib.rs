@@ -27,6 +27,7 @@ pub mod classifier;
 pub mod cond;
 pub mod data;
 pub mod device;
+pub mod dist;
 mod error;
 pub mod flow_map;
 pub mod image_metrics;

@@ -1,7 +1,8 @@
-//! Shared fixtures: the analytic three-component mixture in f64.
+//! Shared fixtures: the analytic three-component mixture in f64, small image networks, error measures.
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
+use flowmap::backbone::{Arch, UnetConfig};
 use flowmap::data::{self, GaussianMixture};
 use flowmap::teacher::GmmVelocity;
 use flowmap::Rng;
@@ -83,4 +84,30 @@ pub fn write_npy(path: &std::path::Path, descr: &str, shape: &[usize], body: &[u
 pub fn labels_npy(path: &std::path::Path, labels: &[i64]) {
     let body: Vec<u8> = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
     write_npy(path, "<i8", &[labels.len()], &body);
+}
+
+/// A small U-Net over `shape` (two levels, attention at 4 × 4, four groups): the tests' image network.
+pub fn small_unet(shape: &[usize], channels: usize, time_features: usize, classes: Option<usize>) -> Arch {
+    Arch::Unet(UnetConfig {
+        channels,
+        channel_mult: vec![1, 2],
+        attention_resolutions: vec![4],
+        groups: 4,
+        time_features,
+        num_classes: classes,
+        ..UnetConfig::new(shape)
+    })
+}
+
+/// `max |a − b| / max |b|`, read on the host (from any device and dtype): the error relative to the
+/// largest value.
+pub fn rel_to_largest(a: &Tensor, b: &Tensor) -> f32 {
+    let host = |t: &Tensor| -> Vec<f32> {
+        let t = t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let (a, b) = (host(a), host(b));
+    assert_eq!(a.len(), b.len(), "the two tensors differ in size");
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    d / b.iter().map(|y| y.abs()).fold(0f32, f32::max).max(1e-12)
 }

@@ -206,15 +206,7 @@ fn classifier_metrics_see_identity_and_noise() {
 }
 
 fn tiny_unet(shape: &[usize], classes: Option<usize>) -> Arch {
-    Arch::Unet(UnetConfig {
-        channels: 8,
-        channel_mult: vec![1, 2],
-        attention_resolutions: vec![4],
-        groups: 4,
-        time_features: 8,
-        num_classes: classes,
-        ..UnetConfig::new(shape)
-    })
+    common::small_unet(shape, 8, 8, classes)
 }
 
 /// A tiny class-conditional U-Net's flow-matching loss falls within a few dozen steps on 8 × 8 crops of

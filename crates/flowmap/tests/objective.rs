@@ -7,6 +7,7 @@ mod common;
 use candle_core::Tensor;
 use common::*;
 use flowmap::data::GaussianMixture;
+use flowmap::dist::Shard;
 use flowmap::flow_map::FiniteDifference;
 use flowmap::flow_map::{FlowMap, SolverMap};
 use flowmap::objective::{
@@ -109,15 +110,38 @@ fn loss_on(
     cond: &flowmap::Cond,
     rng: &mut Rng,
 ) -> Tensor {
+    let shard = Shard::whole(x0.dim(0).unwrap());
+    loss_on_shard(objective, model, target, x0, cond, rng, shard)
+}
+
+/// [`loss_on`] for one rank's block `shard` of the batch `x0` (its noise drawn for the whole batch).
+fn loss_on_shard(
+    objective: &dyn Objective<Model = dyn FlowMap>,
+    model: &(dyn FlowMap + 'static),
+    target: &(dyn FlowMap + 'static),
+    batch_x0: &Tensor,
+    cond: &flowmap::Cond,
+    rng: &mut Rng,
+    shard: Shard,
+) -> Tensor {
     let x1 = rng
-        .normal_tensor(x0.shape(), candle_core::DType::F64, &candle_core::Device::Cpu)
+        .normal_tensor(batch_x0.shape(), candle_core::DType::F64, &candle_core::Device::Cpu)
         .unwrap();
+    let (lo, n) = (shard.rows.start, shard.len());
+    let (x0, x1) = (batch_x0.narrow(0, lo, n).unwrap(), x1.narrow(0, lo, n).unwrap());
+    let cond = if cond.is_none() {
+        cond.clone()
+    } else {
+        cond.narrow(lo, n).unwrap()
+    };
     let mut cx = StepContext {
         model,
         target,
-        x0,
+        x0: &x0,
+        batch_x0,
+        shard,
         x1: &x1,
-        cond,
+        cond: &cond,
         classes: cond.class_labels().map(|_| 3),
         path: &flowmap::path::LinearPath,
         progress: 1.0,
@@ -132,6 +156,65 @@ fn loss(method: Method, g: &GaussianMixture, delta: f64, c: DistillConfig) -> f6
     let t = method.needs_teacher().then_some(&teacher as &dyn VelocityField);
     let o = objective::build(method, t, c, None).unwrap();
     loss_of(o.as_ref(), &map(g, delta), g)
+}
+
+/// Data parallelism: split over 2 and 4 ranks, every map objective's batch loss is the mean of the ranks'
+/// losses (each rank drawing the whole batch's randomness and keeping its rows), and every rank's random
+/// stream ends where one process's does.
+#[test]
+fn every_objective_splits_over_ranks_into_the_mean_of_their_losses() {
+    let g = mixture();
+    let teacher = GmmVelocity::new(g.clone());
+    let m = map(&g, 0.2);
+    for method in Method::all() {
+        let mut c = cfg(0.1, 0.25);
+        c.times.grid_fraction = 0.25;
+        let t = method.needs_teacher().then_some(&teacher as &dyn VelocityField);
+        let o = match method {
+            // Progressive matching's frozen map, which the registry builds from a student's parameters.
+            Method::Progressive => Box::new(Progressive::with_frozen(&teacher, c, Box::new(map(&g, 0.1)))),
+            _ => objective::build(method, t, c, None).unwrap(),
+        };
+        let run = |rank: usize, world: usize| {
+            let mut rng = Rng::new(21);
+            let n = 64;
+            let x0 = flowmap::data::to_tensor(
+                &g.sample(n, &mut rng),
+                n,
+                2,
+                candle_core::DType::F64,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let shard = Shard::of(rank, world, n).unwrap();
+            let l = scalar(&loss_on_shard(
+                o.as_ref(),
+                &m,
+                &m,
+                &x0,
+                flowmap::Cond::none_ref(),
+                &mut rng,
+                shard,
+            ));
+            (l, rng.uniform())
+        };
+        let (whole, next) = run(0, 1);
+        for world in [2, 4] {
+            let parts: Vec<(f64, f64)> = (0..world).map(|r| run(r, world)).collect();
+            let mean = parts.iter().map(|p| p.0).sum::<f64>() / world as f64;
+            // Not to the last bit: the test's exact map is an adaptive solve, whose steps follow the rows
+            // it is given; so are direct regression's targets (dopri5 at its tolerance, 1e-5 by default).
+            let tol = if method == Method::Direct { 1e-3 } else { 1e-6 };
+            assert!(
+                (mean - whole).abs() <= tol * whole.abs(),
+                "{method}: {world} ranks' mean loss {mean:e}, one process's {whole:e}"
+            );
+            assert!(
+                parts.iter().all(|p| p.1 == next),
+                "{method}: a rank's stream moved differently"
+            );
+        }
+    }
 }
 
 /// The loss at Φ is tiny and the perturbed map's is far larger.

@@ -2,38 +2,22 @@
 //! with f32 to bf16 rounding in values and gradients, keep their bits at any thread count, train along the
 //! f32 loss curve, and record the setting; where the CPU has no AVX-512 BF16, bf16 is f32 to the bit.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use flowmap::backbone::{vars_sorted, Arch, MlpConfig, Role, UnetConfig};
+use flowmap::backbone::{vars_sorted, Arch, MlpConfig, Role};
 use flowmap::data::{DataSource, Toy};
 use flowmap::kernels::{self, with_precision, Precision};
 use flowmap::pipeline;
 use flowmap::train::TrainConfig;
 use flowmap::{Cond, Rng};
 
+use common::{rel_to_largest as rel, small_unet};
+
 /// Whether this CPU runs the bf16 kernels (otherwise bf16 must give the f32 bits).
 fn has_bf16() -> bool {
     Precision::Bf16.effective() == Precision::Bf16
-}
-
-/// `max |a − b| / max |b|`.
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1e-12)
 }
 
 /// A network with every parameter drawn (zero-initialised ones too, so no path is idle), an input batch,
@@ -78,18 +62,10 @@ fn case(arch: Arch, x_shape: &[usize], classes: Option<usize>) -> Case {
 }
 
 fn cases() -> Vec<(&'static str, Case)> {
-    let unet = UnetConfig {
-        channels: 16,
-        channel_mult: vec![1, 2],
-        attention_resolutions: vec![4],
-        groups: 4,
-        time_features: 4,
-        num_classes: Some(3),
-        ..UnetConfig::new(&[2, 8, 8])
-    };
+    let unet = small_unet(&[2, 8, 8], 16, 4, Some(3));
     vec![
         ("mlp", case(Arch::Mlp(MlpConfig::new(2)), &[700, 2], None)),
-        ("unet", case(Arch::Unet(unet), &[6, 2, 8, 8], Some(3))),
+        ("unet", case(unet, &[6, 2, 8, 8], Some(3))),
     ]
 }
 
@@ -195,17 +171,10 @@ fn precision_names_parse_and_unknown_ones_are_refused() {
 #[test]
 fn bf16_tangents_stay_within_bf16_rounding_of_f32() {
     use flowmap::flow_map::{FlowMapNet, Point, Tangent, TangentMap};
-    let unet = UnetConfig {
-        channels: 16,
-        channel_mult: vec![1, 2],
-        attention_resolutions: vec![4],
-        groups: 4,
-        time_features: 4,
-        ..UnetConfig::new(&[2, 8, 8])
-    };
+    let unet = small_unet(&[2, 8, 8], 16, 4, None);
     for (name, arch, shape) in [
         ("mlp", Arch::Mlp(MlpConfig::new(2)), vec![300, 2]),
-        ("unet", Arch::Unet(unet), vec![4, 2, 8, 8]),
+        ("unet", unet, vec![4, 2, 8, 8]),
     ] {
         let vm = VarMap::new();
         let net = FlowMapNet::new(arch, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();

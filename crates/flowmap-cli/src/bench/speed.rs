@@ -99,6 +99,9 @@ impl SpeedReport {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SpeedReport {
     pub cpu: String,
+    /// The device the rows ran on (`cpu`, `cuda:0`); the peer runs there too.
+    #[serde(default = "cpu_spec")]
+    pub device: String,
     pub threads: usize,
     pub options: SpeedOptions,
     /// sgemm GFLOP/s by shape `MxKxN`, as flowmap's layers run it: an identity dense layer `x·Wᵀ + 0` on
@@ -214,6 +217,7 @@ pub fn speed(out: &Path, opts: &SpeedOptions, device: &Device, show: bool) -> Re
     }
     let out = OutDir::create(out)?;
     let threads = flowmap::kernels::threads();
+    let spec = device_spec(device);
     let mut sgemm_gflops: BTreeMap<String, f64> = BTreeMap::new();
     let per_round = if mlp {
         opts.widths.len() * (opts.batches.len() * 4 + 1)
@@ -230,7 +234,7 @@ pub fn speed(out: &Path, opts: &SpeedOptions, device: &Device, show: bool) -> Re
     for round in 0..opts.rounds.max(1) {
         if opts.peer {
             bar.set_message(format!("PyTorch peer, round {}", round + 1));
-            match (run_peers(opts, threads, mlp, unet), &mut peer) {
+            match (run_peers(opts, threads, mlp, unet, &spec), &mut peer) {
                 (Ok(p), Some(Ok(prev))) => prev.keep_best(p),
                 (r, slot) => {
                     if !matches!(slot, Some(Ok(_))) {
@@ -311,6 +315,7 @@ pub fn speed(out: &Path, opts: &SpeedOptions, device: &Device, show: bool) -> Re
     }
     let report = SpeedReport {
         cpu: cpu_name(),
+        device: spec,
         threads,
         options: opts.clone(),
         sgemm_gflops,
@@ -513,7 +518,13 @@ impl PeerReport {
 }
 
 /// Runs the embedded PyTorch scripts for the networks asked for, with the same sizes and thread count.
-fn run_peers(opts: &SpeedOptions, threads: usize, mlp: bool, unet: bool) -> std::result::Result<PeerReport, String> {
+fn run_peers(
+    opts: &SpeedOptions,
+    threads: usize,
+    mlp: bool,
+    unet: bool,
+    device: &str,
+) -> std::result::Result<PeerReport, String> {
     let probe = Command::new(&opts.python).args(["-c", "import torch"]).output();
     match probe {
         Err(e) => return Err(format!("cannot start '{}': {e}", opts.python)),
@@ -534,6 +545,7 @@ fn run_peers(opts: &SpeedOptions, threads: usize, mlp: bool, unet: bool) -> std:
             .args(["--threads", &threads.to_string()])
             .args(["--seconds", &opts.seconds.to_string()])
             .args(["--seed", &opts.seed.to_string()])
+            .args(["--device", device])
             .args([
                 "--autocast",
                 if opts.precision == Precision::Bf16 {
@@ -593,6 +605,19 @@ fn run_peers(opts: &SpeedOptions, threads: usize, mlp: bool, unet: bool) -> std:
     result
 }
 
+/// A device as `--device` and PyTorch name it: `cpu`, `cuda:N`.
+fn device_spec(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => cpu_spec(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("mps:{gpu_id}"),
+    }
+}
+
+fn cpu_spec() -> String {
+    "cpu".into()
+}
+
 fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("flowmap-peer-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -606,7 +631,12 @@ fn cell(v: Option<f64>, f: &dyn Fn(f64) -> String) -> String {
 
 fn speed_markdown(r: &SpeedReport) -> String {
     let mut md = format!(
-        "# Speed\n\nProduced by `flowmap bench speed{}`. CPU: {} ({} threads). Precision: {}{}. Peer: {}.\n\n",
+        "# Speed\n\nProduced by `flowmap{} bench speed{}`. CPU: {} ({} threads). Precision: {}{}. Peer: {}.\n\n",
+        if r.device == "cpu" {
+            String::new()
+        } else {
+            format!(" --device {}", r.device)
+        },
         if r.options.precision == Precision::F32 {
             ""
         } else {
@@ -618,7 +648,7 @@ fn speed_markdown(r: &SpeedReport) -> String {
         if r.options.precision == Precision::F32 {
             ""
         } else {
-            " (PyTorch under `torch.autocast(\"cpu\", dtype=torch.bfloat16)`)"
+            " (PyTorch under `torch.autocast(device, dtype=torch.bfloat16)`)"
         },
         r.peer_status
     );

@@ -94,8 +94,15 @@ pub fn budgeted(
     flags: &TrainFlags,
     mut cfg: TrainConfig,
     what: &str,
+    cx: &super::Ctx,
     plan: impl FnOnce(f64) -> flowmap::Result<flowmap::pipeline::BudgetPlan>,
 ) -> Result<TrainConfig> {
+    if let (Some(_), Some(_)) = (flags.minutes, &cx.ranks) {
+        return Err(flowmap::Error::Ranks(
+            "--minutes plans the steps of one process; give a data-parallel run --steps".into(),
+        )
+        .into());
+    }
     if let Some(m) = flags.minutes {
         let p = plan(m * 60.0)?;
         eprintln!(

@@ -54,7 +54,7 @@ pub struct DistillArgs {
 }
 
 pub fn run(a: DistillArgs, cx: &Ctx) -> Result<()> {
-    let (device, show) = (&cx.device, cx.show);
+    let device = &cx.device;
     let named = a.method.as_deref().map(distill_method).transpose()?;
     // The teacher (and so the kind of data, which picks a recipe) is read before the training settings,
     // which lie over the recipe's; the output is checked first, before anything slow.
@@ -80,7 +80,7 @@ pub fn run(a: DistillArgs, cx: &Ctx) -> Result<()> {
             (r.method, Some(r))
         }
     };
-    if let Some(r) = &recommendation {
+    if let (Some(r), true) = (&recommendation, cx.writes()) {
         let what = if kind.image { "images" } else { "points" };
         eprintln!(
             "distill: no --method given: the recommended one-step recipe for {what}, {method} ({}; batch {}, learning rate {}, EMA decay {}): {}",
@@ -111,7 +111,7 @@ pub fn run(a: DistillArgs, cx: &Ctx) -> Result<()> {
         recipe,
         ..MapJob::new(method, &data)
     };
-    run_map(job, &a.out, &a.train, show)
+    run_map(job, &a.out, &a.train, cx)
 }
 
 /// The teacher of `distill`: `gmm:SPEC.json`, a flowmap checkpoint, or a plain safetensors state dict (a
@@ -144,16 +144,19 @@ fn load_teacher(
 }
 
 /// Runs a flow-map job (for `--minutes`, planned first) behind a progress bar and saves its map.
-pub fn run_map(mut job: MapJob<'_>, out: &Path, flags: &TrainFlags, show: bool) -> Result<()> {
-    job.train = budgeted(flags, job.train.clone(), job.method.name(), |secs| {
+pub fn run_map(mut job: MapJob<'_>, out: &Path, flags: &TrainFlags, cx: &Ctx) -> Result<()> {
+    job.train = budgeted(flags, job.train.clone(), job.method.name(), cx, |secs| {
         job.plan_budget(secs)
     })?;
     let (method, steps) = (job.method, job.train.steps);
     let mut sup = supervise::Supervisor::new(&flags.long, out)?;
-    let pb = progress_bar(steps as u64, method.name(), show);
+    let pb = progress_bar(steps as u64, method.name(), cx.show);
     let bar = report::bar_for(&pb, &job.data.state_shape(), job.train.batch_size);
-    let m = sup.run(|ctl| job.run_controlled(&*bar, ctl))?;
+    let m = sup.run(cx.collective(), |ctl| job.run_controlled(&*bar, ctl))?;
     pb.finish_and_clear();
+    if !cx.writes() {
+        return Ok(());
+    }
     m.save(out)?;
     let (first, last) = m.log.first_last();
     eprintln!(

@@ -17,8 +17,22 @@ pub mod sample;
 pub mod teacher;
 pub mod train;
 
-/// What every command is run with: the device, and whether progress is shown.
+/// What every command is run with: the device, whether progress is shown, and the ranks of a
+/// data-parallel launch (`mpirun`), if any.
 pub struct Ctx {
     pub device: Device,
     pub show: bool,
+    pub ranks: Option<crate::ranks::Ranks>,
+}
+
+impl Ctx {
+    /// The collective of a data-parallel launch.
+    pub fn collective(&self) -> Option<&dyn flowmap::dist::Collective> {
+        self.ranks.as_ref().map(|r| r.collective())
+    }
+
+    /// Whether this process prints and writes the run's files (rank 0, or the one process).
+    pub fn writes(&self) -> bool {
+        crate::ranks::rank_of(self.ranks.as_ref()) == 0
+    }
 }

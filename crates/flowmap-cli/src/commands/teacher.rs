@@ -32,14 +32,19 @@ pub fn run(a: TeacherArgs, cx: &Ctx) -> Result<()> {
     let data = a.data.open()?;
     let shape = data.state_shape();
     let arch = a.arch.build(&shape, data.num_classes(), &file, &[])?;
-    let cfg = budgeted(&a.train, cfg.clone(), "teacher", |secs| {
+    let cfg = budgeted(&a.train, cfg.clone(), "teacher", cx, |secs| {
         pipeline::plan_teacher(secs, &data, &arch, &cfg, device)
     })?;
     let mut sup = supervise::Supervisor::new(&a.train.long, &a.out)?;
     let pb = progress_bar(cfg.steps as u64, "teacher", show);
     let bar = report::bar_for(&pb, &shape, cfg.batch_size);
-    let trained = sup.run(|ctl| pipeline::train_teacher_controlled(&data, &arch, &cfg, device, &*bar, ctl))?;
+    let trained = sup.run(cx.collective(), |ctl| {
+        pipeline::train_teacher_controlled(&data, &arch, &cfg, device, &*bar, ctl)
+    })?;
     pb.finish_and_clear();
+    if !cx.writes() {
+        return Ok(());
+    }
     trained.save(&a.out)?;
     let (first, last) = trained.log.first_last();
     eprintln!(

@@ -34,7 +34,7 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: TrainArgs, cx: &Ctx) -> Result<()> {
-    let (device, show) = (&cx.device, cx.show);
+    let device = &cx.device;
     let method = train_method(&a.method)?;
     let (file, cfg) = run_settings(&a.out, &a.train, a.guidance_range.as_deref())?;
     let data = a.data.open()?;
@@ -47,5 +47,5 @@ pub fn run(a: TrainArgs, cx: &Ctx) -> Result<()> {
         device: device.clone(),
         ..MapJob::new(method, &data)
     };
-    run_map(job, &a.out, &a.train, show)
+    run_map(job, &a.out, &a.train, cx)
 }

@@ -38,10 +38,10 @@ impl<'a> Objective for ConsistencyDistillation<'a> {
     type Model = dyn FlowMap;
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
-        let b = cx.x0.dim(0)?;
         let n = intervals(self.cfg.continuous.cm_intervals, cx.progress);
         let rho = self.cfg.continuous.cm_time_power;
-        let k: Vec<f64> = (0..b).map(|_| (1 + cx.rng.below(n)) as f64).collect();
+        let k: Vec<f64> = (0..cx.shard.global).map(|_| (1 + cx.rng.below(n)) as f64).collect();
+        let k = cx.shard.local(&k);
         let time = |k: f64| (k / n as f64).powf(rho);
         let t_host: Vec<f64> = k.iter().map(|&k| time(k)).collect();
         let t_prev_host: Vec<f64> = k.iter().map(|&k| time(k - 1.0)).collect();

@@ -1,11 +1,11 @@
 use candle_core::Tensor;
 
-use super::{pair_loss, row_mse, DiagonalTarget, DistillConfig, Objective, StepContext};
+use super::{pair_loss_drawing, row_mse, DiagonalTarget, DistillConfig, Objective, StepContext};
 use crate::flow_map::FlowMap;
 use crate::kernels::no_grad;
 use crate::ode::{self, Scheme, Solver};
 use crate::teacher::VelocityField;
-use crate::{state, Result};
+use crate::{state, Result, Rng};
 
 /// Consistency trajectory models (Kim et al. 2024, "Consistency Trajectory Models"), the distillation core:
 /// the teacher is solved from `t` part of the way to an intermediate `u = t − λ(t − s)`, `λ ~ U(0, 1]`
@@ -24,21 +24,39 @@ impl<'a> Objective for ConsistencyTrajectory<'a> {
     type Model = dyn FlowMap;
 
     fn loss(&self, cx: &mut StepContext<'_, Self::Model>) -> Result<Tensor> {
-        pair_loss(&self.cfg, cx, DiagonalTarget::Teacher(self.teacher), |cx, rows| {
-            let (x, t, s) = (&rows.x, &rows.t, &rows.s);
-            let lam: Vec<f64> = (0..x.dim(0)?).map(|_| 1.0 - cx.rng.uniform()).collect();
-            let u = (t - (t - s)?.broadcast_mul(&super::column(&lam, x)?)?)?;
-            let longest = (t - &u)?
-                .max_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
-            let steps = ((longest * self.cfg.continuous.ctm_steps_per_unit as f64).ceil() as usize).max(1);
-            let c = &rows.cond;
-            let xu = ode::solve(self.teacher, Solver::fixed(Scheme::Heun, steps), x, t, &u, c)?;
-            let y = no_grad(|| cx.target.map(&xu, &u, s, c))?;
-            // In average-velocity form: F(x_t, t, s) against (y − x_t)/(s − t).
-            let target = (y - x)?.broadcast_div(&state::per_row(&(s - t)?, x)?)?;
-            Ok(row_mse(&rows.f, &target)?.mean_all()?)
-        })
+        // λ for every off-diagonal row of the global batch; the solve's steps are fixed by the longest
+        // jump of the whole batch, so every rank of a data-parallel run takes the same.
+        let draw = |rng: &mut Rng, n: usize| -> Vec<f64> { (0..n).map(|_| 1.0 - rng.uniform()).collect() };
+        pair_loss_drawing(
+            &self.cfg,
+            cx,
+            DiagonalTarget::Teacher(self.teacher),
+            draw,
+            |cx, rows, all_lam| {
+                let (x, t, s) = (&rows.x, &rows.t, &rows.s);
+                let lam = rows.shard.local(&all_lam);
+                let u = (t - (t - s)?.broadcast_mul(&super::column(&lam, x)?)?)?;
+                let (all_t, all_u) = if rows.shard.is_whole() {
+                    (t.clone(), u.clone())
+                } else {
+                    let (at, as_) = (&rows.all_t, &rows.all_s);
+                    (
+                        at.clone(),
+                        (at - (at - as_)?.broadcast_mul(&super::column(&all_lam, at)?)?)?,
+                    )
+                };
+                let longest = (all_t - all_u)?
+                    .max_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
+                let steps = ((longest * self.cfg.continuous.ctm_steps_per_unit as f64).ceil() as usize).max(1);
+                let c = &rows.cond;
+                let xu = ode::solve(self.teacher, Solver::fixed(Scheme::Heun, steps), x, t, &u, c)?;
+                let y = no_grad(|| cx.target.map(&xu, &u, s, c))?;
+                // In average-velocity form: F(x_t, t, s) against (y − x_t)/(s − t).
+                let target = (y - x)?.broadcast_div(&state::per_row(&(s - t)?, x)?)?;
+                Ok(row_mse(&rows.f, &target)?.mean_all()?)
+            },
+        )
     }
 }

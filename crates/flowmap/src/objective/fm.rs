@@ -24,8 +24,7 @@ impl Objective for FlowMatching {
     type Model = dyn VelocityField;
 
     fn loss(&self, cx: &mut StepContext<'_, dyn VelocityField>) -> Result<Tensor> {
-        let b = cx.x0.dim(0)?;
-        let t = column(&cx.rng.uniform_vec(b), cx.x0)?;
+        let t = column(&cx.shard.local(&cx.rng.uniform_vec(cx.shard.global)), cx.x0)?;
         let xt = cx.path.interpolate(cx.x0, cx.x1, &t)?;
         let target = cx.path.conditional_velocity(cx.x0, cx.x1, &t)?;
         let v = cx.model.velocity(&xt, &t, cx.cond)?;

@@ -78,7 +78,7 @@ impl Objective for MeanFlow {
                     if c.is_none() { "" } else { " and class labels" }
                 )))
             }
-            MeanFlowVelocity::Batch => batch_velocity(&x, &t, cx.x0)?,
+            MeanFlowVelocity::Batch => batch_velocity(&x, &t, cx.batch_x0)?,
         };
         // Guidance from data: `ṽ = ω·v_c + (1 − ω)·F⁻(x_t, t, t | ∅)` on labelled rows, in the target and
         // in the tangent (the paper's `(ṽ, 1, 0)`).

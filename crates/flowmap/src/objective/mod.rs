@@ -43,6 +43,7 @@ pub use registry::Method;
 pub use self_distill::{SelfLmd, Shortcut};
 
 use crate::cond::Cond;
+use crate::dist::Shard;
 use crate::flow_map::{FiniteDifference, FlowMap, Point, Tangent};
 use crate::path::ProbabilityPath;
 use crate::state;
@@ -55,8 +56,15 @@ pub struct StepContext<'a, M: ?Sized> {
     pub model: &'a M,
     /// The target model `θ⁻`: the EMA of `θ`, or `θ` itself (objectives always stop its gradient).
     pub target: &'a M,
-    /// Data `x0`, `B × …` (points `B × D`, images `B × C × H × W`).
+    /// Data `x0`, `B × …` (points `B × D`, images `B × C × H × W`): this rank's rows of the batch.
     pub x0: &'a Tensor,
+    /// The whole batch's data (every rank's rows; `x0` itself in one process): the data law of
+    /// estimators that average over the batch ([`batch_velocity`]).
+    pub batch_x0: &'a Tensor,
+    /// Which rows of the global batch `x0` holds ([`crate::dist`]): an objective draws its per-row random
+    /// values for the whole global batch and keeps this block, so that a data-parallel run draws what
+    /// one process draws.
+    pub shard: Shard,
     /// Noise `x1 ~ N(0, I)`, shaped like `x0`.
     pub x1: &'a Tensor,
     /// The batch's condition (its class labels, or none; a guidance scale per row when guidance is
@@ -108,17 +116,22 @@ pub(crate) fn row_mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// Draws `(t, s)` for a distillation batch and returns `x_t` on the path, the time columns and the
-/// number of leading diagonal rows (`s = t`).
+/// number of leading diagonal rows (`s = t`), all of this rank's rows.
 pub(crate) fn draw_pairs<M: ?Sized>(
     cfg: &DistillConfig,
     cx: &mut StepContext<'_, M>,
 ) -> Result<(Tensor, Tensor, Tensor, usize)> {
-    let b = cx.x0.dim(0)?;
-    let (t, s, n_diag) = cfg.times.sample(b, cx.rng);
+    let (t, s, n_diag) = draw_global_pairs(cfg, cx);
+    let (t, s, n_diag) = (cx.shard.local(&t), cx.shard.local(&s), cx.shard.count_below(n_diag));
     let t = column(&t, cx.x0)?;
     let s = column(&s, cx.x0)?;
     let xt = cx.path.interpolate(cx.x0, cx.x1, &t)?;
     Ok((xt, t, s, n_diag))
+}
+
+/// `(t, s, n_diag)` for every row of the global batch (diagonal rows first).
+fn draw_global_pairs<M: ?Sized>(cfg: &DistillConfig, cx: &mut StepContext<'_, M>) -> (Vec<f64>, Vec<f64>, usize) {
+    cfg.times.sample(cx.shard.global, cx.rng)
 }
 
 /// The shared discrete-distillation loss: diagonal rows regress `F(x, t, t)` on the teacher velocity,
@@ -167,6 +180,12 @@ pub(crate) struct Rows {
     pub f: Tensor,
     /// The teacher velocity `v_φ(x_t, t)` on these rows, for [`DiagonalTarget::TeacherEverywhere`].
     pub v: Option<Tensor>,
+    /// Which of the global batch's off-diagonal rows these are (all of them in one process).
+    pub shard: Shard,
+    /// `t` and `s` of every off-diagonal row of the global batch, columns (`rows.t`, `rows.s` in one
+    /// process): for settings fixed by the whole batch, as the number of steps of a teacher solve.
+    pub all_t: Tensor,
+    pub all_s: Tensor,
 }
 
 /// The shape shared by the pair objectives: draw `(t, s)` with the configured diagonal fraction; the
@@ -183,7 +202,29 @@ pub(crate) fn pair_loss<M: FlowMap + ?Sized>(
     diagonal: DiagonalTarget<'_>,
     off: impl FnOnce(&mut StepContext<'_, M>, &Rows) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let (xt, t, s, n_diag) = draw_pairs(cfg, cx)?;
+    pair_loss_drawing(cfg, cx, diagonal, |_, _| (), |cx, rows, ()| off(cx, rows))
+}
+
+/// [`pair_loss`] for an objective that draws random values for its off-diagonal rows: `draw(rng, n)`
+/// draws them for the `n` off-diagonal rows of the global batch, right after the times (nothing draws in
+/// between), on every rank, whether or not the rank holds any of those rows; `off` gets the draws.
+pub(crate) fn pair_loss_drawing<M: FlowMap + ?Sized, D>(
+    cfg: &DistillConfig,
+    cx: &mut StepContext<'_, M>,
+    diagonal: DiagonalTarget<'_>,
+    draw: impl FnOnce(&mut Rng, usize) -> D,
+    off: impl FnOnce(&mut StepContext<'_, M>, &Rows, D) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (all_t, all_s, all_diag) = draw_global_pairs(cfg, cx);
+    let all_off = cx.shard.global - all_diag;
+    let draws = (all_off > 0).then(|| draw(cx.rng, all_off));
+    let shard = cx.shard.clone();
+    let n_diag = shard.count_below(all_diag);
+    let (t, s) = (
+        column(&shard.local(&all_t), cx.x0)?,
+        column(&shard.local(&all_s), cx.x0)?,
+    );
+    let xt = cx.path.interpolate(cx.x0, cx.x1, &t)?;
     let c = cx.cond;
     let f = cx.model.average_velocity(&xt, &t, &s, c)?;
     let v = match diagonal {
@@ -215,7 +256,24 @@ pub(crate) fn pair_loss<M: FlowMap + ?Sized>(
         let (x, t, s, _, _, f) = (next(), next(), next(), next(), next(), next());
         let v = v.is_some().then(next);
         let cond = c.narrow(n_diag, n_off)?;
-        Some(off(cx, &Rows { x, t, s, cond, f, v })?)
+        let (all_t, all_s) = if shard.is_whole() {
+            (t.clone(), s.clone())
+        } else {
+            (column(&all_t[all_diag..], cx.x0)?, column(&all_s[all_diag..], cx.x0)?)
+        };
+        let shard = shard.tail(all_diag);
+        let rows = Rows {
+            x,
+            t,
+            s,
+            cond,
+            f,
+            v,
+            shard,
+            all_t,
+            all_s,
+        };
+        Some(off(cx, &rows, draws.expect("drawn for the off-diagonal rows"))?)
     } else {
         None
     };

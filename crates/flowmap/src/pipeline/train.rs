@@ -476,6 +476,7 @@ impl<'a> MapJob<'a> {
             recovery: ctl.recovery,
             loss_hook: ctl.loss_hook.map(|f| f as &mut dyn FnMut(usize, f64) -> f64),
             monitor: (every > 0).then_some((every, &mut hook as &mut dyn FnMut(usize) -> Result<()>)),
+            collective: ctl.collective,
         };
         // The objective's learning rate; the recorded configuration keeps the run's and the scale apart.
         let train = TrainConfig {

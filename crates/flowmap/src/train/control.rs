@@ -4,6 +4,7 @@
 use std::sync::atomic::AtomicBool;
 
 use super::TrainState;
+use crate::dist::Collective;
 use crate::{Error, Result};
 
 /// Recovery from a non-finite loss or gradient: the loop keeps a good state in memory every `keep_every`
@@ -73,4 +74,8 @@ pub struct RunControl<'a> {
     pub loss_hook: Option<LossHook<'a>>,
     /// `(every, hook)`: `hook(step)` before the first step and after every `every` steps.
     pub monitor: Option<(usize, StepHook<'a>)>,
+    /// The ranks of a data-parallel run ([`crate::dist`]): each holds its block of every batch, the
+    /// gradients and losses are averaged over the ranks, and every rank keeps the same parameters. Every
+    /// rank runs with the same settings and data (checked at the start); give `save_state` to one rank.
+    pub collective: Option<&'a dyn Collective>,
 }

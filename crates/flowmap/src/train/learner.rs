@@ -6,7 +6,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
 use candle_nn::ParamsAdamW;
 
 use super::control::{Recovery, RunControl, StateSink};
@@ -15,9 +16,13 @@ use super::step::{self, At};
 use super::{check_batch_fits, Progress, TrainConfig, TrainEvent, TrainLog, Trainable};
 use crate::backbone::vars_sorted;
 use crate::data::DataSource;
+use crate::dist::{self, check_agreement, Collective, Shard};
 use crate::objective::{Objective, ObjectiveState};
 use crate::optim::{AdamW, Ema};
 use crate::{Error, Result, Rng};
+
+/// The values in one bucket of a data-parallel gradient reduction (16 MB of f32).
+const BUCKET: usize = 1 << 22;
 
 /// The parameters a run updates, by name in a fixed order, with the optimiser and the EMA that move with
 /// them.
@@ -54,10 +59,13 @@ impl Params {
         self.ema.as_ref().map_or(&[], |e| &e.1)
     }
 
-    /// Steps the optimiser (and the EMA) on the gradients of `loss` when every one is finite; otherwise
-    /// moves nothing and says why.
-    fn update(&mut self, loss: &Tensor, step: usize) -> Result<Option<String>> {
-        let grads = loss.backward()?;
+    /// Steps the optimiser (and the EMA) on the gradients of `loss` (averaged over the ranks of a
+    /// data-parallel run) when every one is finite; otherwise moves nothing and says why.
+    fn update(&mut self, loss: &Tensor, step: usize, ranks: Option<&dyn Collective>) -> Result<Option<String>> {
+        let mut grads = loss.backward()?;
+        if let Some(c) = ranks {
+            self.average_gradients(&mut grads, c)?;
+        }
         if !self.opt.grads_finite(&grads)? {
             return Ok(Some("a gradient is not finite".to_string()));
         }
@@ -66,6 +74,46 @@ impl Params {
             ema.update(step)?;
         }
         Ok(None)
+    }
+
+    /// Replaces every parameter's gradient by its mean over the ranks: one flat buffer in parameter-name
+    /// order, reduced in buckets of [`BUCKET`] values. A parameter no rank has a gradient for keeps none.
+    fn average_gradients(&self, grads: &mut GradStore, c: &dyn Collective) -> Result<()> {
+        let total: usize = self.live.iter().map(|(_, v)| v.elem_count()).sum();
+        let mut flat = Vec::with_capacity(total);
+        let mut present = vec![0.0f64; self.live.len()];
+        for ((_, v), p) in self.live.iter().zip(present.iter_mut()) {
+            match grads.get(v) {
+                Some(g) => {
+                    *p = 1.0;
+                    flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+                }
+                None => flat.extend(std::iter::repeat_n(0.0, v.elem_count())),
+            }
+        }
+        c.all_reduce_sum_f64(&mut present)?;
+        dist::all_reduce_mean(c, &mut flat, BUCKET)?;
+        let mut at = 0;
+        for ((_, v), p) in self.live.iter().zip(&present) {
+            let n = v.elem_count();
+            if *p > 0.0 {
+                let g = Tensor::from_slice(&flat[at..at + n], v.shape(), v.device())?.to_dtype(v.dtype())?;
+                grads.insert(v, g);
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// A fingerprint of the parameters' bits (FNV-1a), to check that every rank starts from the same.
+    fn fingerprint(&self) -> Result<String> {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for (_, v) in self.live.iter().chain(self.ema_vars()) {
+            for x in v.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()? {
+                h = (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+        Ok(format!("{h:016x}"))
     }
 
     /// Sets the parameters, the EMA, the optimiser and the objective to `state`'s.
@@ -348,7 +396,10 @@ fn fit_in_precision<O: Objective>(
         recovery,
         mut loss_hook,
         mut monitor,
+        collective,
     } = ctl;
+    // A data-parallel run (more than one rank); one rank is the single-process run.
+    let ranks = collective.filter(|c| c.world() > 1);
     let mut at = Progression::new(cfg.seed);
     let mut elapsed_before = 0.0;
     let resumed = resume.is_some();
@@ -368,6 +419,9 @@ fn fit_in_precision<O: Objective>(
     };
     let start = Instant::now();
     let elapsed = || elapsed_before + start.elapsed().as_secs_f64();
+    if let Some(c) = ranks {
+        check_ranks(c, trainable, cfg, config, &params, at.step)?;
+    }
     let mut guard = Guard { recovery, good: None };
     if recovery.keep_every > 0 {
         guard.good = Some(params.capture(&at, objective, elapsed(), config)?);
@@ -383,7 +437,14 @@ fn fit_in_precision<O: Objective>(
     }
     while at.step < cfg.steps {
         let step = at.step;
-        if stop.is_some_and(|f| f.load(Ordering::SeqCst)) {
+        let mut stopping = stop.is_some_and(|f| f.load(Ordering::SeqCst));
+        if let Some(c) = ranks {
+            // One rank interrupted stops them all, after the same step.
+            let mut any = [if stopping { 1.0 } else { 0.0 }];
+            c.all_reduce_sum_f64(&mut any)?;
+            stopping = any[0] > 0.0;
+        }
+        if stopping {
             states.write(&params.capture(&at, objective, elapsed(), config)?)?;
             return Err(Error::Interrupted { step });
         }
@@ -396,13 +457,30 @@ fn fit_in_precision<O: Objective>(
             b.set_dropout_seed(Some(cfg.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
         }
         let here = At { step, progress: frac };
-        let (loss, mut value) = step::batch_loss(objective, trainable, target, data, cfg, here, &mut at.rng, device)?;
+        let (loss, mut value) = step::batch_loss(
+            objective,
+            trainable,
+            target,
+            data,
+            cfg,
+            here,
+            &mut at.rng,
+            device,
+            ranks,
+        )?;
         if let Some(hook) = loss_hook.as_mut() {
             value = hook(step, value);
         }
+        if let Some(c) = ranks {
+            // The batch's loss is the mean of the ranks' (equal blocks); a non-finite one on any rank makes
+            // it non-finite on all, so every rank rolls back together.
+            let mut mean = [value];
+            c.all_reduce_sum_f64(&mut mean)?;
+            value = mean[0] / c.world() as f64;
+        }
         let failure = match value.is_finite() {
             false => Some(format!("the loss is {value}")),
-            true => params.update(&loss, step)?,
+            true => params.update(&loss, step, ranks)?,
         };
         if let Some(reason) = failure {
             let event = guard.roll_back(step, reason, &mut at, &mut params, objective, &mut states)?;
@@ -433,4 +511,39 @@ fn fit_in_precision<O: Objective>(
         states.write(&params.capture(&at, objective, elapsed(), config)?)?;
     }
     Ok(at.finish(elapsed()))
+}
+
+/// Refuses a data-parallel run whose ranks would not compute one run: settings a rank decides alone
+/// (a wall-clock budget, dropout masks drawn per rank's rows), and ranks that disagree on the run's
+/// settings or start from different parameters.
+fn check_ranks<M: ?Sized>(
+    c: &dyn Collective,
+    trainable: &Trainable<'_, M>,
+    cfg: &TrainConfig,
+    config: &serde_json::Value,
+    params: &Params,
+    step: usize,
+) -> Result<()> {
+    if cfg.max_seconds.is_some() {
+        return Err(Error::Ranks(
+            "a data-parallel run trains for a number of steps, not until a clock runs out (each rank's clock differs)"
+                .into(),
+        ));
+    }
+    if let Some(b) = trainable.backbone {
+        let arch = serde_json::to_value(b.arch()).unwrap_or_default();
+        let dropout = arch
+            .as_object()
+            .and_then(|o| o.values().find_map(|v| v.get("dropout")?.as_f64()))
+            .unwrap_or(0.0);
+        if dropout > 0.0 {
+            return Err(Error::Ranks(
+                "dropout is not supported in a data-parallel run yet (its masks are drawn per rank's rows)".into(),
+            ));
+        }
+    }
+    Shard::of(c.rank(), c.world(), cfg.batch_size).map_err(|e| Error::Ranks(e.to_string()))?;
+    let settings = serde_json::json!({ "config": config, "train": cfg, "step": step });
+    check_agreement(c, "the run's settings", &settings.to_string())?;
+    check_agreement(c, "the starting parameters", &params.fingerprint()?)
 }

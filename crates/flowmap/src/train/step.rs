@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use super::{TrainConfig, Trainable};
 use crate::cond::Cond;
 use crate::data::DataSource;
+use crate::dist::{Collective, Shard};
 use crate::objective::{Objective, StepContext};
 use crate::{Result, Rng};
 
@@ -42,7 +43,8 @@ pub(super) struct At {
 }
 
 /// One batch's loss under `objective`: data and their condition, noise, then the objective. Returns the
-/// tensor to differentiate and its value. Every random draw comes from `rng`, in this order.
+/// tensor to differentiate and its value. Every random draw comes from `rng`, in this order. Under a
+/// `collective`, the draws are the whole batch's and the loss is this rank's rows' ([`crate::dist`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn batch_loss<O: Objective>(
     objective: &O,
@@ -53,15 +55,30 @@ pub(super) fn batch_loss<O: Objective>(
     at: At,
     rng: &mut Rng,
     device: &Device,
+    collective: Option<&dyn Collective>,
 ) -> Result<(Tensor, f64)> {
     let batch = data.sample_batch(cfg.batch_size, rng, DType::F32, device)?;
     let n = batch.x0.dim(0)?;
     let cond = condition(batch.cond, trainable.classes, cfg, n, rng, device)?;
     let x1 = rng.normal_tensor(batch.x0.shape(), DType::F32, device)?;
+    // A data-parallel rank keeps its block of the rows drawn for the whole batch.
+    let shard = Shard::for_run(collective, n)?;
+    let (x0, x1, cond) = if shard.is_whole() {
+        (batch.x0.clone(), x1, cond)
+    } else {
+        let (lo, len) = (shard.rows.start, shard.len());
+        (
+            batch.x0.narrow(0, lo, len)?,
+            x1.narrow(0, lo, len)?,
+            cond.narrow(lo, len)?,
+        )
+    };
     let mut cx = StepContext {
         model: trainable.model,
         target,
-        x0: &batch.x0,
+        x0: &x0,
+        batch_x0: &batch.x0,
+        shard,
         x1: &x1,
         cond: &cond,
         classes: trainable.classes,
