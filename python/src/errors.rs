@@ -29,7 +29,8 @@ pub fn to_py(e: flowmap::Error) -> PyErr {
         E::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "FileNotFound",
         E::Io { .. } => "FlowmapIOError",
         E::Data(_) => "DataError",
-        E::InvalidArgument(_) => "InvalidArgument",
+        // A data-parallel refusal (the package runs as one process; a rank refuses its settings).
+        E::InvalidArgument(_) | E::Ranks(_) => "InvalidArgument",
         E::Checkpoint { .. } => "CheckpointError",
         E::Config(_) => "ConfigError",
         E::Diverged { .. } => "DivergedError",

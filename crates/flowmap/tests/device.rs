@@ -37,16 +37,21 @@ fn device() -> Device {
     }
 }
 
-/// Runs `f` on the device under test: on the CPU, with the fast path off.
+/// Runs `f` on the device under test: on the CPU, with the fast path off (on again afterwards, even if `f`
+/// panics).
 fn on_subject<R>(f: impl FnOnce(&Device) -> R) -> R {
+    struct FastPathBack;
+    impl Drop for FastPathBack {
+        fn drop(&mut self) {
+            kernels::set_enabled(true);
+        }
+    }
     let dev = device();
-    let cpu = dev.is_cpu();
-    if cpu {
+    let _back = FastPathBack;
+    if dev.is_cpu() {
         kernels::set_enabled(false);
     }
-    let out = f(&dev);
-    kernels::set_enabled(true);
-    out
+    f(&dev)
 }
 
 /// What one network computes at one point: the output, every parameter's gradient of `⟨y, probe⟩` (in
@@ -113,12 +118,9 @@ fn evaluate(
     Outputs { y, grads, tangent }
 }
 
-/// Every network on the device computes what it computes on the CPU: outputs, each parameter's gradient
-/// and the exact tangent within f32 summation-order differences.
-#[test]
-fn networks_agree_with_the_cpu_in_values_gradients_and_tangents() {
-    let _g = serial();
-    for (name, arch, shape, classes) in [
+/// The networks of these cases: a name, the architecture, the input's shape and the number of classes.
+fn cases() -> Vec<(&'static str, Arch, Vec<usize>, Option<usize>)> {
+    vec![
         ("mlp", Arch::Mlp(MlpConfig::new(2)), vec![300, 2], None),
         (
             "unet",
@@ -126,20 +128,32 @@ fn networks_agree_with_the_cpu_in_values_gradients_and_tangents() {
             vec![6, 2, 8, 8],
             Some(3),
         ),
-    ] {
-        // Parameters drawn on the host (zero-initialised ones too, so that no path is idle).
-        let vm = VarMap::new();
-        FlowMapNet::new(arch.clone(), VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-        let mut rng = Rng::new(3);
-        let params: Vec<(String, Tensor)> = vars_sorted(&vm)
-            .into_iter()
-            .map(|(n, v)| {
-                (
-                    n,
-                    (rng.normal_tensor(v.shape(), DType::F32, &Device::Cpu).unwrap() * 0.3).unwrap(),
-                )
-            })
-            .collect();
+    ]
+}
+
+/// Every parameter of `arch`, drawn on the host (zero-initialised ones too, so that no path is idle).
+fn drawn_params(arch: &Arch) -> Vec<(String, Tensor)> {
+    let vm = VarMap::new();
+    FlowMapNet::new(arch.clone(), VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let mut rng = Rng::new(3);
+    vars_sorted(&vm)
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                (rng.normal_tensor(v.shape(), DType::F32, &Device::Cpu).unwrap() * 0.3).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Every network on the device computes what it computes on the CPU: outputs, each parameter's gradient
+/// and the exact tangent within f32 summation-order differences.
+#[test]
+fn networks_agree_with_the_cpu_in_values_gradients_and_tangents() {
+    let _g = serial();
+    for (name, arch, shape, classes) in cases() {
+        let params = drawn_params(&arch);
         let cpu = evaluate(&arch, &shape, classes, &params, &Device::Cpu);
         let sub = on_subject(|dev| evaluate(&arch, &shape, classes, &params, dev));
         let e = rel(&sub.y, &cpu.y);
@@ -153,6 +167,28 @@ fn networks_agree_with_the_cpu_in_values_gradients_and_tangents() {
         for ((p, a), (_, b)) in sub.grads.iter().zip(&cpu.grads) {
             let e = rel(a, b);
             assert!(e < 1e-3, "{name}: the gradient of {p} differs by {e}");
+        }
+    }
+}
+
+/// `--precision bf16` off the CPU's fast path (on another device, or with the fast path off) runs its
+/// products and convolutions on bf16 operands (candle's bf16 ops on a GPU; on the CPU, f32 ops on operands
+/// rounded to bf16): outputs, gradients and tangents within bf16 rounding of f32's, and not equal to them.
+#[test]
+fn bf16_on_the_device_runs_bf16_ops_within_bf16_rounding() {
+    use flowmap::kernels::{with_precision, Precision};
+    let _g = serial();
+    for (name, arch, shape, classes) in cases() {
+        let params = drawn_params(&arch);
+        let f32s = on_subject(|dev| evaluate(&arch, &shape, classes, &params, dev));
+        let bf16 = on_subject(|dev| with_precision(Precision::Bf16, || evaluate(&arch, &shape, classes, &params, dev)));
+        let (ey, et) = (rel(&bf16.y, &f32s.y), rel(&bf16.tangent, &f32s.tangent));
+        eprintln!("{name}: bf16 outputs differ from f32 by {ey:.1e}, tangents by {et:.1e}");
+        assert!(ey > 0.0 && ey < 3e-2, "{name}: bf16 outputs differ by {ey}");
+        assert!(et > 0.0 && et < 5e-2, "{name}: bf16 tangents differ by {et}");
+        for ((p, a), (_, b)) in bf16.grads.iter().zip(&f32s.grads) {
+            let e = rel(a, b);
+            assert!(e < 8e-2, "{name}: the bf16 gradient of {p} differs by {e}");
         }
     }
 }

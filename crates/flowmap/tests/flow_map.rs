@@ -8,6 +8,7 @@ use common::*;
 use flowmap::backbone::mlp::init_from_teacher;
 use flowmap::backbone::mlp::seed_params;
 use flowmap::backbone::MlpConfig;
+use flowmap::dist::Shard;
 use flowmap::flow_map::{Diagonal, FlowMap, FlowMapNet, SolverMap};
 use flowmap::objective::{self, DistillConfig, FlowMatching, Method, Objective, StepContext};
 use flowmap::teacher::{VelocityField, VelocityNet};
@@ -103,6 +104,8 @@ fn gradients_reach_every_parameter() {
         model: &teacher,
         target: &teacher,
         x0: &x0,
+        batch_x0: &x0,
+        shard: Shard::whole(128),
         x1: &x1,
         cond: flowmap::Cond::none_ref(),
         classes: None,
@@ -119,6 +122,8 @@ fn gradients_reach_every_parameter() {
             model: &student,
             target: &student,
             x0: &x0,
+            batch_x0: &x0,
+            shard: Shard::whole(128),
             x1: &x1,
             cond: flowmap::Cond::none_ref(),
             classes: None,

@@ -83,9 +83,6 @@ pub fn train_settings(
         cfg.guidance_range = Some(parse_guidance_range(r)?);
     }
     cfg.validate()?;
-    if cfg.precision != flowmap::kernels::Precision::F32 {
-        eprintln!("precision: {}", cfg.precision.describe());
-    }
     Ok(cfg)
 }
 
@@ -102,6 +99,9 @@ pub fn budgeted(
             "--minutes plans the steps of one process; give a data-parallel run --steps".into(),
         )
         .into());
+    }
+    if cfg.precision != flowmap::kernels::Precision::F32 && cx.writes() {
+        eprintln!("precision: {}", cfg.precision.describe_on(&cx.device));
     }
     if let Some(m) = flags.minutes {
         let p = plan(m * 60.0)?;

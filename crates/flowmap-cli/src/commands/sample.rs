@@ -94,7 +94,7 @@ pub fn run(a: SampleArgs, cx: &Ctx) -> Result<()> {
         precision: a.precision,
     };
     if a.precision != flowmap::kernels::Precision::F32 {
-        eprintln!("precision: {}", a.precision.describe());
+        eprintln!("precision: {}", a.precision.describe_on(&cx.device));
     }
     if a.guide.guidance.is_some() && a.guide.guide_model.is_none() && a.class.as_deref() == Some("null") {
         bail!("--guidance needs classes to guide towards; --class null is the unconditional model (guide it with --guide-model)");

@@ -41,7 +41,7 @@ pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Result<Tens
 /// `act(x·Wᵀ + b)` by candle's own ops: the reference the fused node is tested against, and the path every
 /// non-CPU or non-f32 tensor takes.
 pub fn plain(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
-    let z = x.matmul(&w.t()?)?.broadcast_add(b)?;
+    let z = super::plain_matmul(x, &w.t()?)?.broadcast_add(b)?;
     Ok(match act {
         Activation::Identity => z,
         Activation::Silu => z.silu()?,

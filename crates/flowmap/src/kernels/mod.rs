@@ -124,7 +124,17 @@ impl Precision {
         }
     }
 
-    /// One line on what `self` runs as here: the kernel, or the f32 fallback and why.
+    /// One line on what `self` runs as on `device`: candle's bf16 ops off the CPU, else [`Precision::describe`].
+    pub fn describe_on(self, device: &Device) -> String {
+        match self {
+            Precision::Bf16 if !device.is_cpu() => {
+                "bf16 matrix products and convolutions (candle's bf16 ops on this device)".to_string()
+            }
+            _ => self.describe(),
+        }
+    }
+
+    /// One line on what `self` runs as on the CPU here: the kernel, or the f32 fallback and why.
     pub fn describe(self) -> String {
         match (self, self.effective()) {
             (Precision::F32, _) => "f32".to_string(),
@@ -155,12 +165,15 @@ impl std::str::FromStr for Precision {
     }
 }
 
-/// Runs `f` with the fast path's matrix products in `precision` on this thread and on the fast path's
-/// workers while they run its blocks.
+/// Runs `f` with the matrix products in `precision` on this thread: the fast path's (and its workers'
+/// while they run its blocks), and off it, candle's own products and convolutions on any device
+/// ([`plain_matmul`], [`plain_conv2d`]).
 pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
     let before = PRECISION.with(|c| c.replace(precision.effective()));
+    let asked = ASKED.with(|c| c.replace(precision));
     let out = f();
     PRECISION.with(|c| c.set(before));
+    ASKED.with(|c| c.set(asked));
     out
 }
 
@@ -169,8 +182,45 @@ pub fn precision() -> Precision {
     PRECISION.with(|c| c.get())
 }
 
+/// Whether candle's own ops run a product of `t` in bf16: bf16 was asked for ([`with_precision`]), `t` is
+/// f32, and it is off the fast path (another device, or the fast path switched off).
+pub(crate) fn plain_bf16(t: &Tensor) -> bool {
+    ASKED.with(|c| c.get()) == Precision::Bf16 && t.dtype() == DType::F32 && !(enabled() && t.device().is_cpu())
+}
+
+/// `t` in bf16 for a product: on a GPU the bf16 tensor itself (its products take bf16 operands and sum in
+/// f32: cuBLAS's and candle's kernels do, as PyTorch's autocast); on the CPU, whose candle ops lack some
+/// bf16 products, `t` rounded to bf16 and kept in f32, so that the f32 product of rounded operands computes
+/// the same thing.
+fn bf16_operand(t: &Tensor) -> Result<Tensor> {
+    let h = t.to_dtype(DType::BF16)?;
+    Ok(if t.device().is_cpu() {
+        h.to_dtype(DType::F32)?
+    } else {
+        h
+    })
+}
+
+/// `a · b` off the fast path, in the precision asked for ([`plain_bf16`]).
+pub(crate) fn plain_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if plain_bf16(a) {
+        return Ok(bf16_operand(a)?.matmul(&bf16_operand(b)?)?.to_dtype(DType::F32)?);
+    }
+    Ok(a.matmul(b)?)
+}
+
+/// A stride-1 convolution of `x` by `w` with `padding`, off the fast path, in the precision asked for.
+pub(crate) fn plain_conv2d(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
+    if plain_bf16(x) {
+        let y = bf16_operand(x)?.conv2d(&bf16_operand(w)?, padding, 1, 1, 1)?;
+        return Ok(y.to_dtype(DType::F32)?);
+    }
+    Ok(x.conv2d(w, padding, 1, 1, 1)?)
+}
+
 thread_local! {
     static PRECISION: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::F32) };
+    static ASKED: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::F32) };
     static THREADS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }

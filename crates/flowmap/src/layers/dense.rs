@@ -53,7 +53,7 @@ impl super::Jvp for Dense {
         }
         let w = self.weight.detach();
         let b = x.dim(0)?;
-        let both = Tensor::cat(&[&x.detach(), &dx.detach()], 0)?.matmul(&w.t()?)?;
+        let both = kernels::plain_matmul(&Tensor::cat(&[&x.detach(), &dx.detach()], 0)?, &w.t()?)?;
         let z = both.narrow(0, 0, b)?.broadcast_add(&self.bias.detach())?;
         let dz = both.narrow(0, b, b)?;
         match self.act {
