@@ -11,7 +11,7 @@ plain_bin=target/release/flowmap
 [[ -x $plain_bin ]] || cargo build --release --locked -q -p flowmap-cli
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cpu="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, $(grep -oE 'avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+cpu="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, $(grep -oE 'avx512f|avx512_bf16|amx_bf16|avx2' /proc/cpuinfo | sort -u | paste -sd ' ')"
 # name, flags
 cases=(
   "mlp-teacher batch 1024|teacher --data checkerboard --steps 1500 --batch 1024"
