@@ -83,6 +83,11 @@ pub struct StepContext<'a, M: ?Sized> {
 }
 
 /// A training objective for models of type `Model` (a velocity field or a flow map).
+///
+/// The loss is the mean over the batch's rows of a per-row loss, so that a data-parallel run, whose ranks each
+/// hold a block of rows ([`StepContext::shard`]), averages to it. Per-row random values are drawn for all
+/// `cx.shard.global` rows of the batch and this rank's kept with `cx.shard.local(…)`, so that every rank's
+/// stream moves as one process's does; `tests/objective.rs` checks both for every registered method.
 pub trait Objective {
     type Model: ?Sized;
     /// The scalar loss of one batch.
