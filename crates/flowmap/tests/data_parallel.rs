@@ -135,18 +135,19 @@ fn param_gap(a: &TrainState, b: &TrainState) -> f32 {
     d / m
 }
 
-/// Two and four ranks against one process: the same losses and parameters to f32 summation order.
-fn assert_follows_one_process(what: &str, one: &Ended, ranks: &[Ended]) {
+/// Two and four ranks against one process: the same losses (to `loss_tol`, relative) and parameters (to
+/// `param_tol` of the largest).
+fn assert_follows_one_process(what: &str, one: &Ended, ranks: &[Ended], loss_tol: f64, param_tol: f32) {
     for ((k, a), (_, b)) in ranks[0].log.losses.iter().zip(&one.log.losses) {
         assert!(
-            (a - b).abs() <= 1e-4 * b.abs(),
+            (a - b).abs() <= loss_tol * b.abs(),
             "{what}: loss at step {k}: {a} on the ranks, {b} in one process"
         );
     }
     let gap = param_gap(&ranks[0].state, &one.state);
     eprintln!("{what}: parameters within {gap:.1e} of one process's");
     assert!(
-        gap < 1e-3,
+        gap < param_tol,
         "{what}: the ranks' parameters differ from one process's by {gap}"
     );
 }
@@ -167,16 +168,16 @@ fn teacher_and_maps_train_identically_on_every_rank_and_as_one_process() {
             .map(|r| r.unwrap())
             .collect();
         assert_ranks_identical(&format!("teacher, {world} ranks"), &ranks);
-        assert_follows_one_process(&format!("teacher, {world} ranks"), &one, &ranks);
+        assert_follows_one_process(&format!("teacher, {world} ranks"), &one, &ranks, 1e-4, 1e-5);
     }
 
-    // Maps distilled from one teacher: discrete (emd), with the teacher's ODE steps fixed by the whole batch
-    // (ctm), consistency (cm), and the exact-JVP objectives (lmd-cont; meanflow, from data).
+    // Every method's map: the distillations from one teacher (ctm with its ODE steps fixed by the whole
+    // batch, the continuous ones through exact JVPs) and the data-only methods (meanflow's exact JVP too).
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("teacher.safetensors");
     let t = pipeline::train_teacher(&data(), &arch(), &cfg(30), &Device::Cpu, &Silent).unwrap();
     t.save(&path).unwrap();
-    for method in [Method::Emd, Method::Ctm, Method::Cm, Method::LmdCont, Method::Meanflow] {
+    for method in Method::all() {
         let job = |ctl: RunControl<'_>| -> flowmap::Result<TrainLog> {
             let teacher = Teacher::load(path.to_str().unwrap(), &Device::Cpu)?;
             let d = data();
@@ -194,7 +195,16 @@ fn teacher_and_maps_train_identically_on_every_rank_and_as_one_process() {
             .map(|r| r.unwrap())
             .collect();
         assert_ranks_identical(method.name(), &ranks);
-        assert_follows_one_process(method.name(), &one, &ranks);
+        // Direct regression's targets are dopri5 solves whose steps adapt to the rows they are given, so a
+        // rank's block gets targets a little different from the whole batch's (to the solver's tolerance),
+        // and AdamW's normalised steps carry that into parameters whose gradients are small: 8.9e-3 of the
+        // largest after 20 steps. Every other method's targets are the same numbers on any split.
+        let (loss_tol, param_tol) = if method == Method::Direct {
+            (5e-2, 2e-2)
+        } else {
+            (1e-4, 1e-5)
+        };
+        assert_follows_one_process(method.name(), &one, &ranks, loss_tol, param_tol);
     }
 }
 
