@@ -94,25 +94,22 @@ pub fn budgeted(
     cx: &super::Ctx,
     plan: impl FnOnce(f64) -> flowmap::Result<flowmap::pipeline::BudgetPlan>,
 ) -> Result<TrainConfig> {
-    if let (Some(_), Some(_)) = (flags.minutes, &cx.ranks) {
-        return Err(flowmap::Error::Ranks(
-            "--minutes plans the steps of one process; give a data-parallel run --steps".into(),
-        )
-        .into());
-    }
     if cfg.precision != flowmap::kernels::Precision::F32 && cx.writes() {
         eprintln!("precision: {}", cfg.precision.describe_on(&cx.device));
     }
     if let Some(m) = flags.minutes {
+        // In a data-parallel run every rank probes together and takes rank 0's plan.
         let p = plan(m * 60.0)?;
-        eprintln!(
-            "{what}: {m} minutes plan {} steps ({:.1} ms per step over a {}-step probe of {:.1} s); --steps {} reproduces the run",
-            p.steps,
-            1e3 * p.seconds_per_step,
-            p.probe_steps,
-            p.probe_seconds,
-            p.steps
-        );
+        if cx.writes() {
+            eprintln!(
+                "{what}: {m} minutes plan {} steps ({:.1} ms per step over a {}-step probe of {:.1} s); --steps {} reproduces the run",
+                p.steps,
+                1e3 * p.seconds_per_step,
+                p.probe_steps,
+                p.probe_seconds,
+                p.steps
+            );
+        }
         cfg.steps = p.steps;
     }
     Ok(cfg)

@@ -146,7 +146,7 @@ fn load_teacher(
 /// Runs a flow-map job (for `--minutes`, planned first) behind a progress bar and saves its map.
 pub fn run_map(mut job: MapJob<'_>, out: &Path, flags: &TrainFlags, cx: &Ctx) -> Result<()> {
     job.train = budgeted(flags, job.train.clone(), job.method.name(), cx, |secs| {
-        job.plan_budget(secs)
+        job.plan_budget_on(secs, cx.collective())
     })?;
     let (method, steps) = (job.method, job.train.steps);
     let mut sup = supervise::Supervisor::new(&flags.long, out)?;

@@ -33,7 +33,7 @@ pub fn run(a: TeacherArgs, cx: &Ctx) -> Result<()> {
     let shape = data.state_shape();
     let arch = a.arch.build(&shape, data.num_classes(), &file, &[])?;
     let cfg = budgeted(&a.train, cfg.clone(), "teacher", cx, |secs| {
-        pipeline::plan_teacher(secs, &data, &arch, &cfg, device)
+        pipeline::plan_teacher_on(secs, &data, &arch, &cfg, device, cx.collective())
     })?;
     let mut sup = supervise::Supervisor::new(&a.train.long, &a.out)?;
     let pb = progress_bar(cfg.steps as u64, "teacher", show);

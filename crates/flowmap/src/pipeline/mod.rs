@@ -28,8 +28,8 @@ pub use generate::{
 };
 pub use model::Model;
 pub use train::{
-    check_guide, plan_budget, plan_teacher, train_teacher, train_teacher_controlled, BudgetPlan, MapJob, TrainedMap,
-    TrainedTeacher, PROBE_STEPS,
+    check_guide, plan_budget, plan_budget_on, plan_teacher, plan_teacher_on, train_teacher, train_teacher_controlled,
+    BudgetPlan, MapJob, TrainedMap, TrainedTeacher, PROBE_STEPS,
 };
 
 use crate::checkpoint::{Checkpoint, CheckpointMeta};

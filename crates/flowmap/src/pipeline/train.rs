@@ -10,6 +10,7 @@ use super::{linear, mixture_of, Teacher};
 use crate::backbone::Arch;
 use crate::checkpoint::{self, CheckpointMeta, ModelKind};
 use crate::data::DataSource;
+use crate::dist::Collective;
 use crate::flow_map::{FlowMap, FlowMapNet};
 use crate::objective::{DistillConfig, FlowMatching, JvpMode, Method, TargetNet};
 use crate::path::ProbabilityPath;
@@ -73,6 +74,45 @@ impl Progress for StepClock {
 /// (warm-up, decay, curricula) is the one of a run with that many `steps`, and that run reproduces it bit
 /// for bit; a budget in steps is also one that a slower or faster machine repeats.
 pub fn plan_budget(budget_seconds: f64, probe: impl FnOnce(usize, &dyn Progress) -> Result<()>) -> Result<BudgetPlan> {
+    plan_budget_on(budget_seconds, None, probe)
+}
+
+/// [`plan_budget`] for a data-parallel run: every rank probes together (`probe` trains under `collective`),
+/// and every rank gets rank 0's plan, so that they run the same steps.
+pub fn plan_budget_on(
+    budget_seconds: f64,
+    collective: Option<&dyn Collective>,
+    probe: impl FnOnce(usize, &dyn Progress) -> Result<()>,
+) -> Result<BudgetPlan> {
+    let plan = plan_alone(budget_seconds, probe)?;
+    let Some(c) = collective.filter(|c| c.world() > 1) else {
+        return Ok(plan);
+    };
+    let mut bytes = [
+        plan.budget_seconds,
+        plan.probe_steps as f64,
+        plan.probe_seconds,
+        plan.seconds_per_step,
+    ]
+    .iter()
+    .chain(&[plan.steps as f64])
+    .flat_map(|v| v.to_le_bytes())
+    .collect::<Vec<u8>>();
+    c.broadcast(&mut bytes)?;
+    let v: Vec<f64> = bytes
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect();
+    Ok(BudgetPlan {
+        budget_seconds: v[0],
+        probe_steps: v[1] as usize,
+        probe_seconds: v[2],
+        seconds_per_step: v[3],
+        steps: v[4] as usize,
+    })
+}
+
+fn plan_alone(budget_seconds: f64, probe: impl FnOnce(usize, &dyn Progress) -> Result<()>) -> Result<BudgetPlan> {
     if !(budget_seconds > 0.0 && budget_seconds.is_finite()) {
         return Err(Error::arg(format!(
             "a time budget must be positive, got {budget_seconds} s"
@@ -107,12 +147,28 @@ pub fn plan_teacher(
     cfg: &TrainConfig,
     device: &Device,
 ) -> Result<BudgetPlan> {
-    plan_budget(budget_seconds, |k, clock| {
+    plan_teacher_on(budget_seconds, data, arch, cfg, device, None)
+}
+
+/// [`plan_teacher`] for a data-parallel run ([`plan_budget_on`]).
+pub fn plan_teacher_on(
+    budget_seconds: f64,
+    data: &DataSource,
+    arch: &Arch,
+    cfg: &TrainConfig,
+    device: &Device,
+    collective: Option<&dyn Collective>,
+) -> Result<BudgetPlan> {
+    plan_budget_on(budget_seconds, collective, |k, clock| {
         let probe = TrainConfig {
             steps: k,
             ..cfg.clone()
         };
-        train_teacher(data, arch, &probe, device, clock).map(drop)
+        let ctl = RunControl {
+            collective,
+            ..RunControl::default()
+        };
+        train_teacher_controlled(data, arch, &probe, device, clock, ctl).map(drop)
     })
 }
 
@@ -303,7 +359,12 @@ impl<'a> MapJob<'a> {
 
     /// [`plan_budget`] for this job: the probe runs it for a few steps.
     pub fn plan_budget(&self, budget_seconds: f64) -> Result<BudgetPlan> {
-        plan_budget(budget_seconds, |k, clock| {
+        self.plan_budget_on(budget_seconds, None)
+    }
+
+    /// [`MapJob::plan_budget`] for a data-parallel run ([`plan_budget_on`]).
+    pub fn plan_budget_on(&self, budget_seconds: f64, collective: Option<&dyn Collective>) -> Result<BudgetPlan> {
+        plan_budget_on(budget_seconds, collective, |k, clock| {
             let probe = MapJob {
                 train: TrainConfig {
                     steps: k,
@@ -311,7 +372,11 @@ impl<'a> MapJob<'a> {
                 },
                 ..self.clone()
             };
-            probe.run(clock).map(drop)
+            let ctl = RunControl {
+                collective,
+                ..RunControl::default()
+            };
+            probe.run_controlled(clock, ctl).map(drop)
         })
     }
 
