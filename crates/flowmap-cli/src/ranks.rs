@@ -79,6 +79,6 @@ pub fn is_collective(e: &anyhow::Error) -> bool {
         || e.is::<crate::supervise::Interrupted>()
         || matches!(
             e.downcast_ref::<flowmap::Error>(),
-            Some(flowmap::Error::Ranks(_) | flowmap::Error::Diverged { .. } | flowmap::Error::Interrupted { .. })
+            Some(flowmap::Error::Ranks(_) | flowmap::Error::Diverged { .. })
         )
 }

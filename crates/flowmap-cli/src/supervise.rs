@@ -188,13 +188,18 @@ impl Supervisor {
                 state: self.path.clone(),
             }
             .into()),
-            Err(flowmap::Error::Diverged { step, reason }) => match self.written {
-                Some(good) => bail!(
-                    "training diverged at step {step}: {reason}; the last good state (step {good}) is in {} (resume with {})",
-                    self.path.display(),
-                    resume_hint(&self.path)
-                ),
-                None => bail!("training diverged at step {step}: {reason}"),
+            // The message says where the last good state is; the error underneath stays a divergence, which
+            // every rank of a data-parallel run returns together (`ranks::is_collective`).
+            Err(e @ flowmap::Error::Diverged { .. }) => match self.written {
+                Some(good) => {
+                    let hint = format!(
+                        "{e}; the last good state (step {good}) is in {} (resume with {})",
+                        self.path.display(),
+                        resume_hint(&self.path)
+                    );
+                    Err(anyhow::Error::new(e).context(hint))
+                }
+                None => Err(e.into()),
             },
             Err(e) => Err(e.into()),
         }

@@ -152,11 +152,18 @@ fn assert_follows_one_process(what: &str, one: &Ended, ranks: &[Ended], loss_tol
     );
 }
 
-fn teacher_run(steps: usize) -> impl Fn(RunControl<'_>) -> flowmap::Result<TrainLog> + Sync {
+/// A teacher's training under `ctl`, with the settings `settings(rank)` gives the rank (0 in one process).
+fn teacher_with(
+    settings: impl Fn(usize) -> TrainConfig + Sync,
+) -> impl Fn(RunControl<'_>) -> flowmap::Result<TrainLog> + Sync {
     move |ctl| {
-        let d = data();
-        Ok(pipeline::train_teacher_controlled(&d, &arch(), &cfg(steps), &Device::Cpu, &Silent, ctl)?.log)
+        let c = settings(ctl.collective.map_or(0, |c| c.rank()));
+        Ok(pipeline::train_teacher_controlled(&data(), &arch(), &c, &Device::Cpu, &Silent, ctl)?.log)
     }
+}
+
+fn teacher_run(steps: usize) -> impl Fn(RunControl<'_>) -> flowmap::Result<TrainLog> + Sync {
+    teacher_with(move |_| cfg(steps))
 }
 
 #[test]
@@ -231,14 +238,10 @@ fn a_resumed_data_parallel_run_continues_bit_for_bit() {
 /// every rank with the same one-line error before any step.
 #[test]
 fn ranks_that_disagree_are_refused_on_every_rank() {
-    let differ = |ctl: RunControl<'_>| -> flowmap::Result<TrainLog> {
-        let rank = ctl.collective.map_or(0, |c| c.rank());
-        let c = TrainConfig {
-            lr: if rank == 1 { 1e-3 } else { 2e-3 },
-            ..cfg(10)
-        };
-        Ok(pipeline::train_teacher_controlled(&data(), &arch(), &c, &Device::Cpu, &Silent, ctl)?.log)
-    };
+    let differ = teacher_with(|rank| TrainConfig {
+        lr: if rank == 1 { 1e-3 } else { 2e-3 },
+        ..cfg(10)
+    });
     for r in on_ranks(2, 1_000_000, None, differ) {
         let e = r.err().expect("refused").to_string();
         assert!(
@@ -246,13 +249,10 @@ fn ranks_that_disagree_are_refused_on_every_rank() {
             "{e}"
         );
     }
-    let uneven = |ctl: RunControl<'_>| -> flowmap::Result<TrainLog> {
-        let c = TrainConfig {
-            batch_size: 63,
-            ..cfg(10)
-        };
-        Ok(pipeline::train_teacher_controlled(&data(), &arch(), &c, &Device::Cpu, &Silent, ctl)?.log)
-    };
+    let uneven = teacher_with(|_| TrainConfig {
+        batch_size: 63,
+        ..cfg(10)
+    });
     for r in on_ranks(2, 1_000_000, None, uneven) {
         let e = r.err().expect("refused").to_string();
         assert!(

@@ -545,7 +545,7 @@ fn run_peers(
             .args(["--threads", &threads.to_string()])
             .args(["--seconds", &opts.seconds.to_string()])
             .args(["--seed", &opts.seed.to_string()])
-            .args(["--device", device])
+            .args(["--device", &device.replacen("metal", "mps", 1)])
             .args([
                 "--autocast",
                 if opts.precision == Precision::Bf16 {
@@ -605,12 +605,12 @@ fn run_peers(
     result
 }
 
-/// A device as `--device` and PyTorch name it: `cpu`, `cuda:N`.
+/// A device as `--device` names it: `cpu`, `cuda:N`, `metal:N` (PyTorch's names but for Metal, its `mps`).
 fn device_spec(device: &Device) -> String {
     match device.location() {
         candle_core::DeviceLocation::Cpu => cpu_spec(),
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("mps:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
 

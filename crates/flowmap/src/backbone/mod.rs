@@ -65,6 +65,11 @@ pub trait Backbone: fmt::Debug + Send + Sync {
     /// Turns training-time randomness (dropout) on with masks drawn from `seed`, or off with `None`; a
     /// backbone without any ignores it.
     fn set_dropout_seed(&self, _seed: Option<u64>) {}
+
+    /// Whether training draws dropout masks ([`Backbone::set_dropout_seed`]).
+    fn uses_dropout(&self) -> bool {
+        false
+    }
 }
 
 /// The class-embedding rows of a `b`-row batch: the labels' rows of `table` (`(C + 1) × E`, row `C` the

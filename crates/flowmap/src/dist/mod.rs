@@ -38,8 +38,6 @@ pub trait Collective {
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
     /// Replaces `bytes` on every rank by rank 0's.
     fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()>;
-    /// The transport's name, for messages (`mpi`, `threads`).
-    fn transport(&self) -> &'static str;
 }
 
 /// The block of a global batch that one rank holds: rows `rows` of `global`.

@@ -68,7 +68,4 @@ impl Collective for Mpi {
         root.broadcast_into(&mut bytes[..]);
         Ok(())
     }
-    fn transport(&self) -> &'static str {
-        "mpi"
-    }
 }

@@ -96,7 +96,4 @@ impl Collective for Threads {
         self.shared.barrier.wait();
         Ok(())
     }
-    fn transport(&self) -> &'static str {
-        "threads"
-    }
 }

@@ -36,16 +36,9 @@ impl<'a> Objective for ConsistencyTrajectory<'a> {
                 let (x, t, s) = (&rows.x, &rows.t, &rows.s);
                 let lam = rows.shard.local(&all_lam);
                 let u = (t - (t - s)?.broadcast_mul(&super::column(&lam, x)?)?)?;
-                let (all_t, all_u) = if rows.shard.is_whole() {
-                    (t.clone(), u.clone())
-                } else {
-                    let (at, as_) = (&rows.all_t, &rows.all_s);
-                    (
-                        at.clone(),
-                        (at - (at - as_)?.broadcast_mul(&super::column(&all_lam, at)?)?)?,
-                    )
-                };
-                let longest = (all_t - all_u)?
+                let (at, as_) = (&rows.all_t, &rows.all_s);
+                let all_u = (at - (at - as_)?.broadcast_mul(&super::column(&all_lam, at)?)?)?;
+                let longest = (at - all_u)?
                     .max_all()?
                     .to_dtype(candle_core::DType::F64)?
                     .to_scalar::<f64>()?;

@@ -126,17 +126,39 @@ pub(crate) fn draw_pairs<M: ?Sized>(
     cfg: &DistillConfig,
     cx: &mut StepContext<'_, M>,
 ) -> Result<(Tensor, Tensor, Tensor, usize)> {
-    let (t, s, n_diag) = draw_global_pairs(cfg, cx);
-    let (t, s, n_diag) = (cx.shard.local(&t), cx.shard.local(&s), cx.shard.count_below(n_diag));
-    let t = column(&t, cx.x0)?;
-    let s = column(&s, cx.x0)?;
-    let xt = cx.path.interpolate(cx.x0, cx.x1, &t)?;
-    Ok((xt, t, s, n_diag))
+    let p = Pairs::draw(cfg, cx)?;
+    Ok((p.xt, p.t, p.s, p.n_diag))
 }
 
-/// `(t, s, n_diag)` for every row of the global batch (diagonal rows first).
-fn draw_global_pairs<M: ?Sized>(cfg: &DistillConfig, cx: &mut StepContext<'_, M>) -> (Vec<f64>, Vec<f64>, usize) {
-    cfg.times.sample(cx.shard.global, cx.rng)
+/// One batch's `(t, s)` pairs: drawn for every row of the global batch (diagonal rows first), and this
+/// rank's rows of them with `x_t` on the path.
+struct Pairs {
+    all_t: Vec<f64>,
+    all_s: Vec<f64>,
+    all_diag: usize,
+    xt: Tensor,
+    t: Tensor,
+    s: Tensor,
+    n_diag: usize,
+}
+
+impl Pairs {
+    fn draw<M: ?Sized>(cfg: &DistillConfig, cx: &mut StepContext<'_, M>) -> Result<Pairs> {
+        let (all_t, all_s, all_diag) = cfg.times.sample(cx.shard.global, cx.rng);
+        let t = column(&cx.shard.local(&all_t), cx.x0)?;
+        let s = column(&cx.shard.local(&all_s), cx.x0)?;
+        let xt = cx.path.interpolate(cx.x0, cx.x1, &t)?;
+        let n_diag = cx.shard.count_below(all_diag);
+        Ok(Pairs {
+            all_t,
+            all_s,
+            all_diag,
+            xt,
+            t,
+            s,
+            n_diag,
+        })
+    }
 }
 
 /// The shared discrete-distillation loss: diagonal rows regress `F(x, t, t)` on the teacher velocity,
@@ -220,16 +242,18 @@ pub(crate) fn pair_loss_drawing<M: FlowMap + ?Sized, D>(
     draw: impl FnOnce(&mut Rng, usize) -> D,
     off: impl FnOnce(&mut StepContext<'_, M>, &Rows, D) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let (all_t, all_s, all_diag) = draw_global_pairs(cfg, cx);
+    let Pairs {
+        all_t,
+        all_s,
+        all_diag,
+        xt,
+        t,
+        s,
+        n_diag,
+    } = Pairs::draw(cfg, cx)?;
     let all_off = cx.shard.global - all_diag;
     let draws = (all_off > 0).then(|| draw(cx.rng, all_off));
     let shard = cx.shard.clone();
-    let n_diag = shard.count_below(all_diag);
-    let (t, s) = (
-        column(&shard.local(&all_t), cx.x0)?,
-        column(&shard.local(&all_s), cx.x0)?,
-    );
-    let xt = cx.path.interpolate(cx.x0, cx.x1, &t)?;
     let c = cx.cond;
     let f = cx.model.average_velocity(&xt, &t, &s, c)?;
     let v = match diagonal {

@@ -88,16 +88,14 @@ pub fn plan_budget_on(
     let Some(c) = collective.filter(|c| c.world() > 1) else {
         return Ok(plan);
     };
-    let mut bytes = [
+    let fields = [
         plan.budget_seconds,
         plan.probe_steps as f64,
         plan.probe_seconds,
         plan.seconds_per_step,
-    ]
-    .iter()
-    .chain(&[plan.steps as f64])
-    .flat_map(|v| v.to_le_bytes())
-    .collect::<Vec<u8>>();
+        plan.steps as f64,
+    ];
+    let mut bytes: Vec<u8> = fields.iter().flat_map(|v| v.to_le_bytes()).collect();
     c.broadcast(&mut bytes)?;
     let v: Vec<f64> = bytes
         .chunks_exact(8)

@@ -30,6 +30,8 @@ struct Params {
     live: Vec<(String, Var)>,
     opt: AdamW,
     ema: Option<(Ema, Vec<(String, Var)>)>,
+    /// The flat buffer a data-parallel step reduces its gradients in, kept from step to step.
+    reduced: Vec<f32>,
 }
 
 impl Params {
@@ -52,7 +54,12 @@ impl Params {
             )),
             None => None,
         };
-        Ok(Params { live, opt, ema })
+        Ok(Params {
+            live,
+            opt,
+            ema,
+            reduced: Vec::new(),
+        })
     }
 
     fn ema_vars(&self) -> &[(String, Var)] {
@@ -77,27 +84,30 @@ impl Params {
     }
 
     /// Replaces every parameter's gradient by its mean over the ranks: one flat buffer in parameter-name
-    /// order, reduced in buckets of [`BUCKET`] values. A parameter no rank has a gradient for keeps none.
-    fn average_gradients(&self, grads: &mut GradStore, c: &dyn Collective) -> Result<()> {
-        let total: usize = self.live.iter().map(|(_, v)| v.elem_count()).sum();
-        let mut flat = Vec::with_capacity(total);
-        let mut present = vec![0.0f64; self.live.len()];
-        for ((_, v), p) in self.live.iter().zip(present.iter_mut()) {
+    /// order, then one flag per parameter (whether this rank has its gradient), reduced together in buckets
+    /// of [`BUCKET`] values. A parameter no rank has a gradient for keeps none.
+    fn average_gradients(&mut self, grads: &mut GradStore, c: &dyn Collective) -> Result<()> {
+        let flat = &mut self.reduced;
+        flat.clear();
+        for (_, v) in &self.live {
             match grads.get(v) {
-                Some(g) => {
-                    *p = 1.0;
-                    flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
-                }
+                Some(g) => flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
                 None => flat.extend(std::iter::repeat_n(0.0, v.elem_count())),
             }
         }
-        c.all_reduce_sum_f64(&mut present)?;
-        dist::all_reduce_mean(c, &mut flat, BUCKET)?;
+        let values = flat.len();
+        flat.extend(
+            self.live
+                .iter()
+                .map(|(_, v)| if grads.get(v).is_some() { 1.0 } else { 0.0 }),
+        );
+        dist::all_reduce_mean(c, flat, BUCKET)?;
+        let (values, present) = flat.split_at(values);
         let mut at = 0;
-        for ((_, v), p) in self.live.iter().zip(&present) {
+        for ((_, v), p) in self.live.iter().zip(present) {
             let n = v.elem_count();
             if *p > 0.0 {
-                let g = Tensor::from_slice(&flat[at..at + n], v.shape(), v.device())?.to_dtype(v.dtype())?;
+                let g = Tensor::from_slice(&values[at..at + n], v.shape(), v.device())?.to_dtype(v.dtype())?;
                 grads.insert(v, g);
             }
             at += n;
@@ -530,17 +540,10 @@ fn check_ranks<M: ?Sized>(
                 .into(),
         ));
     }
-    if let Some(b) = trainable.backbone {
-        let arch = serde_json::to_value(b.arch()).unwrap_or_default();
-        let dropout = arch
-            .as_object()
-            .and_then(|o| o.values().find_map(|v| v.get("dropout")?.as_f64()))
-            .unwrap_or(0.0);
-        if dropout > 0.0 {
-            return Err(Error::Ranks(
-                "dropout is not supported in a data-parallel run yet (its masks are drawn per rank's rows)".into(),
-            ));
-        }
+    if trainable.backbone.is_some_and(|b| b.uses_dropout()) {
+        return Err(Error::Ranks(
+            "dropout is not supported in a data-parallel run yet (its masks are drawn per rank's rows)".into(),
+        ));
     }
     Shard::of(c.rank(), c.world(), cfg.batch_size).map_err(|e| Error::Ranks(e.to_string()))?;
     let settings = serde_json::json!({ "config": config, "train": cfg, "step": step });

@@ -484,4 +484,8 @@ impl Backbone for Unet {
     fn set_dropout_seed(&self, seed: Option<u64>) {
         Unet::set_dropout_seed(self, seed)
     }
+
+    fn uses_dropout(&self) -> bool {
+        self.cfg.dropout > 0.0
+    }
 }
