@@ -35,7 +35,8 @@ pub fn to_py(e: flowmap::Error) -> PyErr {
         E::Config(_) => "ConfigError",
         E::Diverged { .. } => "DivergedError",
         E::Interrupted { .. } => "TrainingInterrupted",
-        E::Candle(_) | E::Plot { .. } => "TensorError",
+        // A collective transport (NCCL) failing: the package never builds one.
+        E::Candle(_) | E::Plot { .. } | E::Transport(_) => "TensorError",
     };
     raise(name, e.to_string())
 }

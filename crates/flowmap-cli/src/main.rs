@@ -130,39 +130,51 @@ fn run(cli: Cli) -> Result<()> {
 fn run_command(cli: Cli) -> Result<()> {
     // Under `mpirun -np N`, this process is one rank of a data-parallel run (MPI is initialised on this
     // thread, which makes every MPI call of the run).
-    let ranks = ranks::Ranks::from_launch()?;
+    let mut ranks = ranks::Ranks::from_launch()?;
     let rank = ranks::rank_of(ranks.as_ref());
-    let cx = Ctx {
-        device: flowmap::parse_device(&cli.device)?,
-        show: !cli.quiet && rank == 0,
-        ranks,
-    };
-    let refuse = |why: &str| Err(flowmap::Error::Ranks(why.to_string()).into());
-    let result = match &cx.ranks {
+    // Under ranks, each takes its own device (a GPU by its place on its machine), or every rank refuses.
+    let device = match &mut ranks {
+        None => Ok(flowmap::parse_device(&cli.device)?),
         Some(_)
             if !matches!(
                 cli.command,
                 Command::Teacher(_) | Command::Distill(_) | Command::Train(_)
             ) =>
         {
-            refuse("only teacher, distill and train run data-parallel; run `flowmap` as one process for the others")
+            Err(flowmap::Error::Ranks(
+                "only teacher, distill and train run data-parallel; run `flowmap` as one process for the others".into(),
+            )
+            .into())
         }
-        Some(_) if !cx.device.is_cpu() => refuse(
-            "data-parallel runs are CPU-only for now (one process per CPU or machine); run a GPU job as one process",
-        ),
-        _ => dispatch(cli.command, &cx),
+        Some(r) => r.device(&cli.device),
     };
-    match (result, &cx.ranks) {
-        // Every rank failed at the same point: rank 0's message is the job's.
-        (Err(e), Some(_)) if ranks::is_collective(&e) && rank != 0 => Err(ranks::Quiet.into()),
-        (Err(e), Some(r)) if !ranks::is_collective(&e) => {
-            // This rank alone failed: its message, then every rank ends (the others may be waiting for it).
-            let msg = e.to_string();
-            eprintln!("error: rank {rank}: {}", msg.lines().next().unwrap_or(""));
-            r.abort(1)
-        }
+    let (device, ranks) = match (device, ranks) {
+        (Ok(device), ranks) => (device, ranks),
+        (Err(e), None) => return Err(e),
+        (Err(e), Some(r)) => return Err(rank_error(e, &r)),
+    };
+    let cx = Ctx {
+        device,
+        show: !cli.quiet && rank == 0,
+        ranks,
+    };
+    match (dispatch(cli.command, &cx), &cx.ranks) {
+        (Err(e), Some(r)) => Err(rank_error(e, r)),
         (result, _) => result,
     }
+}
+
+/// The error a rank of a data-parallel run ends with: where every rank failed at the same point, rank 0's
+/// message is the job's and the others end quietly; where this rank alone failed, its message, and every
+/// rank ends (the others may be waiting for it).
+fn rank_error(e: anyhow::Error, r: &ranks::Ranks) -> anyhow::Error {
+    let rank = r.rank();
+    if ranks::is_collective(&e) {
+        return if rank == 0 { e } else { ranks::Quiet.into() };
+    }
+    let msg = e.to_string();
+    eprintln!("error: rank {rank}: {}", msg.lines().next().unwrap_or(""));
+    r.abort(1)
 }
 
 fn dispatch(command: Command, cx: &Ctx) -> Result<()> {

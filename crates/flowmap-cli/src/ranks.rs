@@ -1,14 +1,18 @@
 //! Data-parallel launches: `mpirun -np N flowmap teacher|distill|train …` runs one rank per process (a
-//! build with `--features mpi`). Every rank trains its block of each batch ([`flowmap::dist`]); rank 0
-//! shows progress, prints and writes every file.
+//! build with `--features mpi`; on GPUs, `--features nccl,mpi` and `--device cuda`). Every rank trains its
+//! block of each batch ([`flowmap::dist`]); rank 0 shows progress, prints and writes every file.
 
 use anyhow::Result;
+use candle_core::Device;
 use flowmap::dist::Collective;
 
-/// The MPI ranks this process was launched among.
+/// The MPI ranks this process was launched among, and the transport its gradients are averaged by: MPI
+/// on CPUs, NCCL on GPUs (a build with `--features nccl,mpi`).
 pub struct Ranks {
     #[cfg(feature = "mpi")]
     mpi: flowmap::dist::mpi::Mpi,
+    #[cfg(all(feature = "nccl", feature = "mpi"))]
+    nccl: Option<flowmap::dist::nccl::Nccl>,
     #[cfg(not(feature = "mpi"))]
     never: std::convert::Infallible,
 }
@@ -37,6 +41,8 @@ impl Ranks {
             let _ = n;
             Ok(Some(Ranks {
                 mpi: flowmap::dist::mpi::Mpi::init()?,
+                #[cfg(all(feature = "nccl", feature = "mpi"))]
+                nccl: None,
             }))
         }
         #[cfg(not(feature = "mpi"))]
@@ -45,7 +51,43 @@ impl Ranks {
         )
     }
 
+    /// This rank's device for `--device spec`: the CPU, or with `cuda` the GPU numbered by this rank's
+    /// place on its machine (every rank its own), joined to the others by NCCL. The same error on every
+    /// rank where the launch cannot run.
+    pub fn device(&mut self, spec: &str) -> Result<Device> {
+        let refuse = |why: String| -> Result<Device> { Err(flowmap::Error::Ranks(why).into()) };
+        match spec.split_once(':').map_or(spec, |(kind, _)| kind) {
+            "cpu" => Ok(flowmap::parse_device(spec)?),
+            "cuda" if spec != "cuda" => refuse(format!(
+                "--device {spec} names one GPU for every rank; under mpirun name `--device cuda`, and each rank takes the GPU numbered by its place on its machine"
+            )),
+            "cuda" => self.join_gpus(),
+            _ => refuse(format!(
+                "data-parallel runs take --device cpu or cuda, not '{spec}'"
+            )),
+        }
+    }
+
+    #[cfg(all(feature = "nccl", feature = "mpi"))]
+    fn join_gpus(&mut self) -> Result<Device> {
+        let device = flowmap::parse_device(&format!("cuda:{}", self.mpi.local_rank()))?;
+        self.nccl = Some(flowmap::dist::nccl::Nccl::init(&self.mpi, &device)?);
+        Ok(device)
+    }
+
+    #[cfg(not(all(feature = "nccl", feature = "mpi")))]
+    fn join_gpus(&mut self) -> Result<Device> {
+        Err(flowmap::Error::Ranks(
+            "this flowmap has no NCCL, which data-parallel runs on GPUs take (build it with `cargo build --release --features nccl,mpi`)".into(),
+        )
+        .into())
+    }
+
     pub fn collective(&self) -> &dyn Collective {
+        #[cfg(all(feature = "nccl", feature = "mpi"))]
+        if let Some(n) = &self.nccl {
+            return n;
+        }
         #[cfg(feature = "mpi")]
         return &self.mpi;
         #[cfg(not(feature = "mpi"))]

@@ -34,6 +34,9 @@ pub enum Error {
     /// not split over them); every rank returns this error at the same point.
     #[error("{0}")]
     Ranks(String),
+    /// A collective transport (NCCL) failed on this rank alone.
+    #[error("{0}")]
+    Transport(String),
     /// An error raised inside candle.
     #[error("tensor error: {0}")]
     Candle(String),

@@ -15,7 +15,8 @@ mod speed;
 mod speed_unet;
 mod timing;
 
-pub use speed::{speed, SpeedOptions};
+pub use speed::speed;
+pub use timing::SpeedOptions;
 
 use std::path::Path;
 use std::time::Instant;

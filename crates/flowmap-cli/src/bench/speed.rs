@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use super::timing::SpeedRow;
-use super::timing::{nets, rate, steps_per_second};
+use super::timing::{nets, rate, steps_per_second, SpeedOptions};
 use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::data::{DataSource, Toy};
 use flowmap::kernels::{with_precision, Precision};
@@ -29,50 +29,6 @@ use flowmap::{Error, Result};
 pub const TORCH_PEER: &str = include_str!("../../../../bench/peer/torch_peer.py");
 pub const TORCH_UNET_PEER: &str = include_str!("../../../../bench/peer/torch_unet_peer.py");
 pub const TORCH_UNET: &str = include_str!("../../../../python/flowmap/torch.py");
-
-/// What `flowmap bench speed` measures.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SpeedOptions {
-    /// Which networks: `mlp` (on 2-D points) and `unet` (on 28 × 28 digits).
-    pub nets: Vec<String>,
-    pub widths: Vec<usize>,
-    pub batches: Vec<usize>,
-    /// The U-Nets' first-level channels and their batches.
-    pub unet_channels: Vec<usize>,
-    pub unet_batches: Vec<usize>,
-    /// Minimum timed seconds per row.
-    pub seconds: f64,
-    /// Run the PyTorch peer (when `python3` can import torch).
-    pub peer: bool,
-    /// Rounds, alternating peer and flowmap; each side keeps its best figure per row (this machine's
-    /// neighbours move single runs by ±25%).
-    pub rounds: usize,
-    /// The Python interpreter for the peer.
-    pub python: String,
-    pub seed: u64,
-    /// The precision of flowmap's matrix products, and the peer's: `bf16` runs PyTorch's forward passes
-    /// under `torch.autocast("cpu", dtype=torch.bfloat16)`.
-    #[serde(default)]
-    pub precision: Precision,
-}
-
-impl Default for SpeedOptions {
-    fn default() -> Self {
-        SpeedOptions {
-            nets: vec!["mlp".into(), "unet".into()],
-            widths: vec![256, 512],
-            batches: vec![256, 1024, 4096],
-            unet_channels: vec![16, 32],
-            unet_batches: vec![32, 128, 256],
-            seconds: 2.0,
-            peer: false,
-            rounds: 2,
-            python: "python3".into(),
-            seed: 0,
-            precision: Precision::F32,
-        }
-    }
-}
 
 /// The workloads, as named in the report and by the peer.
 pub const WORKLOADS: [&str; 5] = ["teacher", "emd", "sample-1nfe", "sample-euler32", "latency-1nfe"];
@@ -215,16 +171,30 @@ pub fn speed(out: &Path, opts: &SpeedOptions, device: &Device, show: bool) -> Re
             "speed: widths, channels and batches must be non-empty lists of positive sizes",
         ));
     }
+    let known: Vec<&str> = WORKLOADS.iter().chain(&super::speed_unet::WORKLOADS).copied().collect();
+    if let Some(bad) = opts.rows.iter().find(|r| !known.contains(&r.as_str())) {
+        return Err(Error::arg(format!(
+            "speed: unknown row '{bad}' (one of {})",
+            known.join(", ")
+        )));
+    }
+    if !opts.rows.is_empty() && opts.peer {
+        return Err(Error::arg(
+            "speed: choosing rows is for profiling flowmap's own loops; run the peer on every row (drop the row list or the peer)",
+        ));
+    }
     let out = OutDir::create(out)?;
     let threads = flowmap::kernels::threads();
     let spec = device_spec(device);
     let mut sgemm_gflops: BTreeMap<String, f64> = BTreeMap::new();
+    let (per_batch, per_width) = WORKLOADS.split_at(4);
     let per_round = if mlp {
-        opts.widths.len() * (opts.batches.len() * 4 + 1)
+        opts.widths.len() * (opts.batches.len() * opts.count(per_batch) + opts.count(per_width))
     } else {
         0
     } + if unet {
-        opts.unet_channels.len() * (opts.unet_batches.len() * 4 + 2)
+        let (per_batch, per_channels) = super::speed_unet::WORKLOADS.split_at(4);
+        opts.unet_channels.len() * (opts.unet_batches.len() * opts.count(per_batch) + opts.count(per_channels))
     } else {
         0
     };
@@ -259,14 +229,7 @@ pub fn speed(out: &Path, opts: &SpeedOptions, device: &Device, show: bool) -> Re
             peak()?;
             let mut r = if mlp { measure(opts, device, &bar)? } else { vec![] };
             if unet {
-                r.extend(super::speed_unet::measure(
-                    &opts.unet_channels,
-                    &opts.unet_batches,
-                    opts.seconds,
-                    opts.seed,
-                    device,
-                    &bar,
-                )?);
+                r.extend(super::speed_unet::measure(opts, device, &bar)?);
             }
             peak()?;
             Ok(r)
@@ -357,58 +320,68 @@ fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBar) -
         let a = arch(width);
         for &batch in &opts.batches {
             let n = nets(&Arch::Mlp(a.clone()), opts.seed, device)?;
-            bar.set_message(format!("teacher, width {width}, batch {batch}"));
-            reset_peak_rss();
-            let (r, _) = steps_per_second(
-                &FlowMatching::new(),
-                &n.teacher_trainable(None),
-                &data,
-                batch,
-                opts.seconds,
-                device,
-            )?;
-            push(
-                "teacher",
-                width,
-                batch,
-                "steps/s",
-                r,
-                Some(train_flops(batch, &a, false)),
-            );
+            if opts.wants("teacher") {
+                bar.set_message(format!("teacher, width {width}, batch {batch}"));
+                reset_peak_rss();
+                let (r, _) = steps_per_second(
+                    &FlowMatching::new(),
+                    &n.teacher_trainable(None),
+                    &data,
+                    batch,
+                    opts.seconds,
+                    device,
+                )?;
+                push(
+                    "teacher",
+                    width,
+                    batch,
+                    "steps/s",
+                    r,
+                    Some(train_flops(batch, &a, false)),
+                );
+            }
 
-            bar.set_message(format!("emd, width {width}, batch {batch}"));
-            reset_peak_rss();
-            let dcfg = DistillConfig::default();
-            let emd = Emd::new(&n.teacher, dcfg);
-            let (r, _) = steps_per_second(&emd, &n.map_trainable(None), &data, batch, opts.seconds, device)?;
-            let n_diag = ((batch as f64) * dcfg.times.diagonal_fraction).round() as usize;
-            let flops = forward_flops(batch, &a, false) // the teacher on every row
-                + forward_flops(batch - n_diag, &a, true) // the stop-gradient target
-                + train_flops(batch, &a, true);
-            push("emd", width, batch, "steps/s", r, Some(flops));
+            if opts.wants("emd") {
+                bar.set_message(format!("emd, width {width}, batch {batch}"));
+                reset_peak_rss();
+                let dcfg = DistillConfig::default();
+                let emd = Emd::new(&n.teacher, dcfg);
+                let (r, _) = steps_per_second(&emd, &n.map_trainable(None), &data, batch, opts.seconds, device)?;
+                let n_diag = ((batch as f64) * dcfg.times.diagonal_fraction).round() as usize;
+                let flops = forward_flops(batch, &a, false) // the teacher on every row
+                    + forward_flops(batch - n_diag, &a, true) // the stop-gradient target
+                    + train_flops(batch, &a, true);
+                push("emd", width, batch, "steps/s", r, Some(flops));
+            }
 
             let noise = flowmap::sample::noise(batch, &[2], opts.seed, device)?;
             let none = Cond::none();
             let one = TimeGrid::uniform(1)?;
-            bar.set_message(format!("sampling, width {width}, batch {batch}"));
-            reset_peak_rss();
-            let r = rate(opts.seconds, || sample_map(&n.map, &noise, &one, &none).map(|_| ()))?;
-            push("sample-1nfe", width, batch, "samples/s", r * batch as f64, None);
-            reset_peak_rss();
-            let euler = Solver::fixed(Scheme::Euler, 32);
-            let r = rate(opts.seconds, || {
-                sample_ode(&n.teacher, &noise, euler, &none).map(|_| ())
-            })?;
-            push("sample-euler32", width, batch, "samples/s", r * batch as f64, None);
+            if opts.wants("sample-1nfe") {
+                bar.set_message(format!("sampling, width {width}, batch {batch}"));
+                reset_peak_rss();
+                let r = rate(opts.seconds, || sample_map(&n.map, &noise, &one, &none).map(|_| ()))?;
+                push("sample-1nfe", width, batch, "samples/s", r * batch as f64, None);
+            }
+            if opts.wants("sample-euler32") {
+                reset_peak_rss();
+                let euler = Solver::fixed(Scheme::Euler, 32);
+                let r = rate(opts.seconds, || {
+                    sample_ode(&n.teacher, &noise, euler, &none).map(|_| ())
+                })?;
+                push("sample-euler32", width, batch, "samples/s", r * batch as f64, None);
+            }
         }
-        let n = nets(&Arch::Mlp(a.clone()), opts.seed, device)?;
-        let noise = flowmap::sample::noise(1, &[2], opts.seed, device)?;
-        let one = TimeGrid::uniform(1)?;
-        reset_peak_rss();
-        let r = rate(opts.seconds, || {
-            sample_map(&n.map, &noise, &one, &Cond::none()).map(|_| ())
-        })?;
-        push("latency-1nfe", width, 1, "ms", 1e3 / r, None);
+        if opts.wants("latency-1nfe") {
+            let n = nets(&Arch::Mlp(a.clone()), opts.seed, device)?;
+            let noise = flowmap::sample::noise(1, &[2], opts.seed, device)?;
+            let one = TimeGrid::uniform(1)?;
+            reset_peak_rss();
+            let r = rate(opts.seconds, || {
+                sample_map(&n.map, &noise, &one, &Cond::none()).map(|_| ())
+            })?;
+            push("latency-1nfe", width, 1, "ms", 1e3 / r, None);
+        }
     }
     Ok(rows)
 }

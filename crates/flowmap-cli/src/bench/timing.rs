@@ -6,6 +6,7 @@ use candle_nn::{VarBuilder, VarMap};
 use flowmap::backbone::Arch;
 use flowmap::data::DataSource;
 use flowmap::flow_map::{FlowMap, FlowMapNet};
+use flowmap::kernels::Precision;
 use flowmap::path::LinearPath;
 use flowmap::teacher::{VelocityField, VelocityNet};
 use flowmap::train::Silent;
@@ -137,4 +138,65 @@ pub(super) fn nets(arch: &Arch, seed: u64, device: &Device) -> Result<Nets> {
         map,
         map_ema_net,
     })
+}
+
+/// What `flowmap bench speed` measures.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SpeedOptions {
+    /// Which networks: `mlp` (on 2-D points) and `unet` (on 28 × 28 digits).
+    pub nets: Vec<String>,
+    pub widths: Vec<usize>,
+    pub batches: Vec<usize>,
+    /// The U-Nets' first-level channels and their batches.
+    pub unet_channels: Vec<usize>,
+    pub unet_batches: Vec<usize>,
+    /// Minimum timed seconds per row.
+    pub seconds: f64,
+    /// Run the PyTorch peer (when `python3` can import torch).
+    pub peer: bool,
+    /// Rounds, alternating peer and flowmap; each side keeps its best figure per row (this machine's
+    /// neighbours move single runs by ±25%).
+    pub rounds: usize,
+    /// The Python interpreter for the peer.
+    pub python: String,
+    pub seed: u64,
+    /// The precision of flowmap's matrix products, and the peer's: `bf16` runs PyTorch's forward passes
+    /// under `torch.autocast("cpu", dtype=torch.bfloat16)`.
+    #[serde(default)]
+    pub precision: Precision,
+    /// The workloads to run, by name (every one when empty): a single row, with a long `seconds`, is the
+    /// loop to profile under `perf record`.
+    #[serde(default)]
+    pub rows: Vec<String>,
+}
+
+impl SpeedOptions {
+    /// Whether the run measures `workload`.
+    pub fn wants(&self, workload: &str) -> bool {
+        self.rows.is_empty() || self.rows.iter().any(|r| r == workload)
+    }
+
+    /// How many of `workloads` the run measures.
+    pub(super) fn count(&self, workloads: &[&str]) -> usize {
+        workloads.iter().filter(|w| self.wants(w)).count()
+    }
+}
+
+impl Default for SpeedOptions {
+    fn default() -> Self {
+        SpeedOptions {
+            nets: vec!["mlp".into(), "unet".into()],
+            widths: vec![256, 512],
+            batches: vec![256, 1024, 4096],
+            unet_channels: vec![16, 32],
+            unet_batches: vec![32, 128, 256],
+            seconds: 2.0,
+            peer: false,
+            rounds: 2,
+            python: "python3".into(),
+            seed: 0,
+            precision: Precision::F32,
+            rows: vec![],
+        }
+    }
 }

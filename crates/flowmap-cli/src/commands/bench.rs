@@ -156,6 +156,10 @@ pub struct SpeedArgs {
     /// `torch.autocast("cpu", dtype=torch.bfloat16)`).
     #[arg(long, value_name = "f32|bf16", default_value = "f32")]
     pub precision: flowmap::kernels::Precision,
+    /// Only these rows (workloads), comma-separated, e.g. `unet-jvp`: with a long `--seconds`, the loop to
+    /// profile under `perf record` [default: every row].
+    #[arg(long, value_delimiter = ',')]
+    pub rows: Vec<String>,
 }
 #[derive(Args)]
 pub struct JvpArgs {
@@ -258,6 +262,7 @@ impl BenchCommand {
                     python: a.python,
                     seed: a.seed,
                     precision: a.precision,
+                    rows: a.rows,
                 };
                 let report = bench::speed(&a.out, &opts, device, show)?;
                 print!("{}", report.summary());

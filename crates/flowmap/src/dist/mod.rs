@@ -12,17 +12,24 @@
 //! is summed as two half-batch sums instead of one (the forward values of every row are the same bits).
 //!
 //! The transport is a [`Collective`]: MPI (the `mpi` feature, [`mpi::Mpi`]) across processes and
-//! machines, or [`Threads`], ranks as threads of one process, for tests.
+//! machines on CPUs; NCCL (the `nccl` and `mpi` features, `nccl::Nccl`) between GPUs, the gradients reduced where
+//! they are, on the device; or [`Threads`], ranks as threads of one process, for tests.
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(all(feature = "nccl", feature = "mpi"))]
+pub mod nccl;
 mod threads;
 
 use std::ops::Range;
 
+use candle_core::Tensor;
 pub use threads::Threads;
 
 use crate::{Error, Result};
+
+/// The values in one bucket of a gradient reduction on the host (16 MB of f32).
+pub const BUCKET: usize = 1 << 22;
 
 /// The ranks of a data-parallel run and the collective operations between them. Every rank calls the
 /// same operations in the same order; each returns the same bits on every rank.
@@ -38,6 +45,14 @@ pub trait Collective {
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
     /// Replaces `bytes` on every rank by rank 0's.
     fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()>;
+    /// The mean over the ranks of the f32 vector `flat`, on `flat`'s device, the same bits on every rank.
+    /// By default it is averaged on the host in buckets of [`BUCKET`] values ([`all_reduce_mean`]); a
+    /// transport that reduces device memory itself (NCCL) overrides this.
+    fn all_reduce_mean_tensor(&self, flat: &Tensor) -> Result<Tensor> {
+        let mut host = flat.to_vec1::<f32>()?;
+        all_reduce_mean(self, &mut host, BUCKET)?;
+        Ok(Tensor::from_vec(host, flat.dims1()?, flat.device())?)
+    }
 }
 
 /// The block of a global batch that one rank holds: rows `rows` of `global`.
@@ -146,7 +161,7 @@ pub fn check_agreement(c: &dyn Collective, what: &str, text: &str) -> Result<()>
 
 /// Averages `buf` over the ranks in buckets of at most `bucket` values: each bucket is summed across the
 /// ranks, then scaled by `1/world`.
-pub fn all_reduce_mean(c: &dyn Collective, buf: &mut [f32], bucket: usize) -> Result<()> {
+pub fn all_reduce_mean<C: Collective + ?Sized>(c: &C, buf: &mut [f32], bucket: usize) -> Result<()> {
     let scale = 1.0 / c.world() as f32;
     for chunk in buf.chunks_mut(bucket.max(1)) {
         c.all_reduce_sum(chunk)?;

@@ -14,7 +14,8 @@ use crate::{Error, Result};
 /// reduction order is fixed, so a run repeats itself bit for bit.
 pub struct Mpi {
     world: SimpleCommunicator,
-    _universe: mpi::environment::Universe,
+    // Shared by the copies ([`Mpi::duplicate`]): MPI is finalised when the last one is dropped.
+    _universe: std::rc::Rc<mpi::environment::Universe>,
 }
 
 impl Mpi {
@@ -23,8 +24,22 @@ impl Mpi {
         let universe = mpi::initialize().ok_or_else(|| Error::arg("MPI was initialised twice in this process"))?;
         Ok(Mpi {
             world: universe.world(),
-            _universe: universe,
+            _universe: std::rc::Rc::new(universe),
         })
+    }
+
+    /// A second handle on the same ranks with a communicator of its own (MPI_Comm_dup: every rank calls
+    /// it together), so that a transport built over MPI keeps its traffic apart.
+    pub fn duplicate(&self) -> Mpi {
+        Mpi {
+            world: self.world.duplicate(),
+            _universe: self._universe.clone(),
+        }
+    }
+
+    /// This rank's number among the ranks on its own machine (0, 1, … on each node): the GPU it takes.
+    pub fn local_rank(&self) -> usize {
+        self.world.split_shared(self.world.rank()).rank() as usize
     }
 
     /// Ends every rank of the job at once with `code` (MPI_Abort): what a rank that failed calls, so that

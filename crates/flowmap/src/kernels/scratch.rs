@@ -6,7 +6,7 @@
 //! buffer, all before the kernel reads a byte, for buffers that im2col was about to overwrite. A
 //! [`Scratch`] instead takes a buffer from its thread's free list and gives it back when dropped, so after
 //! the first call a kernel's temporaries cost neither: a 32-channel U-Net's single-image latency went 1.68
-//! → 1.59 ms (`flowmap-cli/examples/latency_probe`, six alternating pairs of the binaries, best of each run).
+//! → 1.59 ms (`flowmap bench speed --rows unet-latency-1nfe`, six alternating pairs of the binaries, best of each run).
 //!
 //! The contract: a scratch buffer holds whatever its last user left there (initialised `f32`s, never
 //! uninitialised memory), so a kernel writes every element before it reads it, as im2col, the norms and

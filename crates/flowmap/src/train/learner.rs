@@ -16,13 +16,10 @@ use super::step::{self, At};
 use super::{check_batch_fits, Progress, TrainConfig, TrainEvent, TrainLog, Trainable};
 use crate::backbone::vars_sorted;
 use crate::data::DataSource;
-use crate::dist::{self, check_agreement, Collective, Shard};
+use crate::dist::{check_agreement, Collective, Shard};
 use crate::objective::{Objective, ObjectiveState};
 use crate::optim::{AdamW, Ema};
 use crate::{Error, Result, Rng};
-
-/// The values in one bucket of a data-parallel gradient reduction (16 MB of f32).
-const BUCKET: usize = 1 << 22;
 
 /// The parameters a run updates, by name in a fixed order, with the optimiser and the EMA that move with
 /// them.
@@ -30,8 +27,6 @@ struct Params {
     live: Vec<(String, Var)>,
     opt: AdamW,
     ema: Option<(Ema, Vec<(String, Var)>)>,
-    /// The flat buffer a data-parallel step reduces its gradients in, kept from step to step.
-    reduced: Vec<f32>,
 }
 
 impl Params {
@@ -54,12 +49,7 @@ impl Params {
             )),
             None => None,
         };
-        Ok(Params {
-            live,
-            opt,
-            ema,
-            reduced: Vec::new(),
-        })
+        Ok(Params { live, opt, ema })
     }
 
     fn ema_vars(&self) -> &[(String, Var)] {
@@ -83,32 +73,34 @@ impl Params {
         Ok(None)
     }
 
-    /// Replaces every parameter's gradient by its mean over the ranks: one flat buffer in parameter-name
-    /// order, then one flag per parameter (whether this rank has its gradient), reduced together in buckets
-    /// of [`BUCKET`] values. A parameter no rank has a gradient for keeps none.
+    /// Replaces every parameter's gradient by its mean over the ranks: one flat vector on the parameters'
+    /// device, the gradients in parameter-name order and then one flag per parameter (whether this rank
+    /// has its gradient), averaged in one reduction ([`Collective::all_reduce_mean_tensor`]). A parameter
+    /// no rank has a gradient for keeps none.
     fn average_gradients(&mut self, grads: &mut GradStore, c: &dyn Collective) -> Result<()> {
-        let flat = &mut self.reduced;
-        flat.clear();
+        let Some((_, first)) = self.live.first() else {
+            return Ok(());
+        };
+        let device = first.device().clone();
+        let mut parts = Vec::with_capacity(self.live.len() + 1);
+        let mut present = Vec::with_capacity(self.live.len());
         for (_, v) in &self.live {
-            match grads.get(v) {
-                Some(g) => flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                None => flat.extend(std::iter::repeat_n(0.0, v.elem_count())),
-            }
+            let g = grads.get(v);
+            parts.push(match g {
+                Some(g) => g.flatten_all()?.to_dtype(DType::F32)?,
+                None => Tensor::zeros(v.elem_count(), DType::F32, &device)?,
+            });
+            present.push(if g.is_some() { 1f32 } else { 0.0 });
         }
-        let values = flat.len();
-        flat.extend(
-            self.live
-                .iter()
-                .map(|(_, v)| if grads.get(v).is_some() { 1.0 } else { 0.0 }),
-        );
-        dist::all_reduce_mean(c, flat, BUCKET)?;
-        let (values, present) = flat.split_at(values);
+        let values: usize = self.live.iter().map(|(_, v)| v.elem_count()).sum();
+        parts.push(Tensor::new(present.as_slice(), &device)?);
+        let flat = c.all_reduce_mean_tensor(&Tensor::cat(&parts, 0)?)?;
+        let present = flat.narrow(0, values, self.live.len())?.to_vec1::<f32>()?;
         let mut at = 0;
         for ((_, v), p) in self.live.iter().zip(present) {
             let n = v.elem_count();
-            if *p > 0.0 {
-                let g = Tensor::from_slice(&values[at..at + n], v.shape(), v.device())?.to_dtype(v.dtype())?;
-                grads.insert(v, g);
+            if p > 0.0 {
+                grads.insert(v, flat.narrow(0, at, n)?.reshape(v.shape())?.to_dtype(v.dtype())?);
             }
             at += n;
         }

@@ -319,10 +319,11 @@ fn forward_image_gemm(g: Geometry, w: &[f32], x: &[f32], cols: &mut [f32], y: &m
 /// [`BANDS`] bands of output pixels, one per block of the pool. A batch of one image is one block, so one
 /// core would otherwise do all of it while the other waits (sampling latency). Every 3×3 product of the
 /// 16- and 32-channel U-Nets splits, down to the 16-channel 7 × 7 level (0.45 M), and so do the larger
-/// 1×1 skips. Measured with `flowmap-cli/examples/latency_probe`, alternating binaries: a 4 M threshold (the 32-channel
-/// net's first two levels only) → 1.5 M took the 32-channel latency 1.53 → 1.39 ms and the 16-channel one
-/// 0.72 → 0.60 ms; 256 K took the 16-channel one on to 0.57 ms, the 32-channel one unchanged. (An
-/// earlier 1.5 M split, before the scratch memory and the aligned bands, measured no better than noise.)
+/// 1×1 skips. Measured with `flowmap bench speed --rows unet-latency-1nfe`, alternating binaries: a 4 M
+/// threshold (the 32-channel net's first two levels only) → 1.5 M took the 32-channel latency 1.53 → 1.39
+/// ms and the 16-channel one 0.72 → 0.60 ms; 256 K took the 16-channel one on to 0.57 ms, the 32-channel
+/// one unchanged. (An earlier 1.5 M split, before the scratch memory and the aligned bands, measured no
+/// better than noise.)
 const SPLIT_MACS: usize = 1 << 18;
 
 /// The bands of a split image product. A constant, not the thread count, so that the products (and

@@ -294,8 +294,8 @@ fn normalise(x: &[f32], d: Dims, st: &[(f32, f32)], gamma: &[f32], beta: &[f32],
 /// Elements of one image at or above which an image that is the whole batch splits its GroupNorm between
 /// two blocks of the pool: a 32-channel U-Net's 28 × 28 level (25 K) splits, its 14 × 14 one (12.5 K) and
 /// the 16-channel net's norms do not. Set by judgement, not swept: splitting the 32-channel level took that
-/// net's latency 1.58 → 1.52 ms (`flowmap-cli/examples/latency_probe -- 32 3`, four alternating pairs); no other
-/// threshold was measured.
+/// net's latency 1.58 → 1.52 ms (`flowmap bench speed --nets unet --rows unet-latency-1nfe --unet-channels 32
+/// --seconds 3`, four alternating pairs); no other threshold was measured.
 const SPLIT_NORM: usize = 16 << 10;
 
 /// The groups' statistics `st` of one image and its [`normalise`]d activation `n`. An image that is the
