@@ -39,6 +39,10 @@ struct Cli {
     /// Device: cpu, cuda, cuda:N, metal or metal:N (CUDA needs a build with `--features cuda`).
     #[arg(long, global = true, default_value = "cpu")]
     device: String,
+    /// Run every layer on candle's own ops instead of flowmap's fused CPU kernels: the path every other
+    /// device takes (slower; for checking the kernels, and for bf16 rounding on CPUs without AVX-512 BF16).
+    #[arg(long, global = true)]
+    plain_ops: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -121,6 +125,9 @@ fn run(cli: Cli) -> Result<()> {
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     flowmap::set_compute_threads(n);
+    if cli.plain_ops {
+        flowmap::kernels::set_enabled(false);
+    }
     // Everything runs on one rayon pool of n workers, the caller included: the fused kernels' parallel
     // regions then start on a worker that is already awake instead of waking the pool from outside.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build()?;

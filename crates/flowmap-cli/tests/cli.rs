@@ -1381,3 +1381,95 @@ fn time_budgets_and_the_recommended_recipe() {
         )
     );
 }
+
+#[test]
+fn plain_ops_and_bf16_on_them_and_one_bench_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let teacher = |out: &Path, extra: &[&str]| {
+        let o = bin()
+            .args([
+                "teacher",
+                "--data",
+                "checkerboard",
+                "--steps",
+                "30",
+                "--batch",
+                "64",
+                "--hidden",
+                "32",
+            ])
+            .args(extra)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    teacher(&p("fast.safetensors"), &[]);
+    teacher(&p("plain.safetensors"), &["--plain-ops"]);
+    let said = teacher(&p("plain-bf16.safetensors"), &["--plain-ops", "--precision", "bf16"]);
+    assert!(said.contains("bf16 operands, f32 sums"), "{said}");
+    let weights = |name: &str| {
+        let ck = flowmap::checkpoint::Checkpoint::load(&p(name)).unwrap();
+        let mut names: Vec<&String> = ck.tensors.keys().collect();
+        names.sort();
+        let mut all = vec![];
+        for name in names {
+            all.extend(ck.tensors[name].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        all
+    };
+    let (fast, plain, bf16) = (
+        weights("fast.safetensors"),
+        weights("plain.safetensors"),
+        weights("plain-bf16.safetensors"),
+    );
+    let gap = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    // The fused kernels and candle's ops differ by f32 summation order only; bf16 operands move the weights more.
+    assert!(
+        gap(&fast, &plain) < 1e-4,
+        "fast path against plain ops: {}",
+        gap(&fast, &plain)
+    );
+    assert!(
+        gap(&plain, &bf16) > 1e-5,
+        "bf16 on plain ops rounded nothing: {}",
+        gap(&plain, &bf16)
+    );
+
+    let out = p("speed");
+    ok(bin()
+        .args([
+            "bench",
+            "speed",
+            "--nets",
+            "mlp",
+            "--rows",
+            "latency-1nfe",
+            "--widths",
+            "32",
+        ])
+        .args(["--batches", "64", "--seconds", "0.05", "--rounds", "1"])
+        .arg("--out")
+        .arg(&out));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("speed.json")).unwrap()).unwrap();
+    let rows: Vec<&str> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["workload"].as_str().unwrap())
+        .collect();
+    assert_eq!(rows, ["latency-1nfe"]);
+    let out = p("speed-bad");
+    fails(
+        bin()
+            .args(["bench", "speed", "--rows", "unet-teachr"])
+            .arg("--out")
+            .arg(&out),
+        "unknown row 'unet-teachr'",
+        &out,
+    );
+}

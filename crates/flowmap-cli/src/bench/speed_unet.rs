@@ -69,14 +69,8 @@ pub fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBa
             let n = nets(&a, seed, device)?;
             if opts.wants("unet-teacher") {
                 bar.set_message(format!("U-Net teacher, {ch} channels, batch {batch}"));
-                let (r, mb) = steps_per_second(
-                    &FlowMatching::new(),
-                    &n.teacher_trainable(Some(CLASSES)),
-                    &data,
-                    batch,
-                    seconds,
-                    device,
-                )?;
+                let trainable = n.teacher_trainable(Some(CLASSES));
+                let (r, mb) = steps_per_second(&FlowMatching::new(), &trainable, &data, batch, seconds, device)?;
                 push("unet-teacher", ch, batch, "steps/s", r, Some(mb));
             }
 
@@ -91,14 +85,8 @@ pub fn measure(opts: &SpeedOptions, device: &Device, bar: &indicatif::ProgressBa
                 bar.set_message(format!("U-Net MeanFlow, {ch} channels, batch {batch}"));
                 let mut cfg = DistillConfig::for_method(Method::Meanflow);
                 cfg.continuous.meanflow_velocity = MeanFlowVelocity::Conditional;
-                let (r, mb) = steps_per_second(
-                    &MeanFlow { cfg },
-                    &n.map_trainable(Some(CLASSES)),
-                    &data,
-                    batch,
-                    seconds,
-                    device,
-                )?;
+                let trainable = n.map_trainable(Some(CLASSES));
+                let (r, mb) = steps_per_second(&MeanFlow { cfg }, &trainable, &data, batch, seconds, device)?;
                 push("unet-meanflow", ch, batch, "steps/s", r, Some(mb));
             }
 

@@ -124,11 +124,15 @@ impl Precision {
         }
     }
 
-    /// One line on what `self` runs as on `device`: candle's bf16 ops off the CPU, else [`Precision::describe`].
+    /// One line on what `self` runs as on `device`: candle's bf16 ops off the CPU, bf16-rounded operands
+    /// on the CPU with the fast path off, else [`Precision::describe`].
     pub fn describe_on(self, device: &Device) -> String {
         match self {
             Precision::Bf16 if !device.is_cpu() => {
                 "bf16 matrix products and convolutions (candle's bf16 ops on this device)".to_string()
+            }
+            Precision::Bf16 if !enabled() => {
+                "bf16 operands, f32 sums (candle's f32 ops on bf16-rounded operands: the fast path is off)".to_string()
             }
             _ => self.describe(),
         }
@@ -169,12 +173,32 @@ impl std::str::FromStr for Precision {
 /// while they run its blocks), and off it, candle's own products and convolutions on any device
 /// ([`plain_matmul`], [`plain_conv2d`]).
 pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
-    let before = PRECISION.with(|c| c.replace(precision.effective()));
-    let asked = ASKED.with(|c| c.replace(precision));
-    let out = f();
-    PRECISION.with(|c| c.set(before));
-    ASKED.with(|c| c.set(asked));
-    out
+    let _scope = PrecisionScope::enter(precision);
+    f()
+}
+
+/// The matrix products in a precision on this thread until the scope is dropped, which restores the
+/// precision before it ([`with_precision`] for a whole function body).
+#[must_use = "the precision holds only while the scope lives"]
+pub struct PrecisionScope {
+    before: Precision,
+    asked: Precision,
+}
+
+impl PrecisionScope {
+    pub fn enter(precision: Precision) -> PrecisionScope {
+        PrecisionScope {
+            before: PRECISION.with(|c| c.replace(precision.effective())),
+            asked: ASKED.with(|c| c.replace(precision)),
+        }
+    }
+}
+
+impl Drop for PrecisionScope {
+    fn drop(&mut self) {
+        PRECISION.with(|c| c.set(self.before));
+        ASKED.with(|c| c.set(self.asked));
+    }
 }
 
 /// The precision of this thread's products ([`with_precision`]): what runs, after the CPU's fallback.

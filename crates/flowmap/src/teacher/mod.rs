@@ -32,29 +32,23 @@ pub trait VelocityField {
     }
 }
 
-impl<V: VelocityField + ?Sized> VelocityField for &V {
-    fn state_shape(&self) -> Vec<usize> {
-        (**self).state_shape()
-    }
-    fn velocity(&self, x: &Tensor, t: &Tensor, c: &Cond) -> Result<Tensor> {
-        (**self).velocity(x, t, c)
-    }
-    fn evals_per_call(&self) -> usize {
-        (**self).evals_per_call()
-    }
+/// A reference to a field, or a box of one, is that field.
+macro_rules! forward_velocity_field {
+    ($($pointer:ty),*) => {$(
+        impl<V: VelocityField + ?Sized> VelocityField for $pointer {
+            fn state_shape(&self) -> Vec<usize> {
+                (**self).state_shape()
+            }
+            fn velocity(&self, x: &Tensor, t: &Tensor, c: &Cond) -> Result<Tensor> {
+                (**self).velocity(x, t, c)
+            }
+            fn evals_per_call(&self) -> usize {
+                (**self).evals_per_call()
+            }
+        }
+    )*};
 }
-
-impl<V: VelocityField + ?Sized> VelocityField for Box<V> {
-    fn state_shape(&self) -> Vec<usize> {
-        (**self).state_shape()
-    }
-    fn velocity(&self, x: &Tensor, t: &Tensor, c: &Cond) -> Result<Tensor> {
-        (**self).velocity(x, t, c)
-    }
-    fn evals_per_call(&self) -> usize {
-        (**self).evals_per_call()
-    }
-}
+forward_velocity_field!(&V, Box<V>);
 
 /// Counts network function evaluations: each call on a batch is [`VelocityField::evals_per_call`] NFE.
 pub struct Counted<V> {

@@ -362,22 +362,7 @@ pub fn fit_controlled<O: Objective>(
     config: &serde_json::Value,
     ctl: RunControl<'_>,
 ) -> Result<TrainLog> {
-    crate::kernels::with_precision(cfg.precision, || {
-        fit_in_precision(objective, trainable, data, cfg, device, progress, config, ctl)
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn fit_in_precision<O: Objective>(
-    objective: &O,
-    trainable: &Trainable<'_, O::Model>,
-    data: &DataSource,
-    cfg: &TrainConfig,
-    device: &candle_core::Device,
-    progress: &dyn Progress,
-    config: &serde_json::Value,
-    ctl: RunControl<'_>,
-) -> Result<TrainLog> {
+    let _precision = crate::kernels::PrecisionScope::enter(cfg.precision);
     cfg.validate()?;
     ctl.recovery.validate()?;
     if let (Some(b), true) = (trainable.backbone, device.is_cpu()) {
