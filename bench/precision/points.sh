@@ -32,6 +32,9 @@ import json, statistics, sys, pathlib
 w, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 seeds, tsteps, msteps, n, secs = sys.argv[3].split(), sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7]
 cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+flags = next(l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags"))
+units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if u in flags]
+cpu += f" ({', '.join(units) or 'no AVX2'})"
 def rows(p, s, kind):
     return json.load(open(w / f"e{kind}-{p}-{s}" / "metrics.json"))["rows"]
 cols = [("teacher dopri5", "t", lambda r: r["sampler"].startswith("dopri5")),

@@ -1473,3 +1473,41 @@ fn plain_ops_and_bf16_on_them_and_one_bench_row() {
         &out,
     );
 }
+
+#[test]
+fn bench_convergence_takes_a_run_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, "[arch]\nhidden = 16\ndepth = 1\n[train]\nlr = 1e-3\n").unwrap();
+    let out = dir.path().join("conv");
+    ok(bin()
+        .args([
+            "bench",
+            "convergence",
+            "--methods",
+            "emd",
+            "--steps",
+            "10,20",
+            "--batch",
+            "64",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(&out));
+    let md = std::fs::read_to_string(out.join("convergence.md")).unwrap();
+    assert!(md.contains("a fresh MLP 16×1 student"), "{md}");
+    assert!(md.contains("lr = 0.001"), "{md}");
+    std::fs::write(&config, "[arch]\nkind = \"unet\"\n").unwrap();
+    let out = dir.path().join("conv-bad");
+    fails(
+        bin()
+            .args(["bench", "convergence", "--methods", "emd", "--steps", "10"])
+            .arg("--config")
+            .arg(&config)
+            .arg("--out")
+            .arg(&out),
+        "[arch]: kind 'unet'",
+        &out,
+    );
+}

@@ -16,7 +16,7 @@ use crate::report::{progress_bar, Bar};
 use flowmap::backbone::{Arch, MlpConfig};
 use flowmap::metrics;
 use flowmap::objective::Method;
-use flowmap::pipeline::{MapJob, OutDir};
+use flowmap::pipeline::{MapJob, OutDir, RunConfig};
 use flowmap::train::TrainConfig;
 use flowmap::Result;
 
@@ -62,25 +62,36 @@ pub fn loglog_fit(points: &[(f64, f64)]) -> (f64, f64) {
     (slope, my - slope * mx)
 }
 
-/// Trains every method of `methods` at every budget of `budgets` on the analytic mixture (teacher-based
-/// methods distil its exact velocity; the others train from its samples) and writes `convergence.json`,
-/// `convergence.md` and `convergence.png` to `out`.
+/// What `flowmap bench convergence` trains: each method at each budget, at one batch size and seed, with
+/// the `[train]`, `[distill]` and `[arch]` tables of `config` laid over the defaults (the budget, batch and
+/// seed are the options').
+#[derive(Clone, Debug)]
+pub struct ConvergenceOptions {
+    pub methods: Vec<Method>,
+    pub budgets: Vec<usize>,
+    pub batch: usize,
+    pub seed: u64,
+    /// The run configuration and the file it came from (named in the report).
+    pub config: Option<(RunConfig, String)>,
+}
+
+/// Trains every method of `opts` at every budget on the analytic mixture (teacher-based methods distil its
+/// exact velocity; the others train from its samples) and writes `convergence.json`, `convergence.md` and
+/// `convergence.png` to `out`.
 pub fn convergence(
     out: &Path,
-    methods: &[Method],
-    budgets: &[usize],
-    batch: usize,
-    seed: u64,
+    opts: &ConvergenceOptions,
     device: &Device,
     show: bool,
 ) -> Result<(Vec<ConvergenceRow>, Vec<ConvergenceFit>)> {
-    let out = OutDir::create(out)?;
+    let (methods, budgets, batch, seed) = (&opts.methods[..], &opts.budgets[..], opts.batch, opts.seed);
+    let config = opts.config.as_ref().map(|(c, _)| c.clone()).unwrap_or_default();
     let probe = super::MixtureProbe::new(seed, device)?;
     let (teacher, data, points) = (&probe.teacher, &probe.data, probe.points());
     let exact = probe.exact();
     let n = 2000;
     // Every student is fresh (the analytic teacher has no weights to start from), with the CLI's defaults
-    // for one: an MLP 256×3 whose time embedding has 8 frequencies up to 4.
+    // for one: an MLP 256×3 whose time embedding has 8 frequencies up to 4; then the `[arch]` table.
     let mut student = Arch::Mlp(MlpConfig::new(2));
     if let Some((_, table)) = flowmap::pipeline::student_defaults()
         .iter()
@@ -88,22 +99,32 @@ pub fn convergence(
     {
         student = student.with_settings(table, "student defaults")?;
     }
+    let student = config.arch_over(student)?;
+    let Arch::Mlp(mlp) = &student else {
+        return Err(flowmap::Error::Config(
+            "[arch]: the convergence bench trains an MLP".into(),
+        ));
+    };
+    let (hidden, depth) = (mlp.hidden, mlp.depth);
+    let out = OutDir::create(out)?;
     let mut rows = vec![];
     for &method in methods {
         for &steps in budgets {
             let pb = progress_bar(steps as u64, &format!("{method} {steps}"), show);
             let start = Instant::now();
+            let base = MapJob::new(method, data);
             let job = MapJob {
                 teacher: method.needs_teacher().then_some(teacher),
                 train: TrainConfig {
                     steps,
                     batch_size: batch,
                     seed,
-                    ..TrainConfig::default()
+                    ..config.train_config()?
                 },
+                objective: config.distill_config_over(base.objective)?,
                 arch: student.clone(),
                 device: device.clone(),
-                ..MapJob::new(method, data)
+                ..base
             };
             let m = job.run(&Bar(&pb))?;
             pb.finish_and_clear();
@@ -159,8 +180,20 @@ pub fn convergence(
     )?;
     let budgets_text: Vec<String> = budgets.iter().map(|b| b.to_string()).collect();
     let mut md = format!(
-        "# Convergence to the exact flow map\n\nProduced by `flowmap bench convergence --steps {} --batch {batch} --seed {seed}`. The analytic three-component Gaussian mixture (`GaussianMixture::three_widths`): teacher-based methods distil its exact velocity, the others train from its samples; a fresh MLP 256×3 student (time embedding: 8 frequencies up to 4, the CLI's for a fresh student), batch {batch}, each budget a separate run with its full schedule. Error: `E‖f − Φ‖²/E‖Φ − x‖²` against dopri5 (tolerance 1e-6) on {n} held-out states, `(t, s)` uniform on the triangle (`cm`, which maps only to `s = 0`, at `s = 0`). Rate: the slope of the least-squares line through `(ln steps, ln error)`.\n\n![convergence](convergence.png)\n\n| method | {} | rate | error at {} steps |\n|---|{}---:|---:|\n",
+        "# Convergence to the exact flow map\n\nProduced by `flowmap bench convergence --methods {} --steps {} --batch {batch} --seed {seed}{}`. The analytic three-component Gaussian mixture (`GaussianMixture::three_widths`): teacher-based methods distil its exact velocity, the others train from its samples; a fresh MLP {hidden}×{depth} student (time embedding: 8 frequencies up to 4, the CLI's for a fresh student), batch {batch}, each budget a separate run with its full schedule. Error: `E‖f − Φ‖²/E‖Φ − x‖²` against dopri5 (tolerance 1e-6) on {n} held-out states, `(t, s)` uniform on the triangle (`cm`, which maps only to `s = 0`, at `s = 0`). Rate: the slope of the least-squares line through `(ln steps, ln error)`.\n\n{}![convergence](convergence.png)\n\n| method | {} | rate | error at {} steps |\n|---|{}---:|---:|\n",
+        methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(","),
         budgets_text.join(","),
+        match &opts.config {
+            Some((_, file)) => format!(" --config {file}"),
+            None => String::new(),
+        },
+        match &opts.config {
+            Some((c, file)) => format!(
+                "`{file}`:\n\n```toml\n{}```\n\n",
+                toml::to_string(c).expect("a run configuration serialises")
+            ),
+            None => String::new(),
+        },
         budgets_text.iter().map(|b| format!("{b} steps")).collect::<Vec<_>>().join(" | "),
         budgets.last().copied().unwrap_or(0),
         "---:|".repeat(budgets.len()),
@@ -190,7 +223,7 @@ pub fn convergence(
     md += &format!("\nWall time of all runs: {total:.0} s.\n");
     flowmap::io::write_text(
         &out.file("convergence.json"),
-        &serde_json::to_string_pretty(&serde_json::json!({ "rows": rows, "fits": fits, "batch": batch, "seed": seed }))
+        &serde_json::to_string_pretty(&serde_json::json!({ "rows": rows, "fits": fits, "batch": batch, "seed": seed, "config": config, "hidden": hidden, "depth": depth }))
             .expect("rows serialise"),
     )?;
     flowmap::io::write_text(&out.file("convergence.md"), &md)?;

@@ -182,6 +182,10 @@ pub struct ConvergenceArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A run configuration whose `[train]`, `[distill]` and `[arch]` tables are laid over every run's
+    /// defaults (the budget, batch and seed stay the flags').
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 #[derive(Args)]
 pub struct CompareArgs {
@@ -227,8 +231,18 @@ impl BenchCommand {
                 if a.batch == 0 {
                     bail!("--batch must be at least 1");
                 }
-                let (_, fits) =
-                    bench::convergence::convergence(&a.out, &methods, &budgets, a.batch, a.seed, device, show)?;
+                let config = match &a.config {
+                    Some(p) => Some((flowmap::pipeline::RunConfig::from_file(p)?, p.display().to_string())),
+                    None => None,
+                };
+                let opts = bench::convergence::ConvergenceOptions {
+                    methods,
+                    budgets,
+                    batch: a.batch,
+                    seed: a.seed,
+                    config,
+                };
+                let (_, fits) = bench::convergence::convergence(&a.out, &opts, device, show)?;
                 for f in fits {
                     println!("{:12} rate {:+.2}  final error {:.2e}", f.method, f.rate, f.final_error);
                 }
