@@ -15,6 +15,20 @@ pub fn teacher() -> GmmVelocity {
     GmmVelocity::new(mixture())
 }
 
+/// A `rows × cols` tensor uniform on `[lo, hi)` in `dtype`, drawn from the seeded stream `seed` (the tests never
+/// take candle's unseeded `Tensor::rand`: a draw that fails must fail again).
+pub fn uniform(lo: f64, hi: f64, (rows, cols): (usize, usize), seed: u64, dtype: DType) -> Tensor {
+    let v: Vec<f64> = Rng::new(seed)
+        .uniform_vec(rows * cols)
+        .iter()
+        .map(|u| lo + (hi - lo) * u)
+        .collect();
+    Tensor::from_vec(v, (rows, cols), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
 pub fn col(v: f64, n: usize) -> Tensor {
     Tensor::full(v, (n, 1), &Device::Cpu).unwrap()
 }

@@ -79,8 +79,8 @@ fn flow_map_network_matches_finite_differences_in_every_direction() {
     seed_params(&vm, 7).unwrap();
     let n = 32;
     let x = randn((n, 3), 8);
-    let u = Tensor::rand(0.0f64, 1.0, (n, 1), &Device::Cpu).unwrap();
-    let w = Tensor::rand(0.0f64, 1.0, (n, 1), &Device::Cpu).unwrap();
+    let u = common::uniform(0.0, 1.0, (n, 1), 101, DType::F64);
+    let w = common::uniform(0.0, 1.0, (n, 1), 102, DType::F64);
     let (t, s) = (u.maximum(&w).unwrap(), u.minimum(&w).unwrap());
     let fd_map = FiniteDifference { map: &net, h: H };
     let zero_x = x.zeros_like().unwrap();

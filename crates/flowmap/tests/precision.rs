@@ -39,7 +39,7 @@ fn case(arch: Arch, x_shape: &[usize], classes: Option<usize>) -> Case {
     }
     let b = x_shape[0];
     let x = rng.normal_tensor(x_shape, DType::F32, &Device::Cpu).unwrap();
-    let t = Tensor::rand(0.2f32, 1.0, (b, 1), &Device::Cpu).unwrap();
+    let t = common::uniform(0.2, 1.0, (b, 1), 103, DType::F32);
     let gap = (&t * 0.5).unwrap();
     let cond = match classes {
         Some(c) => Cond::from_classes(
@@ -185,7 +185,7 @@ fn bf16_tangents_stay_within_bf16_rounding_of_f32() {
         }
         let x = rng.normal_tensor(&shape[..], DType::F32, &Device::Cpu).unwrap();
         let dx = rng.normal_tensor(&shape[..], DType::F32, &Device::Cpu).unwrap();
-        let t = Tensor::rand(0.3f32, 1.0, (shape[0], 1), &Device::Cpu).unwrap();
+        let t = common::uniform(0.3, 1.0, (shape[0], 1), 104, DType::F32);
         let s = (&t * 0.4).unwrap();
         let at = Point {
             x: &x,
