@@ -106,6 +106,7 @@ pub fn convergence(
         ));
     };
     let (hidden, depth) = (mlp.hidden, mlp.depth);
+    let train = config.train_config()?;
     let out = OutDir::create(out)?;
     let mut rows = vec![];
     for &method in methods {
@@ -119,7 +120,7 @@ pub fn convergence(
                     steps,
                     batch_size: batch,
                     seed,
-                    ..config.train_config()?
+                    ..train.clone()
                 },
                 objective: config.distill_config_over(base.objective)?,
                 arch: student.clone(),
@@ -179,21 +180,23 @@ pub fn convergence(
         &series,
     )?;
     let budgets_text: Vec<String> = budgets.iter().map(|b| b.to_string()).collect();
+    // The configuration's flag in the command line, and the file's tables printed below it.
+    let (config_flag, config_text) = match &opts.config {
+        Some((c, file)) => (
+            format!(" --config {file}"),
+            format!(
+                "`{file}`:\n\n```toml\n{}```\n\n",
+                toml::to_string(c).expect("a run configuration serialises")
+            ),
+        ),
+        None => (String::new(), String::new()),
+    };
     let mut md = format!(
         "# Convergence to the exact flow map\n\nProduced by `flowmap bench convergence --methods {} --steps {} --batch {batch} --seed {seed}{}`. The analytic three-component Gaussian mixture (`GaussianMixture::three_widths`): teacher-based methods distil its exact velocity, the others train from its samples; a fresh MLP {hidden}×{depth} student (time embedding: 8 frequencies up to 4, the CLI's for a fresh student), batch {batch}, each budget a separate run with its full schedule. Error: `E‖f − Φ‖²/E‖Φ − x‖²` against dopri5 (tolerance 1e-6) on {n} held-out states, `(t, s)` uniform on the triangle (`cm`, which maps only to `s = 0`, at `s = 0`). Rate: the slope of the least-squares line through `(ln steps, ln error)`.\n\n{}![convergence](convergence.png)\n\n| method | {} | rate | error at {} steps |\n|---|{}---:|---:|\n",
         methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(","),
         budgets_text.join(","),
-        match &opts.config {
-            Some((_, file)) => format!(" --config {file}"),
-            None => String::new(),
-        },
-        match &opts.config {
-            Some((c, file)) => format!(
-                "`{file}`:\n\n```toml\n{}```\n\n",
-                toml::to_string(c).expect("a run configuration serialises")
-            ),
-            None => String::new(),
-        },
+        config_flag,
+        config_text,
         budgets_text.iter().map(|b| format!("{b} steps")).collect::<Vec<_>>().join(" | "),
         budgets.last().copied().unwrap_or(0),
         "---:|".repeat(budgets.len()),

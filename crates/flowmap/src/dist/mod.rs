@@ -49,9 +49,7 @@ pub trait Collective {
     /// By default it is averaged on the host in buckets of [`BUCKET`] values ([`all_reduce_mean`]); a
     /// transport that reduces device memory itself (NCCL) overrides this.
     fn all_reduce_mean_tensor(&self, flat: &Tensor) -> Result<Tensor> {
-        let mut host = flat.to_vec1::<f32>()?;
-        all_reduce_mean(self, &mut host, BUCKET)?;
-        Ok(Tensor::from_vec(host, flat.dims1()?, flat.device())?)
+        all_reduce_mean_on_host(self, flat)
     }
 }
 
@@ -170,6 +168,14 @@ pub fn all_reduce_mean<C: Collective + ?Sized>(c: &C, buf: &mut [f32], bucket: u
         }
     }
     Ok(())
+}
+
+/// [`all_reduce_mean`] of the f32 vector `flat` through the host, in buckets of [`BUCKET`] values, back on
+/// `flat`'s device.
+pub fn all_reduce_mean_on_host<C: Collective + ?Sized>(c: &C, flat: &Tensor) -> Result<Tensor> {
+    let mut host = flat.to_vec1::<f32>()?;
+    all_reduce_mean(c, &mut host, BUCKET)?;
+    Ok(Tensor::from_vec(host, flat.dims1()?, flat.device())?)
 }
 
 #[cfg(test)]

@@ -3,13 +3,11 @@
 //! others and does the small host-side collectives (losses, flags, the launch checks); the gradients are
 //! averaged by NCCL in device memory, where the backward pass left them.
 
-use std::cell::RefCell;
-
 use candle_core::cuda::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use super::mpi::Mpi;
-use super::{all_reduce_mean, Collective, BUCKET};
+use super::{all_reduce_mean_on_host, Collective};
 use crate::{Error, Result};
 
 /// The ranks of a multi-GPU job: MPI for the job and the host, an NCCL communicator for the devices.
@@ -54,11 +52,6 @@ impl Nccl {
             mpi,
         })
     }
-
-    /// The MPI world under the communicator (to end the job with [`Mpi::abort`]).
-    pub fn mpi(&self) -> &Mpi {
-        &self.mpi
-    }
 }
 
 impl Collective for Nccl {
@@ -83,29 +76,20 @@ impl Collective for Nccl {
     /// the sum follows NCCL's algorithm and the topology, so two different machines may round differently.
     fn all_reduce_mean_tensor(&self, flat: &Tensor) -> Result<Tensor> {
         if !flat.device().same_device(&self.device) {
-            let mut host = flat.to_vec1::<f32>()?;
-            all_reduce_mean(self, &mut host, BUCKET)?;
-            return Ok(Tensor::from_vec(host, flat.dims1()?, flat.device())?);
+            return all_reduce_mean_on_host(self, flat);
         }
-        let flat = flat.to_dtype(DType::F32)?.contiguous()?;
-        let op = SumOp {
-            comm: &self.comm,
-            failed: RefCell::new(None),
-        };
-        let sum = flat.apply_op1_no_bwd(&op);
-        if let Some(e) = op.failed.into_inner() {
-            return Err(Error::Transport(e));
-        }
-        Ok(sum?.affine(1.0 / self.world() as f64, 0.0)?)
+        // Whatever fails inside the op (NCCL, or the allocation it writes to) is this rank's transport failing.
+        let sum = flat
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .apply_op1_no_bwd(&SumOp(&self.comm))
+            .map_err(|e| Error::Transport(format!("NCCL's all-reduce failed on rank {}: {e}", self.rank())))?;
+        Ok(sum.affine(1.0 / self.world() as f64, 0.0)?)
     }
 }
 
-/// An NCCL sum over the ranks as a candle op on a contiguous f32 vector (NCCL's error kept aside, so that
-/// it reaches the user as a rank error and not as a CUDA one).
-struct SumOp<'a> {
-    comm: &'a Comm,
-    failed: RefCell<Option<String>>,
-}
+/// An NCCL sum over the ranks as a candle op on a contiguous f32 vector.
+struct SumOp<'a>(&'a Comm);
 
 impl CustomOp1 for SumOp<'_> {
     fn name(&self) -> &'static str {
@@ -126,11 +110,9 @@ impl CustomOp1 for SumOp<'_> {
         let device = storage.device.clone();
         // SAFETY: every element of `dst` is written by the all-reduce before it is read.
         let mut dst = unsafe { device.alloc::<f32>(n)? };
-        if let Err(e) = self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum) {
-            let msg = format!("NCCL's all-reduce failed on rank {}: {e:?}", self.comm.rank());
-            *self.failed.borrow_mut() = Some(msg.clone());
-            candle_core::bail!("{msg}")
-        }
+        self.0
+            .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+            .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
         Ok((CudaStorage::wrap_cuda_slice(dst, device), layout.shape().clone()))
     }
 }

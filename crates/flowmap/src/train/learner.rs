@@ -84,7 +84,9 @@ impl Params {
         let device = first.device().clone();
         let mut parts = Vec::with_capacity(self.live.len() + 1);
         let mut present = Vec::with_capacity(self.live.len());
+        let mut values = 0;
         for (_, v) in &self.live {
+            values += v.elem_count();
             let g = grads.get(v);
             parts.push(match g {
                 Some(g) => g.flatten_all()?.to_dtype(DType::F32)?,
@@ -92,7 +94,6 @@ impl Params {
             });
             present.push(if g.is_some() { 1f32 } else { 0.0 });
         }
-        let values: usize = self.live.iter().map(|(_, v)| v.elem_count()).sum();
         parts.push(Tensor::new(present.as_slice(), &device)?);
         let flat = c.all_reduce_mean_tensor(&Tensor::cat(&parts, 0)?)?;
         let present = flat.narrow(0, values, self.live.len())?.to_vec1::<f32>()?;
